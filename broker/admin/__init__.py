@@ -1,0 +1,3 @@
+"""
+Admin HTTP endpoints: /healthz, /stats, /metrics.
+"""

@@ -1,0 +1,113 @@
+# -*- test-case-name: tests.test_admin -*-
+"""
+Admin HTTP endpoints, on a listener of their own so they can stay on a
+private interface:
+
+  - C{/healthz}: 200 C{ok} while the engine accepts publishes, else 503;
+  - C{/stats}: a JSON snapshot (totals and per hub);
+  - C{/metrics}: the same figures in Prometheus text format.
+
+The core keeps plain integer counters; the Prometheus collector reads them
+at scrape time, so the hot path never pays for a metrics library.
+"""
+
+import json
+
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import CollectorRegistry
+from twisted.web.resource import Resource
+from twisted.web.server import Site
+
+
+class CoreCollector:
+    """
+    A Prometheus collector over L{broker.core.router.Core.stats}.
+    """
+
+    _GAUGES = (
+        ("connections", "broker_connections", "Open client connections."),
+        ("groups", "broker_groups", "Groups with at least one member."),
+        ("users", "broker_users", "Users with at least one connection."),
+    )
+    _COUNTERS = (
+        ("messagesIn", "broker_messages_in", "Messages received from clients."),
+        ("messagesOut", "broker_messages_out", "Messages delivered to connections."),
+        ("slowConsumerDrops", "broker_slow_consumer_drops",
+         "Connections closed because their output buffer overflowed."),
+        ("connectionsAccepted", "broker_connections_accepted", "Connections admitted."),
+        ("connectionsRejected", "broker_connections_rejected", "Handshakes refused."),
+    )
+
+    def __init__(self, core):
+        self._core = core
+
+    def collect(self):
+        stats = self._core.stats()
+        for key, name, doc in self._GAUGES:
+            g = GaugeMetricFamily(name, doc, labels=["hub"])
+            for hub, h in stats["hubs"].items():
+                g.add_metric([hub], h[key])
+            yield g
+        for key, name, doc in self._COUNTERS:
+            c = CounterMetricFamily(name, doc, labels=["hub"])
+            for hub, h in stats["hubs"].items():
+                c.add_metric([hub], h[key])
+            yield c
+        yield GaugeMetricFamily("broker_fanout_pending", "Fan-out jobs waiting for a reactor turn.",
+                                value=stats["fanoutPending"])
+        yield GaugeMetricFamily("broker_engine_healthy", "1 when the engine accepts publishes.",
+                                value=1 if stats["engineHealthy"] else 0)
+
+
+class _Leaf(Resource):
+    isLeaf = True
+
+    def __init__(self, core):
+        super().__init__()
+        self.core = core
+
+
+class Healthz(_Leaf):
+    def render_GET(self, request):
+        request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+        request.setHeader(b"cache-control", b"no-store")
+        if self.core.running and self.core.engine.healthy():
+            return b"ok\n"
+        request.setResponseCode(503)
+        return b"unhealthy\n"
+
+
+class Stats(_Leaf):
+    def render_GET(self, request):
+        request.setHeader(b"content-type", b"application/json")
+        request.setHeader(b"cache-control", b"no-store")
+        return json.dumps(self.core.stats(), sort_keys=True).encode("utf-8") + b"\n"
+
+
+class Metrics(_Leaf):
+    def __init__(self, core, registry):
+        super().__init__(core)
+        self.registry = registry
+
+    def render_GET(self, request):
+        request.setHeader(b"content-type", CONTENT_TYPE_LATEST.encode("ascii"))
+        return generate_latest(self.registry)
+
+
+def makeAdminSite(core, registry=None):
+    """
+    @param registry: a Prometheus registry other faces add collectors to; a
+        new one by default, holding the core's collector.
+    """
+    if registry is None:
+        registry = CollectorRegistry()
+    registry.register(CoreCollector(core))
+    root = Resource()
+    root.putChild(b"healthz", Healthz(core))
+    root.putChild(b"stats", Stats(core))
+    root.putChild(b"metrics", Metrics(core, registry))
+    site = Site(root)
+    site.displayTracebacks = False
+    site.registry = registry
+    return site

@@ -1,0 +1,256 @@
+# -*- test-case-name: tests.test_config -*-
+"""
+The broker's configuration: one TOML file, validated against a declarative
+schema before anything starts.
+
+Every key has a default and a meaning (docs/configuration.md is the
+reference).  A wrong key or value raises L{ConfigError} whose message names
+the key by its dotted path, e.g. C{webpubsub.hubs.chat.access_keys[1]}, so
+the operator reads one line and knows what to fix.
+"""
+
+import os
+import tomllib
+
+from twisted.internet.endpoints import serverFromString
+
+
+class ConfigError(Exception):
+    """
+    The configuration is unusable; C{str(error)} is the one line to print.
+    """
+
+    def __init__(self, key, problem):
+        super().__init__(f"{key}: {problem}" if key else problem)
+        self.key = key
+        self.problem = problem
+
+
+# -- schema primitives ------------------------------------------------------
+
+
+class _Field:
+    def __init__(self, default=None, doc=""):
+        self.default = default
+        self.doc = doc
+
+    def check(self, key, value):
+        raise NotImplementedError
+
+    def defaultValue(self, key):
+        return self.check(key, self.default) if self.default is not None else None
+
+
+class Str(_Field):
+    def __init__(self, default=None, doc="", choices=None, nonEmpty=False):
+        super().__init__(default, doc)
+        self.choices = choices
+        self.nonEmpty = nonEmpty
+
+    def check(self, key, value):
+        if not isinstance(value, str):
+            raise ConfigError(key, f"expected a string, got {_typename(value)}")
+        if self.nonEmpty and not value:
+            raise ConfigError(key, "must not be empty")
+        if self.choices is not None and value not in self.choices:
+            raise ConfigError(key, f"expected one of {', '.join(self.choices)}; got {value!r}")
+        return value
+
+
+class Int(_Field):
+    def __init__(self, default=None, doc="", minimum=None, maximum=None):
+        super().__init__(default, doc)
+        self.minimum = minimum
+        self.maximum = maximum
+
+    def check(self, key, value):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(key, f"expected an integer, got {_typename(value)}")
+        if self.minimum is not None and value < self.minimum:
+            raise ConfigError(key, f"must be at least {self.minimum}; got {value}")
+        if self.maximum is not None and value > self.maximum:
+            raise ConfigError(key, f"must be at most {self.maximum}; got {value}")
+        return value
+
+
+class Float(Int):
+    def check(self, key, value):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(key, f"expected a number, got {_typename(value)}")
+        value = float(value)
+        if self.minimum is not None and value < self.minimum:
+            raise ConfigError(key, f"must be at least {self.minimum}; got {value}")
+        if self.maximum is not None and value > self.maximum:
+            raise ConfigError(key, f"must be at most {self.maximum}; got {value}")
+        return value
+
+
+class Bool(_Field):
+    def check(self, key, value):
+        if not isinstance(value, bool):
+            raise ConfigError(key, f"expected true or false, got {_typename(value)}")
+        return value
+
+
+class Endpoint(Str):
+    """
+    A Twisted server endpoint string, parsed (not yet listened on) at load
+    time so that a typo or a missing certificate file is reported by key.
+    """
+
+    def check(self, key, value):
+        value = super().check(key, value)
+        try:
+            # Parsing needs no reactor; the real one is supplied at listen time.
+            serverFromString(_NO_REACTOR, value)
+        except Exception as e:
+            raise ConfigError(key, f"unusable listener {value!r}: {e}")
+        return value
+
+
+_NO_REACTOR = object()
+
+
+class List(_Field):
+    def __init__(self, item, default=None, doc=""):
+        super().__init__(default, doc)
+        self.item = item
+
+    def check(self, key, value):
+        if not isinstance(value, list):
+            raise ConfigError(key, f"expected a list, got {_typename(value)}")
+        return [self.item.check(f"{key}[{i}]", v) for i, v in enumerate(value)]
+
+
+class Table(_Field):
+    """
+    A TOML table with known keys; an unknown key is an error.
+    """
+
+    def __init__(self, fields, doc=""):
+        super().__init__({}, doc)
+        self.fields = fields
+
+    def check(self, key, value):
+        if not isinstance(value, dict):
+            raise ConfigError(key, f"expected a table, got {_typename(value)}")
+        for k in value:
+            if k not in self.fields:
+                known = ", ".join(sorted(self.fields))
+                raise ConfigError(_join(key, k), f"unknown key (known here: {known})")
+        out = {}
+        for k, field in self.fields.items():
+            sub = _join(key, k)
+            out[k] = field.check(sub, value[k]) if k in value else field.defaultValue(sub)
+        return out
+
+
+class MapOf(_Field):
+    """
+    A table whose keys are names chosen by the operator (hub names) and whose
+    values all follow one schema.
+    """
+
+    def __init__(self, value, doc=""):
+        super().__init__({}, doc)
+        self.value = value
+
+    def check(self, key, value):
+        if not isinstance(value, dict):
+            raise ConfigError(key, f"expected a table, got {_typename(value)}")
+        return {k: self.value.check(_join(key, k), v) for k, v in value.items()}
+
+
+def _join(key, k):
+    return f"{key}.{k}" if key else k
+
+
+def _typename(value):
+    return {str: "a string", int: "an integer", float: "a number", bool: "a boolean",
+            list: "a list", dict: "a table"}.get(type(value), type(value).__name__)
+
+
+# -- the schema -------------------------------------------------------------
+
+KIB = 1024
+MIB = 1024 * KIB
+
+HUB = Table({
+    "access_keys": List(Str(nonEmpty=True), default=[],
+                        doc="Keys for this hub's tokens, replacing webpubsub.access_keys."),
+    "allow_anonymous": Bool(False, doc="Admit clients without a token (development only)."),
+    "plain_mode": Str("sendEvent", choices=("sendEvent", "sendToGroup"),
+                      doc="How frames from plain WebSocket clients are routed."),
+    "plain_group": Str("", doc="Default group for plain clients in sendToGroup mode."),
+    "anonymous_roles": List(Str(), default=[],
+                            doc="Roles of anonymous clients when allow_anonymous is true."),
+})
+
+SCHEMA = Table({
+    "broker": Table({
+        "state_dir": Str("var", doc="Directory for state files (generated keys, stores)."),
+        "log_level": Str("info", choices=("debug", "info", "warn", "error")),
+    }),
+    "admin": Table({
+        "listen": List(Endpoint(), default=["tcp:9090:interface=127.0.0.1"]),
+    }),
+    "webpubsub": Table({
+        "enabled": Bool(True),
+        "listen": List(Endpoint(), default=["tcp:8080:interface=127.0.0.1"]),
+        "access_keys": List(Str(nonEmpty=True), default=[]),
+        "audiences": List(Str(nonEmpty=True), default=[],
+                          doc="Accepted token audience origins; empty accepts any origin."),
+        "max_frame_size": Int(1 * MIB, minimum=1, maximum=64 * MIB),
+        "max_output_buffer": Int(4 * MIB, minimum=16 * KIB),
+        "fanout_chunk": Int(512, minimum=1),
+        "auto_ping_interval": Float(30.0, minimum=0),
+        "auto_ping_timeout": Float(30.0, minimum=0),
+        "hubs": MapOf(HUB),
+    }),
+})
+
+
+def parse(text, source="<string>"):
+    """
+    Parse and validate TOML text.
+
+    @raise ConfigError: on a syntax error or any schema violation.
+    """
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError("", f"{source}: not valid TOML: {e}")
+    return SCHEMA.check("", raw)
+
+
+def load(path=None):
+    """
+    Load the file at C{path}, or the embedded default configuration.
+    """
+    if path is None:
+        return parse(defaultText(), "embedded etc/broker.toml")
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as e:
+        raise ConfigError("", f"cannot read configuration {path}: {e.strerror}")
+    return parse(text, os.fspath(path))
+
+
+def defaultPath():
+    """
+    Where the embedded default configuration is: copied into the package
+    (C{broker/_etc/}) by a regular install, or C{etc/} beside the package in a
+    source checkout or an editable install.
+    """
+    here = os.path.dirname(os.path.abspath(__file__))
+    for candidate in (os.path.join(here, "_etc", "broker.toml"),
+                      os.path.join(os.path.dirname(here), "etc", "broker.toml")):
+        if os.path.exists(candidate):
+            return candidate
+    raise ConfigError("", "the embedded etc/broker.toml is missing from this installation")
+
+
+def defaultText():
+    with open(defaultPath(), encoding="utf-8") as f:
+        return f.read()

@@ -1,0 +1,89 @@
+# -*- test-case-name: tests.test_fanout -*-
+"""
+Cooperative fan-out: hand one delivery to many connections without holding
+the reactor for the whole list.
+
+Small fan-outs are written at once.  A fan-out larger than one chunk writes
+its first chunk now and the rest from later reactor turns, so that a group of
+100k connections does not stall every other socket.  Jobs run strictly in
+order, which keeps every receiver's messages in publish order even when a
+small publish arrives while a large one is still going out.
+"""
+
+from collections import deque
+
+from twisted.logger import Logger
+
+log = Logger()
+
+
+class Fanout:
+    """
+    @ivar chunkSize: receivers written per reactor turn.
+    """
+
+    def __init__(self, reactor, chunkSize=512):
+        if chunkSize < 1:
+            raise ValueError("chunkSize must be positive")
+        self._reactor = reactor
+        self.chunkSize = chunkSize
+        self._jobs = deque()
+        self._call = None
+
+    @property
+    def pending(self):
+        """
+        Number of fan-out jobs waiting for a later reactor turn.
+        """
+        return len(self._jobs)
+
+    def deliver(self, receivers, delivery, stats):
+        """
+        Hand C{delivery} to every L{IConnection} in C{receivers} (a list the
+        caller gives up), counting deliveries in C{stats.messagesOut}.
+        """
+        if not receivers:
+            return
+        if not self._jobs and len(receivers) <= self.chunkSize:
+            _write(receivers, 0, len(receivers), delivery)
+            stats.messagesOut += len(receivers)
+            return
+        self._jobs.append([receivers, 0, delivery, stats])
+        if self._call is None:
+            self._run()
+
+    def _run(self):
+        self._call = None
+        budget = self.chunkSize
+        jobs = self._jobs
+        while jobs and budget > 0:
+            job = jobs[0]
+            receivers, start, delivery, stats = job
+            end = min(len(receivers), start + budget)
+            _write(receivers, start, end, delivery)
+            stats.messagesOut += end - start
+            budget -= end - start
+            if end == len(receivers):
+                jobs.popleft()
+            else:
+                job[1] = end
+        if jobs:
+            self._call = self._reactor.callLater(0, self._run)
+
+    def stop(self):
+        """
+        Drop pending jobs (at shutdown).
+        """
+        if self._call is not None and self._call.active():
+            self._call.cancel()
+        self._call = None
+        self._jobs.clear()
+
+
+def _write(receivers, start, end, delivery):
+    for i in range(start, end):
+        try:
+            receivers[i].deliver(delivery)
+        except Exception:
+            # A broken adapter must not stop the fan-out to everyone else.
+            log.failure("delivery to {conn!r} failed", conn=receivers[i])

@@ -1,0 +1,105 @@
+# -*- test-case-name: tests.test_core -*-
+"""
+The routing core as a service: the hubs of one node, the engine every publish
+goes through, and the fan-out scheduler that writes deliveries.
+"""
+
+from twisted.application import service
+from twisted.logger import Logger
+
+from broker.core.engine import MemoryEngine
+from broker.core.errors import CloseCode
+from broker.core.fanout import Fanout
+from broker.core.hub import Hub
+from broker.core.interfaces import IEngine
+
+log = Logger()
+
+
+class Core(service.Service):
+    """
+    @ivar engine: the L{IEngine} every publish goes through.
+    @ivar hubs: C{{name: Hub}}; hubs are created on first use.
+    """
+
+    name = "core"
+
+    def __init__(self, reactor, engine=None, fanoutChunk=512):
+        self.reactor = reactor
+        self.engine = IEngine(engine) if engine is not None else MemoryEngine()
+        self.engine.attach(self._deliverLocal)
+        self.fanout = Fanout(reactor, fanoutChunk)
+        self.hubs = {}
+        self._hubSetup = []
+        self.rejectedElsewhere = 0
+
+    def onNewHub(self, setup):
+        """
+        Call C{setup(hub)} for every hub, existing and future: how faces
+        attach upstreams and observers without the core importing them.
+        """
+        self._hubSetup.append(setup)
+        for hub in list(self.hubs.values()):
+            setup(hub)
+
+    def hub(self, name):
+        hub = self.hubs.get(name)
+        if hub is None:
+            hub = self.hubs[name] = Hub(name, self)
+            for setup in self._hubSetup:
+                setup(hub)
+        return hub
+
+    def countRejected(self, hubName):
+        """
+        Count a refused client against C{hubName} if that hub exists, else in
+        L{rejectedElsewhere}; refusals never create hubs.
+        """
+        hub = self.hubs.get(hubName)
+        if hub is None:
+            self.rejectedElsewhere += 1
+        else:
+            hub.stats.connectionsRejected += 1
+
+    def publish(self, hubName, target, delivery):
+        return self.engine.publish(hubName, target, delivery)
+
+    def _deliverLocal(self, hubName, target, delivery):
+        hub = self.hubs.get(hubName)
+        if hub is None:
+            return
+        self.fanout.deliver(hub.receivers(target), delivery, hub.stats)
+
+    def stopService(self):
+        """
+        Close every session with "going away" so clients reconnect elsewhere.
+        """
+        super().stopService()
+        self.fanout.stop()
+        for hub in self.hubs.values():
+            hub.closeConnections(hub.sessions(), CloseCode.GOING_AWAY, "broker shutting down")
+
+    # -- figures ----------------------------------------------------------
+
+    def stats(self):
+        """
+        A JSON-ready snapshot: totals and per hub.
+        """
+        hubs = {}
+        total = dict(connections=0, groups=0, users=0, messagesIn=0, messagesOut=0,
+                     slowConsumerDrops=0, connectionsAccepted=0, connectionsRejected=0)
+        for name, hub in sorted(self.hubs.items()):
+            st = hub.stats
+            h = dict(connections=hub.connectionCount, groups=hub.groupCount,
+                     users=hub.userCount, messagesIn=st.messagesIn,
+                     messagesOut=st.messagesOut, slowConsumerDrops=st.slowConsumerDrops,
+                     connectionsAccepted=st.connectionsAccepted,
+                     connectionsRejected=st.connectionsRejected)
+            hubs[name] = h
+            for k in total:
+                total[k] += h[k]
+        total["connectionsRejected"] += self.rejectedElsewhere
+        total["hubs"] = hubs
+        total["fanoutPending"] = self.fanout.pending
+        total["engineHealthy"] = bool(self.engine.healthy())
+        return total

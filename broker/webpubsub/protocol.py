@@ -1,0 +1,379 @@
+# -*- test-case-name: tests.test_webpubsub -*-
+"""
+The Web PubSub client WebSocket face: C{/client/hubs/{hub}}.
+
+A thin adapter: the protocol authenticates the handshake, admits itself to
+the core as an L{IConnection}, turns frames into L{Session} calls and writes
+the core's deliveries.  Two kinds of client share it:
+
+  - plain WebSocket clients (no subprotocol, or a custom one), whose frames
+    become C{message} events for the upstream (C{sendEvent} mode) or are
+    published to a group (C{sendToGroup} mode);
+  - C{json.webpubsub.azure.v1} clients, which join, leave and publish
+    themselves and get acks.
+
+Output is bounded: the protocol registers as a push producer on its
+transport, and once the transport has paused it, whatever is written beyond
+C{maxOutputBuffer} bytes marks the connection a slow consumer, which is then
+closed with L{CloseCode.SLOW_CONSUMER} and counted.
+"""
+
+import re
+from collections import OrderedDict
+
+from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
+from autobahn.websocket.types import ConnectionDeny
+from twisted.internet.interfaces import IPushProducer
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from broker.auth.tokens import TokenError, verifyClientToken
+from broker.core.errors import BadRequest, BrokerError, CloseCode, Duplicate
+from broker.core.hub import NoUpstream
+from broker.core.interfaces import IConnection
+from broker.core.message import BINARY, TEXT, Delivery, Message
+from broker.webpubsub import frames
+
+log = Logger()
+
+HUB_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,127}$")
+CLIENT_PATH = re.compile(r"^/client/hubs/([^/]+)/?$")
+
+# How many recent ackIds each connection remembers for duplicate detection.
+ACK_WINDOW = 4096
+
+PLAIN = "plain"
+JSON = "json"
+
+
+class HubSettings:
+    """
+    The per-hub part of the configuration, resolved against the face-wide
+    defaults.
+    """
+
+    def __init__(self, accessKeys=(), allowAnonymous=False, plainMode="sendEvent",
+                 plainGroup="", anonymousRoles=()):
+        self.accessKeys = tuple(accessKeys)
+        self.allowAnonymous = allowAnonymous
+        self.plainMode = plainMode
+        self.plainGroup = plainGroup
+        self.anonymousRoles = tuple(anonymousRoles)
+
+
+@implementer(IConnection, IPushProducer)
+class ClientProtocol(WebSocketServerProtocol):
+    """
+    One client connection.
+    """
+
+    session = None
+    kind = PLAIN
+    userId = None
+    connectionId = None
+
+    def __init__(self):
+        super().__init__()
+        self._paused = False
+        self._pausedBytes = 0
+        self._recentAcks = OrderedDict()
+        self._warned = False
+        self._plainGroup = None
+
+    # -- handshake --------------------------------------------------------
+
+    def onConnect(self, request):
+        factory = self.factory
+        m = CLIENT_PATH.match(request.path)
+        if m is None or not HUB_NAME.match(m.group(1)):
+            factory.rejected(None)
+            raise ConnectionDeny(404, "no such client endpoint; use /client/hubs/{hub}")
+        hubName = m.group(1)
+        settings = factory.hubSettings(hubName)
+        token = _first(request.params.get("access_token"))
+        if token is None:
+            auth = request.headers.get("authorization", "")
+            if auth[:7].lower() == "bearer ":
+                token = auth[7:].strip()
+        if token is None and settings.allowAnonymous:
+            claims = None
+        else:
+            try:
+                claims = verifyClientToken(token, settings.accessKeys, hubName,
+                                           factory.audiences)
+            except TokenError as e:
+                factory.rejected(hubName)
+                log.info("refused client on hub {hub} from {peer}: {why}",
+                         hub=hubName, peer=request.peer, why=str(e))
+                raise ConnectionDeny(401, "Unauthorized")
+        self.hub = factory.core.hub(hubName)
+        self.settings = settings
+        self.claims = claims
+        protocol = None
+        if frames.JSON_V1 in request.protocols:
+            self.kind = JSON
+            protocol = frames.JSON_V1
+        elif request.protocols and frames.JSON_RELIABLE_V1 not in request.protocols:
+            # A custom subprotocol: a plain client; accept its first choice.
+            protocol = request.protocols[0]
+        elif request.protocols:
+            factory.rejected(hubName)
+            raise ConnectionDeny(400, f"subprotocol {frames.JSON_RELIABLE_V1} is not supported yet")
+        if self.kind == PLAIN and settings.plainMode == "sendToGroup":
+            group = _first(request.params.get("group")) or settings.plainGroup
+            if not group:
+                factory.rejected(hubName)
+                raise ConnectionDeny(400, "sendToGroup mode needs a group query parameter")
+            self._plainGroup = group
+        self.connectionId = self.hub.newConnectionId()
+        return protocol
+
+    def onOpen(self):
+        claims = self.claims
+        if claims is None:
+            userId, roles, groups = None, self.settings.anonymousRoles, ()
+        else:
+            userId, roles, groups = claims.userId, claims.roles, claims.groups
+        try:
+            self.session = self.hub.admit(self, userId, roles, groups)
+        except BrokerError as e:
+            self.factory.rejected(self.hub.name)
+            self.sendClose(CloseCode.POLICY_VIOLATION, e.message[:120])
+            return
+        self.userId = userId
+        self._takeOverProducer()
+        if self.kind == JSON:
+            self.sendMessage(frames.connected(self.connectionId, userId))
+
+    def _takeOverProducer(self):
+        transport = self.transport
+        try:
+            transport.unregisterProducer()
+        except Exception:
+            pass
+        transport.registerProducer(self, True)
+
+    # -- IPushProducer: the transport tells us when its buffer is full ----
+
+    def pauseProducing(self):
+        self._paused = True
+        self._pausedBytes = 0
+
+    def resumeProducing(self):
+        self._paused = False
+        self._pausedBytes = 0
+
+    def stopProducing(self):
+        self._paused = True
+
+    # -- IConnection ------------------------------------------------------
+
+    def deliver(self, delivery):
+        if self.session is None or not self.session.open:
+            return
+        if self.kind == JSON:
+            prepared = delivery.encode(JSON, self.factory.prepareJSON)
+        else:
+            prepared = delivery.encode(PLAIN, self.factory.preparePlain)
+        if self._paused:
+            self._pausedBytes += len(prepared.payloadHybi)
+            if self._pausedBytes > self.factory.maxOutputBuffer:
+                self._slowConsumer()
+                return
+        self.sendPreparedMessage(prepared)
+
+    def close(self, code, reason):
+        if self.kind == JSON and self.state == self.STATE_OPEN:
+            self.sendMessage(frames.disconnected(reason))
+        self.sendClose(code, reason[:120])
+
+    def _slowConsumer(self):
+        hub = self.hub
+        hub.stats.slowConsumerDrops += 1
+        log.warn("closing slow consumer {cid} on hub {hub}: more than {n} bytes queued",
+                 cid=self.connectionId, hub=hub.name, n=self.factory.maxOutputBuffer)
+        session, self.session = self.session, None
+        hub.remove(session, "slow consumer")
+        # The peer is not reading, so the close frame may never get out:
+        # autobahn's closeHandshakeTimeout drops the TCP connection.
+        self.sendClose(CloseCode.SLOW_CONSUMER, "slow consumer: output buffer exceeded")
+        self.transport.unregisterProducer()
+
+    # -- incoming frames --------------------------------------------------
+
+    def onMessage(self, payload, isBinary):
+        if self.session is None:
+            return
+        if self.kind == JSON:
+            self._jsonFrame(payload, isBinary)
+        else:
+            self._plainFrame(payload, isBinary)
+
+    def _plainFrame(self, payload, isBinary):
+        message = Message(BINARY if isBinary else TEXT, payload)
+        session = self.session
+        if self._plainGroup is not None:
+            try:
+                session.sendToGroup(self._plainGroup, message)
+            except BrokerError as e:
+                self._refuse(CloseCode.POLICY_VIOLATION, f"{e.name}: {e.message}")
+            return
+        d = session.sendEvent("message", message)
+        d.addCallbacks(self._upstreamReply, self._upstreamFailed)
+
+    def _upstreamReply(self, reply):
+        if reply is not None and self.session is not None:
+            self.sendMessage(reply.data, isBinary=reply.dataType == BINARY)
+
+    def _upstreamFailed(self, failure):
+        if failure.check(NoUpstream):
+            self._refuse(CloseCode.POLICY_VIOLATION, "no upstream event handler for sendEvent mode")
+        else:
+            self._refuse(CloseCode.INTERNAL_ERROR, "upstream event handler failed")
+
+    def _jsonFrame(self, payload, isBinary):
+        if isBinary:
+            self._refuse(CloseCode.UNSUPPORTED_DATA,
+                         f"binary frames are not allowed with {frames.JSON_V1}")
+            return
+        try:
+            request = frames.parseRequest(payload)
+        except frames.InvalidRequest as e:
+            self._badRequest(e, e.ackId)
+            return
+        except ValueError as e:
+            self._refuse(CloseCode.INVALID_PAYLOAD, f"invalid JSON frame: {e}"[:120])
+            return
+        kind = request.type
+        if kind in ("sequenceAck", "ping"):
+            return
+        if request.ackId is not None and not self._firstTime(request.ackId):
+            self._ack(request.ackId, Duplicate(f"ackId {request.ackId} was already used"))
+            return
+        session = self.session
+        try:
+            if kind == "joinGroup":
+                session.joinGroup(request.group)
+            elif kind == "leaveGroup":
+                session.leaveGroup(request.group)
+            elif kind == "sendToGroup":
+                d = session.sendToGroup(request.group, request.message, request.noEcho)
+                d.addCallbacks(lambda _: self._ack(request.ackId),
+                               lambda f: self._ackFailure(request.ackId, f))
+                return
+            else:
+                d = session.sendEvent(request.event, request.message)
+                d.addCallbacks(lambda reply: self._eventReply(request.ackId, reply),
+                               lambda f: self._eventFailed(request.ackId, f))
+                return
+        except BadRequest as e:
+            self._badRequest(e, request.ackId)
+            return
+        except BrokerError as e:
+            self._ack(request.ackId, e)
+            return
+        self._ack(request.ackId)
+
+    def _eventReply(self, ackId, reply):
+        if reply is not None and self.session is not None:
+            self.sendMessage(frames.messageFrame(Delivery(reply)))
+        self._ack(ackId)
+
+    def _eventFailed(self, ackId, failure):
+        if failure.check(NoUpstream):
+            # No handler for this event: accepted and dropped, as Azure does.
+            self._ack(ackId)
+        else:
+            self._ackFailure(ackId, failure)
+
+    def _ackFailure(self, ackId, failure):
+        if failure.check(BrokerError):
+            self._ack(ackId, failure.value)
+        else:
+            log.failure("request from {cid} failed", failure, cid=self.connectionId)
+            self._ack(ackId, BrokerError("internal error"))
+
+    def _ack(self, ackId, error=None):
+        if ackId is not None and self.state == self.STATE_OPEN:
+            self.sendMessage(frames.ack(ackId, error))
+
+    def _firstTime(self, ackId):
+        recent = self._recentAcks
+        if ackId in recent:
+            return False
+        recent[ackId] = None
+        if len(recent) > ACK_WINDOW:
+            recent.popitem(last=False)
+        return True
+
+    def _badRequest(self, error, ackId):
+        self._warnOnce(f"bad request: {error.message}")
+        if ackId is not None:
+            self._ack(ackId, error)
+
+    def _warnOnce(self, what):
+        if not self._warned:
+            self._warned = True
+            log.info("client {cid} on hub {hub}: {what}", cid=self.connectionId,
+                     hub=self.hub.name, what=what)
+
+    def _refuse(self, code, reason):
+        self._warnOnce(reason)
+        if self.session is not None:
+            self.close(code, reason)
+
+    # -- teardown ---------------------------------------------------------
+
+    def onClose(self, wasClean, code, reason):
+        session, self.session = self.session, None
+        if session is not None:
+            session.hub.remove(session, reason or "")
+
+
+def _first(values):
+    return values[0] if values else None
+
+
+class ClientFactory(WebSocketServerFactory):
+    """
+    Builds L{ClientProtocol}s and holds what they share: the core, hub
+    settings, limits and the prepared-frame encoders.
+    """
+
+    protocol = ClientProtocol
+
+    def __init__(self, core, hubSettings, defaultSettings, audiences=(),
+                 maxFrameSize=1024 * 1024, maxOutputBuffer=4 * 1024 * 1024,
+                 autoPingInterval=30.0, autoPingTimeout=30.0, reactor=None):
+        super().__init__(reactor=reactor)
+        self.core = core
+        self._hubSettings = dict(hubSettings)
+        self._defaultSettings = defaultSettings
+        self.audiences = tuple(audiences)
+        self.maxOutputBuffer = maxOutputBuffer
+        self.setProtocolOptions(
+            maxFramePayloadSize=maxFrameSize,
+            maxMessagePayloadSize=maxFrameSize,
+            autoPingInterval=autoPingInterval or 0,
+            autoPingTimeout=autoPingTimeout or 0,
+            openHandshakeTimeout=10,
+            closeHandshakeTimeout=5,
+            failByDrop=False,
+        )
+
+    def hubSettings(self, hubName):
+        return self._hubSettings.get(hubName, self._defaultSettings)
+
+    def rejected(self, hubName):
+        """
+        Count a refused handshake against its hub, if the hub exists:
+        unauthenticated clients must not be able to create hubs.
+        """
+        self.core.countRejected(hubName)
+
+    def prepareJSON(self, delivery):
+        return self.prepareMessage(frames.messageFrame(delivery), False)
+
+    def preparePlain(self, delivery):
+        msg = delivery.message
+        return self.prepareMessage(msg.data, msg.dataType == BINARY)

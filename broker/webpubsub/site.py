@@ -1,0 +1,61 @@
+# -*- test-case-name: tests.test_webpubsub -*-
+"""
+The Web PubSub HTTP site: one port for the client WebSocket endpoint
+(C{/client/hubs/{hub}}) and, as the Azure SDKs expect, the REST API beside it.
+"""
+
+from autobahn.twisted.resource import WebSocketResource
+from twisted.web.resource import NoResource, Resource
+from twisted.web.server import Site
+
+from broker.webpubsub.protocol import ClientFactory, HubSettings
+
+
+class _Hubs(Resource):
+    """
+    C{/client/hubs/}: every child is the same WebSocket resource; the
+    protocol reads the hub name from the request path.
+    """
+
+    def __init__(self, wsResource):
+        super().__init__()
+        self._ws = wsResource
+
+    def getChild(self, name, request):
+        if not name:
+            return NoResource("use /client/hubs/{hub}")
+        return self._ws
+
+
+def makeFactory(core, cfg, defaultKeys, reactor):
+    """
+    Build the L{ClientFactory} from the C{[webpubsub]} configuration table.
+
+    @param defaultKeys: the access keys for hubs with none of their own.
+    """
+    default = HubSettings(accessKeys=defaultKeys)
+    hubs = {}
+    for name, h in cfg["hubs"].items():
+        hubs[name] = HubSettings(
+            accessKeys=h["access_keys"] or defaultKeys,
+            allowAnonymous=h["allow_anonymous"],
+            plainMode=h["plain_mode"],
+            plainGroup=h["plain_group"],
+            anonymousRoles=h["anonymous_roles"],
+        )
+    return ClientFactory(
+        core, hubs, default, audiences=cfg["audiences"],
+        maxFrameSize=cfg["max_frame_size"], maxOutputBuffer=cfg["max_output_buffer"],
+        autoPingInterval=cfg["auto_ping_interval"], autoPingTimeout=cfg["auto_ping_timeout"],
+        reactor=reactor,
+    )
+
+
+def makeSite(factory):
+    root = Resource()
+    client = Resource()
+    root.putChild(b"client", client)
+    client.putChild(b"hubs", _Hubs(WebSocketResource(factory)))
+    site = Site(root)
+    site.displayTracebacks = False
+    return site

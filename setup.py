@@ -1,0 +1,58 @@
+"""
+Packaging for the broker.
+
+The Twisted plugin ships as C{twisted/plugins/broker_plugin.py} (no
+C{__init__.py} there, so Twisted's own plugin package is extended, not
+shadowed).  The embedded default configuration C{etc/broker.toml} is copied
+into the built package as C{broker/_etc/broker.toml}, so C{twistd broker}
+finds it after a plain C{pip install .}; an editable install reads C{etc/}
+directly.
+"""
+
+import os
+import shutil
+
+from setuptools import setup
+from setuptools.command.build_py import build_py
+
+
+class build_py_with_etc(build_py):
+    def run(self):
+        super().run()
+        target = os.path.join(self.build_lib, "broker", "_etc")
+        os.makedirs(target, exist_ok=True)
+        shutil.copy(os.path.join("etc", "broker.toml"), target)
+
+
+setup(
+    name="broker",
+    version="0.1.0",
+    description="One Twisted process routing TCP, UDP, WebSocket and HTTP(S) "
+                "through one core: Web PubSub, IoT, peer groups, eCDN.",
+    python_requires=">=3.11",
+    # An explicit root package_dir makes "pip install -e ." use a plain .pth
+    # (the checkout on sys.path), which Twisted's plugin discovery needs;
+    # the import-hook style of editable install hides twisted/plugins/.
+    package_dir={"": "."},
+    packages=[
+        "broker",
+        "broker.admin",
+        "broker.auth",
+        "broker.core",
+        "broker.webpubsub",
+        "twisted.plugins",
+    ],
+    install_requires=[
+        "twisted[tls]>=24.3",
+        "autobahn>=23.6",
+        "pyopenssl>=24.0",
+        "service-identity>=24.1",
+        "treq>=23.11",
+        "zope.interface>=6.0",
+        "cryptography>=42",
+        "PyJWT>=2.8",
+        "prometheus-client>=0.20",
+    ],
+    cmdclass={"build_py": build_py_with_etc},
+    zip_safe=False,
+)

@@ -1,0 +1,3 @@
+"""
+The broker's trial test suite.
+"""
