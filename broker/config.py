@@ -9,7 +9,10 @@ the key by its dotted path, e.g. C{webpubsub.hubs.chat.access_keys[1]}, so
 the operator reads one line and knows what to fix.
 """
 
+import json
+import math
 import os
+import re
 import tomllib
 
 from twisted.internet.endpoints import serverFromString
@@ -21,6 +24,9 @@ class ConfigError(Exception):
     """
 
     def __init__(self, key, problem):
+        # Problems can quote other libraries' multi-line messages (OpenSSL,
+        # TOML); the operator still gets exactly one line.
+        problem = " ".join(line.strip() for line in str(problem).splitlines() if line.strip())
         super().__init__(f"{key}: {problem}" if key else problem)
         self.key = key
         self.problem = problem
@@ -78,6 +84,9 @@ class Float(Int):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(key, f"expected a number, got {_typename(value)}")
         value = float(value)
+        # TOML allows inf and nan; nan would slip past every range check.
+        if not math.isfinite(value):
+            raise ConfigError(key, f"expected a finite number; got {value}")
         if self.minimum is not None and value < self.minimum:
             raise ConfigError(key, f"must be at least {self.minimum}; got {value}")
         if self.maximum is not None and value > self.maximum:
@@ -102,9 +111,14 @@ class Endpoint(Str):
         value = super().check(key, value)
         try:
             # Parsing needs no reactor; the real one is supplied at listen time.
-            serverFromString(_NO_REACTOR, value)
+            endpoint = serverFromString(_NO_REACTOR, value)
         except Exception as e:
             raise ConfigError(key, f"unusable listener {value!r}: {e}")
+        # Twisted accepts any integer port when parsing and fails only at
+        # bind time; catch the typo here, by key, where that is visible.
+        port = getattr(endpoint, "_port", None)
+        if isinstance(port, int) and not 0 <= port <= 65535:
+            raise ConfigError(key, f"unusable listener {value!r}: port must be 0-65535")
         return value
 
 
@@ -151,17 +165,31 @@ class MapOf(_Field):
     values all follow one schema.
     """
 
-    def __init__(self, value, doc=""):
+    def __init__(self, value, doc="", name=None, nameRule=""):
         super().__init__({}, doc)
         self.value = value
+        self.name = name
+        self.nameRule = nameRule
 
     def check(self, key, value):
         if not isinstance(value, dict):
             raise ConfigError(key, f"expected a table, got {_typename(value)}")
+        for k in value:
+            if self.name is not None and not self.name.match(k):
+                raise ConfigError(_join(key, k), f"bad name: {self.nameRule}")
         return {k: self.value.check(_join(key, k), v) for k, v in value.items()}
 
 
+_BARE_KEY = re.compile(r"^[A-Za-z0-9_-]+$")
+
+
 def _join(key, k):
+    """
+    Append one key to a dotted path, quoted as TOML would need it, so the
+    path in a message is the one to type (and never spans lines).
+    """
+    if not _BARE_KEY.match(k):
+        k = json.dumps(k)
     return f"{key}.{k}" if key else k
 
 
@@ -174,6 +202,11 @@ def _typename(value):
 
 KIB = 1024
 MIB = 1024 * KIB
+
+# The names /client/hubs/{hub} accepts (broker.webpubsub.protocol.HUB_NAME);
+# a hub configured under any other name could never be reached.
+HUB_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,127}$")
+HUB_NAME_RULE = "a letter, then up to 127 letters, digits or underscores"
 
 HUB = Table({
     "access_keys": List(Str(nonEmpty=True), default=[],
@@ -188,7 +221,8 @@ HUB = Table({
 
 SCHEMA = Table({
     "broker": Table({
-        "state_dir": Str("var", doc="Directory for state files (generated keys, stores)."),
+        "state_dir": Str("var", nonEmpty=True,
+                         doc="Directory for state files (generated keys, stores)."),
         "log_level": Str("info", choices=("debug", "info", "warn", "error")),
     }),
     "admin": Table({
@@ -205,7 +239,7 @@ SCHEMA = Table({
         "fanout_chunk": Int(512, minimum=1),
         "auto_ping_interval": Float(30.0, minimum=0),
         "auto_ping_timeout": Float(30.0, minimum=0),
-        "hubs": MapOf(HUB),
+        "hubs": MapOf(HUB, name=HUB_NAME, nameRule=HUB_NAME_RULE),
     }),
 })
 
@@ -234,6 +268,8 @@ def load(path=None):
             text = f.read()
     except OSError as e:
         raise ConfigError("", f"cannot read configuration {path}: {e.strerror}")
+    except UnicodeDecodeError as e:
+        raise ConfigError("", f"{path}: not valid TOML: not UTF-8 text ({e.reason} at byte {e.start})")
     return parse(text, os.fspath(path))
 
 

@@ -13,7 +13,9 @@ import sys
 
 from twisted.application import service
 from twisted.application.internet import StreamServerEndpointService
+from twisted.internet.defer import CancelledError
 from twisted.internet.endpoints import serverFromString
+from twisted.internet.error import ReactorNotRunning
 from twisted.logger import Logger
 from twisted.python import usage
 
@@ -44,29 +46,77 @@ class Options(usage.Options):
 
 class ListenerService(StreamServerEndpointService):
     """
-    Listens on one configured endpoint; a failure to listen stops start-up
-    with one line naming the configuration key.
+    Listens on one configured endpoint, and is named after its configuration
+    key (C{webpubsub.listen[0]}) so that logs and failures say which one.
+
+    A broker running without one of its configured listeners is worse than
+    one that does not run: clients and health checks would find half a
+    service.  So a failure to listen is logged as one line naming the key
+    and the process exits with status 1.  Left to itself, twistd would print
+    a traceback for an endpoint that fails while starting, and merely log
+    one that fails later (an endpoint that listens asynchronously) and run on.
     """
 
-    _raiseSynchronously = True
+    # How the process leaves after a late failure; a test replaces it.
+    _exit = staticmethod(os._exit)
 
-    def __init__(self, key, description, endpoint, factory):
+    def __init__(self, key, description, endpoint, factory, reactor):
         super().__init__(endpoint, factory)
         self.key = key
         self.description = description
         self.setName(key)
+        self._reactor = reactor
+        self._starting = False
+        self.failed = False
 
     def privilegedStartService(self):
+        service.Service.privilegedStartService(self)
+        self._starting = True
+        self._waitingForPort = self.endpoint.listen(self.factory)
+        self._waitingForPort.addCallbacks(self._listening, self._cannotListen)
+        self._starting = False
+        if self.failed:
+            # twistd is still starting: leaving here stops it before the
+            # reactor runs, without a traceback (the reason is logged).
+            raise SystemExit(1)
+
+    def _listening(self, port):
+        log.info("{key} listening on {address}", key=self.key, address=_address(port.getHost()))
+        return port
+
+    def _cannotListen(self, failure):
+        if failure.check(CancelledError):
+            # stopService() before the endpoint was listening.
+            return None
+        self.failed = True
+        log.critical("{key}: cannot listen on {description!r}: {reason}",
+                     key=self.key, description=self.description,
+                     reason=" ".join(str(failure.value).split()))
+        if not self._starting:
+            self._abort()
+        return None
+
+    def _abort(self):
+        """
+        Stop the running broker after a late listening failure, then exit
+        with status 1: twistd offers no exit status of its own to set.
+        """
+        self._reactor.addSystemEventTrigger("after", "shutdown", self._exit, 1)
         try:
-            super().privilegedStartService()
-        except Exception as e:
-            raise ListenError(f"{self.key}: cannot listen on {self.description!r}: {e}") from None
+            self._reactor.stop()
+        except ReactorNotRunning:
+            pass
 
 
-class ListenError(Exception):
+def _address(address):
     """
-    A configured listener could not be opened.
+    C{host:port} for an IP address, the path for a UNIX socket.
     """
+    host, port = getattr(address, "host", None), getattr(address, "port", None)
+    if host is not None and port is not None:
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    name = getattr(address, "name", None)
+    return os.fsdecode(name) if name is not None else str(address)
 
 
 def developmentKey(stateDir):
@@ -102,13 +152,18 @@ def buildService(settings, reactor):
     def listen(section, factory):
         for i, desc in enumerate(settings[section]["listen"]):
             key = f"{section}.listen[{i}]"
-            ListenerService(key, desc, serverFromString(reactor, desc), factory).setServiceParent(top)
+            endpoint = serverFromString(reactor, desc)
+            ListenerService(key, desc, endpoint, factory, reactor).setServiceParent(top)
 
     wps = settings["webpubsub"]
     if wps["enabled"]:
         keys = wps["access_keys"]
         if not keys:
-            key, path = developmentKey(settings["broker"]["state_dir"])
+            try:
+                key, path = developmentKey(settings["broker"]["state_dir"])
+            except OSError as e:
+                raise brokerconfig.ConfigError(
+                    "broker.state_dir", f"cannot keep the development access key there: {e}")
             keys = [key]
             log.warn("webpubsub.access_keys is empty: using the development key in {path}",
                      path=path)
@@ -122,6 +177,6 @@ def makeService(options):
 
     try:
         return buildService(options["settings"], reactor)
-    except (OSError, ValueError) as e:
+    except (brokerconfig.ConfigError, OSError, ValueError) as e:
         sys.stderr.write(f"broker: cannot start: {e}\n")
         raise SystemExit(1)

@@ -38,7 +38,9 @@ class ClientClaims:
 
 
 def _strings(claims, name):
-    value = claims.get(name, ())
+    value = claims.get(name)
+    if value is None:
+        return ()
     if isinstance(value, str):
         return (value,)
     if isinstance(value, list) and all(isinstance(v, str) for v in value):

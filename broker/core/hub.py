@@ -280,12 +280,16 @@ class Hub:
             for g in list(s.groups):
                 self._leave(s, g)
 
-    def send(self, target, message, source=FROM_SERVER):
+    def send(self, target, message):
         """
-        Publish a server message to C{target}.
+        Publish a server message to C{target}.  Receivers see a message sent
+        to a group as coming from that group, as in Azure.
         """
-        return self.publish(target, Delivery(message, source, target.name
-                                             if target.kind == Target.GROUP else None))
+        if target.kind == Target.GROUP:
+            delivery = Delivery(message, FROM_GROUP, target.name)
+        else:
+            delivery = Delivery(message, FROM_SERVER)
+        return self.publish(target, delivery)
 
     def closeConnections(self, sessions, code, reason):
         for s in sessions:

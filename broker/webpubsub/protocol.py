@@ -138,7 +138,7 @@ class ClientProtocol(WebSocketServerProtocol):
             self.session = self.hub.admit(self, userId, roles, groups)
         except BrokerError as e:
             self.factory.rejected(self.hub.name)
-            self.sendClose(CloseCode.POLICY_VIOLATION, e.message[:120])
+            self._sendClose(CloseCode.POLICY_VIOLATION, e.message)
             return
         self.userId = userId
         self._takeOverProducer()
@@ -183,9 +183,22 @@ class ClientProtocol(WebSocketServerProtocol):
         self.sendPreparedMessage(prepared)
 
     def close(self, code, reason):
-        if self.kind == JSON and self.state == self.STATE_OPEN:
+        if self.state != self.STATE_OPEN:
+            return
+        if self.kind == JSON:
             self.sendMessage(frames.disconnected(reason))
-        self.sendClose(code, reason[:120])
+        self._sendClose(code, reason)
+
+    def _sendClose(self, code, reason):
+        """
+        Send a close frame with any RFC 6455 code (autobahn's public
+        C{sendClose} only takes 1000 and 3000-4999); the reason is cut to the
+        123 bytes a close frame can carry.  If the peer never answers,
+        autobahn's closeHandshakeTimeout drops the TCP connection.
+        """
+        if self.state == self.STATE_OPEN:
+            raw = reason.encode("utf-8")[:123].decode("utf-8", "ignore").encode("utf-8")
+            self.sendCloseFrame(code, raw, isReply=False)
 
     def _slowConsumer(self):
         hub = self.hub
@@ -196,8 +209,7 @@ class ClientProtocol(WebSocketServerProtocol):
         hub.remove(session, "slow consumer")
         # The peer is not reading, so the close frame may never get out:
         # autobahn's closeHandshakeTimeout drops the TCP connection.
-        self.sendClose(CloseCode.SLOW_CONSUMER, "slow consumer: output buffer exceeded")
-        self.transport.unregisterProducer()
+        self._sendClose(CloseCode.SLOW_CONSUMER, "slow consumer: output buffer exceeded")
 
     # -- incoming frames --------------------------------------------------
 
