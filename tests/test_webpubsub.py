@@ -37,7 +37,7 @@ class HandshakeTests(_Base):
              "Sec-WebSocket-Key": base64.b64encode(b"0123456789abcdef").decode()}
         h.update(headers or {})
         r = yield treq.get(self.broker.url.replace("ws:", "http:") + path, headers=h,
-                           reactor=reactor)
+                           reactor=reactor, persistent=False)
         yield treq.content(r)
         return r.code
 

@@ -1,0 +1,73 @@
+# -*- test-case-name: tests.test_fanout -*-
+"""
+Cooperative fan-out: chunks, yielding to the reactor, and ordering.
+"""
+
+from twisted.internet.task import Clock
+from twisted.trial import unittest
+
+from broker.core.fanout import Fanout
+from broker.core.hub import HubStats
+from broker.core.message import Delivery, Message
+from tests.recorder import RecordingConnection
+
+
+class Broken(RecordingConnection):
+    def deliver(self, delivery):
+        raise RuntimeError("adapter bug")
+
+
+class FanoutTests(unittest.TestCase):
+    def setUp(self):
+        self.clock = Clock()
+        self.fanout = Fanout(self.clock, chunkSize=10)
+        self.stats = HubStats()
+
+    def d(self, text):
+        return Delivery(Message.text(text))
+
+    def test_smallAtOnce(self):
+        conns = [RecordingConnection(str(i)) for i in range(10)]
+        self.fanout.deliver(list(conns), self.d("x"), self.stats)
+        self.assertEqual([len(c.deliveries) for c in conns], [1] * 10)
+        self.assertEqual(self.fanout.pending, 0)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_largeYields(self):
+        conns = [RecordingConnection(str(i)) for i in range(25)]
+        self.fanout.deliver(list(conns), self.d("x"), self.stats)
+        self.assertEqual(sum(len(c.deliveries) for c in conns), 10)
+        self.assertEqual(len(self.clock.getDelayedCalls()), 1)
+        # Each later turn writes one more chunk.
+        self.clock.getDelayedCalls()[0].func()
+        self.assertEqual(sum(len(c.deliveries) for c in conns), 20)
+        self.clock.advance(0)
+        self.assertEqual(sum(len(c.deliveries) for c in conns), 25)
+        self.assertEqual(self.stats.messagesOut, 25)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_orderKeptBehindLargeJob(self):
+        conns = [RecordingConnection(str(i)) for i in range(25)]
+        self.fanout.deliver(list(conns), self.d("big"), self.stats)
+        # A small publish while the big one is in flight must queue behind it.
+        self.fanout.deliver([conns[-1]], self.d("small"), self.stats)
+        self.assertEqual(conns[-1].payloads, [])
+        while self.clock.getDelayedCalls():
+            self.clock.advance(0)
+        self.assertEqual(conns[-1].payloads, [b"big", b"small"])
+
+    def test_brokenReceiverDoesNotStopOthers(self):
+        conns = [RecordingConnection("a"), Broken("b"), RecordingConnection("c")]
+        self.fanout.deliver(conns, self.d("x"), self.stats)
+        self.assertEqual((conns[0].payloads, conns[2].payloads), ([b"x"], [b"x"]))
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
+    def test_stopDropsPending(self):
+        conns = [RecordingConnection(str(i)) for i in range(25)]
+        self.fanout.deliver(conns, self.d("x"), self.stats)
+        self.fanout.stop()
+        self.assertEqual(self.fanout.pending, 0)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_badChunk(self):
+        self.assertRaises(ValueError, Fanout, self.clock, 0)

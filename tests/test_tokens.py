@@ -1,0 +1,73 @@
+# -*- test-case-name: tests.test_tokens -*-
+"""
+Client access tokens.
+"""
+
+import jwt
+from twisted.trial import unittest
+
+from broker.auth.tokens import (TokenError, audienceMatches, makeClientToken,
+                                verifyClientToken)
+
+KEY = "k" * 32
+AUD = "http://broker.example:8080/client/hubs/chat"
+NOW = 1_800_000_000
+
+
+class TokenTests(unittest.TestCase):
+    def verify(self, token, keys=(KEY,), origins=(), now=NOW):
+        return verifyClientToken(token, keys, "chat", origins, now=now)
+
+    def test_claims(self):
+        tok = makeClientToken(KEY, AUD, "alice", ["webpubsub.sendToGroup"], ["g"], now=NOW)
+        c = self.verify(tok)
+        self.assertEqual((c.userId, c.roles, c.groups),
+                         ("alice", ("webpubsub.sendToGroup",), ("g",)))
+
+    def test_stringClaims(self):
+        tok = jwt.encode({"aud": AUD, "exp": NOW + 60, "role": "r", "webpubsub.group": "g"},
+                         KEY, algorithm="HS256")
+        c = self.verify(tok)
+        self.assertEqual((c.userId, c.roles, c.groups), (None, ("r",), ("g",)))
+
+    def test_keyRotation(self):
+        tok = makeClientToken("old-key-0123456789abcdef0123456789", AUD, now=NOW)
+        self.verify(tok, keys=(KEY, "old-key-0123456789abcdef0123456789"))
+        self.assertRaises(TokenError, self.verify, tok)
+
+    def test_refusals(self):
+        cases = {
+            "none": None,
+            "garbage": "abc.def",
+            "expired": makeClientToken(KEY, AUD, lifetime=-10, now=NOW),
+            "future": jwt.encode({"aud": AUD, "exp": NOW + 600, "nbf": NOW + 300}, KEY,
+                                 algorithm="HS256"),
+            "noexp": jwt.encode({"aud": AUD}, KEY, algorithm="HS256"),
+            "alg-none": jwt.encode({"aud": AUD, "exp": NOW + 60}, None, algorithm="none"),
+            "otherhub": makeClientToken(KEY, "http://x/client/hubs/other", now=NOW),
+            "badsub": jwt.encode({"aud": AUD, "exp": NOW + 60, "sub": 5}, KEY,
+                                 algorithm="HS256"),
+            "badrole": jwt.encode({"aud": AUD, "exp": NOW + 60, "role": [1]}, KEY,
+                                  algorithm="HS256"),
+        }
+        for name, tok in cases.items():
+            self.assertRaises(TokenError, self.verify, tok)
+        self.assertRaises(TokenError, verifyClientToken, makeClientToken(KEY, AUD), (), "chat")
+
+    def test_leeway(self):
+        tok = makeClientToken(KEY, AUD, lifetime=60, now=NOW)
+        self.verify(tok, now=NOW + 62)
+        self.assertRaises(TokenError, self.verify, tok, now=NOW + 70)
+
+    def test_wallClock(self):
+        verifyClientToken(makeClientToken(KEY, AUD), [KEY], "chat")
+
+    def test_audience(self):
+        self.assertTrue(audienceMatches(AUD, "chat"))
+        self.assertTrue(audienceMatches(AUD + "/", "CHAT"))
+        self.assertFalse(audienceMatches(AUD, "chat2"))
+        self.assertFalse(audienceMatches(5, "chat"))
+        self.assertTrue(audienceMatches(AUD, "chat", ["http://broker.example:8080"]))
+        self.assertTrue(audienceMatches("wss://b.example/client/hubs/chat", "chat",
+                                        ["https://b.example"]))
+        self.assertFalse(audienceMatches(AUD, "chat", ["http://elsewhere:8080"]))
