@@ -55,19 +55,26 @@ class ListenerService(StreamServerEndpointService):
     and the process exits with status 1.  Left to itself, twistd would print
     a traceback for an endpoint that fails while starting, and merely log
     one that fails later (an endpoint that listens asynchronously) and run on.
+
+    @ivar foreground: how a failure while starting leaves.  In the
+        foreground (C{twistd -n}) by L{SystemExit}: the logged line is all
+        the operator sees.  A daemonizing twistd must get an exception
+        instead: it reports that to its waiting parent process, which
+        would otherwise wait for ever.
     """
 
     # How the process leaves after a late failure; a test replaces it.
     _exit = staticmethod(os._exit)
 
-    def __init__(self, key, description, endpoint, factory, reactor):
+    def __init__(self, key, description, endpoint, factory, reactor, foreground=True):
         super().__init__(endpoint, factory)
         self.key = key
         self.description = description
         self.setName(key)
+        self.foreground = foreground
         self._reactor = reactor
         self._starting = False
-        self.failed = False
+        self.failure = None
 
     def privilegedStartService(self):
         service.Service.privilegedStartService(self)
@@ -75,10 +82,12 @@ class ListenerService(StreamServerEndpointService):
         self._waitingForPort = self.endpoint.listen(self.factory)
         self._waitingForPort.addCallbacks(self._listening, self._cannotListen)
         self._starting = False
-        if self.failed:
+        if self.failure is not None:
             # twistd is still starting: leaving here stops it before the
-            # reactor runs, without a traceback (the reason is logged).
-            raise SystemExit(1)
+            # reactor runs.
+            if self.foreground:
+                raise SystemExit(1)
+            raise ListenError(self.failure)
 
     def _listening(self, port):
         log.info("{key} listening on {address}", key=self.key, address=_address(port.getHost()))
@@ -88,10 +97,9 @@ class ListenerService(StreamServerEndpointService):
         if failure.check(CancelledError):
             # stopService() before the endpoint was listening.
             return None
-        self.failed = True
-        log.critical("{key}: cannot listen on {description!r}: {reason}",
-                     key=self.key, description=self.description,
-                     reason=" ".join(str(failure.value).split()))
+        reason = " ".join(str(failure.value).split())
+        self.failure = f"{self.key}: cannot listen on {self.description!r}: {reason}"
+        log.critical("{failure}", failure=self.failure)
         if not self._starting:
             self._abort()
         return None
@@ -106,6 +114,12 @@ class ListenerService(StreamServerEndpointService):
             self._reactor.stop()
         except ReactorNotRunning:
             pass
+
+
+class ListenError(Exception):
+    """
+    A configured listener could not be opened; C{str(error)} names its key.
+    """
 
 
 def _address(address):
@@ -140,9 +154,11 @@ def developmentKey(stateDir):
     return key, path
 
 
-def buildService(settings, reactor):
+def buildService(settings, reactor, foreground=True):
     """
     The broker's service tree for validated C{settings}.
+
+    @param foreground: see L{ListenerService.foreground}.
     """
     top = service.MultiService()
     core = Core(reactor, fanoutChunk=settings["webpubsub"]["fanout_chunk"])
@@ -153,7 +169,8 @@ def buildService(settings, reactor):
         for i, desc in enumerate(settings[section]["listen"]):
             key = f"{section}.listen[{i}]"
             endpoint = serverFromString(reactor, desc)
-            ListenerService(key, desc, endpoint, factory, reactor).setServiceParent(top)
+            ListenerService(key, desc, endpoint, factory, reactor,
+                            foreground).setServiceParent(top)
 
     wps = settings["webpubsub"]
     if wps["enabled"]:
@@ -175,8 +192,11 @@ def buildService(settings, reactor):
 def makeService(options):
     from twisted.internet import reactor
 
+    # options.parent is twistd's own options (None when called otherwise).
+    twistd = options.parent
+    foreground = twistd is None or bool(twistd.get("nodaemon"))
     try:
-        return buildService(options["settings"], reactor)
+        return buildService(options["settings"], reactor, foreground)
     except (brokerconfig.ConfigError, OSError, ValueError) as e:
         sys.stderr.write(f"broker: cannot start: {e}\n")
         raise SystemExit(1)
