@@ -396,3 +396,25 @@ def _sleep(t):
     d = defer.Deferred()
     reactor.callLater(t, d.callback, None)
     return d
+
+
+class TLSTests(unittest.TestCase):
+    """
+    The same face behind a real TLS listener (wss://), with a throwaway
+    certificate.
+    """
+
+    @defer.inlineCallbacks
+    def setUp(self):
+        self.broker = yield BrokerHarness(self, reactor, tls=True).start()
+
+    @defer.inlineCallbacks
+    def test_pubSubOverTLS(self):
+        rx = yield self.broker.connectJSON(groups=["g"])
+        tx = yield self.broker.connectJSON(roles=[SEND])
+        tx.send({"type": "sendToGroup", "group": "g", "ackId": 1, "dataType": "text",
+                 "data": "secret"})
+        self.assertEqual((yield tx.nextJSON())["success"], True)
+        self.assertEqual((yield rx.nextJSON())["data"], "secret")
+        hub = self.broker.core.hub("chat")
+        self.assertEqual(hub.connectionCount, 2)

@@ -7,7 +7,9 @@ import json
 
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
 from twisted.internet import defer
-from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint
+from twisted.internet import ssl
+from twisted.internet.endpoints import (TCP4ClientEndpoint, TCP4ServerEndpoint,
+                                        serverFromString, wrapClientTLS)
 
 from broker import config
 from broker.auth.tokens import makeClientToken
@@ -80,8 +82,9 @@ class BrokerHarness:
     applied to the C{[webpubsub]} table.
     """
 
-    def __init__(self, testCase, reactor, toml=""):
+    def __init__(self, testCase, reactor, toml="", tls=False):
         self.testCase = testCase
+        self.tls = tls
         self.reactor = reactor
         self.settings = config.parse(toml)
         self.core = Core(reactor, fanoutChunk=self.settings["webpubsub"]["fanout_chunk"])
@@ -93,7 +96,15 @@ class BrokerHarness:
         self.factory = makeFactory(self.core, wps, [KEY], self.reactor)
         self.site = makeSite(self.factory)
         self.core.startService()
-        self.port = yield TCP4ServerEndpoint(self.reactor, 0, interface="127.0.0.1").listen(self.site)
+        if self.tls:
+            from tests.certs import makeCertificate
+
+            keyPath, certPath, self.certPEM = makeCertificate(self.testCase.mktemp())
+            endpoint = serverFromString(
+                self.reactor, f"ssl:0:interface=127.0.0.1:privateKey={keyPath}:certKey={certPath}")
+        else:
+            endpoint = TCP4ServerEndpoint(self.reactor, 0, interface="127.0.0.1")
+        self.port = yield endpoint.listen(self.site)
         self.testCase.addCleanup(self.stop)
         return self
 
@@ -108,7 +119,8 @@ class BrokerHarness:
 
     @property
     def url(self):
-        return f"ws://127.0.0.1:{self.port.getHost().port}"
+        scheme = "wss" if self.tls else "ws"
+        return f"{scheme}://127.0.0.1:{self.port.getHost().port}"
 
     def token(self, hub="chat", **kw):
         return makeClientToken(KEY, f"http://127.0.0.1:{self.port.getHost().port}/client/hubs/{hub}", **kw)
@@ -130,8 +142,12 @@ class BrokerHarness:
                                          headers=headers, reactor=self.reactor)
         factory.protocol = Client
         factory.setProtocolOptions(autoPingInterval=0, failByDrop=False)
-        proto = yield TCP4ClientEndpoint(self.reactor, "127.0.0.1",
-                                         self.port.getHost().port).connect(factory)
+        endpoint = TCP4ClientEndpoint(self.reactor, "127.0.0.1", self.port.getHost().port)
+        if self.tls:
+            trust = ssl.Certificate.loadPEM(self.certPEM)
+            endpoint = wrapClientTLS(ssl.optionsForClientTLS("localhost", trustRoot=trust),
+                                     endpoint)
+        proto = yield endpoint.connect(factory)
         self.clients.append(proto)
         yield proto.opened
         return proto
