@@ -99,7 +99,7 @@ class ListenerService(StreamServerEndpointService):
             return None
         reason = " ".join(str(failure.value).split())
         self.failure = f"{self.key}: cannot listen on {self.description!r}: {reason}"
-        log.critical("{failure}", failure=self.failure)
+        log.critical("{problem}", problem=self.failure)
         if not self._starting:
             self._abort()
         return None
