@@ -223,7 +223,6 @@ SCHEMA = Table({
     "broker": Table({
         "state_dir": Str("var", nonEmpty=True,
                          doc="Directory for state files (generated keys, stores)."),
-        "log_level": Str("info", choices=("debug", "info", "warn", "error")),
     }),
     "admin": Table({
         "listen": List(Endpoint(), default=["tcp:9090:interface=127.0.0.1"]),

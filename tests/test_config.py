@@ -57,7 +57,7 @@ class DefaultTests(TestCase):
         Every key has a default: an empty file is a complete configuration.
         """
         settings = config.parse("")
-        self.assertEqual(settings["broker"], {"state_dir": "var", "log_level": "info"})
+        self.assertEqual(settings["broker"], {"state_dir": "var"})
         self.assertEqual(settings["webpubsub"]["hubs"], {})
         self.assertEqual(settings["webpubsub"]["max_frame_size"], 1024 * 1024)
 
@@ -182,8 +182,9 @@ class RangeAndChoiceTests(ErrorAssertions, TestCase):
                                "webpubsub.auto_ping_timeout", "finite")
 
     def test_badChoice(self):
-        self.assertConfigError('[broker]\nlog_level = "verbose"\n',
-                               "broker.log_level", "debug, info, warn, error", "'verbose'")
+        self.assertConfigError('[webpubsub.hubs.chat]\nplain_mode = "verbose"\n',
+                               "webpubsub.hubs.chat.plain_mode", "sendEvent, sendToGroup",
+                               "'verbose'")
 
     def test_badHubChoice(self):
         self.assertConfigError('[webpubsub.hubs.chat]\nplain_mode = "broadcast"\n',

@@ -71,3 +71,35 @@ class FanoutTests(unittest.TestCase):
 
     def test_badChunk(self):
         self.assertRaises(ValueError, Fanout, self.clock, 0)
+
+
+class Republisher(RecordingConnection):
+    """
+    A receiver whose delivery publishes again, as an observer reacting to a
+    delivery might.
+    """
+
+    def __init__(self, cid, fanout, others, stats):
+        super().__init__(cid)
+        self.fanout, self.others, self.stats = fanout, others, stats
+
+    def deliver(self, delivery):
+        super().deliver(delivery)
+        if delivery.message.data == b"first":
+            self.fanout.deliver(list(self.others), Delivery(Message.text("second")),
+                                self.stats)
+
+
+class ReentrancyTests(unittest.TestCase):
+    def test_publishFromInsideDelivery(self):
+        clock = Clock()
+        fanout = Fanout(clock, chunkSize=10)
+        stats = HubStats()
+        others = [RecordingConnection(str(i)) for i in range(3)]
+        first = Republisher("r", fanout, others, stats)
+        fanout.deliver([first] + others, Delivery(Message.text("first")), stats)
+        while clock.getDelayedCalls():
+            clock.advance(0)
+        for c in others:
+            self.assertEqual(c.payloads, [b"first", b"second"])
+        self.assertEqual(stats.messagesOut, 7)

@@ -341,7 +341,8 @@ class TwistdTestsMixin:
         """
         proc = TwistdProcess(expectListeners)
         command = twistdCommand() + list(args)
-        transport = reactor.spawnProcess(proc, command[0], command, env=os.environ.copy(),
+        transport = reactor.spawnProcess(proc, command[0], command,
+                                         env=dict(os.environ, PYTHONUNBUFFERED="1"),
                                          path=cwd.path)
 
         def kill():
@@ -396,12 +397,17 @@ class RunningBrokerTests(TwistdTestsMixin, TestCase):
         signal (it re-raises it once the reactor has stopped, so whoever
         waits learns why it ended), not with an exit status.
         """
+        # Listening happens before the reactor runs and installs its signal
+        # handlers; a served request proves the reactor is running.
+        response = yield treq.get(f"http://127.0.0.1:{self.ports['admin.listen[0]']}/healthz",
+                                  reactor=reactor, persistent=False)
+        yield treq.content(response)
         self.proc.transport.signalProcess("TERM")
         reason = yield self.proc.ended
         self.assertIsInstance(reason, error.ProcessTerminated)
         self.assertEqual(reason.signal, signal.SIGTERM)
         lines = self.proc.lines()
-        self.assertTrue(any(line.endswith("Main loop terminated.") for line in lines))
+        self.assertTrue(any(line.endswith("Main loop terminated.") for line in lines), lines[-8:])
         self.assertTrue(any(line.endswith("Server Shut Down.") for line in lines))
         self.assertNotIn("Traceback", self.proc.text())
 

@@ -345,6 +345,10 @@ plain_group = "lobby"
 
     @defer.inlineCallbacks
     def test_sendToGroupModeForbidden(self):
+        """
+        A plain client without the permission may listen, but its first
+        frame closes it: there is no ack to refuse it with.
+        """
         tx = yield self.broker.connect("rooms", protocols=())
         tx.sendMessage(b"nope")
         code, _ = yield tx.closed
@@ -418,3 +422,54 @@ class TLSTests(unittest.TestCase):
         self.assertEqual((yield rx.nextJSON())["data"], "secret")
         hub = self.broker.core.hub("chat")
         self.assertEqual(hub.connectionCount, 2)
+
+
+class HandshakeRefusalTests(_Base):
+    toml = """
+[webpubsub.hubs.rooms]
+plain_mode = "sendToGroup"
+plain_group = "lobby"
+"""
+
+    @defer.inlineCallbacks
+    def _refused(self, **kw):
+        try:
+            yield self.broker.connect(**kw)
+        except ConnectionRefusedByServer as e:
+            return str(e)
+        self.fail("handshake accepted")
+
+    @defer.inlineCallbacks
+    def test_unsupportedSubprotocols(self):
+        for proto in ("json.reliable.webpubsub.azure.v1", "protobuf.webpubsub.azure.v1"):
+            why = yield self._refused(protocols=(proto,))
+            self.assertIn("400", why)
+
+    @defer.inlineCallbacks
+    def test_badUserIdInToken(self):
+        why = yield self._refused(userId="u" * 2000)
+        self.assertIn("400", why)
+        self.assertEqual(self.hub().connectionCount, 0)
+
+    @defer.inlineCallbacks
+    def test_refusedHandshakeCreatesNoHub(self):
+        why = yield self._refused(hub="rooms", protocols=("protobuf.webpubsub.azure.v1",))
+        self.assertIn("400", why)
+        self.assertNotIn("rooms", self.broker.core.hubs)
+
+
+class PingAndRetryTests(_Base):
+    @defer.inlineCallbacks
+    def test_ping(self):
+        c = yield self.broker.connectJSON()
+        c.send({"type": "ping"})
+        self.assertEqual((yield c.nextJSON()), {"type": "pong"})
+
+    @defer.inlineCallbacks
+    def test_refusedAckIdMayBeRetried(self):
+        c = yield self.broker.connectJSON()
+        c.send({"type": "joinGroup", "group": "g", "ackId": 1})
+        self.assertEqual((yield c.nextJSON())["error"]["name"], "Forbidden")
+        self.hub().session(c.connectionId).permissions.grant("joinLeaveGroup")
+        c.send({"type": "joinGroup", "group": "g", "ackId": 1})
+        self.assertTrue((yield c.nextJSON())["success"])

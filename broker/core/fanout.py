@@ -29,6 +29,7 @@ class Fanout:
         self.chunkSize = chunkSize
         self._jobs = deque()
         self._call = None
+        self._running = False
 
     @property
     def pending(self):
@@ -44,16 +45,33 @@ class Fanout:
         """
         if not receivers:
             return
-        if not self._jobs and len(receivers) <= self.chunkSize:
-            _write(receivers, 0, len(receivers), delivery)
+        if not self._jobs and not self._running and len(receivers) <= self.chunkSize:
+            self._running = True
+            try:
+                _write(receivers, 0, len(receivers), delivery)
+            finally:
+                self._running = False
             stats.messagesOut += len(receivers)
+            if self._jobs and self._call is None:
+                self._run()
             return
+        # Queued behind whatever is in flight, including a write that is
+        # publishing again from inside a receiver (re-entrancy).
         self._jobs.append([receivers, 0, delivery, stats])
-        if self._call is None:
+        if self._call is None and not self._running:
             self._run()
 
     def _run(self):
         self._call = None
+        self._running = True
+        try:
+            self._runChunk()
+        finally:
+            self._running = False
+        if self._jobs:
+            self._call = self._reactor.callLater(0, self._run)
+
+    def _runChunk(self):
         budget = self.chunkSize
         jobs = self._jobs
         while jobs and budget > 0:
@@ -67,8 +85,6 @@ class Fanout:
                 jobs.popleft()
             else:
                 job[1] = end
-        if jobs:
-            self._call = self._reactor.callLater(0, self._run)
 
     def stop(self):
         """

@@ -16,6 +16,11 @@ from broker.core.message import FROM_GROUP, Message
 
 JSON_V1 = "json.webpubsub.azure.v1"
 JSON_RELIABLE_V1 = "json.reliable.webpubsub.azure.v1"
+# Azure subprotocols this broker does not speak (yet): refused at the
+# handshake rather than echoed back as if they had been agreed.
+UNSUPPORTED = (JSON_RELIABLE_V1, "protobuf.webpubsub.azure.v1",
+               "protobuf.reliable.webpubsub.azure.v1")
+PONG = b'{"type":"pong"}'
 
 # ackId is a uint64.
 MAX_ACK_ID = 2 ** 64 - 1

@@ -28,15 +28,15 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from broker.auth.tokens import TokenError, verifyClientToken
+from broker.config import HUB_NAME
 from broker.core.errors import BadRequest, BrokerError, CloseCode, Duplicate
-from broker.core.hub import NoUpstream
+from broker.core.hub import NoUpstream, checkName
 from broker.core.interfaces import IConnection
 from broker.core.message import BINARY, TEXT, Delivery, Message
 from broker.webpubsub import frames
 
 log = Logger()
 
-HUB_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,127}$")
 CLIENT_PATH = re.compile(r"^/client/hubs/([^/]+)/?$")
 
 # How many recent ackIds each connection remembers for duplicate detection.
@@ -71,12 +71,13 @@ class ClientProtocol(WebSocketServerProtocol):
     kind = PLAIN
     userId = None
     connectionId = None
+    # Created on the first ackId: idle connections should cost little.
+    _recentAcks = ()
 
     def __init__(self):
         super().__init__()
         self._paused = False
         self._pausedBytes = 0
-        self._recentAcks = OrderedDict()
         self._warned = False
         self._plainGroup = None
 
@@ -95,6 +96,8 @@ class ClientProtocol(WebSocketServerProtocol):
             auth = request.headers.get("authorization", "")
             if auth[:7].lower() == "bearer ":
                 token = auth[7:].strip()
+        if not token:
+            token = None
         if token is None and settings.allowAnonymous:
             claims = None
         else:
@@ -106,34 +109,44 @@ class ClientProtocol(WebSocketServerProtocol):
                 log.info("refused client on hub {hub} from {peer}: {why}",
                          hub=hubName, peer=request.peer, why=str(e))
                 raise ConnectionDeny(401, "Unauthorized")
-        self.hub = factory.core.hub(hubName)
-        self.settings = settings
-        self.claims = claims
         protocol = None
-        if frames.JSON_V1 in request.protocols:
+        offered = request.protocols
+        if frames.JSON_V1 in offered:
             self.kind = JSON
             protocol = frames.JSON_V1
-        elif request.protocols and frames.JSON_RELIABLE_V1 not in request.protocols:
+        elif offered:
+            unsupported = [p for p in offered if p in frames.UNSUPPORTED]
+            if unsupported:
+                factory.rejected(hubName)
+                raise ConnectionDeny(400, f"subprotocol {unsupported[0]} is not supported")
             # A custom subprotocol: a plain client; accept its first choice.
-            protocol = request.protocols[0]
-        elif request.protocols:
+            protocol = offered[0]
+        if claims is None:
+            userId, roles, groups = None, settings.anonymousRoles, ()
+        else:
+            userId, roles, groups = claims.userId, claims.roles, claims.groups
+        try:
+            if userId is not None:
+                checkName("userId", userId)
+            for g in groups:
+                checkName("group", g)
+        except BadRequest as e:
             factory.rejected(hubName)
-            raise ConnectionDeny(400, f"subprotocol {frames.JSON_RELIABLE_V1} is not supported yet")
+            raise ConnectionDeny(400, f"token: {e.message}")
         if self.kind == PLAIN and settings.plainMode == "sendToGroup":
             group = _first(request.params.get("group")) or settings.plainGroup
             if not group:
                 factory.rejected(hubName)
                 raise ConnectionDeny(400, "sendToGroup mode needs a group query parameter")
             self._plainGroup = group
+        self.admission = (userId, roles, groups)
+        self.settings = settings
+        self.hub = factory.core.hub(hubName)
         self.connectionId = self.hub.newConnectionId()
         return protocol
 
     def onOpen(self):
-        claims = self.claims
-        if claims is None:
-            userId, roles, groups = None, self.settings.anonymousRoles, ()
-        else:
-            userId, roles, groups = claims.userId, claims.roles, claims.groups
+        userId, roles, groups = self.admission
         try:
             self.session = self.hub.admit(self, userId, roles, groups)
         except BrokerError as e:
@@ -257,10 +270,14 @@ class ClientProtocol(WebSocketServerProtocol):
             self._refuse(CloseCode.INVALID_PAYLOAD, f"invalid JSON frame: {e}"[:120])
             return
         kind = request.type
-        if kind in ("sequenceAck", "ping"):
+        if kind == "ping":
+            self.sendMessage(frames.PONG)
             return
-        if request.ackId is not None and not self._firstTime(request.ackId):
-            self._ack(request.ackId, Duplicate(f"ackId {request.ackId} was already used"))
+        if kind == "sequenceAck":
+            return
+        ackId = request.ackId
+        if ackId is not None and ackId in self._recentAcks:
+            self._ack(ackId, Duplicate(f"ackId {ackId} was already used"))
             return
         session = self.session
         try:
@@ -270,21 +287,24 @@ class ClientProtocol(WebSocketServerProtocol):
                 session.leaveGroup(request.group)
             elif kind == "sendToGroup":
                 d = session.sendToGroup(request.group, request.message, request.noEcho)
-                d.addCallbacks(lambda _: self._ack(request.ackId),
-                               lambda f: self._ackFailure(request.ackId, f))
+                self._remember(ackId)
+                d.addCallbacks(lambda _: self._ack(ackId),
+                               lambda f: self._ackFailure(ackId, f))
                 return
             else:
                 d = session.sendEvent(request.event, request.message)
-                d.addCallbacks(lambda reply: self._eventReply(request.ackId, reply),
-                               lambda f: self._eventFailed(request.ackId, f))
+                self._remember(ackId)
+                d.addCallbacks(lambda reply: self._eventReply(ackId, reply),
+                               lambda f: self._eventFailed(ackId, f))
                 return
         except BadRequest as e:
-            self._badRequest(e, request.ackId)
+            self._badRequest(e, ackId)
             return
         except BrokerError as e:
-            self._ack(request.ackId, e)
+            self._ack(ackId, e)
             return
-        self._ack(request.ackId)
+        self._remember(ackId)
+        self._ack(ackId)
 
     def _eventReply(self, ackId, reply):
         if reply is not None and self.session is not None:
@@ -309,14 +329,20 @@ class ClientProtocol(WebSocketServerProtocol):
         if ackId is not None and self.state == self.STATE_OPEN:
             self.sendMessage(frames.ack(ackId, error))
 
-    def _firstTime(self, ackId):
+    def _remember(self, ackId):
+        """
+        Record an accepted request's ackId so a retry is answered Duplicate
+        instead of being brokered twice.  Refused requests are not recorded:
+        the client may retry them once it has the permission.
+        """
+        if ackId is None:
+            return
         recent = self._recentAcks
-        if ackId in recent:
-            return False
+        if not recent:
+            recent = self._recentAcks = OrderedDict()
         recent[ackId] = None
         if len(recent) > ACK_WINDOW:
             recent.popitem(last=False)
-        return True
 
     def _badRequest(self, error, ackId):
         self._warnOnce(f"bad request: {error.message}")
