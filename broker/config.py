@@ -235,7 +235,7 @@ SCHEMA = Table({
                           doc="Accepted token audience origins; empty accepts any origin."),
         "max_frame_size": Int(1 * MIB, minimum=1, maximum=64 * MIB),
         "max_output_buffer": Int(4 * MIB, minimum=16 * KIB),
-        "fanout_chunk": Int(512, minimum=1),
+        "fanout_chunk": Int(4096, minimum=1),
         "auto_ping_interval": Float(30.0, minimum=0),
         "auto_ping_timeout": Float(30.0, minimum=0),
         "hubs": MapOf(HUB, name=HUB_NAME, nameRule=HUB_NAME_RULE),

@@ -12,6 +12,38 @@ from broker.core.message import Delivery, Message
 from tests.recorder import RecordingConnection
 
 
+class Turns:
+    """
+    A reactor stand-in for time: C{callLater(0, ...)} calls run one reactor
+    turn at a time, on L{turn}.
+    """
+
+    def __init__(self):
+        self.calls = []
+
+    def callLater(self, delay, f, *args):
+        call = _Call(f, args)
+        self.calls.append(call)
+        return call
+
+    def turn(self):
+        calls, self.calls = self.calls, []
+        for c in calls:
+            if c.active():
+                c.f(*c.args)
+
+
+class _Call:
+    def __init__(self, f, args):
+        self.f, self.args, self.cancelled = f, args, False
+
+    def active(self):
+        return not self.cancelled
+
+    def cancel(self):
+        self.cancelled = True
+
+
 class Broken(RecordingConnection):
     def deliver(self, delivery):
         raise RuntimeError("adapter bug")
@@ -38,11 +70,18 @@ class FanoutTests(unittest.TestCase):
         self.fanout.deliver(list(conns), self.d("x"), self.stats)
         self.assertEqual(sum(len(c.deliveries) for c in conns), 10)
         self.assertEqual(len(self.clock.getDelayedCalls()), 1)
-        # Each later turn writes one more chunk.
-        self.clock.getDelayedCalls()[0].func()
-        self.assertEqual(sum(len(c.deliveries) for c in conns), 20)
         self.clock.advance(0)
         self.assertEqual(sum(len(c.deliveries) for c in conns), 25)
+
+    def test_oneChunkPerTurn(self):
+        turns = Turns()
+        fanout = Fanout(turns, chunkSize=10)
+        conns = [RecordingConnection(str(i)) for i in range(25)]
+        fanout.deliver(list(conns), self.d("x"), self.stats)
+        for expected in (10, 20, 25):
+            self.assertEqual(sum(len(c.deliveries) for c in conns), expected)
+            turns.turn()
+        self.assertEqual(turns.calls, [])
         self.assertEqual(self.stats.messagesOut, 25)
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
@@ -103,3 +142,32 @@ class ReentrancyTests(unittest.TestCase):
         for c in others:
             self.assertEqual(c.payloads, [b"first", b"second"])
         self.assertEqual(stats.messagesOut, 7)
+
+
+class BackpressureTests(unittest.TestCase):
+    def test_congestedUntilDrained(self):
+        turns = Turns()
+        fanout = Fanout(turns, chunkSize=10)
+        stats = HubStats()
+        conns = [RecordingConnection(str(i)) for i in range(50)]
+        self.assertFalse(fanout.congested)
+        self.successResultOf(fanout.whenDrained())
+        for i in range(3):
+            fanout.deliver(list(conns), Delivery(Message.text(str(i))), stats)
+        # 150 queued, 10 written at once: 140 > highWater (80).
+        self.assertEqual(fanout.backlog, 140)
+        self.assertTrue(fanout.congested)
+        drained = fanout.whenDrained()
+        self.assertNoResult(drained)
+        # Ten deliveries a turn: 30 left after 11 turns, 20 (lowWater) after 12.
+        for _ in range(11):
+            turns.turn()
+        self.assertNoResult(drained)
+        turns.turn()
+        self.successResultOf(drained)
+        self.assertEqual(fanout.backlog, fanout.lowWater)
+        self.assertFalse(fanout.congested)
+        while turns.calls:
+            turns.turn()
+        self.assertEqual(fanout.backlog, 0)
+        self.assertEqual(stats.messagesOut, 150)

@@ -473,3 +473,30 @@ class PingAndRetryTests(_Base):
         self.hub().session(c.connectionId).permissions.grant("joinLeaveGroup")
         c.send({"type": "joinGroup", "group": "g", "ackId": 1})
         self.assertTrue((yield c.nextJSON())["success"])
+
+
+class PublisherBackpressureTests(_Base):
+    toml = "[webpubsub]\nfanout_chunk = 2\n"
+
+    @defer.inlineCallbacks
+    def test_floodingPublisherThrottledNothingLost(self):
+        """
+        A publisher faster than the fan-out is paused while the backlog
+        drains; every receiver still gets every message, in order.
+        """
+        receivers = []
+        for _ in range(10):
+            receivers.append((yield self.broker.connect(protocols=(), groups=["g"])))
+        pub = yield self.broker.connectJSON(roles=[SEND])
+        n = 200
+        for i in range(n):
+            pub.send({"type": "sendToGroup", "group": "g", "dataType": "text", "data": str(i)})
+        for r in receivers:
+            got = []
+            for _ in range(n):
+                payload, _ = yield r.next()
+                got.append(payload)
+            self.assertEqual(got, [str(i).encode() for i in range(n)])
+        hub = self.hub()
+        self.assertGreater(hub.stats.publishersThrottled, 0)
+        self.assertEqual(self.broker.core.fanout.backlog, 0)

@@ -37,6 +37,8 @@ class CoreCollector:
          "Connections closed because their output buffer overflowed."),
         ("connectionsAccepted", "broker_connections_accepted", "Connections admitted."),
         ("connectionsRejected", "broker_connections_rejected", "Handshakes refused."),
+        ("publishersThrottled", "broker_publishers_throttled",
+         "Times a publisher stopped being read while the fan-out backlog drained."),
     )
 
     def __init__(self, core):

@@ -12,6 +12,7 @@ small publish arrives while a large one is still going out.
 
 from collections import deque
 
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 log = Logger()
@@ -22,14 +23,39 @@ class Fanout:
     @ivar chunkSize: receivers written per reactor turn.
     """
 
-    def __init__(self, reactor, chunkSize=512):
+    def __init__(self, reactor, chunkSize=4096):
         if chunkSize < 1:
             raise ValueError("chunkSize must be positive")
         self._reactor = reactor
         self.chunkSize = chunkSize
+        # Deliveries queued for later turns, and the marks between which
+        # publishers are told to hold off (see L{congested}).
+        self.backlog = 0
+        self.highWater = 8 * chunkSize
+        self.lowWater = 2 * chunkSize
+        self._drainWaiters = []
         self._jobs = deque()
         self._call = None
         self._running = False
+
+    @property
+    def congested(self):
+        """
+        Whether the backlog is over the high-water mark.
+        """
+        return self.backlog > self.highWater
+
+    def whenDrained(self):
+        """
+        A L{Deferred} firing once the backlog is at or below the low-water
+        mark.
+        """
+        d = Deferred()
+        if self.backlog <= self.lowWater:
+            d.callback(None)
+        else:
+            self._drainWaiters.append(d)
+        return d
 
     @property
     def pending(self):
@@ -58,6 +84,7 @@ class Fanout:
         # Queued behind whatever is in flight, including a write that is
         # publishing again from inside a receiver (re-entrancy).
         self._jobs.append([receivers, 0, delivery, stats])
+        self.backlog += len(receivers)
         if self._call is None and not self._running:
             self._run()
 
@@ -70,6 +97,10 @@ class Fanout:
             self._running = False
         if self._jobs:
             self._call = self._reactor.callLater(0, self._run)
+        if self._drainWaiters and self.backlog <= self.lowWater:
+            waiters, self._drainWaiters = self._drainWaiters, []
+            for d in waiters:
+                d.callback(None)
 
     def _runChunk(self):
         budget = self.chunkSize
@@ -81,6 +112,7 @@ class Fanout:
             _write(receivers, start, end, delivery)
             stats.messagesOut += end - start
             budget -= end - start
+            self.backlog -= end - start
             if end == len(receivers):
                 jobs.popleft()
             else:
@@ -94,6 +126,10 @@ class Fanout:
             self._call.cancel()
         self._call = None
         self._jobs.clear()
+        self.backlog = 0
+        waiters, self._drainWaiters = self._drainWaiters, []
+        for d in waiters:
+            d.callback(None)
 
 
 def _write(receivers, start, end, delivery):

@@ -48,7 +48,7 @@ class HubStats:
     """
 
     __slots__ = ("messagesIn", "messagesOut", "slowConsumerDrops",
-                 "connectionsAccepted", "connectionsRejected")
+                 "connectionsAccepted", "connectionsRejected", "publishersThrottled")
 
     def __init__(self):
         self.messagesIn = 0
@@ -56,6 +56,7 @@ class HubStats:
         self.slowConsumerDrops = 0
         self.connectionsAccepted = 0
         self.connectionsRejected = 0
+        self.publishersThrottled = 0
 
 
 class Session:
@@ -297,6 +298,17 @@ class Hub:
 
     def publish(self, target, delivery):
         return self._core.publish(self.name, target, delivery)
+
+    def backpressure(self):
+        """
+        C{None} while the core keeps up; else a L{Deferred} that fires once
+        its fan-out backlog has drained, before which a publishing adapter
+        should stop reading from its client.
+        """
+        if not self._core.fanout.congested:
+            return None
+        self.stats.publishersThrottled += 1
+        return self._core.fanout.whenDrained()
 
     # -- local delivery (called by the engine) ---------------------------
 

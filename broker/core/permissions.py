@@ -24,8 +24,10 @@ class Permissions:
     __slots__ = ("_all", "_groups")
 
     def __init__(self):
-        self._all = set()
-        self._groups = {p: set() for p in PERMISSIONS}
+        # Allocated on first grant: most connections hold no per-group
+        # permission, and idle connections should cost little memory.
+        self._all = None
+        self._groups = None
 
     @classmethod
     def fromRoles(cls, roles):
@@ -47,9 +49,13 @@ class Permissions:
     def grant(self, permission, group=None):
         self._check(permission)
         if group is None:
+            if self._all is None:
+                self._all = set()
             self._all.add(permission)
         else:
-            self._groups[permission].add(group)
+            if self._groups is None:
+                self._groups = {}
+            self._groups.setdefault(permission, set()).add(group)
 
     def revoke(self, permission, group=None):
         """
@@ -57,11 +63,13 @@ class Permissions:
         C{None}.
         """
         self._check(permission)
-        if group is None:
+        if self._all is not None and group is None:
             self._all.discard(permission)
-            self._groups[permission].clear()
-        else:
-            self._groups[permission].discard(group)
+        if self._groups is not None and permission in self._groups:
+            if group is None:
+                del self._groups[permission]
+            else:
+                self._groups[permission].discard(group)
 
     def has(self, permission, group=None):
         """
@@ -69,17 +77,19 @@ class Permissions:
         C{group} is C{None}).
         """
         self._check(permission)
-        if permission in self._all:
+        if self._all is not None and permission in self._all:
             return True
-        return group is not None and group in self._groups[permission]
+        if group is None or self._groups is None:
+            return False
+        return group in self._groups.get(permission, ())
 
     def roles(self):
         """
         The role strings equivalent to this set, sorted.
         """
-        out = [_PREFIX + p for p in sorted(self._all)]
+        out = [_PREFIX + p for p in sorted(self._all or ())]
         for p in PERMISSIONS:
-            out.extend(f"{_PREFIX}{p}.{g}" for g in sorted(self._groups[p]))
+            out.extend(f"{_PREFIX}{p}.{g}" for g in sorted((self._groups or {}).get(p, ())))
         return out
 
     @staticmethod

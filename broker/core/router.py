@@ -24,7 +24,7 @@ class Core(service.Service):
 
     name = "core"
 
-    def __init__(self, reactor, engine=None, fanoutChunk=512):
+    def __init__(self, reactor, engine=None, fanoutChunk=4096):
         self.reactor = reactor
         self.engine = IEngine(engine) if engine is not None else MemoryEngine()
         self.engine.attach(self._deliverLocal)
@@ -87,14 +87,16 @@ class Core(service.Service):
         """
         hubs = {}
         total = dict(connections=0, groups=0, users=0, messagesIn=0, messagesOut=0,
-                     slowConsumerDrops=0, connectionsAccepted=0, connectionsRejected=0)
+                     slowConsumerDrops=0, connectionsAccepted=0, connectionsRejected=0,
+                     publishersThrottled=0)
         for name, hub in sorted(self.hubs.items()):
             st = hub.stats
             h = dict(connections=hub.connectionCount, groups=hub.groupCount,
                      users=hub.userCount, messagesIn=st.messagesIn,
                      messagesOut=st.messagesOut, slowConsumerDrops=st.slowConsumerDrops,
                      connectionsAccepted=st.connectionsAccepted,
-                     connectionsRejected=st.connectionsRejected)
+                     connectionsRejected=st.connectionsRejected,
+                     publishersThrottled=st.publishersThrottled)
             hubs[name] = h
             for k in total:
                 total[k] += h[k]
