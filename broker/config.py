@@ -203,8 +203,8 @@ def _typename(value):
 KIB = 1024
 MIB = 1024 * KIB
 
-# The names /client/hubs/{hub} accepts (broker.webpubsub.protocol.HUB_NAME);
-# a hub configured under any other name could never be reached.
+# The hub names /client/hubs/{hub} accepts (the WebSocket face uses this
+# pattern too): a hub configured under any other name could never be reached.
 HUB_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,127}$")
 HUB_NAME_RULE = "a letter, then up to 127 letters, digits or underscores"
 

@@ -78,8 +78,9 @@ class ConnectionRefusedByServer(Exception):
 
 class BrokerHarness:
     """
-    Starts a core and the Web PubSub site on 127.0.0.1:0 with C{overrides}
-    applied to the C{[webpubsub]} table.
+    Starts a core and the Web PubSub site on 127.0.0.1:0, configured by the
+    TOML text C{toml} (defaults for everything it leaves out), over TLS with
+    a throwaway certificate when C{tls} is true.
     """
 
     def __init__(self, testCase, reactor, toml="", tls=False):

@@ -10,7 +10,7 @@ from twisted.logger import Logger
 from broker.core.engine import MemoryEngine
 from broker.core.errors import CloseCode
 from broker.core.fanout import Fanout
-from broker.core.hub import Hub
+from broker.core.hub import Hub, HubStats
 from broker.core.interfaces import IEngine
 
 log = Logger()
@@ -85,20 +85,16 @@ class Core(service.Service):
         """
         A JSON-ready snapshot: totals and per hub.
         """
+        fields = ("connections", "groups", "users") + HubStats.__slots__
+        total = dict.fromkeys(fields, 0)
         hubs = {}
-        total = dict(connections=0, groups=0, users=0, messagesIn=0, messagesOut=0,
-                     slowConsumerDrops=0, connectionsAccepted=0, connectionsRejected=0,
-                     publishersThrottled=0)
         for name, hub in sorted(self.hubs.items()):
-            st = hub.stats
-            h = dict(connections=hub.connectionCount, groups=hub.groupCount,
-                     users=hub.userCount, messagesIn=st.messagesIn,
-                     messagesOut=st.messagesOut, slowConsumerDrops=st.slowConsumerDrops,
-                     connectionsAccepted=st.connectionsAccepted,
-                     connectionsRejected=st.connectionsRejected,
-                     publishersThrottled=st.publishersThrottled)
+            # Every HubStats counter is reported; a new one needs no edit here.
+            h = {k: getattr(hub.stats, k) for k in HubStats.__slots__}
+            h.update(connections=hub.connectionCount, groups=hub.groupCount,
+                     users=hub.userCount)
             hubs[name] = h
-            for k in total:
+            for k in fields:
                 total[k] += h[k]
         total["connectionsRejected"] += self.rejectedElsewhere
         total["hubs"] = hubs

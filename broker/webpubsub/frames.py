@@ -137,26 +137,21 @@ def ack(ackId, error=None):
                "error": {"name": error.name, "message": error.message}})
 
 
-def connected(connectionId, userId, reconnectionToken=None):
-    frame = {"type": "system", "event": "connected", "connectionId": connectionId,
-             "userId": userId}
-    if reconnectionToken is not None:
-        frame["reconnectionToken"] = reconnectionToken
-    return _s(frame)
+def connected(connectionId, userId):
+    return _s({"type": "system", "event": "connected", "connectionId": connectionId,
+               "userId": userId})
 
 
 def disconnected(reason):
     return _s({"type": "system", "event": "disconnected", "message": reason})
 
 
-def messageFrame(delivery, sequenceId=None):
+def messageFrame(delivery):
     """
     The C{message} frame for a delivery (from a group or from the server).
     """
     msg = delivery.message
     parts = [b'{"type":"message"']
-    if sequenceId is not None:
-        parts.append(b',"sequenceId":%d' % sequenceId)
     if delivery.source == FROM_GROUP:
         parts.append(b',"from":"group","group":' + _s(delivery.group))
         if delivery.fromUserId is not None:

@@ -156,6 +156,9 @@ class ClientProtocol(WebSocketServerProtocol):
             return
         self.userId = userId
         self.admission = None
+        # Chosen once: deliver() runs for every receiver of every message.
+        self._encoder = (self.factory.prepareJSON if self.kind == JSON
+                         else self.factory.preparePlain)
         self._forgetHandshake()
         self._takeOverProducer()
         if self.kind == JSON:
@@ -200,10 +203,7 @@ class ClientProtocol(WebSocketServerProtocol):
     def deliver(self, delivery):
         if self.session is None or self.state != self.STATE_OPEN:
             return
-        if self.kind == JSON:
-            prepared = delivery.encode(JSON, self.factory.prepareJSON)
-        else:
-            prepared = delivery.encode(PLAIN, self.factory.preparePlain)
+        prepared = delivery.encode(self.kind, self._encoder)
         frame = prepared.payloadHybi
         if self._paused:
             self._pausedBytes += len(frame)
