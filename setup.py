@@ -12,7 +12,7 @@ directly.
 import os
 import shutil
 
-from setuptools import setup
+from setuptools import find_packages, setup
 from setuptools.command.build_py import build_py
 
 
@@ -34,14 +34,7 @@ setup(
     # (the checkout on sys.path), which Twisted's plugin discovery needs;
     # the import-hook style of editable install hides twisted/plugins/.
     package_dir={"": "."},
-    packages=[
-        "broker",
-        "broker.admin",
-        "broker.auth",
-        "broker.core",
-        "broker.webpubsub",
-        "twisted.plugins",
-    ],
+    packages=find_packages(include=["broker", "broker.*"]) + ["twisted.plugins"],
     install_requires=[
         "twisted[tls]>=24.3",
         "autobahn>=23.6",

@@ -208,39 +208,26 @@ MIB = 1024 * KIB
 HUB_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,127}$")
 HUB_NAME_RULE = "a letter, then up to 127 letters, digits or underscores"
 
-HUB = Table({
-    "access_keys": List(Str(nonEmpty=True), default=[],
-                        doc="Keys for this hub's tokens, replacing webpubsub.access_keys."),
-    "allow_anonymous": Bool(False, doc="Admit clients without a token (development only)."),
-    "plain_mode": Str("sendEvent", choices=("sendEvent", "sendToGroup"),
-                      doc="How frames from plain WebSocket clients are routed."),
-    "plain_group": Str("", doc="Default group for plain clients in sendToGroup mode."),
-    "anonymous_roles": List(Str(), default=[],
-                            doc="Roles of anonymous clients when allow_anonymous is true."),
-})
+def schema():
+    """
+    The whole schema: the broker's own sections, then one section per face,
+    each defined by the face's C{settings} module (C{SECTION}) so that a
+    face's keys live beside the code that reads them.
+    """
+    from broker.faces import FACES, settingsModule
 
-SCHEMA = Table({
-    "broker": Table({
-        "state_dir": Str("var", nonEmpty=True,
-                         doc="Directory for state files (generated keys, stores)."),
-    }),
-    "admin": Table({
-        "listen": List(Endpoint(), default=["tcp:9090:interface=127.0.0.1"]),
-    }),
-    "webpubsub": Table({
-        "enabled": Bool(True),
-        "listen": List(Endpoint(), default=["tcp:8080:interface=127.0.0.1"]),
-        "access_keys": List(Str(nonEmpty=True), default=[]),
-        "audiences": List(Str(nonEmpty=True), default=[],
-                          doc="Accepted token audience origins; empty accepts any origin."),
-        "max_frame_size": Int(1 * MIB, minimum=1, maximum=64 * MIB),
-        "max_output_buffer": Int(4 * MIB, minimum=16 * KIB),
-        "fanout_chunk": Int(4096, minimum=1),
-        "auto_ping_interval": Float(30.0, minimum=0),
-        "auto_ping_timeout": Float(30.0, minimum=0),
-        "hubs": MapOf(HUB, name=HUB_NAME, nameRule=HUB_NAME_RULE),
-    }),
-})
+    sections = {
+        "broker": Table({
+            "state_dir": Str("var", nonEmpty=True,
+                             doc="Directory for state files (generated keys, stores)."),
+        }),
+        "admin": Table({
+            "listen": List(Endpoint(), default=["tcp:9090:interface=127.0.0.1"]),
+        }),
+    }
+    for name in FACES:
+        sections[name] = settingsModule(name).SECTION
+    return Table(sections)
 
 
 def parse(text, source="<string>"):
@@ -253,7 +240,7 @@ def parse(text, source="<string>"):
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError("", f"{source}: not valid TOML: {e}")
-    return SCHEMA.check("", raw)
+    return schema().check("", raw)
 
 
 def load(path=None):

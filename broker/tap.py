@@ -8,8 +8,9 @@ listener that cannot start is reported by key.
 """
 
 import os
-import secrets
+import signal
 import sys
+import threading
 
 from twisted.application import service
 from twisted.application.internet import StreamServerEndpointService
@@ -18,15 +19,15 @@ from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import ReactorNotRunning
 from twisted.logger import Logger
 from twisted.python import usage
+from prometheus_client.registry import CollectorRegistry
 
 from broker import config as brokerconfig
 from broker.admin.resource import makeAdminSite
 from broker.core.router import Core
-from broker.webpubsub.site import makeFactory, makeSite
+from broker.faces import FACES, FaceContext, faceModule
+from broker.webpubsub.face import ACCESS_KEY_FILE, developmentKey  # noqa: F401 (re-exported)
 
 log = Logger()
-
-ACCESS_KEY_FILE = "webpubsub-access-key"
 
 
 class Options(usage.Options):
@@ -133,30 +134,48 @@ def _address(address):
     return os.fsdecode(name) if name is not None else str(address)
 
 
-def developmentKey(stateDir):
+class Reloader(service.Service):
     """
-    Read or create the development access key used when none is configured.
-    It is written with mode 0600 and never logged.
+    Runs the faces' reload hooks on C{SIGHUP} (rules, keys), in the reactor
+    thread.  The handler is installed only while the service runs, and the
+    previous one is put back when it stops.
     """
-    path = os.path.join(stateDir, ACCESS_KEY_FILE)
-    try:
-        with open(path, encoding="ascii") as f:
-            key = f.read().strip()
-        if key:
-            return key, path
-    except FileNotFoundError:
-        pass
-    os.makedirs(stateDir, exist_ok=True)
-    key = secrets.token_urlsafe(32)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w", encoding="ascii") as f:
-        f.write(key + "\n")
-    return key, path
+
+    name = "reloader"
+
+    def __init__(self, reactor):
+        self._reactor = reactor
+        self.hooks = []
+        self._previous = None
+
+    def startService(self):
+        super().startService()
+        if self.hooks and threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGHUP, self._onSignal)
+
+    def stopService(self):
+        if self._previous is not None:
+            signal.signal(signal.SIGHUP, self._previous)
+            self._previous = None
+        return super().stopService()
+
+    def _onSignal(self, signum, frame):
+        self._reactor.callFromThread(self.reload)
+
+    def reload(self):
+        log.info("SIGHUP: reloading")
+        for hook in self.hooks:
+            try:
+                hook()
+            except Exception:
+                log.failure("reload hook {hook!r} failed; its previous state stays", hook=hook)
 
 
 def buildService(settings, reactor, foreground=True):
     """
-    The broker's service tree for validated C{settings}.
+    The broker's service tree for validated C{settings}: the core, then
+    each face (L{broker.faces.FACES}) with its listeners and services, then
+    the admin listener.
 
     @param foreground: see L{ListenerService.foreground}.
     """
@@ -164,28 +183,23 @@ def buildService(settings, reactor, foreground=True):
     core = Core(reactor, fanoutChunk=settings["webpubsub"]["fanout_chunk"])
     core.setServiceParent(top)
     top.core = core
+    registry = CollectorRegistry()
+    reloader = Reloader(reactor)
+    top.reloader = reloader
 
-    def listen(section, factory):
-        for i, desc in enumerate(settings[section]["listen"]):
-            key = f"{section}.listen[{i}]"
+    def listen(key, descriptions, factory):
+        for i, desc in enumerate(descriptions):
+            name = f"{key}[{i}]"
             endpoint = serverFromString(reactor, desc)
-            ListenerService(key, desc, endpoint, factory, reactor,
+            ListenerService(name, desc, endpoint, factory, reactor,
                             foreground).setServiceParent(top)
 
-    wps = settings["webpubsub"]
-    if wps["enabled"]:
-        keys = wps["access_keys"]
-        if not keys:
-            try:
-                key, path = developmentKey(settings["broker"]["state_dir"])
-            except OSError as e:
-                raise brokerconfig.ConfigError(
-                    "broker.state_dir", f"cannot keep the development access key there: {e}")
-            keys = [key]
-            log.warn("webpubsub.access_keys is empty: using the development key in {path}",
-                     path=path)
-        listen("webpubsub", makeSite(makeFactory(core, wps, keys, reactor)))
-    listen("admin", makeAdminSite(core))
+    context = FaceContext(reactor, core, settings, top, registry, listen, reloader)
+    for name in FACES:
+        faceModule(name).build(context)
+    listen("admin.listen", settings["admin"]["listen"], makeAdminSite(core, registry))
+    if reloader.hooks:
+        reloader.setServiceParent(top)
     return top
 
 

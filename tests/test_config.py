@@ -100,7 +100,7 @@ class UnknownKeyTests(ErrorAssertions, TestCase):
                                "unknown key", "listen")
 
     def test_unknownSection(self):
-        self.assertConfigError("[iot]\n", "iot", "unknown key")
+        self.assertConfigError("[mqtt]\n", "mqtt", "unknown key")
 
     def test_inHubTable(self):
         self.assertConfigError("[webpubsub.hubs.chat]\nplainmode = 'sendEvent'\n",

@@ -1,0 +1,3 @@
+"""
+The eCDN on-premises API (Google Meet's contract) face.
+"""

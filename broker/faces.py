@@ -1,0 +1,71 @@
+# -*- test-case-name: tests.test_tap -*-
+"""
+The faces the broker serves, and what a face is given to build itself.
+
+Each face is a package C{broker.<name>} with two modules:
+
+  - C{settings}: C{SECTION}, the L{broker.config.Table} of its
+    configuration section C{[<name>]};
+  - C{face}: C{build(context)}, which reads C{context.settings[<name>]} and
+    adds the face's listeners and services through the L{FaceContext}.
+
+So a face's keys and wiring live beside its code, and neither
+L{broker.config} nor L{broker.tap} changes when a face grows.
+"""
+
+import importlib
+
+# In start-up order; listeners appear in the service tree in this order.
+FACES = ("webpubsub", "ecdn", "iot", "peergroups")
+
+
+def settingsModule(name):
+    return importlib.import_module(f"broker.{name}.settings")
+
+
+def faceModule(name):
+    return importlib.import_module(f"broker.{name}.face")
+
+
+class FaceContext:
+    """
+    What L{broker.tap.buildService} lends each face while building.
+
+    @ivar reactor: the reactor every face must use (never the global one).
+    @ivar core: the routing core (L{broker.core.router.Core}).
+    @ivar settings: the whole validated configuration.
+    @ivar stateDir: C{broker.state_dir}, for stores and generated keys.
+    @ivar registry: the Prometheus registry served by the admin C{/metrics}.
+    """
+
+    def __init__(self, reactor, core, settings, top, registry, listen, reloader):
+        self.reactor = reactor
+        self.core = core
+        self.settings = settings
+        self.stateDir = settings["broker"]["state_dir"]
+        self.registry = registry
+        self._top = top
+        self._listen = listen
+        self._reloader = reloader
+
+    def listen(self, key, descriptions, factory):
+        """
+        Listen with C{factory} on each Twisted endpoint string in
+        C{descriptions}; the I{n}th is named C{"{key}[n]"} (e.g.
+        C{ecdn.listen[0]}) in logs and failures.
+        """
+        self._listen(key, descriptions, factory)
+
+    def addService(self, svc):
+        """
+        Run C{svc} (a store, a UDP listener, a timer) with the broker: it is
+        started after the core and stopped before it.
+        """
+        svc.setServiceParent(self._top)
+
+    def onReload(self, hook):
+        """
+        Call C{hook()} on C{SIGHUP}.  A hook that raises keeps its previous
+        state; the failure is logged and the other hooks still run.
+        """
+        self._reloader.hooks.append(hook)

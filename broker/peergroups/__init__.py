@@ -1,0 +1,3 @@
+"""
+The Peer groups (after the Windows Peer Grouping API), brokered face.
+"""

@@ -1,0 +1,10 @@
+# -*- test-case-name: tests.test_config -*-
+"""
+The C{[peergroups]} section of the configuration (docs/configuration.md).
+"""
+
+from broker.config import Bool, Table
+
+SECTION = Table({
+    "enabled": Bool(False),
+})

@@ -1,0 +1,32 @@
+# -*- test-case-name: tests.test_config -*-
+"""
+The C{[webpubsub]} section of the configuration (docs/configuration.md).
+"""
+
+from broker.config import (HUB_NAME, HUB_NAME_RULE, KIB, MIB, Bool, Endpoint, Float, Int,
+                           List, MapOf, Str, Table)
+
+HUB = Table({
+    "access_keys": List(Str(nonEmpty=True), default=[],
+                        doc="Keys for this hub's tokens, replacing webpubsub.access_keys."),
+    "allow_anonymous": Bool(False, doc="Admit clients without a token (development only)."),
+    "plain_mode": Str("sendEvent", choices=("sendEvent", "sendToGroup"),
+                      doc="How frames from plain WebSocket clients are routed."),
+    "plain_group": Str("", doc="Default group for plain clients in sendToGroup mode."),
+    "anonymous_roles": List(Str(), default=[],
+                            doc="Roles of anonymous clients when allow_anonymous is true."),
+})
+
+SECTION = Table({
+    "enabled": Bool(True),
+    "listen": List(Endpoint(), default=["tcp:8080:interface=127.0.0.1"]),
+    "access_keys": List(Str(nonEmpty=True), default=[]),
+    "audiences": List(Str(nonEmpty=True), default=[],
+                      doc="Accepted token audience origins; empty accepts any origin."),
+    "max_frame_size": Int(1 * MIB, minimum=1, maximum=64 * MIB),
+    "max_output_buffer": Int(4 * MIB, minimum=16 * KIB),
+    "fanout_chunk": Int(4096, minimum=1),
+    "auto_ping_interval": Float(30.0, minimum=0),
+    "auto_ping_timeout": Float(30.0, minimum=0),
+    "hubs": MapOf(HUB, name=HUB_NAME, nameRule=HUB_NAME_RULE),
+})
