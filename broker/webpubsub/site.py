@@ -9,6 +9,7 @@ from twisted.web.resource import NoResource, Resource
 from twisted.web.server import Site
 
 from broker.webpubsub.protocol import ClientFactory, HubSettings
+from broker.webpubsub.rest import RestAPI
 
 
 class _Hubs(Resource):
@@ -56,6 +57,8 @@ def makeSite(factory):
     client = Resource()
     root.putChild(b"client", client)
     client.putChild(b"hubs", _Hubs(WebSocketResource(factory)))
+    root.putChild(b"api", RestAPI(factory.core, factory.hubSettings, factory.audiences,
+                                  maxBodySize=factory.maxMessagePayloadSize))
     site = Site(root)
     site.displayTracebacks = False
     return site
