@@ -8,6 +8,7 @@ from autobahn.twisted.resource import WebSocketResource
 from twisted.web.resource import NoResource, Resource
 from twisted.web.server import Site
 
+from broker.webpubsub.history import installHistory
 from broker.webpubsub.protocol import ClientFactory, HubSettings
 from broker.webpubsub.rest import RestAPI
 
@@ -44,6 +45,7 @@ def makeFactory(core, cfg, defaultKeys, reactor):
             plainGroup=h["plain_group"],
             anonymousRoles=h["anonymous_roles"],
         )
+    installHistory(core, cfg["hubs"], core.reactor.seconds)
     return ClientFactory(
         core, hubs, default, audiences=cfg["audiences"],
         maxFrameSize=cfg["max_frame_size"], maxOutputBuffer=cfg["max_output_buffer"],
