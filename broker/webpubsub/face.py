@@ -10,6 +10,7 @@ import secrets
 from twisted.logger import Logger
 
 from broker.config import ConfigError
+from broker.webpubsub.listeners import EventListeners
 from broker.webpubsub.site import makeFactory, makeSite
 
 log = Logger()
@@ -53,4 +54,5 @@ def build(context):
         log.warn("webpubsub.access_keys is empty: using the development key in {path}",
                  path=path)
     factory = makeFactory(context.core, wps, keys, context.reactor)
+    context.addService(EventListeners(context.core, wps["hubs"], context.reactor.seconds))
     context.listen("webpubsub.listen", wps["listen"], makeSite(factory))
