@@ -135,6 +135,7 @@ class FileTests(_Base):
         e = self.assertRaises(ConfigError, EventListeners, None,
                               settings["webpubsub"]["hubs"])
         self.assertEqual(e.key, "webpubsub.hubs.chat.event_log")
+        self.assertFalse(EventListeners(None, config.parse("")["webpubsub"]["hubs"]).configured)
 
 
 class PluginTests(_Base):

@@ -54,5 +54,7 @@ def build(context):
         log.warn("webpubsub.access_keys is empty: using the development key in {path}",
                  path=path)
     factory = makeFactory(context.core, wps, keys, context.reactor)
-    context.addService(EventListeners(context.core, wps["hubs"], context.reactor.seconds))
+    listeners = EventListeners(context.core, wps["hubs"], context.reactor.seconds)
+    if listeners.configured:
+        context.addService(listeners)
     context.listen("webpubsub.listen", wps["listen"], makeSite(factory))

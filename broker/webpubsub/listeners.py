@@ -209,8 +209,12 @@ class EventListeners(service.Service):
             self._closeAll()
             raise
 
-    def listenersFor(self, hubName):
-        return list(self._listeners.get(hubName, ()))
+    @property
+    def configured(self):
+        """
+        Whether any hub has a listener (else the service need not run).
+        """
+        return bool(self._listeners)
 
     def startService(self):
         super().startService()
