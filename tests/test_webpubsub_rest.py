@@ -338,6 +338,36 @@ class GroupTests(_Base):
         self.assertEqual(none, [])
 
     @defer.inlineCallbacks
+    def test_listingWhileMembersChange(self):
+        """
+        Members that leave or join between pages are never repeated, and
+        the ones present throughout are all listed.
+        """
+        hub = self.hub()
+        for i in range(300):
+            hub.admit(RecordingConnection(f"c{i:03d}"), None, groups=["g"])
+        sdk = self.sdk()
+
+        def change():
+            hub.remove(hub.session("c000"), "gone")
+            hub.remove(hub.session("c299"), "gone")
+            hub.admit(RecordingConnection("a-new-first"), None, groups=["g"])
+            hub.admit(RecordingConnection("d-new-last"), None, groups=["g"])
+
+        def listWithChange():
+            seen = []
+            for n, page in enumerate(sdk.list_connections(group="g").by_page()):
+                seen.extend(m.connection_id for m in page)
+                if n == 0:
+                    threads.blockingCallFromThread(reactor, change)
+            return seen
+
+        seen = yield self.call(listWithChange)
+        self.assertEqual(len(seen), len(set(seen)))
+        self.assertEqual(seen[:200], [f"c{i:03d}" for i in range(200)])
+        self.assertEqual(seen[200:], [f"c{i:03d}" for i in range(200, 299)] + ["d-new-last"])
+
+    @defer.inlineCallbacks
     def test_listUsersInGroup(self):
         hub = self.hub()
         for i in range(300):
