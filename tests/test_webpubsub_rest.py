@@ -205,6 +205,24 @@ class SendTests(_Base):
         yield self.assertNothingMore(sdk, u1, u2, other)
 
     @defer.inlineCallbacks
+    def test_oddNames(self):
+        """
+        Names with spaces, slashes, quotes and non-ASCII travel in the path
+        percent-encoded; the token's audience still matches.
+        """
+        group, user = "room 1/é?#'", "user@example.com/ü"
+        a = yield self.broker.connectJSON(userId=user, groups=[group])
+        sdk = self.sdk()
+        self.assertTrue((yield self.call(sdk.group_exists, group)))
+        self.assertTrue((yield self.call(sdk.user_exists, user)))
+        yield self.call(sdk.send_to_group, group, "g", content_type="text/plain",
+                        filter=f"userId eq '{user}'")
+        yield self.call(sdk.send_to_user, user, "u", content_type="text/plain")
+        f = yield self.nextMessage(a)
+        self.assertEqual((f["group"], f["data"]), (group, "g"))
+        self.assertEqual((yield self.nextMessage(a))["data"], "u")
+
+    @defer.inlineCallbacks
     def test_badFilterIs400(self):
         sdk = self.sdk()
         e = yield self.assertFailure(
@@ -643,3 +661,37 @@ class RawHTTPTests(_Base):
         code, error = yield self.request(
             "POST", "/api/hubs/chat/:generateToken?api-version=2024-12-01&minutesToExpire=0")
         self.assertEqual(code, 400)
+
+
+class TLSTests(_Base):
+    """
+    The SDK over HTTPS to an ssl: listener with a throwaway certificate.
+    """
+
+    @defer.inlineCallbacks
+    def setUp(self):
+        self.broker = yield BrokerHarness(self, reactor, self.toml, tls=True).start()
+        self.connections = _ServerConnections(self.broker.site)
+        self.port = self.broker.port.getHost().port
+        self.endpoint = f"https://localhost:{self.port}"
+        self.sdks = []
+        self.addCleanup(self._closeSDKs)
+        self.caPath = self.mktemp()
+        with open(self.caPath, "wb") as f:
+            f.write(self.broker.certPEM if isinstance(self.broker.certPEM, bytes)
+                    else self.broker.certPEM.encode("ascii"))
+
+    @defer.inlineCallbacks
+    def test_sendOverTLS(self):
+        a = yield self.broker.connectJSON(userId="t", groups=["g"])
+        sdk = WebPubSubServiceClient.from_connection_string(
+            f"Endpoint={self.endpoint};AccessKey={KEY};Version=1.0;", hub="chat",
+            connection_verify=self.caPath)
+        self.sdks.append(sdk)
+        yield self.call(sdk.send_to_group, "g", "secure", content_type="text/plain")
+        self.assertEqual((yield self.nextMessage(a))["data"], "secure")
+        answer = yield self.call(GeneratedOperations.get_client_access_token, sdk,
+                                 user_id="t2")
+        claims = jwt.decode(answer["token"], KEY, algorithms=["HS256"],
+                            options={"verify_aud": False})
+        self.assertEqual(claims["aud"], f"https://localhost:{self.port}/client/hubs/chat")
