@@ -647,6 +647,56 @@ class RawHTTPTests(_Base):
         self.assertEqual(code, 202)
 
     @defer.inlineCallbacks
+    def rawExchange(self, data):
+        """
+        Write C{data} on a plain TCP connection; return all the broker
+        answers until it closes the connection.
+        """
+        from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+        from twisted.internet.protocol import Protocol
+
+        class Collect(Protocol):
+            def __init__(self):
+                self.received = b""
+                self.done = defer.Deferred()
+
+            def dataReceived(self, d):
+                self.received += d
+
+            def connectionLost(self, reason):
+                self.done.callback(self.received)
+
+        p = Collect()
+        yield connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", self.port), p)
+        p.transport.write(data)
+        received = yield p.done
+        return received
+
+    @defer.inlineCallbacks
+    def test_hugeBodyRefusedBeforeReading(self):
+        """
+        A body far over the limit is refused from its Content-Length alone,
+        without a token: nothing is spooled, the connection is closed.
+        """
+        head = (b"POST /api/hubs/chat/:send?api-version=2024-12-01 HTTP/1.1\r\n"
+                b"Host: x\r\nContent-Type: text/plain\r\n"
+                b"Content-Length: 1000000000\r\n\r\n")
+        answer = yield self.rawExchange(head + b"x" * 1000)
+        self.assertTrue(answer.startswith(b"HTTP/1.1 413 "), answer)
+        self.assertIn(b'"code": "PayloadTooLarge"', answer)
+
+    @defer.inlineCallbacks
+    def test_hugeChunkedBodyRefused(self):
+        yield self.broker.connectJSON()
+        head = (b"POST /api/hubs/chat/:send?api-version=2024-12-01 HTTP/1.1\r\n"
+                b"Host: x\r\nContent-Type: text/plain\r\n"
+                b"Transfer-Encoding: chunked\r\n\r\n")
+        chunk = b"%x\r\n%s\r\n" % (256 * 1024, b"x" * 256 * 1024)
+        answer = yield self.rawExchange(head + chunk * 6)
+        self.assertTrue(answer.startswith(b"HTTP/1.1 413 "), answer)
+        self.assertEqual(self.hub().stats.messagesOut, 0)
+
+    @defer.inlineCallbacks
     def test_badQuery(self):
         code, error = yield self.request(
             "GET", "/api/hubs/chat/groups/g/connections?api-version=2024-12-01&maxpagesize=0")

@@ -10,7 +10,7 @@ from twisted.web.server import Site
 
 from broker.webpubsub.history import installHistory
 from broker.webpubsub.protocol import ClientFactory, HubSettings
-from broker.webpubsub.rest import RestAPI
+from broker.webpubsub.rest import RestAPI, boundedRequestFactory
 
 
 class _Hubs(Resource):
@@ -62,5 +62,7 @@ def makeSite(factory):
     root.putChild(b"api", RestAPI(factory.core, factory.hubSettings, factory.audiences,
                                   maxBodySize=factory.maxMessagePayloadSize))
     site = Site(root)
+    # No body may be spooled beyond a message and some slack (see rest.py).
+    site.requestFactory = boundedRequestFactory(factory.maxMessagePayloadSize + 64 * 1024)
     site.displayTracebacks = False
     return site
