@@ -497,6 +497,25 @@ class TokenAndHealthTests(_Base):
         self.assertEqual(c.hello["userId"], "local")
 
     @defer.inlineCallbacks
+    def test_metrics(self):
+        from prometheus_client import generate_latest
+        from prometheus_client.registry import CollectorRegistry
+
+        from broker.webpubsub.rest import RestCollector
+
+        registry = CollectorRegistry()
+        registry.register(RestCollector(self.broker.site.restAPI))
+        sdk = self.sdk()
+        yield self.call(sdk.send_to_all, "x", content_type="text/plain")
+        yield self.call(sdk.send_to_all, "y", content_type="text/plain")
+        yield self.call(sdk.group_exists, "nope")
+        text = generate_latest(registry).decode()
+        self.assertIn('broker_webpubsub_rest_requests_total{code="202",operation="sendToAll"} 2.0',
+                      text)
+        self.assertIn('broker_webpubsub_rest_requests_total{code="404",operation="groupExists"} 1.0',
+                      text)
+
+    @defer.inlineCallbacks
     def test_health(self):
         sdk = self.sdk()
         r = yield self.call(sdk.send_request, HttpRequest("HEAD", "/api/health"))

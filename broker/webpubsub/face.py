@@ -11,6 +11,7 @@ from twisted.logger import Logger
 
 from broker.config import ConfigError
 from broker.webpubsub.listeners import EventListeners
+from broker.webpubsub.rest import RestCollector
 from broker.webpubsub.site import makeFactory, makeSite
 
 log = Logger()
@@ -57,4 +58,6 @@ def build(context):
     listeners = EventListeners(context.core, wps["hubs"], context.reactor.seconds)
     if listeners.configured:
         context.addService(listeners)
-    context.listen("webpubsub.listen", wps["listen"], makeSite(factory))
+    site = makeSite(factory)
+    context.registry.register(RestCollector(site.restAPI))
+    context.listen("webpubsub.listen", wps["listen"], site)

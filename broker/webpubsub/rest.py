@@ -28,6 +28,7 @@ from operator import itemgetter
 from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit
 
 import jwt
+from prometheus_client.core import CounterMetricFamily
 from twisted.logger import Logger
 from twisted.web.resource import Resource
 from twisted.web.server import Request
@@ -89,6 +90,8 @@ class RestAPI(Resource):
         self.audiences = tuple(_origin(a) for a in audiences)
         self.maxBodySize = maxBodySize
         self.clock = clock
+        # (operation, status) -> requests, for /metrics (RestCollector).
+        self.requestCounts = {}
         # path shape -> {method: handler}; "{x}" segments are parameters.
         self.routes = [
             (("hubs", "{hub}", ":send"), {"POST": self.sendToAll}),
@@ -125,6 +128,15 @@ class RestAPI(Resource):
     # -- dispatch ---------------------------------------------------------
 
     def render(self, request):
+        request.restOperation = "unknown"
+        try:
+            body = self._render(request)
+        finally:
+            key = (request.restOperation, request.code)
+            self.requestCounts[key] = self.requestCounts.get(key, 0) + 1
+        return body
+
+    def _render(self, request):
         try:
             return self._dispatch(request)
         except RestError as e:
@@ -149,6 +161,7 @@ class RestAPI(Resource):
         if segments and segments[-1] == "" and len(segments) > 1:
             segments.pop()
         if segments == ["health"]:
+            request.restOperation = "health"
             if method not in ("GET", "HEAD"):
                 raise RestError(405, "MethodNotAllowed", "use GET or HEAD")
             if not self.core.engine.healthy():
@@ -157,6 +170,8 @@ class RestAPI(Resource):
             return b""
         handlers, params = self._match(segments)
         handler = handlers.get(method)
+        if handler is not None:
+            request.restOperation = handler.__name__
         if handler is None:
             request.setHeader(b"allow", ", ".join(sorted(handlers)).encode("ascii"))
             raise RestError(405, "MethodNotAllowed",
@@ -499,6 +514,25 @@ class RestAPI(Resource):
         token = makeClientToken(key, audience, userId=userId, roles=args.list("role"),
                                 groups=groups, lifetime=minutes * 60, now=self.clock())
         return self._json(request, {"token": token})
+
+
+class RestCollector:
+    """
+    Prometheus collector: C{broker_webpubsub_rest_requests_total{operation,
+    code}}.  Labels are bounded: operations are this module's handler
+    names (or C{unknown}), never hub or group names.
+    """
+
+    def __init__(self, rest):
+        self.rest = rest
+
+    def collect(self):
+        c = CounterMetricFamily("broker_webpubsub_rest_requests",
+                                "Web PubSub REST API requests by operation and status.",
+                                labels=["operation", "code"])
+        for (operation, code), n in sorted(self.rest.requestCounts.items()):
+            c.add_metric([operation, str(code)], n)
+        yield c
 
 
 class _BoundedRequest(Request):

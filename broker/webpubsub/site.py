@@ -59,9 +59,11 @@ def makeSite(factory):
     client = Resource()
     root.putChild(b"client", client)
     client.putChild(b"hubs", _Hubs(WebSocketResource(factory)))
-    root.putChild(b"api", RestAPI(factory.core, factory.hubSettings, factory.audiences,
-                                  maxBodySize=factory.maxMessagePayloadSize))
+    rest = RestAPI(factory.core, factory.hubSettings, factory.audiences,
+                   maxBodySize=factory.maxMessagePayloadSize)
+    root.putChild(b"api", rest)
     site = Site(root)
+    site.restAPI = rest
     # No body may be spooled beyond a message and some slack (see rest.py).
     site.requestFactory = boundedRequestFactory(factory.maxMessagePayloadSize + 64 * 1024)
     site.displayTracebacks = False
