@@ -173,3 +173,41 @@ class PluginTests(_Base):
                               settings["webpubsub"]["hubs"], package=package)
         self.assertEqual(e.key, "webpubsub.hubs.chat.event_listeners")
         self.assertIn("'nope'", e.problem)
+
+
+class FaceWiringTests(unittest.TestCase):
+    """
+    twistd's service tree (L{broker.tap.buildService}) gives configured hubs
+    their history and event log.
+    """
+
+    def test_buildService(self):
+        from broker import tap
+        from broker.webpubsub.history import HubHistory
+        from tests.recorder import RecordingConnection
+
+        state = os.path.abspath(self.mktemp())
+        log = os.path.join(state, "events.jsonl")
+        os.makedirs(state)
+        settings = config.parse(f'''
+[broker]
+state_dir = "{state}"
+[admin]
+listen = ["tcp:0:interface=127.0.0.1"]
+[webpubsub]
+listen = ["tcp:0:interface=127.0.0.1"]
+[webpubsub.hubs.chat]
+history_messages = 5
+event_log = "{log}"
+''')
+        top = tap.buildService(settings, reactor)
+        self.assertIn("webpubsub.listeners", [s.name for s in top])
+        top.privilegedStartService()
+        top.startService()
+        self.addCleanup(top.stopService)
+        chat = top.core.hub("chat")
+        self.assertIsInstance(chat.history, HubHistory)
+        self.assertIsNone(top.core.hub("other").history)
+        chat.admit(RecordingConnection("c1", "u"), "u")
+        with open(log, encoding="utf-8") as f:
+            self.assertEqual(json.loads(f.readline())["connectionId"], "c1")
