@@ -61,11 +61,13 @@ class RestError(Exception):
     A refused request: its status, the service's error code and a message.
     """
 
-    def __init__(self, status, code, message):
+    def __init__(self, status, code, message, quiet=False):
         super().__init__(message)
         self.status = status
         self.code = code
         self.message = message
+        # A normal answer (HEAD exists: no), not worth a log line.
+        self.quiet = quiet
 
 
 class RestAPI(Resource):
@@ -275,6 +277,12 @@ class RestAPI(Resource):
     # -- responses --------------------------------------------------------
 
     def _error(self, request, error):
+        if not error.quiet and error.status not in (401, 500):
+            # 401s and 500s are logged where they are raised.
+            log.info("REST {method} {path} from {peer}: {status} {code}: {message}",
+                     method=request.method.decode("ascii", "replace"),
+                     path=request.path.decode("latin-1"), peer=_peer(request),
+                     status=error.status, code=error.code, message=error.message)
         request.setResponseCode(error.status)
         request.setHeader(b"x-ms-error-code", error.code.encode("ascii"))
         if request.method == b"HEAD":
@@ -386,7 +394,7 @@ class RestAPI(Resource):
 
     def _exists(self, request, found, what):
         if not found:
-            raise RestError(404, "NotFound", f"{what} not found")
+            raise RestError(404, "NotFound", f"{what} not found", quiet=True)
         return self._status(request, 200)
 
     def connectionExists(self, request, hub, params, args):
