@@ -764,3 +764,63 @@ class TLSTests(_Base):
         claims = jwt.decode(answer["token"], KEY, algorithms=["HS256"],
                             options={"verify_aud": False})
         self.assertEqual(claims["aud"], f"https://localhost:{self.port}/client/hubs/chat")
+
+
+class BothSDKsTests(_Base):
+    """
+    The two official SDKs together, as an Azure application uses them: the
+    service SDK mints the client URL and publishes; the client SDK
+    (C{azure-messaging-webpubsubclient}, JSON subprotocol) joins and
+    receives, with group history on (its extra field must not disturb it).
+    """
+
+    toml = TOML + """
+[webpubsub.hubs.chat]
+history_messages = 10
+"""
+
+    @defer.inlineCallbacks
+    def test_serviceToClient(self):
+        import threading
+
+        from azure.messaging.webpubsubclient import WebPubSubClient
+        from azure.messaging.webpubsubclient.models import WebPubSubProtocolType
+
+        sdk = self.sdk()
+        answer = yield self.call(sdk.get_client_access_token, user_id="cli",
+                                 roles=[JOIN, SEND])
+        client = WebPubSubClient(answer["url"], protocol_type=WebPubSubProtocolType.JSON,
+                                 auto_reconnect=False, auto_rejoin_groups=False)
+        got = []
+        done = threading.Event()
+
+        def onGroup(e):
+            got.append(("group", e.group, e.data, e.from_user_id))
+            if len(got) == 3:
+                done.set()
+
+        def onServer(e):
+            got.append(("server", e.data))
+            if len(got) == 3:
+                done.set()
+
+        client.subscribe("group-message", onGroup)
+        client.subscribe("server-message", onServer)
+
+        def run():
+            client.open()
+            try:
+                client.join_group("g")
+                client.send_to_group("g", "from the client", "text")
+                sdk.send_to_group("g", {"from": "service"})
+                sdk.send_to_user("cli", "direct", content_type="text/plain")
+                return done.wait(10)
+            finally:
+                client.close()
+
+        self.assertTrue((yield self.call(run)), got)
+        self.assertEqual(sorted(got, key=str), sorted([
+            ("group", "g", "from the client", "cli"),
+            ("group", "g", {"from": "service"}, None),
+            ("server", "direct")], key=str))
+        self.assertEqual(self.hub().history.position("g")[1], 2)
