@@ -68,7 +68,10 @@ class DefaultTests(TestCase):
         hub = config.parse("[webpubsub.hubs.chat]\n")["webpubsub"]["hubs"]["chat"]
         self.assertEqual(hub, {"access_keys": [], "allow_anonymous": False,
                                "plain_mode": "sendEvent", "plain_group": "",
-                               "anonymous_roles": []})
+                               "anonymous_roles": [],
+                               "history_messages": 0, "history_max_age": 3600.0,
+                               "history_groups": 10000, "event_log": "",
+                               "event_listeners": []})
 
     def test_validValues(self):
         """

@@ -195,3 +195,44 @@ class CoreTests(unittest.TestCase):
         self.assertEqual(st["connectionsRejected"], 2)
         self.assertEqual(st["hubs"]["h"]["connectionsRejected"], 1)
         self.assertNotIn("nohub", self.core.hubs)
+
+    def test_permissionVerbs(self):
+        self.conn("a")
+        self.assertFalse(self.hub.hasPermission("a", SEND_TO_GROUP, "g"))
+        self.hub.grantPermission("a", SEND_TO_GROUP, "g")
+        self.assertTrue(self.hub.hasPermission("a", SEND_TO_GROUP, "g"))
+        self.assertFalse(self.hub.hasPermission("a", SEND_TO_GROUP, "h"))
+        self.hub.grantPermission("a", JOIN_LEAVE_GROUP)
+        self.assertTrue(self.hub.hasPermission("a", JOIN_LEAVE_GROUP, "any"))
+        self.hub.revokePermission("a", JOIN_LEAVE_GROUP)
+        self.assertFalse(self.hub.hasPermission("a", JOIN_LEAVE_GROUP, "any"))
+        self.hub.revokePermission("a", SEND_TO_GROUP, "g")
+        self.assertFalse(self.hub.hasPermission("a", SEND_TO_GROUP, "g"))
+        self.assertRaises(NotFound, self.hub.grantPermission, "zz", SEND_TO_GROUP)
+        self.assertRaises(BadRequest, self.hub.grantPermission, "a", "fly")
+        self.assertRaises(BadRequest, self.hub.hasPermission, "a", SEND_TO_GROUP, "")
+
+    def test_groupUsers(self):
+        self.conn("a", "u1", groups=["g"])
+        self.conn("b", "u1", groups=["g"])
+        self.conn("c", "u2", groups=["g"])
+        self.conn("d", None, groups=["g"])
+        self.conn("e", "u3")
+        self.assertEqual(self.hub.groupUsers("g"), {"u1": 2, "u2": 1})
+        self.assertEqual(self.hub.groupUsers("nothing"), {})
+
+    def test_historyHookSeesGroupPublishes(self):
+        seen = []
+
+        class History:
+            def record(self, target, delivery):
+                delivery.history = ("e", len(seen) + 1)
+                seen.append((target.name, delivery.message.data))
+
+        self.hub.history = History()
+        a, _ = self.conn("a", groups=["g"])
+        self.hub.send(Target(Target.GROUP, "g"), Message.text("1"))
+        self.hub.send(Target(Target.HUB), Message.text("2"))
+        self.assertEqual(seen, [("g", b"1")])
+        self.assertEqual(a.deliveries[0].history, ("e", 1))
+        self.assertIsNone(a.deliveries[1].history)

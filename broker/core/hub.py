@@ -15,7 +15,8 @@ from twisted.logger import Logger
 
 from broker.core.errors import BadRequest, BrokerError, Forbidden, NotFound
 from broker.core.message import FROM_GROUP, FROM_SERVER, Delivery, Target
-from broker.core.permissions import JOIN_LEAVE_GROUP, SEND_TO_GROUP, Permissions
+from broker.core.permissions import (JOIN_LEAVE_GROUP, PERMISSIONS, SEND_TO_GROUP,
+                                     Permissions)
 
 log = Logger()
 
@@ -31,6 +32,13 @@ def checkName(kind, name):
     if len(name) > MAX_NAME_LENGTH:
         raise BadRequest(f"{kind} is longer than {MAX_NAME_LENGTH} characters")
     return name
+
+
+def _checkPermission(permission, group):
+    if permission not in PERMISSIONS:
+        raise BadRequest(f"unknown permission {permission!r}; use one of {', '.join(PERMISSIONS)}")
+    if group is not None:
+        checkName("group", group)
 
 
 class NoUpstream(BrokerError):
@@ -139,6 +147,9 @@ class Hub:
         self._groups = {}        # group -> {connectionId: IConnection}
         self._userGroups = {}    # userId -> set(group), survives reconnects
         self._observers = []
+        # Told of every group publish before its fan-out (an object with
+        # C{record(target, delivery)}): the optional per-group history.
+        self.history = None
 
     # -- admission --------------------------------------------------------
 
@@ -241,6 +252,39 @@ class Hub:
     def userSessions(self, userId):
         return [self._sessions[cid] for cid in self._users.get(userId, ())]
 
+    def groupUsers(self, group):
+        """
+        The users with a connection in C{group}: C{{userId: connections}}
+        (anonymous connections are not counted).
+        """
+        users = {}
+        for cid in self._groups.get(group, ()):
+            uid = self._sessions[cid].userId
+            if uid is not None:
+                users[uid] = users.get(uid, 0) + 1
+        return users
+
+    def grantPermission(self, connectionId, permission, group=None):
+        """
+        Grant C{permission} to a connection for C{group}, or every group.
+
+        @raise NotFound: no such connection.
+        @raise BadRequest: an unknown permission.
+        """
+        s = self.session(connectionId)
+        _checkPermission(permission, group)
+        s.permissions.grant(permission, group)
+
+    def revokePermission(self, connectionId, permission, group=None):
+        s = self.session(connectionId)
+        _checkPermission(permission, group)
+        s.permissions.revoke(permission, group)
+
+    def hasPermission(self, connectionId, permission, group=None):
+        s = self.session(connectionId)
+        _checkPermission(permission, group)
+        return s.permissions.has(permission, group)
+
     def addConnectionToGroup(self, connectionId, group):
         checkName("group", group)
         self._join(self.session(connectionId), group)
@@ -297,6 +341,8 @@ class Hub:
             s.close(code, reason)
 
     def publish(self, target, delivery):
+        if self.history is not None and target.kind == Target.GROUP:
+            self.history.record(target, delivery)
         return self._core.publish(self.name, target, delivery)
 
     def backpressure(self):

@@ -136,11 +136,14 @@ class Delivery:
     @ivar group: the group it was published to, for group messages.
     @ivar fromUserId: the publishing user, for group messages.
     @ivar fromConnectionId: the publishing connection, if any.
+    @ivar history: C{(epoch, offset)} when the group keeps a history (see
+        L{broker.webpubsub.history}), so a client can resume from it.
     @ivar encoded: cache of wire encodings, keyed by whatever an adapter
         chooses; see L{encode}.
     """
 
-    __slots__ = ("message", "source", "group", "fromUserId", "fromConnectionId", "_encoded")
+    __slots__ = ("message", "source", "group", "fromUserId", "fromConnectionId", "history",
+                 "_encoded")
 
     def __init__(self, message, source=FROM_SERVER, group=None, fromUserId=None,
                  fromConnectionId=None):
@@ -149,6 +152,7 @@ class Delivery:
         self.group = group
         self.fromUserId = fromUserId
         self.fromConnectionId = fromConnectionId
+        self.history = None
         self._encoded = {}
 
     def encode(self, key, encoder):

@@ -10,6 +10,8 @@ import secrets
 from twisted.logger import Logger
 
 from broker.config import ConfigError
+from broker.webpubsub.listeners import EventListeners
+from broker.webpubsub.rest import RestCollector
 from broker.webpubsub.site import makeFactory, makeSite
 
 log = Logger()
@@ -53,4 +55,9 @@ def build(context):
         log.warn("webpubsub.access_keys is empty: using the development key in {path}",
                  path=path)
     factory = makeFactory(context.core, wps, keys, context.reactor)
-    context.listen("webpubsub.listen", wps["listen"], makeSite(factory))
+    listeners = EventListeners(context.core, wps["hubs"], context.reactor.seconds)
+    if listeners.configured:
+        context.addService(listeners)
+    site = makeSite(factory)
+    context.registry.register(RestCollector(site.restAPI))
+    context.listen("webpubsub.listen", wps["listen"], site)

@@ -13,6 +13,7 @@ import json
 
 from broker.core.errors import BadRequest
 from broker.core.message import FROM_GROUP, Message
+from broker.webpubsub.history import parsePosition
 
 JSON_V1 = "json.webpubsub.azure.v1"
 JSON_RELIABLE_V1 = "json.reliable.webpubsub.azure.v1"
@@ -41,10 +42,11 @@ class Request:
     @ivar ackId: the uint64 ackId or None.
     """
 
-    __slots__ = ("type", "ackId", "group", "event", "noEcho", "message", "sequenceId")
+    __slots__ = ("type", "ackId", "group", "event", "noEcho", "message", "sequenceId",
+                 "history")
 
     def __init__(self, type, ackId=None, group=None, event=None, noEcho=False,
-                 message=None, sequenceId=None):
+                 message=None, sequenceId=None, history=None):
         self.type = type
         self.ackId = ackId
         self.group = group
@@ -52,6 +54,8 @@ class Request:
         self.noEcho = noEcho
         self.message = message
         self.sequenceId = sequenceId
+        # joinGroup's (epoch, offset) for recovery (broker/webpubsub/history.py).
+        self.history = history
 
 
 class InvalidRequest(BadRequest):
@@ -84,7 +88,13 @@ def parseRequest(payload):
         raise InvalidRequest("ackId must be an unsigned 64-bit integer")
     kind = obj.get("type")
     if kind in ("joinGroup", "leaveGroup"):
-        return Request(kind, ackId, group=_group(obj, ackId))
+        history = None
+        if kind == "joinGroup" and "history" in obj:
+            try:
+                history = parsePosition(obj["history"])
+            except BadRequest as e:
+                raise InvalidRequest(e.message, ackId)
+        return Request(kind, ackId, group=_group(obj, ackId), history=history)
     if kind == "sendToGroup":
         noEcho = obj.get("noEcho", False)
         if not isinstance(noEcho, bool):
@@ -158,6 +168,9 @@ def messageFrame(delivery):
             parts.append(b',"fromUserId":' + _s(delivery.fromUserId))
     else:
         parts.append(b',"from":"server"')
+    if delivery.history is not None:
+        epoch, offset = delivery.history
+        parts.append(b',"history":{"epoch":%s,"offset":%d}' % (_s(epoch), offset))
     parts.append(b',"dataType":"' + msg.dataType.encode("ascii") + b'","data":')
     parts.append(msg.jsonField())
     parts.append(b"}")

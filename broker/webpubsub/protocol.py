@@ -33,7 +33,7 @@ from broker.core.errors import BadRequest, BrokerError, CloseCode, Duplicate
 from broker.core.hub import NoUpstream, checkName
 from broker.core.interfaces import IConnection
 from broker.core.message import BINARY, TEXT, Delivery, Message
-from broker.webpubsub import frames
+from broker.webpubsub import frames, history
 
 log = Logger()
 
@@ -328,6 +328,13 @@ class ClientProtocol(WebSocketServerProtocol):
         try:
             if kind == "joinGroup":
                 session.joinGroup(request.group)
+                if request.history is not None:
+                    # Recovery (history.py): position, then the missed messages.
+                    frame, missed = history.recover(self.hub, request.group, request.history,
+                                                    self.connectionId)
+                    self.sendMessage(frames._s(frame))
+                    for delivery in missed:
+                        self.deliver(delivery)
             elif kind == "leaveGroup":
                 session.leaveGroup(request.group)
             elif kind == "sendToGroup":

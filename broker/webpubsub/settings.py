@@ -15,6 +15,14 @@ HUB = Table({
     "plain_group": Str("", doc="Default group for plain clients in sendToGroup mode."),
     "anonymous_roles": List(Str(), default=[],
                             doc="Roles of anonymous clients when allow_anonymous is true."),
+    "history_messages": Int(0, minimum=0, maximum=1_000_000,
+                            doc="Messages kept per group for recovery; 0 turns history off."),
+    "history_max_age": Float(3600.0, minimum=0,
+                             doc="Seconds a group message is kept; 0 keeps it until evicted."),
+    "history_groups": Int(10000, minimum=1, doc="Groups with a history ring, at most."),
+    "event_log": Str("", doc="Append the hub's events as JSON lines to this file."),
+    "event_listeners": List(Str(nonEmpty=True), default=[],
+                            doc="IEventListener plugins (by name) told of the hub's events."),
 })
 
 SECTION = Table({

@@ -8,7 +8,9 @@ from autobahn.twisted.resource import WebSocketResource
 from twisted.web.resource import NoResource, Resource
 from twisted.web.server import Site
 
+from broker.webpubsub.history import installHistory
 from broker.webpubsub.protocol import ClientFactory, HubSettings
+from broker.webpubsub.rest import RestAPI, boundedRequestFactory
 
 
 class _Hubs(Resource):
@@ -43,6 +45,7 @@ def makeFactory(core, cfg, defaultKeys, reactor):
             plainGroup=h["plain_group"],
             anonymousRoles=h["anonymous_roles"],
         )
+    installHistory(core, cfg["hubs"], core.reactor.seconds)
     return ClientFactory(
         core, hubs, default, audiences=cfg["audiences"],
         maxFrameSize=cfg["max_frame_size"], maxOutputBuffer=cfg["max_output_buffer"],
@@ -56,6 +59,12 @@ def makeSite(factory):
     client = Resource()
     root.putChild(b"client", client)
     client.putChild(b"hubs", _Hubs(WebSocketResource(factory)))
+    rest = RestAPI(factory.core, factory.hubSettings, factory.audiences,
+                   maxBodySize=factory.maxMessagePayloadSize)
+    root.putChild(b"api", rest)
     site = Site(root)
+    site.restAPI = rest
+    # No body may be spooled beyond a message and some slack (see rest.py).
+    site.requestFactory = boundedRequestFactory(factory.maxMessagePayloadSize + 64 * 1024)
     site.displayTracebacks = False
     return site

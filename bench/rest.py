@@ -1,0 +1,223 @@
+"""
+REST API benchmark for the Web PubSub face.
+
+Runs the broker as a real C{twistd broker} process on loopback ports and
+calls its REST API:
+
+  - sdk: the official service SDK (azure-messaging-webpubsubservice), one
+    thread, sequential C{send_to_group} calls: what one application thread
+    gets, SDK overhead (a new JWT per call) included;
+  - raw: P processes, each with one keep-alive HTTP/1.1 connection, sending
+    64-byte text messages to a group as fast as answers come back (the
+    token is signed once per process: its audience is the URL, the same for
+    every call); requests/s and latency p50/p99;
+  - raw with group history on (C{history_messages = 1000}) to show what
+    recording a position per message costs.
+
+The group has one WebSocket subscriber that drains everything, so every
+send is a real delivery.  Prints figures and asserts nothing.
+
+Usage: python bench/rest.py [--quick] [--procs P] [--seconds S]
+"""
+
+import argparse
+import http.client
+import multiprocessing
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+KEY = "bench-key-0123456789abcdef0123456789abcdef"
+HUB = "bench"
+GROUP = "g"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+API = "api-version=2024-12-01"
+
+
+def freePort():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cpuSeconds(pid):
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+class Broker:
+    def __init__(self, history):
+        self.dir = tempfile.mkdtemp(prefix="bench-rest-")
+        self.port = freePort()
+        admin = freePort()
+        config = os.path.join(self.dir, "broker.toml")
+        with open(config, "w") as f:
+            f.write(f"""
+[broker]
+state_dir = "{self.dir}/var"
+[admin]
+listen = ["tcp:{admin}:interface=127.0.0.1"]
+[webpubsub]
+listen = ["tcp:{self.port}:interface=127.0.0.1"]
+access_keys = ["{KEY}"]
+[webpubsub.hubs.{HUB}]
+history_messages = {history}
+""")
+        twistd = os.path.join(os.path.dirname(sys.executable), "twistd")
+        self.log = open(os.path.join(self.dir, "twistd.log"), "w")
+        self.proc = subprocess.Popen([twistd, "-n", "--pidfile=", "broker", "--config", config],
+                                     stdout=self.log, stderr=subprocess.STDOUT, cwd=self.dir)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                c = http.client.HTTPConnection("127.0.0.1", self.port, timeout=1)
+                c.request("GET", "/api/health")
+                if c.getresponse().status == 200:
+                    c.close()
+                    return
+            except OSError:
+                time.sleep(0.1)
+        raise SystemExit("broker did not start; see " + self.log.name)
+
+    @property
+    def endpoint(self):
+        return f"http://127.0.0.1:{self.port}"
+
+    def stop(self):
+        self.proc.terminate()
+        self.proc.wait(10)
+        self.log.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def subscriber(broker, stop):
+    """
+    One JSON WebSocket client in the group, draining every message.
+    """
+    import websocket
+    from azure.messaging.webpubsubservice import WebPubSubServiceClient
+
+    sdk = WebPubSubServiceClient.from_connection_string(
+        f"Endpoint={broker.endpoint};AccessKey={KEY};Version=1.0;", hub=HUB)
+    url = sdk.get_client_access_token(groups=[GROUP])["url"]
+    ws = websocket.create_connection(url, subprotocols=["json.webpubsub.azure.v1"])
+    ws.settimeout(0.5)
+    count = [0]
+
+    def drain():
+        while not stop.is_set():
+            try:
+                ws.recv()
+                count[0] += 1
+            except websocket.WebSocketTimeoutException:
+                continue
+            except Exception:
+                break
+        ws.close()
+
+    t = threading.Thread(target=drain, daemon=True)
+    t.start()
+    return t, count
+
+
+def sdkRun(broker, seconds):
+    from azure.messaging.webpubsubservice import WebPubSubServiceClient
+
+    sdk = WebPubSubServiceClient.from_connection_string(
+        f"Endpoint={broker.endpoint};AccessKey={KEY};Version=1.0;", hub=HUB)
+    lat = []
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        t0 = time.perf_counter()
+        sdk.send_to_group(GROUP, "x" * 64, content_type="text/plain")
+        lat.append(time.perf_counter() - t0)
+    sdk.close()
+    return lat
+
+
+def rawWorker(port, seconds, out):
+    import jwt
+
+    path = f"/api/hubs/{HUB}/groups/{GROUP}/:send?{API}"
+    token = jwt.encode({"aud": f"http://127.0.0.1:{port}{path}",
+                        "exp": int(time.time() + 3600)}, KEY, algorithm="HS256")
+    headers = {"Authorization": "Bearer " + token, "Content-Type": "text/plain"}
+    body = b"x" * 64
+    c = http.client.HTTPConnection("127.0.0.1", port)
+    lat = []
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        t0 = time.perf_counter()
+        c.request("POST", path, body, headers)
+        r = c.getresponse()
+        r.read()
+        if r.status != 202:
+            raise SystemExit(f"unexpected status {r.status}")
+        lat.append(time.perf_counter() - t0)
+    c.close()
+    out.put(lat)
+
+
+def rawRun(broker, procs, seconds):
+    q = multiprocessing.Queue()
+    ps = [multiprocessing.Process(target=rawWorker, args=(broker.port, seconds, q))
+          for _ in range(procs)]
+    for p in ps:
+        p.start()
+    lat = []
+    for _ in ps:
+        lat.extend(q.get())
+    for p in ps:
+        p.join()
+    return lat
+
+
+def pct(values, p):
+    values = sorted(values)
+    return values[min(len(values) - 1, int(len(values) * p))]
+
+
+def report(name, lat, seconds, cpu):
+    print(f"{name:<40} {len(lat) / seconds:>9,.0f} req/s   p50 {pct(lat, .5) * 1e3:6.2f} ms"
+          f"   p99 {pct(lat, .99) * 1e3:6.2f} ms   broker CPU {cpu / seconds * 100:4.0f}%")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="2-second runs")
+    ap.add_argument("--procs", type=int, default=2, help="raw client processes (default 2)")
+    ap.add_argument("--seconds", type=float, default=10.0)
+    opts = ap.parse_args()
+    seconds = 2.0 if opts.quick else opts.seconds
+    print(f"python {sys.version.split()[0]}, {os.cpu_count()} CPUs, {seconds:.0f} s per run, "
+          f"64-byte text messages to a group with one subscriber")
+    for history in (0, 1000):
+        broker = Broker(history)
+        stop = threading.Event()
+        try:
+            t, received = subscriber(broker, stop)
+            label = f"history_messages={history}"
+            if history == 0:
+                c0 = cpuSeconds(broker.proc.pid)
+                lat = sdkRun(broker, seconds)
+                report(f"sdk, 1 thread, {label}", lat, seconds, cpuSeconds(broker.proc.pid) - c0)
+            c0 = cpuSeconds(broker.proc.pid)
+            lat = rawRun(broker, opts.procs, seconds)
+            report(f"raw keep-alive, {opts.procs} procs, {label}", lat, seconds,
+                   cpuSeconds(broker.proc.pid) - c0)
+            time.sleep(0.5)
+            stop.set()
+            t.join(5)
+            print(f"{'':<40} subscriber received {received[0]:,} messages")
+        finally:
+            broker.stop()
+
+
+if __name__ == "__main__":
+    main()

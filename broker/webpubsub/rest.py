@@ -1,0 +1,642 @@
+# -*- test-case-name: tests.test_webpubsub_rest -*-
+"""
+The Web PubSub REST data-plane API: C{/api/...} on the client port, as the
+Azure service SDKs call it.
+
+Every operation is a thin translation of one HTTP request into L{Hub}
+server verbs; nothing here touches the hub's maps.  Requests are
+authenticated the way the SDKs sign them: a Bearer JWT (HS256, one of the
+hub's access keys) whose C{aud} is the very URL requested, valid for a
+minute.  The audience is compared by path and query (decoded, in any
+order), and by origin when C{webpubsub.audiences} is set, so a token signed
+for one operation cannot be replayed against another.
+
+Errors use the service's JSON shape, C{{"code": ..., "message": ...}},
+with the status code the SDK maps to its exceptions (400, 401, 404, 405,
+413, 415).
+
+Beyond Azure: C{GET .../groups/{group}/users} lists the users in a group,
+and neither listing is capped at 200 members (pages of up to 200, as the
+SDK expects, followed through C{nextLink}).
+"""
+
+import heapq
+import json
+import time
+from base64 import urlsafe_b64decode, urlsafe_b64encode
+from operator import itemgetter
+from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit
+
+import jwt
+from prometheus_client.core import CounterMetricFamily
+from twisted.logger import Logger
+from twisted.web.resource import Resource
+from twisted.web.server import Request
+
+from broker.auth.tokens import LEEWAY, makeClientToken
+from broker.config import HUB_NAME
+from broker.core.errors import BadRequest, BrokerError, CloseCode, NotFound
+from broker.core.hub import checkName
+from broker.core.message import BINARY, JSON, TEXT, Message, Target
+from broker.webpubsub.odata import compileFilter
+
+log = Logger()
+
+# The api-versions of the Azure REST API this implements (the SDK sends the
+# newest it knows; older SDKs send older ones, with the same operations).
+API_VERSIONS = ("2021-08-01-preview", "2021-10-01", "2022-11-01", "2023-07-01",
+                "2024-01-01", "2024-01-01-preview", "2024-09-01-preview", "2024-12-01")
+
+# Page size of the group listings, and its upper bound (the SDK's maximum).
+PAGE_SIZE = 200
+MAX_PAGE_SIZE = 200
+MAX_TOKEN_MINUTES = 60 * 24 * 365
+
+_CONTENT_TYPES = {"application/json": JSON, "text/plain": TEXT,
+                  "application/octet-stream": BINARY}
+
+
+class RestError(Exception):
+    """
+    A refused request: its status, the service's error code and a message.
+    """
+
+    def __init__(self, status, code, message, quiet=False):
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        # A normal answer (HEAD exists: no), not worth a log line.
+        self.quiet = quiet
+
+
+class RestAPI(Resource):
+    """
+    C{/api}: the REST API of every hub.
+
+    @param hubSettings: C{callable(hubName)} returning the hub's settings
+        (its C{accessKeys}), as L{broker.webpubsub.protocol.ClientFactory}
+        resolves them.
+    @param audiences: accepted token audience origins; empty accepts any.
+    @param maxBodySize: the largest message body accepted, in bytes.
+    @param clock: C{callable() -> float}, the POSIX time (for tests).
+    """
+
+    isLeaf = True
+
+    def __init__(self, core, hubSettings, audiences=(), maxBodySize=1024 * 1024,
+                 clock=time.time):
+        super().__init__()
+        self.core = core
+        self.hubSettings = hubSettings
+        self.audiences = tuple(_origin(a) for a in audiences)
+        self.maxBodySize = maxBodySize
+        self.clock = clock
+        # (operation, status) -> requests, for /metrics (RestCollector).
+        self.requestCounts = {}
+        # path shape -> {method: handler}; "{x}" segments are parameters.
+        self.routes = [
+            (("hubs", "{hub}", ":send"), {"POST": self.sendToAll}),
+            (("hubs", "{hub}", ":closeConnections"), {"POST": self.closeAll}),
+            (("hubs", "{hub}", ":generateToken"), {"POST": self.generateToken}),
+            (("hubs", "{hub}", "connections", "{connection}"),
+             {"DELETE": self.closeConnection, "HEAD": self.connectionExists}),
+            (("hubs", "{hub}", "connections", "{connection}", ":send"),
+             {"POST": self.sendToConnection}),
+            (("hubs", "{hub}", "connections", "{connection}", "groups"),
+             {"DELETE": self.removeConnectionFromAllGroups}),
+            (("hubs", "{hub}", "groups", "{group}"), {"HEAD": self.groupExists}),
+            (("hubs", "{hub}", "groups", "{group}", ":send"), {"POST": self.sendToGroup}),
+            (("hubs", "{hub}", "groups", "{group}", ":closeConnections"),
+             {"POST": self.closeGroup}),
+            (("hubs", "{hub}", "groups", "{group}", "connections"),
+             {"GET": self.listConnections}),
+            (("hubs", "{hub}", "groups", "{group}", "users"), {"GET": self.listUsers}),
+            (("hubs", "{hub}", "groups", "{group}", "connections", "{connection}"),
+             {"PUT": self.addConnectionToGroup, "DELETE": self.removeConnectionFromGroup}),
+            (("hubs", "{hub}", "permissions", "{permission}", "connections", "{connection}"),
+             {"PUT": self.grantPermission, "DELETE": self.revokePermission,
+              "HEAD": self.checkPermission}),
+            (("hubs", "{hub}", "users", "{user}"), {"HEAD": self.userExists}),
+            (("hubs", "{hub}", "users", "{user}", ":send"), {"POST": self.sendToUser}),
+            (("hubs", "{hub}", "users", "{user}", ":closeConnections"),
+             {"POST": self.closeUser}),
+            (("hubs", "{hub}", "users", "{user}", "groups"),
+             {"DELETE": self.removeUserFromAllGroups}),
+            (("hubs", "{hub}", "users", "{user}", "groups", "{group}"),
+             {"PUT": self.addUserToGroup, "DELETE": self.removeUserFromGroup}),
+        ]
+
+    # -- dispatch ---------------------------------------------------------
+
+    def render(self, request):
+        request.restOperation = "unknown"
+        try:
+            body = self._render(request)
+        finally:
+            key = (request.restOperation, request.code)
+            self.requestCounts[key] = self.requestCounts.get(key, 0) + 1
+        return body
+
+    def _render(self, request):
+        try:
+            return self._dispatch(request)
+        except RestError as e:
+            return self._error(request, e)
+        except BadRequest as e:
+            return self._error(request, RestError(400, "BadRequest", e.message))
+        except NotFound as e:
+            return self._error(request, RestError(404, "NotFound", e.message))
+        except BrokerError as e:
+            return self._error(request, RestError(400, e.name, e.message))
+        except Exception:
+            log.failure("REST {method} {uri} failed", method=request.method, uri=request.uri)
+            return self._error(request, RestError(500, "InternalServerError",
+                                                  "internal error; see the broker log"))
+
+    def _dispatch(self, request):
+        method = request.method.decode("ascii", "replace")
+        try:
+            segments = [s.decode("utf-8") for s in request.postpath]
+        except UnicodeDecodeError:
+            raise RestError(400, "BadRequest", "the path is not valid UTF-8")
+        if segments and segments[-1] == "" and len(segments) > 1:
+            segments.pop()
+        if segments == ["health"]:
+            request.restOperation = "health"
+            if method not in ("GET", "HEAD"):
+                raise RestError(405, "MethodNotAllowed", "use GET or HEAD")
+            if not self.core.engine.healthy():
+                raise RestError(503, "ServiceUnavailable", "the engine is not healthy")
+            request.setResponseCode(200)
+            return b""
+        handlers, params = self._match(segments)
+        handler = handlers.get(method)
+        if handler is not None:
+            request.restOperation = handler.__name__
+        if handler is None:
+            request.setHeader(b"allow", ", ".join(sorted(handlers)).encode("ascii"))
+            raise RestError(405, "MethodNotAllowed",
+                            f"{method} is not allowed here; use {', '.join(sorted(handlers))}")
+        hubName = params["hub"]
+        if not HUB_NAME.match(hubName):
+            raise RestError(400, "BadRequest", f"invalid hub name {hubName!r}")
+        self._checkApiVersion(request)
+        self._authenticate(request, hubName)
+        args = _Args(request)
+        return handler(request, self.core.hub(hubName), params, args)
+
+    def _match(self, segments):
+        for shape, handlers in self.routes:
+            if len(shape) != len(segments):
+                continue
+            params = {}
+            for want, got in zip(shape, segments):
+                if want.startswith("{"):
+                    if not got:
+                        break
+                    params[want[1:-1]] = got
+                elif want != got:
+                    break
+            else:
+                return handlers, params
+        raise RestError(404, "NotFound", "no such REST operation: /api/" + "/".join(segments))
+
+    def _checkApiVersion(self, request):
+        versions = request.args.get(b"api-version")
+        if not versions:
+            raise RestError(400, "MissingApiVersion", "the api-version query parameter is required")
+        v = versions[0].decode("ascii", "replace")
+        if v not in API_VERSIONS:
+            raise RestError(400, "UnsupportedApiVersion",
+                            f"api-version {v!r} is not supported; use one of "
+                            + ", ".join(API_VERSIONS))
+
+    # -- authentication ---------------------------------------------------
+
+    def _authenticate(self, request, hubName):
+        auth = (request.getHeader(b"authorization") or "")
+        if isinstance(auth, bytes):
+            auth = auth.decode("latin-1")
+        if auth[:7].lower() != "bearer " or not auth[7:].strip():
+            self._unauthorized(request, "no Bearer token")
+        token = auth[7:].strip()
+        keys = self.hubSettings(hubName).accessKeys
+        if not keys:
+            self._unauthorized(request, f"hub {hubName!r} has no access key")
+        claims = None
+        for key in keys:
+            try:
+                claims = jwt.decode(token, key, algorithms=["HS256"],
+                                    options={"require": ["exp"], "verify_aud": False,
+                                             "verify_exp": False, "verify_nbf": False,
+                                             "verify_iat": False})
+                break
+            except jwt.InvalidSignatureError:
+                continue
+            except jwt.InvalidTokenError as e:
+                self._unauthorized(request, f"malformed token: {e}")
+        if claims is None:
+            self._unauthorized(request, "token not signed by an access key of this hub")
+        now = self.clock()
+        try:
+            exp = float(claims["exp"])
+            nbf = float(claims.get("nbf", now))
+        except (TypeError, ValueError):
+            self._unauthorized(request, "exp/nbf are not numbers")
+        if exp <= now - LEEWAY:
+            self._unauthorized(request, "token expired")
+        if nbf > now + LEEWAY:
+            self._unauthorized(request, "token not yet valid")
+        aud = claims.get("aud")
+        auds = aud if isinstance(aud, list) else [aud]
+        if not any(self._audienceMatches(a, request) for a in auds):
+            self._unauthorized(request, f"token audience {aud!r} is not this request's URL")
+
+    def _audienceMatches(self, aud, request):
+        if not isinstance(aud, str):
+            return False
+        parts = urlsplit(aud)
+        if self.audiences and _origin(aud) not in self.audiences:
+            return False
+        if unquote(parts.path).rstrip("/").lower() != \
+                unquote(request.path.decode("latin-1")).rstrip("/").lower():
+            return False
+        want = sorted(parse_qsl(parts.query, keep_blank_values=True))
+        got = sorted((k.decode("utf-8", "replace"), v.decode("utf-8", "replace"))
+                     for k, vs in request.args.items() for v in vs)
+        return want == got
+
+    def _unauthorized(self, request, why):
+        log.info("REST request {method} {path} from {peer} refused: {why}",
+                 method=request.method.decode("ascii", "replace"),
+                 path=request.path.decode("latin-1"), peer=_peer(request), why=why)
+        request.setHeader(b"www-authenticate", b'Bearer realm="webpubsub"')
+        raise RestError(401, "Unauthorized", "invalid or missing access token")
+
+    # -- responses --------------------------------------------------------
+
+    def _error(self, request, error):
+        if not error.quiet and error.status not in (401, 500):
+            # 401s and 500s are logged where they are raised.
+            log.info("REST {method} {path} from {peer}: {status} {code}: {message}",
+                     method=request.method.decode("ascii", "replace"),
+                     path=request.path.decode("latin-1"), peer=_peer(request),
+                     status=error.status, code=error.code, message=error.message)
+        request.setResponseCode(error.status)
+        request.setHeader(b"x-ms-error-code", error.code.encode("ascii"))
+        if request.method == b"HEAD":
+            return b""
+        request.setHeader(b"content-type", b"application/json")
+        return json.dumps({"code": error.code, "message": error.message}).encode("utf-8")
+
+    @staticmethod
+    def _status(request, code):
+        request.setResponseCode(code)
+        return b""
+
+    @staticmethod
+    def _json(request, value):
+        request.setResponseCode(200)
+        request.setHeader(b"content-type", b"application/json")
+        return json.dumps(value).encode("utf-8")
+
+    # -- sends ------------------------------------------------------------
+
+    def _message(self, request):
+        length = request.getHeader(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.maxBodySize:
+            raise RestError(413, "PayloadTooLarge",
+                            f"the message is larger than {self.maxBodySize} bytes")
+        body = request.content.read(self.maxBodySize + 1)
+        if len(body) > self.maxBodySize:
+            raise RestError(413, "PayloadTooLarge",
+                            f"the message is larger than {self.maxBodySize} bytes")
+        ctype = (request.getHeader(b"content-type") or b"").decode("latin-1")
+        ctype = ctype.split(";")[0].strip().lower()
+        dataType = _CONTENT_TYPES.get(ctype)
+        if dataType is None:
+            raise RestError(415, "UnsupportedMediaType",
+                            "Content-Type must be one of " + ", ".join(_CONTENT_TYPES))
+        if dataType == BINARY:
+            return Message(BINARY, body)
+        try:
+            text = body.decode("utf-8")
+        except UnicodeDecodeError:
+            raise RestError(400, "BadRequest", "the body is not valid UTF-8")
+        if dataType == JSON:
+            try:
+                json.loads(text, parse_constant=_noConstant)
+            except ValueError as e:
+                raise RestError(400, "BadRequest", f"the body is not valid JSON: {e}")
+            return Message(JSON, text.strip().encode("utf-8"))
+        return Message(TEXT, body)
+
+    def _send(self, request, hub, kind, name, args, candidates):
+        message = self._message(request)
+        excluded = set(args.list("excluded"))
+        ttl = args.one("messageTtlSeconds")
+        if ttl is not None and (not ttl.isdigit() or int(ttl) > 300):
+            raise RestError(400, "BadRequest", "messageTtlSeconds must be 0 to 300")
+        text = args.one("filter")
+        if text is not None:
+            predicate = compileFilter(text)
+            # The filter narrows the send: whoever it rejects is excluded.
+            excluded.update(s.connectionId for s in candidates() if not predicate(s))
+        hub.send(Target(kind, name, excluded), message)
+        return self._status(request, 202)
+
+    def sendToAll(self, request, hub, params, args):
+        return self._send(request, hub, Target.HUB, None, args, hub.sessions)
+
+    def sendToGroup(self, request, hub, params, args):
+        group = checkName("group", params["group"])
+        return self._send(request, hub, Target.GROUP, group, args,
+                          lambda: hub.groupConnections(group))
+
+    def sendToUser(self, request, hub, params, args):
+        user = checkName("userId", params["user"])
+        return self._send(request, hub, Target.USER, user, args,
+                          lambda: hub.userSessions(user))
+
+    def sendToConnection(self, request, hub, params, args):
+        cid = params["connection"]
+        return self._send(request, hub, Target.CONNECTION, cid, args,
+                          lambda: [hub.session(cid)] if hub.connectionExists(cid) else [])
+
+    # -- closing ----------------------------------------------------------
+
+    def _close(self, request, hub, sessions, args):
+        excluded = set(args.list("excluded"))
+        reason = args.one("reason") or "closed by the server"
+        hub.closeConnections([s for s in sessions if s.connectionId not in excluded],
+                             CloseCode.POLICY_VIOLATION, reason)
+        return self._status(request, 204)
+
+    def closeAll(self, request, hub, params, args):
+        return self._close(request, hub, hub.sessions(), args)
+
+    def closeGroup(self, request, hub, params, args):
+        group = checkName("group", params["group"])
+        return self._close(request, hub, hub.groupConnections(group), args)
+
+    def closeUser(self, request, hub, params, args):
+        user = checkName("userId", params["user"])
+        return self._close(request, hub, hub.userSessions(user), args)
+
+    def closeConnection(self, request, hub, params, args):
+        # Idempotent, as in Azure: closing a connection that has gone is fine.
+        cid = params["connection"]
+        sessions = [hub.session(cid)] if hub.connectionExists(cid) else []
+        return self._close(request, hub, sessions, args)
+
+    # -- existence --------------------------------------------------------
+
+    def _exists(self, request, found, what):
+        if not found:
+            raise RestError(404, "NotFound", f"{what} not found", quiet=True)
+        return self._status(request, 200)
+
+    def connectionExists(self, request, hub, params, args):
+        cid = params["connection"]
+        return self._exists(request, hub.connectionExists(cid), f"connection {cid!r}")
+
+    def groupExists(self, request, hub, params, args):
+        group = params["group"]
+        return self._exists(request, hub.groupExists(group), f"group {group!r}")
+
+    def userExists(self, request, hub, params, args):
+        user = params["user"]
+        return self._exists(request, hub.userExists(user), f"user {user!r}")
+
+    # -- groups -----------------------------------------------------------
+
+    def addConnectionToGroup(self, request, hub, params, args):
+        hub.addConnectionToGroup(params["connection"], params["group"])
+        return self._status(request, 200)
+
+    def removeConnectionFromGroup(self, request, hub, params, args):
+        hub.removeConnectionFromGroup(params["connection"], params["group"])
+        return self._status(request, 204)
+
+    def removeConnectionFromAllGroups(self, request, hub, params, args):
+        hub.removeConnectionFromAllGroups(params["connection"])
+        return self._status(request, 204)
+
+    def addUserToGroup(self, request, hub, params, args):
+        hub.addUserToGroup(params["user"], params["group"])
+        return self._status(request, 200)
+
+    def removeUserFromGroup(self, request, hub, params, args):
+        hub.removeUserFromGroup(checkName("userId", params["user"]), params["group"])
+        return self._status(request, 204)
+
+    def removeUserFromAllGroups(self, request, hub, params, args):
+        hub.removeUserFromAllGroups(checkName("userId", params["user"]))
+        return self._status(request, 204)
+
+    # -- permissions ------------------------------------------------------
+
+    def grantPermission(self, request, hub, params, args):
+        hub.grantPermission(params["connection"], params["permission"],
+                            args.one("targetName"))
+        return self._status(request, 200)
+
+    def revokePermission(self, request, hub, params, args):
+        hub.revokePermission(params["connection"], params["permission"],
+                             args.one("targetName"))
+        return self._status(request, 204)
+
+    def checkPermission(self, request, hub, params, args):
+        has = hub.hasPermission(params["connection"], params["permission"],
+                                args.one("targetName"))
+        return self._exists(request, has, "permission")
+
+    # -- listings ---------------------------------------------------------
+
+    def _page(self, request, args, items):
+        """
+        One page of C{items} (C{(key, value)} pairs, unique keys) after the
+        continuation token, with the C{nextLink} to the following page.
+        """
+        size = args.integer("maxpagesize", PAGE_SIZE, 1, MAX_PAGE_SIZE)
+        top = args.integer("top", None, 1, 2 ** 31 - 1)
+        after, sent = "", 0
+        token = args.one("continuationToken")
+        if token:
+            try:
+                after, sent = json.loads(urlsafe_b64decode(token.encode("ascii") + b"=="))
+                if not isinstance(after, str) or not isinstance(sent, int):
+                    raise ValueError
+            except (ValueError, TypeError):
+                raise RestError(400, "BadRequest", "invalid continuationToken")
+        if top is not None:
+            size = min(size, top - sent)
+        # O(members) per page, not a sort of the whole group.
+        rest = [item for item in items if item[0] > after]
+        page = heapq.nsmallest(max(size, 0), rest, key=itemgetter(0))
+        body = {"value": [v for _, v in page]}
+        sent += len(page)
+        if page and len(rest) > len(page) and (top is None or sent < top):
+            token = urlsafe_b64encode(json.dumps([page[-1][0], sent]).encode("utf-8"))
+            query = {"continuationToken": token.rstrip(b"=").decode("ascii"),
+                     "maxpagesize": str(size)}
+            if top is not None:
+                query["top"] = str(top)
+            body["nextLink"] = (quote(request.path.decode("latin-1")) + "?"
+                                + urlencode(query))
+        return self._json(request, body)
+
+    def listConnections(self, request, hub, params, args):
+        group = checkName("group", params["group"])
+        items = [(s.connectionId, {"connectionId": s.connectionId, "userId": s.userId})
+                 for s in hub.groupConnections(group)]
+        return self._page(request, args, items)
+
+    def listUsers(self, request, hub, params, args):
+        group = checkName("group", params["group"])
+        items = [(u, {"userId": u, "connectionCount": n})
+                 for u, n in hub.groupUsers(group).items()]
+        return self._page(request, args, items)
+
+    # -- tokens -----------------------------------------------------------
+
+    def generateToken(self, request, hub, params, args):
+        clientType = (args.one("clientType") or "Default")
+        if clientType.lower() != "default":
+            raise RestError(400, "BadRequest",
+                            f"clientType {clientType!r} is not supported; use Default")
+        userId = args.one("userId")
+        if userId is not None:
+            checkName("userId", userId)
+        groups = args.list("group")
+        for g in groups:
+            checkName("group", g)
+        minutes = args.integer("minutesToExpire", 60, 1, MAX_TOKEN_MINUTES)
+        scheme = "https" if request.isSecure() else "http"
+        host = (request.getHeader(b"host") or b"").decode("latin-1")
+        if not host:
+            raise RestError(400, "BadRequest", "a Host header is required")
+        audience = f"{scheme}://{host}/client/hubs/{hub.name}"
+        key = self.hubSettings(hub.name).accessKeys[0]
+        token = makeClientToken(key, audience, userId=userId, roles=args.list("role"),
+                                groups=groups, lifetime=minutes * 60, now=self.clock())
+        return self._json(request, {"token": token})
+
+
+class RestCollector:
+    """
+    Prometheus collector: C{broker_webpubsub_rest_requests_total{operation,
+    code}}.  Labels are bounded: operations are this module's handler
+    names (or C{unknown}), never hub or group names.
+    """
+
+    def __init__(self, rest):
+        self.rest = rest
+
+    def collect(self):
+        c = CounterMetricFamily("broker_webpubsub_rest_requests",
+                                "Web PubSub REST API requests by operation and status.",
+                                labels=["operation", "code"])
+        for (operation, code), n in sorted(self.rest.requestCounts.items()):
+            c.add_metric([operation, str(code)], n)
+        yield c
+
+
+class _BoundedRequest(Request):
+    """
+    A request whose body may not exceed C{maxBody} bytes.
+
+    twisted.web spools a whole body (to a temporary file when large) before
+    any resource sees it, authenticated or not.  This refuses an oversized
+    body as soon as its C{Content-Length}, or the chunks received so far,
+    show it: a bare C{413} and the connection is closed, nothing more is
+    read.  Bodies up to C{maxBody} reach L{RestAPI}, which answers those over
+    its own limit with the JSON error.
+    """
+
+    maxBody = 2 * 1024 * 1024
+    _refused = False
+
+    def gotLength(self, length):
+        super().gotLength(length)
+        if length is not None and length > self.maxBody:
+            self._refuse()
+
+    def handleContentChunk(self, data):
+        if self._refused:
+            return
+        if self.content.tell() + len(data) > self.maxBody:
+            self._refuse()
+            return
+        super().handleContentChunk(data)
+
+    def _refuse(self):
+        self._refused = True
+        log.info("refused a request body over {n} bytes from {peer}", n=self.maxBody,
+                 peer=_peer(self))
+        body = json.dumps({"code": "PayloadTooLarge",
+                           "message": f"request body over {self.maxBody} bytes"}).encode()
+        transport = self.channel.transport
+        transport.write(b"HTTP/1.1 413 Payload Too Large\r\n"
+                        b"Content-Type: application/json\r\n"
+                        b"x-ms-error-code: PayloadTooLarge\r\n"
+                        b"Connection: close\r\n"
+                        b"Content-Length: %d\r\n\r\n" % len(body) + body)
+        # Stops reading: the rest of the body is never received, so the
+        # request is never processed.
+        transport.loseConnection()
+
+
+def boundedRequestFactory(maxBody):
+    """
+    A C{Site.requestFactory} refusing bodies over C{maxBody} bytes early.
+    """
+    return type("BoundedRequest", (_BoundedRequest,), {"maxBody": maxBody})
+
+
+class _Args:
+    """
+    The query parameters of a request, decoded.
+    """
+
+    def __init__(self, request):
+        self._args = request.args
+
+    def list(self, name):
+        try:
+            return [v.decode("utf-8") for v in self._args.get(name.encode("ascii"), ())]
+        except UnicodeDecodeError:
+            raise RestError(400, "BadRequest", f"{name} is not valid UTF-8")
+
+    def one(self, name):
+        values = self.list(name)
+        return values[0] if values else None
+
+    def integer(self, name, default, minimum, maximum):
+        value = self.one(name)
+        if value is None:
+            return default
+        try:
+            n = int(value)
+        except ValueError:
+            n = None
+        if n is None or not minimum <= n <= maximum:
+            raise RestError(400, "BadRequest",
+                            f"{name} must be an integer from {minimum} to {maximum}")
+        return n
+
+
+def _origin(url):
+    parts = urlsplit(url)
+    scheme = {"ws": "http", "wss": "https"}.get(parts.scheme, parts.scheme)
+    return f"{scheme}://{parts.netloc}".lower()
+
+
+def _noConstant(name):
+    raise ValueError(f"{name} is not JSON")
+
+
+def _peer(request):
+    addr = request.getClientAddress()
+    return getattr(addr, "host", str(addr))
