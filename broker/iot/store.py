@@ -1,0 +1,131 @@
+# -*- test-case-name: tests.test_iot_store -*-
+"""
+Store-and-forward: the durable per-device queue of messages waiting for
+the device's acknowledgement, and the keys issued at run time, in SQLite
+through L{broker.store.sqlite.SQLiteRunner} (one thread, WAL,
+synchronous=FULL: a message whose id was returned survives a SIGKILL).
+"""
+
+import time
+
+from zope.interface import implementer
+
+from broker.iot.errors import QueueFull
+from broker.iot.frames import Payload
+from broker.iot.interfaces import IMessageStore
+from broker.store.sqlite import SQLiteRunner
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS iot_queue (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    fleet TEXT NOT NULL,
+    device TEXT NOT NULL,
+    ptype TEXT NOT NULL,
+    data BLOB NOT NULL,
+    expires REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS iot_queue_device ON iot_queue (fleet, device, id);
+CREATE TABLE IF NOT EXISTS iot_keys (
+    fleet TEXT NOT NULL,
+    device TEXT NOT NULL,
+    secret TEXT,
+    PRIMARY KEY (fleet, device)
+);
+"""
+
+
+@implementer(IMessageStore)
+class SQLiteMessageStore:
+    """
+    @param runner: a started (or to-be-started) L{SQLiteRunner} with
+        L{SCHEMA}; see L{open}.
+    @param clock: wall-clock seconds (TTLs must hold across restarts, so
+        not a monotonic clock); injectable for tests.
+    """
+
+    def __init__(self, runner, clock=time.time):
+        self.runner = runner
+        self._clock = clock
+
+    @classmethod
+    def open(cls, reactor, path, clock=time.time):
+        return cls(SQLiteRunner(reactor, path, SCHEMA, name="iot.store"), clock)
+
+    def push(self, fleet, deviceId, payload, ttl, maxDepth):
+        now = self._clock()
+        return self.runner.runInteraction(self._push, fleet, deviceId, payload,
+                                          now, now + ttl, maxDepth)
+
+    @staticmethod
+    def _push(cursor, fleet, deviceId, payload, now, expires, maxDepth):
+        (count,) = cursor.execute(
+            "SELECT count(*) FROM iot_queue WHERE fleet=? AND device=?",
+            (fleet, deviceId)).fetchone()
+        if count >= maxDepth:
+            cursor.execute("DELETE FROM iot_queue WHERE fleet=? AND device=? AND expires<=?",
+                           (fleet, deviceId, now))
+            count -= cursor.rowcount
+            if count >= maxDepth:
+                raise QueueFull(f"device {deviceId!r} already has {count} queued messages")
+        cursor.execute(
+            "INSERT INTO iot_queue (fleet, device, ptype, data, expires) VALUES (?,?,?,?,?)",
+            (fleet, deviceId, payload.type, payload.data, expires))
+        return cursor.lastrowid
+
+    def pending(self, fleet, deviceId, afterId, limit):
+        return self.runner.runInteraction(self._pending, fleet, deviceId, afterId, limit,
+                                          self._clock())
+
+    @staticmethod
+    def _pending(cursor, fleet, deviceId, afterId, limit, now):
+        rows = cursor.execute(
+            "SELECT id, ptype, data FROM iot_queue WHERE fleet=? AND device=? AND id>? "
+            "AND expires>? ORDER BY id LIMIT ?",
+            (fleet, deviceId, afterId, now, limit)).fetchall()
+        return [(i, Payload(t, bytes(d))) for i, t, d in rows]
+
+    def ack(self, fleet, deviceId, messageId):
+        return self.runner.runInteraction(self._ack, fleet, deviceId, messageId)
+
+    @staticmethod
+    def _ack(cursor, fleet, deviceId, messageId):
+        cursor.execute("DELETE FROM iot_queue WHERE fleet=? AND device=? AND id=?",
+                       (fleet, deviceId, messageId))
+        return cursor.rowcount == 1
+
+    def depth(self, fleet, deviceId):
+        return self.runner.runInteraction(self._depth, fleet, deviceId, self._clock())
+
+    @staticmethod
+    def _depth(cursor, fleet, deviceId, now):
+        return cursor.execute(
+            "SELECT count(*) FROM iot_queue WHERE fleet=? AND device=? AND expires>?",
+            (fleet, deviceId, now)).fetchone()[0]
+
+    def depths(self, fleet):
+        return self.runner.runInteraction(self._depths, fleet, self._clock())
+
+    @staticmethod
+    def _depths(cursor, fleet, now):
+        return dict(cursor.execute(
+            "SELECT device, count(*) FROM iot_queue WHERE fleet=? AND expires>? "
+            "GROUP BY device", (fleet, now)).fetchall())
+
+    def purgeExpired(self):
+        return self.runner.runInteraction(self._purge, self._clock())
+
+    @staticmethod
+    def _purge(cursor, now):
+        cursor.execute("DELETE FROM iot_queue WHERE expires<=?", (now,))
+        return cursor.rowcount
+
+    def keys(self):
+        return self.runner.runInteraction(
+            lambda c: c.execute("SELECT fleet, device, secret FROM iot_keys").fetchall())
+
+    def setKey(self, fleet, deviceId, secret):
+        return self.runner.runInteraction(
+            lambda c: c.execute(
+                "INSERT INTO iot_keys (fleet, device, secret) VALUES (?,?,?) "
+                "ON CONFLICT (fleet, device) DO UPDATE SET secret=excluded.secret",
+                (fleet, deviceId, secret)) and None)
