@@ -15,6 +15,8 @@ from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 
 from broker.config import ConfigError
+from broker.iot import api, apikeys
+from broker.iot.webhook import Webhooks
 from broker.iot.auth import Registry, loadRegistryFile, writeDevelopmentRegistry
 from broker.iot.concentrator import Concentrator
 from broker.iot.protocol import IoTFactory
@@ -179,6 +181,49 @@ def buildConcentrator(context, cfg):
     return concentrator
 
 
+class WebhookService(service.Service):
+    """
+    Closes the webhooks' connection pool when the broker stops.
+    """
+
+    name = "iot.webhook"
+
+    def __init__(self, webhooks):
+        self.webhooks = webhooks
+
+    def stopService(self):
+        super().stopService()
+        return self.webhooks.close()
+
+
+def buildHTTP(context, cfg, concentrator):
+    """
+    The central's HTTP(S) API on C{iot.http.listen} and the fleets'
+    webhooks (used while a fleet has no central TCP session).
+    """
+    webhooks = Webhooks(context.reactor, cfg["webhook"], registry=context.registry)
+    webhooks.install(concentrator)
+    context.addService(WebhookService(webhooks))
+    http = cfg["http"]
+    if not http["enabled"]:
+        return
+    entries, devPath = api.loadKeys(http, context.stateDir)
+    if devPath is not None:
+        log.warn("iot.http.api_keys is empty: the development API key of fleet demo is in "
+                 "{path}", path=devPath)
+    try:
+        keys = apikeys.APIKeys(entries)
+    except apikeys.APIKeyError as e:
+        raise ConfigError("iot.http.api_keys", str(e))
+    site = api.makeSite(context.reactor, concentrator, keys, http, context.registry)
+    context.listen("iot.http.listen", http["listen"], site)
+
+    def reload():
+        keys.replace(api.loadKeys(http, context.stateDir)[0])
+        log.info("iot.http: {n} API keys loaded", n=len(keys))
+    context.onReload(reload)
+
+
 def build(context):
     cfg = context.settings["iot"]
     if not cfg["enabled"]:
@@ -196,4 +241,5 @@ def build(context):
         context.addService(UDPListenerService(reactor, udp, cfg["udp"]["interface"],
                                               cfg["udp"]["port"], cfg["udp"]["max_datagram"]))
     context.registry.register(IoTCollector(concentrator, factory, udp))
+    buildHTTP(context, cfg, concentrator)
     return concentrator
