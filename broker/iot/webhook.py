@@ -43,6 +43,7 @@ import treq.client
 from twisted.internet import defer
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool
 from zope.interface import implementer
 
@@ -247,13 +248,39 @@ class WebhookLink:
                      why=f.getErrorMessage())
             return "failed"
 
-        d = self._attempts(kind, event["id"], body, retries)
+        d = self._cancellable(self._attempts, kind, event["id"], body, retries)
         d.addCallbacks(finished, finished, callbackArgs=(lambda r: "ok",),
                        errbackArgs=(failedOutcome,))
         return d
 
+    @staticmethod
+    def _cancellable(f, *args):
+        """
+        Run C{f(*args, cancelled=state)} so that cancelling the returned
+        Deferred stops it for good: whatever error the interrupted HTTP
+        attempt reports, no further attempt is made.
+        """
+        state = {"cancelled": False}
+
+        def cancel(outer):
+            state["cancelled"] = True
+            inner.cancel()
+
+        def relay(result):
+            if not outer.called:
+                if isinstance(result, Failure):
+                    outer.errback(result)
+                else:
+                    outer.callback(result)
+            # else: cancelled already; the late outcome is dropped.
+
+        outer = defer.Deferred(cancel)
+        inner = f(*args, cancelled=state)
+        inner.addBoth(relay)
+        return outer
+
     @defer.inlineCallbacks
-    def _attempts(self, kind, deliveryId, body, retries):
+    def _attempts(self, kind, deliveryId, body, retries, cancelled):
         attempt = 0
         while True:
             attempt += 1
@@ -261,6 +288,8 @@ class WebhookLink:
                 result = yield self._attempt(kind, deliveryId, body, attempt)
                 return result
             except _Retryable as e:
+                if cancelled["cancelled"]:
+                    raise defer.CancelledError()
                 if attempt > retries:
                     raise CentralUnavailable(
                         f"the central's webhook failed {attempt} time(s); last: {e}")
