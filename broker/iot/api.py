@@ -196,9 +196,10 @@ class APIResource(Resource):
         for k, v in headers:
             request.setHeader(k, v)
         if obj is not None:
+            data = json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
             request.setHeader(b"content-type", b"application/json")
-            request.write(json.dumps(obj, separators=(",", ":"),
-                                     ensure_ascii=False).encode("utf-8"))
+            request.setHeader(b"content-length", b"%d" % len(data))
+            request.write(data)
         request.finish()
 
     def _error(self, request, e, source="broker"):
