@@ -436,6 +436,24 @@ class IsolationAndAuthTests(TestCase):
                          + self.h.iot.concentrator.stats["messagesQueued"], 0)
 
     @defer.inlineCallbacks
+    def test_oversizedDeclared(self):
+        """
+        A Content-Length over max_body is refused before the body is sent,
+        and the connection closed.
+        """
+        raw = RawHTTP()
+        endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", self.h.port.getHost().port)
+        yield connectProtocol(endpoint, raw)
+        raw.transport.write(
+            b"POST /v1/fleets/acme/devices/d1/messages HTTP/1.1\r\nHost: x\r\n"
+            b"Authorization: Bearer " + self.h.acmeKey.encode() + b"\r\n"
+            b"Content-Type: application/json\r\nContent-Length: 100000000\r\n\r\n{")
+        yield raw.closed
+        head, _, body = raw.received.partition(b"\r\n\r\n")
+        self.assertTrue(head.startswith(b"HTTP/1.1 413 "), head)
+        self.assertEqual(json.loads(body)["error"]["code"], "TOO_LARGE")
+
+    @defer.inlineCallbacks
     def test_oversizedChunked(self):
         """
         A chunked body (no Content-Length) past max_body is cut off too.

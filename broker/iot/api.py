@@ -121,8 +121,21 @@ class APIRequest(server.Request):
     def gotLength(self, length):
         limit = self.channel.site.maxBody
         if length is not None and length > limit:
+            # Declared too large: answer now, before the body, and hang up
+            # (as Twisted does for a malformed request), rather than read
+            # what will be thrown away.
             self.tooLarge = True
             self.content = io.BytesIO()
+            body = json.dumps({"error": {
+                "code": "TOO_LARGE", "message": f"the body is over {limit} bytes",
+                "source": "broker"}}).encode("utf-8")
+            api = getattr(self.channel.site, "api", None)
+            if api is not None:
+                api.stats.bump(api.stats.responses, 413)
+            self.channel.transport.write(
+                b"HTTP/1.1 413 Payload Too Large\r\nContent-Type: application/json\r\n"
+                b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body))
+            self.channel.loseConnection()
         else:
             super().gotLength(length)
 
@@ -200,7 +213,12 @@ class APIResource(Resource):
             request.setHeader(b"content-type", b"application/json")
             request.setHeader(b"content-length", b"%d" % len(data))
             request.write(data)
+        channel = request.channel
         request.finish()
+        if getattr(request, "tooLarge", False) and channel is not None:
+            # Do not read on past a refused body: the client may still be
+            # sending it.
+            channel.loseConnection()
 
     def _error(self, request, e, source="broker"):
         headers = list(e.headers)
