@@ -106,7 +106,8 @@ api_keys = ["{apikeys.hashLine(FLEET, self.apiKey)}"]
         twistd = os.path.join(os.path.dirname(sys.executable), "twistd")
         self._log = open(self.logPath, "wb")
         self.process = subprocess.Popen(
-            [twistd, "-n", "--pidfile=", "broker", "--config", self.config],
+            [twistd, "-n", "--pidfile=", *os.environ.get("BENCH_TWISTD_ARGS", "").split(),
+             "broker", "--config", self.config],
             cwd=self.workdir, stdout=self._log, stderr=self._log)
         deadline = time.monotonic() + 30
         while True:

@@ -156,7 +156,9 @@ class APISite(server.Site):
     requestFactory = APIRequest
 
     def __init__(self, resource, reactor, maxBody):
-        super().__init__(resource, reactor=reactor)
+        # The API takes JSON only: no form parsing, whose Content-Type parse
+        # alone cost a fifth of a held request's CPU.
+        super().__init__(resource, reactor=reactor, parsePOSTFormSubmission=False)
         self.maxBody = maxBody
 
     def log(self, request):
