@@ -46,6 +46,7 @@ class IoTClient(Protocol):
         self.tokensArrived = None
         self.onRequest = None
         self.autoAck = False
+        self.answerPings = True
         self.closed = Deferred()
         self._reader = FrameReader(maxFrame)
         self._pending = {}
@@ -92,7 +93,10 @@ class IoTClient(Protocol):
             self.transport.loseConnection()
             return
         for frame in received:
-            self._frame(frame)
+            if isinstance(frame, frames.FrameError):
+                self.inbox.put(frame)
+            else:
+                self._frame(frame)
 
     def _fail(self, e):
         if not self.authenticated.called:
@@ -123,7 +127,8 @@ class IoTClient(Protocol):
                 self.inbox.put(frame)
             return
         if kind == frames.PING:
-            self.write(frames.PONG, frame.requestId, frame.payload)
+            if self.answerPings:
+                self.write(frames.PONG, frame.requestId, frame.payload)
         elif kind == frames.TOKENS:
             self.tokenTTL, tokens = frames.decodeTokens(frame.payload)
             self.tokens.extend(tokens)

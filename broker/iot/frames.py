@@ -77,6 +77,7 @@ class FrameError(Exception):
         super().__init__(message)
         self.code = code
         self.message = message
+        self.requestId = 0
 
 
 class Payload:
@@ -230,10 +231,11 @@ class FrameReader:
 
     def feed(self, data):
         """
-        Add C{data}; return the list of complete L{Frame}s.
+        Add C{data}; return the complete frames, each a L{Frame} or, when
+        its content is bad, a L{FrameError} carrying its C{requestId}.
 
-        @raise FrameError: on the first bad frame (the stream is then
-            unusable: the caller closes the session).
+        @raise FrameError: when a length prefix is out of bounds (the
+            stream cannot be followed any further: close the session).
         """
         buf = self._buffer
         buf += data
@@ -249,8 +251,15 @@ class FrameReader:
                 raise FrameError("BAD_FRAME", "frame shorter than its header")
             if n - pos - 4 < length:
                 break
-            frames.append(decodeBody(bytes(buf[pos + 4:pos + 4 + length])))
+            body = bytes(buf[pos + 4:pos + 4 + length])
             pos += 4 + length
+            try:
+                frames.append(decodeBody(body))
+            except FrameError as e:
+                # The frame is delimited, so the stream is still usable:
+                # hand the error back with the request id, for an answer.
+                e.requestId = HEADER.unpack_from(body)[2]
+                frames.append(e)
         if pos:
             del buf[:pos]
         return frames

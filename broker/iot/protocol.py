@@ -63,6 +63,7 @@ class IoTSession(Protocol):
         self.fleet = None
         self.peerId = None
         self.entry = None
+        self.authenticatedOnce = False
         self._reader = FrameReader(factory.maxFrame)
         self._pending = {}          # our request id -> (Deferred, timer or None)
         self._nextId = SERVER_REQUEST_BASE
@@ -81,13 +82,12 @@ class IoTSession(Protocol):
         self.transport.registerProducer(self, True)
 
     def connectionLost(self, reason):
-        was = self.state
         self.state = self.CLOSED
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
         c = self.factory.concentrator
-        if was == self.OPEN:
+        if self.authenticatedOnce:
             if self.role == auth.DEVICE:
                 c.deviceOffline(self)
                 gone = errors.DeviceOffline(f"device {self.peerId!r} disconnected")
@@ -179,6 +179,15 @@ class IoTSession(Protocol):
                  message=message)
         self._error(0, code, message)
         self.state = self.CLOSED
+        self._drop()
+
+    def _drop(self):
+        # A transport with a producer registered (TLS) waits for it to go
+        # before it closes.
+        try:
+            self.transport.unregisterProducer()
+        except Exception:
+            pass
         self.transport.loseConnection()
 
     def close(self, code, reason):
@@ -186,7 +195,7 @@ class IoTSession(Protocol):
             return
         self._write(frames.CLOSE, 0, Payload.json({"code": code, "reason": reason}))
         self.state = self.CLOSED
-        self.transport.loseConnection()
+        self._drop()
 
     # -- what the concentrator calls --------------------------------------
 
@@ -247,6 +256,13 @@ class IoTSession(Protocol):
             if self.state == self.CLOSED:
                 return
             f.counters.framesIn += 1
+            if isinstance(frame, FrameError):
+                f.counters.badFrames += 1
+                if self.state in (self.HELLO, self.PROOF):
+                    self._refuse(frame.code, frame.message)
+                else:
+                    self._error(frame.requestId, frame.code, frame.message)
+                continue
             try:
                 self._dispatch(frame)
             except errors.IoTError as e:
@@ -320,6 +336,7 @@ class IoTSession(Protocol):
         serverProof = auth.proof(entry.key, "server", self.role, self.fleet, self.peerId,
                                  self._clientNonce, self._serverNonce)
         self.state = self.OPEN
+        self.authenticatedOnce = True
         self.factory.counters.authOk += 1
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
@@ -367,7 +384,7 @@ class IoTSession(Protocol):
 
     def _peerClose(self, frame):
         self.state = self.CLOSED
-        self.transport.loseConnection()
+        self._drop()
 
     def _answer(self, d, requestId):
         """
