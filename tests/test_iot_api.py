@@ -216,6 +216,22 @@ class HeldRequestTests(TestCase):
         self.assertEqual((status, answer["payload"]["data"]), (200, "again"))
 
     @defer.inlineCallbacks
+    def test_deviceGoneWhileHeld(self):
+        """
+        A device that disconnects while a request waits for it: 503
+        DEVICE_OFFLINE at once, not a timeout.
+        """
+        device = yield self.h.iot.device("d1")
+        d = self.h.call("POST", "/v1/fleets/acme/devices/d1/requests",
+                        {"payload": {"type": "none"}, "timeout": 30})
+        frame = yield device.nextFrame()
+        self.assertEqual(frame.kind, frames.REQUEST)
+        device.transport.loseConnection()
+        status, body, _ = yield d
+        self.assertEqual((status, body["error"]["code"]), (503, "DEVICE_OFFLINE"))
+        self.assertEqual(self.h.site.api.stats.heldOutcomes, {"device_offline": 1})
+
+    @defer.inlineCallbacks
     def test_badTimeout(self):
         yield self.h.iot.device("d1")
         for t in [0, -1, "5", True, 1e9]:
