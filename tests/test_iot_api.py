@@ -439,6 +439,10 @@ class IsolationAndAuthTests(TestCase):
             (b'{"queue": true}', json_, 400, "BAD_REQUEST"),
             (b'{"payload": {"type": "ascii", "data": "\\u00e9"}}', json_, 400, "BAD_PAYLOAD"),
             (b'{"payload": {"type": "json", "data": NaN}}', json_, 400, "BAD_JSON"),
+            (b'{"payload": {"type": "json", "data": ["\\ud800"]}}', json_, 400, "BAD_PAYLOAD"),
+            (b'{"payload": {"type": "utf8", "data": "\\udfff"}}', json_, 400, "BAD_PAYLOAD"),
+            (b"[" * 100000 + b"]" * 100000, json_, 413, "TOO_LARGE"),
+            (b"[" * 500 + b"]" * 500, json_, 400, "BAD_REQUEST"),
             (b"\xff\xfe", json_, 400, "BAD_JSON"),
             (b'{"payload": {"type": "none"}}', {"Content-Type": ["text/plain"]}, 415,
              "UNSUPPORTED_MEDIA_TYPE"),
@@ -546,3 +550,36 @@ class KeyConfigTests(TestCase):
                               self.mktemp())
         self.assertIn("iot.http.api_key_file", str(e))
         self.assertIn("line 1", str(e))
+
+
+class PayloadFuzzTests(TestCase):
+    """
+    Hypothesis-generated JSON as payload objects: either a Payload that
+    survives the round trip or a PayloadError, never anything else.
+    """
+
+    def test_arbitraryObjects(self):
+        from hypothesis import given, settings
+        from hypothesis import strategies as st
+
+        scalars = (st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False,
+                                                                          allow_infinity=False)
+                   | st.text())
+        values = st.recursive(scalars, lambda children: st.lists(children, max_size=4)
+                              | st.dictionaries(st.text(max_size=8), children, max_size=4),
+                              max_leaves=12)
+        objects = st.fixed_dictionaries(
+            {}, optional={"type": st.sampled_from(["json", "utf8", "ascii", "binary", "none"])
+                          | st.text(max_size=6), "data": values | st.binary().map(
+                              lambda b: base64.b64encode(b).decode()),
+                          "extra": values}) | values
+
+        @settings(max_examples=400, deadline=None)
+        @given(objects)
+        def check(obj):
+            try:
+                p = fromJSON(obj)
+            except PayloadError:
+                return
+            self.assertEqual(fromJSON(json.loads(json.dumps(toJSON(p)))), p)
+        check()

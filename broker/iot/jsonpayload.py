@@ -64,7 +64,12 @@ def fromJSON(obj):
     if "data" not in obj:
         raise PayloadError(f"a payload of type {t} needs data")
     if t == frames.JSON:
-        raw = json.dumps(data, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+        try:
+            raw = json.dumps(data, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise PayloadError("the data is not valid Unicode (lone surrogate)")
+        except (TypeError, ValueError, RecursionError) as e:
+            raise PayloadError(f"the data is not JSON: {e}")
     elif t in (frames.ASCII, frames.UTF8):
         if not isinstance(data, str):
             raise PayloadError(f"the data of a {t} payload is a string")
