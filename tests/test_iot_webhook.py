@@ -299,6 +299,22 @@ class DeviceThroughWebhookTests(WebhookTestMixin, TestCase):
         self.assertEqual(self.upstream.seen[0]["event"]["device"], "d1")
 
     @defer.inlineCallbacks
+    def test_deviceTimeoutCancelsDelivery(self):
+        """
+        The device's request timeout bounds the webhook exchange: the
+        delivery is cancelled (no retry) and the device gets TIMEOUT.
+        """
+        self.iot.concentrator.requestTimeout = 0.3
+        self.upstream.script = ["hang", "hang"]
+        device = yield self.iot.device("d1")
+        e = yield self.assertFailure(device.request(frames.EMPTY), errors.Refused)
+        self.assertEqual(e.code, "TIMEOUT")
+        stats = self.webhooks.stats
+        yield waitUntil(reactor, lambda: stats.inFlight == 0)
+        self.assertEqual(stats.outcomes, {("request", "cancelled"): 1})
+        self.assertEqual(len(self.upstream.seen), 1)
+
+    @defer.inlineCallbacks
     def test_deviceRequestRefused(self):
         self.upstream.script = [(409, b'{"error": {"code": "BUSY", "message": "later"}}')]
         device = yield self.iot.device("d1")
