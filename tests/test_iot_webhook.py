@@ -227,6 +227,26 @@ class DeliveryTests(WebhookTestMixin, TestCase):
                          {"type": "json", "data": {"t": 22}})
 
     @defer.inlineCallbacks
+    def test_telemetryFailuresLoggedSparingly(self):
+        """
+        A dead webhook under a telemetry stream logs once per interval; the
+        counters have every failure.
+        """
+        yield self.startUpstream([(500, b"")] * 5)
+        link = self.link()
+        logged = []
+        from twisted.logger import globalLogPublisher
+        observer = logged.append
+        globalLogPublisher.addObserver(observer)
+        self.addCleanup(globalLogPublisher.removeObserver, observer)
+        for i in range(5):
+            link.telemetry("acme", "d1", Payload.json(i))
+        yield waitUntil(reactor, lambda: link.stats.inFlight == 0)
+        self.assertEqual(link.stats.outcomes, {("telemetry", "failed"): 5})
+        warnings = [e for e in logged if "webhook" in e.get("log_format", "")]
+        self.assertEqual(len(warnings), 1)
+
+    @defer.inlineCallbacks
     def test_fireAndForgetBounded(self):
         yield self.startUpstream(["hang"] * 2)
         link = self.link(maxInFlight=2, timeout=0.3, retries=0)
@@ -342,6 +362,15 @@ class DeviceThroughWebhookTests(WebhookTestMixin, TestCase):
         event = self.upstream.seen[0]["event"]
         self.assertEqual((event["kind"], event["device"], event["payload"]["data"]),
                          ("telemetry", "d1", {"v": 3.3}))
+
+    @defer.inlineCallbacks
+    def test_deviceMessageForwarded(self):
+        device = yield self.iot.device("d1")
+        device.write(frames.MESSAGE, 7, Payload(frames.BINARY, b"\x01\x02"))
+        yield waitUntil(reactor, lambda: self.upstream.seen)
+        event = self.upstream.seen[0]["event"]
+        self.assertEqual((event["kind"], event["payload"]), (
+            "message", {"type": "binary", "data": "AQI="}))
 
     @defer.inlineCallbacks
     def test_otherFleetHasNoWebhook(self):

@@ -200,6 +200,8 @@ class WebhookLink:
         self.stats = stats if stats is not None else WebhookStats()
         self._random = random
         self._fireAndForget = 0
+        self._lastTelemetryLog = float("-inf")
+        self._telemetrySuppressed = 0
 
     # -- ICentralLink -------------------------------------------------------
 
@@ -213,6 +215,26 @@ class WebhookLink:
         self._forget("telemetry", fleet, deviceId, payload, 0)
 
     # -- delivery -----------------------------------------------------------
+
+    LOG_INTERVAL = 10.0
+
+    def _logFailure(self, kind, fleet, deviceId, why):
+        """
+        Log a failed delivery: every request and message, but telemetry at
+        most once per L{LOG_INTERVAL} (a dead webhook under a telemetry
+        stream would flood the log; the counters have every failure).
+        """
+        if kind == "telemetry":
+            now = self.reactor.seconds()
+            if now - self._lastTelemetryLog < self.LOG_INTERVAL:
+                self._telemetrySuppressed += 1
+                return
+            self._lastTelemetryLog = now
+            suppressed, self._telemetrySuppressed = self._telemetrySuppressed, 0
+            if suppressed:
+                why = f"{why} (and {suppressed} telemetry failures not logged)"
+        log.warn("iot: webhook {kind} of {fleet}/{device} to {url} failed: {why}",
+                 kind=kind, fleet=fleet, device=deviceId, url=self.url, why=why)
 
     def _forget(self, kind, fleet, deviceId, payload, retries):
         if self._fireAndForget >= self.maxInFlight:
@@ -243,9 +265,7 @@ class WebhookLink:
                 return "cancelled"
             if f.check(errors.Refused):
                 return "refused"
-            log.warn("iot: webhook {kind} of {fleet}/{device} to {url} failed: {why}",
-                     kind=kind, fleet=fleet, device=deviceId, url=self.url,
-                     why=f.getErrorMessage())
+            self._logFailure(kind, fleet, deviceId, f.getErrorMessage())
             return "failed"
 
         d = self._cancellable(self._attempts, kind, event["id"], body, retries)
