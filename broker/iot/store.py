@@ -8,6 +8,8 @@ synchronous=FULL: a message whose id was returned survives a SIGKILL).
 
 import time
 
+from twisted.internet.defer import fail, succeed
+
 from zope.interface import implementer
 
 from broker.iot.errors import QueueFull
@@ -129,3 +131,70 @@ class SQLiteMessageStore:
                 "INSERT INTO iot_keys (fleet, device, secret) VALUES (?,?,?) "
                 "ON CONFLICT (fleet, device) DO UPDATE SET secret=excluded.secret",
                 (fleet, deviceId, secret)) and None)
+
+
+@implementer(IMessageStore)
+class MemoryMessageStore:
+    """
+    The same queue in memory: not durable, for unit tests of the protocol
+    and for a broker run without a disk (nothing survives a restart).
+    """
+
+    def __init__(self, clock=time.time):
+        self._clock = clock
+        self._queues = {}       # (fleet, device) -> {id: (payload, expires)}
+        self._keys = {}
+        self._lastId = 0
+
+    def push(self, fleet, deviceId, payload, ttl, maxDepth):
+        now = self._clock()
+        q = self._queues.setdefault((fleet, deviceId), {})
+        if len(q) >= maxDepth:
+            for i in [i for i, (_, exp) in q.items() if exp <= now]:
+                del q[i]
+            if len(q) >= maxDepth:
+                return fail(QueueFull(f"device {deviceId!r} already has {len(q)} queued "
+                                      "messages"))
+        self._lastId += 1
+        q[self._lastId] = (payload, now + ttl)
+        return succeed(self._lastId)
+
+    def pending(self, fleet, deviceId, afterId, limit):
+        now = self._clock()
+        q = self._queues.get((fleet, deviceId), {})
+        rows = [(i, p) for i, (p, exp) in sorted(q.items()) if i > afterId and exp > now]
+        return succeed(rows[:limit])
+
+    def ack(self, fleet, deviceId, messageId):
+        return succeed(self._queues.get((fleet, deviceId), {}).pop(messageId, None)
+                       is not None)
+
+    def depth(self, fleet, deviceId):
+        now = self._clock()
+        return succeed(sum(1 for _, exp in self._queues.get((fleet, deviceId), {}).values()
+                           if exp > now))
+
+    def depths(self, fleet):
+        now = self._clock()
+        out = {}
+        for (f, d), q in self._queues.items():
+            n = sum(1 for _, exp in q.values() if exp > now)
+            if f == fleet and n:
+                out[d] = n
+        return succeed(out)
+
+    def purgeExpired(self):
+        now = self._clock()
+        n = 0
+        for q in self._queues.values():
+            for i in [i for i, (_, exp) in q.items() if exp <= now]:
+                del q[i]
+                n += 1
+        return succeed(n)
+
+    def keys(self):
+        return succeed([(f, d, s) for (f, d), s in self._keys.items()])
+
+    def setKey(self, fleet, deviceId, secret):
+        self._keys[(fleet, deviceId)] = secret
+        return succeed(None)
