@@ -51,6 +51,8 @@ class Outbox:
         self.lastId = 0
         self._pumping = False
         self._again = False
+        self._acks = []
+        self._flush = None
         self.closed = False
 
     def pump(self):
@@ -87,18 +89,35 @@ class Outbox:
     def acked(self, messageId):
         """
         The device acknowledged C{messageId}; C{False} if it was not ours.
+        Acks that arrive in one reactor turn are removed from the store in
+        one transaction (one fsync), which is what makes draining a queue
+        fast.
         """
-        if messageId not in self.inflight:
+        if messageId not in self.inflight or messageId in self._acks:
             return False
+        self._acks.append(messageId)
+        if self._flush is None:
+            self._flush = self.c.reactor.callLater(0, self._removeAcked)
+        return True
+
+    def _removeAcked(self):
+        self._flush = None
+        ids, self._acks = self._acks, []
         s = self.session
         c = self.c
 
         def removed(_):
-            self.inflight.discard(messageId)
-            c.stats["messagesAcked"] += 1
+            self.inflight.difference_update(ids)
+            c.stats["messagesAcked"] += len(ids)
             self.pump()
-        c.store.ack(s.fleet, s.peerId, messageId).addCallbacks(removed, self._failed)
-        return True
+        c.store.ack(s.fleet, s.peerId, *ids).addCallbacks(removed, self._failed)
+
+    def stop(self):
+        self.closed = True
+        if self._flush is not None and self._flush.active():
+            # Acks already received are still honoured.
+            self._flush.cancel()
+            self._removeAcked()
 
 
 @implementer(IConcentrator)
@@ -127,6 +146,7 @@ class Concentrator:
         self._centrals = {}      # fleet -> [session], newest last
         self._fallbacks = {}     # fleet -> ICentralLink
         self._directId = DIRECT_BASE
+        self._telemetryTargets = {}     # deviceId -> Target, built once
         self.stats = dict.fromkeys((
             "requestsToDevices", "requestsToCentral", "requestTimeouts", "messagesQueued",
             "messagesDirect", "messagesAcked", "queueFull", "telemetryAccepted",
@@ -155,7 +175,7 @@ class Concentrator:
             del self._devices[k]
             box = self._outboxes.pop(k, None)
             if box is not None:
-                box.closed = True
+                box.stop()
 
     def centralOnline(self, session):
         self._centrals.setdefault(session.fleet, []).append(session)
@@ -346,8 +366,13 @@ class Concentrator:
         """
         self.stats["telemetryAccepted"] += 1
         try:
-            self.core.hub(fleet).send(Target(Target.GROUP, telemetryGroup(deviceId)),
-                                      payload.toMessage())
+            target = self._telemetryTargets.get(deviceId)
+            if target is None:
+                if len(self._telemetryTargets) > 100000:
+                    self._telemetryTargets.clear()
+                target = self._telemetryTargets[deviceId] = Target(
+                    Target.GROUP, telemetryGroup(deviceId))
+            self.core.hub(fleet).send(target, payload.toMessage())
             link = self.centralLink(fleet)
             if link is not None:
                 link.telemetry(fleet, deviceId, payload)

@@ -26,6 +26,8 @@ frame before buffering it.
 import json
 import struct
 
+from broker.core.message import Message
+
 VERSION = 1
 
 HELLO = 0x01
@@ -64,6 +66,9 @@ DATAGRAM_HEADER_SIZE = 1 + 16 + 1
 TOKEN_SIZE = 16
 MAX_ADDRESS = 255
 DEFAULT_MAX_FRAME = 1024 * 1024
+
+# The decoder without json.loads' encoding sniffing: payloads are UTF-8.
+_parseJSON = json.JSONDecoder().decode
 
 
 class FrameError(Exception):
@@ -105,7 +110,7 @@ class Payload:
                 raise FrameError("BAD_PAYLOAD", "utf8 payload is not valid UTF-8")
         elif type == JSON:
             try:
-                json.loads(data)
+                _parseJSON(data.decode("utf-8"))
             except (ValueError, RecursionError):
                 raise FrameError("BAD_PAYLOAD", "json payload does not parse")
         elif type == NONE and data:
@@ -135,7 +140,6 @@ class Payload:
         """
         This payload as a core L{broker.core.message.Message}.
         """
-        from broker.core.message import Message
         if self.type == JSON:
             return Message("json", self.data)
         if self.type in (ASCII, UTF8):

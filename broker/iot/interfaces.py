@@ -125,11 +125,11 @@ class IMessageStore(Interface):
             C{(messageId, Payload)} with id > C{afterId}, oldest first.
         """
 
-    def ack(fleet, deviceId, messageId):
+    def ack(fleet, deviceId, *messageIds):
         """
-        Remove a message the device acknowledged.
+        Remove messages the device acknowledged, in one transaction.
 
-        @return: a Deferred firing with True if it was there.
+        @return: a Deferred firing with True if they were all there.
         """
 
     def depth(fleet, deviceId):

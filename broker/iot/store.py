@@ -86,14 +86,14 @@ class SQLiteMessageStore:
             (fleet, deviceId, afterId, now, limit)).fetchall()
         return [(i, Payload(t, bytes(d))) for i, t, d in rows]
 
-    def ack(self, fleet, deviceId, messageId):
-        return self.runner.runInteraction(self._ack, fleet, deviceId, messageId)
+    def ack(self, fleet, deviceId, *messageIds):
+        return self.runner.runInteraction(self._ack, fleet, deviceId, messageIds)
 
     @staticmethod
-    def _ack(cursor, fleet, deviceId, messageId):
-        cursor.execute("DELETE FROM iot_queue WHERE fleet=? AND device=? AND id=?",
-                       (fleet, deviceId, messageId))
-        return cursor.rowcount == 1
+    def _ack(cursor, fleet, deviceId, messageIds):
+        cursor.executemany("DELETE FROM iot_queue WHERE fleet=? AND device=? AND id=?",
+                           [(fleet, deviceId, i) for i in messageIds])
+        return cursor.rowcount == len(messageIds)
 
     def depth(self, fleet, deviceId):
         return self.runner.runInteraction(self._depth, fleet, deviceId, self._clock())
@@ -165,9 +165,9 @@ class MemoryMessageStore:
         rows = [(i, p) for i, (p, exp) in sorted(q.items()) if i > afterId and exp > now]
         return succeed(rows[:limit])
 
-    def ack(self, fleet, deviceId, messageId):
-        return succeed(self._queues.get((fleet, deviceId), {}).pop(messageId, None)
-                       is not None)
+    def ack(self, fleet, deviceId, *messageIds):
+        q = self._queues.get((fleet, deviceId), {})
+        return succeed(all([q.pop(i, None) is not None for i in messageIds]))
 
     def depth(self, fleet, deviceId):
         now = self._clock()
