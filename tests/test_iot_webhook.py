@@ -126,7 +126,7 @@ class DeliveryTests(WebhookTestMixin, TestCase):
         5xx answers are retried with the same delivery id, each attempt
         signed afresh.
         """
-        yield self.startUpstream([(503, b""), (500, b"oops"),
+        yield self.startUpstream([(503, b""), (429, b"slow down"),
                                   (200, b'{"payload": {"type": "ascii", "data": "third"}}')])
         link = self.link()
         answer = yield link.deviceRequest("acme", "d1", Payload.text("x"))

@@ -61,8 +61,8 @@ WEBHOOK_FLEET = Table({
 
 WEBHOOK = Table({
     "timeout": Float(10.0, minimum=0.01, doc="Seconds one attempt may take."),
-    "retries": Int(3, minimum=0, maximum=20, doc="Retries after a 5xx, timeout or "
-                                                 "connection failure (never after a 4xx)."),
+    "retries": Int(3, minimum=0, maximum=20, doc="Retries after a 5xx, 408, 429, timeout or "
+                                                 "connection failure (never another 4xx)."),
     "backoff": Float(0.5, minimum=0, doc="Seconds before the first retry, doubled after each."),
     "max_backoff": Float(10.0, minimum=0, doc="The longest wait between two attempts."),
     "max_in_flight": Int(256, minimum=1,

@@ -22,9 +22,9 @@ with these headers:
 
 For a device's request, a 2xx answer is the response to the device: its
 body is C{{"payload": {...}}} (an empty body or 204 is an empty payload).
-A 4xx refuses the request at once (no retry; C{{"error": {"code": ...,
+A 4xx (but 408 and 429) refuses the request at once (no retry; C{{"error": {"code": ...,
 "message": ...}}} in the body is passed to the device as its ERROR).  A
-5xx, a connection failure or a timeout is retried up to C{retries} times
+5xx, 408 or 429, a connection failure or a timeout is retried up to C{retries} times
 with exponential backoff and jitter; then the device gets
 C{CENTRAL_UNAVAILABLE}.  Messages are retried the same way but nobody
 waits for them; telemetry is tried once.  Failures are counted (and
@@ -344,7 +344,8 @@ class WebhookLink:
             raise
         except Exception as e:
             raise _Retryable(f"{type(e).__name__}: {e}")
-        if status >= 500:
+        if status >= 500 or status in (408, 429):
+            # 408 and 429 say "not now", not "no": worth another attempt.
             raise _Retryable(f"HTTP {status}")
         if status >= 400:
             raise self._refusal(status, content)
