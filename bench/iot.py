@@ -28,7 +28,7 @@ import tempfile
 import time
 import urllib.request
 
-from twisted.internet import defer, task
+from twisted.internet import defer
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import Protocol
 

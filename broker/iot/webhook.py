@@ -80,10 +80,6 @@ class _Retryable(Exception):
     """
 
 
-class _TooLarge(Exception):
-    pass
-
-
 def sign(secret, timestamp, body):
     """
     @return: the C{X-IoT-Signature} value for C{body} sent at C{timestamp}.
@@ -338,7 +334,7 @@ class WebhookLink:
             status, content = yield d
         except defer.TimeoutError:
             raise _Retryable(f"no answer within {self.timeout:g}s")
-        except (_TooLarge, errors.IoTError):
+        except errors.IoTError:
             raise
         except defer.CancelledError:
             raise
