@@ -28,13 +28,14 @@ import tempfile
 import time
 import urllib.request
 
-from twisted.internet import defer
+from twisted.internet import defer, task
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import Protocol
 
-from broker.iot import apikeys
+from broker.iot import apikeys, frames
 from broker.iot.auth import newSecret
 from broker.iot.client import IoTClient
+from broker.iot.frames import Payload
 
 FLEET = "bench"
 
@@ -92,6 +93,8 @@ enabled = false
 enabled = true
 listen = ["tcp:{self.tcp}:interface=127.0.0.1:backlog=1024"]
 registry_file = "{registry}"
+# The UDP part spends tokens fast: let each device hold many.
+token_batch = 4096
 [iot.udp]
 port = {self.udp}
 [iot.http]
@@ -238,10 +241,176 @@ def printHeld(r):
           f"CPU broker {r['brokerCpu']:.2f} s, load {r['loadCpu']:.2f} s)")
 
 
+# -- UDP telemetry (IoT core) ----------------------------------------------------
+
+
+def metric(broker, name, label):
+    """
+    One sample of the broker's admin /metrics, e.g.
+    C{metric(b, "broker_iot_udp_datagrams_total", 'outcome="accepted"')}.
+    """
+    with urllib.request.urlopen(f"http://127.0.0.1:{broker.admin}/metrics", timeout=5) as r:
+        body = r.read().decode()
+    prefix = f"{name}{{{label}}} "
+    for line in body.splitlines():
+        if line.startswith(prefix):
+            return float(line[len(prefix):])
+    return 0.0
+
+
+async def connectDevices(run, ids, **attrs):
+    clients = []
+    for did in ids:
+        c = IoTClient("device", FLEET, did, run.broker.secrets[did])
+        for k, v in attrs.items():
+            setattr(c, k, v)
+        await connectProtocol(TCP4ClientEndpoint(run.reactor, "127.0.0.1", run.broker.tcp), c)
+        await c.authenticated
+        clients.append(c)
+    return clients
+
+
+def blast(datagrams, address, rate):
+    """
+    Send C{datagrams} from one UDP socket, paced at C{rate}/s (0: as fast
+    as the socket takes them); return the seconds it took.
+    """
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
+    sendto = s.sendto
+    t0 = time.perf_counter()
+    if rate:
+        step = 256
+        for i in range(0, len(datagrams), step):
+            for d in datagrams[i:i + step]:
+                sendto(d, address)
+            due = t0 + (i + step) / rate
+            while time.perf_counter() < due:
+                pass
+    else:
+        for d in datagrams:
+            try:
+                sendto(d, address)
+            except BlockingIOError:
+                pass
+    elapsed = time.perf_counter() - t0
+    s.close()
+    return elapsed
+
+
+async def benchUDP(run):
+    """
+    UDP telemetry datagrams accepted/s: devices fetch tokens over TCP, then
+    one socket sends JSON readings, each with its own token, at a paced
+    rate and then unpaced; the broker's accepted count is read from
+    /metrics until it stops moving.
+    """
+    reactor, opts, broker = run.reactor, run.opts, run.broker
+    perRun = opts.datagrams
+    rates = [opts.udp_rate, 0]
+    need = perRun * len(rates)
+    ids = list(broker.secrets)[:max(1, math.ceil(need / 4096))]
+    clients = await connectDevices(run, ids)
+    for c in clients:
+        await c.waitTokens(4096)
+    tokens = [t for c in clients for t in c.tokens]
+    datagrams = [frames.encodeDatagram(t, Payload.json({"seq": i, "temperature": 21.5}))
+                 for i, t in enumerate(tokens[:need])]
+    size = len(datagrams[0])
+    results = []
+    for n, rate in enumerate(rates):
+        batch = datagrams[n * perRun:(n + 1) * perRun]
+        accepted0 = metric(broker, "broker_iot_udp_datagrams_total", 'outcome="accepted"')
+        cpu0 = broker.cpu()
+        t0 = time.perf_counter()
+        sendSeconds = blast(batch, ("127.0.0.1", broker.udp), rate)
+        # Wait for the broker to finish what reached it.
+        last, lastChange = accepted0, time.perf_counter()
+        while time.perf_counter() - lastChange < 0.5:
+            await task.deferLater(reactor, 0.1, lambda: None)
+            now = metric(broker, "broker_iot_udp_datagrams_total", 'outcome="accepted"')
+            if now != last:
+                last, lastChange = now, time.perf_counter()
+        accepted = last - accepted0
+        busy = max(lastChange - t0 - 0.1, sendSeconds)
+        results.append({"part": "udp", "rate": rate, "sent": len(batch), "size": size,
+                        "accepted": int(accepted), "perSecond": accepted / busy,
+                        "sendPerSecond": len(batch) / sendSeconds,
+                        "brokerCpu": broker.cpu() - cpu0, "seconds": busy})
+    for c in clients:
+        c.transport.loseConnection()
+    return results
+
+
+def printUDP(r):
+    pace = f"paced at {r['rate']:,}/s" if r["rate"] else "unpaced"
+    loss = 100 * (1 - r["accepted"] / r["sent"])
+    print(f"udp telemetry, {r['sent']:,} datagrams of {r['size']} bytes {pace} "
+          f"(sent at {r['sendPerSecond']:,.0f}/s): {r['perSecond']:,.0f} accepted/s, "
+          f"{loss:.1f}% not accepted; {r['accepted'] / max(r['brokerCpu'], 1e-9):,.0f} accepted per "
+          f"broker CPU second (CPU broker {r['brokerCpu']:.2f} s in {r['seconds']:.2f} s)")
+
+
+# -- store-and-forward drain (IoT core) -------------------------------------------
+
+
+async def benchDrain(run):
+    """
+    Store-and-forward drain on reconnect: a central queues N messages for
+    an offline device (each stored durably before its ACK), then the
+    device connects and acknowledges each as it arrives; timed until the
+    last arrives, and until the broker has removed them all.
+    """
+    reactor, opts, broker = run.reactor, run.opts, run.broker
+    n = opts.queued
+    did = list(broker.secrets)[-1]
+    central = IoTClient("central", FLEET, None, broker.centralSecret)
+    await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", broker.tcp), central)
+    await central.authenticated
+    acked0 = metric(broker, "broker_iot_events_total", 'event="messagesAcked"')
+    t0 = time.perf_counter()
+    for i in range(n):
+        central.write(frames.MESSAGE, i + 1, Payload.json({"n": i, "cmd": "set", "v": 1}), did)
+    for i in range(n):
+        f = await central.nextFrame()
+        if f.kind != frames.ACK:
+            raise RuntimeError(f"queueing failed: {f!r}")
+    queueSeconds = time.perf_counter() - t0
+    device = IoTClient("device", FLEET, did, broker.secrets[did])
+    device.autoAck = True
+    cpu0 = broker.cpu()
+    t0 = time.perf_counter()
+    await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", broker.tcp), device)
+    await device.authenticated
+    for i in range(n):
+        f = await device.nextFrame()
+        if f.kind != frames.MESSAGE:
+            raise RuntimeError(f"unexpected {f!r}")
+    delivered = time.perf_counter() - t0
+    while metric(broker, "broker_iot_events_total", 'event="messagesAcked"') - acked0 < n:
+        await task.deferLater(reactor, 0.01, lambda: None)
+    removed = time.perf_counter() - t0
+    central.transport.loseConnection()
+    device.transport.loseConnection()
+    return [{"part": "drain", "messages": n, "queuePerSecond": n / queueSeconds,
+             "perSecond": n / delivered, "ackedPerSecond": n / removed,
+             "brokerCpu": broker.cpu() - cpu0}]
+
+
+def printDrain(r):
+    print(f"store-and-forward, {r['messages']:,} messages: queued at "
+          f"{r['queuePerSecond']:,.0f}/s; drained on reconnect at {r['perSecond']:,.0f}/s "
+          f"delivered, {r['ackedPerSecond']:,.0f}/s acknowledged and removed "
+          f"(CPU broker {r['brokerCpu']:.2f} s)")
+
+
+
 # Every part: (name, coroutine function, printer).  Other parts of the IoT
 # benchmark (UDP telemetry, store-and-forward drain) add themselves here.
 PARTS = [
     ("held", benchHeldRequests, printHeld),
+    ("udp", benchUDP, printUDP),
+    ("drain", benchDrain, printDrain),
 ]
 
 
@@ -261,10 +430,18 @@ def parseArgs(argv):
     p.add_argument("--concurrency", type=int, default=64,
                    help="HTTP requests held at once")
     p.add_argument("--devices", type=int, default=16)
+    p.add_argument("--datagrams", type=int, default=200000,
+                   help="UDP datagrams per measured run")
+    p.add_argument("--udp-rate", type=int, default=60000,
+                   help="datagrams/s of the paced UDP run")
+    p.add_argument("--queued", type=int, default=5000,
+                   help="messages queued for the drain part")
     p.add_argument("--keep", action="store_true", help="keep the work directory")
     opts = p.parse_args(argv)
     if opts.quick:
         opts.requests = min(opts.requests, 2000)
+        opts.datagrams = min(opts.datagrams, 20000)
+        opts.queued = min(opts.queued, 500)
     known = {n for n, _, _ in PARTS}
     for name in opts.parts:
         if name not in known:
