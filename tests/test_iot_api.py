@@ -10,7 +10,7 @@ import json
 import os
 
 import treq.client
-from twisted.internet import defer, reactor
+from twisted.internet import defer, reactor, task
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol, serverFromString
 from twisted.internet.protocol import Protocol
 from twisted.trial.unittest import TestCase
@@ -230,6 +230,32 @@ class HeldRequestTests(TestCase):
         status, body, _ = yield d
         self.assertEqual((status, body["error"]["code"]), (503, "DEVICE_OFFLINE"))
         self.assertEqual(self.h.site.api.stats.heldOutcomes, {"device_offline": 1})
+
+    @defer.inlineCallbacks
+    def test_heldLongerThanIdleTimeout(self):
+        """
+        The idle timeout of keep-alive connections closes a silent
+        connection, but never one whose request is held.
+        """
+        self.h.site.timeOut = 0.3
+        device = yield self.h.iot.device("d1")
+        raw = RawHTTP()
+        endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", self.h.port.getHost().port)
+        yield connectProtocol(endpoint, raw)
+        body = json.dumps({"payload": {"type": "none"}}).encode()
+        raw.transport.write(
+            b"POST /v1/fleets/acme/devices/d1/requests HTTP/1.1\r\nHost: x\r\n"
+            b"Authorization: Bearer " + self.h.acmeKey.encode() + b"\r\n"
+            b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body)
+            + body)
+        frame = yield device.nextFrame()
+        yield task.deferLater(reactor, 0.8, lambda: None)
+        self.assertEqual(raw.received, b"")
+        device.write(frames.RESPONSE, frame.requestId, Payload.text("slow but sure"))
+        yield waitUntil(reactor, lambda: b"slow but sure" in raw.received)
+        self.assertTrue(raw.received.startswith(b"HTTP/1.1 200 "))
+        # Then, idle, the connection is closed.
+        yield raw.closed
 
     @defer.inlineCallbacks
     def test_badTimeout(self):

@@ -155,10 +155,12 @@ class APIRequest(server.Request):
 class APISite(server.Site):
     requestFactory = APIRequest
 
-    def __init__(self, resource, reactor, maxBody):
+    def __init__(self, resource, reactor, maxBody, idleTimeout=120.0):
         # The API takes JSON only: no form parsing, whose Content-Type parse
-        # alone cost a fifth of a held request's CPU.
-        super().__init__(resource, reactor=reactor, parsePOSTFormSubmission=False)
+        # alone cost a fifth of a held request's CPU.  Twisted stops the idle
+        # timer while a request is processed, so it never cuts a held one.
+        super().__init__(resource, reactor=reactor, parsePOSTFormSubmission=False,
+                         timeout=idleTimeout)
         self.maxBody = maxBody
 
     def log(self, request):
@@ -469,6 +471,6 @@ def makeSite(reactor, concentrator, keys, httpSettings, registry=None):
                            maxHeld=httpSettings["max_held"])
     if registry is not None:
         registry.register(APICollector(resource.stats))
-    site = APISite(resource, reactor, httpSettings["max_body"])
+    site = APISite(resource, reactor, httpSettings["max_body"], httpSettings["idle_timeout"])
     site.api = resource
     return site
