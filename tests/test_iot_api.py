@@ -281,6 +281,28 @@ class HeldRequestTests(TestCase):
         self.assertEqual(status, 504)
 
     @defer.inlineCallbacks
+    def test_fleetLimit(self):
+        """
+        One fleet's held requests are capped apart from the others'.
+        """
+        self.h.site.api.maxHeldPerFleet = 1
+        yield self.h.iot.device("d1")
+        other = yield self.h.iot.device("x1", fleet="other")
+        other.onRequest = echo
+        first = self.h.call("POST", "/v1/fleets/acme/devices/d1/requests",
+                            {"payload": {"type": "none"}, "timeout": 0.5})
+        yield waitUntil(reactor, lambda: self.h.site.api.stats.held == 1)
+        status, body, _ = yield self.h.call("POST", "/v1/fleets/acme/devices/d1/requests",
+                                            {"payload": {"type": "none"}})
+        self.assertEqual((status, body["error"]["code"]), (429, "TOO_MANY_HELD"))
+        status, _, _ = yield self.h.call("POST", "/v1/fleets/other/devices/x1/requests",
+                                         {"payload": {"type": "none"}}, key=self.h.otherKey)
+        self.assertEqual(status, 200)
+        status, _, _ = yield first
+        self.assertEqual(status, 504)
+        self.assertEqual(self.h.site.api.heldByFleet, {})
+
+    @defer.inlineCallbacks
     def test_metrics(self):
         device = yield self.h.iot.device("d1")
         device.onRequest = echo

@@ -182,7 +182,7 @@ class APIResource(Resource):
     isLeaf = True
 
     def __init__(self, reactor, concentrator, keys, requestTimeout=30.0,
-                 maxRequestTimeout=300.0, maxHeld=10000, stats=None):
+                 maxRequestTimeout=300.0, maxHeld=10000, maxHeldPerFleet=1000, stats=None):
         super().__init__()
         self.reactor = reactor
         self.concentrator = concentrator
@@ -190,6 +190,8 @@ class APIResource(Resource):
         self.requestTimeout = requestTimeout
         self.maxRequestTimeout = maxRequestTimeout
         self.maxHeld = maxHeld
+        self.maxHeldPerFleet = maxHeldPerFleet
+        self.heldByFleet = {}
         self.stats = stats if stats is not None else APIStats()
 
     # -- plumbing -----------------------------------------------------------
@@ -391,17 +393,29 @@ class APIResource(Resource):
             raise APIError(400, "BAD_REQUEST",
                            f"timeout is a number of seconds in (0, {self.maxRequestTimeout:g}]")
         s = self.stats
+        byFleet = self.heldByFleet
+        if byFleet.get(fleet, 0) >= self.maxHeldPerFleet:
+            # One tenant may not take every slot from the others.
+            s.bump(s.heldOutcomes, "fleet_limit")
+            raise APIError(429, "TOO_MANY_HELD",
+                           f"this fleet already has {self.maxHeldPerFleet} requests waiting",
+                           [(b"retry-after", b"1")])
         if s.held >= self.maxHeld:
             s.bump(s.heldOutcomes, "overloaded")
             raise APIError(503, "OVERLOADED", "too many requests are waiting for devices",
                            [(b"retry-after", b"1")])
         started = self.reactor.seconds()
         s.held += 1
+        byFleet[fleet] = byFleet.get(fleet, 0) + 1
         state = {"done": False}
 
         def settle(outcome):
             state["done"] = True
             s.held -= 1
+            if byFleet[fleet] == 1:
+                del byFleet[fleet]
+            else:
+                byFleet[fleet] -= 1
             s.bump(s.heldOutcomes, outcome)
             s.heldLatency.observe(max(0.0, self.reactor.seconds() - started))
 
@@ -468,7 +482,8 @@ def makeSite(reactor, concentrator, keys, httpSettings, registry=None):
     resource = APIResource(reactor, concentrator, keys,
                            requestTimeout=httpSettings["request_timeout"],
                            maxRequestTimeout=httpSettings["max_request_timeout"],
-                           maxHeld=httpSettings["max_held"])
+                           maxHeld=httpSettings["max_held"],
+                           maxHeldPerFleet=httpSettings["max_held_per_fleet"])
     if registry is not None:
         registry.register(APICollector(resource.stats))
     site = APISite(resource, reactor, httpSettings["max_body"], httpSettings["idle_timeout"])

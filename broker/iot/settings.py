@@ -39,6 +39,9 @@ HTTP = Table({
                     doc="Larger request bodies are refused with 413."),
     "max_held": Int(10000, minimum=1,
                     doc="Held requests at once; beyond, 503 OVERLOADED."),
+    "max_held_per_fleet": Int(1000, minimum=1,
+                              doc="Held requests of one fleet at once; beyond, 429 "
+                                  "TOO_MANY_HELD."),
     "idle_timeout": Float(120.0, minimum=1,
                           doc="Seconds a keep-alive connection may sit idle between "
                               "requests (never while a request is held)."),
