@@ -95,6 +95,7 @@ listen = ["tcp:{self.tcp}:interface=127.0.0.1:backlog=1024"]
 registry_file = "{registry}"
 # The UDP part spends tokens fast: let each device hold many.
 token_batch = 4096
+max_queue_depth = 1000000
 [iot.udp]
 port = {self.udp}
 [iot.http]
@@ -306,8 +307,8 @@ async def benchUDP(run):
     /metrics until it stops moving.
     """
     reactor, opts, broker = run.reactor, run.opts, run.broker
-    perRun = opts.datagrams
     rates = [opts.udp_rate, 0]
+    perRun = min(opts.datagrams, len(broker.secrets) * 4096 // len(rates))
     need = perRun * len(rates)
     ids = list(broker.secrets)[:max(1, math.ceil(need / 4096))]
     clients = await connectDevices(run, ids)

@@ -6,6 +6,7 @@ listener.
 """
 
 import os
+import socket
 import sqlite3
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -37,8 +38,9 @@ class UDPListenerService(service.Service):
 
     name = "iot.udp"
 
-    def __init__(self, reactor, protocol, interface, port, maxPacket):
+    def __init__(self, reactor, protocol, interface, port, maxPacket, receiveBuffer=0):
         self._reactor = reactor
+        self.receiveBuffer = receiveBuffer
         self.protocol = protocol
         self.interface = interface
         self.portNumber = port
@@ -54,6 +56,13 @@ class UDPListenerService(service.Service):
             log.critical("iot.udp cannot listen on {interface}:{port}: {e}",
                          interface=self.interface, port=self.portNumber, e=e.socketError)
             raise
+        if self.receiveBuffer:
+            sock = self.port.socket
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self.receiveBuffer)
+            got = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+            if got < self.receiveBuffer:
+                log.warn("iot.udp: receive buffer is {got} bytes, not {want} (raise "
+                         "net.core.rmem_max)", got=got, want=self.receiveBuffer)
         host = self.port.getHost()
         log.info("iot.udp listening on {host}:{port}", host=host.host, port=host.port)
         super().startService()
@@ -239,7 +248,8 @@ def build(context):
     if cfg["udp"]["enabled"]:
         udp = TelemetryListener(concentrator, cfg["udp"]["max_datagram"])
         context.addService(UDPListenerService(reactor, udp, cfg["udp"]["interface"],
-                                              cfg["udp"]["port"], cfg["udp"]["max_datagram"]))
+                                              cfg["udp"]["port"], cfg["udp"]["max_datagram"],
+                                              cfg["udp"]["receive_buffer"]))
     context.registry.register(IoTCollector(concentrator, factory, udp))
     buildHTTP(context, cfg, concentrator)
     return concentrator

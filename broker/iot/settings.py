@@ -86,6 +86,9 @@ UDP = Table({
     "port": Int(7001, minimum=0, maximum=65535),
     "max_datagram": Int(8 * KIB, minimum=18, maximum=65507,
                         doc="Larger datagrams are dropped as malformed."),
+    "receive_buffer": Int(4 * MIB, minimum=0,
+                          doc="SO_RCVBUF bytes (capped by net.core.rmem_max); 0: the "
+                              "system default.  Absorbs bursts while the process is busy."),
 })
 
 SECTION = Table({
