@@ -40,7 +40,8 @@ def writeConfig(testCase, registry=REGISTRY, extra=""):
         '[webpubsub]\nenabled = false\n'
         '[iot]\nenabled = true\nlisten = ["tcp:0:interface=127.0.0.1"]\n'
         f'registry_file = "{reg.path}"\n{extra}'
-        '[iot.udp]\nport = 0\n'.encode())
+        '[iot.udp]\nport = 0\n'
+        '[iot.http]\nlisten = ["tcp:0:interface=127.0.0.1"]\n'.encode())
     return directory, path
 
 
