@@ -70,6 +70,7 @@ class WebhookTestMixin:
             caFile = certPath
         else:
             endpoint = serverFromString(reactor, "tcp:0:interface=127.0.0.1")
+        self.caFile = caFile
         port = yield endpoint.listen(site)
         self.addCleanup(port.stopListening)
         agent, pool = makeAgent(reactor, persistent=False, caFile=caFile)
@@ -378,3 +379,26 @@ class DeviceThroughWebhookTests(WebhookTestMixin, TestCase):
         e = yield self.assertFailure(device.request(frames.EMPTY), errors.Refused)
         self.assertEqual(e.code, "NO_CENTRAL")
         self.assertEqual(self.upstream.seen, [])
+
+
+class ConfiguredTLSWebhookTests(WebhookTestMixin, TestCase):
+    """
+    iot.webhook.ca_file: an https webhook with a private CA, from the
+    configuration.
+    """
+
+    tls = True
+
+    @defer.inlineCallbacks
+    def test_caFile(self):
+        yield self.startUpstream([(200, b'{"payload": {"type": "ascii", "data": "ok"}}')])
+        settings = SECTION.check("iot", {"webhook": {
+            "ca_file": self.caFile, "fleets": {"acme": {
+                "url": self.url, "signing_secret": "x", "timeout": 2.0}}}})
+        webhooks = Webhooks(reactor, settings["webhook"], persistent=False)
+        self.addCleanup(webhooks.close)
+        link = webhooks.links["acme"]
+        self.assertEqual((link.timeout, link.retries), (2.0, 3))
+        answer = yield link.deviceRequest("acme", "d1", frames.EMPTY)
+        self.assertEqual(answer, Payload(frames.ASCII, b"ok"))
+        self.assertEqual(self.upstream.seen[0]["headers"].get("authorization"), None)
