@@ -13,9 +13,9 @@ from twisted.internet.task import deferLater
 from twisted.python.filepath import FilePath
 from twisted.trial.unittest import TestCase
 
-from broker import config
+from broker import config, tap
 from broker.iot import auth, frames
-from broker.iot.client import IoTClient
+from broker.iot.client import AuthFailed, IoTClient
 from broker.iot.frames import Payload
 from tests.test_tap import TwistdTestsMixin
 
@@ -77,6 +77,82 @@ class ConfigTests(TestCase):
         path.setContent(b'[fleets.acme.devices.d1]\nkey = 3\n')
         e = self.assertRaises(ValueError, auth.loadRegistryFile, path.path)
         self.assertIn("fleets.acme.devices.d1.key", str(e))
+
+
+def listeningPort(listener):
+    """
+    The port a L{broker.tap.ListenerService} listens on, leaving its own
+    Deferred's result (which it stops at shutdown) untouched.
+    """
+    d = defer.Deferred()
+
+    def seen(port):
+        d.callback(port)
+        return port
+    listener._waitingForPort.addCallback(seen)
+    return d
+
+
+class FaceBuildTests(TestCase):
+    """
+    The face in the service tree L{broker.tap.buildService} builds.
+    """
+
+    @defer.inlineCallbacks
+    def setUp(self):
+        self.directory, path = writeConfig(self)
+        self.top = tap.buildService(config.load(path.path), reactor)
+        self.top.privilegedStartService()
+        self.top.startService()
+        self.addCleanup(self.top.stopService)
+        names = [s.name for s in self.top]
+        self.assertIn("iot.listen[0]", names)
+        self.assertIn("iot.udp", names)
+        listener = self.top.getServiceNamed("iot.listen[0]")
+        self.port = (yield listeningPort(listener)).getHost().port
+
+    @defer.inlineCallbacks
+    def authenticate(self, deviceId, secret):
+        c = IoTClient("device", "acme", deviceId, secret)
+        yield connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", self.port), c)
+        self.addCleanup(lambda: c.transport.abortConnection() if c.transport.connected
+                        else None)
+        try:
+            yield c.authenticated
+            return None
+        except AuthFailed as e:
+            return e.code
+
+    @defer.inlineCallbacks
+    def test_registryReload(self):
+        """
+        SIGHUP re-reads the registry file: a new device can connect; a
+        file that no longer parses keeps the previous registry.
+        """
+        self.assertIsNone((yield self.authenticate("d1", "d1-secret")))
+        self.assertEqual((yield self.authenticate("d2", "d2-secret")), "UNKNOWN_DEVICE")
+        registry = self.directory.child("registry.toml")
+        registry.setContent((REGISTRY + '[fleets.acme.devices.d2]\nkey = "d2-secret"\n').encode())
+        self.top.reloader.reload()
+        self.assertIsNone((yield self.authenticate("d2", "d2-secret")))
+        registry.setContent(b"[fleets.acme.devices.d3]\nkey = 7\n")
+        self.top.reloader.reload()
+        self.assertEqual(len(self.flushLoggedErrors(ValueError)), 1)
+        self.assertIsNone((yield self.authenticate("d2", "d2-secret")))
+
+    @defer.inlineCallbacks
+    def test_metrics(self):
+        """
+        The face's counters are served on the admin /metrics.
+        """
+        self.assertEqual((yield self.authenticate("d1", "wrong")), "BAD_PROOF")
+        admin = self.top.getServiceNamed("admin.listen[0]")
+        port = (yield listeningPort(admin)).getHost().port
+        response = yield treq.get(f"http://127.0.0.1:{port}/metrics", reactor=reactor,
+                                  persistent=False)
+        text = (yield treq.content(response)).decode()
+        self.assertIn('broker_iot_auth_failures_total{reason="BAD_PROOF"} 1.0', text)
+        self.assertIn('broker_iot_sessions{role="device"} 0.0', text)
 
 
 class RestartDurabilityTests(TwistdTestsMixin, TestCase):
