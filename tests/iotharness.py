@@ -59,7 +59,7 @@ class IoTHarness:
         tc.addCleanup(self.store.runner.close)
         factoryOptions = {k: opts.pop(k) for k in list(opts)
                           if k in ("authTimeout", "pingInterval", "pingTimeout", "maxFrame",
-                                   "maxOutputBuffer")}
+                                   "maxOutputBuffer", "maxInFlight")}
         self.concentrator = Concentrator(reactor, self.core, self.registry, self.store, **opts)
         self.factory = IoTFactory(reactor, self.concentrator, **factoryOptions)
         if self.tls:

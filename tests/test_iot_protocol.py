@@ -621,3 +621,52 @@ class TelemetryTests(HarnessMixin, TestCase):
         d.write(frames.PING, 5)
         yield d.nextFrame()
         self.assertEqual(len(d.tokens), 8)
+
+
+class LimitsTests(HarnessMixin, TestCase):
+    options = {"maxInFlight": 2, "maxOutputBuffer": 16 * 1024, "requestTimeout": 5}
+
+    @defer.inlineCallbacks
+    def test_busy(self):
+        """
+        A peer with C{maxInFlight} requests unanswered gets BUSY for the
+        next, and may go on once one is answered.
+        """
+        central = yield self.h.central()
+        d = yield self.h.device("d1")
+        first, second = d.request(Payload.json(1)), d.request(Payload.json(2))
+        e = yield self.assertFailure(d.request(Payload.json(3)), errors.Refused)
+        self.assertEqual(e.code, "BUSY")
+        request = yield central.nextFrame()
+        central.write(frames.RESPONSE, request.requestId, Payload.json("one"))
+        self.assertEqual((yield first).value(), "one")
+        third = d.request(Payload.json(4))
+        for _ in range(2):
+            request = yield central.nextFrame()
+            central.write(frames.RESPONSE, request.requestId, Payload.json("ok"))
+        yield second
+        yield third
+
+    @defer.inlineCallbacks
+    def test_slowConsumer(self):
+        """
+        A device that stops reading is dropped once more than
+        C{maxOutputBuffer} bytes wait for it, instead of the broker
+        buffering without bound.
+        """
+        d = yield self.h.device("d1")
+        d.transport.pauseProducing()
+        chunk = Payload(frames.BINARY, b"x" * 60000)
+        for _ in range(2000):
+            if not self.c.isOnline("acme", "d1"):
+                break
+            try:
+                yield self.c.send("acme", "d1", chunk, queue=False)
+            except errors.DeviceOffline:
+                break
+            if _ % 50 == 0:
+                yield deferLater(reactor, 0, lambda: None)
+        self.assertEqual(self.h.factory.counters.slowConsumers, 1)
+        d.transport.resumeProducing()
+        yield d.closed
+        yield waitUntil(reactor, lambda: not self.c.isOnline("acme", "d1"))

@@ -73,5 +73,12 @@ class NoCentral(IoTError):
     code = "NO_CENTRAL"
 
 
+class Busy(IoTError):
+    """
+    The session already has the maximum number of requests in flight.
+    """
+    code = "BUSY"
+
+
 class BadRequest(IoTError):
     code = "BAD_REQUEST"

@@ -64,6 +64,7 @@ class IoTSession(Protocol):
         self.peerId = None
         self.entry = None
         self.authenticatedOnce = False
+        self._inFlight = 0
         self._reader = FrameReader(factory.maxFrame)
         self._pending = {}          # our request id -> (Deferred, timer or None)
         self._nextId = SERVER_REQUEST_BASE
@@ -410,8 +411,25 @@ class IoTSession(Protocol):
         if frame.address:
             raise errors.Forbidden("a device's requests go to its central (empty address)")
         c = self.factory.concentrator
-        self._answer(c.centralRequest(self.fleet, self.peerId, frame.payload),
-                     frame.requestId)
+        self._inbound(lambda: c.centralRequest(self.fleet, self.peerId, frame.payload),
+                      frame.requestId)
+
+    def _inbound(self, start, requestId):
+        """
+        Start a request of the peer (C{start()} returns a Deferred) and
+        answer it once that fires, counting it among
+        the peer's requests in flight (at most C{maxInFlight}, else BUSY:
+        a peer cannot pile up unbounded work in the broker).
+        """
+        if self._inFlight >= self.factory.maxInFlight:
+            raise errors.Busy(f"more than {self.factory.maxInFlight} requests in flight")
+        self._inFlight += 1
+        d = start()
+
+        def done(result):
+            self._inFlight -= 1
+            return result
+        self._answer(d.addBoth(done), requestId)
 
     def _deviceMessage(self, frame):
         c = self.factory.concentrator
@@ -438,7 +456,8 @@ class IoTSession(Protocol):
 
     def _centralRequest(self, frame):
         c = self.factory.concentrator
-        self._answer(c.request(self.fleet, frame.address, frame.payload), frame.requestId)
+        self._inbound(lambda: c.request(self.fleet, frame.address, frame.payload),
+                      frame.requestId)
 
     def _centralMessage(self, frame):
         c = self.factory.concentrator
@@ -456,7 +475,14 @@ class IoTSession(Protocol):
             else:
                 log.failure("iot: message {rid} of {who}", f, rid=rid, who=self.describe())
                 self._error(rid, "INTERNAL", "internal error")
-        c.send(self.fleet, frame.address, frame.payload).addCallbacks(sent, bad)
+        if self._inFlight >= self.factory.maxInFlight:
+            raise errors.Busy(f"more than {self.factory.maxInFlight} requests in flight")
+        self._inFlight += 1
+
+        def done(result):
+            self._inFlight -= 1
+            return result
+        c.send(self.fleet, frame.address, frame.payload).addBoth(done).addCallbacks(sent, bad)
 
     # ICentralLink, for a central session:
 
@@ -490,7 +516,7 @@ class IoTFactory(Factory):
 
     def __init__(self, reactor, concentrator, authTimeout=10.0, pingInterval=30.0,
                  pingTimeout=30.0, maxFrame=frames.DEFAULT_MAX_FRAME,
-                 maxOutputBuffer=1024 * 1024, nonces=None):
+                 maxOutputBuffer=1024 * 1024, maxInFlight=256, nonces=None):
         self.reactor = reactor
         self.concentrator = concentrator
         self.authTimeout = authTimeout
@@ -498,6 +524,7 @@ class IoTFactory(Factory):
         self.pingTimeout = pingTimeout
         self.maxFrame = maxFrame
         self.maxOutputBuffer = maxOutputBuffer
+        self.maxInFlight = maxInFlight
         self.counters = Counters()
         self.nonces = nonces if nonces is not None else auth.NonceBook(
             clock=reactor.seconds)
