@@ -97,6 +97,26 @@ class TelemetryOverUDPTests(TestCase):
         self.assertEqual(self.h.concentrator.tokens.outstanding("acme", "d1"), 8)
 
     @defer.inlineCallbacks
+    def test_newSessionNewTokens(self):
+        """
+        A device that reconnects gets a fresh batch; the tokens of its
+        previous session no longer count.
+        """
+        d = yield self.h.device("d1")
+        old = list((yield d.waitTokens(8)))
+        d.transport.loseConnection()
+        yield d.closed
+        d = yield self.h.device("d1")
+        new = yield d.waitTokens(8)
+        self.assertEqual(len(new), 8)
+        self.assertFalse(set(old) & set(new))
+        self.assertEqual(self.h.concentrator.tokens.outstanding("acme", "d1"), 8)
+        self.send(frames.encodeDatagram(old[0], Payload.json(1)))
+        yield self.counted(UNKNOWN, 1)
+        self.send(frames.encodeDatagram(new[0], Payload.json(1)))
+        yield self.counted(ACCEPTED, 1)
+
+    @defer.inlineCallbacks
     def test_tokenNamesItsDevice(self):
         """
         A token issued to one device publishes as that device only: a

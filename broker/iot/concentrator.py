@@ -166,6 +166,9 @@ class Concentrator:
             old.close("REPLACED", "a newer session of this device authenticated")
         self._devices[k] = session
         box = self._outboxes[k] = Outbox(self, session, self.window)
+        # A new session gets a fresh batch; the previous session's tokens
+        # die with it.
+        self.tokens.revoke(session.fleet, session.peerId)
         self.refillTokens(session.fleet, session.peerId)
         box.pump()
 

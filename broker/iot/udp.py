@@ -45,7 +45,7 @@ class TokenBook:
         self._clock = clock
         self._live = {}                  # token -> (fleet, deviceId, expires)
         self._order = deque()            # (expires, token), issue order
-        self._outstanding = {}           # (fleet, deviceId) -> live count
+        self._byDevice = {}              # (fleet, deviceId) -> set of live tokens
         self._spent = OrderedDict()
         self._spentMemory = spentMemory
 
@@ -56,12 +56,23 @@ class TokenBook:
         for t in tokens:
             self._live[t] = owner
             self._order.append((expires, t))
-        k = (fleet, deviceId)
-        self._outstanding[k] = self._outstanding.get(k, 0) + n
+        mine = self._byDevice.get((fleet, deviceId))
+        if mine is None:
+            mine = self._byDevice[(fleet, deviceId)] = set()
+        mine.update(tokens)
         return tokens
 
     def outstanding(self, fleet, deviceId):
-        return self._outstanding.get((fleet, deviceId), 0)
+        mine = self._byDevice.get((fleet, deviceId))
+        return len(mine) if mine else 0
+
+    def _forget(self, fleet, deviceId, token):
+        k = (fleet, deviceId)
+        mine = self._byDevice.get(k)
+        if mine is not None:
+            mine.discard(token)
+            if not mine:
+                del self._byDevice[k]
 
     def redeem(self, token):
         """
@@ -76,12 +87,7 @@ class TokenBook:
                 return REPLAYED, None, None
             return UNKNOWN, None, None
         fleet, deviceId, expires = owner
-        k = (fleet, deviceId)
-        n = self._outstanding[k] - 1
-        if n:
-            self._outstanding[k] = n
-        else:
-            del self._outstanding[k]
+        self._forget(fleet, deviceId, token)
         spent = self._spent
         spent[token] = None
         if len(spent) > self._spentMemory:
@@ -92,17 +98,17 @@ class TokenBook:
 
     def revoke(self, fleet, deviceId):
         """
-        Forget every live token of a device (its key was revoked).
+        Forget every live token of a device: its key was revoked, or a new
+        session of it gets a fresh batch (so reconnecting never piles up
+        tokens).
         """
-        for t, owner in list(self._live.items()):
-            if owner[0] == fleet and owner[1] == deviceId:
-                del self._live[t]
-        self._outstanding.pop((fleet, deviceId), None)
+        for t in self._byDevice.pop((fleet, deviceId), ()):
+            self._live.pop(t, None)
 
     def purge(self):
         """
-        Drop expired tokens (kept as spent, so a late datagram is counted
-        as expired... or replayed); return how many.
+        Drop expired tokens (a late datagram then counts as unknown);
+        return how many.
         """
         now = self._clock()
         order = self._order
@@ -112,12 +118,7 @@ class TokenBook:
             owner = self._live.pop(t, None)
             if owner is not None:
                 n += 1
-                k = (owner[0], owner[1])
-                c = self._outstanding.get(k, 0) - 1
-                if c > 0:
-                    self._outstanding[k] = c
-                else:
-                    self._outstanding.pop(k, None)
+                self._forget(owner[0], owner[1], t)
         return n
 
     def __len__(self):
