@@ -141,6 +141,27 @@ class FaceBuildTests(TestCase):
         self.assertIsNone((yield self.authenticate("d2", "d2-secret")))
 
     @defer.inlineCallbacks
+    def test_issuedKeysSurviveRestart(self):
+        """
+        Keys issued at run time are in the store: after a restart the
+        device authenticates with its issued key, and a revoked file
+        device stays revoked.
+        """
+        concentrator = self.top.getServiceNamed("iot.listen[0]").factory.concentrator
+        secret = yield concentrator.issueKey("acme", "d7")
+        yield concentrator.revokeKey("acme", "d1")
+        yield self.top.stopService()
+        self.top = tap.buildService(config.load(self.directory.child("broker.toml").path),
+                                    reactor)
+        self.top.privilegedStartService()
+        self.top.startService()
+        self.addCleanup(self.top.stopService)
+        self.port = (yield listeningPort(self.top.getServiceNamed("iot.listen[0]"))
+                     ).getHost().port
+        self.assertIsNone((yield self.authenticate("d7", secret)))
+        self.assertEqual((yield self.authenticate("d1", "d1-secret")), "UNKNOWN_DEVICE")
+
+    @defer.inlineCallbacks
     def test_metrics(self):
         """
         The face's counters are served on the admin /metrics.
