@@ -49,6 +49,7 @@ STATUS = {
     errors.Forbidden.code: 403,
     errors.BadRequest.code: 400,
     errors.NoCentral.code: 503,
+    errors.Busy.code: 429,
 }
 
 
