@@ -82,7 +82,7 @@ class HarnessMixin:
 
 
 class AuthenticationTests(HarnessMixin, TestCase):
-    options = {"authTimeout": 0.3}
+    options = {"authTimeout": 1.0}
 
     @defer.inlineCallbacks
     def test_deviceAndCentral(self):
@@ -495,7 +495,7 @@ class MessageTests(HarnessMixin, TestCase):
 
 
 class KeepaliveTests(HarnessMixin, TestCase):
-    options = {"pingInterval": 0.1, "pingTimeout": 0.2}
+    options = {"pingInterval": 0.2, "pingTimeout": 0.8}
 
     @defer.inlineCallbacks
     def test_pingAnswered(self):
@@ -503,7 +503,16 @@ class KeepaliveTests(HarnessMixin, TestCase):
         An idle session is pinged and stays open while it answers.
         """
         d = yield self.h.device("d1")
-        yield deferLater(reactor, 0.6, lambda: None)
+        pings = []
+        original = d._frame
+
+        def spy(frame):
+            if frame.kind == frames.PING:
+                pings.append(frame)
+            original(frame)
+        d._frame = spy
+        yield deferLater(reactor, 1.5, lambda: None)
+        self.assertGreaterEqual(len(pings), 2)
         self.assertTrue(d.transport.connected)
         self.assertEqual(self.h.factory.counters.deadSessions, 0)
 
