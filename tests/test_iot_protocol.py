@@ -4,8 +4,8 @@ TCP (and TLS) sockets: both session kinds, every frame kind, each
 authentication failure, requests, messages, keepalive, isolation.
 """
 
-import json
 import os
+import random
 
 from twisted.internet import defer, reactor
 from twisted.internet.protocol import Protocol
@@ -586,6 +586,48 @@ class MalformedTests(HarnessMixin, TestCase):
             f = yield central.nextFrame()
             self.assertEqual((f.kind, f.requestId, f.payload.value()["code"]),
                              (frames.ERROR, rid, "BAD_REQUEST"))
+
+    def randomFrames(self, seed, n):
+        """
+        C{n} delimited frames with random header fields and payloads (the
+        Hypothesis strategies of tests.test_iot_frames drive the unit-level
+        fuzzing; here the same shapes go through a real socket).
+        """
+        rnd = random.Random(seed)
+        # Not CLOSE: that one legitimately ends the session.
+        kinds = sorted(set(frames.KINDS) - {frames.CLOSE}) + [0, 0x7F, 0xFF]
+        out = []
+        for _ in range(n):
+            address = rnd.choice([b"", b"d2", b"group/alerts", b"\xff\xfe",
+                                  bytes(rnd.randrange(256) for _ in range(4))])
+            payload = bytes(rnd.randrange(256) for _ in range(rnd.randrange(40)))
+            body = frames.HEADER.pack(rnd.choice([1, 1, 1, 0, 2]), rnd.choice(kinds),
+                                      rnd.randrange(2 ** 62), rnd.randrange(7),
+                                      len(address)) + address + payload
+            out.append(frames.LENGTH.pack(len(body)) + body)
+        return out
+
+    @defer.inlineCallbacks
+    def test_randomFramesBothRoles(self):
+        """
+        Hundreds of random (mostly invalid) frames on an authenticated
+        device session and central session: answered or ignored, never
+        fatal; both sessions still answer a PING afterwards.
+        """
+        d = yield self.h.device("d1")
+        central = yield self.h.central()
+        for seed, peer in [(1, d), (2, central)]:
+            for chunk in self.randomFrames(seed, 300):
+                peer.transport.write(chunk)
+            peer.write(frames.PING, 4242)
+        for peer in (d, central):
+            while True:
+                f = yield peer.nextFrame()
+                if isinstance(f, frames.Frame) and f.kind == frames.PONG and \
+                        f.requestId == 4242:
+                    break
+            self.assertTrue(peer.transport.connected)
+        self.assertGreater(self.h.factory.counters.badFrames, 100)
 
     @defer.inlineCallbacks
     def test_garbageBeforeAuth(self):
