@@ -160,6 +160,12 @@ class FaceBuildTests(TestCase):
                      ).getHost().port
         self.assertIsNone((yield self.authenticate("d7", secret)))
         self.assertEqual((yield self.authenticate("d1", "d1-secret")), "UNKNOWN_DEVICE")
+        # The store holds device keys: only the broker's user may read it.
+        store = self.directory.child("state").child("iot.sqlite")
+        self.assertEqual(stat.S_IMODE(os.stat(store.path).st_mode), 0o600)
+        for suffix in ("-wal", "-shm"):
+            if os.path.exists(store.path + suffix):
+                self.assertEqual(stat.S_IMODE(os.stat(store.path + suffix).st_mode), 0o600)
 
     @defer.inlineCallbacks
     def test_metrics(self):

@@ -136,6 +136,17 @@ class IoTCollector:
         yield g
 
 
+def privateFile(path):
+    """
+    Create C{path} with mode 0600 (or narrow it to 0600): the store holds
+    the device keys issued at run time, and SQLite gives its -wal and -shm
+    files the database's mode.
+    """
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
+    os.chmod(path, 0o600)
+
+
 def registryPath(context, cfg):
     """
     The registry file: the configured one, or a development registry
@@ -165,8 +176,13 @@ def buildConcentrator(context, cfg):
         registry = Registry(loadRegistryFile(path))
     except (OSError, ValueError) as e:
         raise ConfigError(key, f"cannot load the IoT registry {path}: {e}")
-    store = SQLiteMessageStore.open(
-        context.reactor, cfg["store_path"] or os.path.join(context.stateDir, STORE_FILE))
+    storePath = cfg["store_path"] or os.path.join(context.stateDir, STORE_FILE)
+    key = "iot.store_path" if cfg["store_path"] else "broker.state_dir"
+    try:
+        privateFile(storePath)
+    except OSError as e:
+        raise ConfigError(key, f"cannot keep the IoT store {storePath}: {e}")
+    store = SQLiteMessageStore.open(context.reactor, storePath)
     context.addService(store.runner)
     context.addService(IssuedKeysLoader(store, registry))
     concentrator = Concentrator(

@@ -514,6 +514,8 @@ class IoTFactory(Factory):
     TCP and TLS endpoint.
     """
 
+    noisy = False
+
     def __init__(self, reactor, concentrator, authTimeout=10.0, pingInterval=30.0,
                  pingTimeout=30.0, maxFrame=frames.DEFAULT_MAX_FRAME,
                  maxOutputBuffer=1024 * 1024, maxInFlight=256, nonces=None):

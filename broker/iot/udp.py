@@ -131,6 +131,8 @@ class TelemetryListener(DatagramProtocol):
     concentrator.  Counts every outcome in C{counts}.
     """
 
+    noisy = False
+
     def __init__(self, concentrator, maxDatagram=65507):
         self.concentrator = concentrator
         self.maxDatagram = maxDatagram
