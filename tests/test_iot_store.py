@@ -52,6 +52,24 @@ class SQLiteStoreTests(TestCase):
         self.assertEqual((yield self.store.depths("g")), {})
 
     @defer.inlineCallbacks
+    def test_groupCommit(self):
+        """
+        Pushes made in one reactor turn are committed together and each
+        gets its own outcome, in order: ids while there is room, then
+        QueueFull.
+        """
+        ds = [self.store.push("f", "d", Payload.json(i), 60, 3) for i in range(5)]
+        ds.append(self.store.push("f", "e", Payload.json("e"), 60, 3))
+        results = yield defer.DeferredList(ds, consumeErrors=True)
+        ok = [r for success, r in results if success]
+        self.assertEqual(len(ok), 4)
+        self.assertEqual(ok[:3], sorted(ok[:3]))
+        self.assertEqual([success for success, _ in results], [True] * 3 + [False] * 2 + [True])
+        self.assertTrue(all(r.check(errors.QueueFull) for s, r in results if not s))
+        rows = yield self.store.pending("f", "d", 0, 10)
+        self.assertEqual([p.value() for _, p in rows], [0, 1, 2])
+
+    @defer.inlineCallbacks
     def test_ttl(self):
         yield self.store.push("f", "d", Payload.json("old"), 10, 10)
         self.time.now += 5

@@ -8,7 +8,7 @@ synchronous=FULL: a message whose id was returned survives a SIGKILL).
 
 import time
 
-from twisted.internet.defer import fail, succeed
+from twisted.internet.defer import Deferred, fail, succeed
 
 from zope.interface import implementer
 
@@ -45,18 +45,60 @@ class SQLiteMessageStore:
         not a monotonic clock); injectable for tests.
     """
 
-    def __init__(self, runner, clock=time.time):
+    def __init__(self, runner, clock=time.time, reactor=None):
         self.runner = runner
         self._clock = clock
+        self._reactor = reactor
+        self._pushes = []
+        self._flush = None
 
     @classmethod
     def open(cls, reactor, path, clock=time.time):
-        return cls(SQLiteRunner(reactor, path, SCHEMA, name="iot.store"), clock)
+        return cls(SQLiteRunner(reactor, path, SCHEMA, name="iot.store"), clock, reactor)
 
     def push(self, fleet, deviceId, payload, ttl, maxDepth):
+        """
+        See L{IMessageStore.push}.  With a reactor, the pushes of one
+        reactor turn are committed together (group commit: one fsync for
+        all of them); each still fires with its own id or QueueFull, in
+        order, only after the commit.
+        """
         now = self._clock()
-        return self.runner.runInteraction(self._push, fleet, deviceId, payload,
-                                          now, now + ttl, maxDepth)
+        item = (fleet, deviceId, payload, now, now + ttl, maxDepth)
+        if self._reactor is None:
+            return self.runner.runInteraction(self._push, *item)
+        d = Deferred()
+        self._pushes.append((item, d))
+        if self._flush is None:
+            self._flush = self._reactor.callLater(0, self._pushAll)
+        return d
+
+    def _pushAll(self):
+        self._flush = None
+        batch, self._pushes = self._pushes, []
+
+        def stored(results):
+            for (_, d), result in zip(batch, results):
+                if isinstance(result, QueueFull):
+                    d.errback(result)
+                else:
+                    d.callback(result)
+
+        def failed(f):
+            for _, d in batch:
+                d.errback(f)
+        self.runner.runInteraction(self._pushMany, [item for item, _ in batch]).addCallbacks(
+            stored, failed)
+
+    @classmethod
+    def _pushMany(cls, cursor, items):
+        results = []
+        for item in items:
+            try:
+                results.append(cls._push(cursor, *item))
+            except QueueFull as e:
+                results.append(e)
+        return results
 
     @staticmethod
     def _push(cursor, fleet, deviceId, payload, now, expires, maxDepth):
