@@ -210,3 +210,32 @@ class SessionFuzzTests(SynchronousTestCase):
         out = FrameReader(1 << 20).feed(transport.value())
         self.assertTrue(all(isinstance(f, Frame) for f in out))
         self.assertEqual(out[-1].kind, frames.ERROR)
+
+
+class AbortRecordingTransport(StringTransport):
+    aborted = False
+
+    def abortConnection(self):
+        self.aborted = True
+
+
+class CloseGraceTests(SynchronousTestCase):
+
+    def test_abortAfterGrace(self):
+        """
+        A refused session whose transport does not go (the peer reads
+        nothing) is aborted C{closeGrace} seconds later.
+        """
+        clock = Clock()
+        c = Concentrator(clock, Core(clock), Registry(fleets()), MemoryMessageStore())
+        factory = IoTFactory(clock, c, authTimeout=1, closeGrace=5)
+        proto = factory.buildProtocol(None)
+        transport = AbortRecordingTransport()
+        proto.makeConnection(transport)
+        clock.advance(1)
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(factory.counters.authFailures["AUTH_TIMEOUT"], 1)
+        clock.advance(4.9)
+        self.assertFalse(transport.aborted)
+        clock.advance(0.2)
+        self.assertTrue(transport.aborted)

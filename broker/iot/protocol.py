@@ -64,6 +64,8 @@ class IoTSession(Protocol):
         self.peerId = None
         self.entry = None
         self.authenticatedOnce = False
+        self._gone = False
+        self._abortTimer = None
         self._inFlight = 0
         self._reader = FrameReader(factory.maxFrame)
         self._pending = {}          # our request id -> (Deferred, timer or None)
@@ -84,11 +86,21 @@ class IoTSession(Protocol):
 
     def connectionLost(self, reason):
         self.state = self.CLOSED
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
+        for timer in (self._timer, self._abortTimer):
+            if timer is not None and timer.active():
+                timer.cancel()
+        self._timer = self._abortTimer = None
+        self._offline()
+
+    def _offline(self):
+        """
+        Leave the concentrator (once): as soon as the session is closing,
+        not when its transport finally goes, so that nothing more is routed
+        to it.
+        """
         c = self.factory.concentrator
-        if self.authenticatedOnce:
+        if self.authenticatedOnce and not self._gone:
+            self._gone = True
             if self.role == auth.DEVICE:
                 c.deviceOffline(self)
                 gone = errors.DeviceOffline(f"device {self.peerId!r} disconnected")
@@ -161,6 +173,7 @@ class IoTSession(Protocol):
                 log.warn("iot: closing slow consumer {who}: more than {n} bytes waiting",
                          who=self.describe(), n=self.factory.maxOutputBuffer)
                 self.state = self.CLOSED
+                self._offline()
                 self.transport.abortConnection()
                 return
         self.factory.counters.framesOut += 1
@@ -183,6 +196,7 @@ class IoTSession(Protocol):
         self._drop()
 
     def _drop(self):
+        self._offline()
         # A transport with a producer registered (TLS) waits for it to go
         # before it closes.
         try:
@@ -190,6 +204,11 @@ class IoTSession(Protocol):
         except Exception:
             pass
         self.transport.loseConnection()
+        # A peer that reads nothing (or is gone without a FIN) would keep
+        # the connection, and what waits for it, until TCP gives up.
+        if self._abortTimer is None:
+            self._abortTimer = self.factory.reactor.callLater(
+                self.factory.closeGrace, self.transport.abortConnection)
 
     def close(self, code, reason):
         if self.state == self.CLOSED:
@@ -518,7 +537,8 @@ class IoTFactory(Factory):
 
     def __init__(self, reactor, concentrator, authTimeout=10.0, pingInterval=30.0,
                  pingTimeout=30.0, maxFrame=frames.DEFAULT_MAX_FRAME,
-                 maxOutputBuffer=1024 * 1024, maxInFlight=256, nonces=None):
+                 maxOutputBuffer=1024 * 1024, maxInFlight=256, closeGrace=10.0,
+                 nonces=None):
         self.reactor = reactor
         self.concentrator = concentrator
         self.authTimeout = authTimeout
@@ -527,6 +547,7 @@ class IoTFactory(Factory):
         self.maxFrame = maxFrame
         self.maxOutputBuffer = maxOutputBuffer
         self.maxInFlight = maxInFlight
+        self.closeGrace = closeGrace
         self.counters = Counters()
         self.nonces = nonces if nonces is not None else auth.NonceBook(
             clock=reactor.seconds)
