@@ -14,7 +14,7 @@ bytes wait for it is closed as a slow consumer.
 
 import os
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, fail
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from zope.interface import implementer
@@ -225,6 +225,10 @@ class IoTSession(Protocol):
         failing with Refused (ERROR frame), RequestTimeout, or the peer
         going away.
         """
+        if self.state != self.OPEN:
+            if self.role == auth.DEVICE:
+                return fail(errors.DeviceOffline(f"device {self.peerId!r} disconnected"))
+            return fail(errors.NoCentral("the central disconnected"))
         self._nextId += 1
         rid = self._nextId
 
