@@ -347,10 +347,11 @@ async def benchUDP(run):
 def printUDP(r):
     pace = f"paced at {r['rate']:,}/s" if r["rate"] else "unpaced"
     loss = 100 * (1 - r["accepted"] / r["sent"])
+    perCpu = r["accepted"] / max(r["brokerCpu"], 1e-9)
     print(f"udp telemetry, {r['sent']:,} datagrams of {r['size']} bytes {pace} "
           f"(sent at {r['sendPerSecond']:,.0f}/s): {r['perSecond']:,.0f} accepted/s, "
-          f"{loss:.1f}% not accepted; {r['accepted'] / max(r['brokerCpu'], 1e-9):,.0f} accepted per "
-          f"broker CPU second (CPU broker {r['brokerCpu']:.2f} s in {r['seconds']:.2f} s)")
+          f"{loss:.1f}% not accepted; {perCpu:,.0f} accepted per broker CPU second "
+          f"(CPU broker {r['brokerCpu']:.2f} s in {r['seconds']:.2f} s)")
 
 
 # -- store-and-forward drain (IoT core) -------------------------------------------

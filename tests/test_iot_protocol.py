@@ -13,7 +13,6 @@ from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 from zope.interface import implementer
 
-from broker.core.message import Target
 from broker.iot import auth, errors, frames
 from broker.iot.client import AuthFailed
 from broker.iot.concentrator import telemetryGroup

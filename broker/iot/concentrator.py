@@ -10,7 +10,7 @@ over it.  Everything here is scoped by fleet (a fleet is a hub of the
 core): nothing takes a device id without its fleet.
 """
 
-from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.defer import fail, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
