@@ -379,6 +379,10 @@ class RequestTests(HarnessMixin, TestCase):
         self.assertEqual(got, [])
 
 
+class TLSRequestTests(RequestTests):
+    tls = True
+
+
 class MessageTests(HarnessMixin, TestCase):
 
     @defer.inlineCallbacks
