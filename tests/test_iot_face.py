@@ -141,6 +141,33 @@ class FaceBuildTests(TestCase):
         self.assertIsNone((yield self.authenticate("d2", "d2-secret")))
 
     @defer.inlineCallbacks
+    def test_reloadClosesRemoved(self):
+        """
+        A device removed from the registry, or the central whose key
+        changed, loses its live session on SIGHUP; the others keep theirs.
+        """
+        registry = self.directory.child("registry.toml")
+        registry.setContent((REGISTRY + '[fleets.acme.devices.d2]\nkey = "d2-secret"\n').encode())
+        self.top.reloader.reload()
+        clients = {}
+        for role, did, secret in [("device", "d1", "d1-secret"), ("device", "d2", "d2-secret"),
+                                  ("central", None, "central-secret")]:
+            c = clients[did] = IoTClient(role, "acme", did, secret)
+            yield connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", self.port), c)
+            yield c.authenticated
+            self.addCleanup(c.transport.abortConnection)
+        registry.setContent(REGISTRY.replace("central-secret", "new-central-secret").encode())
+        self.top.reloader.reload()
+        yield clients["d2"].closed
+        yield clients[None].closed
+        for c in (clients["d2"], clients[None]):
+            close = [f for f in c.inbox.pending if f.kind == frames.CLOSE]
+            self.assertEqual(close[0].payload.value()["code"], "KEY_REVOKED")
+        clients["d1"].write(frames.PING, 3)
+        pong = yield clients["d1"].nextFrame()
+        self.assertEqual(pong.kind, frames.PONG)
+
+    @defer.inlineCallbacks
     def test_issuedKeysSurviveRestart(self):
         """
         Keys issued at run time are in the store: after a restart the

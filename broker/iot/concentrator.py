@@ -299,6 +299,24 @@ class Concentrator:
             self._dropDevice(fleet, deviceId, "the device's key was revoked")
         return self.store.setKey(fleet, deviceId, None).addCallback(recorded)
 
+    def registryChanged(self):
+        """
+        The registry was reloaded: close the sessions whose device or
+        central is gone or now has another key (and forget the UDP tokens
+        of those devices).
+        """
+        for (fleet, deviceId), session in list(self._devices.items()):
+            entry = self.registry.device(fleet, deviceId)
+            if entry is None or entry.key != session.entry.key:
+                self.tokens.revoke(fleet, deviceId)
+                self._dropDevice(fleet, deviceId, "the device's key changed or was removed")
+        for fleet, sessions in list(self._centrals.items()):
+            entry = self.registry.central(fleet)
+            for session in list(sessions):
+                if entry is None or entry.key != session.entry.key:
+                    self.centralOffline(session)
+                    session.close("KEY_REVOKED", "the central key changed or was removed")
+
     def _dropDevice(self, fleet, deviceId, why):
         session = self._devices.get((fleet, deviceId))
         if session is not None:

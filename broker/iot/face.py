@@ -201,6 +201,7 @@ def buildConcentrator(context, cfg):
 
     def reload():
         registry.replaceFile(loadRegistryFile(path))
+        concentrator.registryChanged()
         log.info("iot: registry {path} reloaded", path=path)
     context.onReload(reload)
     return concentrator
