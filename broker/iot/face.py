@@ -1,9 +1,272 @@
-# -*- test-case-name: tests.test_tap -*-
+# -*- test-case-name: tests.test_iot_face -*-
 """
-Builds the iot face from C{[iot]}.
+Builds the IoT face from C{[iot]}: the registry, the store, the
+concentrator, the device/central TCP endpoints and the UDP telemetry
+listener.
 """
+
+import os
+import socket
+import sqlite3
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from twisted.application import service
+from twisted.application.internet import TimerService
+from twisted.internet.error import CannotListenError
+from twisted.logger import Logger
+
+from broker.config import ConfigError
+from broker.iot import api, apikeys
+from broker.iot.webhook import Webhooks
+from broker.iot.auth import Registry, loadRegistryFile, writeDevelopmentRegistry
+from broker.iot.concentrator import Concentrator
+from broker.iot.protocol import IoTFactory
+from broker.iot.store import SQLiteMessageStore
+from broker.iot.udp import TelemetryListener
+
+log = Logger()
+
+REGISTRY_FILE = "iot-registry.toml"
+STORE_FILE = "iot.sqlite"
+
+
+class UDPListenerService(service.Service):
+    """
+    The UDP telemetry listener, logged as C{iot.udp listening on ADDR} like
+    the stream listeners.
+    """
+
+    name = "iot.udp"
+
+    def __init__(self, reactor, protocol, interface, port, maxPacket, receiveBuffer=0):
+        self._reactor = reactor
+        self.receiveBuffer = receiveBuffer
+        self.protocol = protocol
+        self.interface = interface
+        self.portNumber = port
+        self.maxPacket = maxPacket
+        self.port = None
+
+    def startService(self):
+        try:
+            self.port = self._reactor.listenUDP(self.portNumber, self.protocol,
+                                                interface=self.interface,
+                                                maxPacketSize=self.maxPacket + 1)
+        except CannotListenError as e:
+            log.critical("iot.udp cannot listen on {interface}:{port}: {e}",
+                         interface=self.interface, port=self.portNumber, e=e.socketError)
+            raise
+        if self.receiveBuffer:
+            sock = self.port.socket
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self.receiveBuffer)
+            got = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+            if got < self.receiveBuffer:
+                log.warn("iot.udp: receive buffer is {got} bytes, not {want} (raise "
+                         "net.core.rmem_max)", got=got, want=self.receiveBuffer)
+        host = self.port.getHost()
+        log.info("iot.udp listening on {host}:{port}", host=host.host, port=host.port)
+        super().startService()
+
+    def stopService(self):
+        super().stopService()
+        if self.port is not None:
+            port, self.port = self.port, None
+            return port.stopListening()
+
+
+class IssuedKeysLoader(service.Service):
+    """
+    Loads the keys issued at run time into the registry when the store
+    opens, before any listener accepts a session (start-up may wait).
+    """
+
+    def __init__(self, store, registry):
+        self.store = store
+        self.registry = registry
+
+    def startService(self):
+        runner = self.store.runner
+        runner.start()
+        if runner.path != ":memory:":
+            connection = sqlite3.connect(runner.path)
+            try:
+                self.registry.loadIssued(
+                    connection.execute("SELECT fleet, device, secret FROM iot_keys").fetchall())
+            finally:
+                connection.close()
+        super().startService()
+
+
+class IoTCollector:
+    """
+    The face's counters for the admin /metrics, read at scrape time.
+    """
+
+    def __init__(self, concentrator, factory, udp):
+        self.c = concentrator
+        self.f = factory
+        self.udp = udp
+
+    def collect(self):
+        c = CounterMetricFamily("broker_iot_auth_failures", "Refused IoT sessions by reason.",
+                                labels=["reason"])
+        for k, v in self.f.counters.authFailures.items():
+            c.add_metric([k], v)
+        yield c
+        yield CounterMetricFamily("broker_iot_auth_ok", "Authenticated IoT sessions.",
+                                  value=self.f.counters.authOk)
+        yield CounterMetricFamily("broker_iot_bad_frames", "Malformed TCP frames.",
+                                  value=self.f.counters.badFrames)
+        yield CounterMetricFamily("broker_iot_dead_sessions", "Sessions closed by keepalive.",
+                                  value=self.f.counters.deadSessions)
+        if self.udp is not None:
+            u = CounterMetricFamily("broker_iot_udp_datagrams",
+                                    "UDP telemetry datagrams by outcome.", labels=["outcome"])
+            for k, v in self.udp.counts.items():
+                u.add_metric([k], v)
+            yield u
+        s = CounterMetricFamily("broker_iot_events", "Concentrator events.", labels=["event"])
+        for k, v in self.c.stats.items():
+            s.add_metric([k], v)
+        yield s
+        devices, centrals = self.c.onlineCount()
+        g = GaugeMetricFamily("broker_iot_sessions", "Authenticated sessions.", labels=["role"])
+        g.add_metric(["device"], devices)
+        g.add_metric(["central"], centrals)
+        yield g
+
+
+def privateFile(path):
+    """
+    Create C{path} with mode 0600 (or narrow it to 0600): the store holds
+    the device keys issued at run time, and SQLite gives its -wal and -shm
+    files the database's mode.
+    """
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
+    os.chmod(path, 0o600)
+
+
+def registryPath(context, cfg):
+    """
+    The registry file: the configured one, or a development registry
+    generated in the state directory (its keys never in the repository).
+    """
+    path = cfg["registry_file"]
+    if path:
+        return path
+    path = os.path.join(context.stateDir, REGISTRY_FILE)
+    try:
+        if writeDevelopmentRegistry(path):
+            log.warn("iot.registry_file is empty: generated a development registry in {path}",
+                     path=path)
+    except OSError as e:
+        raise ConfigError("broker.state_dir", f"cannot keep the IoT registry there: {e}")
+    return path
+
+
+def buildConcentrator(context, cfg):
+    """
+    The registry, store and concentrator, their services started with the
+    broker.
+    """
+    path = registryPath(context, cfg)
+    key = "iot.registry_file" if cfg["registry_file"] else "broker.state_dir"
+    try:
+        registry = Registry(loadRegistryFile(path))
+    except (OSError, ValueError) as e:
+        raise ConfigError(key, f"cannot load the IoT registry {path}: {e}")
+    storePath = cfg["store_path"] or os.path.join(context.stateDir, STORE_FILE)
+    key = "iot.store_path" if cfg["store_path"] else "broker.state_dir"
+    try:
+        privateFile(storePath)
+    except OSError as e:
+        raise ConfigError(key, f"cannot keep the IoT store {storePath}: {e}")
+    store = SQLiteMessageStore.open(context.reactor, storePath)
+    context.addService(store.runner)
+    context.addService(IssuedKeysLoader(store, registry))
+    concentrator = Concentrator(
+        context.reactor, context.core, registry, store,
+        requestTimeout=cfg["request_timeout"], queueTTL=cfg["queue_ttl"],
+        maxQueueDepth=cfg["max_queue_depth"], tokenTTL=cfg["token_ttl"],
+        tokenBatch=cfg["token_batch"])
+
+    def housekeeping():
+        concentrator.tokens.purge()
+        return store.purgeExpired().addErrback(
+            lambda f: log.failure("iot: purging expired messages", f))
+    timer = TimerService(60, housekeeping)
+    timer.clock = context.reactor
+    context.addService(timer)
+
+    def reload():
+        registry.replaceFile(loadRegistryFile(path))
+        concentrator.registryChanged()
+        log.info("iot: registry {path} reloaded", path=path)
+    context.onReload(reload)
+    return concentrator
+
+
+class WebhookService(service.Service):
+    """
+    Closes the webhooks' connection pool when the broker stops.
+    """
+
+    name = "iot.webhook"
+
+    def __init__(self, webhooks):
+        self.webhooks = webhooks
+
+    def stopService(self):
+        super().stopService()
+        return self.webhooks.close()
+
+
+def buildHTTP(context, cfg, concentrator):
+    """
+    The central's HTTP(S) API on C{iot.http.listen} and the fleets'
+    webhooks (used while a fleet has no central TCP session).
+    """
+    webhooks = Webhooks(context.reactor, cfg["webhook"], registry=context.registry)
+    webhooks.install(concentrator)
+    context.addService(WebhookService(webhooks))
+    http = cfg["http"]
+    if not http["enabled"]:
+        return
+    entries, devPath = api.loadKeys(http, context.stateDir)
+    if devPath is not None:
+        log.warn("iot.http.api_keys is empty: the development API key of fleet demo is in "
+                 "{path}", path=devPath)
+    try:
+        keys = apikeys.APIKeys(entries)
+    except apikeys.APIKeyError as e:
+        raise ConfigError("iot.http.api_keys", str(e))
+    site = api.makeSite(context.reactor, concentrator, keys, http, context.registry)
+    context.listen("iot.http.listen", http["listen"], site)
+
+    def reload():
+        keys.replace(api.loadKeys(http, context.stateDir)[0])
+        log.info("iot.http: {n} API keys loaded", n=len(keys))
+    context.onReload(reload)
 
 
 def build(context):
-    if not context.settings["iot"]["enabled"]:
+    cfg = context.settings["iot"]
+    if not cfg["enabled"]:
         return
+    reactor = context.reactor
+    concentrator = buildConcentrator(context, cfg)
+    factory = IoTFactory(reactor, concentrator, authTimeout=cfg["auth_timeout"],
+                         pingInterval=cfg["ping_interval"], pingTimeout=cfg["ping_timeout"],
+                         maxFrame=cfg["max_frame_size"],
+                         maxOutputBuffer=cfg["max_output_buffer"])
+    context.listen("iot.listen", cfg["listen"], factory)
+    udp = None
+    if cfg["udp"]["enabled"]:
+        udp = TelemetryListener(concentrator, cfg["udp"]["max_datagram"])
+        context.addService(UDPListenerService(reactor, udp, cfg["udp"]["interface"],
+                                              cfg["udp"]["port"], cfg["udp"]["max_datagram"],
+                                              cfg["udp"]["receive_buffer"]))
+    context.registry.register(IoTCollector(concentrator, factory, udp))
+    buildHTTP(context, cfg, concentrator)
+    return concentrator

@@ -1,0 +1,492 @@
+# -*- test-case-name: tests.test_iot_api -*-
+"""
+The HTTP(S) JSON API a fleet's central uses to reach its devices.
+
+Every call carries an API key (C{Authorization: Bearer iotk_...} or
+C{X-API-Key: iotk_...}); each key belongs to one fleet and the URL names
+the fleet, so a key used on another fleet's URL gets 403 and never learns
+whether that fleet or its devices exist::
+
+    GET    /v1/fleets/{fleet}/devices                     list, online state
+    GET    /v1/fleets/{fleet}/devices/{id}                one device
+    POST   /v1/fleets/{fleet}/devices/{id}/requests       held request
+    POST   /v1/fleets/{fleet}/devices/{id}/messages       one-way message
+    GET    /v1/fleets/{fleet}/devices/{id}/queue          queue depth
+    PUT    /v1/fleets/{fleet}/devices/{id}/key            issue a device key
+    DELETE /v1/fleets/{fleet}/devices/{id}/key            revoke it
+
+A held request keeps the HTTP request open until the device answers or the
+timeout: the answer is the HTTP response.  If the client goes away first,
+the device request is cancelled (its answer, if it comes, is dropped).
+
+Every error has one shape, C{{"error": {"code": ..., "message": ...,
+"source": "broker" | "device"}}}; docs/iot.md lists the codes and their
+HTTP statuses.  Payloads are typed JSON objects (L{broker.iot.jsonpayload}).
+"""
+
+import io
+import json
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from twisted.internet.defer import CancelledError
+from twisted.logger import Logger
+from twisted.web import server
+from twisted.web.resource import Resource
+
+from broker.config import ConfigError
+from broker.iot import apikeys, errors
+from broker.iot.histogram import LatencyHistogram
+from broker.iot.jsonpayload import PayloadError, fromJSON, toJSON
+
+log = Logger()
+
+# broker.iot.errors code -> HTTP status.
+STATUS = {
+    errors.UnknownDevice.code: 404,
+    errors.DeviceOffline.code: 503,
+    errors.RequestTimeout.code: 504,
+    errors.QueueFull.code: 507,
+    errors.Forbidden.code: 403,
+    errors.BadRequest.code: 400,
+    errors.NoCentral.code: 503,
+    errors.Busy.code: 429,
+}
+
+
+class APIError(Exception):
+    """
+    An error answered as C{status} with the JSON error shape.
+    """
+
+    def __init__(self, status, code, message, headers=()):
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.headers = headers
+
+
+class APIStats:
+    """
+    Counters read by L{APICollector} at scrape time.
+    """
+
+    def __init__(self):
+        self.held = 0
+        self.heldOutcomes = {}
+        self.heldLatency = LatencyHistogram()
+        self.responses = {}
+        self.authFailures = {}
+
+    def bump(self, table, key):
+        table[key] = table.get(key, 0) + 1
+
+
+class APICollector:
+    def __init__(self, stats):
+        self.stats = stats
+
+    def collect(self):
+        s = self.stats
+        yield GaugeMetricFamily("broker_iot_http_held_requests",
+                                "HTTP requests held until their device answers.", value=s.held)
+        c = CounterMetricFamily("broker_iot_http_held", "Held requests by outcome.",
+                                labels=["outcome"])
+        for k, v in sorted(s.heldOutcomes.items()):
+            c.add_metric([k], v)
+        yield c
+        yield s.heldLatency.family("broker_iot_http_held_seconds",
+                                   "Seconds a held request waited for its outcome.")
+        c = CounterMetricFamily("broker_iot_http_responses", "API responses by status.",
+                                labels=["status"])
+        for k, v in sorted(s.responses.items()):
+            c.add_metric([str(k)], v)
+        yield c
+        c = CounterMetricFamily("broker_iot_http_auth_failures", "Refused API keys.",
+                                labels=["reason"])
+        for k, v in sorted(s.authFailures.items()):
+            c.add_metric([k], v)
+        yield c
+
+
+class APIRequest(server.Request):
+    """
+    A request that stops storing its body past C{site.maxBody}: the body is
+    then read and dropped (so the 413 can be answered in order), and the
+    connection is cut if the client keeps sending far beyond.
+    """
+
+    tooLarge = False
+    _received = 0
+
+    def gotLength(self, length):
+        limit = self.channel.site.maxBody
+        if length is not None and length > limit:
+            # Declared too large: answer now, before the body, and hang up
+            # (as Twisted does for a malformed request), rather than read
+            # what will be thrown away.
+            self.tooLarge = True
+            self.content = io.BytesIO()
+            body = json.dumps({"error": {
+                "code": "TOO_LARGE", "message": f"the body is over {limit} bytes",
+                "source": "broker"}}).encode("utf-8")
+            api = getattr(self.channel.site, "api", None)
+            if api is not None:
+                api.stats.bump(api.stats.responses, 413)
+            self.channel.transport.write(
+                b"HTTP/1.1 413 Payload Too Large\r\nContent-Type: application/json\r\n"
+                b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body))
+            self.channel.loseConnection()
+        else:
+            super().gotLength(length)
+
+    def handleContentChunk(self, data):
+        self._received += len(data)
+        limit = self.channel.site.maxBody
+        if self._received > limit and not self.tooLarge:
+            self.tooLarge = True
+            self.content = io.BytesIO()
+        if self.tooLarge:
+            if self._received > 16 * limit:
+                self.channel.transport.abortConnection()
+            return
+        self.content.write(data)
+
+
+class APISite(server.Site):
+    requestFactory = APIRequest
+
+    def __init__(self, resource, reactor, maxBody, idleTimeout=120.0):
+        # The API takes JSON only: no form parsing, whose Content-Type parse
+        # alone cost a fifth of a held request's CPU.  Twisted stops the idle
+        # timer while a request is processed, so it never cuts a held one.
+        super().__init__(resource, reactor=reactor, parsePOSTFormSubmission=False,
+                         timeout=idleTimeout)
+        self.maxBody = maxBody
+
+    def log(self, request):
+        # The API counts responses in its metrics; one access-log line per
+        # held request would drown the broker's log.
+        pass
+
+
+def _reject(value):
+    raise ValueError(f"{value} is not valid JSON")
+
+
+class APIResource(Resource):
+    """
+    @param concentrator: an L{broker.iot.interfaces.IConcentrator}.
+    @param keys: an L{broker.iot.apikeys.APIKeys}.
+    """
+
+    isLeaf = True
+
+    def __init__(self, reactor, concentrator, keys, requestTimeout=30.0,
+                 maxRequestTimeout=300.0, maxHeld=10000, maxHeldPerFleet=1000, stats=None):
+        super().__init__()
+        self.reactor = reactor
+        self.concentrator = concentrator
+        self.keys = keys
+        self.requestTimeout = requestTimeout
+        self.maxRequestTimeout = maxRequestTimeout
+        self.maxHeld = maxHeld
+        self.maxHeldPerFleet = maxHeldPerFleet
+        self.heldByFleet = {}
+        self.stats = stats if stats is not None else APIStats()
+
+    # -- plumbing -----------------------------------------------------------
+
+    def render(self, request):
+        try:
+            return self._route(request)
+        except APIError as e:
+            return self._error(request, e)
+        except Exception:
+            log.failure("iot.http: {method} {path}", method=request.method,
+                        path=request.path)
+            return self._error(request, APIError(500, "INTERNAL", "internal error"))
+
+    def _send(self, request, status, obj=None, headers=()):
+        if request._disconnected or request.finished:
+            return
+        self.stats.bump(self.stats.responses, status)
+        request.setResponseCode(status)
+        request.setHeader(b"cache-control", b"no-store")
+        for k, v in headers:
+            request.setHeader(k, v)
+        if obj is not None:
+            data = json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+            request.setHeader(b"content-type", b"application/json")
+            request.setHeader(b"content-length", b"%d" % len(data))
+            request.write(data)
+        channel = request.channel
+        request.finish()
+        if getattr(request, "tooLarge", False) and channel is not None:
+            # Do not read on past a refused body: the client may still be
+            # sending it.
+            channel.loseConnection()
+
+    def _error(self, request, e, source="broker"):
+        headers = list(e.headers)
+        if getattr(request, "tooLarge", False):
+            headers.append((b"connection", b"close"))
+        self._send(request, e.status, {"error": {"code": e.code, "message": e.message,
+                                                 "source": source}}, headers)
+        return server.NOT_DONE_YET
+
+    def _failure(self, request, f):
+        """
+        Answer a failed concentrator Deferred.
+        """
+        e = f.value
+        if isinstance(e, errors.Refused):
+            return self._error(request, APIError(502, e.code, e.message), source="device")
+        if isinstance(e, errors.IoTError):
+            return self._error(request, APIError(STATUS.get(e.code, 500), e.code, e.message))
+        log.failure("iot.http: {method} {path}", f, method=request.method, path=request.path)
+        return self._error(request, APIError(500, "INTERNAL", "internal error"))
+
+    def _authenticate(self, request):
+        header = request.getHeader(b"authorization")
+        key = None
+        if header is not None:
+            scheme, _, value = header.partition(b" ")
+            if scheme.lower() == b"bearer":
+                key = value.strip()
+        if key is None:
+            key = request.getHeader(b"x-api-key")
+        if key is None:
+            self.stats.bump(self.stats.authFailures, "missing")
+            raise APIError(401, "UNAUTHENTICATED",
+                           "send an API key: Authorization: Bearer <key>",
+                           [(b"www-authenticate", b'Bearer realm="iot"')])
+        try:
+            found = self.keys.fleetOf(key.decode("ascii"))
+        except UnicodeDecodeError:
+            found = None
+        if found is None:
+            self.stats.bump(self.stats.authFailures, "invalid")
+            log.info("iot.http: refused an invalid API key from {peer}",
+                     peer=request.getClientAddress())
+            raise APIError(401, "BAD_API_KEY", "this API key is not valid",
+                           [(b"www-authenticate", b'Bearer realm="iot", error="invalid_token"')])
+        return found[0]
+
+    def _body(self, request, fields):
+        if request.tooLarge:
+            raise APIError(413, "TOO_LARGE",
+                           f"the body is over {request.channel.site.maxBody} bytes")
+        ctype = request.getHeader(b"content-type")
+        if ctype is not None and ctype.split(b";")[0].strip().lower() != b"application/json":
+            raise APIError(415, "UNSUPPORTED_MEDIA_TYPE", "send Content-Type: application/json")
+        request.content.seek(0)
+        raw = request.content.read()
+        try:
+            body = json.loads(raw, parse_constant=_reject)
+        except (ValueError, RecursionError) as e:
+            raise APIError(400, "BAD_JSON", f"the body is not JSON: {e}")
+        if not isinstance(body, dict):
+            raise APIError(400, "BAD_REQUEST", "the body must be a JSON object")
+        unknown = set(body) - set(fields)
+        if unknown:
+            raise APIError(400, "BAD_REQUEST", f"unknown field {sorted(unknown)[0]!r}")
+        return body
+
+    def _payload(self, body):
+        if "payload" not in body:
+            raise APIError(400, "BAD_REQUEST", "the body needs a payload")
+        try:
+            return fromJSON(body["payload"])
+        except PayloadError as e:
+            raise APIError(400, "BAD_PAYLOAD", str(e))
+
+    # -- routing ------------------------------------------------------------
+
+    def _route(self, request):
+        keyFleet = self._authenticate(request)
+        try:
+            parts = [p.decode("utf-8") for p in request.postpath]
+        except UnicodeDecodeError:
+            raise APIError(400, "BAD_REQUEST", "the path is not UTF-8")
+        if parts and parts[-1] == "":
+            parts.pop()
+        if len(parts) < 4 or parts[:2] != ["v1", "fleets"] or parts[3] != "devices" \
+                or len(parts) > 6:
+            raise APIError(404, "NOT_FOUND", "no such API path")
+        fleet = parts[2]
+        if fleet != keyFleet:
+            raise APIError(403, "FORBIDDEN", "this API key is not for that fleet")
+        method = request.method.decode("ascii", "replace").upper()
+        if len(parts) == 4:
+            handlers = {"GET": self._list}
+            args = (fleet,)
+        else:
+            deviceId = parts[4]
+            if not deviceId or len(deviceId.encode("utf-8")) > 255:
+                raise APIError(400, "BAD_REQUEST", "a device id is 1 to 255 bytes of UTF-8")
+            args = (fleet, deviceId)
+            sub = parts[5] if len(parts) == 6 else None
+            handlers = {
+                None: {"GET": self._device},
+                "requests": {"POST": self._request},
+                "messages": {"POST": self._message},
+                "queue": {"GET": self._queue},
+                "key": {"PUT": self._issueKey, "DELETE": self._revokeKey},
+            }.get(sub)
+            if handlers is None:
+                raise APIError(404, "NOT_FOUND", "no such API path")
+        handler = handlers.get(method)
+        if handler is None:
+            allow = ", ".join(sorted(handlers)).encode("ascii")
+            raise APIError(405, "METHOD_NOT_ALLOWED", f"use {', '.join(sorted(handlers))}",
+                           [(b"allow", allow)])
+        return handler(request, *args)
+
+    def _reply(self, request, d, status, shape):
+        def ok(result):
+            self._send(request, status, shape(result))
+        d.addCallbacks(ok, lambda f: self._failure(request, f))
+        d.addErrback(lambda f: log.failure("iot.http: answering", f))
+        return server.NOT_DONE_YET
+
+    # -- handlers -----------------------------------------------------------
+
+    def _list(self, request, fleet):
+        return self._reply(request, self.concentrator.devices(fleet), 200,
+                           lambda devices: {"fleet": fleet, "devices": devices})
+
+    def _device(self, request, fleet, deviceId):
+        c = self.concentrator
+
+        def found(depth):
+            return {"id": deviceId, "online": c.isOnline(fleet, deviceId), "queueDepth": depth}
+        return self._reply(request, c.queueDepth(fleet, deviceId), 200, found)
+
+    def _queue(self, request, fleet, deviceId):
+        return self._reply(request, self.concentrator.queueDepth(fleet, deviceId), 200,
+                           lambda depth: {"id": deviceId, "queueDepth": depth})
+
+    def _issueKey(self, request, fleet, deviceId):
+        return self._reply(request, self.concentrator.issueKey(fleet, deviceId), 200,
+                           lambda secret: {"id": deviceId, "key": secret})
+
+    def _revokeKey(self, request, fleet, deviceId):
+        return self._reply(request, self.concentrator.revokeKey(fleet, deviceId), 204,
+                           lambda _: None)
+
+    def _message(self, request, fleet, deviceId):
+        body = self._body(request, ("payload", "queue"))
+        payload = self._payload(body)
+        queue = body.get("queue", True)
+        if not isinstance(queue, bool):
+            raise APIError(400, "BAD_REQUEST", "queue is true or false")
+        d = self.concentrator.send(fleet, deviceId, payload, queue=queue)
+        return self._reply(request, d, 202,
+                           lambda r: {"messageId": r[0], "queued": r[1]})
+
+    def _request(self, request, fleet, deviceId):
+        body = self._body(request, ("payload", "timeout"))
+        payload = self._payload(body)
+        timeout = body.get("timeout", self.requestTimeout)
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) \
+                or not 0 < timeout <= self.maxRequestTimeout:
+            raise APIError(400, "BAD_REQUEST",
+                           f"timeout is a number of seconds in (0, {self.maxRequestTimeout:g}]")
+        s = self.stats
+        byFleet = self.heldByFleet
+        if byFleet.get(fleet, 0) >= self.maxHeldPerFleet:
+            # One tenant may not take every slot from the others.
+            s.bump(s.heldOutcomes, "fleet_limit")
+            raise APIError(429, "TOO_MANY_HELD",
+                           f"this fleet already has {self.maxHeldPerFleet} requests waiting",
+                           [(b"retry-after", b"1")])
+        if s.held >= self.maxHeld:
+            s.bump(s.heldOutcomes, "overloaded")
+            raise APIError(503, "OVERLOADED", "too many requests are waiting for devices",
+                           [(b"retry-after", b"1")])
+        started = self.reactor.seconds()
+        s.held += 1
+        byFleet[fleet] = byFleet.get(fleet, 0) + 1
+        state = {"done": False}
+
+        def settle(outcome):
+            state["done"] = True
+            s.held -= 1
+            if byFleet[fleet] == 1:
+                del byFleet[fleet]
+            else:
+                byFleet[fleet] -= 1
+            s.bump(s.heldOutcomes, outcome)
+            s.heldLatency.observe(max(0.0, self.reactor.seconds() - started))
+
+        def answered(answer):
+            settle("answered")
+            self._send(request, 200, {"payload": toJSON(answer),
+                                      "elapsed": round(self.reactor.seconds() - started, 6)})
+
+        def failed(f):
+            if f.check(CancelledError) and request._disconnected:
+                settle("cancelled")
+                return
+            e = f.value
+            if isinstance(e, errors.Refused):
+                settle("refused")
+            elif isinstance(e, errors.IoTError):
+                settle(e.code.lower())
+            else:
+                settle("error")
+            self._failure(request, f)
+
+        d = self.concentrator.request(fleet, deviceId, payload, timeout)
+
+        def gone(reason):
+            # The central hung up: stop waiting for the device.
+            if not state["done"]:
+                d.cancel()
+        request.notifyFinish().addErrback(gone)
+        d.addCallbacks(answered, failed)
+        d.addErrback(lambda f: log.failure("iot.http: answering a held request", f))
+        return server.NOT_DONE_YET
+
+
+def loadKeys(httpSettings, stateDir):
+    """
+    The API key entries of C{iot.http}: C{api_keys}, then C{api_key_file}.
+    With neither, a development key for fleet C{demo} is made (or read) in
+    C{stateDir} and its path returned so that it can be logged.
+
+    @return: C{(entries, developmentKeyPath or None)}.
+    @raise ConfigError: naming the key at fault.
+    """
+    entries = [apikeys.parseLine(line) for line in httpSettings["api_keys"]]
+    path = httpSettings["api_key_file"]
+    if path:
+        try:
+            entries.extend(apikeys.readKeyFile(path))
+        except (OSError, apikeys.APIKeyError) as e:
+            raise ConfigError("iot.http.api_key_file", str(e))
+    if entries:
+        return entries, None
+    try:
+        key, devPath = apikeys.developmentKey(stateDir, "demo")
+    except OSError as e:
+        raise ConfigError("broker.state_dir", f"cannot keep the IoT API key there: {e}")
+    return [apikeys.parseLine(apikeys.hashLine("demo", key))], devPath
+
+
+def makeSite(reactor, concentrator, keys, httpSettings, registry=None):
+    """
+    The API site for the C{iot.http} settings; its counters are registered
+    on C{registry} when given.
+    """
+    resource = APIResource(reactor, concentrator, keys,
+                           requestTimeout=httpSettings["request_timeout"],
+                           maxRequestTimeout=httpSettings["max_request_timeout"],
+                           maxHeld=httpSettings["max_held"],
+                           maxHeldPerFleet=httpSettings["max_held_per_fleet"])
+    if registry is not None:
+        registry.register(APICollector(resource.stats))
+    site = APISite(resource, reactor, httpSettings["max_body"], httpSettings["idle_timeout"])
+    site.api = resource
+    return site

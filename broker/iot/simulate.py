@@ -1,0 +1,137 @@
+# -*- test-case-name: tests.test_iot_simulate -*-
+"""
+A device simulator, to try the IoT face by hand::
+
+    python -m broker.iot.simulate --registry var/iot-registry.toml
+    python -m broker.iot.simulate --fleet demo --device sensor1 --key SECRET \\
+        --host 127.0.0.1 --port 7000 --udp-port 7001 --interval 1 --count 10
+
+It connects and authenticates (checking the server's proof), then sends a
+JSON telemetry reading over UDP every C{--interval} seconds with the tokens
+it was given, answers every REQUEST with C{{"ok": true, "echo": ...}},
+acknowledges and prints every MESSAGE, and stops after C{--count} readings
+(0: runs until interrupted).
+"""
+
+import argparse
+import json
+import random
+import sys
+
+from twisted.internet import defer, ssl, task
+from twisted.internet.endpoints import (TCP4ClientEndpoint, connectProtocol,
+                                        wrapClientTLS)
+from twisted.internet.protocol import DatagramProtocol
+
+from broker.iot import frames
+from broker.iot.auth import loadRegistryFile
+from broker.iot.client import IoTClient
+from broker.iot.frames import Payload
+
+
+def parseArgs(argv):
+    p = argparse.ArgumentParser(prog="python -m broker.iot.simulate",
+                                description="Simulate one IoT device.")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=7000)
+    p.add_argument("--udp-port", type=int, default=7001)
+    p.add_argument("--fleet", default="demo")
+    p.add_argument("--device", default="sensor1")
+    p.add_argument("--key", help="the device's secret (else read from --registry)")
+    p.add_argument("--registry", help="a registry file holding the device's key")
+    p.add_argument("--tls", action="store_true", help="connect with TLS")
+    p.add_argument("--cafile", help="PEM certificate to trust for --tls")
+    p.add_argument("--interval", type=float, default=1.0)
+    p.add_argument("--count", type=int, default=10)
+    args = p.parse_args(argv)
+    if args.key is None:
+        if not args.registry:
+            p.error("give --key or --registry")
+        fleet = loadRegistryFile(args.registry).get(args.fleet)
+        entry = fleet and fleet["devices"].get(args.device)
+        if entry is None:
+            p.error(f"{args.registry} has no device {args.fleet}/{args.device}")
+        args.key = entry.key
+    return args
+
+
+class Simulator(IoTClient):
+    def __init__(self, args, out):
+        super().__init__("device", args.fleet, args.device, args.key)
+        self.out = out
+        self.onRequest = self.answer
+
+    def say(self, *parts):
+        print(*parts, file=self.out, flush=True)
+
+    def answer(self, frame):
+        self.say(f"request {frame.requestId}: {frame.payload.value()!r}")
+        try:
+            echo = frame.payload.value()
+            if isinstance(echo, bytes):
+                echo = echo.hex()
+        except Exception:
+            echo = None
+        return Payload.json({"ok": True, "echo": echo})
+
+    @defer.inlineCallbacks
+    def consume(self):
+        while True:
+            frame = yield self.nextFrame()
+            if isinstance(frame, frames.FrameError):
+                self.say(f"bad frame from the server: {frame.message}")
+                continue
+            kind = frames.KINDS.get(frame.kind)
+            if frame.kind == frames.MESSAGE:
+                self.say(f"message {frame.requestId}: {frame.payload.value()!r}")
+                self.write(frames.ACK, frame.requestId)
+            elif frame.kind in (frames.ERROR, frames.CLOSE):
+                self.say(f"{kind}: {frame.payload.value()!r}")
+            elif frame.kind != frames.ACK:
+                self.say(f"{kind} {frame.requestId}")
+
+
+@defer.inlineCallbacks
+def run(reactor, args, out=sys.stdout):
+    endpoint = TCP4ClientEndpoint(reactor, args.host, args.port)
+    if args.tls:
+        trust = None
+        if args.cafile:
+            with open(args.cafile, "rb") as f:
+                trust = ssl.Certificate.loadPEM(f.read())
+        endpoint = wrapClientTLS(ssl.optionsForClientTLS(args.host, trustRoot=trust),
+                                 endpoint)
+    sim = Simulator(args, out)
+    yield connectProtocol(endpoint, sim)
+    welcome = yield sim.authenticated
+    sim.say(f"authenticated as {args.fleet}/{args.device} "
+            f"(server proof checked, ping every {welcome['pingInterval']}s)")
+    sim.consume()
+    udp = DatagramProtocol()
+    port = reactor.listenUDP(0, udp)
+    sent = 0
+    try:
+        while args.count == 0 or sent < args.count:
+            yield sim.waitTokens(1)
+            token = sim.tokens.pop(0)
+            reading = {"seq": sent, "temperature": round(20 + random.random() * 5, 2)}
+            udp.transport.write(frames.encodeDatagram(token, Payload.json(reading)),
+                                (args.host, args.udp_port))
+            sim.say(f"telemetry {json.dumps(reading)}")
+            sent += 1
+            yield task.deferLater(reactor, args.interval, lambda: None)
+    finally:
+        yield port.stopListening()
+        sim.write(frames.CLOSE, 0, Payload.json({"code": "BYE", "reason": "simulator done"}))
+        sim.transport.loseConnection()
+        yield sim.closed
+    return sent
+
+
+def main(argv=None):
+    args = parseArgs(sys.argv[1:] if argv is None else argv)
+    task.react(lambda reactor: run(reactor, args).addCallback(lambda _: None))
+
+
+if __name__ == "__main__":
+    main()
