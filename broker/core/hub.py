@@ -81,6 +81,8 @@ class Session:
         self.permissions = permissions
         self.groups = set()
         self.open = True
+        # Opaque state an upstream attached (Web PubSub's ce-connectionState).
+        self.connectionState = None
 
     def joinGroup(self, group):
         checkName("group", group)
@@ -159,7 +161,7 @@ class Hub:
             if cid not in self._sessions:
                 return cid
 
-    def admit(self, connection, userId=None, roles=(), groups=()):
+    def admit(self, connection, userId=None, roles=(), groups=(), connectionState=None):
         """
         Admit C{connection}; join it to C{groups} and to the groups its user
         was added to earlier.
@@ -174,6 +176,7 @@ class Hub:
         if cid in self._sessions:
             raise BadRequest(f"connection id {cid!r} already in use")
         session = Session(self, connection, userId, Permissions.fromRoles(roles))
+        session.connectionState = connectionState
         self._sessions[cid] = session
         if userId is not None:
             self._users.setdefault(userId, {})[cid] = connection

@@ -11,6 +11,7 @@ from twisted.logger import Logger
 
 from broker.config import ConfigError
 from broker.webpubsub.listeners import EventListeners
+from broker.webpubsub.upstream import CloudEventsUpstream, EventHandler, makeHTTPClient
 from broker.webpubsub.rest import RestCollector
 from broker.webpubsub.site import makeFactory, makeSite
 
@@ -40,6 +41,39 @@ def developmentKey(stateDir):
     return key, path
 
 
+def attachEventHandlers(reactor, core, wps, defaultKeys):
+    """
+    Attach a L{CloudEventsUpstream} to each hub with event handlers.
+
+    @return: their HTTP connection pool (to close at shutdown), or C{None}.
+    """
+    configured = {name: h for name, h in wps["hubs"].items() if h["event_handlers"]}
+    if not configured:
+        return None
+    for name, h in configured.items():
+        for i, handler in enumerate(h["event_handlers"]):
+            url = handler["url_template"]
+            if not url.startswith(("http://", "https://")):
+                raise ConfigError(f"webpubsub.hubs.{name}.event_handlers[{i}].url_template",
+                                  "must be an http:// or https:// URL")
+    client, pool = makeHTTPClient(reactor)
+
+    def setup(hub):
+        h = configured.get(hub.name)
+        if h is None:
+            return
+        upstream = CloudEventsUpstream(
+            reactor, hub.name,
+            [EventHandler(e["url_template"], e["user_events"], e["system_events"])
+             for e in h["event_handlers"]],
+            h["access_keys"] or defaultKeys, wps["event_origin"], client,
+            timeout=wps["event_timeout"], retries=wps["event_retries"])
+        hub.upstream = upstream
+        hub.addObserver(upstream)
+    core.onNewHub(setup)
+    return pool
+
+
 def build(context):
     wps = context.settings["webpubsub"]
     if not wps["enabled"]:
@@ -58,6 +92,9 @@ def build(context):
     listeners = EventListeners(context.core, wps["hubs"], context.reactor.seconds)
     if listeners.configured:
         context.addService(listeners)
+    pool = attachEventHandlers(context.reactor, context.core, wps, keys)
+    if pool is not None:
+        context.reactor.addSystemEventTrigger("before", "shutdown", pool.closeCachedConnections)
     site = makeSite(factory)
     context.registry.register(RestCollector(site.restAPI))
     context.listen("webpubsub.listen", wps["listen"], site)

@@ -34,6 +34,7 @@ from broker.core.hub import NoUpstream, checkName
 from broker.core.interfaces import IConnection
 from broker.core.message import BINARY, TEXT, Delivery, Message
 from broker.webpubsub import frames, history
+from broker.webpubsub.upstream import ConnectDenied
 
 log = Logger()
 
@@ -81,6 +82,7 @@ class ClientProtocol(WebSocketServerProtocol):
         self._pausedBytes = 0
         self._warned = False
         self._plainGroup = None
+        self._connectionState = None
 
     # -- handshake --------------------------------------------------------
 
@@ -144,12 +146,62 @@ class ClientProtocol(WebSocketServerProtocol):
         self.settings = settings
         self.hub = factory.core.hub(hubName)
         self.connectionId = self.hub.newConnectionId()
+        connect = getattr(self.hub.upstream, "connect", None)
+        if connect is not None:
+            # The blocking connect event: the handshake waits for it.
+            claimsSeen = {}
+            if userId is not None:
+                claimsSeen["sub"] = [userId]
+            if roles:
+                claimsSeen["role"] = list(roles)
+            d = connect(self.connectionId, request, claimsSeen, offered)
+            return d.addCallbacks(self._connectAnswered, self._connectDenied,
+                                  callbackArgs=(protocol, offered))
         return protocol
+
+    def _connectAnswered(self, answer, protocol, offered):
+        """
+        Apply the connect handler's answer: it may set the userId and add
+        groups and roles, and pick one of the offered subprotocols.
+        """
+        if answer is None:
+            return protocol
+        userId, roles, groups = self.admission
+        try:
+            if answer.get("userId") is not None:
+                userId = checkName("userId", answer["userId"])
+            groups = tuple(groups) + tuple(checkName("group", g)
+                                           for g in answer.get("groups") or ())
+            roles = tuple(roles) + tuple(str(r) for r in answer.get("roles") or ())
+        except (BadRequest, TypeError, AttributeError) as e:
+            self.factory.rejected(self.hub.name)
+            raise ConnectionDeny(500, f"connect event handler answer: {e}")
+        chosen = answer.get("subprotocol")
+        if chosen:
+            if chosen not in offered:
+                self.factory.rejected(self.hub.name)
+                raise ConnectionDeny(500, "connect event handler chose a subprotocol "
+                                          "the client did not offer")
+            protocol = chosen
+            self.kind = JSON if chosen == frames.JSON_V1 else PLAIN
+        self.admission = (userId, roles, groups)
+        self._connectionState = answer.get("state")
+        return protocol
+
+    def _connectDenied(self, failure):
+        self.factory.rejected(self.hub.name)
+        if failure.check(ConnectDenied):
+            raise ConnectionDeny(failure.value.status, failure.value.reason)
+        if failure.check(ConnectionDeny):
+            return failure
+        log.failure("connect event for hub {hub} failed", failure, hub=self.hub.name)
+        raise ConnectionDeny(500, "connect event handler failed")
 
     def onOpen(self):
         userId, roles, groups = self.admission
         try:
-            self.session = self.hub.admit(self, userId, roles, groups)
+            self.session = self.hub.admit(self, userId, roles, groups,
+                                          connectionState=self._connectionState)
         except BrokerError as e:
             self.factory.rejected(self.hub.name)
             self._sendClose(CloseCode.POLICY_VIOLATION, e.message)

@@ -6,6 +6,13 @@ The C{[webpubsub]} section of the configuration (docs/configuration.md).
 from broker.config import (HUB_NAME, HUB_NAME_RULE, KIB, MIB, Bool, Endpoint, Float, Int,
                            List, MapOf, Str, Table)
 
+EVENT_HANDLER = Table({
+    "url_template": Str(nonEmpty=True,
+                        doc="Handler URL; {event} and {hub} are replaced."),
+    "user_events": Str("", doc='"*", or comma-separated user event names; empty: none.'),
+    "system_events": List(Str(choices=("connect", "connected", "disconnected")), default=[]),
+})
+
 HUB = Table({
     "access_keys": List(Str(nonEmpty=True), default=[],
                         doc="Keys for this hub's tokens, replacing webpubsub.access_keys."),
@@ -21,6 +28,8 @@ HUB = Table({
                              doc="Seconds a group message is kept; 0 keeps it until evicted."),
     "history_groups": Int(10000, minimum=1, doc="Groups with a history ring, at most."),
     "event_log": Str("", doc="Append the hub's events as JSON lines to this file."),
+    "event_handlers": List(EVENT_HANDLER, default=[],
+                           doc="Upstream CloudEvents handlers, in order (first match)."),
     "event_listeners": List(Str(nonEmpty=True), default=[],
                             doc="IEventListener plugins (by name) told of the hub's events."),
 })
@@ -37,4 +46,9 @@ SECTION = Table({
     "auto_ping_interval": Float(30.0, minimum=0),
     "auto_ping_timeout": Float(30.0, minimum=0),
     "hubs": MapOf(HUB, name=HUB_NAME, nameRule=HUB_NAME_RULE),
+    "event_origin": Str("localhost", nonEmpty=True,
+                        doc="WebHook-Request-Origin sent to event handlers."),
+    "event_timeout": Float(10.0, minimum=0.1, doc="Seconds an event handler may take."),
+    "event_retries": Int(2, minimum=0, maximum=10,
+                         doc="Retries of a failed connected/disconnected notification."),
 })

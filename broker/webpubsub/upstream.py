@@ -1,0 +1,354 @@
+# -*- test-case-name: tests.test_webpubsub_upstream -*-
+"""
+Web PubSub event handlers: client events sent upstream as CloudEvents over
+HTTP, as Azure Web PubSub sends them, so an application written for Azure
+(its C{WebPubSubEventHandler} middleware included) works unchanged.
+
+  - C{connect} is blocking: the handshake waits for the handler, whose JSON
+    answer may set the userId, groups, roles and subprotocol, and whose 401
+    or 403 refuses the client with that status.
+  - C{message} and custom user events: the handler's answer body, if any,
+    goes back to the client.
+  - C{connected} and C{disconnected} are notifications: retried with
+    backoff, failures logged once and counted, never blocking the client.
+
+Every request carries the C{ce-*} headers, with C{ce-signature} an
+HMAC-SHA256 of the connection id under each access key, so the handler can
+check it came from us.  Abuse protection: each handler URL is validated
+once with an C{OPTIONS} request carrying C{WebHook-Request-Origin}; a URL
+that does not answer C{WebHook-Allowed-Origin} (C{*} or our origin) is
+never sent events.
+"""
+
+import hashlib
+import hmac
+import json
+import secrets
+from datetime import datetime, timezone
+from urllib.parse import quote
+
+import treq
+from twisted.internet import defer, task
+from twisted.logger import Logger
+from twisted.web.http_headers import Headers
+from zope.interface import implementer
+
+from broker.core.errors import BrokerError
+from broker.core.hub import NoUpstream
+from broker.core.interfaces import IHubObserver, IUpstream
+from broker.core.message import BINARY, JSON, TEXT, Message
+
+log = Logger()
+
+SYSTEM_EVENTS = ("connect", "connected", "disconnected")
+CONTENT_TYPES = {TEXT: b"text/plain; charset=utf-8", JSON: b"application/json",
+                 BINARY: b"application/octet-stream"}
+MAX_ANSWER = 1024 * 1024
+
+
+class ConnectDenied(Exception):
+    """
+    The C{connect} handler refused the client; C{status} is the HTTP status
+    for the handshake (401, 403, or 500 for any other failure).
+    """
+
+    def __init__(self, status, reason):
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+class EventHandler:
+    """
+    One configured handler: a URL template and the events it takes.
+
+    @param userEvents: C{"*"}, or comma-separated event names (Azure's
+        syntax); empty takes none.
+    @param systemEvents: names among C{connect}, C{connected},
+        C{disconnected}.
+    """
+
+    def __init__(self, urlTemplate, userEvents="*", systemEvents=()):
+        self.urlTemplate = urlTemplate
+        names = [e.strip() for e in userEvents.split(",") if e.strip()]
+        self.allUserEvents = "*" in names
+        self.userEvents = frozenset(names)
+        self.systemEvents = frozenset(systemEvents)
+
+    def takes(self, event, system):
+        if system:
+            return event in self.systemEvents
+        return self.allUserEvents or event in self.userEvents
+
+    def url(self, hub, event):
+        return (self.urlTemplate.replace("{hub}", quote(hub, safe=""))
+                .replace("{event}", quote(event, safe="")))
+
+
+def signature(connectionId, keys):
+    """
+    C{ce-signature}: C{sha256=<hex>} for each access key, comma-joined, so
+    a handler knowing any one of the keys can check it.
+    """
+    return ",".join(
+        "sha256=" + hmac.new(key.encode("utf-8"), connectionId.encode("utf-8"),
+                             hashlib.sha256).hexdigest()
+        for key in keys)
+
+
+@implementer(IUpstream, IHubObserver)
+class CloudEventsUpstream:
+    """
+    The event handlers of one hub.
+
+    @param origin: our host name, sent as C{WebHook-Request-Origin}.
+    @param treqClient: a L{treq.client.HTTPClient}-like object (C{request});
+        injected so tests can own the connection pool.
+    """
+
+    def __init__(self, reactor, hubName, handlers, accessKeys, origin, treqClient,
+                 timeout=10.0, retries=2, backoff=0.5):
+        self.reactor = reactor
+        self.hubName = hubName
+        self.handlers = list(handlers)
+        self.accessKeys = list(accessKeys)
+        self.origin = origin
+        self.http = treqClient
+        self.timeout = timeout
+        self.retries = retries
+        self.backoff = backoff
+        self._validated = {}
+        self._pending = set()
+        self.stats = {"sent": 0, "failed": 0, "notificationsDropped": 0, "unvalidated": 0}
+        self._complained = set()
+
+    def handlerFor(self, event, system):
+        for handler in self.handlers:
+            if handler.takes(event, system):
+                return handler
+        return None
+
+    # -- abuse protection ----------------------------------------------------
+
+    def _validate(self, url):
+        """
+        A Deferred firing with whether C{url} agreed to take our events; the
+        answer is remembered (a refusal for a minute, then asked again).
+        """
+        known = self._validated.get(url)
+        if known is not None:
+            ok, until = known
+            if ok or self.reactor.seconds() < until:
+                return defer.succeed(ok)
+        d = self.http.request("OPTIONS", url, headers={"WebHook-Request-Origin": self.origin},
+                              timeout=self.timeout)
+
+        def answered(response):
+            allowed = response.headers.getRawHeaders(b"webhook-allowed-origin") or []
+            ok = 200 <= response.code < 300 and any(
+                v.strip() in (b"*", self.origin.encode("utf-8"))
+                for value in allowed for v in value.split(b","))
+            return treq.content(response).addCallback(lambda _: ok)
+
+        def failed(failure):
+            log.warn("event handler {url} could not be validated: {why}", url=url,
+                     why=failure.getErrorMessage())
+            return False
+
+        def remember(ok):
+            self._validated[url] = (ok, self.reactor.seconds() + 60)
+            if not ok:
+                self._complainOnce(url, "event handler {url} did not allow origin "
+                                   "{origin} (abuse protection); no events are sent to it")
+            return ok
+        return d.addCallbacks(answered, failed).addCallback(remember)
+
+    def _complainOnce(self, url, fmt):
+        if url not in self._complained:
+            self._complained.add(url)
+            log.warn(fmt, url=url, origin=self.origin)
+
+    # -- sending -------------------------------------------------------------
+
+    def _headers(self, event, system, connectionId, userId, state, contentType):
+        kind = "sys" if system else "user"
+        headers = {
+            "ce-specversion": "1.0",
+            "ce-type": f"azure.webpubsub.{kind}.{event}",
+            "ce-source": f"/hubs/{self.hubName}/client/{connectionId}",
+            "ce-id": secrets.token_hex(8),
+            "ce-time": datetime.now(timezone.utc).isoformat().replace("+00:00", "Z"),
+            "ce-awpsversion": "1.0",
+            "ce-hub": self.hubName,
+            "ce-connectionId": connectionId,
+            "ce-eventName": event,
+            "ce-signature": signature(connectionId, self.accessKeys),
+            "WebHook-Request-Origin": self.origin,
+            "Content-Type": contentType,
+        }
+        if userId is not None:
+            headers["ce-userId"] = userId
+        if state:
+            headers["ce-connectionState"] = state
+        return headers
+
+    @defer.inlineCallbacks
+    def _post(self, handler, event, system, connectionId, userId, state, body, contentType):
+        """
+        One validated POST; a Deferred firing with (response, body bytes),
+        or failing when the handler is unvalidated or unreachable.
+        """
+        url = handler.url(self.hubName, event)
+        ok = yield self._validate(url)
+        if not ok:
+            self.stats["unvalidated"] += 1
+            raise BrokerError(f"event handler for {event} is not validated")
+        headers = self._headers(event, system, connectionId, userId, state, contentType)
+        response = yield self.http.request("POST", url, data=body, headers=headers,
+                                           timeout=self.timeout)
+        content = yield treq.content(response)
+        self.stats["sent"] += 1
+        return response, content[:MAX_ANSWER]
+
+    # -- connect (blocking) --------------------------------------------------
+
+    @defer.inlineCallbacks
+    def connect(self, connectionId, request, claims, subprotocols):
+        """
+        The blocking C{connect} event.
+
+        @param request: autobahn's C{ConnectionRequest} (headers, query).
+        @param claims: the token's claims, a dict.
+        @return: a Deferred firing with the handler's answer (a dict with
+            any of C{userId}, C{groups}, C{roles}, C{subprotocol}, and
+            C{state}, the C{ce-connectionState} header), or C{None} when no
+            handler takes C{connect}; failing with L{ConnectDenied}.
+        """
+        handler = self.handlerFor("connect", True)
+        if handler is None:
+            return None
+        query = {k: list(v) for k, v in request.params.items()
+                 if k not in ("access_token",)}
+        headers = {k: [v] for k, v in request.headers.items()
+                   if k.lower() not in ("authorization", "cookie")}
+        body = json.dumps({"claims": claims, "query": query, "headers": headers,
+                           "subprotocols": list(subprotocols),
+                           "clientCertificates": []}).encode("utf-8")
+        userId = claims.get("sub") if claims else None
+        try:
+            response, content = yield self._post(handler, "connect", True, connectionId,
+                                                 userId, None, body, "application/json")
+        except Exception as e:
+            self.stats["failed"] += 1
+            log.warn("connect handler for hub {hub} failed: {why}", hub=self.hubName, why=e)
+            raise ConnectDenied(500, "connect event handler failed")
+        if response.code in (401, 403):
+            raise ConnectDenied(response.code, "refused by the connect event handler")
+        if not 200 <= response.code < 300:
+            self.stats["failed"] += 1
+            raise ConnectDenied(500, f"connect event handler answered {response.code}")
+        answer = {}
+        if content.strip():
+            try:
+                answer = json.loads(content)
+            except ValueError:
+                raise ConnectDenied(500, "connect event handler answered invalid JSON")
+            if not isinstance(answer, dict):
+                raise ConnectDenied(500, "connect event handler answered invalid JSON")
+        state = response.headers.getRawHeaders(b"ce-connectionstate")
+        if state:
+            answer["state"] = state[0].decode("latin-1")
+        return answer
+
+    # -- user events ---------------------------------------------------------
+
+    @defer.inlineCallbacks
+    def userEvent(self, session, event, message):
+        handler = self.handlerFor(event, False)
+        if handler is None:
+            raise NoUpstream(f"no event handler for {event!r} on hub {self.hubName!r}")
+        state = getattr(session, "connectionState", None)
+        try:
+            response, content = yield self._post(
+                handler, event, False, session.connectionId, session.userId, state,
+                message.data, CONTENT_TYPES[message.dataType].decode())
+        except BrokerError:
+            raise
+        except Exception as e:
+            self.stats["failed"] += 1
+            log.warn("{event} handler for hub {hub} failed: {why}", event=event,
+                     hub=self.hubName, why=e)
+            raise BrokerError("event handler unreachable")
+        if not 200 <= response.code < 300:
+            self.stats["failed"] += 1
+            raise BrokerError(f"event handler answered {response.code}")
+        newState = response.headers.getRawHeaders(b"ce-connectionstate")
+        if newState:
+            session.connectionState = newState[0].decode("latin-1")
+        if not content:
+            return None
+        contentType = (response.headers.getRawHeaders(b"content-type") or [b""])[0].lower()
+        if contentType.startswith(b"application/json"):
+            return Message(JSON, content)
+        if contentType.startswith(b"text/"):
+            return Message(TEXT, content)
+        return Message(BINARY, content)
+
+    # -- notifications -------------------------------------------------------
+
+    def connectionAdded(self, hub, session):
+        self._notify("connected", session, b"{}")
+
+    def connectionRemoved(self, hub, session, reason):
+        body = json.dumps({"reason": reason} if reason else {}).encode("utf-8")
+        self._notify("disconnected", session, body)
+
+    def _notify(self, event, session, body):
+        handler = self.handlerFor(event, True)
+        if handler is None:
+            return None
+        state = getattr(session, "connectionState", None)
+        d = self._notifyAttempt(handler, event, session.connectionId, session.userId,
+                                state, body, 0)
+        if not d.called:
+            self._pending.add(d)
+            d.addBoth(lambda r: (self._pending.discard(d), r)[1])
+        return d
+
+    def whenIdle(self):
+        """
+        A Deferred firing once the notifications under way have finished.
+        """
+        return defer.DeferredList(list(self._pending))
+
+    @defer.inlineCallbacks
+    def _notifyAttempt(self, handler, event, connectionId, userId, state, body, attempt):
+        try:
+            response, _ = yield self._post(handler, event, True, connectionId, userId, state,
+                                           body, "application/json")
+            if 200 <= response.code < 300:
+                return
+            why, retry = f"answered {response.code}", response.code >= 500
+        except BrokerError as e:
+            why, retry = e.message, False
+        except Exception as e:
+            why, retry = str(e) or type(e).__name__, True
+        if retry and attempt < self.retries:
+            yield task.deferLater(self.reactor, self.backoff * 2 ** attempt, lambda: None)
+            yield self._notifyAttempt(handler, event, connectionId, userId, state, body,
+                                      attempt + 1)
+            return
+        self.stats["failed"] += 1
+        self.stats["notificationsDropped"] += 1
+        log.warn("{event} notification for {cid} on hub {hub} dropped: {why}", event=event,
+                 cid=connectionId, hub=self.hubName, why=why)
+
+
+def makeHTTPClient(reactor, persistent=True):
+    """
+    A treq client on its own connection pool.
+    """
+    from twisted.web.client import Agent, HTTPConnectionPool
+    pool = HTTPConnectionPool(reactor, persistent=persistent)
+    return treq.client.HTTPClient(Agent(reactor, pool=pool)), pool
+
