@@ -441,7 +441,7 @@ plain_group = "lobby"
 
     @defer.inlineCallbacks
     def test_unsupportedSubprotocols(self):
-        for proto in ("json.reliable.webpubsub.azure.v1", "protobuf.webpubsub.azure.v1"):
+        for proto in ("protobuf.webpubsub.azure.v1", "protobuf.reliable.webpubsub.azure.v1"):
             why = yield self._refused(protocols=(proto,))
             self.assertIn("400", why)
 

@@ -19,7 +19,7 @@ JSON_V1 = "json.webpubsub.azure.v1"
 JSON_RELIABLE_V1 = "json.reliable.webpubsub.azure.v1"
 # Azure subprotocols this broker does not speak (yet): refused at the
 # handshake rather than echoed back as if they had been agreed.
-UNSUPPORTED = (JSON_RELIABLE_V1, "protobuf.webpubsub.azure.v1",
+UNSUPPORTED = ("protobuf.webpubsub.azure.v1",
                "protobuf.reliable.webpubsub.azure.v1")
 PONG = b'{"type":"pong"}'
 
@@ -147,21 +147,27 @@ def ack(ackId, error=None):
                "error": {"name": error.name, "message": error.message}})
 
 
-def connected(connectionId, userId):
-    return _s({"type": "system", "event": "connected", "connectionId": connectionId,
-               "userId": userId})
+def connected(connectionId, userId, reconnectionToken=None):
+    frame = {"type": "system", "event": "connected", "connectionId": connectionId,
+             "userId": userId}
+    if reconnectionToken is not None:
+        frame["reconnectionToken"] = reconnectionToken
+    return _s(frame)
 
 
 def disconnected(reason):
     return _s({"type": "system", "event": "disconnected", "message": reason})
 
 
-def messageFrame(delivery):
+def messageFrame(delivery, sequenceId=None):
     """
-    The C{message} frame for a delivery (from a group or from the server).
+    The C{message} frame for a delivery (from a group or from the server),
+    numbered for the reliable subprotocol when C{sequenceId} is given.
     """
     msg = delivery.message
     parts = [b'{"type":"message"']
+    if sequenceId is not None:
+        parts.append(b',"sequenceId":%d' % sequenceId)
     if delivery.source == FROM_GROUP:
         parts.append(b',"from":"group","group":' + _s(delivery.group))
         if delivery.fromUserId is not None:

@@ -34,6 +34,7 @@ from broker.core.hub import NoUpstream, checkName
 from broker.core.interfaces import IConnection
 from broker.core.message import BINARY, TEXT, Delivery, Message
 from broker.webpubsub import frames, history
+from broker.webpubsub.reliable import ReliableLinks
 from broker.webpubsub.upstream import ConnectDenied
 
 log = Logger()
@@ -83,6 +84,9 @@ class ClientProtocol(WebSocketServerProtocol):
         self._warned = False
         self._plainGroup = None
         self._connectionState = None
+        self.reliable = False
+        self.link = None
+        self._resuming = None
 
     # -- handshake --------------------------------------------------------
 
@@ -114,7 +118,11 @@ class ClientProtocol(WebSocketServerProtocol):
                 raise ConnectionDeny(401, "Unauthorized")
         protocol = None
         offered = request.protocols
-        if frames.JSON_V1 in offered:
+        if frames.JSON_RELIABLE_V1 in offered:
+            self.kind = JSON
+            self.reliable = True
+            protocol = frames.JSON_RELIABLE_V1
+        elif frames.JSON_V1 in offered:
             self.kind = JSON
             protocol = frames.JSON_V1
         elif offered:
@@ -145,6 +153,19 @@ class ClientProtocol(WebSocketServerProtocol):
         self.admission = (userId, roles, groups)
         self.settings = settings
         self.hub = factory.core.hub(hubName)
+        resumed = _first(request.params.get("awps_connection_id"))
+        if resumed is not None:
+            # A reliable client coming back: same connection, no connect event.
+            link = None
+            if self.reliable:
+                link = factory.links.find(hubName, resumed,
+                                          _first(request.params.get("awps_reconnection_token")))
+            if link is None or link.userId != userId:
+                factory.rejected(hubName)
+                raise ConnectionDeny(404, "no recoverable connection with that id and token")
+            self._resuming = link
+            self.connectionId = resumed
+            return protocol
         self.connectionId = self.hub.newConnectionId()
         connect = getattr(self.hub.upstream, "connect", None)
         if connect is not None:
@@ -199,13 +220,29 @@ class ClientProtocol(WebSocketServerProtocol):
 
     def onOpen(self):
         userId, roles, groups = self.admission
-        try:
-            self.session = self.hub.admit(self, userId, roles, groups,
-                                          connectionState=self._connectionState)
-        except BrokerError as e:
-            self.factory.rejected(self.hub.name)
-            self._sendClose(CloseCode.POLICY_VIOLATION, e.message)
-            return
+        link = self._resuming
+        if link is not None:
+            if link.closed or link.session is None:
+                self._sendClose(CloseCode.POLICY_VIOLATION, "the connection was not recovered")
+                return
+            self.session = link.session
+        else:
+            connection = self
+            if self.reliable:
+                link = connection = self.factory.links.new(self.hub.name, self.connectionId,
+                                                           userId)
+            try:
+                self.session = self.hub.admit(connection, userId, roles, groups,
+                                              connectionState=self._connectionState)
+            except BrokerError as e:
+                self.factory.rejected(self.hub.name)
+                if link is not None:
+                    self.factory.links.forget(link)
+                self._sendClose(CloseCode.POLICY_VIOLATION, e.message)
+                return
+            if link is not None:
+                link.session = self.session
+        self.link = link
         self.userId = userId
         self.admission = None
         # Chosen once: deliver() runs for every receiver of every message.
@@ -213,7 +250,10 @@ class ClientProtocol(WebSocketServerProtocol):
                          else self.factory.preparePlain)
         self._forgetHandshake()
         self._takeOverProducer()
-        if self.kind == JSON:
+        if self.link is not None:
+            self.sendMessage(frames.connected(self.connectionId, userId, self.link.token))
+            self.link.attach(self)
+        elif self.kind == JSON:
             self.sendMessage(frames.connected(self.connectionId, userId))
 
     def _forgetHandshake(self):
@@ -271,6 +311,22 @@ class ClientProtocol(WebSocketServerProtocol):
             self.sendPreparedMessage(prepared)
 
     def close(self, code, reason):
+        if self.link is not None:
+            # Closing for good closes the reliable connection, not just
+            # this socket; the link calls linkClosed back.
+            self.link.close(code, reason)
+            return
+        self._closeSocket(code, reason)
+
+    def linkClosed(self, code, reason):
+        """
+        The reliable connection this socket carries was closed for good.
+        """
+        self.session = None
+        self.link = None
+        self._closeSocket(code, reason)
+
+    def _closeSocket(self, code, reason):
         if self.state != self.STATE_OPEN:
             return
         if self.kind == JSON:
@@ -371,6 +427,8 @@ class ClientProtocol(WebSocketServerProtocol):
             self.sendMessage(frames.PONG)
             return
         if kind == "sequenceAck":
+            if self.link is not None:
+                self.link.ack(request.sequenceId)
             return
         ackId = request.ackId
         if ackId is not None and ackId in self._recentAcks:
@@ -386,7 +444,7 @@ class ClientProtocol(WebSocketServerProtocol):
                                                     self.connectionId)
                     self.sendMessage(frames._s(frame))
                     for delivery in missed:
-                        self.deliver(delivery)
+                        (self.link or self).deliver(delivery)
             elif kind == "leaveGroup":
                 session.leaveGroup(request.group)
             elif kind == "sendToGroup":
@@ -468,6 +526,13 @@ class ClientProtocol(WebSocketServerProtocol):
     # -- teardown ---------------------------------------------------------
 
     def onClose(self, wasClean, code, reason):
+        link, self.link = self.link, None
+        if link is not None:
+            # Only a normal close by the client ends a reliable connection;
+            # a dropped socket leaves it waiting for recovery.
+            self.session = None
+            link.detach(self, normal=wasClean and code == CloseCode.NORMAL)
+            return
         session, self.session = self.session, None
         if session is not None:
             session.hub.remove(session, reason or "")
@@ -487,9 +552,11 @@ class ClientFactory(WebSocketServerFactory):
 
     def __init__(self, core, hubSettings, defaultSettings, audiences=(),
                  maxFrameSize=1024 * 1024, maxOutputBuffer=4 * 1024 * 1024,
-                 autoPingInterval=30.0, autoPingTimeout=30.0, reactor=None):
+                 autoPingInterval=30.0, autoPingTimeout=30.0, reactor=None,
+                 recoveryWindow=30.0):
         super().__init__(reactor=reactor)
         self.core = core
+        self.links = ReliableLinks(self.reactor, recoveryWindow, maxOutputBuffer)
         self._hubSettings = dict(hubSettings)
         self._defaultSettings = defaultSettings
         self.audiences = tuple(audiences)

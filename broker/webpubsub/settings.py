@@ -46,6 +46,8 @@ SECTION = Table({
     "auto_ping_interval": Float(30.0, minimum=0),
     "auto_ping_timeout": Float(30.0, minimum=0),
     "hubs": MapOf(HUB, name=HUB_NAME, nameRule=HUB_NAME_RULE),
+    "recovery_window": Float(30.0, minimum=0,
+                             doc="Seconds a dropped reliable connection waits for its client."),
     "event_origin": Str("localhost", nonEmpty=True,
                         doc="WebHook-Request-Origin sent to event handlers."),
     "event_timeout": Float(10.0, minimum=0.1, doc="Seconds an event handler may take."),

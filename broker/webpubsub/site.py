@@ -50,7 +50,7 @@ def makeFactory(core, cfg, defaultKeys, reactor):
         core, hubs, default, audiences=cfg["audiences"],
         maxFrameSize=cfg["max_frame_size"], maxOutputBuffer=cfg["max_output_buffer"],
         autoPingInterval=cfg["auto_ping_interval"], autoPingTimeout=cfg["auto_ping_timeout"],
-        reactor=reactor,
+        reactor=reactor, recoveryWindow=cfg["recovery_window"],
     )
 
 

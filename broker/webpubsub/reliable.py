@@ -1,0 +1,185 @@
+# -*- test-case-name: tests.test_webpubsub_reliable -*-
+"""
+The reliable subprotocol, C{json.reliable.webpubsub.azure.v1}: a
+connection that outlives its WebSocket.
+
+A reliable client numbers nothing itself: every message the broker sends it
+carries a C{sequenceId} (1, 2, ...), and the client acknowledges the highest
+it has with C{sequenceAck}.  When the socket drops without a normal close,
+the connection stays in its hub (same connectionId, user, groups) for the
+recovery window, and what it is sent meanwhile is kept.  The client
+reconnects with C{awps_connection_id} and C{awps_reconnection_token}; every
+message it has not acknowledged is sent again, in order, and it goes on.
+After the window, or if it closes normally, the connection is removed and
+C{disconnected} fires as for any other.
+
+L{ReliableLink} is what the hub knows as the connection (it provides
+L{IConnection}); the WebSocket protocol of the moment is attached to it.
+"""
+
+import hmac
+import secrets
+from collections import OrderedDict
+
+from zope.interface import implementer
+
+from broker.core.errors import CloseCode
+from broker.core.interfaces import IConnection
+from broker.webpubsub import frames
+
+
+@implementer(IConnection)
+class ReliableLink:
+    """
+    One reliable connection, attached to at most one WebSocket at a time.
+
+    @param maxBuffered: unacknowledged bytes kept at most; a client that
+        falls further behind is closed as a slow consumer.
+    """
+
+    def __init__(self, registry, hubName, connectionId, userId, reactor, window, maxBuffered):
+        self.registry = registry
+        self.hubName = hubName
+        self.connectionId = connectionId
+        self.userId = userId
+        self.reactor = reactor
+        self.window = window
+        self.maxBuffered = maxBuffered
+        self.token = secrets.token_urlsafe(32)
+        self.session = None
+        self.protocol = None
+        self._sequence = 0
+        self._unacked = OrderedDict()
+        self._bufferedBytes = 0
+        self._expiry = None
+        self.closed = False
+
+    # -- IConnection ---------------------------------------------------------
+
+    def deliver(self, delivery):
+        if self.closed:
+            return
+        self._sequence += 1
+        frame = frames.messageFrame(delivery, sequenceId=self._sequence)
+        self._unacked[self._sequence] = frame
+        self._bufferedBytes += len(frame)
+        if self._bufferedBytes > self.maxBuffered:
+            self.close(CloseCode.SLOW_CONSUMER, "too many unacknowledged messages")
+            self.registry.slowConsumer(self)
+            return
+        if self.protocol is not None:
+            self.protocol.sendMessage(frame)
+
+    def close(self, code, reason):
+        """
+        Close for good: the WebSocket if one is attached, and the session.
+        """
+        if self.closed:
+            return
+        self.closed = True
+        protocol, self.protocol = self.protocol, None
+        if protocol is not None:
+            protocol.linkClosed(code, reason)
+        self._end(reason)
+
+    # -- the client's side ---------------------------------------------------
+
+    def ack(self, sequenceId):
+        """
+        The client has every message up to C{sequenceId}.
+        """
+        unacked = self._unacked
+        while unacked:
+            first = next(iter(unacked))
+            if first > sequenceId:
+                break
+            self._bufferedBytes -= len(unacked.pop(first))
+
+    def checkToken(self, token):
+        return hmac.compare_digest(self.token.encode(), (token or "").encode())
+
+    def attach(self, protocol):
+        """
+        A WebSocket takes the connection over: every unacknowledged message
+        is sent again, in order (the client drops those it already has by
+        their sequenceId).
+        """
+        if self._expiry is not None:
+            if self._expiry.active():
+                self._expiry.cancel()
+            self._expiry = None
+        self.protocol = protocol
+        for frame in list(self._unacked.values()):
+            protocol.sendMessage(frame)
+
+    def detach(self, protocol, normal):
+        """
+        The WebSocket C{protocol} went away.  A normal close ends the
+        connection; otherwise it waits for the client's return until the
+        recovery window ends.
+        """
+        if self.protocol is not protocol or self.closed:
+            return
+        self.protocol = None
+        if normal:
+            self.closed = True
+            self._end("closed by the client")
+            return
+        self._expiry = self.reactor.callLater(self.window, self._expired)
+
+    def _expired(self):
+        self._expiry = None
+        if not self.closed:
+            self.closed = True
+            self._end("not recovered within the recovery window")
+
+    def _end(self, reason):
+        if self._expiry is not None and self._expiry.active():
+            self._expiry.cancel()
+        self._expiry = None
+        self._unacked.clear()
+        self._bufferedBytes = 0
+        self.registry.forget(self)
+        session, self.session = self.session, None
+        if session is not None:
+            session.hub.remove(session, reason)
+
+
+class ReliableLinks:
+    """
+    The reliable connections of one factory, by (hub, connectionId), so a
+    reconnecting client finds its own.
+    """
+
+    def __init__(self, reactor, window, maxBuffered):
+        self.reactor = reactor
+        self.window = window
+        self.maxBuffered = maxBuffered
+        self._links = {}
+        self.slowConsumers = 0
+
+    def new(self, hubName, connectionId, userId):
+        link = ReliableLink(self, hubName, connectionId, userId, self.reactor, self.window,
+                            self.maxBuffered)
+        self._links[(hubName, connectionId)] = link
+        return link
+
+    def find(self, hubName, connectionId, token):
+        """
+        The link a reconnection names, if it exists and the token is its own.
+        """
+        link = self._links.get((hubName, connectionId))
+        if link is None or link.closed or not link.checkToken(token):
+            return None
+        return link
+
+    def forget(self, link):
+        if self._links.get((link.hubName, link.connectionId)) is link:
+            del self._links[(link.hubName, link.connectionId)]
+
+    def slowConsumer(self, link):
+        self.slowConsumers += 1
+
+    def closeAll(self):
+        for link in list(self._links.values()):
+            link.close(CloseCode.GOING_AWAY, "broker shutting down")
