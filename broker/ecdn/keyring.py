@@ -26,6 +26,8 @@ from datetime import datetime, timezone
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from broker.ecdn.linefile import entries
+
 VERSION = "v1"
 CONTEXT = b"meet-ecdn-sdp"
 NONCE_SIZE = 12
@@ -73,12 +75,7 @@ def parseKeyFile(text, source="<keys>"):
     """
     keys = {}
     active = None
-    for number, raw in enumerate(text.splitlines(), 1):
-        line = raw.split("#", 1)[0].strip()
-        if not line:
-            continue
-        where = f"{source}:{number}"
-        parts = line.split()
+    for _, where, parts in entries(text, source):
         if len(parts) not in (3, 4):
             raise KeyFileError(f"{where}: expected KID KEY STATUS [UNTIL]")
         kid, encoded, status = parts[:3]

@@ -14,6 +14,8 @@ import ipaddress
 import itertools
 from dataclasses import dataclass
 
+from broker.ecdn.linefile import entries
+
 ALLOW, BLOCK, REDIRECT = "allow", "block", "redirect"
 
 # Reserved by the legacy response format; a group with one of these names
@@ -102,12 +104,7 @@ def parseRules(text, source="<rules>"):
     @raise RulesError: naming C{source:line}.
     """
     rules = []
-    for number, raw in enumerate(text.splitlines(), 1):
-        line = raw.split("#", 1)[0].strip()
-        if not line:
-            continue
-        where = f"{source}:{number}"
-        parts = line.split()
+    for number, where, parts in entries(text, source):
         if len(parts) != 3:
             raise RulesError(f"{where}: expected RANGE ACTION TARGET, got {len(parts)} fields")
         rangeText, action, target = parts

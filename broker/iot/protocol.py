@@ -19,6 +19,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from broker.core.output import BoundedOutput
 from broker.iot import auth, errors, frames
 from broker.iot.frames import FrameError, FrameReader, Payload
 from broker.iot.interfaces import ICentralLink, IPeerSession
@@ -49,7 +50,7 @@ class Counters:
 
 
 @implementer(IPeerSession, ICentralLink)
-class IoTSession(Protocol):
+class IoTSession(BoundedOutput, Protocol):
     """
     One TCP session, a device or a central once authenticated.
     """
@@ -71,8 +72,6 @@ class IoTSession(Protocol):
         self._pending = {}          # our request id -> (Deferred, timer or None)
         self._nextId = SERVER_REQUEST_BASE
         self._timer = None
-        self._paused = False
-        self._pausedBytes = 0
         self._lastSeen = 0.0
         self._pinged = False
 
@@ -146,19 +145,6 @@ class IoTSession(Protocol):
         if self.role == auth.CENTRAL:
             return f"central of {self.fleet}"
         return f"unauthenticated {self.transport.getPeer()}"
-
-    # -- IPushProducer: the transport says when its buffer is full -------
-
-    def pauseProducing(self):
-        self._paused = True
-        self._pausedBytes = 0
-
-    def resumeProducing(self):
-        self._paused = False
-        self._pausedBytes = 0
-
-    def stopProducing(self):
-        self._paused = True
 
     # -- writing ----------------------------------------------------------
 

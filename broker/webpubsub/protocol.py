@@ -23,7 +23,6 @@ from collections import OrderedDict
 
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.types import ConnectionDeny
-from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
 from zope.interface import implementer
 
@@ -31,6 +30,7 @@ from broker.auth.tokens import TokenError, verifyClientToken
 from broker.config import HUB_NAME
 from broker.core.errors import BadRequest, BrokerError, CloseCode, Duplicate
 from broker.core.hub import NoUpstream, checkName
+from broker.core.output import BoundedOutput
 from broker.core.interfaces import IConnection
 from broker.core.message import BINARY, TEXT, Delivery, Message
 from broker.webpubsub import frames, history
@@ -63,8 +63,8 @@ class HubSettings:
         self.anonymousRoles = tuple(anonymousRoles)
 
 
-@implementer(IConnection, IPushProducer)
-class ClientProtocol(WebSocketServerProtocol):
+@implementer(IConnection)
+class ClientProtocol(BoundedOutput, WebSocketServerProtocol):
     """
     One client connection.
     """
@@ -79,8 +79,6 @@ class ClientProtocol(WebSocketServerProtocol):
 
     def __init__(self):
         super().__init__()
-        self._paused = False
-        self._pausedBytes = 0
         self._warned = False
         self._plainGroup = None
         self._connectionState = None
@@ -276,19 +274,6 @@ class ClientProtocol(WebSocketServerProtocol):
         except Exception:
             pass
         transport.registerProducer(self, True)
-
-    # -- IPushProducer: the transport tells us when its buffer is full ----
-
-    def pauseProducing(self):
-        self._paused = True
-        self._pausedBytes = 0
-
-    def resumeProducing(self):
-        self._paused = False
-        self._pausedBytes = 0
-
-    def stopProducing(self):
-        self._paused = True
 
     # -- IConnection ------------------------------------------------------
 
