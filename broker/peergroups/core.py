@@ -225,6 +225,10 @@ class PeerGroups(service.Service):
         """
         group = node.group
         member = node.member
+        if node.online or not node.handles or member is None:
+            # Another session of the identity connected it meanwhile, or
+            # every handle closed before the answer went out.
+            return
         node.online = True
         node.chain = chain
         node.nodeId = secrets.randbits(64) or 1

@@ -154,7 +154,6 @@ class Handle:
         self.session = session
         self.node = node
         self.registrations = {}
-        self.password = None
 
 
 class Direct:

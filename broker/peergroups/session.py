@@ -34,6 +34,10 @@ log = Logger()
 
 APPLICATION_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,127}$")
 MAX_ID_LENGTH = 64
+# Per-session bounds, so one peer cannot grow the broker without limit.
+MAX_QUEUED_REQUESTS = 1024
+MAX_HANDLES = 256
+MAX_REGISTRATIONS = 1024
 MUTABLE_PROPERTIES = {"friendlyName", "comment", "flags", "passwordVerifier"}
 IMMUTABLE_PROPERTIES = {"cloud", "classifier", "groupPeerName", "creatorPeerName",
                         "memberDataLifetime", "presenceLifetime", "authenticationSchemes",
@@ -167,6 +171,10 @@ class PeerSession:
         if not isinstance(method, str) or not isinstance(params, dict):
             self._badFrame(rid, "a request needs a method (string) and params (object)")
             return
+        if len(self._queue) >= MAX_QUEUED_REQUESTS:
+            self.transport.sendObject({"id": rid, "error": PeerError(
+                "E_OUTOFMEMORY", "too many requests waiting; wait for answers").toJSON()})
+            return
         self._queue.append((rid, method, params))
         if not self._busy:
             self._next()
@@ -274,6 +282,10 @@ class PeerSession:
             raise PeerError("PEER_E_GROUP_NOT_READY", "connect the group first")
         return handle, handle.node
 
+    def _checkRoom(self):
+        if len(self.handles) >= MAX_HANDLES:
+            raise PeerError("E_OUTOFMEMORY", f"at most {MAX_HANDLES} open handles per session")
+
     def _newHandle(self, node):
         handle = Handle(self._nextHandle, self, node)
         self._nextHandle += 1
@@ -351,6 +363,7 @@ class PeerSession:
     # -- groups ---------------------------------------------------------------
 
     def api_create(self, params):
+        self._checkRoom()
         props = _param(params, "properties", dict, required=False, default={})
         bad = "PEER_E_INVALID_GROUP_PROPERTIES"
         unknown = set(props) - MUTABLE_PROPERTIES - IMMUTABLE_PROPERTIES
@@ -455,6 +468,7 @@ class PeerSession:
         return issuer
 
     def api_join(self, params):
+        self._checkRoom()
         inv = cred.decodeInvitation(_param(params, "invitation", str))
         if inv["version"] != "1.0":
             raise PeerError("PEER_E_INVITATION_NOT_TRUSTED",
@@ -496,6 +510,7 @@ class PeerSession:
             {"handle": handle.id, "groupPeerName": group.gpn, "status": node.status})
 
     def api_passwordJoin(self, params):
+        self._checkRoom()
         inv = cred.decodeInvitation(_param(params, "invitation", str))
         group = self._group(inv["groupPeerName"])
         if group is None or inv.get("application", self.app.name) != self.app.name:
@@ -518,6 +533,7 @@ class PeerSession:
                 "salt": group.verifier["salt"], "iterations": group.verifier["iterations"]}
 
     def api_open(self, params):
+        self._checkRoom()
         group = self._group(_param(params, "groupPeerName", str))
         me = self.identity["peerName"]
         member = group.members.get(me) if group is not None else None
@@ -712,7 +728,8 @@ class PeerSession:
         wanted = params.get("identity")
         group = node.group
         others = sorted((m for m in group.members.values()
-                         if m.published and m.peerName != node.peerName and m.chain),
+                         if m.published and m.peerName != node.peerName
+                         and (m.chain or m.pending)),
                         key=lambda m: m.peerName)
         out = []
         for m in [member] + others:
@@ -1049,6 +1066,8 @@ class PeerSession:
         entries = _param(params, "registrations", list)
         if not entries or len(entries) > 32:
             raise PeerError("E_INVALIDARG", "1 to 32 registrations")
+        if len(self.registrations) >= MAX_REGISTRATIONS:
+            raise PeerError("E_OUTOFMEMORY", f"at most {MAX_REGISTRATIONS} registrations")
         parsed = []
         for e in entries:
             if not isinstance(e, dict) or e.get("eventType") not in C.EVENT_TYPES:
