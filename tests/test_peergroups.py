@@ -1536,3 +1536,26 @@ class FaceTests(TestCase):
         e = self.assertRaises(ConfigError, makePeerGroups, reactor, None,
                               settings["peergroups"], self.mktemp())
         self.assertIn("peergroups.keepalive_timeout", str(e))
+
+
+class DemoTests(TestCase):
+    @defer.inlineCallbacks
+    def test_demo(self):
+        """
+        C{python -m broker.peergroups.demo} runs its story against a broker
+        over both wires.
+        """
+        import argparse
+
+        from broker.peergroups import demo
+        broker = yield PeerBroker(self, reactor).start()
+        lines = []
+        self.patch(demo, "say", lambda *a: lines.append(" ".join(map(str, a))))
+        for tcp in (None, f"tcp:127.0.0.1:{broker.tcpPort.getHost().port}"):
+            del lines[:]
+            yield demo.run(reactor, argparse.Namespace(ws=broker.wsURL, tcp=tcp,
+                                                       application="demo"))
+            self.assertIn("Bob received over direct connection", "\n".join(lines))
+            self.assertIn("Mallory tried to join with Bob's invitation: "
+                          "PEER_E_INVALID_CREDENTIAL", "\n".join(lines))
+            self.assertEqual(lines[-1], "done")
