@@ -94,8 +94,7 @@ def run(reactor, args):
             raise RuntimeError(f"Mallory could {what}")
     for c, handle in ((bob, hb), (alice, h)):
         yield c.close(handle)
-    for c in (alice, bob, mallory):
-        c.disconnect()
+    yield defer.DeferredList([c.disconnect() for c in (alice, bob, mallory)])
     say("done")
 
 
