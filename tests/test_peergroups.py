@@ -1355,6 +1355,38 @@ class Restart(TestCase):
         self.assertIn(rid, second.pg.apps["default"].groups[gpn].records)
 
     @defer.inlineCallbacks
+    def test_pipelinedWritesDurable(self):
+        """
+        Record writes sent without waiting for answers are answered in
+        order, committed together, and all there after a restart.
+        """
+        state = self.mktemp()
+        first = yield PeerBroker(self, reactor, stateDir=state).start()
+        base = Base()
+        base.broker, base.transport, base.fail = first, "tcp", self.fail
+        base.assertEqual = self.assertEqual
+        admin = yield base.group()
+        gpn = admin.client.groupPeerName(admin.handle)
+        answered = []
+        ds = []
+        for i in range(100):
+            d = admin.client.addRecord(admin.handle, T1, str(i).encode())
+            d.addCallback(lambda rid, i=i: answered.append((i, rid)))
+            ds.append(d)
+        yield defer.gatherResults(ds)
+        self.assertEqual([i for i, _ in answered], list(range(100)))
+        yield first.stop()
+        second = yield PeerBroker(self, reactor, stateDir=state).start()
+        base.broker = second
+        admin2 = yield base.peer("admin", identity=admin.identity)
+        admin2.handle = yield admin2.client.open(gpn)
+        yield base.register(admin2)
+        yield base.online(admin2)
+        records = yield admin2.client.enumRecords(admin2.handle)
+        self.assertEqual([(r["id"], cred.unb64(r["data"])) for r in records],
+                         [(rid, str(i).encode()) for i, rid in answered])
+
+    @defer.inlineCallbacks
     def test_importRestores(self):
         """
         A database exported before a loss is imported into a fresh Open of

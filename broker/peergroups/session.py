@@ -20,6 +20,7 @@ import secrets
 
 from twisted.internet import defer
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from broker.core.interfaces import IConnection
@@ -45,6 +46,9 @@ IMMUTABLE_PROPERTIES = {"cloud", "classifier", "groupPeerName", "creatorPeerName
 # Methods allowed before startup / before an identity is registered.
 NO_STARTUP = {"startup"}
 NO_IDENTITY = {"startup", "shutdown", "registerIdentity"}
+# Requests whose later ones need not wait for their commit (see _next).
+PIPELINED = {"addRecord", "updateRecord", "deleteRecord"}
+_WAITING = object()
 
 
 class Reply:
@@ -129,7 +133,8 @@ class PeerSession:
         self._nextHandle = 1
         self._nextRegistration = 1
         self._queue = []
-        self._busy = False
+        self._answers = []
+        self._blocked = False
         self._gone = False
         self._warned = False
         self.connectionId = secrets.token_urlsafe(12)
@@ -171,13 +176,12 @@ class PeerSession:
         if not isinstance(method, str) or not isinstance(params, dict):
             self._badFrame(rid, "a request needs a method (string) and params (object)")
             return
-        if len(self._queue) >= MAX_QUEUED_REQUESTS:
+        if len(self._queue) + len(self._answers) >= MAX_QUEUED_REQUESTS:
             self.transport.sendObject({"id": rid, "error": PeerError(
                 "E_OUTOFMEMORY", "too many requests waiting; wait for answers").toJSON()})
             return
         self._queue.append((rid, method, params))
-        if not self._busy:
-            self._next()
+        self._next()
 
     def _badFrame(self, rid, why):
         if not self._warned:
@@ -187,16 +191,39 @@ class PeerSession:
         self.transport.sendObject({"id": rid, "error": PeerError("E_INVALIDARG", why).toJSON()})
 
     def _next(self):
-        while self._queue and not self._gone:
+        """
+        Run queued requests in order.  A request that waits for something
+        (the store loading, a write) holds back the ones after it, except
+        record writes: their change is made in memory at once and only the
+        commit is awaited, so a peer may pipeline them (the store commits
+        them together).  Answers always go out in request order.
+        """
+        while self._queue and not self._gone and not self._blocked:
             rid, method, params = self._queue.pop(0)
-            self._busy = True
+            slot = [rid, method, _WAITING]
+            self._answers.append(slot)
             d = defer.maybeDeferred(self._dispatch, method, params)
-            d.addCallbacks(self._answered, self._failed, callbackArgs=(rid,),
-                           errbackArgs=(rid, method))
-            if not d.called:
-                d.addBoth(lambda _: self._next())
+
+            def settle(result, slot=slot):
+                slot[2] = result
+                self._flush()
+            d.addBoth(settle)
+            if slot[2] is _WAITING and method not in PIPELINED:
+                self._blocked = True
+
+                def unblock(_):
+                    self._blocked = False
+                    self._next()
+                d.addCallback(unblock)
                 return
-        self._busy = False
+
+    def _flush(self):
+        while self._answers and self._answers[0][2] is not _WAITING:
+            rid, method, result = self._answers.pop(0)
+            if isinstance(result, Failure):
+                self._failed(result, rid, method)
+            else:
+                self._answered(result, rid)
 
     def _answered(self, reply, rid):
         if not isinstance(reply, Reply):

@@ -10,6 +10,8 @@ accepted change (a record the peer was told is added) survives a crash.
 
 import json
 
+from twisted.internet import defer
+from twisted.python import failure
 from zope.interface import implementer
 
 from broker.peergroups.interfaces import IPeerGroupStore
@@ -52,9 +54,6 @@ class SQLitePeerGroupStore(SQLiteRunner):
       - C{("serial", app, gpn, serial)}
     """
 
-    def __init__(self, reactor, path, name="peergroups.store"):
-        super().__init__(reactor, path, SCHEMA, name=name)
-
     def load(self):
         return self.runInteraction(self._load)
 
@@ -82,8 +81,54 @@ class SQLitePeerGroupStore(SQLiteRunner):
             out["serials"].append((app, gpn, serial))
         return out
 
+    def __init__(self, reactor, path, name="peergroups.store"):
+        super().__init__(reactor, path, SCHEMA, name=name)
+        self._pending = []
+        self._writing = False
+        self._idle = []
+
     def apply(self, changes):
-        return self.runInteraction(self._apply, list(changes))
+        """
+        Group commit: batches asked for while one is being written go
+        together in the next transaction (one fsync for many accepted
+        changes); each caller's Deferred fires once its batch is durable.
+        """
+        d = defer.Deferred()
+        self._pending.append((list(changes), d))
+        if not self._writing:
+            self._write()
+        return d
+
+    def _write(self):
+        batch, self._pending = self._pending, []
+        self._writing = True
+        changes = [c for part, _ in batch for c in part]
+        w = defer.maybeDeferred(self.runInteraction, self._apply, changes)
+
+        def done(result):
+            for _, d in batch:
+                if isinstance(result, failure.Failure):
+                    d.errback(result)
+                else:
+                    d.callback(None)
+            if self._pending:
+                self._write()
+            else:
+                self._writing = False
+                idle, self._idle = self._idle, []
+                for i in idle:
+                    i.callback(None)
+        w.addBoth(done)
+
+    def close(self):
+        """
+        Write what was accepted, then close.
+        """
+        if not self._writing:
+            return super().close()
+        d = defer.Deferred()
+        self._idle.append(d)
+        return d.addCallback(lambda _: super(SQLitePeerGroupStore, self).close())
 
     @staticmethod
     def _apply(cursor, changes):
