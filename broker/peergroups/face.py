@@ -1,9 +1,95 @@
-# -*- test-case-name: tests.test_tap -*-
+# -*- test-case-name: tests.test_peergroups -*-
 """
-Builds the peergroups face from C{[peergroups]}.
+Builds the peer-groups face from C{[peergroups]}: the SQLite store, the
+core service, the WebSocket site on each C{peergroups.listen} endpoint and
+the length-prefixed JSON stream on each C{peergroups.tcp_listen} endpoint.
 """
+
+import base64
+import os
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from broker.config import ConfigError
+from broker.peergroups.core import PeerGroups
+from broker.peergroups.protocol import PeerStreamFactory, PeerWebSocketFactory, makeSite
+from broker.peergroups.store import SQLitePeerGroupStore
+
+ISSUER_KEY_FILE = "peergroups-issuer.key"
+EXPORT_KEY_FILE = "peergroups-export.key"
+
+
+def _secretFile(path, make):
+    """
+    Read the secret at C{path}, or write C{make()} there (mode 0600).
+    """
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+        if data.strip():
+            return data
+    except FileNotFoundError:
+        pass
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    data = make()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    return data
+
+
+def brokerKeys(stateDir):
+    """
+    The broker's own secrets for this face, generated at first start: the
+    Ed25519 key that signs password joiners' certificates and the HMAC key
+    that seals database exports.
+    """
+    pem = _secretFile(os.path.join(stateDir, ISSUER_KEY_FILE), lambda: (
+        Ed25519PrivateKey.generate().private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption())))
+    issuer = serialization.load_pem_private_key(pem, None)
+    if not isinstance(issuer, Ed25519PrivateKey):
+        raise ValueError(f"{ISSUER_KEY_FILE} is not an Ed25519 key")
+    export = _secretFile(os.path.join(stateDir, EXPORT_KEY_FILE),
+                         lambda: base64.b64encode(os.urandom(32)) + b"\n")
+    return issuer, base64.b64decode(export.strip())
+
+
+def makePeerGroups(reactor, core, cfg, stateDir, clock=None):
+    """
+    The store and the core service from the C{[peergroups]} table (neither
+    started).
+    """
+    if cfg["keepalive_timeout"] <= cfg["keepalive_interval"]:
+        raise ConfigError("peergroups.keepalive_timeout",
+                          "must be longer than peergroups.keepalive_interval")
+    path = cfg["store"]
+    if path != ":memory:" and not os.path.isabs(path):
+        path = os.path.join(stateDir, path)
+    try:
+        issuer, exportKey = brokerKeys(stateDir)
+    except (OSError, ValueError) as e:
+        raise ConfigError("broker.state_dir", f"cannot keep the peer-groups keys there: {e}")
+    store = SQLitePeerGroupStore(reactor, path)
+    pg = PeerGroups(
+        reactor, store, core=core, clock=clock, issuerKey=issuer, exportKey=exportKey,
+        maxRecordSize=cfg["max_record_size"], maxDataSize=cfg["max_data_size"],
+        keepaliveInterval=cfg["keepalive_interval"],
+        keepaliveTimeout=cfg["keepalive_timeout"], sweepInterval=cfg["sweep_interval"],
+        maxOutputBuffer=cfg["max_output_buffer"])
+    return store, pg
 
 
 def build(context):
-    if not context.settings["peergroups"]["enabled"]:
+    cfg = context.settings["peergroups"]
+    if not cfg["enabled"]:
         return
+    store, pg = makePeerGroups(context.reactor, context.core, cfg, context.stateDir)
+    context.addService(store)
+    context.addService(pg)
+    ws = PeerWebSocketFactory(pg, cfg["max_message_size"], reactor=context.reactor)
+    context.listen("peergroups.listen", cfg["listen"], makeSite(ws))
+    context.listen("peergroups.tcp_listen", cfg["tcp_listen"],
+                   PeerStreamFactory(pg, cfg["max_message_size"]))

@@ -1,10 +1,23 @@
-# -*- test-case-name: tests.test_config -*-
+# -*- test-case-name: tests.test_peergroups -*-
 """
 The C{[peergroups]} section of the configuration (docs/configuration.md).
 """
 
-from broker.config import Bool, Table
+from broker.config import KIB, MIB, Bool, Endpoint, Float, Int, List, Str, Table
 
 SECTION = Table({
     "enabled": Bool(False),
+    "listen": List(Endpoint(), default=["tcp:8084:interface=127.0.0.1"],
+                   doc="HTTP listeners for the WebSocket endpoint /peergroups/v1."),
+    "tcp_listen": List(Endpoint(), default=["tcp:7100:interface=127.0.0.1"],
+                       doc="Raw TCP/TLS listeners (4-byte length-prefixed JSON)."),
+    "store": Str("peergroups.sqlite", nonEmpty=True,
+                 doc="The SQLite database, relative to broker.state_dir."),
+    "max_message_size": Int(4 * MIB, minimum=4 * KIB, maximum=64 * MIB),
+    "max_record_size": Int(1 * MIB, minimum=1, maximum=60 * MIB),
+    "max_data_size": Int(1 * MIB, minimum=1, maximum=48 * MIB),
+    "max_output_buffer": Int(8 * MIB, minimum=64 * KIB),
+    "keepalive_interval": Float(30.0, minimum=1),
+    "keepalive_timeout": Float(90.0, minimum=2, maximum=299),
+    "sweep_interval": Float(5.0, minimum=0.1, maximum=60),
 })

@@ -1,0 +1,382 @@
+# -*- test-case-name: tests.test_peergroups -*-
+"""
+The peer-groups core: the broker as rendezvous, authenticator, record
+database and relay for every group of every application.
+
+Where Windows floods records over a mesh, here the broker holds the one
+copy of each group database (write-through to the store) and tells each
+online node of every change, once per registration; a node that was
+offline is told on its next connect of everything that changed since it
+left (tombstones make deletes part of that).  Protocol adapters hand the
+core an L{IPeerTransport} and feed it decoded JSON objects through a
+L{broker.peergroups.session.PeerSession}; the core never sees a frame.
+"""
+
+import secrets
+
+from twisted.application import service
+from twisted.internet import defer
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+
+from broker.peergroups import constants as C
+from broker.peergroups.credentials import Certificate
+from broker.peergroups.model import Application, Group, Member
+
+log = Logger()
+
+HUB_PREFIX = "pg."
+
+
+class PeerGroups(service.Service):
+    """
+    @param reactor: for network-facing work.
+    @param store: an L{IPeerGroupStore}.
+    @param core: the routing core (L{broker.core.router.Core}); each
+        application is its hub C{pg.<application>} and each authenticated
+        session one of its connections.  May be C{None} in unit tests.
+    @param clock: the time source and timer (C{IReactorTime}); the reactor
+        unless a test injects a L{twisted.internet.task.Clock}.
+    @param issuerKey: the broker's Ed25519 private key that signs password
+        joiners' certificates (under a GMC the group creator issues it).
+    @param exportKey: the HMAC key sealing exported databases.
+    """
+
+    name = "peergroups"
+
+    def __init__(self, reactor, store, core=None, clock=None, issuerKey=None,
+                 exportKey=b"", maxRecordSize=1024 * 1024, maxDataSize=1024 * 1024,
+                 keepaliveInterval=30.0, keepaliveTimeout=90.0, sweepInterval=5.0,
+                 maxOutputBuffer=4 * 1024 * 1024):
+        self.reactor = reactor
+        self.store = store
+        self.core = core
+        self.clock = clock if clock is not None else reactor
+        self.issuerKey = issuerKey
+        self.exportKey = exportKey
+        self.maxRecordSize = maxRecordSize
+        self.maxDataSize = maxDataSize
+        self.keepaliveInterval = keepaliveInterval
+        self.keepaliveTimeout = keepaliveTimeout
+        self.sweepInterval = sweepInterval
+        self.maxOutputBuffer = maxOutputBuffer
+        self.apps = {}
+        self.sessions = set()
+        self.directs = {}
+        self.loaded = False
+        self._waiting = []
+        self._inflight = set()
+        self._sweeper = None
+
+    # -- service ----------------------------------------------------------
+
+    def startService(self):
+        super().startService()
+        d = self.store.load()
+        d.addCallback(self._loaded)
+        d.addErrback(self._loadFailed)
+        self._sweeper = LoopingCall(self.sweep)
+        self._sweeper.clock = self.clock
+        self._sweeper.start(self.sweepInterval, now=False).addErrback(
+            lambda f: log.failure("peer-groups sweeper stopped", f))
+
+    def _loaded(self, data):
+        for row in data["groups"]:
+            app = self.application(row["app"])
+            app.groups[row["gpn"]] = Group.fromStore(row)
+        for row in data["members"]:
+            group = self.apps[row["app"]].groups.get(row["gpn"])
+            if group is not None:
+                group.members[row["peer"]] = Member.fromStore(row)
+        for app, gpn, record in data["records"]:
+            group = self.apps[app].groups.get(gpn)
+            if group is not None:
+                group.records[record.id] = record
+        for app, gpn, serial in data["serials"]:
+            group = self.apps[app].groups.get(gpn)
+            if group is not None:
+                group.serials.add(serial)
+        self.loaded = True
+        log.info("peer groups: {groups} groups in {apps} applications loaded",
+                 groups=sum(len(a.groups) for a in self.apps.values()), apps=len(self.apps))
+        waiting, self._waiting = self._waiting, []
+        for d in waiting:
+            d.callback(None)
+
+    def _loadFailed(self, failure):
+        log.failure("peer groups: cannot load the store", failure)
+        waiting, self._waiting = self._waiting, []
+        for d in waiting:
+            d.errback(failure)
+
+    def whenLoaded(self):
+        if self.loaded:
+            return defer.succeed(None)
+        d = defer.Deferred()
+        self._waiting.append(d)
+        return d
+
+    def stopService(self):
+        super().stopService()
+        if self._sweeper is not None and self._sweeper.running:
+            self._sweeper.stop()
+        for session in list(self.sessions):
+            session.transport.abort("broker shutting down")
+            session.lost("broker shutting down")
+        return defer.DeferredList(list(self._inflight))
+
+    # -- helpers ------------------------------------------------------------
+
+    def now(self):
+        """
+        Peer time: the broker's clock as a FILETIME.
+        """
+        ft = C.filetimeFromUnix(self.clock.seconds())
+        # Millisecond resolution: multiples of 10,000 ticks stay exact as
+        # JSON numbers in JavaScript peers (doubles) until 2057.
+        return ft - ft % 10000
+
+    def application(self, name):
+        app = self.apps.get(name)
+        if app is None:
+            hub = self.core.hub(HUB_PREFIX + name) if self.core is not None else None
+            app = self.apps[name] = Application(name, hub)
+        return app
+
+    def persist(self, changes):
+        """
+        Write C{changes} atomically.  The Deferred fails if the store does;
+        callers answer the peer only after it fires.
+        """
+        d = self.store.apply(changes)
+        self._inflight.add(d)
+
+        def done(result):
+            self._inflight.discard(d)
+            return result
+        return d.addBoth(done)
+
+    def persistQuietly(self, changes, what):
+        self.persist(changes).addErrback(
+            lambda f: log.failure("peer groups: cannot store {what}", f, what=what))
+
+    def newConnectionId(self):
+        while True:
+            cid = secrets.randbits(64)
+            if cid and cid not in self.directs:
+                return cid
+
+    # -- events -----------------------------------------------------------
+
+    def emit(self, node, eventType, payload, filterType=None):
+        """
+        Deliver one event to each of C{node}'s registrations for
+        C{eventType} (with a matching type filter), once each.
+        """
+        for handle in list(node.handles):
+            for regId, entries in list(handle.registrations.items()):
+                for t, f in entries:
+                    if t == eventType and (f is None or f == filterType):
+                        handle.session.sendEvent(regId, handle.id, eventType, payload)
+                        break
+
+    def broadcast(self, group, eventType, payload, filterType=None, exclude=None):
+        for node in Application.onlineNodes(group):
+            if node is not exclude:
+                self.emit(node, eventType, payload, filterType)
+
+    def memberChanged(self, group, peerName, changeType, exclude=None):
+        self.broadcast(group, C.EVENT_MEMBER_CHANGED,
+                       {"memberChangeData": {"changeType": changeType, "identity": peerName}},
+                       exclude=exclude)
+
+    def recordChanged(self, group, changeType, record, node=None):
+        payload = {"recordChangeData": {"changeType": changeType, "recordId": record.id,
+                                        "recordType": record.type}}
+        if node is not None:
+            self.emit(node, C.EVENT_RECORD_CHANGED, payload, record.type)
+        else:
+            self.broadcast(group, C.EVENT_RECORD_CHANGED, payload, record.type)
+
+    def statusChanged(self, node):
+        self.emit(node, C.EVENT_STATUS_CHANGED, {"status": node.status})
+
+    # -- node life ----------------------------------------------------------
+
+    def publishMembership(self, node):
+        """
+        Publish C{node}'s membership if it has not been: everyone online
+        (the node included) sees C{MEMBER_CHANGED/JOINED} once.
+
+        @return: the store changes to make.
+        """
+        member = node.member
+        if member is None or member.published:
+            return []
+        member.published = True
+        self.memberChanged(node.group, node.peerName, C.MEMBER_JOINED)
+        return [("member", node.app.name, node.group.gpn, member.peerName, member.toStore())]
+
+    def goOnline(self, node, chain):
+        """
+        Bring C{node} online with credentials C{chain}: presence, membership,
+        the catch-up of record changes since it was last online, status.
+        Called once the store holds the member's new state.
+        """
+        group = node.group
+        member = node.member
+        if node.online or not node.handles or member is None:
+            # Another session of the identity connected it meanwhile, or
+            # every handle closed before the answer went out.
+            return
+        node.online = True
+        node.chain = chain
+        node.nodeId = secrets.randbits(64) or 1
+        group.online[node.peerName] = node
+        lastSeq = member.lastSeq if member.synced else 0
+        if not (group.flags & C.MEMBER_DATA_OPTIONAL):
+            self.persistQuietly(self.publishMembership(node), "a membership")
+        self.memberChanged(group, node.peerName, C.MEMBER_CONNECTED)
+        self.catchUp(node, lastSeq)
+        member.synced = True
+        member.lastSeq = group.seq
+        self.persistQuietly([("member", node.app.name, group.gpn, member.peerName,
+                              member.toStore())], "a member's sync point")
+        self.statusChanged(node)
+        if group.flags & C.DEFER_EXPIRATION:
+            self.expire(group)
+
+    def catchUp(self, node, lastSeq):
+        """
+        Tell a node that comes back what changed while it was away: each
+        record changed after C{lastSeq} once, as added, updated or (a
+        tombstone of a record it had seen) deleted.
+        """
+        now = self.now()
+        changed = sorted((r for r in node.group.records.values() if r.seq > lastSeq),
+                         key=lambda r: r.seq)
+        for r in changed:
+            if r.deleted:
+                if lastSeq and r.createdSeq <= lastSeq:
+                    self.recordChanged(node.group, C.RECORD_DELETED, r, node)
+            elif r.expiration > now:
+                kind = C.RECORD_ADDED if r.createdSeq > lastSeq else C.RECORD_UPDATED
+                self.recordChanged(node.group, kind, r, node)
+
+    def goOffline(self, node, reason):
+        """
+        Take C{node} offline: its direct connections close (both ends told),
+        the others see C{MEMBER_CHANGED/DISCONNECTED}, its own remaining
+        handles (if any) see the status change.
+        """
+        if not node.online:
+            return
+        group = node.group
+        for direct in list(node.directs.values()):
+            self.closeDirect(direct)
+        node.online = False
+        node.chain = None
+        group.online.pop(node.peerName, None)
+        member = node.member
+        if member is not None:
+            member.lastSeq = group.seq
+            self.persistQuietly([("member", node.app.name, group.gpn, member.peerName,
+                                  member.toStore())], "a member's sync point")
+        self.memberChanged(group, node.peerName, C.MEMBER_DISCONNECTED)
+        self.statusChanged(node)
+        log.info("peer {peer} left group {group} of {app}: {reason}", peer=node.peerName,
+                 group=group.gpn, app=node.app.name, reason=reason)
+
+    def closeHandle(self, handle, reason="closed"):
+        node = handle.node
+        handle.session.handles.pop(handle.id, None)
+        if handle in node.handles:
+            node.handles.remove(handle)
+        if not node.handles:
+            self.goOffline(node, reason)
+            node.passwordChallenge = None
+            node.app.nodes.pop((node.group.gpn, node.peerName), None)
+
+    def deleteMembership(self, node):
+        """
+        C{PeerGroupDelete}: the identity's membership and credentials go;
+        every handle of every session becomes invalid.
+        """
+        group = node.group
+        for handle in list(node.handles):
+            self.closeHandle(handle, "group deleted")
+        node.app.nodes.pop((group.gpn, node.peerName), None)
+        group.members.pop(node.peerName, None)
+
+    # -- direct connections -------------------------------------------------
+
+    def closeDirect(self, direct):
+        if self.directs.pop(direct.id, None) is None:
+            return
+        for node in (direct.initiator, direct.target):
+            node.directs.pop(direct.id, None)
+            self.emit(node, C.EVENT_DIRECT_CONNECTION, {"connectionChangeData": {
+                "status": C.PEER_DISCONNECTED, "connectionId": str(direct.id),
+                "nodeId": str(direct.other(node).nodeId), "identity": direct.other(node).peerName}})
+
+    # -- timers -------------------------------------------------------------
+
+    def sweep(self):
+        """
+        Every C{sweepInterval}: drop sessions silent for longer than the
+        keepalive timeout (so a vanished member leaves the present list well
+        within the presence lifetime), ping the quiet ones, expire records.
+        """
+        now = self.clock.seconds()
+        for session in list(self.sessions):
+            idle = now - session.lastHeard
+            if idle > self.keepaliveTimeout:
+                log.info("peer session {addr}: silent for {idle:.0f}s, dropped",
+                         addr=session.transport.address, idle=idle)
+                session.transport.abort("keepalive timeout")
+                session.lost("keepalive timeout")
+            elif idle >= self.keepaliveInterval and now - session.lastPing >= self.keepaliveInterval:
+                session.ping()
+        if self.loaded:
+            for app in list(self.apps.values()):
+                for group in list(app.groups.values()):
+                    if group.flags & C.DEFER_EXPIRATION and not group.online:
+                        continue
+                    self.expire(group)
+
+    def expire(self, group):
+        """
+        Purge records and tombstones past their expiration; online nodes
+        see C{RECORD_CHANGED/EXPIRED} for live records.
+        """
+        now = self.now()
+        gone = [r for r in group.records.values() if r.expiration <= now]
+        if not gone:
+            return
+        for r in gone:
+            del group.records[r.id]
+        self.persistQuietly([("dropRecords", group.app, group.gpn, [r.id for r in gone])],
+                            "expired records")
+        for r in gone:
+            if not r.deleted:
+                self.recordChanged(group, C.RECORD_EXPIRED, r)
+
+    # -- password issuer ----------------------------------------------------
+
+    def issuerPublicKey(self):
+        from cryptography.hazmat.primitives import serialization
+        return self.issuerKey.public_key().public_bytes(serialization.Encoding.Raw,
+                                                        serialization.PublicFormat.Raw)
+
+    def issuePasswordCredentials(self, group, node, friendlyName):
+        """
+        Sign a password joiner's GMC with the broker's issuer key, under the
+        issuer GMC the creator gave the group: role = the group's password
+        role, valid from now to the issuer's own end.
+        """
+        issuerLeaf = group.issuer[-1]
+        cert = Certificate.make(
+            self.issuerKey, "GMC", group.gpn, node.publicKey, node.peerName,
+            [group.properties["groupPasswordRole"]], self.now(), issuerLeaf.notAfter,
+            friendlyName=friendlyName, classifiers=["participant"])
+        return list(group.issuer) + [cert]

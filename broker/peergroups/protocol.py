@@ -1,0 +1,228 @@
+# -*- test-case-name: tests.test_peergroups -*-
+"""
+The two wires of C{peergroup.v1}, both thin: WebSocket text frames (for
+browsers) and 4-byte big-endian length-prefixed UTF-8 JSON over TCP or TLS
+(for devices).  Each decodes one JSON value per frame and hands it to a
+L{PeerSession}; everything else is the session's business.
+"""
+
+import json
+
+from autobahn.twisted.resource import WebSocketResource
+from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
+from autobahn.websocket.types import ConnectionDeny
+from twisted.internet.interfaces import IPushProducer
+from twisted.internet.protocol import Factory
+from twisted.logger import Logger
+from twisted.protocols.basic import Int32StringReceiver
+from twisted.web.resource import Resource
+from twisted.web.server import Site
+from zope.interface import implementer
+
+from broker.peergroups.constants import PROTOCOL
+from broker.peergroups.errors import PeerError
+from broker.peergroups.interfaces import IPeerTransport
+from broker.peergroups.session import PeerSession
+
+log = Logger()
+
+WS_PATH = "/peergroups/v1"
+
+
+def _encode(obj):
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+def _address(transport):
+    try:
+        peer = transport.getPeer()
+        return f"{peer.host}:{peer.port}"
+    except Exception:
+        return "?"
+
+
+@implementer(IPushProducer)
+class _OutputLimit:
+    """
+    Bounds what is queued for a peer that does not read: registered as the
+    transport's streaming producer, it counts bytes written while the
+    transport is paused and drops the peer past C{maxOutputBuffer}.
+    """
+
+    _paused = False
+    _pausedBytes = 0
+
+    def _takeOverProducer(self, transport):
+        try:
+            transport.unregisterProducer()
+        except Exception:
+            pass
+        transport.registerProducer(self, True)
+
+    def pauseProducing(self):
+        self._paused = True
+        self._pausedBytes = 0
+
+    def resumeProducing(self):
+        self._paused = False
+        self._pausedBytes = 0
+
+    def stopProducing(self):
+        self._paused = True
+
+    def _overLimit(self, size, limit):
+        if not self._paused:
+            return False
+        self._pausedBytes += size
+        return self._pausedBytes > limit
+
+    def _badInput(self, payload):
+        try:
+            return None, json.loads(payload.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError):
+            return "a frame must be one UTF-8 JSON value", None
+
+
+@implementer(IPeerTransport)
+class PeerWebSocketProtocol(_OutputLimit, WebSocketServerProtocol):
+    """
+    A peer over WebSocket with subprotocol C{peergroup.v1} on
+    C{/peergroups/v1}.
+    """
+
+    session = None
+    address = "?"
+
+    def onConnect(self, request):
+        if request.path.rstrip("/") != WS_PATH:
+            raise ConnectionDeny(404, f"no such endpoint; use {WS_PATH}")
+        if PROTOCOL not in request.protocols:
+            raise ConnectionDeny(400, f"the {PROTOCOL} subprotocol is required")
+        self.address = request.peer.split(":", 1)[-1] if request.peer else "?"
+        return PROTOCOL
+
+    def onOpen(self):
+        self.address = _address(self.transport)
+        self._takeOverProducer(self.transport)
+        self.session = PeerSession(self.factory.peergroups, self)
+        self.session.hello()
+
+    def onMessage(self, payload, isBinary):
+        if self.session is None:
+            return
+        why, obj = ("text frames only", None) if isBinary else self._badInput(payload)
+        if why is not None:
+            self.session._badFrame(None, why)
+            return
+        self.session.received(obj)
+
+    def onClose(self, wasClean, code, reason):
+        session, self.session = self.session, None
+        if session is not None:
+            session.lost(f"closed ({code})")
+
+    def sendObject(self, obj):
+        if self.state != self.STATE_OPEN:
+            return
+        data = _encode(obj)
+        if self._overLimit(len(data), self.factory.peergroups.maxOutputBuffer):
+            log.warn("peer {addr}: not reading, dropped", addr=self.address)
+            self.abort("slow consumer")
+            return
+        self.sendMessage(data, False)
+
+    def abort(self, reason):
+        if self.transport is not None:
+            if reason == "broker shutting down" and self.state == self.STATE_OPEN:
+                self.sendCloseFrame(1001, b"broker shutting down", isReply=False)
+            else:
+                self.transport.abortConnection()
+
+
+class PeerWebSocketFactory(WebSocketServerFactory):
+    protocol = PeerWebSocketProtocol
+
+    def __init__(self, peergroups, maxMessageSize, reactor=None):
+        super().__init__(reactor=reactor)
+        self.peergroups = peergroups
+        self.setProtocolOptions(
+            maxFramePayloadSize=maxMessageSize, maxMessagePayloadSize=maxMessageSize,
+            openHandshakeTimeout=10, closeHandshakeTimeout=5, failByDrop=False,
+            autoPingInterval=0)
+
+
+def makeSite(factory):
+    """
+    A site with the peer WebSocket at C{/peergroups/v1}.
+    """
+    root = Resource()
+    pg = Resource()
+    root.putChild(b"peergroups", pg)
+    pg.putChild(b"v1", WebSocketResource(factory))
+    site = Site(root)
+    site.displayTracebacks = False
+    return site
+
+
+@implementer(IPeerTransport)
+class PeerStreamProtocol(_OutputLimit, Int32StringReceiver):
+    """
+    A peer over TCP or TLS: each message a 4-byte big-endian length, then
+    that many bytes of UTF-8 JSON.  A length over the limit is answered
+    with an error and the connection is closed (the stream cannot be
+    resynchronised).
+    """
+
+    session = None
+    address = "?"
+
+    def connectionMade(self):
+        self.MAX_LENGTH = self.factory.maxMessageSize
+        self.address = _address(self.transport)
+        self._takeOverProducer(self.transport)
+        self.session = PeerSession(self.factory.peergroups, self)
+        self.session.hello()
+
+    def stringReceived(self, payload):
+        if self.session is None:
+            return
+        why, obj = self._badInput(payload)
+        if why is not None:
+            self.session._badFrame(None, why)
+            return
+        self.session.received(obj)
+
+    def lengthLimitExceeded(self, length):
+        log.info("peer {addr}: message of {n} bytes over the limit, closed",
+                 addr=self.address, n=length)
+        self.sendObject({"id": None, "error": PeerError(
+            "E_INVALIDARG", f"message of {length} bytes over {self.MAX_LENGTH}").toJSON()})
+        self.transport.loseConnection()
+        self.session, session = None, self.session
+        if session is not None:
+            session.lost("oversized message")
+
+    def connectionLost(self, reason):
+        session, self.session = self.session, None
+        if session is not None:
+            session.lost("connection lost")
+
+    def sendObject(self, obj):
+        data = _encode(obj)
+        if self._overLimit(len(data) + 4, self.factory.peergroups.maxOutputBuffer):
+            log.warn("peer {addr}: not reading, dropped", addr=self.address)
+            self.abort("slow consumer")
+            return
+        self.sendString(data)
+
+    def abort(self, reason):
+        if self.transport is not None:
+            self.transport.abortConnection()
+
+
+class PeerStreamFactory(Factory):
+    protocol = PeerStreamProtocol
+
+    def __init__(self, peergroups, maxMessageSize):
+        self.peergroups = peergroups
+        self.maxMessageSize = maxMessageSize
