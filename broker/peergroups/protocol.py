@@ -11,7 +11,6 @@ import json
 from autobahn.twisted.resource import WebSocketResource
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.types import ConnectionDeny
-from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.protocols.basic import Int32StringReceiver
@@ -19,6 +18,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import Site
 from zope.interface import implementer
 
+from broker.core.output import BoundedOutput
 from broker.peergroups.constants import PROTOCOL
 from broker.peergroups.errors import PeerError
 from broker.peergroups.interfaces import IPeerTransport
@@ -41,16 +41,12 @@ def _address(transport):
         return "?"
 
 
-@implementer(IPushProducer)
-class _OutputLimit:
+class _OutputLimit(BoundedOutput):
     """
     Bounds what is queued for a peer that does not read: registered as the
     transport's streaming producer, it counts bytes written while the
     transport is paused and drops the peer past C{maxOutputBuffer}.
     """
-
-    _paused = False
-    _pausedBytes = 0
 
     def _takeOverProducer(self, transport):
         try:
@@ -58,17 +54,6 @@ class _OutputLimit:
         except Exception:
             pass
         transport.registerProducer(self, True)
-
-    def pauseProducing(self):
-        self._paused = True
-        self._pausedBytes = 0
-
-    def resumeProducing(self):
-        self._paused = False
-        self._pausedBytes = 0
-
-    def stopProducing(self):
-        self._paused = True
 
     def _overLimit(self, size, limit):
         if not self._paused:
