@@ -1111,6 +1111,51 @@ class DirectConnections(Base):
                              "PEER_E_CONNECTION_NOT_FOUND")
 
     @defer.inlineCallbacks
+    def test_metrics(self):
+        """
+        The admin /metrics families count answers by method and result,
+        events by type, relayed data, and show the live groups, members,
+        records and direct connections.
+        """
+        from prometheus_client import CollectorRegistry, generate_latest
+        from prometheus_client.parser import text_string_to_metric_families
+        from broker.peergroups.metrics import PeerGroupsCollector
+        admin = yield self.group()
+        bob = yield self.invite(admin, "bob")
+        yield admin.client.addRecord(admin.handle, T1, b"r")
+        cid = yield admin.client.openDirectConnection(admin.handle, bob.name)
+        yield bob.next(C.EVENT_DIRECT_CONNECTION, status=C.PEER_CONNECTED)
+        for size in (0, 10, 1000):
+            yield admin.client.sendData(admin.handle, cid, DATA, b"x" * size)
+        for _ in range(3):
+            yield bob.next(C.EVENT_INCOMING_DATA)
+        yield self.failsWith(admin.client.sendData(admin.handle, "7", DATA, b"x"),
+                             "PEER_E_CONNECTION_NOT_FOUND")
+        registry = CollectorRegistry()
+        registry.register(PeerGroupsCollector(self.broker.pg))
+        samples = {}
+        for family in text_string_to_metric_families(generate_latest(registry).decode()):
+            for sample in family.samples:
+                samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+
+        def value(name, **labels):
+            return samples.get((name, tuple(sorted(labels.items()))), 0)
+        self.assertEqual(value("broker_peergroups_requests_total",
+                               method="sendData", result="S_OK"), 3)
+        self.assertEqual(value("broker_peergroups_requests_total", method="sendData",
+                               result="PEER_E_CONNECTION_NOT_FOUND"), 1)
+        self.assertEqual(value("broker_peergroups_data_messages_total"), 3)
+        self.assertEqual(value("broker_peergroups_data_bytes_total"), 1010)
+        self.assertEqual(value("broker_peergroups_events_total", type="incoming_data"), 3)
+        self.assertGreaterEqual(value("broker_peergroups_events_total",
+                                      type="record_changed"), 2)
+        self.assertEqual(value("broker_peergroups_groups"), 1)
+        self.assertEqual(value("broker_peergroups_online_members"), 2)
+        self.assertEqual(value("broker_peergroups_records"), 1)
+        self.assertEqual(value("broker_peergroups_direct_connections"), 1)
+        self.assertEqual(value("broker_peergroups_sessions"), 2)
+
+    @defer.inlineCallbacks
     def test_refusedAndSelf(self):
         """
         A target not registered for DIRECT_CONNECTION makes the initiator's

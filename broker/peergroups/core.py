@@ -21,6 +21,7 @@ from twisted.logger import Logger
 
 from broker.peergroups import constants as C
 from broker.peergroups.credentials import Certificate
+from broker.peergroups.metrics import Counters
 from broker.peergroups.model import Application, Group, Member
 
 log = Logger()
@@ -60,6 +61,7 @@ class PeerGroups(service.Service):
         self.keepaliveTimeout = keepaliveTimeout
         self.sweepInterval = sweepInterval
         self.maxOutputBuffer = maxOutputBuffer
+        self.counters = Counters()
         self.apps = {}
         self.sessions = set()
         self.directs = {}
@@ -178,6 +180,7 @@ class PeerGroups(service.Service):
                 for t, f in entries:
                     if t == eventType and (f is None or f == filterType):
                         handle.session.sendEvent(regId, handle.id, eventType, payload)
+                        self.counters.events[eventType] += 1
                         break
 
     def broadcast(self, group, eventType, payload, filterType=None, exclude=None):
@@ -333,6 +336,7 @@ class PeerGroups(service.Service):
             if idle > self.keepaliveTimeout:
                 log.info("peer session {addr}: silent for {idle:.0f}s, dropped",
                          addr=session.transport.address, idle=idle)
+                self.counters.dropped["keepalive_timeout"] += 1
                 session.transport.abort("keepalive timeout")
                 session.lost("keepalive timeout")
             elif idle >= self.keepaliveInterval and now - session.lastPing >= self.keepaliveInterval:

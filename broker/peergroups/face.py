@@ -13,6 +13,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from broker.config import ConfigError
 from broker.peergroups.core import PeerGroups
+from broker.peergroups.metrics import PeerGroupsCollector
 from broker.peergroups.protocol import PeerStreamFactory, PeerWebSocketFactory, makeSite
 from broker.peergroups.store import SQLitePeerGroupStore
 
@@ -89,6 +90,7 @@ def build(context):
     store, pg = makePeerGroups(context.reactor, context.core, cfg, context.stateDir)
     context.addService(store)
     context.addService(pg)
+    context.registry.register(PeerGroupsCollector(pg))
     ws = PeerWebSocketFactory(pg, cfg["max_message_size"], reactor=context.reactor)
     context.listen("peergroups.listen", cfg["listen"], makeSite(ws))
     context.listen("peergroups.tcp_listen", cfg["tcp_listen"],

@@ -112,6 +112,7 @@ class PeerWebSocketProtocol(_OutputLimit, WebSocketServerProtocol):
         data = _encode(obj)
         if self._overLimit(len(data), self.factory.peergroups.maxOutputBuffer):
             log.warn("peer {addr}: not reading, dropped", addr=self.address)
+            self.factory.peergroups.counters.dropped["slow_consumer"] += 1
             self.abort("slow consumer")
             return
         self.sendMessage(data, False)
@@ -196,6 +197,7 @@ class PeerStreamProtocol(_OutputLimit, Int32StringReceiver):
         data = _encode(obj)
         if self._overLimit(len(data) + 4, self.factory.peergroups.maxOutputBuffer):
             log.warn("peer {addr}: not reading, dropped", addr=self.address)
+            self.factory.peergroups.counters.dropped["slow_consumer"] += 1
             self.abort("slow consumer")
             return
         self.sendString(data)

@@ -223,11 +223,16 @@ class PeerSession:
             if isinstance(result, Failure):
                 self._failed(result, rid, method)
             else:
-                self._answered(result, rid)
+                self._answered(result, rid, method)
 
-    def _answered(self, reply, rid):
+    def _count(self, method, hr):
+        known = method.isidentifier() and hasattr(self, "api_" + method)
+        self.pg.counters.answers[(method if known else "unknown", hr)] += 1
+
+    def _answered(self, reply, rid, method):
         if not isinstance(reply, Reply):
             reply = Reply(reply)
+        self._count(method, reply.hr)
         if self._gone:
             return
         self.transport.sendObject({"id": rid, "hr": HRESULTS[reply.hr], "result": reply.result})
@@ -243,6 +248,7 @@ class PeerSession:
         else:
             log.failure("peer groups: {method} failed", failure, method=method)
             error = PeerError("E_UNEXPECTED", "internal error")
+        self._count(method, error.name)
         if not self._gone:
             self.transport.sendObject({"id": rid, "error": error.toJSON()})
 
@@ -1069,6 +1075,8 @@ class PeerSession:
             raise PeerError("E_INVALIDARG", str(e))
         if size > self.pg.maxDataSize:
             raise PeerError("E_INVALIDARG", f"at most {self.pg.maxDataSize} bytes per send")
+        self.pg.counters.dataMessages += 1
+        self.pg.counters.dataBytes += size
         self.pg.emit(direct.other(node), C.EVENT_INCOMING_DATA, {"incomingData": {
             "connectionId": str(direct.id), "type": dtype, "data": data}}, dtype)
         return {}
