@@ -12,11 +12,12 @@ import tempfile
 from urllib.parse import parse_qs
 
 from twisted.internet import defer, error, protocol, reactor
-from twisted.trial.unittest import SkipTest, TestCase
+from twisted.trial.unittest import TestCase
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
 from tests.test_ecdn import EcdnServer
+from tests.tools import requireTool
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 
@@ -73,8 +74,8 @@ class BrowserTests(TestCase):
 
     @defer.inlineCallbacks
     def test_crossOriginPost(self):
-        if not os.path.exists(CHROMIUM):
-            raise SkipTest("no chromium here (scripts/test installs Debian's chromium)")
+        requireTool(os.path.exists(CHROMIUM),
+                    "no chromium here (scripts/test installs Debian's chromium)")
         pagePort = reactor.listenTCP(0, Site(Resource()), interface="127.0.0.1")
         pageOrigin = f"http://127.0.0.1:{pagePort.getHost().port}"
         yield pagePort.stopListening()

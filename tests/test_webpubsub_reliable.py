@@ -2,15 +2,20 @@
 """
 The reliable subprotocol (L{broker.webpubsub.reliable}) over real sockets:
 sequence ids, acknowledgements, recovery after a dropped socket, and the
-official Python client SDK recovering without losing a message.
+official Python and JavaScript client SDKs recovering without losing a
+message.
 """
 
+import json
+import os
+import shutil
 import threading
 
-from twisted.internet import defer, reactor, task, threads
+from twisted.internet import defer, protocol, reactor, task, threads
 from twisted.trial.unittest import TestCase
 
 from broker.core.message import TEXT, Message, Target
+from tests.tools import requireTool
 from tests.wsharness import BrokerHarness, ConnectionRefusedByServer
 
 RELIABLE = "json.reliable.webpubsub.azure.v1"
@@ -217,3 +222,108 @@ class OfficialClientSDKTests(TestCase):
         self.assertEqual(got, ["m1", "m2", "m3", "m4", "m5", "m6"])
         (after,) = hub.sessions()
         self.assertEqual(after.connectionId, cid)
+
+
+JS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "js")
+NODE = shutil.which("node")
+
+
+class _NodeClient(protocol.ProcessProtocol):
+    """
+    tests/js/reliable_client.js under node: its JSON lines, as they come.
+    """
+
+    def __init__(self):
+        self.lines = []
+        self.ended = defer.Deferred()
+        self._buffer = b""
+        self.stderr = b""
+
+    def outReceived(self, data):
+        self._buffer += data
+        while b"\n" in self._buffer:
+            line, self._buffer = self._buffer.split(b"\n", 1)
+            self.lines.append(json.loads(line))
+
+    def errReceived(self, data):
+        self.stderr += data
+
+    def processEnded(self, reason):
+        self.ended.callback(reason.value)
+
+    def events(self, kind):
+        return [e for e in self.lines if e["event"] == kind]
+
+
+@defer.inlineCallbacks
+def until(predicate, timeout=20.0):
+    for _ in range(int(timeout / 0.05)):
+        if predicate():
+            return
+        yield later()
+    raise AssertionError("timed out")
+
+
+class OfficialJavaScriptClientTests(TestCase):
+    """
+    Microsoft's npm C{@azure/web-pubsub-client} (reliable protocol by
+    default), installed by scripts/test into tests/js/node_modules and run
+    by node: the socket is cut under it and it recovers the same connection
+    without losing or repeating a message.
+    """
+
+    timeout = 60
+
+    @defer.inlineCallbacks
+    def test_recoverAfterDroppedSocket(self):
+        requireTool(NODE is not None, "node is not installed (scripts/test installs nodejs)")
+        requireTool(os.path.isdir(os.path.join(JS_DIR, "node_modules", "@azure",
+                                               "web-pubsub-client")),
+                    "@azure/web-pubsub-client is not in tests/js (scripts/test runs npm ci)")
+        broker = yield BrokerHarness(self, reactor, TOML).start()
+        hub = broker.core.hub("chat")
+        url = f"{broker.url}/client/hubs/chat?access_token=" + broker.token(
+            userId="js", roles=("webpubsub.joinLeaveGroup", "webpubsub.sendToGroup"))
+        node = _NodeClient()
+        process = reactor.spawnProcess(
+            node, NODE, [NODE, os.path.join(JS_DIR, "reliable_client.js"), url],
+            env={"PATH": os.environ.get("PATH", "")}, path=JS_DIR)
+
+        @defer.inlineCallbacks
+        def cleanUp():
+            if not node.ended.called:
+                process.signalProcess("KILL")
+            yield node.ended
+        self.addCleanup(cleanUp)
+
+        def publish(text):
+            hub.send(Target(Target.GROUP, "room"), Message(TEXT, text.encode()))
+        try:
+            yield until(lambda: node.events("joined") or node.events("error"))
+            self.assertEqual(node.events("error"), [])
+            cid = node.events("connected")[0]["connectionId"]
+            process.write(b"send j1\n")
+            yield until(lambda: node.events("sent"))
+            publish("j2")
+            yield until(lambda: len(node.events("group")) == 2)
+            link = hub.session(cid).connection
+            yield until(lambda: link.unacknowledged == 0)
+            old = link.protocol
+            old.transport.abortConnection()
+            for i in (3, 4):
+                publish(f"j{i}")
+            yield until(lambda: link.protocol not in (None, old))
+            publish("j5")
+            yield until(lambda: len(node.events("group")) == 5)
+        except AssertionError as e:
+            raise AssertionError(f"{e}: node said {node.lines}; stderr {node.stderr!r}")
+        got = node.events("group")
+        self.assertEqual([g["data"] for g in got], [f"j{i}" for i in range(1, 6)])
+        self.assertEqual([g["sequenceId"] for g in got], [1, 2, 3, 4, 5])
+        self.assertEqual(len(node.events("connected")), 1)
+        self.assertTrue(hub.connectionExists(cid))
+        process.write(b"stop\n")
+        status = yield node.ended
+        self.assertEqual(status.exitCode, 0)
+        self.assertEqual(node.events("stopped"), [{"event": "stopped"}])
+        yield until(lambda: not hub.connectionExists(cid))

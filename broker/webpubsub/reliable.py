@@ -84,6 +84,13 @@ class ReliableLink:
 
     # -- the client's side ---------------------------------------------------
 
+    @property
+    def unacknowledged(self):
+        """
+        How many messages the client has not acknowledged yet.
+        """
+        return len(self._unacked)
+
     def ack(self, sequenceId):
         """
         The client has every message up to C{sequenceId}.
