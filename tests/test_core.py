@@ -170,10 +170,16 @@ class CoreTests(unittest.TestCase):
             def connectionRemoved(self, hub, session, reason):
                 events.append(("-", session.connectionId, reason))
 
+            def clientEvent(self, hub, session, event, message):
+                events.append(("e", session.connectionId, event))
+
         self.core.onNewHub(lambda hub: hub.addObserver(Obs()))
         _, s = self.conn("a")
+        from broker.core.hub import NoUpstream
+        # Observers hear of client events even with no upstream to take them.
+        self.failureResultOf(s.sendEvent("chat", Message.text("hi")), NoUpstream)
         self.hub.remove(s, "bye")
-        self.assertEqual(events, [("+", "a"), ("-", "a", "bye")])
+        self.assertEqual(events, [("+", "a"), ("e", "a", "chat"), ("-", "a", "bye")])
 
     def test_sendEventNoUpstream(self):
         from broker.core.hub import NoUpstream

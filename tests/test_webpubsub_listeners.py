@@ -16,7 +16,7 @@ from twisted.trial import unittest
 from broker import config
 from broker.config import ConfigError
 from broker.core.message import Message
-from broker.webpubsub.listeners import EventListeners, userEvent
+from broker.webpubsub.listeners import EventListeners
 from tests.wsharness import BrokerHarness
 
 PLUGIN = textwrap.dedent('''
@@ -106,16 +106,23 @@ class FileTests(_Base):
         yield self.startBroker(f'[webpubsub.hubs.chat]\nevent_log = "{path}"\n')
         c = yield self.broker.connectJSON(userId="ann")
         hub = self.broker.core.hub("chat")
-        session = hub.session(c.connectionId)
-        userEvent(hub, session, "message", Message.json({"k": "v"}))
-        userEvent(hub, session, "chat", Message.text("hi"))
-        userEvent(hub, session, "blob", Message.binary(b"\x00\x01"))
+        # Client events reach the listeners though the hub has no event
+        # handler (as in Azure, they are acked and dropped).
+        for i, (event, dataType, data) in enumerate([
+                ("message", "json", {"k": "v"}), ("chat", "text", "hi"),
+                ("blob", "binary", "AAE=")]):
+            c.send({"type": "event", "event": event, "dataType": dataType, "data": data,
+                    "ackId": i + 1})
+            ack = yield c.nextJSON()
+            self.assertEqual((ack["type"], ack["ackId"], ack["success"]), ("ack", i + 1, True))
         c.transport.abortConnection()
         yield self.untilGone(hub)
         # A hub without listeners: nothing, and no error.
         other = self.broker.core.hub("other")
         d = yield self.broker.connectJSON(hub="other")
-        userEvent(other, other.session(d.connectionId), "message", Message.text("x"))
+        d.send({"type": "event", "event": "message", "dataType": "text", "data": "x"})
+        d.transport.abortConnection()
+        yield self.untilGone(other)
         with open(path, encoding="utf-8") as f:
             lines = [json.loads(line) for line in f]
         self.assertEqual([(e["type"], e["event"]) for e in lines],

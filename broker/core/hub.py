@@ -119,6 +119,8 @@ class Session:
             L{Message} or C{None}).
         """
         self.hub.stats.messagesIn += 1
+        for o in list(self.hub._observers):
+            o.clientEvent(self.hub, self, event, message)
         upstream = self.hub.upstream
         if upstream is None:
             return fail(NoUpstream(f"hub {self.hub.name!r} has no upstream for event {event!r}"))

@@ -88,6 +88,13 @@ class IHubObserver(Interface):
         A connection left C{hub}.
         """
 
+    def clientEvent(hub, session, event, message):
+        """
+        C{session} sent the client event C{event} (C{message} or a custom
+        name) with payload C{message}; told before the hub's upstream gets
+        it, and whether or not the hub has one.
+        """
+
 
 class IUpstream(Interface):
     """

@@ -10,15 +10,14 @@ L{JSONLinesFile}, which appends each event as one JSON line to a file
 providing L{IEventListenerFactory} (drop a module into C{twisted/plugins/}
 and name it in C{event_listeners}).
 
-C{connected} and C{disconnected} come from an L{IHubObserver}; client
-events (C{message} and custom events) are reported by whoever handles them
-through L{userEvent}.  A listener that raises is logged (once) and never
+Every event comes from an L{IHubObserver}: C{connected},
+C{disconnected}, and client events (C{message} and custom events) whether
+or not the hub has an event handler for them.  A listener that raises is logged (once) and never
 disturbs the hub.
 """
 
 import json
 import time
-import weakref
 from datetime import datetime, timezone
 
 from twisted.application import service
@@ -111,28 +110,6 @@ def findFactory(name, package=None):
     return None
 
 
-# Hub -> its _HubEvents, for userEvent(); weak, so hubs are not kept alive.
-_hubs = weakref.WeakKeyDictionary()
-
-
-def userEvent(hub, session, event, message):
-    """
-    Report a client event (C{message} or a custom one) of C{session} in
-    C{hub} to the hub's listeners; a no-op when it has none.  Called by
-    the code that handles client events (the upstream).
-    """
-    events = _hubs.get(hub)
-    if events is None:
-        return
-    record = events.record("user", event, session)
-    record["dataType"] = message.dataType
-    if message.dataType == BINARY:
-        record["data"] = message.jsonField().decode("ascii")[1:-1]
-    else:
-        record["data"] = json.loads(message.jsonField())
-    events.emit(record)
-
-
 @implementer(IHubObserver)
 class _HubEvents:
     def __init__(self, hubName, listeners, clock):
@@ -166,6 +143,15 @@ class _HubEvents:
     def connectionRemoved(self, hub, session, reason):
         record = self.record("sys", "disconnected", session)
         record["reason"] = reason
+        self.emit(record)
+
+    def clientEvent(self, hub, session, event, message):
+        record = self.record("user", event, session)
+        record["dataType"] = message.dataType
+        if message.dataType == BINARY:
+            record["data"] = message.jsonField().decode("ascii")[1:-1]
+        else:
+            record["data"] = json.loads(message.jsonField())
         self.emit(record)
 
 
@@ -225,7 +211,6 @@ class EventListeners(service.Service):
         if listeners and self.running:
             events = _HubEvents(hub.name, listeners, self.clock)
             self._events.append(events)
-            _hubs[hub] = events
             hub.addObserver(events)
 
     def stopService(self):
@@ -244,4 +229,4 @@ class EventListeners(service.Service):
 
 
 __all__ = ["IEventListener", "IEventListenerFactory", "JSONLinesFile",
-           "EventListeners", "userEvent", "findFactory"]
+           "EventListeners", "findFactory"]

@@ -296,6 +296,9 @@ class CloudEventsUpstream:
 
     # -- notifications -------------------------------------------------------
 
+    def clientEvent(self, hub, session, event, message):
+        pass  # answered through userEvent, as the hub's upstream
+
     def connectionAdded(self, hub, session):
         self._notify("connected", session, b"{}")
 
