@@ -267,7 +267,8 @@ class Lifecycle(Base):
     def test_closeInvalidatesOnlyThatHandle(self):
         """
         Close invalidates the handle (PEER_E_INVALID_GROUP after); another
-        handle of the same identity stays connected; the last close
+        handle of the same identity stays connected, now at that session's
+        address (the others see MEMBER_CHANGED/UPDATED); the last close
         disconnects the node and the others see MEMBER_CHANGED/DISCONNECTED.
         """
         admin = yield self.group()
@@ -275,11 +276,16 @@ class Lifecycle(Base):
         bob2 = yield self.peer("bob", identity=bob.identity)
         bob2.handle = yield bob2.client.open(admin.client.groupPeerName(admin.handle))
         self.assertEqual((yield bob2.client.getStatus(bob2.handle)), 3)
+        (entry,) = yield admin.client.enumMembers(admin.handle, identity=bob.name)
         yield admin.drain()
         yield bob.client.close(bob.handle)
         yield self.failsWith(bob.client.getStatus(bob.handle), "PEER_E_INVALID_GROUP")
         self.assertEqual((yield bob2.client.getStatus(bob2.handle)), 3)
-        self.assertEqual((yield admin.drain()), [])
+        self.assertEqual([e["memberChangeData"] for e in (yield admin.drain())],
+                         [{"changeType": C.MEMBER_UPDATED, "identity": bob.name}])
+        (moved,) = yield admin.client.enumMembers(admin.handle, identity=bob.name)
+        self.assertEqual(moved["flags"], C.MEMBER_PRESENT)
+        self.assertNotEqual(moved["addresses"], entry["addresses"])
         yield bob2.client.close(bob2.handle)
         event = yield admin.next(C.EVENT_MEMBER_CHANGED)
         self.assertEqual(event["memberChangeData"],

@@ -299,6 +299,14 @@ class PeerGroups(service.Service):
             self.goOffline(node, reason)
             node.passwordChallenge = None
             node.app.nodes.pop((node.group.gpn, node.peerName), None)
+            return
+        address = node.handles[0].session.transport.address
+        if address != node.address:
+            # The node stays online through another session, elsewhere: its
+            # member entry now shows that address.
+            node.address = address
+            if node.online:
+                self.memberChanged(node.group, node.peerName, C.MEMBER_UPDATED)
 
     def deleteMembership(self, node):
         """
