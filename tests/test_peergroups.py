@@ -659,6 +659,45 @@ class ClockedSecurity(Base):
 ClockedSecurityWS, ClockedSecurityTCP = _transports(ClockedSecurity)
 
 
+class PasswordGuessing(Base):
+    useClock = True
+    toml = ("keepalive_interval = 250.0\nkeepalive_timeout = 299.0\n"
+            "password_failures_per_minute = 3\n")
+
+    @defer.inlineCallbacks
+    def tryPassword(self, invitation, password, name):
+        peer = yield self.peer(name)
+        _, peer.handle = yield peer.client.passwordJoin(invitation, password)
+        yield self.register(peer)
+        yield peer.client.connect(peer.handle)
+        event = yield peer.next()
+        return peer, event
+
+    @defer.inlineCallbacks
+    def test_guessingCapped(self):
+        """
+        A group checks a bounded number of wrong password proofs a minute,
+        whichever identities and connections send them: beyond, even the
+        right password is refused unchecked until the minute has passed.
+        """
+        admin = yield self.group(password="s3cret p4ss")
+        invitation = yield admin.client.createPasswordInvitation(admin.handle)
+        for i in range(3):
+            _, event = yield self.tryPassword(invitation, f"guess{i}", f"guesser{i}")
+            self.assertEqual(event["hrConnectionFailedReason"],
+                             HRESULTS["PEER_E_NOT_AUTHORIZED"])
+        bob, event = yield self.tryPassword(invitation, "s3cret p4ss", "bob")
+        self.assertEqual((event["eventType"], event["hrConnectionFailedReason"]),
+                         (C.EVENT_CONNECTION_FAILED, HRESULTS["PEER_E_NOT_AUTHORIZED"]))
+        self.assertIn("too many wrong passwords", event["message"])
+        self.assertEqual(self.broker.pg.counters.passwordFailures, 3)
+        self.clock.advance(61)
+        yield self.online(bob)
+
+
+PasswordGuessingWS, PasswordGuessingTCP = _transports(PasswordGuessing)
+
+
 # -- records --------------------------------------------------------------------
 
 class Records(Base):

@@ -48,7 +48,7 @@ class PeerGroups(service.Service):
     def __init__(self, reactor, store, core=None, clock=None, issuerKey=None,
                  exportKey=b"", maxRecordSize=1024 * 1024, maxDataSize=1024 * 1024,
                  keepaliveInterval=30.0, keepaliveTimeout=90.0, sweepInterval=5.0,
-                 maxOutputBuffer=4 * 1024 * 1024):
+                 maxOutputBuffer=4 * 1024 * 1024, passwordFailuresPerMinute=20):
         self.reactor = reactor
         self.store = store
         self.core = core
@@ -61,6 +61,7 @@ class PeerGroups(service.Service):
         self.keepaliveTimeout = keepaliveTimeout
         self.sweepInterval = sweepInterval
         self.maxOutputBuffer = maxOutputBuffer
+        self.passwordFailuresPerMinute = passwordFailuresPerMinute
         self.counters = Counters()
         self.apps = {}
         self.sessions = set()
@@ -374,6 +375,31 @@ class PeerGroups(service.Service):
                 self.recordChanged(group, C.RECORD_EXPIRED, r)
 
     # -- password issuer ----------------------------------------------------
+
+    def passwordGuessesLeft(self, group):
+        """
+        Whether C{group} may check one more password proof: it takes
+        C{passwordFailuresPerMinute} wrong ones in any minute, so guessing
+        online is capped however many connections and identities the
+        guesser uses.  Beyond, proofs are refused unchecked (members who
+        know the password retry after the minute).
+        """
+        now = self.clock.seconds()
+        failures = group.passwordFailures
+        while failures and failures[0] <= now - 60:
+            failures.popleft()
+        return len(failures) < self.passwordFailuresPerMinute
+
+    def passwordFailed(self, group):
+        """
+        Count a wrong proof for C{group}; log when it reaches its limit.
+        """
+        group.passwordFailures.append(self.clock.seconds())
+        self.counters.passwordFailures += 1
+        if len(group.passwordFailures) == self.passwordFailuresPerMinute:
+            log.warn("peer group {gpn} of {app}: {n} wrong passwords in a minute; "
+                     "refusing password joins for now", gpn=group.gpn, app=group.app,
+                     n=self.passwordFailuresPerMinute)
 
     def issuerPublicKey(self):
         from cryptography.hazmat.primitives import serialization

@@ -79,7 +79,8 @@ def makePeerGroups(reactor, core, cfg, stateDir, clock=None):
         maxRecordSize=cfg["max_record_size"], maxDataSize=cfg["max_data_size"],
         keepaliveInterval=cfg["keepalive_interval"],
         keepaliveTimeout=cfg["keepalive_timeout"], sweepInterval=cfg["sweep_interval"],
-        maxOutputBuffer=cfg["max_output_buffer"])
+        maxOutputBuffer=cfg["max_output_buffer"],
+        passwordFailuresPerMinute=cfg["password_failures_per_minute"])
     return store, pg
 
 

@@ -37,6 +37,7 @@ class Counters:
         self.dataMessages = 0
         self.dataBytes = 0
         self.dropped = collections.Counter()
+        self.passwordFailures = 0
 
 
 class PeerGroupsCollector:
@@ -72,6 +73,9 @@ class PeerGroupsCollector:
         for reason, n in sorted(counts.dropped.items()):
             dropped.add_metric([reason], n)
         yield dropped
+        yield CounterMetricFamily("broker_peergroups_password_failures",
+                                  "Wrong password proofs, in every group.",
+                                  value=counts.passwordFailures)
         groups = online = records = 0
         for app in self.pg.apps.values():
             for group in app.groups.values():

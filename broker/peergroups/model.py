@@ -8,6 +8,8 @@ runtime state (L{Node}, L{Handle}, L{Direct}) lives only while peers are
 connected.
 """
 
+import collections
+
 from broker.peergroups import constants as C
 from broker.peergroups.credentials import (Certificate, b64, chainFromJSON, chainToJSON,
                                            unb64)
@@ -79,6 +81,7 @@ class Group:
         self.members = {}
         self.serials = set()
         self.online = {}          # runtime: peerName -> online Node
+        self.passwordFailures = collections.deque()   # runtime: times of wrong proofs
 
     @property
     def creator(self):

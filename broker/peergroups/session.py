@@ -586,9 +586,10 @@ class PeerSession:
         now = self.pg.now()
         changes = []
 
-        def failed(reason, **extra):
-            log.info("peer {peer}: connect to {gpn} failed: {reason}", peer=node.peerName,
-                     gpn=group.gpn, reason=reason)
+        def failed(reason, quiet=False, **extra):
+            if not quiet:
+                log.info("peer {peer}: connect to {gpn} failed: {reason}", peer=node.peerName,
+                         gpn=group.gpn, reason=reason)
             payload = {"hrConnectionFailedReason": PeerError(reason).hr,
                        "reason": reason, **extra}
             return Reply({}, after=lambda: self.pg.emit(node, C.EVENT_CONNECTION_FAILED, payload))
@@ -603,7 +604,11 @@ class PeerSession:
             message = cred.passwordAuthMessage(node.passwordChallenge, group.gpn, node.peerName)
             node.passwordChallenge = os.urandom(32)
             fresh = cred.b64(node.passwordChallenge)
+            if not self.pg.passwordGuessesLeft(group):
+                return failed("PEER_E_NOT_AUTHORIZED", quiet=True, passwordChallenge=fresh,
+                              message="too many wrong passwords for this group; retry later")
             if not cred.checkPasswordProof(group.verifier, message, proof):
+                self.pg.passwordFailed(group)
                 return failed("PEER_E_NOT_AUTHORIZED", passwordChallenge=fresh)
             if not group.online:
                 return failed("PEER_E_NO_MEMBERS_FOUND", passwordChallenge=fresh)

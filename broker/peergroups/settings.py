@@ -20,4 +20,7 @@ SECTION = Table({
     "keepalive_interval": Float(30.0, minimum=1),
     "keepalive_timeout": Float(90.0, minimum=2, maximum=299),
     "sweep_interval": Float(5.0, minimum=0.1, maximum=60),
+    "password_failures_per_minute": Int(
+        20, minimum=1, maximum=100000,
+        doc="Wrong password proofs a group takes in a minute; beyond, none is checked."),
 })
