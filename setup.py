@@ -46,6 +46,7 @@ setup(
         "PyJWT>=2.8",
         "prometheus-client>=0.20",
     ],
+    package_data={"broker.peergroups": ["web/*.js"]},
     cmdclass={"build_py": build_py_with_etc},
     zip_safe=False,
 )

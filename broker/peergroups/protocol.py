@@ -7,6 +7,7 @@ L{PeerSession}; everything else is the session's business.
 """
 
 import json
+import os
 
 from autobahn.twisted.resource import WebSocketResource
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
@@ -137,14 +138,38 @@ class PeerWebSocketFactory(WebSocketServerFactory):
             autoPingInterval=0)
 
 
+class BrowserClient(Resource):
+    """
+    C{/peergroups/peergroup.js}: the browser peer library (an ES module),
+    so a page can import it from the broker it talks to.  Any origin may
+    load it: it holds no secret.
+    """
+
+    isLeaf = True
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "web", "peergroup.js")
+
+    def __init__(self):
+        super().__init__()
+        with open(self.path, "rb") as f:
+            self.body = f.read()
+
+    def render_GET(self, request):
+        request.setHeader(b"content-type", b"text/javascript; charset=utf-8")
+        request.setHeader(b"access-control-allow-origin", b"*")
+        request.setHeader(b"cache-control", b"max-age=3600")
+        return self.body
+
+
 def makeSite(factory):
     """
-    A site with the peer WebSocket at C{/peergroups/v1}.
+    A site with the peer WebSocket at C{/peergroups/v1} and the browser
+    library at C{/peergroups/peergroup.js}.
     """
     root = Resource()
     pg = Resource()
     root.putChild(b"peergroups", pg)
     pg.putChild(b"v1", WebSocketResource(factory))
+    pg.putChild(b"peergroup.js", BrowserClient())
     site = Site(root)
     site.displayTracebacks = False
     return site
