@@ -381,6 +381,70 @@ class Multiplexing(Base):
 MultiplexingWS, MultiplexingTCP = _transports(Multiplexing)
 
 
+class Quotas(Base):
+    toml = ('applications = ["default", "other"]\n'
+            "max_groups_per_creator = 2\nmax_records_per_group = 3\n")
+
+    @defer.inlineCallbacks
+    def test_applicationsServed(self):
+        """
+        With an application list, startup for another is E_ACCESSDENIED.
+        """
+        client = yield self.broker.connect(self.transport)
+        yield self.failsWith(client.startup("elsewhere"), "E_ACCESSDENIED")
+        yield client.startup("other")
+
+    @defer.inlineCallbacks
+    def test_groupsPerCreator(self):
+        """
+        One identity creates at most max_groups_per_creator groups
+        (E_OUTOFMEMORY beyond); another identity has its own quota.
+        """
+        admin = yield self.group()
+        yield admin.client.create()
+        yield self.failsWith(admin.client.create(), "E_OUTOFMEMORY")
+        carol = yield self.peer("carol")
+        yield carol.client.create()
+
+    @defer.inlineCallbacks
+    def test_recordsPerGroup(self):
+        """
+        A group holds at most max_records_per_group records, tombstones
+        included: a delete frees nothing until the tombstone is purged.
+        """
+        admin = yield self.group()
+        ids = []
+        for i in range(3):
+            ids.append((yield admin.client.addRecord(admin.handle, T1, b"%d" % i)))
+        yield self.failsWith(admin.client.addRecord(admin.handle, T1, b"x"), "E_OUTOFMEMORY")
+        yield admin.client.deleteRecord(admin.handle, ids[0])
+        yield self.failsWith(admin.client.addRecord(admin.handle, T1, b"x"), "E_OUTOFMEMORY")
+        yield admin.client.updateRecord(admin.handle, dict(
+            (yield admin.client.getRecord(admin.handle, ids[1])), data=cred.b64(b"still")))
+
+    @defer.inlineCallbacks
+    def test_creators(self):
+        """
+        With a creators list, only those identities create groups; the
+        others may still join the groups they are invited to.
+        """
+        alice = Identity.generate("alice", "Alice")
+        self.broker = yield PeerBroker(
+            self, reactor, toml=f'creators = ["{alice.peerName}"]\n').start()
+        bob = yield self.peer("bob")
+        yield self.failsWith(bob.client.create(), "PEER_E_NOT_AUTHORIZED")
+        admin = yield self.peer("alice", identity=alice)
+        admin.handle = yield admin.client.create()
+        yield self.register(admin)
+        yield self.online(admin)
+        invitation = yield admin.client.createInvitation(admin.handle,
+                                                         bob.identity.identityInfo())
+        bob.handle = yield bob.client.join(invitation)
+
+
+QuotasWS, QuotasTCP = _transports(Quotas)
+
+
 # -- security -------------------------------------------------------------------
 
 class Security(Base):

@@ -48,7 +48,9 @@ class PeerGroups(service.Service):
     def __init__(self, reactor, store, core=None, clock=None, issuerKey=None,
                  exportKey=b"", maxRecordSize=1024 * 1024, maxDataSize=1024 * 1024,
                  keepaliveInterval=30.0, keepaliveTimeout=90.0, sweepInterval=5.0,
-                 maxOutputBuffer=4 * 1024 * 1024, passwordFailuresPerMinute=20):
+                 maxOutputBuffer=4 * 1024 * 1024, passwordFailuresPerMinute=20,
+                 applications=(), creators=(), maxGroupsPerCreator=100,
+                 maxRecordsPerGroup=100000):
         self.reactor = reactor
         self.store = store
         self.core = core
@@ -62,6 +64,10 @@ class PeerGroups(service.Service):
         self.sweepInterval = sweepInterval
         self.maxOutputBuffer = maxOutputBuffer
         self.passwordFailuresPerMinute = passwordFailuresPerMinute
+        self.applications = frozenset(applications)
+        self.creators = frozenset(creators)
+        self.maxGroupsPerCreator = maxGroupsPerCreator
+        self.maxRecordsPerGroup = maxRecordsPerGroup
         self.counters = Counters()
         self.apps = {}
         self.sessions = set()

@@ -80,7 +80,10 @@ def makePeerGroups(reactor, core, cfg, stateDir, clock=None):
         keepaliveInterval=cfg["keepalive_interval"],
         keepaliveTimeout=cfg["keepalive_timeout"], sweepInterval=cfg["sweep_interval"],
         maxOutputBuffer=cfg["max_output_buffer"],
-        passwordFailuresPerMinute=cfg["password_failures_per_minute"])
+        passwordFailuresPerMinute=cfg["password_failures_per_minute"],
+        applications=cfg["applications"], creators=cfg["creators"],
+        maxGroupsPerCreator=cfg["max_groups_per_creator"],
+        maxRecordsPerGroup=cfg["max_records_per_group"])
     return store, pg
 
 

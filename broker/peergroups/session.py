@@ -358,6 +358,8 @@ class PeerSession:
                             "letters, digits or underscores")
         if self.started and application != self.app.name:
             raise PeerError("E_UNEXPECTED", "already started for another application")
+        if self.pg.applications and application not in self.pg.applications:
+            raise PeerError("E_ACCESSDENIED", f"application {application!r} is not served here")
         self.started = True
         self.version = version
         self.app = self.pg.application(application)
@@ -407,6 +409,12 @@ class PeerSession:
         me = self.identity["peerName"]
         if props.get("creatorPeerName") not in (None, me):
             raise PeerError("PEER_E_INVALID_PEER_NAME", "the creator is the caller")
+        if self.pg.creators and me not in self.pg.creators:
+            raise PeerError("PEER_E_NOT_AUTHORIZED", "this identity may not create groups here")
+        created = sum(1 for g in self.app.groups.values() if g.creator == me)
+        if created >= self.pg.maxGroupsPerCreator:
+            raise PeerError("E_OUTOFMEMORY", f"quota: at most {self.pg.maxGroupsPerCreator} "
+                            "groups created per identity")
         classifier = props.get("classifier") or "group"
         cred.checkClassifier(classifier)
         properties = self._checkedProperties(props)
@@ -866,6 +874,9 @@ class PeerSession:
         self._checkExpiration(node, expiration, now)
         self._checkSize(data, attributes)
         group = node.group
+        if len(group.records) >= self.pg.maxRecordsPerGroup:
+            raise PeerError("E_OUTOFMEMORY", f"quota: the group holds "
+                            f"{self.pg.maxRecordsPerGroup} records (tombstones included)")
         group.seq += 1
         record = Record(C.newGUID(), rtype, 1, 0, node.peerName, "", attributes, now, now,
                         expiration, data, group.seq, group.seq)

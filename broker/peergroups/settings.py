@@ -20,6 +20,13 @@ SECTION = Table({
     "keepalive_interval": Float(30.0, minimum=1),
     "keepalive_timeout": Float(90.0, minimum=2, maximum=299),
     "sweep_interval": Float(5.0, minimum=0.1, maximum=60),
+    "applications": List(Str("", nonEmpty=True), default=[],
+                         doc="Applications served; empty: any."),
+    "creators": List(Str("", nonEmpty=True), default=[],
+                     doc="Peer names that may create groups; empty: any identity."),
+    "max_groups_per_creator": Int(100, minimum=1, doc="Groups one identity may create."),
+    "max_records_per_group": Int(100000, minimum=1,
+                                 doc="Records and tombstones one group may hold."),
     "password_failures_per_minute": Int(
         20, minimum=1, maximum=100000,
         doc="Wrong password proofs a group takes in a minute; beyond, none is checked."),
