@@ -142,7 +142,7 @@ class Bench:
 
     @defer.inlineCallbacks
     def data(self, peers, count, size, window):
-        (a, ha, ra, _), (b, hb, rb, ident) = peers[0], peers[1]
+        (a, ha, _, _), (b, _, rb, ident) = peers[0], peers[1]
         cid = yield a.openDirectConnection(ha, ident.peerName)
         yield b.nextEvent(rb, C.EVENT_DIRECT_CONNECTION, status=C.PEER_CONNECTED)
         got = [0]

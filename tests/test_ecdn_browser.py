@@ -6,20 +6,15 @@ preflight and the cross-origin POST must both succeed.
 """
 
 import json
-import os
-import shutil
-import tempfile
 from urllib.parse import parse_qs
 
-from twisted.internet import defer, error, protocol, reactor
+from twisted.internet import defer, reactor
 from twisted.trial.unittest import TestCase
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
 from tests.test_ecdn import EcdnServer
-from tests.tools import requireTool
-
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+from tests.tools import startChromium
 
 PAGE = """<!doctype html>
 <html><body><script>
@@ -57,25 +52,11 @@ class _Page(Resource):
         return (PAGE % {"api": json.dumps(self.api)}).encode()
 
 
-class _Browser(protocol.ProcessProtocol):
-    def __init__(self):
-        self.ended = defer.Deferred()
-        self.output = b""
-
-    def childDataReceived(self, fd, data):
-        self.output = (self.output + data)[-20000:]
-
-    def processEnded(self, reason):
-        self.ended.callback(None)
-
-
 class BrowserTests(TestCase):
     timeout = 90
 
     @defer.inlineCallbacks
     def test_crossOriginPost(self):
-        requireTool(os.path.exists(CHROMIUM),
-                    "no chromium here (scripts/test installs Debian's chromium)")
         pagePort = reactor.listenTCP(0, Site(Resource()), interface="127.0.0.1")
         pageOrigin = f"http://127.0.0.1:{pagePort.getHost().port}"
         yield pagePort.stopListening()
@@ -96,25 +77,10 @@ class BrowserTests(TestCase):
                                      interface="127.0.0.1")
         self.addCleanup(pagePort.stopListening)
 
-        profile = tempfile.mkdtemp(prefix="ecdn-chromium-")
-        self.addCleanup(shutil.rmtree, profile, True)
-        browser = _Browser()
-        args = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
-                "--no-first-run", "--disable-background-networking",
-                "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage",
-                f"--user-data-dir={profile}", pageOrigin + "/"]
-        transport = reactor.spawnProcess(browser, CHROMIUM, args, env=dict(os.environ))
-
-        def stop():
-            try:
-                transport.signalProcess("KILL")
-            except error.ProcessExitedAlready:
-                pass
-            return browser.ended
-        self.addCleanup(stop)
+        browser = startChromium(self, reactor, pageOrigin + "/")
 
         report = yield page.report
-        self.assertNotIn("error", report, browser.output.decode("utf-8", "replace")[-2000:])
+        self.assertNotIn("error", report, browser.tail())
         self.assertEqual(json.loads(report["result"]),
                          {"allowed": True, "result": "floor1", "error": None})
         # The browser asked first, for the JSON content type.

@@ -7,11 +7,8 @@ publishes a record and exchanges direct data with the administrator.
 """
 
 import json
-import os
-import shutil
-import tempfile
 
-from twisted.internet import defer, error, protocol, reactor
+from twisted.internet import defer, reactor
 from twisted.trial.unittest import TestCase
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
@@ -19,9 +16,7 @@ from twisted.web.server import NOT_DONE_YET, Site
 from broker.peergroups import constants as C
 from broker.peergroups import credentials as cred
 from tests.test_peergroups import DATA, T1, Base
-from tests.tools import requireTool
-
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+from tests.tools import startChromium
 
 PAGE = """<!doctype html>
 <html><body><script type="module">
@@ -96,25 +91,11 @@ class _Page(Resource):
         return NOT_DONE_YET
 
 
-class _Browser(protocol.ProcessProtocol):
-    def __init__(self):
-        self.ended = defer.Deferred()
-        self.output = b""
-
-    def childDataReceived(self, fd, data):
-        self.output = (self.output + data)[-20000:]
-
-    def processEnded(self, reason):
-        self.ended.callback(None)
-
-
 class BrowserPeerTests(Base, TestCase):
     timeout = 90
 
     @defer.inlineCallbacks
     def test_browserJoinsAndTalks(self):
-        requireTool(os.path.exists(CHROMIUM),
-                    "no chromium here (scripts/test installs Debian's chromium)")
         admin = yield self.group()
         port = self.broker.wsPort.getHost().port
         config = {"library": f"http://127.0.0.1:{port}/peergroups/peergroup.js",
@@ -124,23 +105,7 @@ class BrowserPeerTests(Base, TestCase):
         pagePort = reactor.listenTCP(0, Site(page), interface="127.0.0.1")
         self.addCleanup(pagePort.stopListening)
 
-        profile = tempfile.mkdtemp(prefix="peergroups-chromium-")
-        self.addCleanup(shutil.rmtree, profile, True)
-        browser = _Browser()
-        args = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
-                "--no-first-run", "--disable-background-networking",
-                "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage",
-                f"--user-data-dir={profile}",
-                f"http://localhost:{pagePort.getHost().port}/"]
-        transport = reactor.spawnProcess(browser, CHROMIUM, args, env=dict(os.environ))
-
-        def stop():
-            try:
-                transport.signalProcess("KILL")
-            except error.ProcessExitedAlready:
-                pass
-            return browser.ended
-        self.addCleanup(stop)
+        browser = startChromium(self, reactor, f"http://localhost:{pagePort.getHost().port}/")
 
         # The browser's record reaches the administrator, then its data;
         # the administrator answers on the same direct connection.
@@ -154,7 +119,7 @@ class BrowserPeerTests(Base, TestCase):
                                     DATA, b"hello from python")
 
         report = yield page.report
-        self.assertNotIn("error", report, browser.output.decode("utf-8", "replace")[-2000:])
+        self.assertNotIn("error", report, browser.tail())
         self.assertEqual(report["peerName"], report["computed"])
         self.assertEqual(report["status"], C.STATUS_LISTENING | C.STATUS_HAS_CONNECTIONS)
         self.assertEqual(report["recordId"], changed["recordChangeData"]["recordId"])

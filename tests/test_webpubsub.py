@@ -4,7 +4,6 @@ The Web PubSub client face over real loopback WebSockets.
 """
 
 import base64
-import json
 
 import treq
 from twisted.internet import defer, reactor

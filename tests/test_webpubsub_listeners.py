@@ -15,7 +15,6 @@ from twisted.trial import unittest
 
 from broker import config
 from broker.config import ConfigError
-from broker.core.message import Message
 from broker.webpubsub.listeners import EventListeners
 from tests.wsharness import BrokerHarness
 

@@ -5,7 +5,10 @@ scripts/test sets it after installing them, so CI never passes by skipping.
 """
 
 import os
+import shutil
+import tempfile
 
+from twisted.internet import defer, error, protocol
 from twisted.trial.unittest import FailTest, SkipTest
 
 
@@ -18,3 +21,49 @@ def requireTool(present, why):
     if os.environ.get("BROKER_TEST_REQUIRE_TOOLS"):
         raise FailTest(f"{why} (BROKER_TEST_REQUIRE_TOOLS is set)")
     raise SkipTest(why)
+
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+
+
+class _Browser(protocol.ProcessProtocol):
+    def __init__(self):
+        self.ended = defer.Deferred()
+        self.output = b""
+
+    def childDataReceived(self, fd, data):
+        self.output = (self.output + data)[-20000:]
+
+    def processEnded(self, reason):
+        self.ended.callback(None)
+
+    def tail(self):
+        return self.output.decode("utf-8", "replace")[-2000:]
+
+
+def startChromium(testCase, reactor, url):
+    """
+    Headless Chromium on C{url} with a throwaway profile, killed when the
+    test ends (skipped, or failed under scripts/test, without chromium).
+
+    @return: its process protocol: C{output} is what it printed.
+    """
+    requireTool(os.path.exists(CHROMIUM),
+                "no chromium here (scripts/test installs Debian's chromium)")
+    profile = tempfile.mkdtemp(prefix="broker-chromium-")
+    testCase.addCleanup(shutil.rmtree, profile, True)
+    browser = _Browser()
+    args = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+            "--no-first-run", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage",
+            f"--user-data-dir={profile}", url]
+    transport = reactor.spawnProcess(browser, CHROMIUM, args, env=dict(os.environ))
+
+    def stop():
+        try:
+            transport.signalProcess("KILL")
+        except error.ProcessExitedAlready:
+            pass
+        return browser.ended
+    testCase.addCleanup(stop)
+    return browser

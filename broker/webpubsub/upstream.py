@@ -30,7 +30,6 @@ from urllib.parse import quote
 import treq
 from twisted.internet import defer, task
 from twisted.logger import Logger
-from twisted.web.http_headers import Headers
 from zope.interface import implementer
 
 from broker.core.errors import BrokerError
