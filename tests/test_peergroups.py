@@ -854,6 +854,34 @@ class Records(Base):
                              "PEER_E_RECORD_NOT_FOUND")
 
     @defer.inlineCallbacks
+    def test_storeFailureUndoes(self):
+        """
+        When the store cannot save an add, update or delete, the peer gets
+        E_UNEXPECTED, nobody is told of a change, and the database reads as
+        before (memory agrees with what a restart would load).
+        """
+        admin = yield self.group()
+        rid = yield admin.client.addRecord(admin.handle, T1, b"kept")
+        before = yield admin.client.getRecord(admin.handle, rid)
+        yield admin.drain()
+        store = self.broker.store
+        real = store.apply
+
+        def failOnce(changes):
+            store.apply = real
+            return defer.fail(OSError("disk full"))
+        for call in (lambda: admin.client.addRecord(admin.handle, T1, b"lost"),
+                     lambda: admin.client.updateRecord(admin.handle, dict(
+                         before, data=cred.b64(b"changed"))),
+                     lambda: admin.client.deleteRecord(admin.handle, rid)):
+            store.apply = failOnce
+            e = yield self.failsWith(call(), "E_UNEXPECTED")
+            self.assertIn("nothing changed", e.message)
+        self.assertEqual(len(self.flushLoggedErrors(OSError)), 3)
+        self.assertEqual((yield admin.client.enumRecords(admin.handle)), [before])
+        self.assertEqual((yield admin.drain()), [])
+
+    @defer.inlineCallbacks
     def test_eventsExactlyOnceWithFilters(self):
         """
         Every online member gets exactly one RECORD_CHANGED per change with

@@ -857,12 +857,29 @@ class PeerSession:
             raise PeerError("PEER_E_MAX_RECORD_SIZE_EXCEEDED",
                             f"data + 2 x attributes over {self.pg.maxRecordSize} bytes")
 
-    def _store(self, group, record, changeType):
+    def _store(self, group, record, changeType, previous=None):
+        """
+        Commit C{record} (already in C{group}'s memory, replacing
+        C{previous}); answer once it is durable.  If the store fails the
+        change is undone in memory too (unless a later change built on it),
+        so nobody sees a record the broker would forget at its restart.
+        """
         changes = [("record", self.app.name, group.gpn, record),
                    ("seq", self.app.name, group.gpn, group.seq)]
-        return self.pg.persist(changes).addCallback(
+
+        def failed(failure):
+            if group.records.get(record.id) is record:
+                if previous is None:
+                    del group.records[record.id]
+                else:
+                    group.records[record.id] = previous
+            log.failure("peer groups: cannot store a record of {gpn}", failure, gpn=group.gpn)
+            raise PeerError("E_UNEXPECTED", "the store could not save the change; "
+                            "nothing changed")
+        return self.pg.persist(changes).addCallbacks(
             lambda _: Reply({"id": record.id, "record": record.toJSON()},
-                            after=lambda: self.pg.recordChanged(group, changeType, record)))
+                            after=lambda: self.pg.recordChanged(group, changeType, record)),
+            failed)
 
     def api_addRecord(self, params):
         handle, node = self._ready(params)
@@ -925,7 +942,7 @@ class PeerSession:
         record.attributes, record.expiration, record.data = attributes, expiration, data
         record.seq = group.seq
         group.records[record.id] = record
-        return self._store(group, record, C.RECORD_UPDATED)
+        return self._store(group, record, C.RECORD_UPDATED, old)
 
     def api_deleteRecord(self, params):
         handle, node = self._ready(params)
@@ -941,7 +958,7 @@ class PeerSession:
         tomb.attributes, tomb.data = "", b""
         tomb.seq = group.seq
         group.records[tomb.id] = tomb
-        return self._store(group, tomb, C.RECORD_DELETED).addCallback(
+        return self._store(group, tomb, C.RECORD_DELETED, old).addCallback(
             lambda reply: Reply({}, after=reply.after))
 
     def api_getRecord(self, params):
