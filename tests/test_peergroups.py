@@ -1583,7 +1583,9 @@ class Restart(TestCase):
         admin = yield base.group()
         gpn = admin.client.groupPeerName(admin.handle)
         bob = yield base.invite(admin, "bob")
-        # Everything acknowledged is committed (WAL included): copy it.
+        # Copy the store once every write is committed (WAL included),
+        # Bob's sync point too: it is written after his connect's answer.
+        yield first.pg.whenWritten()
         snapshot = self.mktemp()
         shutil.copytree(state, snapshot)
         rid = yield admin.client.addRecord(admin.handle, T1, b"precious")

@@ -165,6 +165,14 @@ class PeerGroups(service.Service):
             return result
         return d.addBoth(done)
 
+    def whenWritten(self):
+        """
+        A Deferred firing once every write started so far is committed (or
+        has failed), the quiet ones included: sync points and
+        memberships are written after the answer that caused them.
+        """
+        return defer.DeferredList(list(self._inflight), consumeErrors=True)
+
     def persistQuietly(self, changes, what):
         self.persist(changes).addErrback(
             lambda f: log.failure("peer groups: cannot store {what}", f, what=what))
