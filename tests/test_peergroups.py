@@ -292,6 +292,38 @@ class Lifecycle(Base):
                          {"changeType": C.MEMBER_DISCONNECTED, "identity": bob.name})
 
     @defer.inlineCallbacks
+    def test_storeFailureStartsAgain(self):
+        """
+        A change the store refuses (here a create) is answered E_UNEXPECTED;
+        then every session is closed and the state reloaded from the store,
+        so memory never keeps what a restart would lose: the refused group
+        does not exist, the stored one does and its members reopen it.
+        """
+        admin = yield self.group()
+        gpn = admin.client.groupPeerName(admin.handle)
+        carol = yield self.peer("carol")
+        store = self.broker.store
+        real = store.apply
+
+        def failOnce(changes):
+            store.apply = real
+            return defer.fail(OSError("disk full"))
+        store.apply = failOnce
+        e = yield self.failsWith(carol.client.create(friendlyName="Lost"), "E_UNEXPECTED")
+        self.assertIn("starts again from its store", e.message)
+        yield admin.client.closed
+        yield carol.client.closed
+        self.assertEqual(len(self.flushLoggedErrors(OSError)), 1)
+        yield self.broker.pg.whenLoaded()
+        self.assertEqual(list(self.broker.pg.apps["default"].groups), [gpn])
+        self.assertEqual(self.broker.pg.counters.dropped["store_failure"], 2)
+        again = yield self.peer("admin", identity=admin.identity)
+        again.handle = yield again.client.open(gpn)
+        yield self.register(again)
+        yield self.online(again)
+        yield again.client.create(friendlyName="Now stored")
+
+    @defer.inlineCallbacks
     def test_delete(self):
         """
         Delete of an unknown group is PEER_E_NOT_FOUND; afterwards every

@@ -76,6 +76,7 @@ class PeerGroups(service.Service):
         self._waiting = []
         self._inflight = set()
         self._sweeper = None
+        self._reloading = False
 
     # -- service ----------------------------------------------------------
 
@@ -173,7 +174,39 @@ class PeerGroups(service.Service):
         """
         return defer.DeferredList(list(self._inflight), consumeErrors=True)
 
+    def storeFailed(self, failure, what):
+        """
+        A change other than a record write (those undo themselves) could
+        not be stored, so memory holds what the store does not.  Rather than
+        undo each kind of change, start again from the store, as a restart
+        would: once the current answer is out every session is closed (the
+        peers reconnect and reopen their groups) and the state is reloaded.
+        """
+        log.failure("peer groups: cannot store {what}; closing every session and "
+                    "reloading the store", failure, what=what)
+        if not self._reloading:
+            self._reloading = True
+            self.clock.callLater(0, self._reload)
+
+    def _reload(self):
+        for session in list(self.sessions):
+            self.counters.dropped["store_failure"] += 1
+            session.transport.abort("store failure")
+            session.lost("store failure")
+        self.apps, self.directs, self.loaded = {}, {}, False
+        d = self.whenWritten()
+        d.addCallback(lambda _: self.store.load())
+        d.addCallback(self._loaded)
+        d.addErrback(self._loadFailed)
+        d.addBoth(self._reloaded)
+
+    def _reloaded(self, _):
+        self._reloading = False
+
     def persistQuietly(self, changes, what):
+        if self._reloading:
+            # Sessions closing for a reload: their state is being dropped.
+            return
         self.persist(changes).addErrback(
             lambda f: log.failure("peer groups: cannot store {what}", f, what=what))
 

@@ -49,5 +49,7 @@ class IPeerTransport(Interface):
     def abort(reason):
         """
         Drop the connection now (keepalive timeout, slow consumer, broker
-        shutdown, protocol violation).
+        shutdown, protocol violation).  For C{"broker shutting down"} and
+        C{"store failure"} what was written goes out first (a close
+        handshake on WebSocket).
         """

@@ -42,6 +42,10 @@ def _address(transport):
         return "?"
 
 
+# Reasons to close after what was written (WebSocket close codes): the
+# broker stopping, or starting again from its store.
+GRACEFUL = {"broker shutting down": 1001, "store failure": 1011}
+
 class _OutputLimit(BoundedOutput):
     """
     Bounds what is queued for a peer that does not read: registered as the
@@ -120,8 +124,9 @@ class PeerWebSocketProtocol(_OutputLimit, WebSocketServerProtocol):
 
     def abort(self, reason):
         if self.transport is not None:
-            if reason == "broker shutting down" and self.state == self.STATE_OPEN:
-                self.sendCloseFrame(1001, b"broker shutting down", isReply=False)
+            code = GRACEFUL.get(reason)
+            if code is not None and self.state == self.STATE_OPEN:
+                self.sendCloseFrame(code, reason.encode(), isReply=False)
             else:
                 self.transport.abortConnection()
 
@@ -229,7 +234,10 @@ class PeerStreamProtocol(_OutputLimit, Int32StringReceiver):
 
     def abort(self, reason):
         if self.transport is not None:
-            self.transport.abortConnection()
+            if reason in GRACEFUL:
+                self.transport.loseConnection()
+            else:
+                self.transport.abortConnection()
 
 
 class PeerStreamFactory(Factory):

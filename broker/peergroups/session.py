@@ -342,7 +342,12 @@ class PeerSession:
     def _persistThen(self, changes, reply):
         if not changes:
             return reply
-        return self.pg.persist(changes).addCallback(lambda _: reply)
+
+        def failed(failure):
+            self.pg.storeFailed(failure, "a change")
+            raise PeerError("E_UNEXPECTED", "the store could not save the change; the "
+                            "broker closes every session and starts again from its store")
+        return self.pg.persist(changes).addCallbacks(lambda _: reply, failed)
 
     # -- start-up and identity ----------------------------------------------
 
