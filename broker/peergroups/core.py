@@ -182,11 +182,12 @@ class PeerGroups(service.Service):
         would: once the current answer is out every session is closed (the
         peers reconnect and reopen their groups) and the state is reloaded.
         """
+        if self._reloading:
+            return  # logged once, for the failure that started the reload
         log.failure("peer groups: cannot store {what}; closing every session and "
                     "reloading the store", failure, what=what)
-        if not self._reloading:
-            self._reloading = True
-            self.clock.callLater(0, self._reload)
+        self._reloading = True
+        self.clock.callLater(0, self._reload)
 
     def _reload(self):
         for session in list(self.sessions):
