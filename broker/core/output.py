@@ -29,3 +29,24 @@ class BoundedOutput:
 
     def stopProducing(self):
         self._paused = True
+
+    def registerAsProducer(self, transport):
+        """
+        Become C{transport}'s streaming producer, replacing any other (a
+        WebSocket transport may hold autobahn's).
+        """
+        try:
+            transport.unregisterProducer()
+        except Exception:
+            pass
+        transport.registerProducer(self, True)
+
+    def overLimit(self, size, limit):
+        """
+        Count C{size} bytes about to be written: true once more than
+        C{limit} have been written since the peer stopped reading.
+        """
+        if not self._paused:
+            return False
+        self._pausedBytes += size
+        return self._pausedBytes > limit

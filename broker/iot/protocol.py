@@ -81,7 +81,7 @@ class IoTSession(BoundedOutput, Protocol):
         reactor = self.factory.reactor
         self._lastSeen = reactor.seconds()
         self._timer = reactor.callLater(self.factory.authTimeout, self._authExpired)
-        self.transport.registerProducer(self, True)
+        self.registerAsProducer(self.transport)
 
     def connectionLost(self, reason):
         self.state = self.CLOSED
@@ -152,16 +152,14 @@ class IoTSession(BoundedOutput, Protocol):
         if self.state == self.CLOSED:
             return
         data = frames.encode(kind, requestId, payload, address)
-        if self._paused:
-            self._pausedBytes += len(data)
-            if self._pausedBytes > self.factory.maxOutputBuffer:
-                self.factory.counters.slowConsumers += 1
-                log.warn("iot: closing slow consumer {who}: more than {n} bytes waiting",
-                         who=self.describe(), n=self.factory.maxOutputBuffer)
-                self.state = self.CLOSED
-                self._offline()
-                self.transport.abortConnection()
-                return
+        if self.overLimit(len(data), self.factory.maxOutputBuffer):
+            self.factory.counters.slowConsumers += 1
+            log.warn("iot: closing slow consumer {who}: more than {n} bytes waiting",
+                     who=self.describe(), n=self.factory.maxOutputBuffer)
+            self.state = self.CLOSED
+            self._offline()
+            self.transport.abortConnection()
+            return
         self.factory.counters.framesOut += 1
         self.transport.write(data)
 

@@ -46,35 +46,19 @@ def _address(transport):
 # broker stopping, or starting again from its store.
 GRACEFUL = {"broker shutting down": 1001, "store failure": 1011}
 
-class _OutputLimit(BoundedOutput):
+
+def _decode(payload):
     """
-    Bounds what is queued for a peer that does not read: registered as the
-    transport's streaming producer, it counts bytes written while the
-    transport is paused and drops the peer past C{maxOutputBuffer}.
+    C{(None, value)} for one UTF-8 JSON value, else C{(why, None)}.
     """
-
-    def _takeOverProducer(self, transport):
-        try:
-            transport.unregisterProducer()
-        except Exception:
-            pass
-        transport.registerProducer(self, True)
-
-    def _overLimit(self, size, limit):
-        if not self._paused:
-            return False
-        self._pausedBytes += size
-        return self._pausedBytes > limit
-
-    def _badInput(self, payload):
-        try:
-            return None, json.loads(payload.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError):
-            return "a frame must be one UTF-8 JSON value", None
+    try:
+        return None, json.loads(payload.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        return "a frame must be one UTF-8 JSON value", None
 
 
 @implementer(IPeerTransport)
-class PeerWebSocketProtocol(_OutputLimit, WebSocketServerProtocol):
+class PeerWebSocketProtocol(BoundedOutput, WebSocketServerProtocol):
     """
     A peer over WebSocket with subprotocol C{peergroup.v1} on
     C{/peergroups/v1}.
@@ -93,14 +77,14 @@ class PeerWebSocketProtocol(_OutputLimit, WebSocketServerProtocol):
 
     def onOpen(self):
         self.address = _address(self.transport)
-        self._takeOverProducer(self.transport)
+        self.registerAsProducer(self.transport)
         self.session = PeerSession(self.factory.peergroups, self)
         self.session.hello()
 
     def onMessage(self, payload, isBinary):
         if self.session is None:
             return
-        why, obj = ("text frames only", None) if isBinary else self._badInput(payload)
+        why, obj = ("text frames only", None) if isBinary else _decode(payload)
         if why is not None:
             self.session._badFrame(None, why)
             return
@@ -115,7 +99,7 @@ class PeerWebSocketProtocol(_OutputLimit, WebSocketServerProtocol):
         if self.state != self.STATE_OPEN:
             return
         data = _encode(obj)
-        if self._overLimit(len(data), self.factory.peergroups.maxOutputBuffer):
+        if self.overLimit(len(data), self.factory.peergroups.maxOutputBuffer):
             log.warn("peer {addr}: not reading, dropped", addr=self.address)
             self.factory.peergroups.counters.dropped["slow_consumer"] += 1
             self.abort("slow consumer")
@@ -181,7 +165,7 @@ def makeSite(factory):
 
 
 @implementer(IPeerTransport)
-class PeerStreamProtocol(_OutputLimit, Int32StringReceiver):
+class PeerStreamProtocol(BoundedOutput, Int32StringReceiver):
     """
     A peer over TCP or TLS: each message a 4-byte big-endian length, then
     that many bytes of UTF-8 JSON.  A length over the limit is answered
@@ -195,14 +179,14 @@ class PeerStreamProtocol(_OutputLimit, Int32StringReceiver):
     def connectionMade(self):
         self.MAX_LENGTH = self.factory.maxMessageSize
         self.address = _address(self.transport)
-        self._takeOverProducer(self.transport)
+        self.registerAsProducer(self.transport)
         self.session = PeerSession(self.factory.peergroups, self)
         self.session.hello()
 
     def stringReceived(self, payload):
         if self.session is None:
             return
-        why, obj = self._badInput(payload)
+        why, obj = _decode(payload)
         if why is not None:
             self.session._badFrame(None, why)
             return
@@ -225,7 +209,7 @@ class PeerStreamProtocol(_OutputLimit, Int32StringReceiver):
 
     def sendObject(self, obj):
         data = _encode(obj)
-        if self._overLimit(len(data) + 4, self.factory.peergroups.maxOutputBuffer):
+        if self.overLimit(len(data) + 4, self.factory.peergroups.maxOutputBuffer):
             log.warn("peer {addr}: not reading, dropped", addr=self.address)
             self.factory.peergroups.counters.dropped["slow_consumer"] += 1
             self.abort("slow consumer")

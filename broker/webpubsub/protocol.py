@@ -247,7 +247,7 @@ class ClientProtocol(BoundedOutput, WebSocketServerProtocol):
         self._encoder = (self.factory.prepareJSON if self.kind == JSON
                          else self.factory.preparePlain)
         self._forgetHandshake()
-        self._takeOverProducer()
+        self.registerAsProducer(self.transport)
         if self.link is not None:
             self.sendMessage(frames.connected(self.connectionId, userId, self.link.token))
             self.link.attach(self)
@@ -267,14 +267,6 @@ class ClientProtocol(BoundedOutput, WebSocketServerProtocol):
             if name in self.__dict__:
                 setattr(self, name, None)
 
-    def _takeOverProducer(self):
-        transport = self.transport
-        try:
-            transport.unregisterProducer()
-        except Exception:
-            pass
-        transport.registerProducer(self, True)
-
     # -- IConnection ------------------------------------------------------
 
     def deliver(self, delivery):
@@ -282,11 +274,9 @@ class ClientProtocol(BoundedOutput, WebSocketServerProtocol):
             return
         prepared = delivery.encode(self.kind, self._encoder)
         frame = prepared.payloadHybi
-        if self._paused:
-            self._pausedBytes += len(frame)
-            if self._pausedBytes > self.factory.maxOutputBuffer:
-                self._slowConsumer()
-                return
+        if self.overLimit(len(frame), self.factory.maxOutputBuffer):
+            self._slowConsumer()
+            return
         if self._perMessageCompress is None and not self.send_queue:
             # The hot path: the prepared frame straight to the transport.
             # autobahn's sendData formats a debug log line on every call,
