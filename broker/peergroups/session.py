@@ -315,6 +315,17 @@ class PeerSession:
             raise PeerError("PEER_E_GROUP_NOT_READY", "connect the group first")
         return handle, handle.node
 
+    def _synced(self, params):
+        """
+        The handle and node of a group connected at least once (its member
+        list and records are then known), online now or not.
+        """
+        handle = self._handle(params)
+        member = handle.node.member
+        if member is None or not (handle.node.online or member.synced):
+            raise PeerError("PEER_E_GROUP_NOT_READY", "connect the group at least once first")
+        return handle, handle.node
+
     def _checkRoom(self):
         if len(self.handles) >= MAX_HANDLES:
             raise PeerError("E_OUTOFMEMORY", f"at most {MAX_HANDLES} open handles per session")
@@ -770,11 +781,8 @@ class PeerSession:
     # -- members and properties ------------------------------------------------
 
     def api_enumMembers(self, params):
-        handle = self._handle(params)
-        node = handle.node
+        handle, node = self._synced(params)
         member = node.member
-        if member is None or not (node.online or member.synced):
-            raise PeerError("PEER_E_GROUP_NOT_READY", "connect the group first")
         flags = _param(params, "flags", int, required=False, default=0)
         wanted = params.get("identity")
         group = node.group
@@ -988,11 +996,7 @@ class PeerSession:
         return hmac.new(self.pg.exportKey, payload, hashlib.sha256).digest()
 
     def api_exportDatabase(self, params):
-        handle = self._handle(params)
-        node = handle.node
-        member = node.member
-        if member is None or not (node.online or member.synced):
-            raise PeerError("PEER_E_GROUP_NOT_READY", "connect the group at least once first")
+        handle, node = self._synced(params)
         group = node.group
         now = self.pg.now()
         payload = cred.canonical({
