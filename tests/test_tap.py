@@ -22,6 +22,7 @@ from twisted.trial.unittest import TestCase
 
 from broker import config, tap
 from broker.core.router import Core
+from tests.tools import killAtCleanup
 
 LOOPBACK = "tcp:0:interface=127.0.0.1"
 
@@ -344,16 +345,7 @@ class TwistdTestsMixin:
         transport = reactor.spawnProcess(proc, command[0], command,
                                          env=dict(os.environ, PYTHONUNBUFFERED="1"),
                                          path=cwd.path)
-
-        def kill():
-            if not proc.ended.called:
-                try:
-                    transport.signalProcess("KILL")
-                except error.ProcessExitedAlready:
-                    pass
-            return proc.ended
-
-        self.addCleanup(kill)
+        killAtCleanup(self, transport, proc.ended)
         return proc
 
     def assertOneLineNaming(self, proc, text):

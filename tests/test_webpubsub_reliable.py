@@ -15,7 +15,7 @@ from twisted.internet import defer, protocol, reactor, task, threads
 from twisted.trial.unittest import TestCase
 
 from broker.core.message import TEXT, Message, Target
-from tests.tools import requireTool
+from tests.tools import killAtCleanup, requireTool
 from tests.wsharness import BrokerHarness, ConnectionRefusedByServer
 
 RELIABLE = "json.reliable.webpubsub.azure.v1"
@@ -288,13 +288,7 @@ class OfficialJavaScriptClientTests(TestCase):
         process = reactor.spawnProcess(
             node, NODE, [NODE, os.path.join(JS_DIR, "reliable_client.js"), url],
             env={"PATH": os.environ.get("PATH", "")}, path=JS_DIR)
-
-        @defer.inlineCallbacks
-        def cleanUp():
-            if not node.ended.called:
-                process.signalProcess("KILL")
-            yield node.ended
-        self.addCleanup(cleanUp)
+        killAtCleanup(self, process, node.ended)
 
         def publish(text):
             hub.send(Target(Target.GROUP, "room"), Message(TEXT, text.encode()))

@@ -23,6 +23,21 @@ def requireTool(present, why):
     raise SkipTest(why)
 
 
+def killAtCleanup(testCase, transport, ended):
+    """
+    When the test ends, SIGKILL the process behind C{transport} (if it is
+    still running) and wait for C{ended}, so no child outlives its test.
+    """
+    def kill():
+        if not ended.called:
+            try:
+                transport.signalProcess("KILL")
+            except error.ProcessExitedAlready:
+                pass
+        return ended
+    testCase.addCleanup(kill)
+
+
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 
 
@@ -58,12 +73,5 @@ def startChromium(testCase, reactor, url):
             "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage",
             f"--user-data-dir={profile}", url]
     transport = reactor.spawnProcess(browser, CHROMIUM, args, env=dict(os.environ))
-
-    def stop():
-        try:
-            transport.signalProcess("KILL")
-        except error.ProcessExitedAlready:
-            pass
-        return browser.ended
-    testCase.addCleanup(stop)
+    killAtCleanup(testCase, transport, browser.ended)
     return browser
