@@ -119,8 +119,7 @@ class Session:
             L{Message} or C{None}).
         """
         self.hub.stats.messagesIn += 1
-        for o in list(self.hub._observers):
-            o.clientEvent(self.hub, self, event, message)
+        self.hub.tellObservers("clientEvent", self, event, message)
         upstream = self.hub.upstream
         if upstream is None:
             return fail(NoUpstream(f"hub {self.hub.name!r} has no upstream for event {event!r}"))
@@ -186,8 +185,7 @@ class Hub:
         for g in groups:
             self._join(session, g)
         self.stats.connectionsAccepted += 1
-        for o in list(self._observers):
-            o.connectionAdded(self, session)
+        self.tellObservers("connectionAdded", session)
         return session
 
     def remove(self, session, reason=""):
@@ -205,8 +203,15 @@ class Hub:
                 conns.pop(session.connectionId, None)
                 if not conns:
                     del self._users[session.userId]
+        self.tellObservers("connectionRemoved", session, reason)
+
+    def tellObservers(self, name, *args):
+        """
+        Call C{name} (an L{IHubObserver} method) on each observer, with this
+        hub first.
+        """
         for o in list(self._observers):
-            o.connectionRemoved(self, session, reason)
+            getattr(o, name)(self, *args)
 
     def addObserver(self, observer):
         self._observers.append(observer)
