@@ -45,6 +45,8 @@ setup(
         "cryptography>=42",
         "PyJWT>=2.8",
         "prometheus-client>=0.20",
+        # Cluster mode's engine and stores (broker/cluster/).
+        "txredisapi>=1.4.10",
     ],
     package_data={"broker.peergroups": ["web/*.js"]},
     cmdclass={"build_py": build_py_with_etc},

@@ -1,0 +1,4 @@
+"""
+Cluster mode: several broker nodes (processes or machines) behaving as one,
+through Redis.
+"""

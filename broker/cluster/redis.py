@@ -1,0 +1,257 @@
+# -*- test-case-name: tests.test_cluster_redis -*-
+"""
+The broker's link to Redis: one ordered command connection and one
+subscriber connection, each kept up by a L{ClientService} with exponential
+backoff, built on txredisapi's protocols.
+
+Why not txredisapi's own pool: its commands wait, unbounded, for a
+connection to come back, and a pool of several connections reorders
+commands.  A broker must answer "Redis is down" at once (so a durable write
+is refused rather than parked), and a node's directory writes and bus
+publishes must reach Redis in the order it made them.  So every command
+here goes on the one live connection, or fails at once with
+L{RedisUnavailable}.
+
+Replies are bytes (C{charset=None}): payloads are binary.
+"""
+
+from urllib.parse import unquote, urlsplit
+
+import txredisapi
+from twisted.application import internet, service
+from twisted.internet import defer
+from twisted.internet.endpoints import HostnameEndpoint
+from twisted.internet.protocol import Factory
+from twisted.logger import Logger
+
+from broker.core.errors import BrokerError
+
+log = Logger()
+
+
+class RedisUnavailable(BrokerError):
+    """
+    Redis cannot be reached now: the request needs it and is refused (never
+    parked, never dropped silently).
+    """
+
+    name = "ServiceUnavailable"
+
+
+def parseURL(url):
+    """
+    C{redis://[:password@]host[:port][/db]} to C{(host, port, password, db)}.
+
+    @raise ValueError: for another scheme or a bad database number.
+    """
+    parts = urlsplit(url)
+    if parts.scheme != "redis":
+        raise ValueError(f"{url!r}: only redis:// URLs are supported")
+    if not parts.hostname:
+        raise ValueError(f"{url!r}: no host")
+    path = parts.path.strip("/")
+    db = int(path) if path else 0
+    password = unquote(parts.password) if parts.password else None
+    return parts.hostname, parts.port or 6379, password, db
+
+
+class _Commands(txredisapi.RedisProtocol):
+    pass
+
+
+class _Subscriber(txredisapi.SubscriberProtocol):
+    def messageReceived(self, pattern, channel, message):
+        self.factory.client._message(channel, message)
+
+
+class _Factory(Factory):
+    def __init__(self, client, protocolClass, db):
+        self.client = client
+        self.protocolClass = protocolClass
+        self.db = db
+        self.isLazy = True
+
+    def buildProtocol(self, addr):
+        c = self.client
+        p = self.protocolClass(charset=None, replyTimeout=c.replyTimeout,
+                               password=c.password, dbid=self.db, convertNumbers=False)
+        p.factory = self
+        # txredisapi times replies with the global reactor; use ours.
+        p.callLater = c.reactor.callLater
+        return p
+
+    # txredisapi calls these when AUTH or SELECT fails.
+    def stopTrying(self):
+        pass
+
+    def connectionError(self, why):
+        self.client._refused(why)
+
+
+class RedisClient(service.MultiService):
+    """
+    @ivar connected: C{True} while both connections are up.
+    """
+
+    def __init__(self, reactor, url, replyTimeout=5.0, maxDelay=5.0):
+        super().__init__()
+        self.reactor = reactor
+        self.url = url
+        self.host, self.port, self.password, self.db = parseURL(url)
+        self.replyTimeout = replyTimeout
+        self._commands = None
+        self._subscriber = None
+        self._channels = {}          # channel bytes -> handler(message bytes)
+        self._upHooks = []
+        self._downHooks = []
+        self._wasConnected = False
+        self._downLogged = False
+        self.connected = False
+        self._unreachable = None
+        endpoint = HostnameEndpoint(reactor, self.host, self.port, timeout=5)
+
+        def backoff(attempt):
+            return min(maxDelay, 0.1 * (2 ** min(attempt, 10)))
+
+        for protocolClass, prepare in ((_Commands, self._commandsUp),
+                                       (_Subscriber, self._subscriberUp)):
+            internet.ClientService(
+                endpoint, _Factory(self, protocolClass, self.db), retryPolicy=backoff,
+                clock=reactor, prepareConnection=prepare).setServiceParent(self)
+
+    # -- life cycle -------------------------------------------------------
+
+    def onConnected(self, hook):
+        """
+        Call C{hook()} each time both connections are (re)established,
+        before the link reports itself connected to anybody else: the
+        engine re-registers its node there.
+        """
+        self._upHooks.append(hook)
+
+    def onDisconnected(self, hook):
+        self._downHooks.append(hook)
+
+    def _commandsUp(self, protocol):
+        return self._whenReady(protocol, "_commands")
+
+    @defer.inlineCallbacks
+    def _subscriberUp(self, protocol):
+        yield self._whenReady(protocol, "_subscriber")
+        if self._channels:
+            yield protocol.subscribe([c for c in self._channels])
+
+    def _whenReady(self, protocol, slot):
+        def ready(p):
+            setattr(self, slot, p)
+            p.whenDisconnected().addCallback(lambda _: self._lost(slot, p))
+            self.reactor.callLater(0, self._check)
+        return protocol.whenConnected().addCallback(ready)
+
+    def _lost(self, slot, protocol):
+        if getattr(self, slot) is protocol:
+            setattr(self, slot, None)
+        if self.connected:
+            self.connected = False
+            log.warn("redis {url}: connection lost; local delivery goes on, "
+                     "cluster-wide requests are refused until it is back", url=self.url)
+            self._downLogged = True
+            for hook in list(self._downHooks):
+                hook()
+
+    @defer.inlineCallbacks
+    def _check(self):
+        if self.connected or self._commands is None or self._subscriber is None:
+            return
+        if not (self._commands.connected and self._subscriber.connected):
+            return
+        try:
+            for hook in list(self._upHooks):
+                yield hook()
+        except Exception:
+            log.failure("redis {url}: re-registering after connecting failed", url=self.url)
+            if self._commands is not None:
+                self._commands.transport.loseConnection()
+            return
+        if self._commands is None or self._subscriber is None:
+            return
+        self.connected = True
+        log.info("redis {url}: {what}", url=self.url,
+                 what="reconnected" if self._wasConnected else "connected")
+        self._wasConnected = True
+        self._downLogged = False
+
+    def _refused(self, why):
+        log.error("redis {url}: {why}", url=self.url, why=why)
+
+    def startService(self):
+        super().startService()
+        self._unreachable = self.reactor.callLater(3, self._reportUnreachable)
+
+    def _reportUnreachable(self):
+        self._unreachable = None
+        if self.running and not self.connected and not self._downLogged:
+            self._downLogged = True
+            log.warn("redis {url}: not reachable yet; retrying with backoff", url=self.url)
+
+    @defer.inlineCallbacks
+    def stopService(self):
+        self._upHooks = []
+        self._downHooks = []
+        if self._unreachable is not None and self._unreachable.active():
+            self._unreachable.cancel()
+        yield super().stopService()
+        self.connected = False
+
+    # -- commands ---------------------------------------------------------
+
+    def _live(self, hooks=False):
+        p = self._commands
+        if p is None or not p.connected or not (self.connected or hooks):
+            raise RedisUnavailable(f"Redis at {self.host}:{self.port} is not reachable")
+        return p
+
+    def execute(self, *args, _early=False):
+        """
+        Run one command on the command connection.
+
+        @return: a L{Deferred} firing with its reply (bytes, ints, lists),
+            failing with L{RedisUnavailable} at once when Redis is down, or
+            with txredisapi's C{ResponseError} for a refused command.
+        """
+        try:
+            return self._live(_early).execute_command(*args)
+        except (RedisUnavailable, txredisapi.ConnectionError) as e:
+            return defer.fail(RedisUnavailable(str(e)))
+
+    def eval(self, script, keys=(), args=(), _early=False):
+        """
+        Run a Lua script (by its SHA once Redis knows it).
+        """
+        try:
+            return self._live(_early).eval(script, list(keys), list(args))
+        except (RedisUnavailable, txredisapi.ConnectionError) as e:
+            return defer.fail(RedisUnavailable(str(e)))
+
+    # -- pub/sub ----------------------------------------------------------
+
+    def subscribe(self, channel, handler):
+        """
+        Call C{handler(message)} for every message published on
+        C{channel} (bytes), from now on and across reconnections.
+        """
+        if isinstance(channel, str):
+            channel = channel.encode("utf-8")
+        self._channels[channel] = handler
+        if self._subscriber is not None and self._subscriber.connected:
+            return self._subscriber.subscribe([channel])
+        return defer.succeed(None)
+
+    def _message(self, channel, message):
+        handler = self._channels.get(channel)
+        if handler is None:
+            return
+        try:
+            handler(message)
+        except Exception:
+            log.failure("redis: handling a message on {channel} failed", channel=channel)
