@@ -224,6 +224,21 @@ def schema():
         "admin": Table({
             "listen": List(Endpoint(), default=["tcp:9090:interface=127.0.0.1"]),
         }),
+        "cluster": Table({
+            "redis_url": Str("", doc="redis://[:password@]host[:port][/db]; empty: one "
+                                     "node with the in-memory engine (the default)."),
+            "prefix": Str("broker", nonEmpty=True,
+                          doc="Prefix of every Redis key and channel: one per cluster."),
+            "node_id": Str("", doc="This node's id; empty: host-pid-random."),
+            "heartbeat": Float(1.0, minimum=0.05, maximum=60,
+                               doc="Seconds between a node's heartbeats."),
+            "dead_after": Float(5.0, minimum=0.2, maximum=600,
+                                doc="Seconds without a heartbeat before a node's "
+                                    "connections are removed cluster-wide."),
+            "workers": Int(1, minimum=1, maximum=256,
+                           doc="Worker processes sharing the listening ports "
+                               "(more than 1 needs redis_url)."),
+        }),
     }
     for name in FACES:
         sections[name] = settingsModule(name).SECTION

@@ -36,11 +36,16 @@ class FaceContext:
     @ivar settings: the whole validated configuration.
     @ivar stateDir: C{broker.state_dir}, for stores and generated keys.
     @ivar registry: the Prometheus registry served by the admin C{/metrics}.
+    @ivar cluster: C{None} on a single node; in cluster mode the
+        L{broker.cluster.node.Cluster} (node id, node-to-node messages,
+        liveness hooks, and C{cluster.redis} for the face's shared stores).
     """
 
-    def __init__(self, reactor, core, settings, top, registry, listen, reloader):
+    def __init__(self, reactor, core, settings, top, registry, listen, reloader,
+                 cluster=None):
         self.reactor = reactor
         self.core = core
+        self.cluster = cluster
         self.settings = settings
         self.stateDir = settings["broker"]["state_dir"]
         self.registry = registry

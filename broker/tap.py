@@ -23,6 +23,7 @@ from prometheus_client.registry import CollectorRegistry
 
 from broker import config as brokerconfig
 from broker.admin.resource import makeAdminSite
+from broker.cluster.build import buildCluster
 from broker.core.router import Core
 from broker.faces import FACES, FaceContext, faceModule
 from broker.webpubsub.face import ACCESS_KEY_FILE, developmentKey  # noqa: F401 (re-exported)
@@ -180,8 +181,17 @@ def buildService(settings, reactor, foreground=True):
     @param foreground: see L{ListenerService.foreground}.
     """
     top = service.MultiService()
-    core = Core(reactor, fanoutChunk=settings["webpubsub"]["fanout_chunk"])
+    cluster = buildCluster(reactor, settings)
+    engine = None
+    if cluster is not None:
+        # Redis first and the node next, so both outlive every face on stop.
+        cluster.redis.setServiceParent(top)
+        cluster.setServiceParent(top)
+        from broker.cluster.engine import RedisEngine
+        engine = RedisEngine(cluster)
+    core = Core(reactor, engine=engine, fanoutChunk=settings["webpubsub"]["fanout_chunk"])
     core.setServiceParent(top)
+    top.cluster = cluster
     top.core = core
     registry = CollectorRegistry()
     reloader = Reloader(reactor)
@@ -194,7 +204,7 @@ def buildService(settings, reactor, foreground=True):
             ListenerService(name, desc, endpoint, factory, reactor,
                             foreground).setServiceParent(top)
 
-    context = FaceContext(reactor, core, settings, top, registry, listen, reloader)
+    context = FaceContext(reactor, core, settings, top, registry, listen, reloader, cluster)
     for name in FACES:
         faceModule(name).build(context)
     listen("admin.listen", settings["admin"]["listen"], makeAdminSite(core, registry))

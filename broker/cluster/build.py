@@ -1,0 +1,23 @@
+# -*- test-case-name: tests.test_cluster_engine -*-
+"""
+Cluster mode from the C{[cluster]} configuration section: the Redis link,
+this node's L{Cluster} and the L{RedisEngine} the core publishes through.
+"""
+
+from broker.cluster.node import Cluster
+from broker.cluster.redis import RedisClient
+
+
+def buildCluster(reactor, settings):
+    """
+    @return: C{None} without C{cluster.redis_url} (one node, in-memory
+        engine); otherwise a started-with-the-broker L{Cluster} whose
+        C{redis} is its L{RedisClient}.
+    @raise ValueError: for an unusable C{redis_url}.
+    """
+    cfg = settings["cluster"]
+    if not cfg["redis_url"]:
+        return None
+    redis = RedisClient(reactor, cfg["redis_url"])
+    return Cluster(reactor, redis, prefix=cfg["prefix"], nodeId=cfg["node_id"] or None,
+                   heartbeat=cfg["heartbeat"], deadAfter=cfg["dead_after"])
