@@ -24,18 +24,16 @@ from twisted.internet.endpoints import HostnameEndpoint
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 
-from broker.core.errors import BrokerError
+from broker.core.errors import Unavailable
 
 log = Logger()
 
 
-class RedisUnavailable(BrokerError):
+class RedisUnavailable(Unavailable):
     """
     Redis cannot be reached now: the request needs it and is refused (never
     parked, never dropped silently).
     """
-
-    name = "ServiceUnavailable"
 
 
 def parseURL(url):
