@@ -87,6 +87,15 @@ class RedisEngine:
     def healthy(self):
         return self._core is not None and self.cluster.healthy
 
+    COUNTERS = ("publishesSent", "publishesReceived", "publishesLocalOnly", "badMessages",
+                "reapedConnections")
+
+    def stats(self):
+        figures = {k: getattr(self, k) for k in self.COUNTERS}
+        figures.update(node=self.nodeId, redisConnected=bool(self.cluster.redis.connected),
+                       nodesReaped=self.cluster.reaped)
+        return figures
+
     # -- publishing -------------------------------------------------------
 
     def publish(self, hubName, target, delivery):

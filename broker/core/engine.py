@@ -111,3 +111,6 @@ class MemoryEngine:
 
     def healthy(self):
         return self._core is not None
+
+    def stats(self):
+        return {}

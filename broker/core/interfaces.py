@@ -86,6 +86,12 @@ class IEngine(Interface):
         @return: C{True} when the engine can accept publishes.
         """
 
+    def stats():
+        """
+        @return: a JSON-ready dict of the engine's own figures (empty for
+            the in-memory engine; node id and bus counters in a cluster).
+        """
+
 
 class IDirectory(Interface):
     """

@@ -146,5 +146,5 @@ class Core(service.Service):
         total["hubs"] = hubs
         total["fanoutPending"] = self.fanout.pending
         total["engineHealthy"] = bool(self.engine.healthy())
-        total["node"] = getattr(self.engine, "nodeId", None)
+        total["cluster"] = self.engine.stats()
         return total

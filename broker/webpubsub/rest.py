@@ -362,6 +362,11 @@ class RestAPI(Resource):
 
     def _send(self, request, hub, kind, name, args):
         message = self._message(request)
+        if not self.core.engine.healthy():
+            # Refused whole rather than delivered to this node's receivers
+            # only: the caller can retry.
+            raise RestError(503, "ServiceUnavailable",
+                            "the cluster (Redis) is unreachable; the message was not sent")
         excluded = args.list("excluded")
         ttl = args.one("messageTtlSeconds")
         if ttl is not None and (not ttl.isdigit() or int(ttl) > 300):
