@@ -53,6 +53,18 @@ def parseURL(url):
     return parts.hostname, parts.port or 6379, password, db
 
 
+def _bytes(reply):
+    """
+    Status replies as bytes, whichever parser read them (txredisapi's own
+    gives str, hiredis bytes), so callers see one type.
+    """
+    if isinstance(reply, str):
+        return reply.encode("utf-8")
+    if isinstance(reply, list):
+        return [_bytes(r) for r in reply]
+    return reply
+
+
 class _Commands(txredisapi.RedisProtocol):
     pass
 
@@ -89,6 +101,10 @@ class _Factory(Factory):
 class RedisClient(service.MultiService):
     """
     @ivar connected: C{True} while both connections are up.
+
+    Replies: bulk and status replies are bytes, integers ints, arrays
+    lists; an error reply fails the Deferred with txredisapi's
+    C{ResponseError}.
     """
 
     def __init__(self, reactor, url, replyTimeout=5.0, maxDelay=5.0):
@@ -218,7 +234,7 @@ class RedisClient(service.MultiService):
             with txredisapi's C{ResponseError} for a refused command.
         """
         try:
-            return self._live(_early).execute_command(*args)
+            return self._live(_early).execute_command(*args).addCallback(_bytes)
         except (RedisUnavailable, txredisapi.ConnectionError) as e:
             return defer.fail(RedisUnavailable(str(e)))
 
@@ -227,7 +243,7 @@ class RedisClient(service.MultiService):
         Run a Lua script (by its SHA once Redis knows it).
         """
         try:
-            return self._live(_early).eval(script, list(keys), list(args))
+            return self._live(_early).eval(script, list(keys), list(args)).addCallback(_bytes)
         except (RedisUnavailable, txredisapi.ConnectionError) as e:
             return defer.fail(RedisUnavailable(str(e)))
 
