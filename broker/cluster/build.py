@@ -5,7 +5,8 @@ this node's L{Cluster} and the L{RedisEngine} the core publishes through.
 """
 
 from broker.cluster.node import Cluster
-from broker.cluster.redis import RedisClient
+from broker.cluster.redis import RedisClient, parseURL
+from broker.config import ConfigError
 
 
 def buildCluster(reactor, settings):
@@ -13,11 +14,15 @@ def buildCluster(reactor, settings):
     @return: C{None} without C{cluster.redis_url} (one node, in-memory
         engine); otherwise a started-with-the-broker L{Cluster} whose
         C{redis} is its L{RedisClient}.
-    @raise ValueError: for an unusable C{redis_url}.
+    @raise ConfigError: for an unusable C{redis_url}.
     """
     cfg = settings["cluster"]
     if not cfg["redis_url"]:
         return None
+    try:
+        parseURL(cfg["redis_url"])
+    except ValueError as e:
+        raise ConfigError("cluster.redis_url", str(e))
     redis = RedisClient(reactor, cfg["redis_url"])
     return Cluster(reactor, redis, prefix=cfg["prefix"], nodeId=cfg["node_id"] or None,
                    heartbeat=cfg["heartbeat"], deadAfter=cfg["dead_after"])
