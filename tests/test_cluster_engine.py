@@ -184,6 +184,27 @@ class ClusterLifeTests(unittest.TestCase):
         self.assertFalse((yield self.ha.findConnection("b1")))
 
 
+class RestartTests(unittest.TestCase):
+    @defer.inlineCallbacks
+    def test_sameIdReapedAgainAfterRestart(self):
+        """
+        A node that stopped cleanly and came back under the same id is
+        reaped like any other when it then dies.
+        """
+        nodes = RedisNodes(self)
+        a, b = yield nodes.start(2)
+        yield nodes.stop(b)
+        b = nodes.add("n1")
+        yield waitFor(lambda: b.engine.healthy())
+        b.hub("h").admit(RecordingConnection("b1"), None, (), ["g"])
+        yield nodes.settle()
+        self.assertTrue((yield a.hub("h").findConnection("b1")))
+        b.cluster._beat.stop()
+        b.cluster.redis._upHooks = []
+        yield waitFor(lambda: a.engine.reapedConnections == 1, timeout=5)
+        self.assertFalse((yield a.hub("h").findConnection("b1")))
+
+
 class BuildTests(unittest.TestCase):
     def test_singleNodeByDefault(self):
         from broker import config

@@ -28,11 +28,14 @@ from twisted.logger import Logger
 log = Logger()
 
 # Refresh our alive key; answer 1 when it had expired (we may have been
-# reaped, or Redis lost its data), so the node re-registers itself.
+# reaped, or Redis lost its data), so the node re-registers itself.  A
+# node (re)appearing also drops the reaping claim on its id, left by its
+# own clean stop or by whoever reaped it, so it can be reaped again.
 _BEAT = """
 local existed = redis.call('EXISTS', KEYS[1])
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1])
+if existed == 0 then redis.call('DEL', KEYS[3]) end
 return 1 - existed
 """
 
@@ -161,7 +164,7 @@ class Cluster(service.Service):
             lambda ids: [i.decode("utf-8") for i in ids])
 
     def _beatArgs(self):
-        return ([self.key("alive", self.nodeId), self.key("nodes")],
+        return ([self.key("alive", self.nodeId), self.key("nodes"), self.key("reap", self.nodeId)],
                 [self.nodeId, int(self.deadAfter * 1000), self.reactor.seconds()])
 
     @defer.inlineCallbacks
@@ -178,14 +181,25 @@ class Cluster(service.Service):
         self._beat.start(self.heartbeat, now=False).addErrback(
             lambda f: log.failure("cluster heartbeat stopped", f))
 
+    @defer.inlineCallbacks
     def stopService(self):
+        """
+        Leave the cluster at once rather than after C{deadAfter}: this
+        node's dead-node hooks run for itself (the engine removes its
+        connections from the directory, the faces what they registered),
+        then it forgets its alive key.
+        """
         super().stopService()
         if self._beat is not None and self._beat.running:
             self._beat.stop()
-        # Leave at once rather than after deadAfter: a clean stop.
-        if self.redis.connected:
-            return self.redis.execute("DEL", self.key("alive", self.nodeId)).addErrback(
-                lambda f: None)
+        if not self.redis.connected:
+            return
+        try:
+            yield self._bury(self.nodeId)
+            yield self.redis.execute("DEL", self.key("alive", self.nodeId))
+        except Exception:
+            log.failure("cluster: leaving cleanly failed; the others will reap node {node}",
+                        node=self.nodeId)
 
     @defer.inlineCallbacks
     def _tick(self):
@@ -216,13 +230,24 @@ class Cluster(service.Service):
             alive = yield self.redis.execute("EXISTS", self.key("alive", node))
             if alive:
                 continue
-            claimed = yield self.redis.execute("SET", self.key("reap", node), self.nodeId,
-                                               "NX", "PX", 60000)
-            if not claimed:
-                continue
-            log.warn("cluster: node {node} stopped heartbeating; removing what it held",
-                     node=node)
-            for hook in list(self._deadHooks):
-                yield hook(node)
-            yield self.redis.execute("ZREM", self.key("nodes"), node)
-            self.reaped += 1
+            if (yield self._bury(node)):
+                log.warn("cluster: node {node} stopped heartbeating; removed what it held",
+                         node=node)
+                self.reaped += 1
+
+    @defer.inlineCallbacks
+    def _bury(self, node):
+        """
+        Claim C{node} (only one node of the cluster runs the hooks for it),
+        run the dead-node hooks, and forget it.
+
+        @return: a L{Deferred} firing with whether this node did it.
+        """
+        claimed = yield self.redis.execute("SET", self.key("reap", node), self.nodeId,
+                                           "NX", "PX", 60000)
+        if not claimed:
+            return False
+        for hook in list(self._deadHooks):
+            yield hook(node)
+        yield self.redis.execute("ZREM", self.key("nodes"), node)
+        return True
