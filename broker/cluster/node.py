@@ -18,12 +18,15 @@ directory), then forgets it.  So a node killed with SIGKILL vanishes from
 presence within C{deadAfter + heartbeat} seconds.
 """
 
+import os
 import secrets
 import socket
 
 from twisted.application import service
 from twisted.internet import defer, task
 from twisted.logger import Logger
+
+from broker.core.errors import Unavailable
 
 log = Logger()
 
@@ -44,7 +47,6 @@ def newNodeId():
     """
     A readable, unique node id: host name, process id, random suffix.
     """
-    import os
     return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
 
 
@@ -215,6 +217,8 @@ class Cluster(service.Service):
                 for hook in list(self._resyncHooks):
                     yield hook()
             yield self._reap()
+        except Unavailable:
+            pass    # the Redis link logs the outage once
         except Exception:
             log.failure("cluster: heartbeat failed")
         finally:

@@ -65,6 +65,16 @@ def _bytes(reply):
     return reply
 
 
+def _lost(failure):
+    """
+    A command cut off by a lost connection (or a reply timeout) fails as
+    L{RedisUnavailable}, like one refused because Redis was already down.
+    """
+    if failure.check(txredisapi.ConnectionError):
+        raise RedisUnavailable(f"lost the connection to Redis: {failure.getErrorMessage()}")
+    return failure
+
+
 class _Commands(txredisapi.RedisProtocol):
     pass
 
@@ -234,7 +244,7 @@ class RedisClient(service.MultiService):
             with txredisapi's C{ResponseError} for a refused command.
         """
         try:
-            return self._live(_early).execute_command(*args).addCallback(_bytes)
+            return self._live(_early).execute_command(*args).addCallbacks(_bytes, _lost)
         except (RedisUnavailable, txredisapi.ConnectionError) as e:
             return defer.fail(RedisUnavailable(str(e)))
 
@@ -243,7 +253,8 @@ class RedisClient(service.MultiService):
         Run a Lua script (by its SHA once Redis knows it).
         """
         try:
-            return self._live(_early).eval(script, list(keys), list(args)).addCallback(_bytes)
+            return self._live(_early).eval(script, list(keys), list(args)).addCallbacks(
+                _bytes, _lost)
         except (RedisUnavailable, txredisapi.ConnectionError) as e:
             return defer.fail(RedisUnavailable(str(e)))
 
