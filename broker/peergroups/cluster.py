@@ -269,11 +269,15 @@ class PeerGroupsCluster:
         return {"node": self.nodeId, "nodeId": str(node.nodeId), "address": node.address,
                 "chain": chainToJSON(node.chain) if node.chain else None}
 
-    def online(self, node):
+    def online(self, node, after=None):
         """
         C{node} is online here (or moved to another address): register it
-        in the cluster's presence and tell the other nodes.
+        in the cluster's presence and tell the other nodes (once C{after}
+        fired, if given, and if it is still online then).
         """
+        if after is not None:
+            after.addCallback(lambda _: self.online(node) if node.online else None)
+            return
         row = self._presenceRow(node)
         self.redis.execute("HSET", self.presenceKey,
                            _field(node.app.name, node.group.gpn, node.peerName),

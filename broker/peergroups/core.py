@@ -365,11 +365,14 @@ class PeerGroups(service.Service):
         node.nodeId = secrets.randbits(64) or 1
         group.online[node.peerName] = node
         lastSeq = member.lastSeq if member.synced else 0
+        published = []
         if not (group.flags & C.MEMBER_DATA_OPTIONAL):
-            self.persistQuietly(self.publishMembership(node), "a membership")
+            published = self.publishMembership(node)
+            self.persistQuietly(published, "a membership")
         if self.link is not None:
-            # The other nodes raise CONNECTED from the presence they get.
-            self.link.online(node)
+            # The other nodes raise CONNECTED from the presence they get,
+            # after the JOINED that rides with the membership.
+            self.link.online(node, after=self.whenWritten() if published else None)
         self.memberChanged(group, node.peerName, C.MEMBER_CONNECTED, forward=False)
         self.catchUp(node, lastSeq)
         member.synced = True
