@@ -17,11 +17,12 @@ from broker.cluster.node import Cluster
 from broker.cluster.redis import RedisClient
 from broker.peergroups import constants as C
 from broker.peergroups import credentials as cred
+from broker.peergroups.records import Record
 from broker.peergroups.redisstore import RedisPeerGroupStore
 from tests.pgharness import PeerBroker
 from tests.redisserver import RedisServer, settle
 from tests.test_cluster_redis import waitFor
-from tests.test_peergroups import ALL_EVENTS, DATA, T1, T2, Base, Member
+from tests.test_peergroups import DATA, HOUR, T1, T2, Base
 
 HEARTBEAT = 0.1
 DEAD_AFTER = 0.5
@@ -371,3 +372,35 @@ class ClusterTests(TwoNodes, TestCase):
         """
         self.assertEqual(self.a.pg.issuerPublicKey(), self.b.pg.issuerPublicKey())
         self.assertEqual(self.a.pg.exportKey, self.b.pg.exportKey)
+
+    @defer.inlineCallbacks
+    def test_resyncAfterReconnect(self):
+        """
+        After its Redis connections come back a node registers its online
+        members again and merges the store: a change whose broadcast was
+        lost (here stored behind every node's back) is raised once on
+        both nodes, and presence is whole again.
+        """
+        admin, bob = yield self.pair()
+        gpn = admin.client.groupPeerName(admin.handle)
+        group = self.a.pg.apps["default"].groups[gpn]
+        now = self.a.pg.now()
+        missed = Record(C.newGUID(), T1, 1, 0, admin.name, "", "", now, now, now + HOUR,
+                        b"missed", group.seq + 1, group.seq + 1)
+        yield self.a.store.apply([("record", "default", gpn, missed),
+                                  ("seq", "default", gpn, group.seq + 1)])
+        self.redis.command("DEL", "t:pg:presence")
+        self.redis.command("CLIENT", "KILL", "TYPE", "pubsub")
+        self.redis.command("CLIENT", "KILL", "TYPE", "normal")
+        for m in (admin, bob):
+            event = yield self.next(m, C.EVENT_RECORD_CHANGED, recordId=missed.id)
+            self.assertEqual(event["recordChangeData"]["changeType"], C.RECORD_ADDED)
+            got = yield m.client.getRecord(m.handle, missed.id)
+            self.assertEqual(cred.unb64(got["data"]), b"missed")
+        yield waitFor(lambda: self.redis.command("HLEN", "t:pg:presence") == b":2\r\n")
+        yield self.quiet(admin, bob)
+        for m in (admin, bob):
+            seen = [e for e in m.client.allEvents if e.get("recordChangeData", {}).get(
+                "recordId") == missed.id and e["registration"] == m.reg]
+            self.assertEqual(len(seen), 1)
+        self.flushLoggedErrors(txredisapi.ConnectionError)

@@ -71,6 +71,7 @@ class PeerGroupsCluster:
         self._down = False
         self._merging = None
         self._keysShared = False
+        self._resyncing = None
         pg.link = self
         cluster.onMessage("pg.change", self._received(self._changes))
         cluster.onMessage("pg.event", self._received(self._event))
@@ -163,8 +164,9 @@ class PeerGroupsCluster:
             self._retry = self.pg.reactor.callLater(self.retryDelay, self.pg.retryLoad)
 
     def stop(self):
-        if self._retry is not None and self._retry.active():
-            self._retry.cancel()
+        for call in (self._retry, self._resyncing):
+            if call is not None and call.active():
+                call.cancel()
 
     def loadedPresence(self, rows):
         for (app, gpn, peer), p in rows:
@@ -359,15 +361,33 @@ class PeerGroupsCluster:
         """
         Redis is back, or this node had been given up for dead: register
         the members online here again and merge what may have been missed.
+
+        The cluster runs this hook before the Redis client reports itself
+        connected (and refuses ordinary commands until then), so the work
+        starts once it does.
         """
         self._down = False
+        if self._resyncing is None or not self._resyncing.active():
+            self._resyncing = self.pg.reactor.callLater(0, self._resyncWhenConnected)
+
+    def _resyncWhenConnected(self):
+        self._resyncing = None
+        if not self.pg.running:
+            return
+        if not self.redis.connected:
+            self._resyncing = self.pg.reactor.callLater(0.02, self._resyncWhenConnected)
+            return
         if not self.pg.loaded:
             self.pg.retryLoad()
             return
+        n = 0
         for app in list(self.pg.apps.values()):
             for group in list(app.groups.values()):
                 for node in list(group.online.values()):
                     self.online(node)
+                    n += 1
+        log.info("peer groups: the cluster store is reachable; {n} members online here "
+                 "registered again, merging the store", n=n)
         self._publish("pg.resync", {})
         return self.merge()
 
