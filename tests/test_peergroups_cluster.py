@@ -365,6 +365,26 @@ class ClusterTests(TwoNodes, TestCase):
         # node (broker/cluster/node.py), not by this face.
         self.flushLoggedErrors(txredisapi.ConnectionError)
 
+    @defer.inlineCallbacks
+    def test_passwordJoinOnOtherNode(self):
+        """
+        A password group created on A (its issuer certificate naming the
+        cluster's issuer key) is joined with the password on B: the
+        broker-signed credentials verify, and A lists the joiner present.
+        """
+        admin = yield self.group(password="s3cret p4ss", passwordRole=C.ROLE_MEMBER)
+        invitation = yield admin.client.createPasswordInvitation(admin.handle)
+        bob = yield self.on(self.b, "bob")
+        hr, bob.handle = yield bob.client.passwordJoin(invitation, "s3cret p4ss")
+        yield self.register(bob)
+        yield self.online(bob)
+        creds = yield bob.call("getCredentials")
+        self.assertEqual(creds["credentialInfo"]["roles"], [C.ROLE_MEMBER])
+        yield self.next(admin, C.EVENT_MEMBER_CHANGED, changeType=C.MEMBER_CONNECTED,
+                        identity=bob.name)
+        members = yield admin.client.enumMembers(admin.handle, C.MEMBER_PRESENT)
+        self.assertEqual([m["identity"] for m in members], [admin.name, bob.name])
+
     def test_oneKeyPairForTheCluster(self):
         """
         The issuer key (password joiners' certificates) and the export key

@@ -72,6 +72,7 @@ class PeerGroupsCluster:
         self._merging = None
         self._keysShared = False
         self._resyncing = None
+        self._mergeWaiters = []
         pg.link = self
         cluster.onMessage("pg.change", self._received(self._changes))
         cluster.onMessage("pg.event", self._received(self._event))
@@ -107,7 +108,8 @@ class PeerGroupsCluster:
 
     def _lost(self, failure, what):
         # Redis is down: the merge after it comes back makes up for it.
-        if not self._down:
+        # (At shutdown the Redis client stops with the face: not news.)
+        if not self._down and self.pg.running:
             log.warn("peer groups: cannot tell the cluster ({what}): {why}", what=what,
                      why=failure.getErrorMessage())
 
@@ -399,8 +401,12 @@ class PeerGroupsCluster:
         while the store was being read are left as those messages made
         them.
         """
+        if not self.pg.running:
+            return defer.succeed(None)
+        waiter = defer.Deferred()
+        self._mergeWaiters.append(waiter)
         if self._merging is not None:
-            return self._mergeDone
+            return waiter
         self._merging = set()
         d = self.load()
         d.addCallback(self._merge)
@@ -409,9 +415,11 @@ class PeerGroupsCluster:
 
         def done(_):
             self._merging = None
+            waiters, self._mergeWaiters = self._mergeWaiters, []
+            for w in waiters:
+                w.callback(None)
         d.addBoth(done)
-        self._mergeDone = d
-        return d
+        return waiter
 
     def _merge(self, data):
         touched = self._merging

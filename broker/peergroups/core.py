@@ -85,9 +85,14 @@ class PeerGroups(service.Service):
 
     def startService(self):
         super().startService()
-        d = self.loadState()
-        d.addCallback(self._loaded)
-        d.addErrback(self._loadFailed)
+        if self.link is not None and not self.storeAvailable():
+            # The cluster's Redis client is still connecting: the link
+            # loads once it is up (its resync hook).
+            pass
+        else:
+            d = self.loadState()
+            d.addCallback(self._loaded)
+            d.addErrback(self._loadFailed)
         self._sweeper = LoopingCall(self.sweep)
         self._sweeper.clock = self.clock
         self._sweeper.start(self.sweepInterval, now=False).addErrback(
@@ -256,6 +261,10 @@ class PeerGroups(service.Service):
         self.persist(changes, replicate).addErrback(self._quietFailure, what)
 
     def _quietFailure(self, failure, what):
+        if not self.running and self.link is not None:
+            # Shutting down: the Redis client stops with this service; a
+            # sync point lost here means at-least-once at the next connect.
+            return
         if not self.storeAvailable():
             # The cluster's Redis is down (logged once by the link): a
             # sync point or membership is written again at the next change.
