@@ -211,10 +211,11 @@ class PeerGroupsCluster:
     def _changes(self, origin, obj):
         for raw in obj.get("c", ()):
             self.applyChange(changeFromJSON(raw))
-        for app, gpn, eventType, payload in obj.get("e", ()):
+        for app, gpn, eventType, payload, *typeFilter in obj.get("e", ()):
             group = self._group(app, gpn)
             if group is not None:
-                self.pg.broadcast(group, eventType, payload, forward=False)
+                self.pg.broadcast(group, eventType, payload, typeFilter[0] if typeFilter else None,
+                                  forward=False)
 
     def applyChange(self, change):
         """

@@ -191,7 +191,9 @@ class PeerGroups(service.Service):
         Write C{changes} atomically.  The Deferred fails if the store does;
         callers answer the peer only after it fires.  In a cluster, once
         they are stored the other nodes are told of them (C{replicate}), so
-        they hold the same model.
+        they hold the same model.  C{("event", app, gpn, eventType,
+        payload[, typeFilter])} entries are not stored: the other nodes
+        raise them after applying the rest.
         """
         events = [c for c in changes if c[0] == "event"]
         if events:
@@ -312,9 +314,21 @@ class PeerGroups(service.Service):
                        {"memberChangeData": {"changeType": changeType, "identity": peerName}},
                        exclude=exclude, forward=forward)
 
+    @staticmethod
+    def _recordPayload(changeType, record):
+        return {"recordChangeData": {"changeType": changeType, "recordId": record.id,
+                                     "recordType": record.type}}
+
+    def recordEvent(self, group, changeType, record):
+        """
+        C{RECORD_CHANGED} as an C{("event", ...)} entry of a change list: a
+        cluster's other nodes raise it after applying the change.
+        """
+        return ("event", group.app, group.gpn, C.EVENT_RECORD_CHANGED,
+                self._recordPayload(changeType, record), record.type)
+
     def recordChanged(self, group, changeType, record, node=None, forward=True):
-        payload = {"recordChangeData": {"changeType": changeType, "recordId": record.id,
-                                        "recordType": record.type}}
+        payload = self._recordPayload(changeType, record)
         if node is not None:
             self.emit(node, C.EVENT_RECORD_CHANGED, payload, record.type)
         else:

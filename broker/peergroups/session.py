@@ -908,8 +908,11 @@ class PeerSession:
         change is undone in memory too (unless a later change built on it),
         so nobody sees a record the broker would forget at its restart.
         """
+        # The other nodes of a cluster raise the event once they hold the
+        # record: it rides with the change (never stored).
         changes = [("record", self.app.name, group.gpn, record),
-                   ("seq", self.app.name, group.gpn, group.seq)]
+                   ("seq", self.app.name, group.gpn, group.seq),
+                   self.pg.recordEvent(group, changeType, record)]
 
         def failed(failure):
             if group.records.get(record.id) is record:
@@ -926,7 +929,8 @@ class PeerSession:
                             "nothing changed")
         return self.pg.persist(changes).addCallbacks(
             lambda _: Reply({"id": record.id, "record": record.toJSON()},
-                            after=lambda: self.pg.recordChanged(group, changeType, record)),
+                            after=lambda: self.pg.recordChanged(group, changeType, record,
+                                                                forward=False)),
             failed)
 
     def api_addRecord(self, params):
