@@ -128,9 +128,10 @@ class ClusterTests(TwoNodes, TestCase):
                 self.assertNotEqual(x["nodeId"], "0")
                 self.assertTrue(x["addresses"][0].startswith("127.0.0.1:"))
         # The node ids are the same whichever node answers.
-        fromA = {x["identity"]: x["nodeId"] for x in (yield admin.client.enumMembers(admin.handle))}
-        fromB = {x["identity"]: x["nodeId"] for x in (yield bob.client.enumMembers(bob.handle))}
-        self.assertEqual(fromA, fromB)
+        listA = yield admin.client.enumMembers(admin.handle)
+        listB = yield bob.client.enumMembers(bob.handle)
+        self.assertEqual({x["identity"]: x["nodeId"] for x in listA},
+                         {x["identity"]: x["nodeId"] for x in listB})
 
     @defer.inlineCallbacks
     def test_recordsBothWays(self):

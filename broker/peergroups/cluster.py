@@ -39,7 +39,7 @@ from broker.peergroups import records as rec
 from broker.peergroups.credentials import chainFromJSON, chainToJSON
 from broker.peergroups.errors import PeerError
 from broker.peergroups.model import Direct, Group, Member, RemotePeer
-from broker.peergroups.redisstore import _field, _pairs, changeFromJSON, changeToJSON
+from broker.peergroups.redisstore import changeFromJSON, changeToJSON, hashField, hashPairs
 
 log = Logger()
 
@@ -130,7 +130,7 @@ class PeerGroupsCluster:
             yield self._shareKeys()
         data = yield self.pg.store.load()
         flat = yield self.redis.execute("HGETALL", self.presenceKey)
-        data["presence"] = [(json.loads(k), json.loads(v)) for k, v in _pairs(flat)]
+        data["presence"] = [(json.loads(k), json.loads(v)) for k, v in hashPairs(flat)]
         return data
 
     @defer.inlineCallbacks
@@ -174,7 +174,7 @@ class PeerGroupsCluster:
         for (app, gpn, peer), p in rows:
             if p["node"] == self.nodeId:
                 # Ours from before a reload: those sessions are gone.
-                self.redis.execute("HDEL", self.presenceKey, _field(app, gpn, peer)).addErrback(
+                self.redis.execute("HDEL", self.presenceKey, hashField(app, gpn, peer)).addErrback(
                     lambda f: None)
                 continue
             group = self._group(app, gpn)
@@ -285,14 +285,14 @@ class PeerGroupsCluster:
             return
         row = self._presenceRow(node)
         self.redis.execute("HSET", self.presenceKey,
-                           _field(node.app.name, node.group.gpn, node.peerName),
+                           hashField(node.app.name, node.group.gpn, node.peerName),
                            json.dumps(row)).addErrback(self._lost, "presence")
         self._publish("pg.presence", {"op": "on", "app": node.app.name, "gpn": node.group.gpn,
                                       "peer": node.peerName, **row})
 
     def offline(self, node):
         self.redis.execute("HDEL", self.presenceKey,
-                           _field(node.app.name, node.group.gpn, node.peerName)).addErrback(
+                           hashField(node.app.name, node.group.gpn, node.peerName)).addErrback(
             self._lost, "presence")
         self._publish("pg.presence", {"op": "off", "app": node.app.name,
                                       "gpn": node.group.gpn, "peer": node.peerName,
@@ -341,7 +341,7 @@ class PeerGroupsCluster:
         """
         flat = yield self.redis.execute("HGETALL", self.presenceKey)
         gone = []
-        for k, v in _pairs(flat):
+        for k, v in hashPairs(flat):
             if json.loads(v)["node"] == deadNode:
                 gone.append(k)
         if gone:

@@ -99,7 +99,7 @@ def changeFromJSON(obj):
     return tuple(obj)
 
 
-def _field(*parts):
+def hashField(*parts):
     return json.dumps(parts, separators=(",", ":"))
 
 
@@ -113,22 +113,22 @@ def _ops(changes):
         if kind == "group":
             g = dict(change[3])
             seq = g.pop("seq")
-            out += ["g", _field(app, gpn), json.dumps(g), ""]
-            out += ["s", _field(app, gpn), str(int(seq)), ""]
+            out += ["g", hashField(app, gpn), json.dumps(g), ""]
+            out += ["s", hashField(app, gpn), str(int(seq)), ""]
         elif kind == "seq":
-            out += ["s", _field(app, gpn), str(int(change[3])), ""]
+            out += ["s", hashField(app, gpn), str(int(change[3])), ""]
         elif kind == "member":
-            out += ["m", _field(app, gpn, change[3]), json.dumps(change[4]), ""]
+            out += ["m", hashField(app, gpn, change[3]), json.dumps(change[4]), ""]
         elif kind == "dropMember":
-            out += ["M", _field(app, gpn, change[3]), "", ""]
+            out += ["M", hashField(app, gpn, change[3]), "", ""]
         elif kind == "record":
             r = change[3]
-            out += ["r", _field(app, gpn, r.id), json.dumps(recordToJSON(r)), str(r.version)]
+            out += ["r", hashField(app, gpn, r.id), json.dumps(recordToJSON(r)), str(r.version)]
         elif kind == "dropRecords":
             for i in change[3]:
-                out += ["R", _field(app, gpn, i), "", ""]
+                out += ["R", hashField(app, gpn, i), "", ""]
         elif kind == "serial":
-            out += ["n", _field(app, gpn, change[3]), "", ""]
+            out += ["n", hashField(app, gpn, change[3]), "", ""]
         else:
             raise ValueError(f"unknown store change {kind!r}")
     return out
@@ -192,19 +192,19 @@ class RedisPeerGroupStore(service.Service):
             self.redis.execute("HGETALL", self.keys[3]),
             self.redis.execute("SMEMBERS", self.keys[5])], consumeErrors=True).addErrback(
                 lambda f: f.value.subFailure)
-        seq = {k: int(v) for k, v in _pairs(seqs)}
+        seq = {k: int(v) for k, v in hashPairs(seqs)}
         out = {"groups": [], "members": [], "records": [], "serials": []}
-        for field, value in _pairs(groups):
+        for field, value in hashPairs(groups):
             app, gpn = json.loads(field)
             g = json.loads(value)
             out["groups"].append({"app": app, "gpn": gpn, "grc": g["grc"],
                                   "properties": g["properties"], "verifier": g["verifier"],
                                   "issuer": g["issuer"], "seq": seq.get(field, 0)})
-        for field, value in _pairs(members):
+        for field, value in hashPairs(members):
             app, gpn, peer = json.loads(field)
             out["members"].append({"app": app, "gpn": gpn, "peer": peer, **json.loads(value)})
         rows = []
-        for field, value in _pairs(records):
+        for field, value in hashPairs(records):
             app, gpn, _ = json.loads(field)
             rows.append((app, gpn, recordFromJSON(json.loads(value))))
         out["records"] = sorted(rows, key=lambda row: row[2].seq)
@@ -214,7 +214,7 @@ class RedisPeerGroupStore(service.Service):
         return out
 
 
-def _pairs(flat):
+def hashPairs(flat):
     """
     HGETALL's flat C{[field, value, ...]} reply as C{(str, str)} pairs.
     """
