@@ -425,3 +425,36 @@ class ClusterTests(TwoNodes, TestCase):
                 "recordId") == missed.id and e["registration"] == m.reg]
             self.assertEqual(len(seen), 1)
         self.flushLoggedErrors(txredisapi.ConnectionError)
+
+    @defer.inlineCallbacks
+    def test_storeFailureStartsAgainOnOneNode(self):
+        """
+        A change the store refuses on node B (not a record write) makes B
+        start again from the store, as on one broker: its sessions close,
+        A sees B's members disconnect, and they reopen on B.
+        """
+        admin, bob = yield self.pair()
+        gpn = admin.client.groupPeerName(admin.handle)
+        carol = yield self.on(self.b, "carol")
+        store = self.b.store
+        real = store.apply
+
+        def failOnce(changes):
+            store.apply = real
+            return defer.fail(OSError("refused"))
+        store.apply = failOnce
+        yield self.failsWith(carol.client.create(friendlyName="Lost"), "E_UNEXPECTED")
+        yield bob.client.closed
+        self.assertEqual(len(self.flushLoggedErrors(OSError)), 1)
+        yield self.next(admin, C.EVENT_MEMBER_CHANGED, changeType=C.MEMBER_DISCONNECTED,
+                        identity=bob.name)
+        yield self.b.pg.whenLoaded()
+        self.assertEqual(list(self.b.pg.apps["default"].groups), [gpn])
+        again = yield self.on(self.b, "bob", identity=bob.identity)
+        again.handle = yield again.client.open(gpn)
+        yield self.register(again)
+        yield self.online(again)
+        yield self.next(admin, C.EVENT_MEMBER_CHANGED, changeType=C.MEMBER_CONNECTED,
+                        identity=bob.name)
+        present = yield again.client.enumMembers(again.handle, C.MEMBER_PRESENT)
+        self.assertEqual(sorted(m["identity"] for m in present), sorted([admin.name, bob.name]))

@@ -173,9 +173,12 @@ class PeerGroupsCluster:
     def loadedPresence(self, rows):
         for (app, gpn, peer), p in rows:
             if p["node"] == self.nodeId:
-                # Ours from before a reload: those sessions are gone.
+                # Ours from before a reload (its sessions were closed while
+                # Redis was away): gone, for the other nodes too.
                 self.redis.execute("HDEL", self.presenceKey, hashField(app, gpn, peer)).addErrback(
-                    lambda f: None)
+                    self._lost, "presence")
+                self._publish("pg.presence", {"op": "off", "app": app, "gpn": gpn, "peer": peer,
+                                              "node": self.nodeId})
                 continue
             group = self._group(app, gpn)
             if group is not None:
