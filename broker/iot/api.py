@@ -50,6 +50,7 @@ STATUS = {
     errors.BadRequest.code: 400,
     errors.NoCentral.code: 503,
     errors.Busy.code: 429,
+    errors.Unavailable.code: 503,
 }
 
 
