@@ -130,7 +130,7 @@ class Concentrator:
 
     def __init__(self, reactor, core, registry, store, requestTimeout=30.0,
                  queueTTL=86400.0, maxQueueDepth=1000, tokenTTL=300.0, tokenBatch=64,
-                 window=32):
+                 window=32, tokens=None):
         self.reactor = reactor
         self.core = core
         self.registry = registry
@@ -140,7 +140,9 @@ class Concentrator:
         self.maxQueueDepth = maxQueueDepth
         self.tokenBatch = tokenBatch
         self.window = window
-        self.tokens = TokenBook(tokenTTL, clock=reactor.seconds)
+        # An ITokenBook: in memory on one node, in Redis in cluster mode.
+        self.tokens = tokens if tokens is not None else TokenBook(tokenTTL,
+                                                                  clock=reactor.seconds)
         self._devices = {}       # (fleet, deviceId) -> session
         self._outboxes = {}      # (fleet, deviceId) -> Outbox
         self._centrals = {}      # fleet -> [session], newest last
