@@ -83,6 +83,12 @@ class Outbox:
 
     def _failed(self, f):
         self._pumping = False
+        if f.check(errors.Unavailable):
+            # Cluster mode, Redis away: delivery resumes after the resync.
+            log.warn("iot: cannot read the queue of {fleet}/{device} now: {why}",
+                     fleet=self.session.fleet, device=self.session.peerId,
+                     why=f.getErrorMessage())
+            return
         log.failure("iot: reading the queue of {fleet}/{device}", f,
                     fleet=self.session.fleet, device=self.session.peerId)
 
@@ -272,6 +278,15 @@ class Concentrator:
             return [{"id": i, "online": (fleet, i) in self._devices,
                      "queueDepth": depths.get(i, 0)} for i in ids]
         return self.store.depths(fleet).addCallback(listed)
+
+    def deviceStatus(self, fleet, deviceId):
+        """
+        @return: a Deferred firing with C{{"id", "online", "queueDepth"}}
+            of one device (UnknownDevice if it does not exist).
+        """
+        return self.queueDepth(fleet, deviceId).addCallback(
+            lambda depth: {"id": deviceId, "online": self.isOnline(fleet, deviceId),
+                           "queueDepth": depth})
 
     def queueDepth(self, fleet, deviceId):
         try:

@@ -76,6 +76,12 @@ class IConcentrator(Interface):
             C{{"id": str, "online": bool, "queueDepth": int}}, sorted by id.
         """
 
+    def deviceStatus(fleet, deviceId):
+        """
+        @return: a Deferred firing with C{{"id": str, "online": bool,
+            "queueDepth": int}} (UnknownDevice if it does not exist).
+        """
+
     def queueDepth(fleet, deviceId):
         """
         @return: a Deferred firing with the number of unexpired messages

@@ -216,15 +216,19 @@ class RedisMessageStore:
         return self.redis.execute("SMEMBERS", k("iot", "fleets")).addCallback(
             fleets).addErrback(unavailable)
 
-    def keys(self):
+    def keys(self, _early=False):
+        """
+        See L{IMessageStore.keys}; C{_early} while the Redis link is still
+        running its (re)connection hooks (a resync).
+        """
         def rows(flat):
             out = []
             for i in range(0, len(flat), 2):
                 fleet, deviceId = json.loads(flat[i])
                 out.append((fleet, deviceId, json.loads(flat[i + 1])))
             return out
-        return self.redis.execute("HGETALL", self.cluster.key("iot", "keys")).addCallbacks(
-            rows, unavailable)
+        return self.redis.execute("HGETALL", self.cluster.key("iot", "keys"),
+                                  _early=_early).addCallbacks(rows, unavailable)
 
     def setKey(self, fleet, deviceId, secret):
         return self.redis.execute(
