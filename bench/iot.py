@@ -429,6 +429,27 @@ PARTS = [
 ]
 
 
+def startRedis(workdir):
+    """
+    A redis-server on a free loopback port, no persistence (the cluster
+    run measures the broker's Redis round trips, not Redis' disk).
+    """
+    port = freePort()
+    process = subprocess.Popen(
+        [shutil.which("redis-server") or "/usr/bin/redis-server", "--port", str(port),
+         "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", workdir],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return process, f"redis://127.0.0.1:{port}/0"
+        except OSError:
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("redis-server did not start")
+            time.sleep(0.05)
+
+
 class Run:
     def __init__(self, reactor, opts, broker):
         self.reactor = reactor
@@ -452,6 +473,9 @@ def parseArgs(argv):
     p.add_argument("--queued", type=int, default=5000,
                    help="messages queued for the drain part")
     p.add_argument("--keep", action="store_true", help="keep the work directory")
+    p.add_argument("--cluster", action="store_true",
+                   help="run the broker as one cluster node over a fresh redis-server "
+                        "(Redis store, tokens and presence)")
     opts = p.parse_args(argv)
     if opts.quick:
         opts.requests = min(opts.requests, 2000)
@@ -469,8 +493,17 @@ def main(argv=None):
 
     opts = parseArgs(sys.argv[1:] if argv is None else argv)
     workdir = tempfile.mkdtemp(prefix="iot-bench-")
-    broker = Broker(workdir, devices=max(64, opts.devices))
-    broker.start()
+    redis, extra = None, ""
+    if opts.cluster:
+        redis, url = startRedis(workdir)
+        extra = f'[cluster]\nredis_url = "{url}"\nprefix = "bench"\n'
+    broker = Broker(workdir, devices=max(64, opts.devices), extra=extra)
+    try:
+        broker.start()
+    except BaseException:
+        if redis is not None:
+            redis.terminate()
+        raise
     run = Run(reactor, opts, broker)
     outcome = {}
 
@@ -493,6 +526,9 @@ def main(argv=None):
         reactor.run()
     finally:
         broker.stop()
+        if redis is not None:
+            redis.terminate()
+            redis.wait(10)
         if opts.keep:
             print(f"work directory kept: {workdir}")
         else:
