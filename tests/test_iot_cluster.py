@@ -16,7 +16,7 @@ from broker.cluster.redis import RedisClient
 from broker.iot import errors, frames
 from broker.iot.frames import Payload
 from broker.iot.udp import ACCEPTED, REPLAYED
-from tests.redisserver import RedisServer
+from tests.redisserver import RedisServer, settle
 from tests.test_cluster_redis import waitFor
 from tests.test_iot_api import APIHarness, echo
 
@@ -73,11 +73,14 @@ class TwoNodes:
 
         @defer.inlineCallbacks
         def poll():
+            deadline = reactor.seconds() + 10
             while True:
                 node = yield c._locate(fleet, deviceId)
                 if node == nodeId:
                     return
-                yield waitFor(lambda: True, timeout=0.05)
+                if reactor.seconds() > deadline:
+                    raise AssertionError(f"{deviceId} is on {node}, not {nodeId}")
+                yield settle(reactor, 0.02)
         return poll()
 
 
@@ -351,6 +354,28 @@ class FailureTests(TwoNodes, TestCase):
         status, body, _ = yield self.a.call(
             "POST", "/v1/fleets/acme/devices/d1/requests", {"payload": {"type": "none"}})
         self.assertEqual((status, body["error"]["code"]), (503, "DEVICE_OFFLINE"))
+
+    @defer.inlineCallbacks
+    def test_sweepRestoresPresence(self):
+        """
+        A presence entry removed behind the node's back (a reaper racing
+        its resync) is written back by the next sweep; a device gone while
+        the node could not tell Redis is removed by it.
+        """
+        yield self.b.iot.device("d1")
+        d2 = yield self.b.iot.device("d2")
+        yield self.located("d1", "b")
+        yield self.located("d2", "b")
+        b = self.b.iot.concentrator
+        self.server.command("DEL", b._presenceKey("acme", "d1"))
+        b._unreleased[("acme", "d2")] = b._sids[("acme", "d2")]
+        del b._sids[("acme", "d2")]
+        d2.transport.loseConnection()
+        yield d2.closed
+        yield waitFor(lambda: ("acme", "d2") not in b._devices)
+        yield b.sweep()
+        yield self.located("d1", "b")
+        yield self.located("d2", None)
 
     @defer.inlineCallbacks
     def test_redisOutage(self):

@@ -346,7 +346,11 @@ class ClusterConcentrator(Concentrator):
         """
         self._warned.clear()
         r = self.redis
-        ds = [self.store.keys(_early=True).addCallback(self.registry.loadIssued)]
+        def issued(rows):
+            # Keys issued or revoked meanwhile: close what they invalidate.
+            self.registry.loadIssued(rows)
+            self.registryChanged()
+        ds = [self.store.keys(_early=True).addCallback(issued)]
         unreleased, self._unreleased = self._unreleased, {}
         for k, sid in unreleased.items():
             if k not in self._devices:
@@ -428,13 +432,51 @@ class ClusterConcentrator(Concentrator):
         """
         Periodically (and after a resync): pump every local outbox, so a
         message queued by a node that could not tell us is still
-        delivered, and re-read the centrals.
+        delivered; check that presence still names this node's sessions
+        (a reaper that ran while this node was resyncing may have removed
+        them) and its centrals; re-read the other nodes' centrals.
         """
         for box in list(self._outboxes.values()):
             box.pump()
-        if self.redis.connected:
-            return self.refreshCentrals()
-        return succeed(None)
+        if not self.redis.connected:
+            return succeed(None)
+        r = self.redis
+        ds = [self.refreshCentrals()]
+        unreleased, self._unreleased = self._unreleased, {}
+        for k, sid in unreleased.items():
+            if k not in self._devices:
+                ds.append(self._release(k, sid))
+        for fleet in list(self._centrals):
+            # NX: the score (when the newest connected) stays as it is.
+            ds.append(r.execute("ZADD", self._centralsKey(fleet), "NX", self._clock(),
+                                self.nodeId))
+            ds.append(r.execute("SADD", self._nodeCentrals(self.nodeId), fleet))
+        held = [(k, s) for k, s in self._devices.items() if k in self._sids]
+        for i in range(0, len(held), 1000):
+            chunk = held[i:i + 1000]
+            ds.append(r.execute("MGET", *[self._presenceKey(*k) for k, _ in chunk])
+                      .addCallback(self._checkPresence, chunk))
+        d = DeferredList(ds, consumeErrors=True)
+
+        def done(results):
+            for ok, f in results:
+                if not ok:
+                    self._outage("checking presence", f)
+        return d.addCallback(done)
+
+    def _checkPresence(self, values, chunk):
+        ds = []
+        for (k, session), value in zip(chunk, values):
+            sid = self._sids.get(k)
+            if self._devices.get(k) is not session or sid is None:
+                continue
+            mine = json.dumps([self.nodeId, sid])
+            if value is not None and value.decode("utf-8") == mine:
+                continue
+            d = self.redis.eval(_RECLAIM, [self._presenceKey(*k), self._nodeDevs(self.nodeId)],
+                                [mine, json.dumps(list(k))])
+            ds.append(d.addCallback(self._reclaimed, session))
+        return DeferredList(ds, fireOnOneErrback=True, consumeErrors=True)
 
     # -- locating a device ------------------------------------------------
 
