@@ -19,6 +19,7 @@ from broker.iot.udp import ACCEPTED, REPLAYED
 from tests.redisserver import RedisServer, settle
 from tests.test_cluster_redis import waitFor
 from tests.test_iot_api import APIHarness, echo
+from tests.test_iot_webhook import WebhookTestMixin
 
 HEARTBEAT = 0.1
 DEAD_AFTER = 0.4
@@ -84,7 +85,7 @@ class TwoNodes:
         return poll()
 
 
-class RoutingTests(TwoNodes, TestCase):
+class RoutingTests(TwoNodes, WebhookTestMixin, TestCase):
     """
     A central on node A and devices on node B reach each other.
     """
@@ -210,28 +211,24 @@ class RoutingTests(TwoNodes, TestCase):
     def test_webhookFallbackWithoutCentral(self):
         """
         With no central on any node a device's request gets NO_CENTRAL,
-        unless the fleet has a fallback link, which is used.
+        unless its fleet has a webhook, which is used; a central connected
+        to another node takes precedence over the webhook.
         """
         device = yield self.b.iot.device("d1")
         e = yield self.assertFailure(device.request(Payload.json("anyone?")), errors.Refused)
         self.assertEqual(e.code, "NO_CENTRAL")
-
-        class Link:
-            def deviceRequest(self, fleet, deviceId, payload):
-                return defer.succeed(Payload.json("from the webhook"))
-
-            def message(self, fleet, deviceId, payload):
-                pass
-
-            def telemetry(self, fleet, deviceId, payload):
-                pass
-        from zope.interface import directlyProvides
-        from broker.iot.interfaces import ICentralLink
-        link = Link()
-        directlyProvides(link, ICentralLink)
-        self.b.iot.concentrator.setCentralFallback("acme", link)
+        yield self.startUpstream(
+            [(200, b'{"payload": {"type": "utf8", "data": "from the webhook"}}')])
+        self.b.iot.concentrator.setCentralFallback("acme", self.link())
         answer = yield device.request(Payload.json("anyone?"))
         self.assertEqual(answer.value(), "from the webhook")
+        self.assertEqual(self.upstream.seen[0]["event"]["device"], "d1")
+        central = yield self.a.iot.central()
+        central.onRequest = lambda f: Payload.json("from the central")
+        yield waitFor(lambda: "acme" in self.b.iot.concentrator._remoteCentrals)
+        answer = yield device.request(Payload.json("anyone?"))
+        self.assertEqual(answer.value(), "from the central")
+        self.assertEqual(len(self.upstream.seen), 1)
 
     @defer.inlineCallbacks
     def test_listingIsClusterWide(self):
