@@ -281,6 +281,17 @@ class RoutingTests(TwoNodes, WebhookTestMixin, TestCase):
 
 class TokenTests(TwoNodes, TestCase):
 
+    def test_interface(self):
+        """
+        The memory book (one node) and the cluster book provide one
+        interface, which is all the concentrator and the listener use.
+        """
+        from zope.interface.verify import verifyObject
+        from broker.iot.interfaces import ITokenBook
+        from broker.iot.udp import TokenBook
+        self.assertTrue(verifyObject(ITokenBook, TokenBook()))
+        self.assertTrue(verifyObject(ITokenBook, self.a.iot.concentrator.tokens))
+
     @defer.inlineCallbacks
     def test_singleUseAcrossNodes(self):
         """
