@@ -42,9 +42,14 @@ end
 return #KEYS
 """
 
+# ARGV[1]: the key prefix; ARGV[2]: the tokens' hex, 32 characters each.
+# One argument for the whole batch: building a command of thousands of
+# arguments cost more than the script (txredisapi encodes each in Python).
 _SPEND = """
 local out = {}
-for i, k in ipairs(KEYS) do
+local prefix, hex = ARGV[1], ARGV[2]
+for i = 1, #hex / 32 do
+  local k = prefix .. string.sub(hex, 32 * i - 31, 32 * i)
   local v = redis.call('GET', k)
   if v and v ~= '-' then
     redis.call('SET', k, '-', 'KEEPTTL')
@@ -83,6 +88,8 @@ class ClusterTokenBook:
         self._spentOffline = deque(maxlen=offlineMemory)
         self._warned = False
         self._prefix = cluster.key("iot", "tok", "")
+        # The owner JSON of accepted tokens, decoded once per device.
+        self._owners = {}
         cluster.onResync(self.resync)
 
     def _key(self, token):
@@ -136,7 +143,8 @@ class ClusterTokenBook:
         batch, self._queue = self._queue[:self.maxBatch], self._queue[self.maxBatch:]
         if self._queue:
             self._flush = self.reactor.callLater(0, self._spendQueued)
-        d = self.redis.eval(_SPEND, [self._key(t) for t, _, _ in batch], [])
+        d = self.redis.eval(_SPEND, [], [self._prefix,
+                                          "".join([t.hex() for t, _, _ in batch])])
         d.addCallbacks(self._spent, self._spendFailed, callbackArgs=(batch,),
                        errbackArgs=(batch,))
         d.addErrback(lambda f: log.failure("iot.udp: handing on spent tokens", f))
@@ -152,8 +160,12 @@ class ClusterTokenBook:
             elif value:
                 if local.isLive(token):
                     local.redeem(token)
-                fleet, deviceId = json.loads(value)
-                then(ACCEPTED, fleet, deviceId, *args)
+                owner = self._owners.get(value)
+                if owner is None:
+                    if len(self._owners) > 10000:
+                        self._owners.clear()
+                    owner = self._owners[value] = json.loads(value)
+                then(ACCEPTED, owner[0], owner[1], *args)
             elif local.isLive(token):
                 # Ours, but Redis lost it (it restarted): nobody else can
                 # have spent it.
