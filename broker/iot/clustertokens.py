@@ -34,17 +34,20 @@ log = Logger()
 
 SPENT = b"-"
 
+# The scripts take their tokens as one argument, the tokens' hex (32
+# characters each) after the key prefix: a command of thousands of
+# arguments cost more than the script (txredisapi encodes each in Python).
+
+# ARGV: ttl ms, prefix, hex, owner JSON
 _ISSUE = """
-local ttl = ARGV[1]
-for i, k in ipairs(KEYS) do
-  redis.call('SET', k, ARGV[i + 1], 'PX', ttl, 'NX')
+local ttl, prefix, hex, owner = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+for i = 1, #hex / 32 do
+  redis.call('SET', prefix .. string.sub(hex, 32 * i - 31, 32 * i), owner, 'PX', ttl, 'NX')
 end
-return #KEYS
+return #hex / 32
 """
 
-# ARGV[1]: the key prefix; ARGV[2]: the tokens' hex, 32 characters each.
-# One argument for the whole batch: building a command of thousands of
-# arguments cost more than the script (txredisapi encodes each in Python).
+# ARGV: prefix, hex
 _SPEND = """
 local out = {}
 local prefix, hex = ARGV[1], ARGV[2]
@@ -59,12 +62,18 @@ end
 return out
 """
 
+# ARGV: ttl ms, prefix, hex
 _MARK = """
-for _, k in ipairs(KEYS) do
-  redis.call('SET', k, '-', 'PX', ARGV[1])
+local ttl, prefix, hex = ARGV[1], ARGV[2], ARGV[3]
+for i = 1, #hex / 32 do
+  redis.call('SET', prefix .. string.sub(hex, 32 * i - 31, 32 * i), '-', 'PX', ttl)
 end
-return #KEYS
+return #hex / 32
 """
+
+
+def _hex(tokens):
+    return "".join([t.hex() for t in tokens])
 
 
 @implementer(ITokenBook)
@@ -107,8 +116,8 @@ class ClusterTokenBook:
     def issue(self, fleet, deviceId, n):
         tokens = self.local.issue(fleet, deviceId, n)
         owner = json.dumps([fleet, deviceId])
-        self.redis.eval(_ISSUE, [self._key(t) for t in tokens],
-                        [int(self.ttl * 1000)] + [owner] * n).addErrback(
+        self.redis.eval(_ISSUE, [], [int(self.ttl * 1000), self._prefix, _hex(tokens),
+                                     owner]).addErrback(
             lambda f: self._outage("issuing tokens", f))
         return tokens
 
@@ -143,8 +152,7 @@ class ClusterTokenBook:
         batch, self._queue = self._queue[:self.maxBatch], self._queue[self.maxBatch:]
         if self._queue:
             self._flush = self.reactor.callLater(0, self._spendQueued)
-        d = self.redis.eval(_SPEND, [], [self._prefix,
-                                          "".join([t.hex() for t, _, _ in batch])])
+        d = self.redis.eval(_SPEND, [], [self._prefix, _hex([t for t, _, _ in batch])])
         d.addCallbacks(self._spent, self._spendFailed, callbackArgs=(batch,),
                        errbackArgs=(batch,))
         d.addErrback(lambda f: log.failure("iot.udp: handing on spent tokens", f))
@@ -192,8 +200,8 @@ class ClusterTokenBook:
         then(*outcome, *args)
 
     def _mark(self, tokens, early=False):
-        return self.redis.eval(_MARK, [self._key(t) for t in tokens],
-                               [int(self.ttl * 1000)], registering=early)
+        return self.redis.eval(_MARK, [], [int(self.ttl * 1000), self._prefix, _hex(tokens)],
+                               registering=early)
 
     # -- resync -----------------------------------------------------------
 
@@ -207,20 +215,23 @@ class ClusterTokenBook:
         spent, self._spentOffline = list(self._spentOffline), deque(
             maxlen=self._spentOffline.maxlen)
         now = self.local._clock()
-        byTTL = {}
+        # One script run per (second of TTL left, device), at most maxBatch
+        # tokens each.
+        groups = {}
         for token, (fleet, deviceId, expires) in list(self.local._live.items()):
             left = int((expires - now) * 1000)
             if left > 0:
-                byTTL.setdefault(left // 1000, []).append((token, fleet, deviceId, left))
+                groups.setdefault((left // 1000, fleet, deviceId), []).append((token, left))
         ds = []
         for i in range(0, len(spent), self.maxBatch):
             ds.append(self._mark(spent[i:i + self.maxBatch], early=True))
-        for rows in byTTL.values():
+        for (_, fleet, deviceId), rows in groups.items():
+            owner = json.dumps([fleet, deviceId])
             for i in range(0, len(rows), self.maxBatch):
                 chunk = rows[i:i + self.maxBatch]
                 ds.append(self.redis.eval(
-                    _ISSUE, [self._key(t) for t, _, _, _ in chunk],
-                    [chunk[0][3]] + [json.dumps([f, d]) for _, f, d, _ in chunk], registering=True))
+                    _ISSUE, [], [min(left for _, left in chunk), self._prefix,
+                                 _hex([t for t, _ in chunk]), owner], registering=True))
         for d in ds:
             d.addErrback(lambda f: self._outage("re-registering tokens", f))
         return DeferredList(ds)
