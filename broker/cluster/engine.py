@@ -43,11 +43,26 @@ _CMD = "cmd"
 _encode = json.JSONEncoder(separators=(",", ":")).encode
 
 
+# Encoded headers by their fields: a device's telemetry or a chat member's
+# messages repeat one header, so it is encoded once.
+_headers = {}
+
+
 def encodeDelivery(hubName, target, delivery):
     m = delivery.message
-    header = [hubName, target.toJSON(), delivery.source, delivery.group, delivery.fromUserId,
-              delivery.fromConnectionId, m.dataType, delivery.history]
-    return _encode(header).encode("utf-8") + b"\n" + m.data
+    key = (hubName, target.kind, target.name, target.excluded, target.filter, delivery.source,
+           delivery.group, delivery.fromUserId, delivery.fromConnectionId, m.dataType,
+           delivery.history)
+    header = _headers.get(key)
+    if header is None:
+        header = _encode([hubName, target.toJSON(), delivery.source, delivery.group,
+                          delivery.fromUserId, delivery.fromConnectionId, m.dataType,
+                          delivery.history]).encode("utf-8") + b"\n"
+        if delivery.history is None:
+            if len(_headers) >= 4096:
+                _headers.clear()
+            _headers[key] = header
+    return header + m.data
 
 
 def decodeDelivery(payload):
@@ -114,12 +129,14 @@ class RedisEngine:
             self.publishesLocalOnly += 1
             return succeed(None)
         self.publishesSent += 1
-        return self.cluster.broadcast(_PUB, encodeDelivery(hubName, target, delivery)).addErrback(
-            self._localOnly)
+        # Accepted once queued for this turn's PUBLISH: waiting for Redis
+        # would cost a Deferred per message and add its round trip to acks.
+        self.cluster.post(_PUB, encodeDelivery(hubName, target, delivery), self._localOnly)
+        return succeed(None)
 
-    def _localOnly(self, failure):
+    def _localOnly(self, failure, count):
         failure.trap(Unavailable)
-        self.publishesLocalOnly += 1
+        self.publishesLocalOnly += count
 
     def _published(self, origin, payload):
         try:

@@ -52,11 +52,21 @@ _LENGTH = struct.Struct(">I")
 
 
 def _fireAll(result, waiters):
-    for d in waiters:
-        if isinstance(result, Failure):
-            d.errback(result)
-        else:
-            d.callback(result)
+    """
+    Fire each waiter of one PUBLISH: a L{Deferred}, or the C{onFailure}
+    of L{Cluster.post} messages (told once, with their count).
+    """
+    failed = {}
+    for w in waiters:
+        if isinstance(w, defer.Deferred):
+            if isinstance(result, Failure):
+                w.errback(result)
+            else:
+                w.callback(result)
+        elif isinstance(result, Failure):
+            failed[w] = failed.get(w, 0) + 1
+    for onFailure, count in failed.items():
+        onFailure(result, count)
 
 
 def newNodeId():
@@ -144,6 +154,19 @@ class Cluster(service.Service):
             got it (0: that node is gone).
         """
         return self._enqueue(self.key("node", nodeId), self._frame(topic, payload), registering)
+
+    def post(self, topic, payload, onFailure):
+        """
+        L{broadcast} without a L{Deferred} per message, for the engine's
+        publishes: when a PUBLISH carrying some fails,
+        C{onFailure(failure, count)} is called once with how many.
+        """
+        if not self.redis.connected:
+            onFailure(Failure(RedisUnavailable("Redis is not reachable")), 1)
+            return
+        self._outbox.append((self.busChannel, self._frame(topic, payload), onFailure))
+        if self._flushing is None:
+            self._flushing = self.reactor.callLater(0, self.flush)
 
     # Messages made in one reactor turn leave in one PUBLISH per run of
     # messages to the same channel, in the order they were made: a burst of
