@@ -215,7 +215,8 @@ def buildService(settings, reactor, foreground=True, ports=None):
                           listeningReactor)
     for name in FACES:
         faceModule(name).build(context)
-    listen("admin.listen", settings["admin"]["listen"], makeAdminSite(core, registry))
+    top.adminSite = makeAdminSite(core, registry)
+    listen("admin.listen", settings["admin"]["listen"], top.adminSite)
     if reloader.hooks:
         reloader.setServiceParent(top)
     return top

@@ -733,7 +733,6 @@ def buildWorker(spec, reactor):
 
     @return: the tree, and the L{InheritedPorts}.
     """
-    from broker.admin.resource import makeAdminSite
     from broker.tap import ListenerService, buildService
 
     settings = spec["settings"]
@@ -745,7 +744,7 @@ def buildWorker(spec, reactor):
     for j, description in enumerate(settings["admin"]["worker_listen"]):
         key = workerAdminKey(j, index)
         ListenerService(key, description, serverFromString(ports.reactorFor(key), description),
-                        makeAdminSite(top.core, top.registry), reactor).setServiceParent(top)
+                        top.adminSite, reactor).setServiceParent(top)
     top.registry.register(WorkerCollector(index, nodeId))
     top.nodeId = nodeId
     return top, ports

@@ -367,6 +367,12 @@ class WorkersTests(RunningWorkersMixin, TestCase):
         for name in ("w0", "w1"):
             answered = yield whoAnswers(self.ports[f"admin.worker_listen[0]@{name}"])
             self.assertEqual(answered, nodes[name])
+        # One admin site: each metric once, whichever listener serves it.
+        response = yield treq.get(
+            f"http://127.0.0.1:{self.ports['admin.worker_listen[0]@w1']}/metrics",
+            reactor=reactor, persistent=False)
+        body = yield treq.content(response)
+        self.assertEqual(body.count(b"\nbroker_fanout_pending "), 1, body)
         status = yield handshake(self.ports["webpubsub.listen[0]"], "/client/hubs/chat")
         self.assertEqual(status.split(b" ", 2)[1], b"401", status)
 
