@@ -14,6 +14,9 @@ import treq
 from twisted.internet import defer, error, protocol, reactor, ssl
 from twisted.internet.endpoints import (
     TCP4ClientEndpoint, UNIXClientEndpoint, serverFromString, wrapClientTLS)
+from twisted.internet.task import Clock
+from twisted.logger import LogLevel, capturedLogs, eventAsJSON, formatEvent
+from twisted.python.failure import Failure
 from twisted.python.filepath import FilePath
 from twisted.trial.unittest import TestCase
 
@@ -249,6 +252,85 @@ class SharedListenersTests(TestCase):
         ports = workers.InheritedPorts(reactor, [])
         e = self.assertRaises(config.ConfigError, ports.reactorFor, "admin.listen[0]")
         self.assertEqual(e.key, "admin.listen[0]")
+
+
+def clusterSettings(workers=2):
+    return config.parse(f'[cluster]\nredis_url = "redis://127.0.0.1:1/0"\n'
+                        f'workers = {workers}\n')
+
+
+class WorkerPoolTests(TestCase):
+    """
+    The pool's restart schedule (over a L{Clock}) and its relay of a
+    worker's output.
+    """
+
+    def setUp(self):
+        self.clock = Clock()
+        self.events = []
+        self.pool = workers.WorkerPool(self.clock, clusterSettings(), 2, restartDelay=0.5,
+                                       maxRestartDelay=2.0, stableAfter=10.0,
+                                       publisher=self.events.append)
+
+    def die(self, worker, readyFor):
+        worker.everReady = True
+        worker.readyAt = self.clock.seconds() - readyFor
+        worker.ended = defer.Deferred()
+        worker.pid = 1234
+        self.pool._ended(worker, Failure(error.ProcessTerminated(signal=9)))
+        self.assertTrue(worker.ended.called)
+        call = worker.restartCall
+        delay = call.getTime() - self.clock.seconds()
+        call.cancel()
+        return delay
+
+    def test_backoff(self):
+        """
+        Each death soon after being ready doubles the delay, up to the
+        maximum; a death after a stable run starts again from the first.
+        """
+        w1 = self.pool.workers[1]
+        with capturedLogs() as logged:
+            delays = [self.die(w1, readyFor=1.0) for _ in range(4)]
+        self.assertEqual(delays, [0.5, 1.0, 2.0, 2.0])
+        self.assertIn("w1 (pid 1234, node None) died: killed by signal 9; restarting in 0.5 s",
+                      [formatEvent(e) for e in logged])
+        self.assertEqual(self.die(w1, readyFor=10.0), 0.5)
+        self.assertEqual(self.die(w1, readyFor=0.0), 1.0)
+
+    def test_relay(self):
+        """
+        A worker's JSON events are published here with their level and a
+        system naming the worker; its ready event marks it ready; other
+        output is relayed as text lines.
+        """
+        w0 = self.pool.workers[0]
+        w0.ready, w0.ended = defer.Deferred(), defer.Deferred()
+        proc = workers.WorkerProcess(self.pool, w0, b"")
+        info = eventAsJSON({"log_namespace": "broker.tap", "log_level": LogLevel.warn,
+                            "log_format": "hello {who}", "who": "you", "log_time": 1.0})
+        ready = eventAsJSON({"log_namespace": "broker.workers", "log_level": LogLevel.info,
+                             "log_format": "ready", "workerReady": True, "nodeId": "h-w0-1",
+                             "log_time": 2.0})
+        data = f"\x1e{info}\n\x1e{ready}\nprinted\n".encode()
+        # In pieces, as a pipe delivers it.
+        proc.childDataReceived(1, data[:7])
+        proc.childDataReceived(1, data[7:])
+        proc.childDataReceived(2, b"Fatal Python error")
+        self.assertEqual(len(self.events), 3)
+        with capturedLogs():
+            proc.processEnded(Failure(error.ProcessDone(0)))
+        self.assertTrue(w0.ended.called)
+        first, second, text, err = self.events[:4]
+        self.assertEqual(formatEvent(first), "hello you")
+        self.assertEqual(first["log_system"], "w0 broker.tap#warn")
+        self.assertEqual(first["log_level"], LogLevel.warn)
+        self.assertEqual(second["log_system"], "w0 broker.workers#info")
+        self.assertEqual(self.successResultOf(w0.ready), w0)
+        self.assertEqual(w0.nodeId, "h-w0-1")
+        self.assertEqual((formatEvent(text), text["log_system"]), ("printed", "w0 stdout"))
+        self.assertEqual((formatEvent(err), err["log_system"], err["log_level"]),
+                         ("Fatal Python error", "w0 stderr", LogLevel.error))
 
 
 # -- real twistd processes --------------------------------------------------
