@@ -45,8 +45,13 @@ setup(
         "cryptography>=42",
         "PyJWT>=2.8",
         "prometheus-client>=0.20",
-        # Cluster mode's engine and stores (broker/cluster/).
+        # Cluster mode's engine and stores (broker/cluster/).  hiredis is
+        # the Redis project's C reply parser, which txredisapi uses when it
+        # is installed: its pure-Python parser yields to the reactor after
+        # every bulk reply, so a node could read only a few hundred bus
+        # messages a second (bench/cluster.py).
         "txredisapi>=1.4.10",
+        "hiredis>=2.0",
     ],
     package_data={"broker.peergroups": ["web/*.js"]},
     cmdclass={"build_py": build_py_with_etc},

@@ -61,7 +61,7 @@ class RedisClientTests(unittest.TestCase):
         yield self.redis.start()
         yield waitFor(lambda: self.client.connected)
         self.assertEqual(ups, [1])
-        self.assertEqual((yield self.client.execute("PING")), "PONG")
+        self.assertEqual((yield self.client.execute("PING")), b"PONG")
 
     @defer.inlineCallbacks
     def test_subscriptionOutlivesRestart(self):

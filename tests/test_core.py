@@ -146,7 +146,7 @@ class CoreTests(unittest.TestCase):
         self.assertFalse(self.hub.groupExists("g1"))
         self.hub.removeConnectionFromAllGroups("a")
         self.assertEqual(s.groups, set())
-        self.assertRaises(NotFound, self.hub.addConnectionToGroup, "zzz", "g")
+        self.failureResultOf(self.hub.addConnectionToGroup("zzz", "g"), NotFound)
 
     def test_removeCleansUp(self):
         _, s = self.conn("a", "u", groups=["g"])
@@ -204,19 +204,22 @@ class CoreTests(unittest.TestCase):
 
     def test_permissionVerbs(self):
         self.conn("a")
-        self.assertFalse(self.hub.hasPermission("a", SEND_TO_GROUP, "g"))
-        self.hub.grantPermission("a", SEND_TO_GROUP, "g")
-        self.assertTrue(self.hub.hasPermission("a", SEND_TO_GROUP, "g"))
-        self.assertFalse(self.hub.hasPermission("a", SEND_TO_GROUP, "h"))
-        self.hub.grantPermission("a", JOIN_LEAVE_GROUP)
-        self.assertTrue(self.hub.hasPermission("a", JOIN_LEAVE_GROUP, "any"))
-        self.hub.revokePermission("a", JOIN_LEAVE_GROUP)
-        self.assertFalse(self.hub.hasPermission("a", JOIN_LEAVE_GROUP, "any"))
-        self.hub.revokePermission("a", SEND_TO_GROUP, "g")
-        self.assertFalse(self.hub.hasPermission("a", SEND_TO_GROUP, "g"))
-        self.assertRaises(NotFound, self.hub.grantPermission, "zz", SEND_TO_GROUP)
-        self.assertRaises(BadRequest, self.hub.grantPermission, "a", "fly")
-        self.assertRaises(BadRequest, self.hub.hasPermission, "a", SEND_TO_GROUP, "")
+
+        def has(*args):
+            return self.successResultOf(self.hub.hasPermission("a", *args))
+        self.assertFalse(has(SEND_TO_GROUP, "g"))
+        self.successResultOf(self.hub.grantPermission("a", SEND_TO_GROUP, "g"))
+        self.assertTrue(has(SEND_TO_GROUP, "g"))
+        self.assertFalse(has(SEND_TO_GROUP, "h"))
+        self.successResultOf(self.hub.grantPermission("a", JOIN_LEAVE_GROUP))
+        self.assertTrue(has(JOIN_LEAVE_GROUP, "any"))
+        self.successResultOf(self.hub.revokePermission("a", JOIN_LEAVE_GROUP))
+        self.assertFalse(has(JOIN_LEAVE_GROUP, "any"))
+        self.successResultOf(self.hub.revokePermission("a", SEND_TO_GROUP, "g"))
+        self.assertFalse(has(SEND_TO_GROUP, "g"))
+        self.failureResultOf(self.hub.grantPermission("zz", SEND_TO_GROUP), NotFound)
+        self.failureResultOf(self.hub.grantPermission("a", "fly"), BadRequest)
+        self.failureResultOf(self.hub.hasPermission("a", SEND_TO_GROUP, ""), BadRequest)
 
     def test_groupUsers(self):
         self.conn("a", "u1", groups=["g"])

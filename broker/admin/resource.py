@@ -41,6 +41,18 @@ class CoreCollector:
          "Times a publisher stopped being read while the fan-out backlog drained."),
     )
 
+    _CLUSTER = (
+        ("publishesSent", "broker_cluster_publishes_sent", "Publishes sent to the other nodes."),
+        ("publishesReceived", "broker_cluster_publishes_received",
+         "Publishes received from other nodes."),
+        ("publishesLocalOnly", "broker_cluster_publishes_local_only",
+         "Publishes delivered on this node only, because Redis was unreachable."),
+        ("badMessages", "broker_cluster_bad_messages", "Malformed bus messages dropped."),
+        ("reapedConnections", "broker_cluster_reaped_connections",
+         "Connections of dead nodes removed from the directory by this node."),
+        ("nodesReaped", "broker_cluster_nodes_reaped", "Dead nodes reaped by this node."),
+    )
+
     def __init__(self, core):
         self._core = core
 
@@ -60,6 +72,13 @@ class CoreCollector:
                                 value=stats["fanoutPending"])
         yield GaugeMetricFamily("broker_engine_healthy", "1 when the engine accepts publishes.",
                                 value=1 if stats["engineHealthy"] else 0)
+        cluster = stats["cluster"]
+        if cluster:
+            yield GaugeMetricFamily("broker_cluster_redis_connected",
+                                    "1 while this node's link to Redis is up.",
+                                    value=1 if cluster["redisConnected"] else 0)
+            for key, name, doc in self._CLUSTER:
+                yield CounterMetricFamily(name, doc, value=cluster[key])
 
 
 class _Leaf(Resource):
@@ -77,6 +96,8 @@ class Healthz(_Leaf):
         if self.core.running and self.core.engine.healthy():
             return b"ok\n"
         request.setResponseCode(503)
+        if self.core.running and self.core.stats()["cluster"]:
+            return b"unhealthy: the cluster (Redis) is unreachable\n"
         return b"unhealthy\n"
 
 

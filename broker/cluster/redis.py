@@ -24,18 +24,16 @@ from twisted.internet.endpoints import HostnameEndpoint
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 
-from broker.core.errors import BrokerError
+from broker.core.errors import Unavailable
 
 log = Logger()
 
 
-class RedisUnavailable(BrokerError):
+class RedisUnavailable(Unavailable):
     """
     Redis cannot be reached now: the request needs it and is refused (never
     parked, never dropped silently).
     """
-
-    name = "ServiceUnavailable"
 
 
 def parseURL(url):
@@ -53,6 +51,18 @@ def parseURL(url):
     db = int(path) if path else 0
     password = unquote(parts.password) if parts.password else None
     return parts.hostname, parts.port or 6379, password, db
+
+
+def _bytes(reply):
+    """
+    Status replies as bytes, whichever parser read them (txredisapi's own
+    gives str, hiredis bytes), so callers see one type.
+    """
+    if isinstance(reply, str):
+        return reply.encode("utf-8")
+    if isinstance(reply, list):
+        return [_bytes(r) for r in reply]
+    return reply
 
 
 class _Commands(txredisapi.RedisProtocol):
@@ -91,6 +101,10 @@ class _Factory(Factory):
 class RedisClient(service.MultiService):
     """
     @ivar connected: C{True} while both connections are up.
+
+    Replies: bulk and status replies are bytes, integers ints, arrays
+    lists; an error reply fails the Deferred with txredisapi's
+    C{ResponseError}.
     """
 
     def __init__(self, reactor, url, replyTimeout=5.0, maxDelay=5.0):
@@ -220,7 +234,7 @@ class RedisClient(service.MultiService):
             with txredisapi's C{ResponseError} for a refused command.
         """
         try:
-            return self._live(_early).execute_command(*args)
+            return self._live(_early).execute_command(*args).addCallback(_bytes)
         except (RedisUnavailable, txredisapi.ConnectionError) as e:
             return defer.fail(RedisUnavailable(str(e)))
 
@@ -229,7 +243,7 @@ class RedisClient(service.MultiService):
         Run a Lua script (by its SHA once Redis knows it).
         """
         try:
-            return self._live(_early).eval(script, list(keys), list(args))
+            return self._live(_early).eval(script, list(keys), list(args)).addCallback(_bytes)
         except (RedisUnavailable, txredisapi.ConnectionError) as e:
             return defer.fail(RedisUnavailable(str(e)))
 

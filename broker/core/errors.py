@@ -50,6 +50,15 @@ class NotFound(BrokerError):
     name = "NotFound"
 
 
+class Unavailable(BrokerError):
+    """
+    The request needs the cluster (Redis) and it cannot be reached now: the
+    request is refused, never parked and never dropped silently.
+    """
+
+    name = "ServiceUnavailable"
+
+
 class CloseCode:
     """
     WebSocket close codes the broker sends, with their meaning here.

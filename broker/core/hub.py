@@ -10,10 +10,10 @@ Neither touches the maps directly.
 
 import secrets
 
-from twisted.internet.defer import fail
+from twisted.internet.defer import FirstError, fail, gatherResults, maybeDeferred, succeed
 from twisted.logger import Logger
 
-from broker.core.errors import BadRequest, BrokerError, Forbidden, NotFound
+from broker.core.errors import BadRequest, BrokerError, Forbidden, NotFound, Unavailable
 from broker.core.message import FROM_GROUP, FROM_SERVER, Delivery, Target
 from broker.core.permissions import (JOIN_LEAVE_GROUP, PERMISSIONS, SEND_TO_GROUP,
                                      Permissions)
@@ -39,6 +39,15 @@ def _checkPermission(permission, group):
         raise BadRequest(f"unknown permission {permission!r}; use one of {', '.join(PERMISSIONS)}")
     if group is not None:
         checkName("group", group)
+
+
+def _firstError(failure):
+    """
+    The first error of a L{gatherResults}, unwrapped.
+    """
+    if failure.check(FirstError):
+        return failure.value.subFailure
+    return failure
 
 
 class NoUpstream(BrokerError):
@@ -148,8 +157,11 @@ class Hub:
         self._sessions = {}      # connectionId -> Session
         self._users = {}         # userId -> {connectionId: IConnection}
         self._groups = {}        # group -> {connectionId: IConnection}
-        self._userGroups = {}    # userId -> set(group), survives reconnects
         self._observers = []
+        # The cluster-wide view (the engine's): user-level group
+        # memberships live there, and every local change is mirrored there.
+        self._engine = core.engine
+        self.directory = core.engine.directory
         # Told of every group publish before its fan-out (an object with
         # C{record(target, delivery)}): the optional per-group history.
         self.history = None
@@ -165,7 +177,8 @@ class Hub:
     def admit(self, connection, userId=None, roles=(), groups=(), connectionState=None):
         """
         Admit C{connection}; join it to C{groups} and to the groups its user
-        was added to earlier.
+        was added to earlier (cluster-wide: read from the directory, at once
+        with the in-memory engine, a Redis round trip later in a cluster).
 
         @return: its L{Session}.
         """
@@ -179,11 +192,15 @@ class Hub:
         session = Session(self, connection, userId, Permissions.fromRoles(roles))
         session.connectionState = connectionState
         self._sessions[cid] = session
+        self._mirror(self.directory.added(self.name, cid, userId, session.permissions.roles()))
         if userId is not None:
             self._users.setdefault(userId, {})[cid] = connection
-            groups = list(groups) + sorted(self._userGroups.get(userId, ()))
         for g in groups:
             self._join(session, g)
+        if userId is not None:
+            self.directory.userGroups(self.name, userId).addCallbacks(
+                lambda stuck: [self._join(session, g) for g in sorted(stuck) if session.open],
+                self._mirrorFailed)
         self.stats.connectionsAccepted += 1
         self.tellObservers("connectionAdded", session)
         return session
@@ -196,14 +213,30 @@ class Hub:
             return
         session.open = False
         for g in list(session.groups):
-            self._leave(session, g)
+            self._leave(session, g, mirror=False)
         if session.userId is not None:
             conns = self._users.get(session.userId)
             if conns is not None:
                 conns.pop(session.connectionId, None)
                 if not conns:
                     del self._users[session.userId]
+        self._mirror(self.directory.removed(self.name, session.connectionId, session.userId))
         self.tellObservers("connectionRemoved", session, reason)
+
+    # -- the directory mirror -------------------------------------------
+
+    def _mirror(self, d):
+        """
+        A local change mirrored into the directory: it cannot be refused
+        (the local state is the truth and is re-registered whole after a
+        Redis outage), so a failure is only logged.
+        """
+        d.addErrback(self._mirrorFailed)
+
+    @staticmethod
+    def _mirrorFailed(failure):
+        if not failure.check(Unavailable):
+            log.failure("directory update failed", failure)
 
     def tellObservers(self, name, *args):
         """
@@ -221,28 +254,54 @@ class Hub:
 
     # -- groups -----------------------------------------------------------
 
-    def _join(self, session, group):
+    def _join(self, session, group, mirror=True):
         members = self._groups.get(group)
         if members is None:
             members = self._groups[group] = {}
+        if session.connectionId in members:
+            return
         members[session.connectionId] = session.connection
         session.groups.add(group)
+        if mirror:
+            self._mirror(self.directory.joined(self.name, session.connectionId, group))
 
-    def _leave(self, session, group):
+    def _leave(self, session, group, mirror=True):
         members = self._groups.get(group)
-        if members is not None:
-            members.pop(session.connectionId, None)
-            if not members:
-                del self._groups[group]
+        if members is None or members.pop(session.connectionId, None) is None:
+            session.groups.discard(group)
+            return
+        if not members:
+            del self._groups[group]
         session.groups.discard(group)
+        if mirror:
+            self._mirror(self.directory.left(self.name, session.connectionId, group))
 
-    # -- server-side verbs (trusted) ------------------------------------
+    def _leaveAll(self, session):
+        for g in list(session.groups):
+            self._leave(session, g)
+
+    def _setRoles(self, session):
+        self._mirror(self.directory.setRoles(self.name, session.connectionId,
+                                             session.permissions.roles()))
+
+    # -- local queries (this node only) ---------------------------------
 
     def session(self, connectionId):
+        """
+        The L{Session} of a connection on this node.
+
+        @raise NotFound: none here.
+        """
         s = self._sessions.get(connectionId)
         if s is None:
             raise NotFound(f"connection {connectionId!r} not found")
         return s
+
+    def localSession(self, connectionId):
+        """
+        The L{Session} of a connection on this node, or C{None}.
+        """
+        return self._sessions.get(connectionId)
 
     def connectionExists(self, connectionId):
         return connectionId in self._sessions
@@ -255,17 +314,85 @@ class Hub:
 
     def groupConnections(self, group):
         """
-        The sessions in C{group} (a new list).
+        The sessions on this node in C{group} (a new list).
         """
         return [self._sessions[cid] for cid in self._groups.get(group, ())]
 
     def userSessions(self, userId):
         return [self._sessions[cid] for cid in self._users.get(userId, ())]
 
+    # -- server verbs (trusted, cluster-wide) ----------------------------
+    #
+    # Each returns a Deferred: the connection, user or group named may live
+    # on another node.  A connection on this node is acted on at once; one
+    # elsewhere is looked up in the directory (NotFound if none) and the
+    # change is written there and sent to its node as a command, so a query
+    # that follows from this node already sees it.
+
+    def _owner(self, connectionId):
+        def check(info):
+            if info is None:
+                raise NotFound(f"connection {connectionId!r} not found")
+            return info
+        return self.directory.connection(self.name, connectionId).addCallback(check)
+
+    def _elsewhere(self, connectionId, write, command):
+        """
+        Apply a change to a connection on another node: C{write()} updates
+        the directory, C{command} goes to the node holding it.
+        """
+        def send(info):
+            return gatherResults(
+                [write(info), self._engine.command(self.name, command, node=info["node"])],
+                consumeErrors=True).addCallback(lambda _: None)
+        return self._owner(connectionId).addCallback(send).addErrback(_firstError)
+
+    def findConnection(self, connectionId):
+        """
+        @return: a L{Deferred} firing with whether the connection exists on
+            any node.
+        """
+        if connectionId in self._sessions:
+            return succeed(True)
+        return self.directory.connection(self.name, connectionId).addCallback(
+            lambda info: info is not None)
+
+    def findUser(self, userId):
+        if userId in self._users:
+            return succeed(True)
+        return self.directory.userExists(self.name, userId)
+
+    def findGroup(self, group):
+        if group in self._groups:
+            return succeed(True)
+        return self.directory.groupExists(self.name, group)
+
+    def listGroupConnections(self, group):
+        """
+        @return: a L{Deferred} firing with C{[(connectionId, userId)]} for
+            C{group} on every node.
+        """
+        return maybeDeferred(checkName, "group", group).addCallback(
+            lambda _: self.directory.groupMembers(self.name, group))
+
+    def listGroupUsers(self, group):
+        """
+        @return: a L{Deferred} firing with C{{userId: connections}} for the
+            users with a connection in C{group} on any node (anonymous
+            connections are not counted).
+        """
+        def count(members):
+            users = {}
+            for _, uid in members:
+                if uid is not None:
+                    users[uid] = users.get(uid, 0) + 1
+            return users
+        return self.listGroupConnections(group).addCallback(count)
+
     def groupUsers(self, group):
         """
-        The users with a connection in C{group}: C{{userId: connections}}
-        (anonymous connections are not counted).
+        The users with a connection on this node in C{group}:
+        C{{userId: connections}}.
         """
         users = {}
         for cid in self._groups.get(group, ()):
@@ -278,62 +405,145 @@ class Hub:
         """
         Grant C{permission} to a connection for C{group}, or every group.
 
-        @raise NotFound: no such connection.
-        @raise BadRequest: an unknown permission.
+        @return: a L{Deferred}, failing with L{NotFound} (no such
+            connection) or L{BadRequest} (an unknown permission).
         """
-        s = self.session(connectionId)
-        _checkPermission(permission, group)
-        s.permissions.grant(permission, group)
+        return maybeDeferred(self._changePermission, "grant", connectionId, permission, group)
 
     def revokePermission(self, connectionId, permission, group=None):
-        s = self.session(connectionId)
+        return maybeDeferred(self._changePermission, "revoke", connectionId, permission, group)
+
+    def _changePermission(self, verb, connectionId, permission, group):
         _checkPermission(permission, group)
-        s.permissions.revoke(permission, group)
+        s = self._sessions.get(connectionId)
+        if s is not None:
+            getattr(s.permissions, verb)(permission, group)
+            self._setRoles(s)
+            return None
+
+        def write(info):
+            perms = Permissions.fromRoles(info["roles"])
+            getattr(perms, verb)(permission, group)
+            return self.directory.setRoles(self.name, connectionId, perms.roles())
+        return self._elsewhere(connectionId, write, {"op": verb, "c": connectionId,
+                                                     "p": permission, "g": group})
 
     def hasPermission(self, connectionId, permission, group=None):
-        s = self.session(connectionId)
-        _checkPermission(permission, group)
-        return s.permissions.has(permission, group)
+        """
+        @return: a L{Deferred} firing with a bool.
+        """
+        def check():
+            _checkPermission(permission, group)
+            s = self._sessions.get(connectionId)
+            if s is not None:
+                return s.permissions.has(permission, group)
+            return self._owner(connectionId).addCallback(
+                lambda info: Permissions.fromRoles(info["roles"]).has(permission, group))
+        return maybeDeferred(check)
 
     def addConnectionToGroup(self, connectionId, group):
-        checkName("group", group)
-        self._join(self.session(connectionId), group)
+        def add():
+            checkName("group", group)
+            s = self._sessions.get(connectionId)
+            if s is not None:
+                return self._join(s, group)
+            return self._elsewhere(
+                connectionId, lambda info: self.directory.joined(self.name, connectionId, group),
+                {"op": "join", "c": connectionId, "g": group})
+        return maybeDeferred(add)
 
     def removeConnectionFromGroup(self, connectionId, group):
-        checkName("group", group)
-        self._leave(self.session(connectionId), group)
+        def remove():
+            checkName("group", group)
+            s = self._sessions.get(connectionId)
+            if s is not None:
+                return self._leave(s, group)
+            return self._elsewhere(
+                connectionId, lambda info: self.directory.left(self.name, connectionId, group),
+                {"op": "leave", "c": connectionId, "g": group})
+        return maybeDeferred(remove)
 
     def removeConnectionFromAllGroups(self, connectionId):
-        s = self.session(connectionId)
-        for g in list(s.groups):
-            self._leave(s, g)
+        s = self._sessions.get(connectionId)
+        if s is not None:
+            self._leaveAll(s)
+            return succeed(None)
+        return self._elsewhere(
+            connectionId, lambda info: self.directory.left(self.name, connectionId, None),
+            {"op": "leaveAll", "c": connectionId})
 
     def addUserToGroup(self, userId, group):
         """
-        Add every connection of C{userId} to C{group}, now and for the
-        connections it makes later.
+        Add every connection of C{userId}, on every node, to C{group}, now
+        and for the connections it makes later.
         """
-        checkName("userId", userId)
-        checkName("group", group)
-        self._userGroups.setdefault(userId, set()).add(group)
-        for s in self.userSessions(userId):
-            self._join(s, group)
+        def add():
+            checkName("userId", userId)
+            checkName("group", group)
+            return self._userChange(self.directory.setUserGroup(self.name, userId, group, True),
+                                    {"op": "joinUser", "u": userId, "g": group})
+        return maybeDeferred(add)
 
     def removeUserFromGroup(self, userId, group):
-        checkName("group", group)
-        groups = self._userGroups.get(userId)
-        if groups is not None:
-            groups.discard(group)
-            if not groups:
-                del self._userGroups[userId]
-        for s in self.userSessions(userId):
-            self._leave(s, group)
+        def remove():
+            checkName("group", group)
+            return self._userChange(self.directory.setUserGroup(self.name, userId, group, False),
+                                    {"op": "leaveUser", "u": userId, "g": group})
+        return maybeDeferred(remove)
 
     def removeUserFromAllGroups(self, userId):
-        self._userGroups.pop(userId, None)
-        for s in self.userSessions(userId):
-            for g in list(s.groups):
-                self._leave(s, g)
+        return self._userChange(self.directory.setUserGroup(self.name, userId, None, False),
+                                {"op": "leaveUserAll", "u": userId})
+
+    def _userChange(self, written, command):
+        # The directory write goes first, so a connection of the user admitted
+        # anywhere after the command reads the new memberships.
+        return gatherResults([written, self._engine.command(self.name, command)],
+                             consumeErrors=True).addCallbacks(lambda _: None, _firstError)
+
+    def close(self, target, code, reason):
+        """
+        Close the connections C{target} names, on every node.
+
+        @return: a L{Deferred} firing once the engine took the command.
+        """
+        return self._engine.command(self.name, {"op": "close", "t": target.toJSON(),
+                                                "code": code, "reason": reason})
+
+    # -- commands (from the engine, on every node) -----------------------
+
+    def apply(self, command):
+        """
+        Carry out one server command on this node's sessions.
+        """
+        op = command["op"]
+        if op in ("joinUser", "leaveUser", "leaveUserAll"):
+            for s in self.userSessions(command["u"]):
+                if op == "joinUser":
+                    self._join(s, command["g"])
+                elif op == "leaveUser":
+                    self._leave(s, command["g"])
+                else:
+                    self._leaveAll(s)
+        elif op == "close":
+            target = Target.fromJSON(command["t"])
+            for c in self.receivers(target):
+                c.close(command["code"], command["reason"])
+        else:
+            s = self._sessions.get(command["c"])
+            if s is None:
+                return
+            if op == "join":
+                self._join(s, command["g"])
+            elif op == "leave":
+                self._leave(s, command["g"])
+            elif op == "leaveAll":
+                self._leaveAll(s)
+            elif op in ("grant", "revoke"):
+                getattr(s.permissions, op)(command["p"], command["g"])
+                self._setRoles(s)
+            else:
+                log.warn("unknown server command {op!r} ignored", op=op)
 
     def send(self, target, message):
         """
@@ -347,6 +557,9 @@ class Hub:
         return self.publish(target, delivery)
 
     def closeConnections(self, sessions, code, reason):
+        """
+        Close these sessions of this node.
+        """
         for s in sessions:
             s.close(code, reason)
 
@@ -387,6 +600,11 @@ class Hub:
         if target.excluded and receivers:
             ex = target.excluded
             receivers = [c for c in receivers if c.connectionId not in ex]
+        if target.filter is not None and receivers:
+            keep = self._core.sessionFilter(target.filter)
+            sessions = self._sessions
+            receivers = [c for c in receivers
+                         if c.connectionId in sessions and keep(sessions[c.connectionId])]
         return receivers
 
     # -- figures ----------------------------------------------------------

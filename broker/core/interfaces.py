@@ -43,31 +43,124 @@ class IConnection(Interface):
 
 class IEngine(Interface):
     """
-    Carries every publish from the node where it was made to the nodes
-    holding its receivers.  The in-memory engine hands it straight back to
-    the local core; a cluster engine goes through a broker such as Redis.
+    Carries every publish and every cluster-wide server command from the
+    node where it was made to the nodes holding its receivers, and keeps the
+    cluster-wide directory of connections, groups and users.  The in-memory
+    engine hands both straight back to the local core; a cluster engine goes
+    through Redis.
     """
 
-    def attach(deliverLocal):
-        """
-        Register the local core's entry point.
+    directory = Attribute("The L{IDirectory}: who is connected where, cluster-wide.")
 
-        @param deliverLocal: C{callable(hubName, target, delivery)} that fans
-            a delivery out to the receivers connected to this node.
+    def attach(core):
+        """
+        Register the local core: the engine calls its
+        C{deliverLocal(hubName, target, delivery)} (fan a delivery out to the
+        receivers on this node) and C{applyCommand(hubName, command)} (carry
+        out a server command on this node's sessions), and reads its hubs
+        to re-register this node after an outage.
         """
 
     def publish(hubName, target, delivery):
         """
         Route C{delivery} to C{target} (a L{broker.core.message.Target}) in
-        hub C{hubName} on every node.
+        hub C{hubName} on every node, exactly once per receiver.
 
         @return: a L{Deferred} that fires when the engine has accepted the
-            publish (not when every receiver has it).
+            publish (not when every receiver has it); it fails with
+            L{broker.core.errors.Unavailable} when the publish reached this
+            node's receivers only.
+        """
+
+    def command(hubName, command, node=None):
+        """
+        Carry out C{command} (a JSON-ready dict, see
+        L{broker.core.router.Core.applyCommand}) on every node, this one
+        first and synchronously, or only on the node C{node}.
+
+        @return: a L{Deferred} firing once the engine accepted it.
         """
 
     def healthy():
         """
         @return: C{True} when the engine can accept publishes.
+        """
+
+    def stats():
+        """
+        @return: a JSON-ready dict of the engine's own figures (empty for
+            the in-memory engine; node id and bus counters in a cluster).
+        """
+
+
+class IDirectory(Interface):
+    """
+    The cluster-wide view of a hub's connections, groups and users, which
+    server verbs (the REST API) ask when the connection named may live on
+    another node.  The hubs mirror every local change into it; queries
+    return L{Deferred}s.  With the in-memory engine it is the local hubs.
+    """
+
+    def added(hubName, connectionId, userId, roles):
+        """
+        A connection was admitted on this node.  Mirror writes (this and the
+        four below) return a L{Deferred}; they never raise.
+        """
+
+    def removed(hubName, connectionId, userId):
+        """
+        A connection of this node left (with all its groups).
+        """
+
+    def joined(hubName, connectionId, group):
+        """
+        A connection joined C{group}.
+        """
+
+    def left(hubName, connectionId, group):
+        """
+        A connection left C{group}.
+        """
+
+    def setRoles(hubName, connectionId, roles):
+        """
+        A connection's permissions changed; C{roles} is the whole new list.
+        """
+
+    def connection(hubName, connectionId):
+        """
+        @return: a L{Deferred} firing with C{None} or a dict with
+            C{userId}, C{roles} and C{node} (the node holding it).
+        """
+
+    def userExists(hubName, userId):
+        """
+        @return: a L{Deferred} firing with a bool.
+        """
+
+    def groupExists(hubName, group):
+        """
+        @return: a L{Deferred} firing with a bool.
+        """
+
+    def groupMembers(hubName, group):
+        """
+        @return: a L{Deferred} firing with C{[(connectionId, userId)]}.
+        """
+
+    def userGroups(hubName, userId):
+        """
+        @return: a L{Deferred} firing with the set of groups C{userId} was
+            added to with C{addUserToGroup} (they apply to its future
+            connections too).
+        """
+
+    def setUserGroup(hubName, userId, group, member):
+        """
+        Add (C{member} true) or remove C{userId}'s membership of C{group};
+        C{group} C{None} with C{member} false removes them all.
+
+        @return: a L{Deferred}.
         """
 
 

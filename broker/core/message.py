@@ -115,14 +115,33 @@ class Target:
     USER = "user"
     GROUP = "group"
     HUB = "hub"
-    __slots__ = ("kind", "name", "excluded")
+    KINDS = (CONNECTION, USER, GROUP, HUB)
+    __slots__ = ("kind", "name", "excluded", "filter")
 
-    def __init__(self, kind, name=None, excluded=()):
-        if kind not in (self.CONNECTION, self.USER, self.GROUP, self.HUB):
+    def __init__(self, kind, name=None, excluded=(), filter=None):
+        """
+        @param filter: the text of a session filter (Web PubSub's OData
+            C{filter}), compiled by the core's filter compiler on every
+            node that holds receivers: text, not a predicate, so that it
+            travels between nodes.
+        """
+        if kind not in self.KINDS:
             raise ValueError(f"unknown target kind {kind!r}")
         self.kind = kind
         self.name = name
         self.excluded = frozenset(excluded)
+        self.filter = filter
+
+    def toJSON(self):
+        """
+        A JSON-ready list, for a target travelling between nodes.
+        """
+        return [self.kind, self.name, sorted(self.excluded), self.filter]
+
+    @classmethod
+    def fromJSON(cls, value):
+        kind, name, excluded, filter = value
+        return cls(kind, name, excluded, filter)
 
     def __repr__(self):
         return f"<Target {self.kind} {self.name!r} excluding {len(self.excluded)}>"

@@ -8,7 +8,7 @@ from twisted.application import service
 from twisted.logger import Logger
 
 from broker.core.engine import MemoryEngine
-from broker.core.errors import CloseCode
+from broker.core.errors import BadRequest, CloseCode
 from broker.core.fanout import Fanout
 from broker.core.hub import Hub, HubStats
 from broker.core.interfaces import IEngine
@@ -27,11 +27,13 @@ class Core(service.Service):
     def __init__(self, reactor, engine=None, fanoutChunk=4096):
         self.reactor = reactor
         self.engine = IEngine(engine) if engine is not None else MemoryEngine()
-        self.engine.attach(self._deliverLocal)
         self.fanout = Fanout(reactor, fanoutChunk)
         self.hubs = {}
         self._hubSetup = []
         self.rejectedElsewhere = 0
+        self._filterCompiler = None
+        self._filters = {}
+        self.engine.attach(self)
 
     def onNewHub(self, setup):
         """
@@ -64,11 +66,55 @@ class Core(service.Service):
     def publish(self, hubName, target, delivery):
         return self.engine.publish(hubName, target, delivery)
 
-    def _deliverLocal(self, hubName, target, delivery):
+    def deliverLocal(self, hubName, target, delivery):
+        """
+        Fan C{delivery} out to C{target}'s receivers on this node (the
+        engine's entry point); an unknown hub is ignored, never created.
+        """
         hub = self.hubs.get(hubName)
         if hub is None:
             return
         self.fanout.deliver(hub.receivers(target), delivery, hub.stats)
+
+    def applyCommand(self, hubName, command):
+        """
+        Carry out a server command on this node's sessions (the engine's
+        entry point for L{Hub}'s cluster-wide verbs); see L{Hub.apply}.
+        """
+        hub = self.hubs.get(hubName)
+        if hub is None:
+            return
+        try:
+            hub.apply(command)
+        except Exception:
+            log.failure("server command {command!r} on hub {hub} failed",
+                        command=command, hub=hubName)
+
+    # -- session filters --------------------------------------------------
+
+    def setFilterCompiler(self, compiler):
+        """
+        C{compiler(text)} returns a predicate on a L{Session}, or raises
+        L{broker.core.errors.BadRequest}: how L{Target.filter} texts are
+        understood (Web PubSub's OData filter; the core never imports it).
+        """
+        self._filterCompiler = compiler
+        self._filters.clear()
+
+    def sessionFilter(self, text):
+        """
+        The compiled predicate for C{text}, cached (a fan-out to many
+        nodes compiles it once per node, not once per receiver).
+        """
+        predicate = self._filters.get(text)
+        if predicate is None:
+            if self._filterCompiler is None:
+                raise BadRequest("this broker has no session filter language")
+            predicate = self._filterCompiler(text)
+            if len(self._filters) >= 256:
+                self._filters.clear()
+            self._filters[text] = predicate
+        return predicate
 
     def stopService(self):
         """
@@ -100,4 +146,5 @@ class Core(service.Service):
         total["hubs"] = hubs
         total["fanoutPending"] = self.fanout.pending
         total["engineHealthy"] = bool(self.engine.healthy())
+        total["cluster"] = self.engine.stats()
         return total

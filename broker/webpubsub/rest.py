@@ -29,13 +29,15 @@ from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit
 
 import jwt
 from prometheus_client.core import CounterMetricFamily
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web.resource import Resource
-from twisted.web.server import Request
+from twisted.web.server import NOT_DONE_YET, Request
 
 from broker.auth.tokens import LEEWAY, makeClientToken
 from broker.config import HUB_NAME
-from broker.core.errors import BadRequest, BrokerError, CloseCode, NotFound
+from broker.core.errors import BadRequest, BrokerError, CloseCode, NotFound, Unavailable
 from broker.core.hub import checkName
 from broker.core.message import BINARY, JSON, TEXT, Message, Target
 from broker.webpubsub.odata import compileFilter
@@ -88,6 +90,8 @@ class RestAPI(Resource):
                  clock=time.time):
         super().__init__()
         self.core = core
+        # Send filters travel as text and are compiled on every node.
+        core.setFilterCompiler(compileFilter)
         self.hubSettings = hubSettings
         self.audiences = tuple(_origin(a) for a in audiences)
         self.maxBodySize = maxBodySize
@@ -132,27 +136,51 @@ class RestAPI(Resource):
     def render(self, request):
         request.restOperation = "unknown"
         try:
-            body = self._render(request)
-        finally:
-            key = (request.restOperation, request.code)
-            self.requestCounts[key] = self.requestCounts.get(key, 0) + 1
-        return body
+            body = self._dispatch(request)
+        except Exception as e:
+            body = self._failed(request, e)
+        if not isinstance(body, Deferred):
+            self._count(request)
+            return body
+        # An operation on another node's connection waits for the directory.
+        finished = []
+        request.notifyFinish().addBoth(finished.append)
 
-    def _render(self, request):
-        try:
-            return self._dispatch(request)
-        except RestError as e:
+        def answer(result):
+            if finished:
+                return
+            if isinstance(result, Failure):
+                result = self._failed(request, result.value, result)
+            self._count(request)
+            if result:
+                request.write(result)
+            request.finish()
+        body.addBoth(answer).addErrback(log.failure, "REST answer failed")
+        return NOT_DONE_YET
+
+    def _count(self, request):
+        key = (request.restOperation, request.code)
+        self.requestCounts[key] = self.requestCounts.get(key, 0) + 1
+
+    def _failed(self, request, e, failure=None):
+        """
+        The error answer for an exception a handler raised or a Deferred
+        failed with.
+        """
+        if isinstance(e, RestError):
             return self._error(request, e)
-        except BadRequest as e:
+        if isinstance(e, BadRequest):
             return self._error(request, RestError(400, "BadRequest", e.message))
-        except NotFound as e:
+        if isinstance(e, NotFound):
             return self._error(request, RestError(404, "NotFound", e.message))
-        except BrokerError as e:
+        if isinstance(e, Unavailable):
+            return self._error(request, RestError(503, "ServiceUnavailable", e.message))
+        if isinstance(e, BrokerError):
             return self._error(request, RestError(400, e.name, e.message))
-        except Exception:
-            log.failure("REST {method} {uri} failed", method=request.method, uri=request.uri)
-            return self._error(request, RestError(500, "InternalServerError",
-                                                  "internal error; see the broker log"))
+        log.failure("REST {method} {uri} failed", failure, method=request.method,
+                    uri=request.uri)
+        return self._error(request, RestError(500, "InternalServerError",
+                                              "internal error; see the broker log"))
 
     def _dispatch(self, request):
         method = request.method.decode("ascii", "replace")
@@ -332,125 +360,121 @@ class RestAPI(Resource):
             return Message(JSON, text.strip().encode("utf-8"))
         return Message(TEXT, body)
 
-    def _send(self, request, hub, kind, name, args, candidates):
+    def _send(self, request, hub, kind, name, args):
         message = self._message(request)
-        excluded = set(args.list("excluded"))
+        if not self.core.engine.healthy():
+            # Refused whole rather than delivered to this node's receivers
+            # only: the caller can retry.
+            raise RestError(503, "ServiceUnavailable",
+                            "the cluster (Redis) is unreachable; the message was not sent")
+        excluded = args.list("excluded")
         ttl = args.one("messageTtlSeconds")
         if ttl is not None and (not ttl.isdigit() or int(ttl) > 300):
             raise RestError(400, "BadRequest", "messageTtlSeconds must be 0 to 300")
         text = args.one("filter")
         if text is not None:
-            predicate = compileFilter(text)
-            # The filter narrows the send: whoever it rejects is excluded.
-            excluded.update(s.connectionId for s in candidates() if not predicate(s))
-        hub.send(Target(kind, name, excluded), message)
-        return self._status(request, 202)
+            # Refused here if malformed; applied on every node that holds
+            # receivers (the filter travels as text).
+            self.core.sessionFilter(text)
+        return hub.send(Target(kind, name, excluded, text), message).addCallback(
+            lambda _: self._status(request, 202))
 
     def sendToAll(self, request, hub, params, args):
-        return self._send(request, hub, Target.HUB, None, args, hub.sessions)
+        return self._send(request, hub, Target.HUB, None, args)
 
     def sendToGroup(self, request, hub, params, args):
         group = checkName("group", params["group"])
-        return self._send(request, hub, Target.GROUP, group, args,
-                          lambda: hub.groupConnections(group))
+        return self._send(request, hub, Target.GROUP, group, args)
 
     def sendToUser(self, request, hub, params, args):
         user = checkName("userId", params["user"])
-        return self._send(request, hub, Target.USER, user, args,
-                          lambda: hub.userSessions(user))
+        return self._send(request, hub, Target.USER, user, args)
 
     def sendToConnection(self, request, hub, params, args):
-        cid = params["connection"]
-        return self._send(request, hub, Target.CONNECTION, cid, args,
-                          lambda: [hub.session(cid)] if hub.connectionExists(cid) else [])
+        return self._send(request, hub, Target.CONNECTION, params["connection"], args)
 
     # -- closing ----------------------------------------------------------
 
-    def _close(self, request, hub, sessions, args):
-        excluded = set(args.list("excluded"))
+    def _close(self, request, hub, kind, name, args):
+        target = Target(kind, name, args.list("excluded"))
         reason = args.one("reason") or "closed by the server"
-        hub.closeConnections([s for s in sessions if s.connectionId not in excluded],
-                             CloseCode.POLICY_VIOLATION, reason)
-        return self._status(request, 204)
+        # Idempotent, as in Azure: closing what has gone is fine.
+        return hub.close(target, CloseCode.POLICY_VIOLATION, reason).addCallback(
+            lambda _: self._status(request, 204))
 
     def closeAll(self, request, hub, params, args):
-        return self._close(request, hub, hub.sessions(), args)
+        return self._close(request, hub, Target.HUB, None, args)
 
     def closeGroup(self, request, hub, params, args):
-        group = checkName("group", params["group"])
-        return self._close(request, hub, hub.groupConnections(group), args)
+        return self._close(request, hub, Target.GROUP, checkName("group", params["group"]), args)
 
     def closeUser(self, request, hub, params, args):
-        user = checkName("userId", params["user"])
-        return self._close(request, hub, hub.userSessions(user), args)
+        return self._close(request, hub, Target.USER, checkName("userId", params["user"]), args)
 
     def closeConnection(self, request, hub, params, args):
-        # Idempotent, as in Azure: closing a connection that has gone is fine.
-        cid = params["connection"]
-        sessions = [hub.session(cid)] if hub.connectionExists(cid) else []
-        return self._close(request, hub, sessions, args)
+        return self._close(request, hub, Target.CONNECTION, params["connection"], args)
 
     # -- existence --------------------------------------------------------
 
     def _exists(self, request, found, what):
-        if not found:
-            raise RestError(404, "NotFound", f"{what} not found", quiet=True)
-        return self._status(request, 200)
+        def answer(found):
+            if not found:
+                raise RestError(404, "NotFound", f"{what} not found", quiet=True)
+            return self._status(request, 200)
+        return found.addCallback(answer)
 
     def connectionExists(self, request, hub, params, args):
         cid = params["connection"]
-        return self._exists(request, hub.connectionExists(cid), f"connection {cid!r}")
+        return self._exists(request, hub.findConnection(cid), f"connection {cid!r}")
 
     def groupExists(self, request, hub, params, args):
         group = params["group"]
-        return self._exists(request, hub.groupExists(group), f"group {group!r}")
+        return self._exists(request, hub.findGroup(group), f"group {group!r}")
 
     def userExists(self, request, hub, params, args):
         user = params["user"]
-        return self._exists(request, hub.userExists(user), f"user {user!r}")
+        return self._exists(request, hub.findUser(user), f"user {user!r}")
 
     # -- groups -----------------------------------------------------------
 
+    def _done(self, request, code, d):
+        return d.addCallback(lambda _: self._status(request, code))
+
     def addConnectionToGroup(self, request, hub, params, args):
-        hub.addConnectionToGroup(params["connection"], params["group"])
-        return self._status(request, 200)
+        return self._done(request, 200, hub.addConnectionToGroup(params["connection"],
+                                                                 params["group"]))
 
     def removeConnectionFromGroup(self, request, hub, params, args):
-        hub.removeConnectionFromGroup(params["connection"], params["group"])
-        return self._status(request, 204)
+        return self._done(request, 204, hub.removeConnectionFromGroup(params["connection"],
+                                                                      params["group"]))
 
     def removeConnectionFromAllGroups(self, request, hub, params, args):
-        hub.removeConnectionFromAllGroups(params["connection"])
-        return self._status(request, 204)
+        return self._done(request, 204, hub.removeConnectionFromAllGroups(params["connection"]))
 
     def addUserToGroup(self, request, hub, params, args):
-        hub.addUserToGroup(params["user"], params["group"])
-        return self._status(request, 200)
+        return self._done(request, 200, hub.addUserToGroup(params["user"], params["group"]))
 
     def removeUserFromGroup(self, request, hub, params, args):
-        hub.removeUserFromGroup(checkName("userId", params["user"]), params["group"])
-        return self._status(request, 204)
+        return self._done(request, 204, hub.removeUserFromGroup(
+            checkName("userId", params["user"]), params["group"]))
 
     def removeUserFromAllGroups(self, request, hub, params, args):
-        hub.removeUserFromAllGroups(checkName("userId", params["user"]))
-        return self._status(request, 204)
+        return self._done(request, 204, hub.removeUserFromAllGroups(
+            checkName("userId", params["user"])))
 
     # -- permissions ------------------------------------------------------
 
     def grantPermission(self, request, hub, params, args):
-        hub.grantPermission(params["connection"], params["permission"],
-                            args.one("targetName"))
-        return self._status(request, 200)
+        return self._done(request, 200, hub.grantPermission(
+            params["connection"], params["permission"], args.one("targetName")))
 
     def revokePermission(self, request, hub, params, args):
-        hub.revokePermission(params["connection"], params["permission"],
-                             args.one("targetName"))
-        return self._status(request, 204)
+        return self._done(request, 204, hub.revokePermission(
+            params["connection"], params["permission"], args.one("targetName")))
 
     def checkPermission(self, request, hub, params, args):
-        has = hub.hasPermission(params["connection"], params["permission"],
-                                args.one("targetName"))
-        return self._exists(request, has, "permission")
+        return self._exists(request, hub.hasPermission(
+            params["connection"], params["permission"], args.one("targetName")), "permission")
 
     # -- listings ---------------------------------------------------------
 
@@ -489,15 +513,15 @@ class RestAPI(Resource):
 
     def listConnections(self, request, hub, params, args):
         group = checkName("group", params["group"])
-        items = [(s.connectionId, {"connectionId": s.connectionId, "userId": s.userId})
-                 for s in hub.groupConnections(group)]
-        return self._page(request, args, items)
+        return hub.listGroupConnections(group).addCallback(lambda members: self._page(
+            request, args, [(cid, {"connectionId": cid, "userId": uid})
+                            for cid, uid in members]))
 
     def listUsers(self, request, hub, params, args):
         group = checkName("group", params["group"])
-        items = [(u, {"userId": u, "connectionCount": n})
-                 for u, n in hub.groupUsers(group).items()]
-        return self._page(request, args, items)
+        return hub.listGroupUsers(group).addCallback(lambda users: self._page(
+            request, args, [(u, {"userId": u, "connectionCount": n})
+                            for u, n in users.items()]))
 
     # -- tokens -----------------------------------------------------------
 

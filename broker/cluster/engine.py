@@ -1,0 +1,167 @@
+# -*- test-case-name: tests.test_cluster_engine -*-
+"""
+The Redis engine: every node delivers a publish to its own receivers at
+once and sends it to the others over the cluster bus (Redis pub/sub), where
+each delivers it to its own; so every receiver gets it exactly once, and a
+publisher's messages arrive in the order it made them on every node.
+
+Server commands (join a connection to a group, close a user's connections)
+travel the same bus, so a command and a publish made after it arrive in
+that order.  The directory (L{broker.cluster.directory}) answers
+cluster-wide queries.
+
+While Redis is unreachable, delivery to this node's receivers goes on and
+what could not reach the other nodes is counted
+(C{publishesLocalOnly}); server commands that need the cluster are refused
+with L{broker.core.errors.Unavailable}.  Once Redis is back, the node
+registers its connections again.
+
+A bus message is C{header LF payload}: the header a compact JSON list
+C{[hub, target, source, group, fromUserId, fromConnectionId, dataType,
+history]}, the payload the message's bytes as they are (no base64).
+"""
+
+import json
+
+from twisted.internet.defer import fail, succeed
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from broker.cluster.directory import RedisDirectory
+from broker.core.errors import Unavailable
+from broker.core.interfaces import IEngine
+from broker.core.message import Delivery, Message, Target
+
+log = Logger()
+
+_PUB = "pub"
+_CMD = "cmd"
+
+
+def encodeDelivery(hubName, target, delivery):
+    m = delivery.message
+    header = [hubName, target.toJSON(), delivery.source, delivery.group, delivery.fromUserId,
+              delivery.fromConnectionId, m.dataType, delivery.history]
+    return json.dumps(header, separators=(",", ":")).encode("utf-8") + b"\n" + m.data
+
+
+def decodeDelivery(payload):
+    """
+    @return: C{(hubName, target, delivery)}.
+    @raise ValueError: for a malformed message.
+    """
+    header, data = payload.split(b"\n", 1)
+    hubName, target, source, group, fromUser, fromConn, dataType, history = json.loads(header)
+    delivery = Delivery(Message(dataType, data), source, group, fromUser, fromConn)
+    if history is not None:
+        delivery.history = tuple(history)
+    return hubName, Target.fromJSON(target), delivery
+
+
+@implementer(IEngine)
+class RedisEngine:
+    """
+    @ivar publishesLocalOnly: publishes that reached this node's receivers
+        only, because Redis was unreachable.
+    @ivar badMessages: malformed bus messages dropped.
+    """
+
+    def __init__(self, cluster):
+        self.cluster = cluster
+        self.nodeId = cluster.nodeId
+        self.directory = RedisDirectory(cluster)
+        self._core = None
+        self.publishesLocalOnly = 0
+        self.publishesSent = 0
+        self.publishesReceived = 0
+        self.badMessages = 0
+        self.reapedConnections = 0
+        cluster.onMessage(_PUB, self._published)
+        cluster.onMessage(_CMD, self._commanded)
+        cluster.onResync(self._register)
+        cluster.onNodeDead(self._reap)
+
+    def attach(self, core):
+        self._core = core
+
+    def healthy(self):
+        return self._core is not None and self.cluster.healthy
+
+    COUNTERS = ("publishesSent", "publishesReceived", "publishesLocalOnly", "badMessages",
+                "reapedConnections")
+
+    def stats(self):
+        figures = {k: getattr(self, k) for k in self.COUNTERS}
+        figures.update(node=self.nodeId, redisConnected=bool(self.cluster.redis.connected),
+                       nodesReaped=self.cluster.reaped)
+        return figures
+
+    # -- publishing -------------------------------------------------------
+
+    def publish(self, hubName, target, delivery):
+        self._core.deliverLocal(hubName, target, delivery)
+        if target.kind == Target.CONNECTION:
+            hub = self._core.hubs.get(hubName)
+            if hub is not None and hub.connectionExists(target.name):
+                # Its one receiver is here: nothing to tell the others.
+                return succeed(None)
+        if not self.cluster.healthy:
+            self.publishesLocalOnly += 1
+            return succeed(None)
+        self.publishesSent += 1
+        return self.cluster.broadcast(_PUB, encodeDelivery(hubName, target, delivery)).addErrback(
+            self._localOnly)
+
+    def _localOnly(self, failure):
+        failure.trap(Unavailable)
+        self.publishesLocalOnly += 1
+
+    def _published(self, origin, payload):
+        try:
+            hubName, target, delivery = decodeDelivery(payload)
+        except Exception as e:
+            self.badMessages += 1
+            log.warn("cluster: malformed publish from {origin} dropped: {e}", origin=origin, e=e)
+            return
+        self.publishesReceived += 1
+        self._core.deliverLocal(hubName, target, delivery)
+
+    # -- commands ---------------------------------------------------------
+
+    def command(self, hubName, command, node=None):
+        if node == self.nodeId:
+            self._core.applyCommand(hubName, command)
+            return succeed(None)
+        if not self.cluster.healthy:
+            return self._refused()
+        payload = json.dumps([hubName, command], separators=(",", ":")).encode("utf-8")
+        if node is None:
+            self._core.applyCommand(hubName, command)
+            return self.cluster.broadcast(_CMD, payload).addCallback(lambda _: None)
+        return self.cluster.send(node, _CMD, payload).addCallback(lambda _: None)
+
+    def _refused(self):
+        return fail(Unavailable("the cluster (Redis) is unreachable; try again later"))
+
+    def _commanded(self, origin, payload):
+        try:
+            hubName, command = json.loads(payload)
+            command["op"]
+        except Exception as e:
+            self.badMessages += 1
+            log.warn("cluster: malformed command from {origin} dropped: {e}", origin=origin, e=e)
+            return
+        self._core.applyCommand(hubName, command)
+
+    # -- nodes ------------------------------------------------------------
+
+    def _register(self):
+        if self._core is None:
+            return succeed(None)
+        return self.directory.register(self._core.hubs)
+
+    def _reap(self, nodeId):
+        def removed(n):
+            self.reapedConnections += n
+            log.warn("cluster: removed {n} connections of node {node}", n=n, node=nodeId)
+        return self.directory.reap(nodeId).addCallback(removed)

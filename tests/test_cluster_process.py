@@ -1,0 +1,258 @@
+# -*- test-case-name: tests.test_cluster_process -*-
+"""
+Three real broker processes (C{twistd -n broker}) joined through a real
+redis-server: Web PubSub clients on different nodes in one group, Microsoft's
+service SDK driving the REST API on a third node, a node killed with
+SIGKILL, and Redis stopped and restarted under the running nodes.
+"""
+
+import json
+
+import treq
+from autobahn.twisted.websocket import WebSocketClientFactory
+from azure.core.exceptions import HttpResponseError
+from azure.messaging.webpubsubservice import WebPubSubServiceClient
+from twisted.internet import defer, reactor, threads
+from twisted.internet.endpoints import TCP4ClientEndpoint
+from twisted.python.filepath import FilePath
+from twisted.trial.unittest import TestCase
+
+from broker.auth.tokens import makeClientToken
+from tests.redisserver import RedisServer, settle
+from tests.test_tap import TwistdTestsMixin
+from tests.wsharness import Client
+
+KEY = "cluster-test-key-0123456789abcdef"
+JOIN, SEND = "webpubsub.joinLeaveGroup", "webpubsub.sendToGroup"
+
+CONFIG = """\
+[broker]
+state_dir = "{state}"
+[admin]
+listen = ["tcp:0:interface=127.0.0.1"]
+[cluster]
+redis_url = "{redis}"
+prefix = "it"
+node_id = "{node}"
+heartbeat = 0.2
+dead_after = 1.0
+[webpubsub]
+listen = ["tcp:0:interface=127.0.0.1"]
+access_keys = ["{key}"]
+[webpubsub.hubs.chat]
+[iot]
+enabled = false
+"""
+
+LISTENERS = ["webpubsub.listen[0]", "admin.listen[0]"]
+
+
+class ClusterProcessTests(TwistdTestsMixin, TestCase):
+    timeout = 120
+
+    @defer.inlineCallbacks
+    def setUp(self):
+        self.redis = RedisServer(self, reactor)
+        yield self.redis.start()
+        self.directory = FilePath(self.mktemp())
+        self.directory.makedirs()
+        self.nodes = {}
+        self.clients = []
+        self.sdks = []
+        self.addCleanup(self._closeClients)
+        for name in ("a", "b", "c"):
+            yield self.startNode(name)
+
+    @defer.inlineCallbacks
+    def startNode(self, name):
+        config = self.directory.child(f"{name}.toml")
+        config.setContent(CONFIG.format(state=self.directory.child(name).path,
+                                        redis=self.redis.url, node=name, key=KEY).encode())
+        proc = self.spawn(["-n", "--pidfile=", "broker", "--config", config.path],
+                          self.directory, LISTENERS)
+        ports = yield proc.listening
+        proc.wps = ports["webpubsub.listen[0]"]
+        proc.admin = ports["admin.listen[0]"]
+        self.nodes[name] = proc
+        yield self.waitHealth(name, 200)
+        return proc
+
+    @defer.inlineCallbacks
+    def healthz(self, name):
+        response = yield treq.get(f"http://127.0.0.1:{self.nodes[name].admin}/healthz",
+                                  reactor=reactor, persistent=False)
+        body = yield treq.content(response)
+        return response.code, body
+
+    @defer.inlineCallbacks
+    def stats(self, name):
+        response = yield treq.get(f"http://127.0.0.1:{self.nodes[name].admin}/stats",
+                                  reactor=reactor, persistent=False)
+        return json.loads((yield treq.content(response)))
+
+    @defer.inlineCallbacks
+    def _closeClients(self):
+        for c in self.clients:
+            if c.transport is not None and c.state != c.STATE_CLOSED:
+                c.transport.abortConnection()
+        yield defer.DeferredList([c.closed for c in self.clients])
+        for sdk in self.sdks:
+            yield threads.deferToThread(sdk.close)
+
+    @defer.inlineCallbacks
+    def connect(self, name, userId, roles=(JOIN, SEND)):
+        port = self.nodes[name].wps
+        url = f"ws://127.0.0.1:{port}/client/hubs/chat"
+        token = makeClientToken(KEY, url, userId=userId, roles=roles)
+        factory = WebSocketClientFactory(f"{url}?access_token={token}",
+                                         protocols=["json.webpubsub.azure.v1"], reactor=reactor)
+        factory.protocol = Client
+        factory.setProtocolOptions(autoPingInterval=0, failByDrop=False)
+        proto = yield TCP4ClientEndpoint(reactor, "127.0.0.1", port).connect(factory)
+        self.clients.append(proto)
+        yield proto.opened
+        hello = yield proto.nextJSON()
+        proto.connectionId = hello["connectionId"]
+        return proto
+
+    @defer.inlineCallbacks
+    def join(self, client, group, ackId=1):
+        client.send({"type": "joinGroup", "group": group, "ackId": ackId})
+        ack = yield client.nextJSON()
+        self.assertTrue(ack["success"], ack)
+
+    def sdk(self, name):
+        c = WebPubSubServiceClient.from_connection_string(
+            f"Endpoint=http://127.0.0.1:{self.nodes[name].wps};AccessKey={KEY};Version=1.0;",
+            hub="chat")
+        self.sdks.append(c)
+        return c
+
+    def call(self, f, *args, **kw):
+        return threads.deferToThread(f, *args, **kw)
+
+    @defer.inlineCallbacks
+    def waitHealth(self, name, code):
+        for _ in range(200):
+            got, body = yield self.healthz(name)
+            if got == code:
+                return body
+            yield settle(reactor, 0.05)
+        self.fail(f"node {name} never answered /healthz {code}")
+
+    # -- tests ------------------------------------------------------------
+
+    @defer.inlineCallbacks
+    def test_groupAcrossNodesAndRESTOnAThird(self):
+        x = yield self.connect("a", "xavier")
+        y = yield self.connect("b", "yvonne")
+        yield self.join(x, "g")
+        yield self.join(y, "g")
+        x.send({"type": "sendToGroup", "group": "g", "ackId": 2, "dataType": "text",
+                "data": "from a", "noEcho": True})
+        self.assertEqual((yield x.nextJSON())["success"], True)
+        got = yield y.nextJSON()
+        self.assertEqual((got["fromUserId"], got["data"]), ("xavier", "from a"))
+
+        sdk = self.sdk("c")
+        # The directory: node c sees the connections of a and b.
+        self.assertTrue((yield self.call(sdk.connection_exists, y.connectionId)))
+        self.assertTrue((yield self.call(sdk.group_exists, "g")))
+        self.assertTrue((yield self.call(sdk.user_exists, "xavier")))
+        members = yield self.call(lambda: list(sdk.list_connections(group="g")))
+        self.assertEqual(sorted(m.connection_id for m in members),
+                         sorted([x.connectionId, y.connectionId]))
+        # A send from node c reaches both, exactly once.
+        yield self.call(sdk.send_to_group, "g", "from c", content_type="text/plain")
+        for client in (x, y):
+            m = yield client.nextJSON()
+            self.assertEqual(m["data"], "from c")
+        # Adding a user to a group on c affects its connection on b.
+        yield self.call(sdk.add_user_to_group, "g2", "yvonne")
+        yield self.call(sdk.send_to_group, "g2", {"n": 1})
+        self.assertEqual((yield y.nextJSON())["data"], {"n": 1})
+        # Permissions granted on c hold where the connection is.
+        z = yield self.connect("a", "zoe", roles=())
+        yield self.call(sdk.grant_permission, "sendToGroup", z.connectionId, target_name="g")
+        self.assertTrue((yield self.call(sdk.has_permission, "sendToGroup", z.connectionId,
+                                         target_name="g")))
+        z.send({"type": "sendToGroup", "group": "g", "ackId": 9, "dataType": "text",
+                "data": "zoe"})
+        self.assertEqual((yield z.nextJSON())["success"], True)
+        for client in (x, y):
+            self.assertEqual((yield client.nextJSON())["data"], "zoe")
+        # Closing a user from c closes its connection on b.
+        yield self.call(sdk.close_user_connections, "yvonne", reason="bye")
+        code, reason = yield y.closed
+        self.assertEqual(code, 1008)
+        yield settle(reactor, 0.2)
+        self.assertEqual(x.frames, [])
+
+    @defer.inlineCallbacks
+    def test_nodeKilledLeavesPresence(self):
+        x = yield self.connect("a", "xavier")
+        y = yield self.connect("b", "yvonne")
+        yield self.join(x, "g")
+        yield self.join(y, "g")
+        sdk = self.sdk("a")
+        self.assertTrue((yield self.call(sdk.connection_exists, y.connectionId)))
+        self.nodes["b"].transport.signalProcess("KILL")
+        yield self.nodes["b"].ended
+        start = reactor.seconds()
+        while (yield self.call(sdk.connection_exists, y.connectionId)):
+            self.assertLess(reactor.seconds() - start, 5, "b's connection never left")
+            yield settle(reactor, 0.1)
+        # Bounded by dead_after plus a heartbeat or two.
+        self.assertLess(reactor.seconds() - start, 1.0 + 2 * 0.2 + 1.0)
+        self.assertFalse((yield self.call(sdk.user_exists, "yvonne")))
+        members = yield self.call(lambda: list(sdk.list_connections(group="g")))
+        self.assertEqual([m.connection_id for m in members], [x.connectionId])
+        # The survivors go on.
+        w = yield self.connect("c", "walter")
+        yield self.join(w, "g")
+        w.send({"type": "sendToGroup", "group": "g", "ackId": 2, "dataType": "text",
+                "data": "still here", "noEcho": True})
+        self.assertEqual((yield w.nextJSON())["success"], True)
+        self.assertEqual((yield x.nextJSON())["data"], "still here")
+        stats = yield self.stats("a")
+        self.assertEqual(stats["cluster"]["node"], "a")
+
+    @defer.inlineCallbacks
+    def test_redisStoppedAndRestarted(self):
+        x = yield self.connect("a", "xavier")
+        x2 = yield self.connect("a", "xena")
+        y = yield self.connect("b", "yvonne")
+        for c in (x, x2, y):
+            yield self.join(c, "g")
+        yield self.redis.stop()
+        body = yield self.waitHealth("a", 503)
+        self.assertIn(b"Redis", body)
+        # Local delivery keeps working.
+        x.send({"type": "sendToGroup", "group": "g", "ackId": 2, "dataType": "text",
+                "data": "local", "noEcho": True})
+        self.assertEqual((yield x.nextJSON())["success"], True)
+        self.assertEqual((yield x2.nextJSON())["data"], "local")
+        # The REST API refuses what needs the cluster, clearly.
+        sdk = self.sdk("a")
+        e = yield self.assertFailure(
+            self.call(sdk.send_to_all, "x", content_type="text/plain"), HttpResponseError)
+        self.assertEqual(e.status_code, 503)
+        e = yield self.assertFailure(
+            self.call(sdk.connection_exists, y.connectionId), HttpResponseError)
+        self.assertEqual(e.status_code, 503)
+        lines = [line for line in self.nodes["a"].lines() if "connection lost" in line]
+        self.assertEqual(len(lines), 1, self.nodes["a"].text())
+        # Redis comes back (empty): the nodes reconnect and re-register.
+        yield self.redis.start()
+        yield self.waitHealth("a", 200)
+        yield self.waitHealth("b", 200)
+        self.assertTrue((yield self.call(sdk.connection_exists, y.connectionId)))
+        members = yield self.call(lambda: list(sdk.list_connections(group="g")))
+        self.assertEqual(len(members), 3)
+        y.send({"type": "sendToGroup", "group": "g", "ackId": 3, "dataType": "text",
+                "data": "after", "noEcho": True})
+        self.assertEqual((yield y.nextJSON())["success"], True)
+        for c in (x, x2):
+            self.assertEqual((yield c.nextJSON())["data"], "after")
+        self.assertFalse(any("Traceback" in line for line in self.nodes["a"].lines()),
+                         self.nodes["a"].text())
