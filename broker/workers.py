@@ -446,10 +446,11 @@ class WorkerPool(service.Service):
             self._previousHUP = signal.signal(signal.SIGHUP, self._onHUP)
         first, rest = self.workers[0], self.workers[1:]
 
-        def others(_):
+        def others(ready):
             if not self.stopping:
                 for worker in rest:
                     self._spawn(worker)
+            return ready
         self._spawn(first).addCallback(others)
 
     def _spawn(self, worker):

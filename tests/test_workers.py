@@ -337,6 +337,41 @@ class WorkerPoolTests(TestCase):
                          ("Fatal Python error", "w0 stderr", LogLevel.error))
 
 
+HUNG_WORKER = b"""#!/bin/sh
+trap '' TERM
+printf '\036{"workerReady": true, "nodeId": "hung", "log_format": "ready"}\\n'
+exec sleep 30
+"""
+
+
+class HungWorkerTests(TestCase):
+    @defer.inlineCallbacks
+    def test_killedAfterStopTimeout(self):
+        """
+        A worker that ignores SIGTERM gets SIGKILL after C{stopTimeout}
+        seconds, so a hung worker cannot hang the broker's shutdown.
+        """
+        script = FilePath(self.mktemp())
+        script.setContent(HUNG_WORKER)
+        script.chmod(0o755)
+        events = []
+        pool = workers.WorkerPool(reactor, clusterSettings(), 1, python=script.path,
+                                  env=dict(os.environ), stopTimeout=0.5,
+                                  publisher=events.append)
+        pool.startService()
+        self.addCleanup(lambda: pool.stopService() if pool.running else None)
+        worker = yield pool.workers[0].ready
+        self.assertEqual(worker.nodeId, "hung")
+        started = reactor.seconds()
+        with capturedLogs() as logged:
+            yield pool.stopService()
+        self.assertGreaterEqual(reactor.seconds() - started, 0.5)
+        self.assertFalse(worker.alive)
+        lines = [formatEvent(e) for e in logged]
+        self.assertIn(f"w0 (pid {worker.pid}) still running after 0.5 s: SIGKILL", lines)
+        self.assertIn(f"w0 (pid {worker.pid}) stopped: killed by signal 9", lines)
+
+
 # -- real twistd processes --------------------------------------------------
 
 READY = re.compile(r"\[(w\d+) broker\.workers#info\] ready: node (\S+), pid (\d+)$")
