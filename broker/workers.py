@@ -164,6 +164,10 @@ class _Shared(protocol.Factory):
 
     noisy = False
 
+    def logPrefix(self):
+        # Twisted logs "<prefix> starting on <port>".
+        return "Shared with the workers:"
+
     def buildProtocol(self, addr):
         return None
 
