@@ -69,12 +69,18 @@ class Broker:
     registry of C{devices} devices in fleet C{bench} and one API key.
     """
 
-    def __init__(self, workdir, devices=64, extra=""):
+    def __init__(self, workdir, devices=64, extra="", like=None):
+        os.makedirs(workdir, exist_ok=True)
         self.workdir = workdir
         self.tcp, self.udp, self.http, self.admin = (freePort() for _ in range(4))
-        self.secrets = {f"dev{i}": newSecret() for i in range(devices)}
-        self.centralSecret = newSecret()
-        self.apiKey, _ = apikeys.newKey()
+        if like is not None:
+            # Another node of the same cluster: the same registry and key.
+            self.secrets, self.centralSecret, self.apiKey = (
+                like.secrets, like.centralSecret, like.apiKey)
+        else:
+            self.secrets = {f"dev{i}": newSecret() for i in range(devices)}
+            self.centralSecret = newSecret()
+            self.apiKey, _ = apikeys.newKey()
         registry = os.path.join(workdir, "registry.toml")
         with open(registry, "w") as f:
             f.write(f'[fleets.{FLEET}]\ncentral_key = "{self.centralSecret}"\n')
@@ -180,7 +186,10 @@ async def benchHeldRequests(run):
     for did in list(broker.secrets)[:opts.devices]:
         c = IoTClient("device", FLEET, did, broker.secrets[did])
         c.onRequest = lambda frame: frame.payload
-        await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", broker.tcp), c)
+        # With --nodes 2 the devices are on the other node: every request
+        # crosses the cluster bus both ways.
+        await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", run.deviceBroker.tcp),
+                              c)
         await c.authenticated
         devices.append(did)
     conns = []
@@ -220,7 +229,7 @@ async def benchHeldRequests(run):
         errors = 0
         issued[0] = 0
         total = opts.requests if concurrency > 1 else max(200, opts.requests // 10)
-        cpu0, own0, t0 = broker.cpu(), ownCpu(), time.perf_counter()
+        cpu0, own0, t0 = run.cpu(), ownCpu(), time.perf_counter()
         await defer.gatherResults([defer.Deferred.fromCoroutine(worker(c, i))
                                    for i, c in enumerate(conns[:concurrency])])
         elapsed = time.perf_counter() - t0
@@ -229,14 +238,16 @@ async def benchHeldRequests(run):
             "part": "held requests", "concurrency": concurrency, "devices": len(devices),
             "requests": total, "errors": errors, "perSecond": total / elapsed,
             "p50ms": percentile(latencies, 50) * 1000, "p99ms": percentile(latencies, 99) * 1000,
-            "brokerCpu": broker.cpu() - cpu0, "loadCpu": ownCpu() - own0, "seconds": elapsed})
+            "brokerCpu": run.cpu() - cpu0, "loadCpu": ownCpu() - own0, "seconds": elapsed,
+            "nodes": len(run.brokers)})
     for c in conns:
         c.transport.loseConnection()
     return results
 
 
 def printHeld(r):
-    print(f"held requests, {r['concurrency']} in flight over {r['devices']} devices: "
+    where = " on the other node" if r["nodes"] > 1 else ""
+    print(f"held requests, {r['concurrency']} in flight over {r['devices']} devices{where}: "
           f"{r['perSecond']:,.0f} round trips/s, p50 {r['p50ms']:.2f} ms, "
           f"p99 {r['p99ms']:.2f} ms ({r['requests']} requests, {r['errors']} errors; "
           f"CPU broker {r['brokerCpu']:.2f} s, load {r['loadCpu']:.2f} s)")
@@ -429,11 +440,37 @@ PARTS = [
 ]
 
 
+def startRedis(workdir):
+    """
+    A redis-server on a free loopback port, no persistence (the cluster
+    run measures the broker's Redis round trips, not Redis' disk).
+    """
+    port = freePort()
+    process = subprocess.Popen(
+        [shutil.which("redis-server") or "/usr/bin/redis-server", "--port", str(port),
+         "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", workdir],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return process, f"redis://127.0.0.1:{port}/0"
+        except OSError:
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("redis-server did not start")
+            time.sleep(0.05)
+
+
 class Run:
-    def __init__(self, reactor, opts, broker):
+    def __init__(self, reactor, opts, broker, brokers=None):
         self.reactor = reactor
         self.opts = opts
         self.broker = broker
+        self.brokers = brokers or [broker]
+        self.deviceBroker = self.brokers[-1]
+
+    def cpu(self):
+        return sum(b.cpu() for b in self.brokers)
 
 
 def parseArgs(argv):
@@ -452,7 +489,15 @@ def parseArgs(argv):
     p.add_argument("--queued", type=int, default=5000,
                    help="messages queued for the drain part")
     p.add_argument("--keep", action="store_true", help="keep the work directory")
+    p.add_argument("--cluster", action="store_true",
+                   help="run the broker as one cluster node over a fresh redis-server "
+                        "(Redis store, tokens and presence)")
+    p.add_argument("--nodes", type=int, default=1, choices=(1, 2),
+                   help="2: a second cluster node holds the devices of the held part "
+                        "(implies --cluster)")
     opts = p.parse_args(argv)
+    if opts.nodes > 1:
+        opts.cluster = True
     if opts.quick:
         opts.requests = min(opts.requests, 2000)
         opts.datagrams = min(opts.datagrams, 20000)
@@ -469,9 +514,23 @@ def main(argv=None):
 
     opts = parseArgs(sys.argv[1:] if argv is None else argv)
     workdir = tempfile.mkdtemp(prefix="iot-bench-")
-    broker = Broker(workdir, devices=max(64, opts.devices))
-    broker.start()
-    run = Run(reactor, opts, broker)
+    redis, extra = None, ""
+    if opts.cluster:
+        redis, url = startRedis(workdir)
+        extra = f'[cluster]\nredis_url = "{url}"\nprefix = "bench"\n'
+    broker = Broker(workdir, devices=max(64, opts.devices), extra=extra)
+    brokers = [broker] + [Broker(os.path.join(workdir, f"node{i}"), extra=extra, like=broker)
+                          for i in range(1, opts.nodes)]
+    try:
+        for b in brokers:
+            b.start()
+    except BaseException:
+        for b in brokers:
+            b.stop()
+        if redis is not None:
+            redis.terminate()
+        raise
+    run = Run(reactor, opts, broker, brokers)
     outcome = {}
 
     async def everything():
@@ -492,7 +551,11 @@ def main(argv=None):
     try:
         reactor.run()
     finally:
-        broker.stop()
+        for b in brokers:
+            b.stop()
+        if redis is not None:
+            redis.terminate()
+            redis.wait(10)
         if opts.keep:
             print(f"work directory kept: {workdir}")
         else:

@@ -23,7 +23,7 @@ from prometheus_client.registry import CollectorRegistry
 
 from broker import config as brokerconfig
 from broker.admin.resource import makeAdminSite
-from broker.cluster.build import buildCluster
+from broker.cluster.build import ClusterService, buildCluster
 from broker.core.router import Core
 from broker.faces import FACES, FaceContext, faceModule
 from broker.webpubsub.face import ACCESS_KEY_FILE, developmentKey  # noqa: F401 (re-exported)
@@ -187,9 +187,8 @@ def buildService(settings, reactor, foreground=True, ports=None):
     cluster = buildCluster(reactor, settings)
     engine = None
     if cluster is not None:
-        # Redis first and the node next, so both outlive every face on stop.
-        cluster.redis.setServiceParent(top)
-        cluster.setServiceParent(top)
+        # First in the tree: it outlives every face on stop.
+        ClusterService(cluster).setServiceParent(top)
         from broker.cluster.engine import RedisEngine
         engine = RedisEngine(cluster)
     core = Core(reactor, engine=engine, fanoutChunk=settings["webpubsub"]["fanout_chunk"])

@@ -1,7 +1,9 @@
 """
 An IoT concentrator on real sockets for tests: TCP (and TLS) on
 127.0.0.1:0, UDP on 127.0.0.1:0, the SQLite store in a temporary
-directory, and clients that authenticate.
+directory (or, given a L{broker.cluster.node.Cluster}, the cluster
+concentrator with its Redis store and tokens), and clients that
+authenticate.
 """
 
 from twisted.internet import defer, ssl
@@ -38,8 +40,9 @@ def fleets():
 
 
 class IoTHarness:
-    def __init__(self, testCase, reactor, tls=False, core=None, **options):
+    def __init__(self, testCase, reactor, tls=False, core=None, cluster=None, **options):
         self.testCase = testCase
+        self.cluster = cluster
         self.reactor = reactor
         self.tls = tls
         self.core = core
@@ -54,13 +57,25 @@ class IoTHarness:
             self.core.startService()
             tc.addCleanup(self.core.stopService)
         self.registry = Registry(fleets())
-        self.store = SQLiteMessageStore.open(reactor, tc.mktemp() + "/iot.sqlite")
-        self.store.runner.start()
-        tc.addCleanup(self.store.runner.close)
         factoryOptions = {k: opts.pop(k) for k in list(opts)
                           if k in ("authTimeout", "pingInterval", "pingTimeout", "maxFrame",
                                    "maxOutputBuffer", "maxInFlight")}
-        self.concentrator = Concentrator(reactor, self.core, self.registry, self.store, **opts)
+        if self.cluster is not None:
+            from broker.iot.clustered import ClusterConcentrator
+            from broker.iot.clustertokens import ClusterTokenBook
+            from broker.iot.redisstore import RedisMessageStore
+            self.store = RedisMessageStore(self.cluster)
+            tokens = ClusterTokenBook(self.cluster, opts.get("tokenTTL", 300.0))
+            self.concentrator = ClusterConcentrator(reactor, self.core, self.registry,
+                                                    self.store, self.cluster, tokens=tokens,
+                                                    **opts)
+            tc.addCleanup(self.concentrator.stop)
+        else:
+            self.store = SQLiteMessageStore.open(reactor, tc.mktemp() + "/iot.sqlite")
+            self.store.runner.start()
+            tc.addCleanup(self.store.runner.close)
+            self.concentrator = Concentrator(reactor, self.core, self.registry, self.store,
+                                             **opts)
         self.factory = IoTFactory(reactor, self.concentrator, **factoryOptions)
         if self.tls:
             from tests.certs import makeCertificate

@@ -24,9 +24,12 @@ class PeerBroker:
     @param stateDir: where the store and keys go (a fresh temporary
         directory by default; pass the same one to a second broker to test
         restarts).
+    @param cluster: a started L{broker.cluster.node.Cluster}: this broker
+        is then one node of it, on its Redis store.
     """
 
-    def __init__(self, testCase, reactor, toml="", clock=None, stateDir=None, tls=False):
+    def __init__(self, testCase, reactor, toml="", clock=None, stateDir=None, tls=False,
+                 cluster=None):
         self.testCase = testCase
         self.reactor = reactor
         self.clock = clock
@@ -36,6 +39,7 @@ class PeerBroker:
         self.cfg = self.settings["peergroups"]
         self.stateDir = stateDir or testCase.mktemp()
         self.tls = tls
+        self.cluster = cluster
         self.clients = []
         self.running = False
 
@@ -43,7 +47,7 @@ class PeerBroker:
     def start(self):
         self.core = Core(self.reactor)
         self.store, self.pg = makePeerGroups(self.reactor, self.core, self.cfg, self.stateDir,
-                                             clock=self.clock)
+                                             clock=self.clock, cluster=self.cluster)
         self.core.startService()
         self.store.start()
         self.pg.startService()

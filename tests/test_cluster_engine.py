@@ -182,3 +182,49 @@ class ClusterLifeTests(unittest.TestCase):
         # Its core closed its sessions on the way out: gone from the directory.
         yield waitFor(lambda: self.nodes.redis.command("HLEN", "t:h:1:h:c") == b":0\r\n")
         self.assertFalse((yield self.ha.findConnection("b1")))
+
+
+class RestartTests(unittest.TestCase):
+    @defer.inlineCallbacks
+    def test_sameIdReapedAgainAfterRestart(self):
+        """
+        A node that stopped cleanly and came back under the same id is
+        reaped like any other when it then dies.
+        """
+        nodes = RedisNodes(self)
+        a, b = yield nodes.start(2)
+        yield nodes.stop(b)
+        b = nodes.add("n1")
+        yield waitFor(lambda: b.engine.healthy())
+        b.hub("h").admit(RecordingConnection("b1"), None, (), ["g"])
+        yield nodes.settle()
+        self.assertTrue((yield a.hub("h").findConnection("b1")))
+        b.cluster._beat.stop()
+        b.cluster.redis._upHooks = []
+        yield waitFor(lambda: a.engine.reapedConnections == 1, timeout=5)
+        self.assertFalse((yield a.hub("h").findConnection("b1")))
+
+
+class BuildTests(unittest.TestCase):
+    def test_singleNodeByDefault(self):
+        from broker import config
+        from broker.cluster.build import buildCluster
+        self.assertIsNone(buildCluster(reactor, config.parse("")))
+
+    def test_badURLNamesTheKey(self):
+        from broker import config
+        from broker.cluster.build import buildCluster
+        settings = config.parse('[cluster]\nredis_url = "http://h"\n')
+        e = self.assertRaises(config.ConfigError, buildCluster, reactor, settings)
+        self.assertEqual(e.key, "cluster.redis_url")
+
+    def test_clusterSettings(self):
+        from broker import config
+        from broker.cluster.build import buildCluster
+        cluster = buildCluster(reactor, config.parse(
+            '[cluster]\nredis_url = "redis://:pw@h:7/2"\nprefix = "p"\nnode_id = "n1"\n'
+            'heartbeat = 0.5\ndead_after = 3\n'))
+        self.assertEqual((cluster.nodeId, cluster.prefix, cluster.heartbeat, cluster.deadAfter),
+                         ("n1", "p", 0.5, 3.0))
+        self.assertEqual((cluster.redis.host, cluster.redis.port, cluster.redis.password,
+                          cluster.redis.db), ("h", 7, "pw", 2))

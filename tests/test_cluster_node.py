@@ -62,3 +62,38 @@ class ClusterNodeTests(unittest.TestCase):
         self.assertEqual(len(dead), 1)
         self.assertEqual(dead[0][1], "c")
         self.assertEqual(sorted((yield a.liveNodes())), ["a", "b"])
+
+    @defer.inlineCallbacks
+    def test_oneTurnOneBatchInOrder(self):
+        """
+        Messages made in one reactor turn travel together, in the order
+        they were made, across topics and channels.
+        """
+        got = []
+        a, b, c = self.nodes
+        for topic in ("x", "y"):
+            b.onMessage(topic, lambda origin, payload, t=topic: got.append((t, payload)))
+        publishes = []
+        monitor = a.redis.execute
+        a.redis.execute = lambda *args, **kw: (publishes.append(args[1]), monitor(*args, **kw))[1]
+        ds = [a.broadcast("x", b"1"), a.broadcast("y", b"2"), a.send("b", "x", b"3"),
+              a.broadcast("x", b"4"), a.broadcast("x", b"5")]
+        results = yield defer.gatherResults(ds)
+        yield waitFor(lambda: len(got) == 5)
+        self.assertEqual(got, [("x", b"1"), ("y", b"2"), ("x", b"3"), ("x", b"4"), ("x", b"5")])
+        self.assertEqual(publishes, ["t:bus", "t:node:b", "t:bus"])
+        self.assertEqual(results, [3, 3, 1, 3, 3])
+
+    @defer.inlineCallbacks
+    def test_malformedDropped(self):
+        got = []
+        a, b, c = self.nodes
+        b.onMessage("x", lambda origin, payload: got.append(payload))
+        yield self.redis_publish("t:bus", b"a\n*\n\x00\x00\x00\x09short")
+        yield self.redis_publish("t:bus", b"no-newline")
+        yield a.broadcast("x", b"fine")
+        yield waitFor(lambda: got == [b"fine"])
+        self.assertEqual(b.badMessages, 2)
+
+    def redis_publish(self, channel, message):
+        return self.nodes[2].redis.execute("PUBLISH", channel, message)

@@ -47,24 +47,25 @@ enabled = false
 LISTENERS = ["webpubsub.listen[0]", "admin.listen[0]"]
 
 
-class ClusterProcessTests(TwistdTestsMixin, TestCase):
+class ClusterProcessMixin(TwistdTestsMixin):
+    """
+    Broker nodes as real twistd processes on one test redis-server, and
+    clients of them.
+    """
+
     timeout = 120
 
-    @defer.inlineCallbacks
-    def setUp(self):
+    def prepare(self):
         self.redis = RedisServer(self, reactor)
-        yield self.redis.start()
         self.directory = FilePath(self.mktemp())
         self.directory.makedirs()
         self.nodes = {}
         self.clients = []
         self.sdks = []
         self.addCleanup(self._closeClients)
-        for name in ("a", "b", "c"):
-            yield self.startNode(name)
 
     @defer.inlineCallbacks
-    def startNode(self, name):
+    def startNode(self, name, healthy=True):
         config = self.directory.child(f"{name}.toml")
         config.setContent(CONFIG.format(state=self.directory.child(name).path,
                                         redis=self.redis.url, node=name, key=KEY).encode())
@@ -74,7 +75,8 @@ class ClusterProcessTests(TwistdTestsMixin, TestCase):
         proc.wps = ports["webpubsub.listen[0]"]
         proc.admin = ports["admin.listen[0]"]
         self.nodes[name] = proc
-        yield self.waitHealth(name, 200)
+        if healthy:
+            yield self.waitHealth(name, 200)
         return proc
 
     @defer.inlineCallbacks
@@ -140,7 +142,15 @@ class ClusterProcessTests(TwistdTestsMixin, TestCase):
             yield settle(reactor, 0.05)
         self.fail(f"node {name} never answered /healthz {code}")
 
-    # -- tests ------------------------------------------------------------
+
+
+class ClusterProcessTests(ClusterProcessMixin, TestCase):
+    @defer.inlineCallbacks
+    def setUp(self):
+        self.prepare()
+        yield self.redis.start()
+        for name in ("a", "b", "c"):
+            yield self.startNode(name)
 
     @defer.inlineCallbacks
     def test_groupAcrossNodesAndRESTOnAThird(self):
@@ -256,3 +266,45 @@ class ClusterProcessTests(TwistdTestsMixin, TestCase):
             self.assertEqual((yield c.nextJSON())["data"], "after")
         self.assertFalse(any("Traceback" in line for line in self.nodes["a"].lines()),
                          self.nodes["a"].text())
+
+
+class RedisAbsentAtStartTests(ClusterProcessMixin, TestCase):
+    """
+    A node started while Redis is down serves its own clients, says so
+    once, is unhealthy, and joins the cluster when Redis arrives.
+    """
+
+    def setUp(self):
+        self.prepare()
+        return self.startNode("a", healthy=False)
+
+    @defer.inlineCallbacks
+    def test_startsWithoutRedis(self):
+        body = yield self.waitHealth("a", 503)
+        self.assertIn(b"Redis", body)
+        x = yield self.connect("a", "xavier")
+        x2 = yield self.connect("a", "xena")
+        yield self.join(x, "g")
+        yield self.join(x2, "g")
+        x.send({"type": "sendToGroup", "group": "g", "ackId": 2, "dataType": "text",
+                "data": "alone", "noEcho": True})
+        self.assertEqual((yield x.nextJSON())["success"], True)
+        self.assertEqual((yield x2.nextJSON())["data"], "alone")
+        for _ in range(100):
+            if any("not reachable yet" in line for line in self.nodes["a"].lines()):
+                break
+            yield settle(reactor, 0.05)
+        self.assertOneLineNaming(self.nodes["a"], "not reachable yet")
+        yield self.redis.start()
+        yield self.waitHealth("a", 200)
+        yield self.startNode("b")
+        y = yield self.connect("b", "yvonne")
+        yield self.join(y, "g")
+        sdk = self.sdk("b")
+        members = yield self.call(lambda: list(sdk.list_connections(group="g")))
+        self.assertEqual(len(members), 3)
+        y.send({"type": "sendToGroup", "group": "g", "ackId": 3, "dataType": "text",
+                "data": "joined", "noEcho": True})
+        self.assertEqual((yield y.nextJSON())["success"], True)
+        for c in (x, x2):
+            self.assertEqual((yield c.nextJSON())["data"], "joined")

@@ -75,3 +75,21 @@ class RedisClientTests(unittest.TestCase):
         yield waitFor(lambda: self.client.connected)
         yield self.client.execute("PUBLISH", "ch", b"two")
         yield waitFor(lambda: got == [b"one", b"two"])
+
+
+class InFlightTests(unittest.TestCase):
+    @defer.inlineCallbacks
+    def test_commandCutOffIsUnavailable(self):
+        """
+        A command whose connection drops before the reply fails as
+        RedisUnavailable, like one refused while Redis is down.
+        """
+        redis = RedisServer(self, reactor)
+        yield redis.start()
+        client = RedisClient(reactor, redis.url, maxDelay=0.3)
+        client.startService()
+        self.addCleanup(client.stopService)
+        yield waitFor(lambda: client.connected)
+        d = client.execute("BLPOP", "never", 0)
+        yield redis.kill()
+        yield self.assertFailure(d, RedisUnavailable)

@@ -209,6 +209,65 @@ class FaceBuildTests(TestCase):
         self.assertIn('broker_iot_sessions{role="device"} 0.0', text)
 
 
+class ClusterFaceBuildTests(TestCase):
+    """
+    With C{[cluster] redis_url}, L{broker.iot.face.build} picks the cluster
+    concentrator, its Redis store and tokens: two brokers on one
+    redis-server act as one IoT face.
+    """
+
+    @defer.inlineCallbacks
+    def setUp(self):
+        from tests.redisserver import RedisServer
+        self.redis = RedisServer(self, reactor)
+        yield self.redis.start()
+        self.nodes = []
+        for name in ("a", "b"):
+            directory, path = writeConfig(self, extra=(
+                f'[cluster]\nredis_url = "{self.redis.url}"\nprefix = "face"\n'
+                f'node_id = "{name}"\nheartbeat = 0.1\ndead_after = 0.5\n'))
+            top = tap.buildService(config.load(path.path), reactor)
+            top.privilegedStartService()
+            top.startService()
+            self.addCleanup(top.stopService)
+            port = (yield listeningPort(top.getServiceNamed("iot.listen[0]"))).getHost().port
+            self.nodes.append((directory, top, port))
+        from tests.test_cluster_redis import waitFor
+        self.waitFor = waitFor
+        yield waitFor(lambda: all(top.cluster.healthy for _, top, _ in self.nodes))
+
+    def concentrator(self, i):
+        return self.nodes[i][1].getServiceNamed("iot.listen[0]").factory.concentrator
+
+    @defer.inlineCallbacks
+    def test_oneFaceOverTwoNodes(self):
+        """
+        A key issued on node a lets the device in on node b; a message
+        queued through node a is delivered there; no SQLite store is made.
+        """
+        from broker.iot.clustered import ClusterConcentrator
+        from broker.iot.redisstore import RedisMessageStore
+        a, b = self.concentrator(0), self.concentrator(1)
+        self.assertIsInstance(a, ClusterConcentrator)
+        self.assertIsInstance(a.store, RedisMessageStore)
+        secret = yield a.issueKey("acme", "d7")
+        yield self.waitFor(lambda: b.registry.device("acme", "d7") is not None)
+        c = IoTClient("device", "acme", "d7", secret)
+        yield connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", self.nodes[1][2]), c)
+        self.addCleanup(lambda: c.transport.abortConnection() if c.transport.connected
+                        else None)
+        yield c.authenticated
+        presence = b._presenceKey("acme", "d7")
+        yield self.waitFor(lambda: self.redis.command("EXISTS", presence) == b":1\r\n")
+        messageId, queued = yield a.send("acme", "d7", Payload.json("via a"))
+        frame = yield c.nextFrame()
+        while frame.kind != frames.MESSAGE:
+            frame = yield c.nextFrame()
+        self.assertEqual((frame.payload.value(), str(frame.requestId)), ("via a", messageId))
+        for directory, _, _ in self.nodes:
+            self.assertFalse(directory.child("state").child("iot.sqlite").exists())
+
+
 class RestartDurabilityTests(TwistdTestsMixin, TestCase):
     """
     Messages queued for an offline device survive a SIGKILL of the broker

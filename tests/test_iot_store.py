@@ -1,6 +1,8 @@
 """
-Tests for store-and-forward: L{broker.iot.store} on a real SQLite file, and
-queued delivery over real TCP sessions (order, ack, TTL, depth).
+Tests for store-and-forward: one conformance suite run against
+L{broker.iot.store} on a real SQLite file and L{broker.iot.redisstore} on a
+real redis-server, and queued delivery over real TCP sessions (order, ack,
+TTL, depth).
 """
 
 from twisted.internet import defer, reactor
@@ -10,8 +12,13 @@ from twisted.trial.unittest import TestCase
 from broker.iot import errors, frames
 from broker.iot.frames import Payload
 from broker.iot.interfaces import IMessageStore
+from broker.cluster.node import Cluster
+from broker.cluster.redis import RedisClient
+from broker.iot.redisstore import RedisMessageStore
 from broker.iot.store import SQLiteMessageStore
 from tests.iotharness import IoTHarness, waitUntil
+from tests.redisserver import RedisServer
+from tests.test_cluster_redis import waitFor
 
 
 class FakeTime:
@@ -22,14 +29,11 @@ class FakeTime:
         return self.now
 
 
-class SQLiteStoreTests(TestCase):
-
-    def setUp(self):
-        self.time = FakeTime()
-        self.path = self.mktemp() + "/q.sqlite"
-        self.store = SQLiteMessageStore.open(reactor, self.path, clock=self.time)
-        self.store.runner.start()
-        self.addCleanup(lambda: self.store.runner.close())
+class StoreConformanceMixin:
+    """
+    What every L{IMessageStore} must do; C{setUp} sets C{self.time} (a
+    L{FakeTime} the store reads) and C{self.store}.
+    """
 
     def test_interface(self):
         self.assertTrue(IMessageStore.providedBy(self.store))
@@ -105,6 +109,34 @@ class SQLiteStoreTests(TestCase):
         self.assertEqual([p.type for _, p in rows], ["binary", "ascii", "utf8", "json", "none"])
 
     @defer.inlineCallbacks
+    def test_keys(self):
+        yield self.store.setKey("f", "d", "s1")
+        yield self.store.setKey("f", "d", "s2")
+        yield self.store.setKey("f", "e", None)
+        self.assertEqual(sorted((yield self.store.keys())),
+                         [("f", "d", "s2"), ("f", "e", None)])
+
+    @defer.inlineCallbacks
+    def test_purgeAcrossFleets(self):
+        yield self.store.push("f", "d", Payload.json(1), 10, 10)
+        yield self.store.push("g", "d", Payload.json(2), 10, 10)
+        yield self.store.push("g", "e", Payload.json(3), 100, 10)
+        self.time.now += 20
+        self.assertEqual((yield self.store.purgeExpired()), 2)
+        self.assertEqual((yield self.store.depths("g")), {"e": 1})
+        self.assertEqual((yield self.store.depths("f")), {})
+
+
+class SQLiteStoreTests(StoreConformanceMixin, TestCase):
+
+    def setUp(self):
+        self.time = FakeTime()
+        self.path = self.mktemp() + "/q.sqlite"
+        self.store = SQLiteMessageStore.open(reactor, self.path, clock=self.time)
+        self.store.runner.start()
+        self.addCleanup(lambda: self.store.runner.close())
+
+    @defer.inlineCallbacks
     def test_survivesReopen(self):
         yield self.store.push("f", "d", Payload.json("kept"), 60, 10)
         yield self.store.setKey("f", "d", "s1")
@@ -116,6 +148,76 @@ class SQLiteStoreTests(TestCase):
         rows = yield again.pending("f", "d", 0, 10)
         self.assertEqual([p.value() for _, p in rows], ["kept"])
         self.assertEqual((yield again.keys()), [("f", "d", "s2")])
+
+
+class RedisStoreTests(StoreConformanceMixin, TestCase):
+    """
+    The same suite on a real redis-server, plus what only a shared store
+    has: two nodes' stores see one queue, and an outage refuses pushes.
+    """
+
+    @defer.inlineCallbacks
+    def setUp(self):
+        self.time = FakeTime()
+        self.server = RedisServer(self, reactor)
+        yield self.server.start()
+        self.store = yield self.makeStore("a")
+
+    @defer.inlineCallbacks
+    def makeStore(self, nodeId):
+        client = RedisClient(reactor, self.server.url, maxDelay=0.3)
+        # The Cluster subscribes its channels before the client connects.
+        store = RedisMessageStore(Cluster(reactor, client, prefix="t", nodeId=nodeId),
+                                  clock=self.time)
+        client.startService()
+        self.addCleanup(client.stopService)
+        yield waitFor(lambda: client.connected)
+        return store
+
+    @defer.inlineCallbacks
+    def test_sharedAcrossNodes(self):
+        """
+        A message pushed through one node is pending on another, ids keep
+        increasing whichever node pushes, and an ack on either removes it.
+        """
+        other = yield self.makeStore("b")
+        first = yield self.store.push("f", "d", Payload.json("via a"), 60, 10)
+        second = yield other.push("f", "d", Payload.json("via b"), 60, 10)
+        self.assertGreater(second, first)
+        rows = yield other.pending("f", "d", 0, 10)
+        self.assertEqual([p.value() for _, p in rows], ["via a", "via b"])
+        self.assertTrue((yield other.ack("f", "d", first)))
+        self.assertEqual((yield self.store.depth("f", "d")), 1)
+
+    @defer.inlineCallbacks
+    def test_idsWithColons(self):
+        """
+        Ids are escaped in key names: fleet "a:q" and fleet "a" with a
+        device "q:..." never share a queue.
+        """
+        yield self.store.push("a:q", "b", Payload.json(1), 60, 10)
+        yield self.store.push("a", "q:b", Payload.json(2), 60, 10)
+        self.assertEqual((yield self.store.depths("a:q")), {"b": 1})
+        self.assertEqual((yield self.store.depths("a")), {"q:b": 1})
+
+    @defer.inlineCallbacks
+    def test_outageRefusesPush(self):
+        """
+        With Redis gone a push fails at once with Unavailable (refused, not
+        parked); once Redis is back pushes succeed again.
+        """
+        client = self.store.redis
+        yield self.server.stop()
+        yield waitFor(lambda: not client.connected)
+        e = yield self.assertFailure(self.store.push("f", "d", Payload.json(1), 60, 10),
+                                     errors.Unavailable)
+        self.assertIn("unreachable", e.message)
+        yield self.assertFailure(self.store.depths("f"), errors.Unavailable)
+        yield self.server.start()
+        yield waitFor(lambda: client.connected)
+        yield self.store.push("f", "d", Payload.json(2), 60, 10)
+        rows = yield self.store.pending("f", "d", 0, 10)
+        self.assertEqual([p.value() for _, p in rows], [2])
 
 
 class QueuedDeliveryTests(TestCase):

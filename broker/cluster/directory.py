@@ -153,7 +153,7 @@ class RedisDirectory:
     def _eval(self, script, *args):
         # Directory writes only need the command connection: they are made
         # in order after a re-registration that may still be under way.
-        return self.redis.eval(script, (), args, _early=True)
+        return self.redis.eval(script, (), args, registering=True)
 
     @staticmethod
     def _entry(hubName, connectionId):

@@ -5,8 +5,10 @@ pub/sub, and liveness (heartbeats, and the reaping of nodes that stopped
 beating).
 
 Every node subscribes to two channels: C{<prefix>:bus}, which every node
-hears, and C{<prefix>:node:<id>}, its own.  A message is
-C{topic LF origin LF payload}; handlers are registered per topic by the
+hears, and C{<prefix>:node:<id>}, its own.  A Redis message is
+C{origin LF topic LF payload}, or, for the messages one reactor turn made,
+C{origin LF * LF} then each C{topic LF payload} behind its 4-byte length;
+handlers are registered per topic by the
 engine and by the faces (IoT held requests, peer-group events...).
 
 Liveness: every C{heartbeat} seconds a node refreshes
@@ -18,30 +20,49 @@ directory), then forgets it.  So a node killed with SIGKILL vanishes from
 presence within C{deadAfter + heartbeat} seconds.
 """
 
+import os
 import secrets
 import socket
+import struct
 
 from twisted.application import service
 from twisted.internet import defer, task
 from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from broker.cluster.redis import RedisUnavailable
+from broker.core.errors import Unavailable
 
 log = Logger()
 
 # Refresh our alive key; answer 1 when it had expired (we may have been
-# reaped, or Redis lost its data), so the node re-registers itself.
+# reaped, or Redis lost its data), so the node re-registers itself.  A
+# node (re)appearing also drops the reaping claim on its id, left by its
+# own clean stop or by whoever reaped it, so it can be reaped again.
 _BEAT = """
 local existed = redis.call('EXISTS', KEYS[1])
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1])
+if existed == 0 then redis.call('DEL', KEYS[3]) end
 return 1 - existed
 """
+
+
+_LENGTH = struct.Struct(">I")
+
+
+def _fireAll(result, waiters):
+    for d in waiters:
+        if isinstance(result, Failure):
+            d.errback(result)
+        else:
+            d.callback(result)
 
 
 def newNodeId():
     """
     A readable, unique node id: host name, process id, random suffix.
     """
-    import os
     return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
 
 
@@ -68,11 +89,18 @@ class Cluster(service.Service):
         self._resyncHooks = []
         self._beat = None
         self._beating = False
+        self._outbox = []
+        self._flushing = None
+        self._origin = self.nodeId.encode("utf-8")
+        self.badMessages = 0
         self.reaped = 0
         self.busChannel = self.key("bus")
         self.nodeChannel = self.key("node", self.nodeId)
-        redis.subscribe(self.busChannel, self._fromBus)
-        redis.subscribe(self.nodeChannel, self._received)
+        for channel, handler in ((self.busChannel, self._fromBus),
+                                 (self.nodeChannel, self._received)):
+            # Subscribed again on every reconnection; a failure here is the
+            # outage the link reports.
+            redis.subscribe(channel, handler).addErrback(lambda f: None)
         redis.onConnected(self._registerNode)
 
     def key(self, *parts):
@@ -95,44 +123,110 @@ class Cluster(service.Service):
         self._handlers[topic.encode("ascii")] = handler
 
     def _frame(self, topic, payload):
-        return b"%s\n%s\n%s" % (topic.encode("ascii"), self.nodeId.encode("utf-8"), payload)
+        return b"%s\n%s" % (topic.encode("ascii"), payload)
 
-    def broadcast(self, topic, payload):
+    def broadcast(self, topic, payload, registering=False):
         """
         Send C{payload} (bytes) to every other node.
 
+        @param registering: see L{RedisClient.execute} (from an
+            L{onResync} hook).
         @return: a L{Deferred} firing once Redis took it, or failing with
             L{RedisUnavailable}.
         """
-        return self.redis.execute("PUBLISH", self.busChannel, self._frame(topic, payload))
+        return self._enqueue(self.busChannel, self._frame(topic, payload), registering)
 
-    def send(self, nodeId, topic, payload):
+    def send(self, nodeId, topic, payload, registering=False):
         """
         Send C{payload} to the node C{nodeId} (which may be this one).
 
         @return: a L{Deferred} firing with the number of subscribers that
             got it (0: that node is gone).
         """
-        return self.redis.execute("PUBLISH", self.key("node", nodeId),
-                                  self._frame(topic, payload))
+        return self._enqueue(self.key("node", nodeId), self._frame(topic, payload), registering)
+
+    # Messages made in one reactor turn leave in one PUBLISH per run of
+    # messages to the same channel, in the order they were made: a burst of
+    # small publishes (UDP telemetry, a busy group) costs Redis one command,
+    # not one each.
+
+    def _enqueue(self, channel, frame, registering):
+        if not (self.redis.connected or registering):
+            return defer.fail(RedisUnavailable(
+                f"Redis at {self.redis.host}:{self.redis.port} is not reachable"))
+        d = defer.Deferred()
+        self._outbox.append((channel, frame, d))
+        if registering:
+            self.flush(registering=True)
+        elif self._flushing is None:
+            self._flushing = self.reactor.callLater(0, self.flush)
+        return d
+
+    def flush(self, registering=False):
+        """
+        Send what is queued now (the engine calls it before anything it
+        sends outside the bus, so order holds).
+        """
+        if self._flushing is not None:
+            if self._flushing.active():
+                self._flushing.cancel()
+            self._flushing = None
+        queue, self._outbox = self._outbox, []
+        origin = self.nodeId.encode("utf-8")
+        i = 0
+        while i < len(queue):
+            channel = queue[i][0]
+            j = i + 1
+            while j < len(queue) and queue[j][0] == channel:
+                j += 1
+            run = queue[i:j]
+            if len(run) == 1:
+                message = b"%s\n%s" % (origin, run[0][1])
+            else:
+                message = b"".join([b"%s\n*\n" % origin]
+                                   + [_LENGTH.pack(len(f)) + f for _, f, _ in run])
+            waiters = [d for _, _, d in run]
+            self.redis.execute("PUBLISH", channel, message, registering=registering) \
+                .addBoth(_fireAll, waiters)
+            i = j
 
     def _fromBus(self, message):
         self._received(message, fromBus=True)
 
     def _received(self, message, fromBus=False):
         try:
-            topic, origin, payload = message.split(b"\n", 2)
-        except ValueError:
+            origin, rest = message.split(b"\n", 1)
+            # A broadcast comes back to its sender too, which handled it
+            # locally already; a message sent to this node itself does not.
+            if fromBus and origin == self._origin:
+                return
+            origin = origin.decode("utf-8", "replace")
+            if rest.startswith(b"*\n"):
+                frames, at = [], 2
+                while at < len(rest):
+                    (n,) = _LENGTH.unpack_from(rest, at)
+                    if at + 4 + n > len(rest):
+                        raise ValueError("truncated batch")
+                    frames.append(rest[at + 4:at + 4 + n])
+                    at += 4 + n
+            else:
+                frames = [rest]
+            parsed = [f.split(b"\n", 1) for f in frames]
+        except Exception:
+            self.badMessages += 1
             log.warn("cluster: malformed bus message dropped ({n} bytes)", n=len(message))
             return
-        origin = origin.decode("utf-8", "replace")
-        # A broadcast comes back to its sender too, which handled it
-        # locally already; a message sent to this node itself does not.
-        if fromBus and origin == self.nodeId:
-            return
-        handler = self._handlers.get(topic)
-        if handler is not None:
-            handler(origin, payload)
+        for parts in parsed:
+            if len(parts) != 2:
+                self.badMessages += 1
+                continue
+            handler = self._handlers.get(parts[0])
+            if handler is not None:
+                try:
+                    handler(origin, parts[1])
+                except Exception:
+                    log.failure("cluster: handling {topic} from {origin} failed",
+                                topic=parts[0], origin=origin)
 
     # -- liveness ---------------------------------------------------------
 
@@ -147,7 +241,10 @@ class Cluster(service.Service):
         """
         Call C{hook()} (may return a L{Deferred}) whenever this node must
         re-register what it holds: after (re)connecting to Redis, and when
-        its alive key had expired.
+        its alive key had expired.  After a (re)connection the hooks run
+        before the link reports itself connected (so nobody sees the node
+        healthy before it is registered): their commands pass
+        C{registering=True}.
         """
         self._resyncHooks.append(hook)
 
@@ -161,13 +258,13 @@ class Cluster(service.Service):
             lambda ids: [i.decode("utf-8") for i in ids])
 
     def _beatArgs(self):
-        return ([self.key("alive", self.nodeId), self.key("nodes")],
+        return ([self.key("alive", self.nodeId), self.key("nodes"), self.key("reap", self.nodeId)],
                 [self.nodeId, int(self.deadAfter * 1000), self.reactor.seconds()])
 
     @defer.inlineCallbacks
     def _registerNode(self):
         keys, args = self._beatArgs()
-        yield self.redis.eval(_BEAT, keys, args, _early=True)
+        yield self.redis.eval(_BEAT, keys, args, registering=True)
         for hook in list(self._resyncHooks):
             yield hook()
 
@@ -178,14 +275,31 @@ class Cluster(service.Service):
         self._beat.start(self.heartbeat, now=False).addErrback(
             lambda f: log.failure("cluster heartbeat stopped", f))
 
+    @defer.inlineCallbacks
     def stopService(self):
+        """
+        Leave the cluster at once rather than after C{deadAfter}: this
+        node's dead-node hooks run for itself (the engine removes its
+        connections from the directory, the faces what they registered),
+        then it forgets its alive key.
+        """
         super().stopService()
         if self._beat is not None and self._beat.running:
             self._beat.stop()
-        # Leave at once rather than after deadAfter: a clean stop.
-        if self.redis.connected:
-            return self.redis.execute("DEL", self.key("alive", self.nodeId)).addErrback(
-                lambda f: None)
+        if not self.redis.connected:
+            if self._flushing is not None and self._flushing.active():
+                self._flushing.cancel()
+            self._flushing = None
+            queue, self._outbox = self._outbox, []
+            _fireAll(Failure(RedisUnavailable("the node stopped")), [d for _, _, d in queue])
+            return
+        self.flush()
+        try:
+            yield self._bury(self.nodeId)
+            yield self.redis.execute("DEL", self.key("alive", self.nodeId))
+        except Exception:
+            log.failure("cluster: leaving cleanly failed; the others will reap node {node}",
+                        node=self.nodeId)
 
     @defer.inlineCallbacks
     def _tick(self):
@@ -201,6 +315,8 @@ class Cluster(service.Service):
                 for hook in list(self._resyncHooks):
                     yield hook()
             yield self._reap()
+        except Unavailable:
+            pass    # the Redis link logs the outage once
         except Exception:
             log.failure("cluster: heartbeat failed")
         finally:
@@ -216,13 +332,24 @@ class Cluster(service.Service):
             alive = yield self.redis.execute("EXISTS", self.key("alive", node))
             if alive:
                 continue
-            claimed = yield self.redis.execute("SET", self.key("reap", node), self.nodeId,
-                                               "NX", "PX", 60000)
-            if not claimed:
-                continue
-            log.warn("cluster: node {node} stopped heartbeating; removing what it held",
-                     node=node)
-            for hook in list(self._deadHooks):
-                yield hook(node)
-            yield self.redis.execute("ZREM", self.key("nodes"), node)
-            self.reaped += 1
+            if (yield self._bury(node)):
+                log.warn("cluster: node {node} stopped heartbeating; removed what it held",
+                         node=node)
+                self.reaped += 1
+
+    @defer.inlineCallbacks
+    def _bury(self, node):
+        """
+        Claim C{node} (only one node of the cluster runs the hooks for it),
+        run the dead-node hooks, and forget it.
+
+        @return: a L{Deferred} firing with whether this node did it.
+        """
+        claimed = yield self.redis.execute("SET", self.key("reap", node), self.nodeId,
+                                           "NX", "PX", 60000)
+        if not claimed:
+            return False
+        for hook in list(self._deadHooks):
+            yield hook(node)
+        yield self.redis.execute("ZREM", self.key("nodes"), node)
+        return True

@@ -65,6 +65,16 @@ def _bytes(reply):
     return reply
 
 
+def _lost(failure):
+    """
+    A command cut off by a lost connection (or a reply timeout) fails as
+    L{RedisUnavailable}, like one refused because Redis was already down.
+    """
+    if failure.check(txredisapi.ConnectionError):
+        raise RedisUnavailable(f"lost the connection to Redis: {failure.getErrorMessage()}")
+    return failure
+
+
 class _Commands(txredisapi.RedisProtocol):
     pass
 
@@ -121,6 +131,7 @@ class RedisClient(service.MultiService):
         self._wasConnected = False
         self._downLogged = False
         self.connected = False
+        self._checking = False
         self._unreachable = None
         endpoint = HostnameEndpoint(reactor, self.host, self.port, timeout=5)
 
@@ -173,21 +184,29 @@ class RedisClient(service.MultiService):
             for hook in list(self._downHooks):
                 hook()
 
+    def _bothUp(self):
+        return (self._commands is not None and self._subscriber is not None
+                and self._commands.connected and self._subscriber.connected)
+
     @defer.inlineCallbacks
     def _check(self):
-        if self.connected or self._commands is None or self._subscriber is None:
+        # Each connection schedules a check when it comes up: the hooks run
+        # once per (re)connection, not once per connection.
+        if self.connected or self._checking or not self._bothUp():
             return
-        if not (self._commands.connected and self._subscriber.connected):
-            return
+        self._checking = True
         try:
             for hook in list(self._upHooks):
                 yield hook()
-        except Exception:
-            log.failure("redis {url}: re-registering after connecting failed", url=self.url)
+        except Exception as e:
+            if not isinstance(e, RedisUnavailable):
+                log.failure("redis {url}: re-registering after connecting failed", url=self.url)
             if self._commands is not None:
                 self._commands.transport.loseConnection()
             return
-        if self._commands is None or self._subscriber is None:
+        finally:
+            self._checking = False
+        if not self._bothUp():
             return
         self.connected = True
         log.info("redis {url}: {what}", url=self.url,
@@ -219,31 +238,38 @@ class RedisClient(service.MultiService):
 
     # -- commands ---------------------------------------------------------
 
-    def _live(self, hooks=False):
+    def _live(self, registering=False):
         p = self._commands
-        if p is None or not p.connected or not (self.connected or hooks):
+        if p is None or not p.connected or not (self.connected or registering):
             raise RedisUnavailable(f"Redis at {self.host}:{self.port} is not reachable")
         return p
 
-    def execute(self, *args, _early=False):
+    def execute(self, *args, registering=False):
         """
         Run one command on the command connection.
+
+        @param registering: allow it while the link is connecting, before
+            it reports itself connected: for the L{onConnected} hooks (and
+            so C{Cluster.onResync} hooks), which re-register a node's state
+            before anybody else may use the link.
 
         @return: a L{Deferred} firing with its reply (bytes, ints, lists),
             failing with L{RedisUnavailable} at once when Redis is down, or
             with txredisapi's C{ResponseError} for a refused command.
         """
         try:
-            return self._live(_early).execute_command(*args).addCallback(_bytes)
+            return self._live(registering).execute_command(*args).addCallbacks(_bytes, _lost)
         except (RedisUnavailable, txredisapi.ConnectionError) as e:
             return defer.fail(RedisUnavailable(str(e)))
 
-    def eval(self, script, keys=(), args=(), _early=False):
+    def eval(self, script, keys=(), args=(), registering=False):
         """
-        Run a Lua script (by its SHA once Redis knows it).
+        Run a Lua script (by its SHA once Redis knows it); C{registering}
+        as for L{execute}.
         """
         try:
-            return self._live(_early).eval(script, list(keys), list(args)).addCallback(_bytes)
+            return self._live(registering).eval(script, list(keys), list(args)).addCallbacks(
+                _bytes, _lost)
         except (RedisUnavailable, txredisapi.ConnectionError) as e:
             return defer.fail(RedisUnavailable(str(e)))
 

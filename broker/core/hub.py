@@ -442,35 +442,32 @@ class Hub:
         return maybeDeferred(check)
 
     def addConnectionToGroup(self, connectionId, group):
-        def add():
-            checkName("group", group)
-            s = self._sessions.get(connectionId)
-            if s is not None:
-                return self._join(s, group)
-            return self._elsewhere(
-                connectionId, lambda info: self.directory.joined(self.name, connectionId, group),
-                {"op": "join", "c": connectionId, "g": group})
-        return maybeDeferred(add)
+        return maybeDeferred(self._groupVerb, "join", connectionId, group)
 
     def removeConnectionFromGroup(self, connectionId, group):
-        def remove():
-            checkName("group", group)
-            s = self._sessions.get(connectionId)
-            if s is not None:
-                return self._leave(s, group)
-            return self._elsewhere(
-                connectionId, lambda info: self.directory.left(self.name, connectionId, group),
-                {"op": "leave", "c": connectionId, "g": group})
-        return maybeDeferred(remove)
+        return maybeDeferred(self._groupVerb, "leave", connectionId, group)
 
     def removeConnectionFromAllGroups(self, connectionId):
+        return maybeDeferred(self._groupVerb, "leaveAll", connectionId, None)
+
+    def _groupVerb(self, op, connectionId, group):
+        """
+        C{op} (C{join}, C{leave} or C{leaveAll}) for one connection, here
+        or on its node.
+        """
+        if group is not None:
+            checkName("group", group)
         s = self._sessions.get(connectionId)
         if s is not None:
-            self._leaveAll(s)
-            return succeed(None)
-        return self._elsewhere(
-            connectionId, lambda info: self.directory.left(self.name, connectionId, None),
-            {"op": "leaveAll", "c": connectionId})
+            self.apply({"op": op, "c": connectionId, "g": group})
+            return None
+        if op == "join":
+            def write(info):
+                return self.directory.joined(self.name, connectionId, group)
+        else:
+            def write(info):
+                return self.directory.left(self.name, connectionId, group)
+        return self._elsewhere(connectionId, write, {"op": op, "c": connectionId, "g": group})
 
     def addUserToGroup(self, userId, group):
         """

@@ -50,6 +50,7 @@ STATUS = {
     errors.BadRequest.code: 400,
     errors.NoCentral.code: 503,
     errors.Busy.code: 429,
+    errors.Unavailable.code: 503,
 }
 
 
@@ -357,11 +358,8 @@ class APIResource(Resource):
                            lambda devices: {"fleet": fleet, "devices": devices})
 
     def _device(self, request, fleet, deviceId):
-        c = self.concentrator
-
-        def found(depth):
-            return {"id": deviceId, "online": c.isOnline(fleet, deviceId), "queueDepth": depth}
-        return self._reply(request, c.queueDepth(fleet, deviceId), 200, found)
+        return self._reply(request, self.concentrator.deviceStatus(fleet, deviceId), 200,
+                           lambda status: status)
 
     def _queue(self, request, fleet, deviceId):
         return self._reply(request, self.concentrator.queueDepth(fleet, deviceId), 200,

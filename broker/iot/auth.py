@@ -228,6 +228,12 @@ class Registry:
         f = self._file.get(fleet)
         return f["central"] if f is not None else None
 
+    def fleets(self):
+        """
+        @return: the names of the fleets of the registry file.
+        """
+        return sorted(self._file)
+
     def fleetDevices(self, fleet):
         ids = set()
         f = self._file.get(fleet)

@@ -83,6 +83,12 @@ class Outbox:
 
     def _failed(self, f):
         self._pumping = False
+        if f.check(errors.Unavailable):
+            # Cluster mode, Redis away: delivery resumes after the resync.
+            log.warn("iot: cannot read the queue of {fleet}/{device} now: {why}",
+                     fleet=self.session.fleet, device=self.session.peerId,
+                     why=f.getErrorMessage())
+            return
         log.failure("iot: reading the queue of {fleet}/{device}", f,
                     fleet=self.session.fleet, device=self.session.peerId)
 
@@ -130,7 +136,7 @@ class Concentrator:
 
     def __init__(self, reactor, core, registry, store, requestTimeout=30.0,
                  queueTTL=86400.0, maxQueueDepth=1000, tokenTTL=300.0, tokenBatch=64,
-                 window=32):
+                 window=32, tokens=None):
         self.reactor = reactor
         self.core = core
         self.registry = registry
@@ -140,7 +146,9 @@ class Concentrator:
         self.maxQueueDepth = maxQueueDepth
         self.tokenBatch = tokenBatch
         self.window = window
-        self.tokens = TokenBook(tokenTTL, clock=reactor.seconds)
+        # An ITokenBook: in memory on one node, in Redis in cluster mode.
+        self.tokens = tokens if tokens is not None else TokenBook(tokenTTL,
+                                                                  clock=reactor.seconds)
         self._devices = {}       # (fleet, deviceId) -> session
         self._outboxes = {}      # (fleet, deviceId) -> Outbox
         self._centrals = {}      # fleet -> [session], newest last
@@ -270,6 +278,15 @@ class Concentrator:
             return [{"id": i, "online": (fleet, i) in self._devices,
                      "queueDepth": depths.get(i, 0)} for i in ids]
         return self.store.depths(fleet).addCallback(listed)
+
+    def deviceStatus(self, fleet, deviceId):
+        """
+        @return: a Deferred firing with C{{"id", "online", "queueDepth"}}
+            of one device (UnknownDevice if it does not exist).
+        """
+        return self.queueDepth(fleet, deviceId).addCallback(
+            lambda depth: {"id": deviceId, "online": self.isOnline(fleet, deviceId),
+                           "queueDepth": depth})
 
     def queueDepth(self, fleet, deviceId):
         try:

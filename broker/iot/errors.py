@@ -82,3 +82,12 @@ class Busy(IoTError):
 
 class BadRequest(IoTError):
     code = "BAD_REQUEST"
+
+
+class Unavailable(IoTError):
+    """
+    Cluster mode: Redis, which holds the shared queues, presence and
+    tokens, cannot be reached now.  A durable message is refused with this
+    (never accepted and then lost); the caller may retry.
+    """
+    code = "UNAVAILABLE"

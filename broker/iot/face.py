@@ -2,7 +2,8 @@
 """
 Builds the IoT face from C{[iot]}: the registry, the store, the
 concentrator, the device/central TCP endpoints and the UDP telemetry
-listener.
+listener.  In cluster mode (C{context.cluster}) the store, tokens and
+presence are in Redis (L{broker.iot.clustered}).
 """
 
 import os
@@ -19,8 +20,12 @@ from broker.config import ConfigError
 from broker.iot import api, apikeys
 from broker.iot.webhook import Webhooks
 from broker.iot.auth import Registry, loadRegistryFile, writeDevelopmentRegistry
+from broker.iot.clustered import ClusterConcentrator
+from broker.iot.clustertokens import ClusterTokenBook
 from broker.iot.concentrator import Concentrator
+from broker.iot.errors import Unavailable
 from broker.iot.protocol import IoTFactory
+from broker.iot.redisstore import RedisMessageStore
 from broker.iot.store import SQLiteMessageStore
 from broker.iot.udp import TelemetryListener
 
@@ -28,6 +33,8 @@ log = Logger()
 
 REGISTRY_FILE = "iot-registry.toml"
 STORE_FILE = "iot.sqlite"
+# Cluster mode: seconds between sweeps (ClusterConcentrator.sweep).
+SWEEP_INTERVAL = 5.0
 
 
 class UDPListenerService(service.Service):
@@ -176,25 +183,29 @@ def buildConcentrator(context, cfg):
         registry = Registry(loadRegistryFile(path))
     except (OSError, ValueError) as e:
         raise ConfigError(key, f"cannot load the IoT registry {path}: {e}")
-    storePath = cfg["store_path"] or os.path.join(context.stateDir, STORE_FILE)
-    key = "iot.store_path" if cfg["store_path"] else "broker.state_dir"
-    try:
-        privateFile(storePath)
-    except OSError as e:
-        raise ConfigError(key, f"cannot keep the IoT store {storePath}: {e}")
-    store = SQLiteMessageStore.open(context.reactor, storePath)
-    context.addService(store.runner)
-    context.addService(IssuedKeysLoader(store, registry))
-    concentrator = Concentrator(
-        context.reactor, context.core, registry, store,
-        requestTimeout=cfg["request_timeout"], queueTTL=cfg["queue_ttl"],
-        maxQueueDepth=cfg["max_queue_depth"], tokenTTL=cfg["token_ttl"],
-        tokenBatch=cfg["token_batch"])
+    options = dict(requestTimeout=cfg["request_timeout"], queueTTL=cfg["queue_ttl"],
+                   maxQueueDepth=cfg["max_queue_depth"], tokenTTL=cfg["token_ttl"],
+                   tokenBatch=cfg["token_batch"])
+    if context.cluster is not None:
+        concentrator = buildClusterConcentrator(context, registry, options)
+        store = concentrator.store
+    else:
+        storePath = cfg["store_path"] or os.path.join(context.stateDir, STORE_FILE)
+        key = "iot.store_path" if cfg["store_path"] else "broker.state_dir"
+        try:
+            privateFile(storePath)
+        except OSError as e:
+            raise ConfigError(key, f"cannot keep the IoT store {storePath}: {e}")
+        store = SQLiteMessageStore.open(context.reactor, storePath)
+        context.addService(store.runner)
+        context.addService(IssuedKeysLoader(store, registry))
+        concentrator = Concentrator(context.reactor, context.core, registry, store, **options)
 
     def housekeeping():
         concentrator.tokens.purge()
         return store.purgeExpired().addErrback(
-            lambda f: log.failure("iot: purging expired messages", f))
+            lambda f: log.failure("iot: purging expired messages", f)
+            if not f.check(Unavailable) else None)
     timer = TimerService(60, housekeeping)
     timer.clock = context.reactor
     context.addService(timer)
@@ -205,6 +216,40 @@ def buildConcentrator(context, cfg):
         log.info("iot: registry {path} reloaded", path=path)
     context.onReload(reload)
     return concentrator
+
+
+def buildClusterConcentrator(context, registry, options):
+    """
+    Cluster mode: the queues, issued keys, UDP tokens and presence in
+    Redis, shared by every node (L{broker.iot.clustered}); C{iot.store_path}
+    is not used.
+    """
+    cluster = context.cluster
+    tokens = ClusterTokenBook(cluster, options["tokenTTL"])
+    concentrator = ClusterConcentrator(context.reactor, context.core, registry,
+                                       RedisMessageStore(cluster), cluster, tokens=tokens,
+                                       **options)
+    # Heals what a lost node-to-node message could leave undone (a queued
+    # message whose holder was not told, a missed central announcement).
+    sweep = TimerService(SWEEP_INTERVAL, concentrator.sweep)
+    sweep.clock = context.reactor
+    context.addService(sweep)
+    context.addService(ConcentratorStopper(concentrator))
+    return concentrator
+
+
+class ConcentratorStopper(service.Service):
+    """
+    Stops the cluster concentrator (its timers, the requests waiting for
+    other nodes) with the broker.
+    """
+
+    def __init__(self, concentrator):
+        self.concentrator = concentrator
+
+    def stopService(self):
+        super().stopService()
+        self.concentrator.stop()
 
 
 class WebhookService(service.Service):

@@ -76,6 +76,12 @@ class IConcentrator(Interface):
             C{{"id": str, "online": bool, "queueDepth": int}}, sorted by id.
         """
 
+    def deviceStatus(fleet, deviceId):
+        """
+        @return: a Deferred firing with C{{"id": str, "online": bool,
+            "queueDepth": int}} (UnknownDevice if it does not exist).
+        """
+
     def queueDepth(fleet, deviceId):
         """
         @return: a Deferred firing with the number of unexpired messages
@@ -156,6 +162,44 @@ class IMessageStore(Interface):
     def setKey(fleet, deviceId, secret):
         """
         Record C{secret} (None: revoked) for the device.
+        """
+
+
+class ITokenBook(Interface):
+    """
+    The single-use UDP tokens: issued to a device over its TCP session,
+    each spent by at most one datagram.  L{broker.iot.udp.TokenBook} keeps
+    them in memory (one node); L{broker.iot.clustertokens.ClusterTokenBook}
+    in Redis, so a token is spent once across the cluster.
+    """
+
+    ttl = Attribute("Seconds a token stays valid.")
+
+    def issue(fleet, deviceId, n):
+        """
+        @return: C{n} new tokens (bytes) of the device, valid at once.
+        """
+
+    def outstanding(fleet, deviceId):
+        """
+        @return: how many of the device's tokens issued here are unspent.
+        """
+
+    def spend(token, then, *args):
+        """
+        Spend C{token} and call C{then(outcome, fleet, deviceId, *args)},
+        now or later (the outcomes of L{broker.iot.udp}; fleet and device
+        are None unless it is C{ACCEPTED}).  Never raises.
+        """
+
+    def revoke(fleet, deviceId):
+        """
+        Invalidate every token of the device issued here.
+        """
+
+    def purge():
+        """
+        Drop expired tokens; return how many.
         """
 
 

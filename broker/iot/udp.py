@@ -17,8 +17,10 @@ from collections import OrderedDict, deque
 
 from twisted.internet.protocol import DatagramProtocol
 from twisted.logger import Logger
+from zope.interface import implementer
 
 from broker.iot.frames import TOKEN_SIZE, FrameError, decodeDatagram
+from broker.iot.interfaces import ITokenBook
 
 log = Logger()
 
@@ -30,6 +32,7 @@ MALFORMED = "malformed"
 OUTCOMES = (ACCEPTED, REPLAYED, UNKNOWN, EXPIRED, MALFORMED)
 
 
+@implementer(ITokenBook)
 class TokenBook:
     """
     The tokens issued and not yet spent, and a bounded memory of the
@@ -96,6 +99,15 @@ class TokenBook:
             return EXPIRED, None, None
         return ACCEPTED, fleet, deviceId
 
+    def spend(self, token, then, *args):
+        """
+        See L{ITokenBook.spend}: L{redeem}, answered at once.
+        """
+        then(*self.redeem(token), *args)
+
+    def isLive(self, token):
+        return token in self._live
+
     def revoke(self, fleet, deviceId):
         """
         Forget every live token of a device: its key was revoked, or a new
@@ -153,7 +165,11 @@ class TelemetryListener(DatagramProtocol):
                 log.info("iot.udp: dropping malformed datagram from {addr}: {why} "
                          "(further ones are only counted)", addr=addr, why=e.message)
             return
-        outcome, fleet, deviceId = self.concentrator.tokens.redeem(token)
-        counts[outcome] += 1
+        # In cluster mode the answer comes a little later (one Redis round
+        # trip for the datagrams of a reactor turn).
+        self.concentrator.tokens.spend(token, self._spent, payload)
+
+    def _spent(self, outcome, fleet, deviceId, payload):
+        self.counts[outcome] += 1
         if outcome == ACCEPTED:
             self.concentrator.telemetry(fleet, deviceId, payload, "udp")

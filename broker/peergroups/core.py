@@ -77,18 +77,35 @@ class PeerGroups(service.Service):
         self._inflight = set()
         self._sweeper = None
         self._reloading = False
+        # The cluster link (L{broker.peergroups.cluster.PeerGroupsCluster})
+        # when this broker is one node of several, else None.
+        self.link = None
 
     # -- service ----------------------------------------------------------
 
     def startService(self):
         super().startService()
-        d = self.store.load()
-        d.addCallback(self._loaded)
-        d.addErrback(self._loadFailed)
+        if self.link is not None and not self.storeAvailable():
+            # The cluster's Redis client is still connecting: the link
+            # loads once it is up (its resync hook).
+            pass
+        else:
+            d = self.loadState()
+            d.addCallback(self._loaded)
+            d.addErrback(self._loadFailed)
         self._sweeper = LoopingCall(self.sweep)
         self._sweeper.clock = self.clock
         self._sweeper.start(self.sweepInterval, now=False).addErrback(
             lambda f: log.failure("peer-groups sweeper stopped", f))
+
+    def loadState(self):
+        """
+        The store's contents (and, in a cluster, who is online through the
+        other nodes).
+        """
+        if self.link is not None:
+            return self.link.load()
+        return self.store.load()
 
     def _loaded(self, data):
         for row in data["groups"]:
@@ -106,6 +123,8 @@ class PeerGroups(service.Service):
             group = self.apps[app].groups.get(gpn)
             if group is not None:
                 group.serials.add(serial)
+        if self.link is not None:
+            self.link.loadedPresence(data.get("presence", ()))
         self.loaded = True
         log.info("peer groups: {groups} groups in {apps} applications loaded",
                  groups=sum(len(a.groups) for a in self.apps.values()), apps=len(self.apps))
@@ -114,10 +133,22 @@ class PeerGroups(service.Service):
             d.callback(None)
 
     def _loadFailed(self, failure):
+        if self.link is not None:
+            # The shared store (Redis) is not reachable yet: requests wait
+            # for it, and the load is retried until it answers.
+            self.link.loadFailed(failure)
+            return
         log.failure("peer groups: cannot load the store", failure)
         waiting, self._waiting = self._waiting, []
         for d in waiting:
             d.errback(failure)
+
+    def retryLoad(self):
+        if self.loaded or not self.running:
+            return
+        d = self.loadState()
+        d.addCallback(self._loaded)
+        d.addErrback(self._loadFailed)
 
     def whenLoaded(self):
         if self.loaded:
@@ -130,6 +161,8 @@ class PeerGroups(service.Service):
         super().stopService()
         if self._sweeper is not None and self._sweeper.running:
             self._sweeper.stop()
+        if self.link is not None:
+            self.link.stop()
         for session in list(self.sessions):
             session.transport.abort("broker shutting down")
             session.lost("broker shutting down")
@@ -153,18 +186,35 @@ class PeerGroups(service.Service):
             app = self.apps[name] = Application(name, hub)
         return app
 
-    def persist(self, changes):
+    def persist(self, changes, replicate=True):
         """
         Write C{changes} atomically.  The Deferred fails if the store does;
-        callers answer the peer only after it fires.
+        callers answer the peer only after it fires.  In a cluster, once
+        they are stored the other nodes are told of them (C{replicate}), so
+        they hold the same model.  C{("event", app, gpn, eventType,
+        payload[, typeFilter])} entries are not stored: the other nodes
+        raise them after applying the rest.
         """
+        events = [c for c in changes if c[0] == "event"]
+        if events:
+            changes = [c for c in changes if c[0] != "event"]
         d = self.store.apply(changes)
         self._inflight.add(d)
 
         def done(result):
             self._inflight.discard(d)
             return result
-        return d.addBoth(done)
+        d.addBoth(done)
+        if self.link is not None and replicate:
+            d.addCallback(lambda result: (self.link.replicate(changes, events), result)[1])
+        return d
+
+    def storeAvailable(self):
+        """
+        Whether the store can take a change now (always, for the SQLite
+        store; while Redis is connected, for a cluster's).
+        """
+        return getattr(self.store, "available", True)
 
     def whenWritten(self):
         """
@@ -195,8 +245,10 @@ class PeerGroups(service.Service):
             session.transport.abort("store failure")
             session.lost("store failure")
         self.apps, self.directs, self.loaded = {}, {}, False
+        if self.link is not None:
+            self.link.reset()
         d = self.whenWritten()
-        d.addCallback(lambda _: self.store.load())
+        d.addCallback(lambda _: self.loadState())
         d.addCallback(self._loaded)
         d.addErrback(self._loadFailed)
         d.addBoth(self._reloaded)
@@ -204,12 +256,24 @@ class PeerGroups(service.Service):
     def _reloaded(self, _):
         self._reloading = False
 
-    def persistQuietly(self, changes, what):
+    def persistQuietly(self, changes, what, replicate=True):
         if self._reloading:
             # Sessions closing for a reload: their state is being dropped.
             return
-        self.persist(changes).addErrback(
-            lambda f: log.failure("peer groups: cannot store {what}", f, what=what))
+        self.persist(changes, replicate).addErrback(self._quietFailure, what)
+
+    def _quietFailure(self, failure, what):
+        if not self.running and self.link is not None:
+            # Shutting down: the Redis client stops with this service; a
+            # sync point lost here means at-least-once at the next connect.
+            return
+        if not self.storeAvailable():
+            # The cluster's Redis is down (logged once by the link): a
+            # sync point or membership is written again at the next change.
+            log.warn("peer groups: cannot store {what}: {why}", what=what,
+                     why=failure.getErrorMessage())
+            return
+        log.failure("peer groups: cannot store {what}", failure, what=what)
 
     def newConnectionId(self):
         while True:
@@ -232,23 +296,56 @@ class PeerGroups(service.Service):
                         self.counters.events[eventType] += 1
                         break
 
-    def broadcast(self, group, eventType, payload, filterType=None, exclude=None):
+    def broadcast(self, group, eventType, payload, filterType=None, exclude=None,
+                  forward=True):
+        """
+        Raise an event to every node of C{group} online here and, in a
+        cluster (unless C{forward} is false: an event each node raises on
+        its own), to those online through the other nodes.
+        """
         for node in Application.onlineNodes(group):
             if node is not exclude:
                 self.emit(node, eventType, payload, filterType)
+        if forward and self.link is not None:
+            self.link.forwardEvent(group, eventType, payload, filterType)
 
-    def memberChanged(self, group, peerName, changeType, exclude=None):
+    def memberChanged(self, group, peerName, changeType, exclude=None, forward=True):
         self.broadcast(group, C.EVENT_MEMBER_CHANGED,
                        {"memberChangeData": {"changeType": changeType, "identity": peerName}},
-                       exclude=exclude)
+                       exclude=exclude, forward=forward)
 
-    def recordChanged(self, group, changeType, record, node=None):
-        payload = {"recordChangeData": {"changeType": changeType, "recordId": record.id,
-                                        "recordType": record.type}}
+    @staticmethod
+    def _recordPayload(changeType, record):
+        return {"recordChangeData": {"changeType": changeType, "recordId": record.id,
+                                     "recordType": record.type}}
+
+    def recordEvent(self, group, changeType, record):
+        """
+        C{RECORD_CHANGED} as an C{("event", ...)} entry of a change list: a
+        cluster's other nodes raise it after applying the change.
+        """
+        return ("event", group.app, group.gpn, C.EVENT_RECORD_CHANGED,
+                self._recordPayload(changeType, record), record.type)
+
+    def recordChanged(self, group, changeType, record, node=None, forward=True):
+        payload = self._recordPayload(changeType, record)
         if node is not None:
             self.emit(node, C.EVENT_RECORD_CHANGED, payload, record.type)
         else:
-            self.broadcast(group, C.EVENT_RECORD_CHANGED, payload, record.type)
+            self.broadcast(group, C.EVENT_RECORD_CHANGED, payload, record.type,
+                           forward=forward)
+
+    @staticmethod
+    def present(group, peerName):
+        """
+        The online node (here) or remote peer (another node of the
+        cluster) of C{peerName} in C{group}, or C{None}.
+        """
+        return group.online.get(peerName) or group.remote.get(peerName)
+
+    @staticmethod
+    def anyoneOnline(group):
+        return bool(group.online or group.remote)
 
     def statusChanged(self, node):
         self.emit(node, C.EVENT_STATUS_CHANGED, {"status": node.status})
@@ -266,8 +363,13 @@ class PeerGroups(service.Service):
         if member is None or member.published:
             return []
         member.published = True
-        self.memberChanged(node.group, node.peerName, C.MEMBER_JOINED)
-        return [("member", node.app.name, node.group.gpn, member.peerName, member.toStore())]
+        self.memberChanged(node.group, node.peerName, C.MEMBER_JOINED, forward=False)
+        # The other nodes of a cluster raise it once they hold the member:
+        # an ("event", ...) rides with the changes and is not stored.
+        return [("member", node.app.name, node.group.gpn, member.peerName, member.toStore()),
+                ("event", node.app.name, node.group.gpn, C.EVENT_MEMBER_CHANGED,
+                 {"memberChangeData": {"changeType": C.MEMBER_JOINED,
+                                       "identity": node.peerName}})]
 
     def goOnline(self, node, chain):
         """
@@ -286,9 +388,15 @@ class PeerGroups(service.Service):
         node.nodeId = secrets.randbits(64) or 1
         group.online[node.peerName] = node
         lastSeq = member.lastSeq if member.synced else 0
+        published = []
         if not (group.flags & C.MEMBER_DATA_OPTIONAL):
-            self.persistQuietly(self.publishMembership(node), "a membership")
-        self.memberChanged(group, node.peerName, C.MEMBER_CONNECTED)
+            published = self.publishMembership(node)
+            self.persistQuietly(published, "a membership")
+        if self.link is not None:
+            # The other nodes raise CONNECTED from the presence they get,
+            # after the JOINED that rides with the membership.
+            self.link.online(node, after=self.whenWritten() if published else None)
+        self.memberChanged(group, node.peerName, C.MEMBER_CONNECTED, forward=False)
         self.catchUp(node, lastSeq)
         member.synced = True
         member.lastSeq = group.seq
@@ -334,7 +442,9 @@ class PeerGroups(service.Service):
             member.lastSeq = group.seq
             self.persistQuietly([("member", node.app.name, group.gpn, member.peerName,
                                   member.toStore())], "a member's sync point")
-        self.memberChanged(group, node.peerName, C.MEMBER_DISCONNECTED)
+        if self.link is not None:
+            self.link.offline(node)
+        self.memberChanged(group, node.peerName, C.MEMBER_DISCONNECTED, forward=False)
         self.statusChanged(node)
         log.info("peer {peer} left group {group} of {app}: {reason}", peer=node.peerName,
                  group=group.gpn, app=node.app.name, reason=reason)
@@ -355,7 +465,9 @@ class PeerGroups(service.Service):
             # member entry now shows that address.
             node.address = address
             if node.online:
-                self.memberChanged(node.group, node.peerName, C.MEMBER_UPDATED)
+                if self.link is not None:
+                    self.link.online(node)
+                self.memberChanged(node.group, node.peerName, C.MEMBER_UPDATED, forward=False)
 
     def deleteMembership(self, node):
         """
@@ -370,11 +482,20 @@ class PeerGroups(service.Service):
 
     # -- direct connections -------------------------------------------------
 
-    def closeDirect(self, direct):
+    def closeDirect(self, direct, notify=True):
+        """
+        Close C{direct}: both ends are told; an end on another node of the
+        cluster through that node (unless it is the one that closed it,
+        C{notify} false).
+        """
         if self.directs.pop(direct.id, None) is None:
             return
         for node in (direct.initiator, direct.target):
             node.directs.pop(direct.id, None)
+            if node.remote:
+                if notify and self.link is not None:
+                    self.link.closeRemote(node, direct)
+                continue
             self.emit(node, C.EVENT_DIRECT_CONNECTION, {"connectionChangeData": {
                 "status": C.PEER_DISCONNECTED, "connectionId": str(direct.id),
                 "nodeId": str(direct.other(node).nodeId), "identity": direct.other(node).peerName}})
@@ -401,7 +522,7 @@ class PeerGroups(service.Service):
         if self.loaded:
             for app in list(self.apps.values()):
                 for group in list(app.groups.values()):
-                    if group.flags & C.DEFER_EXPIRATION and not group.online:
+                    if group.flags & C.DEFER_EXPIRATION and not self.anyoneOnline(group):
                         continue
                     self.expire(group)
 
@@ -416,11 +537,13 @@ class PeerGroups(service.Service):
             return
         for r in gone:
             del group.records[r.id]
+        # Every node of a cluster expires its own copy on its own clock and
+        # tells its own sessions, so neither the drop nor the event travels.
         self.persistQuietly([("dropRecords", group.app, group.gpn, [r.id for r in gone])],
-                            "expired records")
+                            "expired records", replicate=False)
         for r in gone:
             if not r.deleted:
-                self.recordChanged(group, C.RECORD_EXPIRED, r)
+                self.recordChanged(group, C.RECORD_EXPIRED, r, forward=False)
 
     # -- password issuer ----------------------------------------------------
 

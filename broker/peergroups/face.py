@@ -1,6 +1,7 @@
 # -*- test-case-name: tests.test_peergroups -*-
 """
-Builds the peer-groups face from C{[peergroups]}: the SQLite store, the
+Builds the peer-groups face from C{[peergroups]}: the SQLite store (the
+cluster's Redis store when the broker is one node of a cluster), the
 core service, the WebSocket site on each C{peergroups.listen} endpoint and
 the length-prefixed JSON stream on each C{peergroups.tcp_listen} endpoint.
 """
@@ -12,9 +13,11 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from broker.config import ConfigError
+from broker.peergroups.cluster import PeerGroupsCluster
 from broker.peergroups.core import PeerGroups
 from broker.peergroups.metrics import PeerGroupsCollector
 from broker.peergroups.protocol import PeerStreamFactory, PeerWebSocketFactory, makeSite
+from broker.peergroups.redisstore import RedisPeerGroupStore
 from broker.peergroups.store import SQLitePeerGroupStore
 
 ISSUER_KEY_FILE = "peergroups-issuer.key"
@@ -58,10 +61,12 @@ def brokerKeys(stateDir):
     return issuer, base64.b64decode(export.strip())
 
 
-def makePeerGroups(reactor, core, cfg, stateDir, clock=None):
+def makePeerGroups(reactor, core, cfg, stateDir, clock=None, cluster=None):
     """
     The store and the core service from the C{[peergroups]} table (neither
-    started).
+    started).  With a C{cluster} (L{broker.cluster.node.Cluster}) the store
+    is the cluster's Redis and the service is linked to the other nodes
+    (L{broker.peergroups.cluster}); C{peergroups.store} is then unused.
     """
     if cfg["keepalive_timeout"] <= cfg["keepalive_interval"]:
         raise ConfigError("peergroups.keepalive_timeout",
@@ -73,7 +78,10 @@ def makePeerGroups(reactor, core, cfg, stateDir, clock=None):
         issuer, exportKey = brokerKeys(stateDir)
     except (OSError, ValueError) as e:
         raise ConfigError("broker.state_dir", f"cannot keep the peer-groups keys there: {e}")
-    store = SQLitePeerGroupStore(reactor, path)
+    if cluster is not None:
+        store = RedisPeerGroupStore(cluster)
+    else:
+        store = SQLitePeerGroupStore(reactor, path)
     pg = PeerGroups(
         reactor, store, core=core, clock=clock, issuerKey=issuer, exportKey=exportKey,
         maxRecordSize=cfg["max_record_size"], maxDataSize=cfg["max_data_size"],
@@ -84,6 +92,8 @@ def makePeerGroups(reactor, core, cfg, stateDir, clock=None):
         applications=cfg["applications"], creators=cfg["creators"],
         maxGroupsPerCreator=cfg["max_groups_per_creator"],
         maxRecordsPerGroup=cfg["max_records_per_group"])
+    if cluster is not None:
+        PeerGroupsCluster(pg, cluster)
     return store, pg
 
 
@@ -91,7 +101,8 @@ def build(context):
     cfg = context.settings["peergroups"]
     if not cfg["enabled"]:
         return
-    store, pg = makePeerGroups(context.reactor, context.core, cfg, context.stateDir)
+    store, pg = makePeerGroups(context.reactor, context.core, cfg, context.stateDir,
+                               cluster=context.cluster)
     context.addService(store)
     context.addService(pg)
     context.registry.register(PeerGroupsCollector(pg))

@@ -81,6 +81,7 @@ class Group:
         self.members = {}
         self.serials = set()
         self.online = {}          # runtime: peerName -> online Node
+        self.remote = {}          # runtime, cluster: peerName -> RemotePeer
         self.passwordFailures = collections.deque()   # runtime: times of wrong proofs
 
     @property
@@ -117,6 +118,8 @@ class Node:
     direct connections.
     """
 
+    remote = False
+
     def __init__(self, app, group, peerName, publicKey):
         self.app = app
         self.group = group
@@ -141,6 +144,31 @@ class Node:
     @property
     def status(self):
         return (C.STATUS_LISTENING | C.STATUS_HAS_CONNECTIONS) if self.online else 0
+
+
+class RemotePeer:
+    """
+    A member online in a group through another node of the cluster: what
+    this node shows of it (enumMembers, presence, direct connections) and
+    where to relay direct data for it.  It has no handles here, so events
+    emitted to it go nowhere.
+
+    @ivar clusterNode: the id of the broker node it is connected to.
+    @ivar nodeId: its peer node id in the group (as on that node).
+    """
+
+    remote = True
+    online = True
+
+    def __init__(self, group, peerName, clusterNode, nodeId, address, chain):
+        self.group = group
+        self.peerName = peerName
+        self.clusterNode = clusterNode
+        self.nodeId = nodeId
+        self.address = address
+        self.chain = chain
+        self.handles = []
+        self.directs = {}
 
 
 class Handle:

@@ -46,6 +46,13 @@ IMMUTABLE_PROPERTIES = {"cloud", "classifier", "groupPeerName", "creatorPeerName
 # Methods allowed before startup / before an identity is registered.
 NO_STARTUP = {"startup"}
 NO_IDENTITY = {"startup", "shutdown", "registerIdentity"}
+# Requests that change the store: refused up front while it cannot be
+# written (a cluster's Redis is down), so nothing is half made in memory.
+WRITES = {"create", "join", "connect", "delete", "addRecord", "updateRecord",
+          "deleteRecord", "importDatabase", "setProperties", "issueCredentials",
+          "createInvitation"}
+STORE_DOWN = ("the cluster store (Redis) is unreachable: nothing was changed; "
+              "retry once it is back")
 # Requests whose later ones need not wait for their commit (see _next).
 PIPELINED = {"addRecord", "updateRecord", "deleteRecord"}
 _WAITING = object()
@@ -260,6 +267,8 @@ class PeerSession:
             raise PeerError("PEER_E_NOT_INITIALIZED", "call startup first")
         if method not in NO_IDENTITY and self.identity is None:
             raise PeerError("PEER_E_IDENTITY_NOT_FOUND", "call registerIdentity first")
+        if (method in WRITES or not self.pg.loaded) and not self.pg.storeAvailable():
+            raise PeerError("E_UNEXPECTED", STORE_DOWN)
         if not self.pg.loaded:
             return self.pg.whenLoaded().addCallback(lambda _: handler(params))
         return handler(params)
@@ -343,6 +352,17 @@ class PeerSession:
         if not isinstance(gpn, str):
             raise PeerError("E_INVALIDARG", "groupPeerName must be a string")
         return self.app.groups.get(gpn)
+
+    def _unknownGroup(self, gpn, handler, params):
+        """
+        In a cluster, a group created on another node a moment ago may not
+        have reached this one yet: merge the store and try once more.
+
+        @return: the retried call's Deferred, or C{None} to go on.
+        """
+        if self.pg.link is None or params.get("_merged") or not isinstance(gpn, str):
+            return None
+        return self.pg.link.merge().addCallback(lambda _: handler(dict(params, _merged=True)))
 
     def _node(self, group):
         return self.app.node(group, self.identity["peerName"], self.identity["publicKey"])
@@ -531,6 +551,10 @@ class PeerSession:
             raise PeerError("PEER_E_INVITATION_NOT_TRUSTED",
                             "a password invitation: use passwordJoin")
         group = self._group(inv["groupPeerName"])
+        if group is None:
+            retry = self._unknownGroup(inv["groupPeerName"], self.api_join, params)
+            if retry is not None:
+                return retry
         if group is None or inv.get("application", self.app.name) != self.app.name:
             raise PeerError("PEER_E_INVITATION_NOT_TRUSTED", "no such group in this application")
         chain = inv["chain"]
@@ -570,6 +594,10 @@ class PeerSession:
         self._checkRoom()
         inv = cred.decodeInvitation(_param(params, "invitation", str))
         group = self._group(inv["groupPeerName"])
+        if group is None:
+            retry = self._unknownGroup(inv["groupPeerName"], self.api_passwordJoin, params)
+            if retry is not None:
+                return retry
         if group is None or inv.get("application", self.app.name) != self.app.name:
             raise PeerError("PEER_E_INVITATION_NOT_TRUSTED", "no such group in this application")
         if inv["version"] != "1.1" or group.verifier is None:
@@ -595,6 +623,9 @@ class PeerSession:
         me = self.identity["peerName"]
         member = group.members.get(me) if group is not None else None
         if member is None or not member.local:
+            retry = self._unknownGroup(params["groupPeerName"], self.api_open, params)
+            if retry is not None:
+                return retry
             raise PeerError("PEER_E_NOT_FOUND", "not a member of that group (join first)")
         node = self._node(group)
         handle = self._newHandle(node)
@@ -634,7 +665,7 @@ class PeerSession:
             if not cred.checkPasswordProof(group.verifier, message, proof):
                 self.pg.passwordFailed(group)
                 return failed("PEER_E_NOT_AUTHORIZED", passwordChallenge=fresh)
-            if not group.online:
+            if not self.pg.anyoneOnline(group):
                 return failed("PEER_E_NO_MEMBERS_FOUND", passwordChallenge=fresh)
             chain = self.pg.issuePasswordCredentials(group, node, self.identity["friendlyName"])
             member = Member(node.peerName, node.publicKey, self.identity["friendlyName"],
@@ -649,7 +680,7 @@ class PeerSession:
             chain = member.chain
             if not (chain[-1].notBefore <= now < chain[-1].notAfter):
                 return failed("PEER_E_CONNECTION_NOT_AUTHENTICATED")
-            if not member.synced and not group.online:
+            if not member.synced and not self.pg.anyoneOnline(group):
                 return failed("PEER_E_NO_MEMBERS_FOUND")
         changes.append(self._memberChange(group, member))
         return self._persistThen(changes, Reply(
@@ -792,7 +823,7 @@ class PeerSession:
                         key=lambda m: m.peerName)
         out = []
         for m in [member] + others:
-            peer = group.online.get(m.peerName)
+            peer = self.pg.present(group, m.peerName)
             if flags & C.MEMBER_PRESENT and peer is None:
                 continue
             if wanted is not None and m.peerName != wanted:
@@ -877,8 +908,11 @@ class PeerSession:
         change is undone in memory too (unless a later change built on it),
         so nobody sees a record the broker would forget at its restart.
         """
+        # The other nodes of a cluster raise the event once they hold the
+        # record: it rides with the change (never stored).
         changes = [("record", self.app.name, group.gpn, record),
-                   ("seq", self.app.name, group.gpn, group.seq)]
+                   ("seq", self.app.name, group.gpn, group.seq),
+                   self.pg.recordEvent(group, changeType, record)]
 
         def failed(failure):
             if group.records.get(record.id) is record:
@@ -886,12 +920,17 @@ class PeerSession:
                     del group.records[record.id]
                 else:
                     group.records[record.id] = previous
+            if not self.pg.storeAvailable():
+                # Redis went away under the write: refused, logged once by
+                # the cluster link.
+                raise PeerError("E_UNEXPECTED", STORE_DOWN)
             log.failure("peer groups: cannot store a record of {gpn}", failure, gpn=group.gpn)
             raise PeerError("E_UNEXPECTED", "the store could not save the change; "
                             "nothing changed")
         return self.pg.persist(changes).addCallbacks(
             lambda _: Reply({"id": record.id, "record": record.toJSON()},
-                            after=lambda: self.pg.recordChanged(group, changeType, record)),
+                            after=lambda: self.pg.recordChanged(group, changeType, record,
+                                                                forward=False)),
             failed)
 
     def api_addRecord(self, params):
@@ -1064,10 +1103,14 @@ class PeerSession:
             raise PeerError("PEER_E_CONNECT_SELF", "a direct connection to oneself")
         group = node.group
         cid = self.pg.newConnectionId()
-        target = group.online.get(peer)
+        target = self.pg.present(group, peer)
 
         def establish():
             if not node.online:
+                return
+            if target is not None and target.remote:
+                # On another node: that node checks and answers (pg.direct).
+                self.pg.link.openRemote(node, target, cid)
                 return
             if target is None or not target.online:
                 reason = "PEER_E_CONNECTION_FAILED"
@@ -1119,7 +1162,11 @@ class PeerSession:
             raise PeerError("E_INVALIDARG", f"at most {self.pg.maxDataSize} bytes per send")
         self.pg.counters.dataMessages += 1
         self.pg.counters.dataBytes += size
-        self.pg.emit(direct.other(node), C.EVENT_INCOMING_DATA, {"incomingData": {
+        other = direct.other(node)
+        if other.remote:
+            self.pg.link.sendData(other, direct, dtype, data)
+            return {}
+        self.pg.emit(other, C.EVENT_INCOMING_DATA, {"incomingData": {
             "connectionId": str(direct.id), "type": dtype, "data": data}}, dtype)
         return {}
 

@@ -1,0 +1,214 @@
+# -*- test-case-name: tests.test_iot_cluster -*-
+"""
+UDP tokens in cluster mode: a token issued on one node can be spent on any
+node (a load balancer may send a device's datagrams anywhere), and only
+once across the cluster.
+
+Each token is a Redis key C{iot:tok:HEX} holding its device, with the
+token's TTL.  Spending is one atomic Lua step that reads the key and
+replaces it by a spent marker (kept for the rest of the TTL, so a replay on
+another node is counted as a replay).  The datagrams of one reactor turn
+are spent together in one script run: per datagram the work here is an
+append, and telemetry is handed on after one Redis round trip.
+
+The issuing node also keeps its tokens in a memory L{TokenBook}: for the
+per-device counts that drive refills, and so that UDP keeps working on that
+node while Redis is unreachable.  A token spent locally during an outage is
+remembered and marked spent in Redis when the node resyncs, and the node's
+live tokens are written again (a restarted Redis has lost them).  The
+documented limit: a token spent during an outage can be replayed on another
+node in the moment between Redis coming back and this node's resync.
+"""
+
+import json
+from collections import deque
+
+from twisted.internet.defer import DeferredList
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from broker.iot.interfaces import ITokenBook
+from broker.iot.udp import ACCEPTED, EXPIRED, REPLAYED, UNKNOWN, TokenBook
+
+log = Logger()
+
+SPENT = b"-"
+
+_ISSUE = """
+local ttl = ARGV[1]
+for i, k in ipairs(KEYS) do
+  redis.call('SET', k, ARGV[i + 1], 'PX', ttl, 'NX')
+end
+return #KEYS
+"""
+
+_SPEND = """
+local out = {}
+for i, k in ipairs(KEYS) do
+  local v = redis.call('GET', k)
+  if v and v ~= '-' then
+    redis.call('SET', k, '-', 'KEEPTTL')
+  end
+  out[i] = v or ''
+end
+return out
+"""
+
+_MARK = """
+for _, k in ipairs(KEYS) do
+  redis.call('SET', k, '-', 'PX', ARGV[1])
+end
+return #KEYS
+"""
+
+
+@implementer(ITokenBook)
+class ClusterTokenBook:
+    """
+    @param cluster: the L{broker.cluster.node.Cluster}.
+    @param ttl: seconds a token is valid.
+    @param clock: monotonic seconds for the local book.
+    @param maxBatch: tokens spent per script run at most.
+    """
+
+    def __init__(self, cluster, ttl=300.0, clock=None, maxBatch=2000, offlineMemory=100000):
+        self.cluster = cluster
+        self.redis = cluster.redis
+        self.reactor = cluster.reactor
+        self.ttl = ttl
+        self.local = TokenBook(ttl, clock=clock or self.reactor.seconds)
+        self.maxBatch = maxBatch
+        self._queue = []
+        self._flush = None
+        self._spentOffline = deque(maxlen=offlineMemory)
+        self._warned = False
+        self._prefix = cluster.key("iot", "tok", "")
+        cluster.onResync(self.resync)
+
+    def _key(self, token):
+        return self._prefix + token.hex()
+
+    def _outage(self, what, f):
+        if not self._warned:
+            self._warned = True
+            log.warn("iot.udp: Redis unreachable while {what} ({why}); tokens issued on this "
+                     "node are spent locally until it is back", what=what,
+                     why=f.getErrorMessage())
+
+    # -- ITokenBook -------------------------------------------------------
+
+    def issue(self, fleet, deviceId, n):
+        tokens = self.local.issue(fleet, deviceId, n)
+        owner = json.dumps([fleet, deviceId])
+        self.redis.eval(_ISSUE, [self._key(t) for t in tokens],
+                        [int(self.ttl * 1000)] + [owner] * n).addErrback(
+            lambda f: self._outage("issuing tokens", f))
+        return tokens
+
+    def outstanding(self, fleet, deviceId):
+        return self.local.outstanding(fleet, deviceId)
+
+    def spend(self, token, then, *args):
+        if not self.redis.connected:
+            self._spendLocally(token, then, args)
+            return
+        self._queue.append((token, then, args))
+        if self._flush is None:
+            self._flush = self.reactor.callLater(0, self._spendQueued)
+
+    def revoke(self, fleet, deviceId):
+        mine = list(self.local._byDevice.get((fleet, deviceId), ()))
+        self.local.revoke(fleet, deviceId)
+        if mine and self.redis.connected:
+            self.redis.execute("DEL", *[self._key(t) for t in mine]).addErrback(
+                lambda f: self._outage("revoking tokens", f))
+
+    def purge(self):
+        return self.local.purge()
+
+    def __len__(self):
+        return len(self.local)
+
+    # -- spending ---------------------------------------------------------
+
+    def _spendQueued(self):
+        self._flush = None
+        batch, self._queue = self._queue[:self.maxBatch], self._queue[self.maxBatch:]
+        if self._queue:
+            self._flush = self.reactor.callLater(0, self._spendQueued)
+        d = self.redis.eval(_SPEND, [self._key(t) for t, _, _ in batch], [])
+        d.addCallbacks(self._spent, self._spendFailed, callbackArgs=(batch,),
+                       errbackArgs=(batch,))
+        d.addErrback(lambda f: log.failure("iot.udp: handing on spent tokens", f))
+
+    def _spent(self, values, batch):
+        local = self.local
+        markLost = []
+        for (token, then, args), value in zip(batch, values):
+            if value == SPENT:
+                if local.isLive(token):
+                    local.redeem(token)
+                then(REPLAYED, None, None, *args)
+            elif value:
+                if local.isLive(token):
+                    local.redeem(token)
+                fleet, deviceId = json.loads(value)
+                then(ACCEPTED, fleet, deviceId, *args)
+            elif local.isLive(token):
+                # Ours, but Redis lost it (it restarted): nobody else can
+                # have spent it.
+                outcome = local.redeem(token)
+                if outcome[0] == ACCEPTED:
+                    markLost.append(token)
+                then(*outcome, *args)
+            else:
+                outcome = local.redeem(token)
+                then(outcome[0] if outcome[0] in (REPLAYED, EXPIRED) else UNKNOWN,
+                     None, None, *args)
+        if markLost:
+            self._mark(markLost).addErrback(lambda f: self._outage("spending tokens", f))
+
+    def _spendFailed(self, f, batch):
+        self._outage("spending tokens", f)
+        for token, then, args in batch:
+            self._spendLocally(token, then, args)
+
+    def _spendLocally(self, token, then, args):
+        outcome = self.local.redeem(token)
+        if outcome[0] == ACCEPTED:
+            self._spentOffline.append(token)
+        then(*outcome, *args)
+
+    def _mark(self, tokens, early=False):
+        return self.redis.eval(_MARK, [self._key(t) for t in tokens],
+                               [int(self.ttl * 1000)], _early=early)
+
+    # -- resync -----------------------------------------------------------
+
+    def resync(self):
+        """
+        After (re)connecting: mark the tokens spent locally during the
+        outage as spent, and write this node's live tokens again (NX: a
+        token spent meanwhile keeps its marker).
+        """
+        self._warned = False
+        spent, self._spentOffline = list(self._spentOffline), deque(
+            maxlen=self._spentOffline.maxlen)
+        now = self.local._clock()
+        byTTL = {}
+        for token, (fleet, deviceId, expires) in list(self.local._live.items()):
+            left = int((expires - now) * 1000)
+            if left > 0:
+                byTTL.setdefault(left // 1000, []).append((token, fleet, deviceId, left))
+        ds = []
+        for i in range(0, len(spent), self.maxBatch):
+            ds.append(self._mark(spent[i:i + self.maxBatch], early=True))
+        for rows in byTTL.values():
+            for i in range(0, len(rows), self.maxBatch):
+                chunk = rows[i:i + self.maxBatch]
+                ds.append(self.redis.eval(
+                    _ISSUE, [self._key(t) for t, _, _, _ in chunk],
+                    [chunk[0][3]] + [json.dumps([f, d]) for _, f, d, _ in chunk], _early=True))
+        for d in ds:
+            d.addErrback(lambda f: self._outage("re-registering tokens", f))
+        return DeferredList(ds)

@@ -1,0 +1,251 @@
+# -*- test-case-name: tests.test_iot_store -*-
+"""
+Store-and-forward in cluster mode: the per-device queues and the issued
+keys in Redis, shared by every node, so a message accepted on one node is
+delivered by whichever node the device connects to.
+
+Per device (names through L{part}, so a ":" in an id cannot make two keys
+collide):
+
+  - C{iot:FLEET:q:DEV}, a sorted set of message ids (score = id): the order;
+  - C{iot:FLEET:qe:DEV}, the same ids scored by expiry (wall-clock seconds);
+  - C{iot:FLEET:qm:DEV}, a hash id -> C{ptype "\\n" data};
+  - C{iot:FLEET:queued}, the set of the fleet's devices with a queue, and
+    C{iot:fleets} the set of fleets that ever had one (for L{depths} and
+    L{purgeExpired});
+  - C{iot:ids}, the cluster-wide id counter (INCR), so ids increase across
+    nodes and a device's ACK space never sees two messages with one id.
+
+Each operation that must be atomic (push with its depth check, ack, purge)
+is one Lua script.  When Redis cannot be reached every operation fails at
+once with L{broker.iot.errors.Unavailable}: a push is then refused, never
+accepted and lost.  Redis' own durability (appendonly, fsync policy) is the
+operator's to configure; docs/iot.md says so.
+"""
+
+import json
+import time
+
+from twisted.internet import error as netError
+from twisted.internet.defer import DeferredList, FirstError, succeed
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+import txredisapi
+
+from broker.cluster.redis import RedisUnavailable
+from broker.iot import errors
+from broker.iot.frames import Payload
+from broker.iot.interfaces import IMessageStore
+
+_LOST = (RedisUnavailable, txredisapi.ConnectionError, txredisapi.TimeoutError,
+         netError.ConnectionLost, netError.ConnectionDone)
+
+
+def part(name):
+    """
+    A fleet or device id as one component of a Redis key.
+    """
+    return name.replace("%", "%25").replace(":", "%3A")
+
+
+def unavailable(f):
+    """
+    An errback: a Redis outage becomes L{errors.Unavailable}, other
+    failures pass through.
+    """
+    if f.check(*_LOST):
+        return Failure(errors.Unavailable(
+            f"the cluster store (Redis) is unreachable: {f.getErrorMessage()}"))
+    return f
+
+
+_PUSH = """
+local n = redis.call('ZCARD', KEYS[1])
+local maxDepth = tonumber(ARGV[3])
+if n >= maxDepth then
+  local old = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', ARGV[1])
+  for _, i in ipairs(old) do
+    redis.call('ZREM', KEYS[1], i)
+    redis.call('HDEL', KEYS[3], i)
+  end
+  redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', ARGV[1])
+  n = n - #old
+  if n >= maxDepth then return -n end
+end
+local id = redis.call('INCR', KEYS[4])
+redis.call('ZADD', KEYS[1], id, id)
+redis.call('ZADD', KEYS[2], ARGV[2], id)
+redis.call('HSET', KEYS[3], id, ARGV[4])
+redis.call('SADD', KEYS[5], ARGV[5])
+redis.call('SADD', KEYS[6], ARGV[6])
+return id
+"""
+
+_PENDING = """
+local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '(' .. ARGV[1], '+inf')
+local limit = tonumber(ARGV[2])
+local now = tonumber(ARGV[3])
+local out = {}
+for _, i in ipairs(ids) do
+  if #out >= 2 * limit then break end
+  local exp = redis.call('ZSCORE', KEYS[2], i)
+  if exp and tonumber(exp) > now then
+    local blob = redis.call('HGET', KEYS[3], i)
+    if blob then
+      out[#out + 1] = i
+      out[#out + 1] = blob
+    end
+  end
+end
+return out
+"""
+
+_ACK = """
+local removed = 0
+for _, i in ipairs(ARGV) do
+  removed = removed + redis.call('ZREM', KEYS[1], i)
+  redis.call('ZREM', KEYS[2], i)
+  redis.call('HDEL', KEYS[3], i)
+end
+return removed
+"""
+
+_PURGE = """
+local old = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', ARGV[1])
+for _, i in ipairs(old) do
+  redis.call('ZREM', KEYS[1], i)
+  redis.call('HDEL', KEYS[3], i)
+end
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', ARGV[1])
+if redis.call('ZCARD', KEYS[1]) == 0 then
+  redis.call('SREM', KEYS[4], ARGV[2])
+end
+return #old
+"""
+
+
+@implementer(IMessageStore)
+class RedisMessageStore:
+    """
+    @param cluster: the L{broker.cluster.node.Cluster} (its C{redis} and
+        C{key}).
+    @param clock: wall-clock seconds, shared meaning across nodes (TTLs are
+        absolute expiry times); injectable for tests.
+    """
+
+    def __init__(self, cluster, clock=time.time):
+        self.cluster = cluster
+        self.redis = cluster.redis
+        self._clock = clock
+
+    def _keys(self, fleet, deviceId):
+        k, f, d = self.cluster.key, part(fleet), part(deviceId)
+        return [k("iot", f, "q", d), k("iot", f, "qe", d), k("iot", f, "qm", d)]
+
+    def _eval(self, script, keys, args):
+        return self.redis.eval(script, keys, args).addErrback(unavailable)
+
+    def push(self, fleet, deviceId, payload, ttl, maxDepth):
+        now = self._clock()
+        keys = self._keys(fleet, deviceId) + [
+            self.cluster.key("iot", "ids"), self.cluster.key("iot", part(fleet), "queued"),
+            self.cluster.key("iot", "fleets")]
+        blob = payload.type.encode("ascii") + b"\n" + payload.data
+        d = self._eval(_PUSH, keys, [repr(now), repr(now + ttl), maxDepth, blob, deviceId,
+                                     fleet])
+
+        def pushed(result):
+            result = int(result)
+            if result < 0:
+                raise errors.QueueFull(
+                    f"device {deviceId!r} already has {-result} queued messages")
+            return result
+        return d.addCallback(pushed)
+
+    def pending(self, fleet, deviceId, afterId, limit):
+        d = self._eval(_PENDING, self._keys(fleet, deviceId),
+                       [int(afterId), int(limit), repr(self._clock())])
+
+        def rows(flat):
+            out = []
+            for i in range(0, len(flat), 2):
+                ptype, _, data = flat[i + 1].partition(b"\n")
+                out.append((int(flat[i]), Payload(ptype.decode("ascii"), data)))
+            return out
+        return d.addCallback(rows)
+
+    def ack(self, fleet, deviceId, *messageIds):
+        if not messageIds:
+            return succeed(True)
+        return self._eval(_ACK, self._keys(fleet, deviceId),
+                          [int(i) for i in messageIds]).addCallback(
+            lambda n: int(n) == len(messageIds))
+
+    def depth(self, fleet, deviceId):
+        return self.redis.execute(
+            "ZCOUNT", self._keys(fleet, deviceId)[1], "(" + repr(self._clock()),
+            "+inf").addCallbacks(int, unavailable)
+
+    def depths(self, fleet):
+        now = "(" + repr(self._clock())
+
+        def counted(devices):
+            names = [d.decode("utf-8") for d in devices]
+            return _all([self.redis.execute("ZCOUNT", self._keys(fleet, n)[1], now, "+inf")
+                         for n in names]).addCallback(
+                lambda counts: {n: int(c) for n, c in zip(names, counts) if int(c)})
+        return self.redis.execute(
+            "SMEMBERS", self.cluster.key("iot", part(fleet), "queued")).addCallback(
+            counted).addErrback(unavailable)
+
+    def purgeExpired(self):
+        now = repr(self._clock())
+        k = self.cluster.key
+
+        def fleets(names):
+            ds = [self.redis.execute("SMEMBERS", k("iot", part(f.decode("utf-8")), "queued"))
+                  .addCallback(devices, f.decode("utf-8")) for f in names]
+            return _all(ds).addCallback(sum)
+
+        def devices(names, fleet):
+            queued = k("iot", part(fleet), "queued")
+            ds = [self._eval(_PURGE, self._keys(fleet, d.decode("utf-8")) + [queued],
+                             [now, d]) for d in names]
+            return _all(ds).addCallback(lambda ns: sum(int(n) for n in ns))
+        return self.redis.execute("SMEMBERS", k("iot", "fleets")).addCallback(
+            fleets).addErrback(unavailable)
+
+    def keys(self, _early=False):
+        """
+        See L{IMessageStore.keys}; C{_early} while the Redis link is still
+        running its (re)connection hooks (a resync).
+        """
+        def rows(flat):
+            out = []
+            for i in range(0, len(flat), 2):
+                fleet, deviceId = json.loads(flat[i])
+                out.append((fleet, deviceId, json.loads(flat[i + 1])))
+            return out
+        return self.redis.execute("HGETALL", self.cluster.key("iot", "keys"),
+                                  _early=_early).addCallbacks(rows, unavailable)
+
+    def setKey(self, fleet, deviceId, secret):
+        return self.redis.execute(
+            "HSET", self.cluster.key("iot", "keys"), json.dumps([fleet, deviceId]),
+            json.dumps(secret)).addCallbacks(lambda _: None, unavailable)
+
+
+def _firstError(f):
+    if f.check(FirstError):
+        return f.value.subFailure
+    return f
+
+
+def _all(ds):
+    """
+    A Deferred of every result of C{ds}, or the first failure.
+    """
+    return DeferredList(ds, fireOnOneErrback=True, consumeErrors=True).addCallbacks(
+        lambda results: [r for _, r in results], _firstError)
+
