@@ -247,7 +247,7 @@ class ClusterConcentrator(Concentrator):
             self._outage("removing presence", f)
         return self.redis.eval(
             _RELEASE, [self._presenceKey(*k), self._nodeDevs(self.nodeId)],
-            [json.dumps([self.nodeId, sid]), json.dumps(list(k))], _early=early).addErrback(
+            [json.dumps([self.nodeId, sid]), json.dumps(list(k))], registering=early).addErrback(
             failed)
 
     def centralOnline(self, session):
@@ -264,11 +264,11 @@ class ClusterConcentrator(Concentrator):
         since = self._clock()
         r = self.redis
         if up:
-            ds = [r.execute("ZADD", self._centralsKey(fleet), since, self.nodeId, _early=early),
-                  r.execute("SADD", self._nodeCentrals(self.nodeId), fleet, _early=early)]
+            ds = [r.execute("ZADD", self._centralsKey(fleet), since, self.nodeId, registering=early),
+                  r.execute("SADD", self._nodeCentrals(self.nodeId), fleet, registering=early)]
         else:
-            ds = [r.execute("ZREM", self._centralsKey(fleet), self.nodeId, _early=early),
-                  r.execute("SREM", self._nodeCentrals(self.nodeId), fleet, _early=early)]
+            ds = [r.execute("ZREM", self._centralsKey(fleet), self.nodeId, registering=early),
+                  r.execute("SREM", self._nodeCentrals(self.nodeId), fleet, registering=early)]
         if not early:
             ds.append(self.cluster.broadcast("iot.central", encode(
                 {"fleet": fleet, "node": self.nodeId, "since": since, "up": up})))
@@ -350,7 +350,7 @@ class ClusterConcentrator(Concentrator):
             # Keys issued or revoked meanwhile: close what they invalidate.
             self.registry.loadIssued(rows)
             self.registryChanged()
-        ds = [self.store.keys(_early=True).addCallback(issued)]
+        ds = [self.store.keys(registering=True).addCallback(issued)]
         unreleased, self._unreleased = self._unreleased, {}
         for k, sid in unreleased.items():
             if k not in self._devices:
@@ -363,7 +363,7 @@ class ClusterConcentrator(Concentrator):
             d = r.eval(_RECLAIM, [self._presenceKey(fleet, deviceId),
                                   self._nodeDevs(self.nodeId)],
                        [json.dumps([self.nodeId, sid]), json.dumps([fleet, deviceId])],
-                       _early=True)
+                       registering=True)
             d.addCallback(self._reclaimed, session)
             ds.append(d)
         for fleet in list(self._centrals):
@@ -411,7 +411,7 @@ class ClusterConcentrator(Concentrator):
         """
         fleets = self.registry.fleets()
         ds = [self.redis.execute("ZRANGE", self._centralsKey(f), 0, -1, "WITHSCORES",
-                                 _early=early) for f in fleets]
+                                 registering=early) for f in fleets]
 
         def read(results):
             fresh = {}

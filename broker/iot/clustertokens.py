@@ -181,7 +181,7 @@ class ClusterTokenBook:
 
     def _mark(self, tokens, early=False):
         return self.redis.eval(_MARK, [self._key(t) for t in tokens],
-                               [int(self.ttl * 1000)], _early=early)
+                               [int(self.ttl * 1000)], registering=early)
 
     # -- resync -----------------------------------------------------------
 
@@ -208,7 +208,7 @@ class ClusterTokenBook:
                 chunk = rows[i:i + self.maxBatch]
                 ds.append(self.redis.eval(
                     _ISSUE, [self._key(t) for t, _, _, _ in chunk],
-                    [chunk[0][3]] + [json.dumps([f, d]) for _, f, d, _ in chunk], _early=True))
+                    [chunk[0][3]] + [json.dumps([f, d]) for _, f, d, _ in chunk], registering=True))
         for d in ds:
             d.addErrback(lambda f: self._outage("re-registering tokens", f))
         return DeferredList(ds)

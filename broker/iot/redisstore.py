@@ -216,9 +216,9 @@ class RedisMessageStore:
         return self.redis.execute("SMEMBERS", k("iot", "fleets")).addCallback(
             fleets).addErrback(unavailable)
 
-    def keys(self, _early=False):
+    def keys(self, registering=False):
         """
-        See L{IMessageStore.keys}; C{_early} while the Redis link is still
+        See L{IMessageStore.keys}; C{registering} while the Redis link is still
         running its (re)connection hooks (a resync).
         """
         def rows(flat):
@@ -228,7 +228,7 @@ class RedisMessageStore:
                 out.append((fleet, deviceId, json.loads(flat[i + 1])))
             return out
         return self.redis.execute("HGETALL", self.cluster.key("iot", "keys"),
-                                  _early=_early).addCallbacks(rows, unavailable)
+                                  registering=registering).addCallbacks(rows, unavailable)
 
     def setKey(self, fleet, deviceId, secret):
         return self.redis.execute(
