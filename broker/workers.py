@@ -53,6 +53,7 @@ from twisted.logger import (
     LogLevel, Logger, eventFromJSON, globalLogBeginner, globalLogPublisher,
     jsonFileLogObserver)
 from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from broker.config import ConfigError
@@ -589,6 +590,9 @@ class WorkerPool(service.Service):
         """
         levelName = getattr(event.get("log_level"), "name", "-")
         event["log_system"] = f"{worker.name} {event.get('log_namespace', '-')}#{levelName}"
+        traceback = event.pop("workerTraceback", None)
+        if isinstance(traceback, str):
+            event["log_failure"] = Failure(WorkerTraceback(traceback))
         self.publisher(event)
         if event.get("workerReady"):
             self._ready(worker, event.get("nodeId"))
@@ -597,6 +601,35 @@ class WorkerPool(service.Service):
         self.publisher({"log_level": level, "log_namespace": "broker.workers",
                         "log_system": f"{worker.name} {stream}", "log_format": "{line}",
                         "line": line, "log_time": self._reactor.seconds()})
+
+
+class WorkerTraceback(Exception):
+    """
+    A failure logged in a worker, as its traceback text: what a relayed
+    event's C{log_failure} holds (a L{Failure}'s frames do not survive the
+    JSON between the processes).
+    """
+
+    def __str__(self):
+        return "in the worker:\n" + self.args[0]
+
+
+def _withTracebacks(observer):
+    """
+    Put the traceback text of an event's failure in C{workerTraceback}
+    before C{observer} writes it as JSON, which keeps only the exception's
+    type.
+    """
+    def observe(event):
+        failure = event.get("log_failure")
+        if failure is not None:
+            try:
+                text = failure.getTraceback()
+            except Exception as e:
+                text = f"(no traceback: {e!r})"
+            event = dict(event, workerTraceback=text)
+        observer(event)
+    return observe
 
 
 def _workerEnvironment():
@@ -801,7 +834,8 @@ def workerMain(argv, stdin=0):
     from twisted.internet import reactor
 
     out = sys.stdout
-    globalLogBeginner.beginLoggingTo([jsonFileLogObserver(out)], redirectStandardIO=True)
+    globalLogBeginner.beginLoggingTo([_withTracebacks(jsonFileLogObserver(out))],
+                                     redirectStandardIO=True)
     try:
         top, ports = buildWorker(spec, reactor)
     except (ConfigError, OSError, ValueError) as e:

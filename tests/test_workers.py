@@ -15,15 +15,19 @@ import treq
 from autobahn.twisted.websocket import WebSocketClientFactory
 from twisted.internet import defer, error, protocol, reactor, ssl
 from twisted.internet.endpoints import (
-    TCP4ClientEndpoint, UNIXClientEndpoint, serverFromString, wrapClientTLS)
+    TCP4ClientEndpoint, UNIXClientEndpoint, connectProtocol, serverFromString,
+    wrapClientTLS)
 from twisted.internet.task import Clock
-from twisted.logger import LogLevel, capturedLogs, eventAsJSON, formatEvent
+from twisted.logger import LogLevel, capturedLogs, eventAsJSON, eventAsText, formatEvent
 from twisted.python.failure import Failure
 from twisted.python.filepath import FilePath
 from twisted.trial.unittest import TestCase
 
 from broker import config, tap, workers
 from broker.auth.tokens import makeClientToken
+from broker.iot import frames as iotframes
+from broker.iot.client import IoTClient
+from broker.iot.frames import Payload
 from tests.certs import makeCertificate
 from tests.redisserver import RedisServer, settle
 from tests.test_cluster_redis import waitFor
@@ -337,6 +341,27 @@ class WorkerPoolTests(TestCase):
         self.assertEqual((formatEvent(text), text["log_system"]), ("printed", "w0 stdout"))
         self.assertEqual((formatEvent(err), err["log_system"], err["log_level"]),
                          ("Fatal Python error", "w0 stderr", LogLevel.error))
+
+    def test_relayedTraceback(self):
+        """
+        A failure logged in a worker reaches this log with its traceback
+        (the JSON between the processes would keep only its type).
+        """
+        written = []
+        observe = workers._withTracebacks(lambda e: written.append(eventAsJSON(e)))
+        try:
+            1 / 0
+        except ZeroDivisionError:
+            observe({"log_namespace": "broker.x", "log_level": LogLevel.critical,
+                     "log_format": "it broke", "log_failure": Failure(), "log_time": 1.0})
+        w0 = self.pool.workers[0]
+        proc = workers.WorkerProcess(self.pool, w0, b"")
+        proc.childDataReceived(1, f"\x1e{written[0]}\n".encode())
+        [event] = self.events
+        text = eventAsText(event)
+        self.assertIn("it broke", text)
+        self.assertIn("test_relayedTraceback", text)
+        self.assertIn("ZeroDivisionError: division by zero", text)
 
 
 HUNG_WORKER = b"""#!/bin/sh
@@ -682,6 +707,71 @@ class EcdnWorkersTests(RunningWorkersMixin, TestCase):
         self.assertIn("SIGHUP: reloading 2 workers", self.proc.text())
         self.assertEqual(len(readyWorkers(self.proc)), 2)
         self.assertFalse(self.proc.ended.called)
+
+
+IOT_REGISTRY = b"""
+[fleets.acme]
+central_key = "central-secret"
+[fleets.acme.devices.d1]
+key = "d1-secret"
+"""
+
+
+class IoTWorkersTests(RunningWorkersMixin, TestCase):
+    """
+    IoT devices over the shared TCP port, telemetry over the shared UDP
+    socket: a datagram is accepted once, whichever worker reads it.
+    """
+
+    @property
+    def extra(self):
+        registry = FilePath(self.mktemp())
+        registry.setContent(IOT_REGISTRY)
+        return ('[iot]\nenabled = true\n'
+                f'listen = ["{LOOPBACK}"]\nregistry_file = "{registry.path}"\n'
+                'token_batch = 16\n[iot.udp]\nport = 0\n[iot.http]\nenabled = false\n')
+
+    @defer.inlineCallbacks
+    def udpCounts(self):
+        counts = {}
+        for name in ("w0", "w1"):
+            response = yield treq.get(
+                f"http://127.0.0.1:{self.ports[f'admin.worker_listen[0]@{name}']}/metrics",
+                reactor=reactor, persistent=False)
+            body = (yield treq.content(response)).decode()
+            counts[name] = {m.group(1): float(m.group(2)) for m in re.finditer(
+                r'^broker_iot_udp_datagrams_total\{outcome="(\w+)"\} (\S+)$', body, re.M)}
+        return counts
+
+    @defer.inlineCallbacks
+    def test_telemetry(self):
+        udpPort = int(re.search(r"\] iot\.udp listening on 127\.0\.0\.1:(\d+)$",
+                                self.proc.text(), re.M).group(1))
+        device = IoTClient("device", "acme", "d1", "d1-secret")
+        yield connectProtocol(
+            TCP4ClientEndpoint(reactor, "127.0.0.1", self.ports["iot.listen[0]"]), device)
+        self.addCleanup(lambda: device.transport.loseConnection() or device.closed)
+        yield device.authenticated
+        tokens = list((yield device.waitTokens(16)))
+        sender = reactor.listenUDP(0, protocol.DatagramProtocol(), interface="127.0.0.1")
+        self.addCleanup(sender.stopListening)
+        for i, token in enumerate(tokens[:12]):
+            sender.write(iotframes.encodeDatagram(token, Payload.json({"n": i})),
+                         ("127.0.0.1", udpPort))
+            yield settle(reactor, 0.01)
+        # One replay, whichever worker reads it this time.
+        sender.write(iotframes.encodeDatagram(tokens[0], Payload.json({"n": 0})),
+                     ("127.0.0.1", udpPort))
+
+        def total(counts, outcome):
+            return sum(c.get(outcome, 0) for c in counts.values())
+        for _ in range(100):
+            counts = yield self.udpCounts()
+            if total(counts, "accepted") + total(counts, "replayed") >= 13:
+                break
+            yield settle(reactor, 0.05)
+        self.assertEqual((total(counts, "accepted"), total(counts, "replayed")), (12, 1),
+                         counts)
 
 
 class HTTPSClient(protocol.Protocol):
