@@ -223,6 +223,9 @@ def schema():
         }),
         "admin": Table({
             "listen": List(Endpoint(), default=["tcp:9090:interface=127.0.0.1"]),
+            "worker_listen": List(Endpoint(), default=[],
+                                  doc="With cluster.workers > 1: each worker's own admin "
+                                      "listeners, worker i on the port plus i."),
         }),
         "cluster": Table({
             "redis_url": Str("", doc="redis://[:password@]host[:port][/db]; empty: one "

@@ -42,8 +42,9 @@ class FaceContext:
     """
 
     def __init__(self, reactor, core, settings, top, registry, listen, reloader,
-                 cluster=None):
+                 cluster=None, listeningReactor=None):
         self.reactor = reactor
+        self._listeningReactor = listeningReactor
         self.core = core
         self.cluster = cluster
         self.settings = settings
@@ -60,6 +61,17 @@ class FaceContext:
         C{ecdn.listen[0]}) in logs and failures.
         """
         self._listen(key, descriptions, factory)
+
+    def listeningReactor(self, key):
+        """
+        What a listener opened without L{listen} (C{iot.udp}) listens with:
+        the reactor, or in a worker process (C{cluster.workers} > 1) one
+        whose C{listenUDP} adopts the socket the supervisor opened for
+        C{key}.
+        """
+        if self._listeningReactor is None:
+            return self.reactor
+        return self._listeningReactor(key)
 
     def addService(self, svc):
         """

@@ -172,13 +172,16 @@ class Reloader(service.Service):
                 log.failure("reload hook {hook!r} failed; its previous state stays", hook=hook)
 
 
-def buildService(settings, reactor, foreground=True):
+def buildService(settings, reactor, foreground=True, ports=None):
     """
     The broker's service tree for validated C{settings}: the core, then
     each face (L{broker.faces.FACES}) with its listeners and services, then
     the admin listener.
 
     @param foreground: see L{ListenerService.foreground}.
+    @param ports: C{None} to open every listener; in a worker process, the
+        L{broker.workers.InheritedPorts} whose C{reactorFor(key)} adopts the
+        socket the supervisor opened for the listener C{key}.
     """
     top = service.MultiService()
     cluster = buildCluster(reactor, settings)
@@ -195,18 +198,24 @@ def buildService(settings, reactor, foreground=True):
     registry = CollectorRegistry()
     reloader = Reloader(reactor)
     top.reloader = reloader
+    top.registry = registry
+
+    def listeningReactor(key):
+        return reactor if ports is None else ports.reactorFor(key)
 
     def listen(key, descriptions, factory):
         for i, desc in enumerate(descriptions):
             name = f"{key}[{i}]"
-            endpoint = serverFromString(reactor, desc)
+            endpoint = serverFromString(listeningReactor(name), desc)
             ListenerService(name, desc, endpoint, factory, reactor,
                             foreground).setServiceParent(top)
 
-    context = FaceContext(reactor, core, settings, top, registry, listen, reloader, cluster)
+    context = FaceContext(reactor, core, settings, top, registry, listen, reloader, cluster,
+                          listeningReactor)
     for name in FACES:
         faceModule(name).build(context)
-    listen("admin.listen", settings["admin"]["listen"], makeAdminSite(core, registry))
+    top.adminSite = makeAdminSite(core, registry)
+    listen("admin.listen", settings["admin"]["listen"], top.adminSite)
     if reloader.hooks:
         reloader.setServiceParent(top)
     return top
@@ -218,8 +227,12 @@ def makeService(options):
     # options.parent is twistd's own options (None when called otherwise).
     twistd = options.parent
     foreground = twistd is None or bool(twistd.get("nodaemon"))
+    settings = options["settings"]
     try:
-        return buildService(options["settings"], reactor, foreground)
+        if settings["cluster"]["workers"] > 1:
+            from broker.workers import makeSupervisor
+            return makeSupervisor(settings, reactor, foreground)
+        return buildService(settings, reactor, foreground)
     except (brokerconfig.ConfigError, OSError, ValueError) as e:
         sys.stderr.write(f"broker: cannot start: {e}\n")
         raise SystemExit(1)

@@ -309,7 +309,8 @@ def build(context):
     udp = None
     if cfg["udp"]["enabled"]:
         udp = TelemetryListener(concentrator, cfg["udp"]["max_datagram"])
-        context.addService(UDPListenerService(reactor, udp, cfg["udp"]["interface"],
+        context.addService(UDPListenerService(context.listeningReactor("iot.udp"), udp,
+                                              cfg["udp"]["interface"],
                                               cfg["udp"]["port"], cfg["udp"]["max_datagram"],
                                               cfg["udp"]["receive_buffer"]))
     context.registry.register(IoTCollector(concentrator, factory, udp))
