@@ -13,11 +13,12 @@ from twisted.internet import defer, reactor
 from twisted.trial.unittest import TestCase
 
 from broker.cluster.node import Cluster
-from broker.cluster.redis import RedisClient
+from broker.cluster.redis import RedisClient, RedisOutcomeUnknown
 from broker.peergroups import constants as C
 from broker.peergroups import credentials as cred
 from broker.peergroups.records import Record
 from broker.peergroups.redisstore import RedisPeerGroupStore
+from broker.peergroups.session import STORE_LOST
 from tests.pgharness import PeerBroker
 from tests.redisserver import RedisServer, settle
 from tests.test_cluster_redis import waitFor
@@ -420,6 +421,42 @@ class ClusterTests(TwoNodes, TestCase):
             seen = [e for e in m.client.allEvents if e.get("recordChangeData", {}).get(
                 "recordId") == missed.id and e["registration"] == m.reg]
             self.assertEqual(len(seen), 1)
+
+    @defer.inlineCallbacks
+    def test_writeCutOffInFlight(self):
+        """
+        A record write Redis executed but whose answer was lost (the
+        connection dropped in between, as when Redis shuts down under
+        pipelined writes) is refused with the message that says it may have
+        been stored, not "nothing was changed"; once the nodes are back on
+        Redis the record is raised as added, exactly once, on both nodes.
+        """
+        admin, bob = yield self.pair()
+        store = self.b.store
+        real = store.apply
+
+        def executedThenCutOff(changes):
+            store.apply = real
+
+            def cut(_):
+                self.redis.command("CLIENT", "KILL", "TYPE", "pubsub")
+                self.redis.command("CLIENT", "KILL", "TYPE", "normal")
+                raise RedisOutcomeUnknown("lost the connection to Redis")
+            return real(changes).addCallback(cut)
+        store.apply = executedThenCutOff
+        e = yield self.failsWith(bob.client.addRecord(bob.handle, T1, b"in flight"),
+                                 "E_UNEXPECTED")
+        self.assertEqual(e.message, STORE_LOST)
+        for m in (admin, bob):
+            event = yield self.next(m, C.EVENT_RECORD_CHANGED, changeType=C.RECORD_ADDED)
+            rid = event["recordChangeData"]["recordId"]
+            got = yield m.client.getRecord(m.handle, rid)
+            self.assertEqual(cred.unb64(got["data"]), b"in flight")
+        yield self.quiet(admin, bob)
+        for m in (admin, bob):
+            added = [e for e in m.client.allEvents if e["registration"] == m.reg
+                     and e["eventType"] == C.EVENT_RECORD_CHANGED]
+            self.assertEqual([e["recordChangeData"]["recordId"] for e in added], [rid])
 
     @defer.inlineCallbacks
     def test_storeFailureStartsAgainOnOneNode(self):

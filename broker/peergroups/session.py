@@ -23,6 +23,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from broker.cluster.redis import RedisOutcomeUnknown
 from broker.core.interfaces import IConnection
 from broker.peergroups import constants as C
 from broker.peergroups import credentials as cred
@@ -53,6 +54,12 @@ WRITES = {"create", "join", "connect", "delete", "addRecord", "updateRecord",
           "createInvitation"}
 STORE_DOWN = ("the cluster store (Redis) is unreachable: nothing was changed; "
               "retry once it is back")
+# A write cut off in flight: Redis may have executed it (and will then
+# raise it as an event on every node once it is back), so a retry could
+# make it twice.
+STORE_LOST = ("the cluster store (Redis) went away while the change was being written: "
+              "it may or may not have been stored; once Redis is back, read before "
+              "retrying (a stored change is then raised as an event)")
 # Requests whose later ones need not wait for their commit (see _next).
 PIPELINED = {"addRecord", "updateRecord", "deleteRecord"}
 _WAITING = object()
@@ -920,6 +927,9 @@ class PeerSession:
                     del group.records[record.id]
                 else:
                     group.records[record.id] = previous
+            if failure.check(RedisOutcomeUnknown):
+                # Sent, then the connection dropped before the answer.
+                raise PeerError("E_UNEXPECTED", STORE_LOST)
             if not self.pg.storeAvailable():
                 # Redis went away under the write: refused, logged once by
                 # the cluster link.
