@@ -227,6 +227,38 @@ class ClusterTests(TwoNodes, TestCase):
         self.assertEqual((self.a.pg.directs, self.b.pg.directs), ({}, {}))
 
     @defer.inlineCallbacks
+    def test_directUsableOnceOpenAnswered(self):
+        """
+        As on one node, a direct connection can be used as soon as
+        openDirectConnection has answered, before its CONNECTED event: data
+        sent at once reaches bob on B after his CONNECTED, in order; one
+        closed at once is reported CONNECTED then DISCONNECTED at both ends.
+        """
+        admin, bob = yield self.pair()
+        cid = yield admin.client.openDirectConnection(admin.handle, bob.name)
+        for i in range(3):
+            yield admin.client.sendData(admin.handle, cid, DATA, b"%d" % i)
+        other = yield admin.client.openDirectConnection(admin.handle, bob.name)
+        yield admin.client.closeDirectConnection(admin.handle, other)
+        yield self.next(bob, C.EVENT_INCOMING_DATA, connectionId=cid)
+        yield self.quiet(admin, bob)
+        for m in (admin, bob):
+            seen = [(e["eventType"], e.get("connectionChangeData", {}).get("status"),
+                     e.get("connectionChangeData", e.get("incomingData"))["connectionId"],
+                     cred.unb64(e["incomingData"]["data"]) if "incomingData" in e else None)
+                    for e in m.client.allEvents if e["registration"] == m.reg
+                    and e["eventType"] in (C.EVENT_DIRECT_CONNECTION, C.EVENT_INCOMING_DATA)]
+            expected = [(C.EVENT_DIRECT_CONNECTION, C.PEER_CONNECTED, cid, None)]
+            if m is bob:
+                expected += [(C.EVENT_INCOMING_DATA, None, cid, b"%d" % i) for i in range(3)]
+            expected += [(C.EVENT_DIRECT_CONNECTION, C.PEER_CONNECTED, other, None),
+                         (C.EVENT_DIRECT_CONNECTION, C.PEER_DISCONNECTED, other, None)]
+            self.assertEqual(seen, expected)
+        for m in (admin, bob):
+            connections = yield m.client.enumConnections(m.handle, C.CONNECTION_DIRECT)
+            self.assertEqual([c["connectionId"] for c in connections], [cid])
+
+    @defer.inlineCallbacks
     def test_directRefusedAcrossNodes(self):
         """
         A target on the other node without a DIRECT_CONNECTION registration

@@ -1152,14 +1152,30 @@ class PeerSession:
             raise PeerError("PEER_E_CONNECTION_NOT_FOUND", "no such connection")
         return direct
 
+    def _opening(self, node, params):
+        """
+        The id of a connection C{node} opened towards a peer on another
+        node that has not answered yet (usable already, as on one node),
+        else C{None}.
+        """
+        cid = _connectionId(params)
+        link = self.pg.link
+        if cid not in node.directs and link is not None and link.opening(node, cid):
+            return cid
+        return None
+
     def api_closeDirectConnection(self, params):
         handle, node = self._ready(params)
+        opening = self._opening(node, params)
+        if opening is not None:
+            return Reply({}, after=lambda: self.pg.link.closePending(node, opening))
         direct = self._direct(node, params)
         return Reply({}, after=lambda: self.pg.closeDirect(direct))
 
     def api_sendData(self, params):
         handle, node = self._ready(params)
-        direct = self._direct(node, params)
+        opening = self._opening(node, params)
+        direct = self._direct(node, params) if opening is None else None
         dtype = _guid(params, "type")
         if dtype == C.RESERVED_DATA_TYPE:
             raise PeerError("E_INVALIDARG", "reserved data type")
@@ -1172,6 +1188,9 @@ class PeerSession:
             raise PeerError("E_INVALIDARG", f"at most {self.pg.maxDataSize} bytes per send")
         self.pg.counters.dataMessages += 1
         self.pg.counters.dataBytes += size
+        if opening is not None:
+            self.pg.link.sendPending(node, opening, dtype, data)
+            return {}
         other = direct.other(node)
         if other.remote:
             self.pg.link.sendData(other, direct, dtype, data)
