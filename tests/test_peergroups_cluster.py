@@ -18,7 +18,7 @@ from broker.peergroups import constants as C
 from broker.peergroups import credentials as cred
 from broker.peergroups.records import Record
 from broker.peergroups.redisstore import RedisPeerGroupStore
-from broker.peergroups.session import STORE_LOST
+from broker.peergroups.session import RELOAD_LOST, STORE_LOST
 from tests.pgharness import PeerBroker
 from tests.redisserver import RedisServer, settle
 from tests.test_cluster_redis import waitFor
@@ -489,6 +489,47 @@ class ClusterTests(TwoNodes, TestCase):
             added = [e for e in m.client.allEvents if e["registration"] == m.reg
                      and e["eventType"] == C.EVENT_RECORD_CHANGED]
             self.assertEqual([e["recordChangeData"]["recordId"] for e in added], [rid])
+
+    @defer.inlineCallbacks
+    def test_changeCutOffInFlight(self):
+        """
+        A change other than a record write (here properties) that Redis
+        executed but whose answer was lost: refused saying it may have been
+        stored; the node starts again from Redis (its sessions close, an
+        outage logged as such, no traceback) and then shows what Redis
+        holds, on both nodes.
+        """
+        admin, bob = yield self.pair()
+        gpn = admin.client.groupPeerName(admin.handle)
+        store = self.a.store
+        real = store.apply
+        # Only A's command connection drops (a blip between A and Redis).
+        clientId = yield self.a.clusterNode.redis.execute("CLIENT", "ID")
+
+        def executedThenCutOff(changes):
+            store.apply = real
+
+            def cut(_):
+                self.redis.command("CLIENT", "KILL", "ID", clientId)
+                raise RedisOutcomeUnknown("lost the connection to Redis")
+            return real(changes).addCallback(cut)
+        store.apply = executedThenCutOff
+        e = yield self.failsWith(admin.client.setProperties(admin.handle, friendlyName="Maybe"),
+                                 "E_UNEXPECTED")
+        self.assertEqual(e.message, RELOAD_LOST)
+        yield admin.client.closed
+        self.assertEqual(self.flushLoggedErrors(), [])
+        yield self.a.pg.whenLoaded()
+        again = yield self.on(self.a, "admin", identity=admin.identity)
+        again.handle = yield again.client.open(gpn)
+        yield self.register(again)
+        yield self.online(again)
+        props = yield again.client.getProperties(again.handle)
+        self.assertEqual(props["friendlyName"], "Maybe")
+        yield waitFor(lambda: self.b.pg.apps["default"].groups[gpn].properties.get(
+            "friendlyName") == "Maybe", timeout=3)
+        props = yield bob.client.getProperties(bob.handle)
+        self.assertEqual(props["friendlyName"], "Maybe")
 
     @defer.inlineCallbacks
     def test_storeFailureStartsAgainOnOneNode(self):

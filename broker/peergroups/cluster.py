@@ -387,6 +387,10 @@ class PeerGroupsCluster:
             self._resyncing = self.pg.reactor.callLater(0.02, self._resyncWhenConnected)
             return
         if not self.pg.loaded:
+            # Reloading (after a change cut off in flight, say): the load
+            # brings this node up to Redis; the others merge too, for a
+            # change Redis took without anyone being told.
+            self._publish("pg.resync", {})
             self.pg.retryLoad()
             return
         n = 0

@@ -24,6 +24,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from broker.cluster.redis import RedisOutcomeUnknown
+from broker.core.errors import Unavailable
 from broker.core.interfaces import IConnection
 from broker.peergroups import constants as C
 from broker.peergroups import credentials as cred
@@ -60,6 +61,13 @@ STORE_DOWN = ("the cluster store (Redis) is unreachable: nothing was changed; "
 STORE_LOST = ("the cluster store (Redis) went away while the change was being written: "
               "it may or may not have been stored; once Redis is back, read before "
               "retrying (a stored change is then raised as an event)")
+# The same for a change other than a record write: memory cannot be
+# trusted, so the node starts again from Redis (sessions closed).
+RELOAD_DOWN = ("the cluster store (Redis) is unreachable: nothing was changed; this node "
+               "closes its sessions and reloads from Redis once it is back")
+RELOAD_LOST = ("the cluster store (Redis) went away while the change was being written: "
+               "it may or may not have been stored; this node closes its sessions and "
+               "reloads from Redis once it is back")
 # Requests whose later ones need not wait for their commit (see _next).
 PIPELINED = {"addRecord", "updateRecord", "deleteRecord"}
 _WAITING = object()
@@ -383,6 +391,10 @@ class PeerSession:
 
         def failed(failure):
             self.pg.storeFailed(failure, "a change")
+            if failure.check(RedisOutcomeUnknown):
+                raise PeerError("E_UNEXPECTED", RELOAD_LOST)
+            if failure.check(Unavailable):
+                raise PeerError("E_UNEXPECTED", RELOAD_DOWN)
             raise PeerError("E_UNEXPECTED", "the store could not save the change; the "
                             "broker closes every session and starts again from its store")
         return self.pg.persist(changes).addCallbacks(lambda _: reply, failed)
@@ -930,7 +942,7 @@ class PeerSession:
             if failure.check(RedisOutcomeUnknown):
                 # Sent, then the connection dropped before the answer.
                 raise PeerError("E_UNEXPECTED", STORE_LOST)
-            if not self.pg.storeAvailable():
+            if failure.check(Unavailable) or not self.pg.storeAvailable():
                 # Redis went away under the write: refused, logged once by
                 # the cluster link.
                 raise PeerError("E_UNEXPECTED", STORE_DOWN)
