@@ -480,7 +480,10 @@ class RedisRestartTests(PeerGroupsProcessMixin, TestCase):
         start = reactor.seconds()
         while True:
             try:
-                return (yield write())
+                result = yield write()
+                log.msg(f"pg-process: a write was taken {reactor.seconds() - start:.2f}s "
+                        "after /healthz said 200")
+                return result
             except PeerError as e:
                 self.assertEqual((e.name, e.message), ("E_UNEXPECTED", STORE_DOWN))
                 self.assertLess(reactor.seconds() - start, timeout)
