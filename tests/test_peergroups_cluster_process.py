@@ -259,6 +259,16 @@ class AcrossNodesTests(PeerGroupsProcessMixin, TestCase):
                 self.assertEqual((data["connectionId"], data["type"]), (cid, DATA))
                 received.append(cred.unb64(data["data"]))
             self.assertEqual(received, expect)
+        # As on one node, a connection is usable once the open is answered.
+        early = yield bob.client.openDirectConnection(bob.handle, admin.name)
+        yield bob.client.sendData(bob.handle, early, DATA, b"early")
+        yield bob.client.closeDirectConnection(bob.handle, early)
+        for status in (C.PEER_CONNECTED, C.PEER_DISCONNECTED):
+            for m in (admin, bob):
+                yield self.next(m, C.EVENT_DIRECT_CONNECTION, status=status,
+                                connectionId=early)
+        data = (yield self.next(admin, C.EVENT_INCOMING_DATA, connectionId=early))
+        self.assertEqual(cred.unb64(data["incomingData"]["data"]), b"early")
 
         # Bob drops off B; the group changes; bob comes back through C.
         yield bob.client.disconnect()
@@ -367,7 +377,6 @@ class RedisRestartTests(PeerGroupsProcessMixin, TestCase):
     def setUp(self):
         return self.startCluster(["a", "b"], durable=True)
 
-    @defer.inlineCallbacks
     def test_redisStoppedAndRestarted(self):
         """
         Redis (append-only, fsync always) is stopped while bob pipelines
@@ -380,6 +389,17 @@ class RedisRestartTests(PeerGroupsProcessMixin, TestCase):
         cross nodes again, and every acknowledged record is on both nodes
         and in Redis, raised once on each.
         """
+        return self.outage(self.redis.stop)
+
+    def test_redisKilledAndRestarted(self):
+        """
+        The same with Redis killed (SIGKILL): with C{appendfsync always}
+        what it acknowledged was on disk, and survives.
+        """
+        return self.outage(self.redis.kill)
+
+    @defer.inlineCallbacks
+    def outage(self, stop):
         admin, bob = yield self.pair()
         gpn = admin.client.groupPeerName(admin.handle)
         acknowledged, refused, writes = [], [], []
@@ -403,7 +423,7 @@ class RedisRestartTests(PeerGroupsProcessMixin, TestCase):
         for _ in range(20):
             write()
         yield enough
-        yield self.redis.stop()
+        yield stop()
         while not all(d.called for d in writes):
             yield defer.DeferredList(writes)
         self.assertGreaterEqual(len(refused), 1)
