@@ -373,6 +373,52 @@ class NodeKilledTests(PeerGroupsProcessMixin, TestCase):
         self.assertEqual(self.redis.command("HLEN", "pgit:pg:presence"), b":3\r\n")
 
 
+class NodeRestartedTests(PeerGroupsProcessMixin, TestCase):
+    def setUp(self):
+        return self.startCluster(["a", "b"])
+
+    @defer.inlineCallbacks
+    def test_sigkillThenRestartSameNode(self):
+        """
+        Node B is killed and started again at once under the same node id
+        (as a supervisor would), sooner than dead_after: A reports bob
+        DISCONNECTED and his direct connection closed all the same; bob
+        reopens the group on B and A sees him CONNECTED, once, and still
+        present after dead_after has passed.
+        """
+        admin, bob = yield self.pair()
+        gpn = admin.client.groupPeerName(admin.handle)
+        cid = yield admin.client.openDirectConnection(admin.handle, bob.name)
+        yield self.next(admin, C.EVENT_DIRECT_CONNECTION, status=C.PEER_CONNECTED)
+        self.nodes["b"].transport.signalProcess("KILL")
+        yield self.nodes["b"].ended
+        yield self.startNode("b")
+        yield self.next(admin, C.EVENT_MEMBER_CHANGED, changeType=C.MEMBER_DISCONNECTED,
+                        identity=bob.name)
+        event = yield self.next(admin, C.EVENT_DIRECT_CONNECTION, status=C.PEER_DISCONNECTED)
+        self.assertEqual(event["connectionChangeData"]["connectionId"], cid)
+        back = yield self.peer("b", "bob", "ws", identity=bob.identity)
+        back.handle = yield back.client.open(gpn)
+        yield self.online(back)
+        yield self.next(admin, C.EVENT_MEMBER_CHANGED, changeType=C.MEMBER_CONNECTED,
+                        identity=bob.name)
+        yield settle(reactor, DEAD_AFTER + 2 * HEARTBEAT + 0.5)
+        yield self.quiet(admin)
+        self.assertEqual([c for c in self.changes(admin, C.EVENT_MEMBER_CHANGED)
+                          if c[1] == bob.name],
+                         [(C.MEMBER_JOINED, bob.name), (C.MEMBER_CONNECTED, bob.name),
+                          (C.MEMBER_DISCONNECTED, bob.name), (C.MEMBER_CONNECTED, bob.name)])
+        for m in (admin, back):
+            present = yield m.client.enumMembers(m.handle, C.MEMBER_PRESENT)
+            self.assertEqual(sorted(x["identity"] for x in present),
+                             sorted([admin.name, bob.name]))
+        cid = yield admin.client.openDirectConnection(admin.handle, bob.name)
+        yield admin.client.sendData(admin.handle, cid, DATA, b"again")
+        data = (yield self.next(back, C.EVENT_INCOMING_DATA))["incomingData"]
+        self.assertEqual(cred.unb64(data["data"]), b"again")
+        self.assertNoTraceback("a", "b")
+
+
 class RedisRestartTests(PeerGroupsProcessMixin, TestCase):
     def setUp(self):
         return self.startCluster(["a", "b"], durable=True)
