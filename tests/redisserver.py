@@ -1,7 +1,8 @@
 # -*- test-case-name: tests.test_cluster_redis -*-
 """
 A real C{redis-server} for the tests: started on an ephemeral loopback port
-with no persistence, stopped (or killed) at cleanup, restartable on the same
+with no persistence (or, on request, with an append-only file synced on
+every write, as operators are told to run it), stopped (or killed) at cleanup, restartable on the same
 port so a test can take Redis away mid-run and bring it back.
 
 Skipped where redis-server is missing, failed instead under scripts/test
@@ -59,9 +60,12 @@ class RedisServer:
 
     @ivar port: its loopback port, kept across L{stop} and L{start}.
     @ivar url: C{redis://127.0.0.1:<port>/0}.
+    @ivar durable: run with C{appendonly yes}, C{appendfsync always}: what
+        Redis acknowledged survives L{stop} and L{start} (and L{kill}), as
+        docs/peergroups.md recommends; otherwise a restart starts empty.
     """
 
-    def __init__(self, testCase, reactor):
+    def __init__(self, testCase, reactor, durable=False):
         requireTool(os.path.exists(REDIS_SERVER),
                     "no redis-server here (scripts/test installs Debian's redis-server)")
         self.testCase = testCase
@@ -69,6 +73,7 @@ class RedisServer:
         self.port = freePort()
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.dir = tempfile.mkdtemp(prefix="broker-redis-")
+        self.durable = durable
         self.process = None
         self.transport = None
         testCase.addCleanup(shutil.rmtree, self.dir, True)
@@ -80,8 +85,10 @@ class RedisServer:
         Start it (again) and fire once it accepts connections.
         """
         self.process = _RedisProcess()
+        aof = ["--appendonly", "yes", "--appendfsync", "always"] if self.durable else [
+            "--appendonly", "no"]
         args = [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1",
-                "--save", "", "--appendonly", "no", "--dir", self.dir,
+                "--save", ""] + aof + ["--dir", self.dir,
                 "--protected-mode", "no", "--loglevel", "notice"]
         self.transport = self.reactor.spawnProcess(
             self.process, REDIS_SERVER, args, env=dict(os.environ))

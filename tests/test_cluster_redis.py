@@ -8,7 +8,7 @@ restart.
 from twisted.internet import defer, reactor
 from twisted.trial import unittest
 
-from broker.cluster.redis import RedisClient, RedisUnavailable, parseURL
+from broker.cluster.redis import RedisClient, RedisOutcomeUnknown, RedisUnavailable, parseURL
 from tests.redisserver import RedisServer, settle
 
 
@@ -93,3 +93,27 @@ class InFlightTests(unittest.TestCase):
         d = client.execute("BLPOP", "never", 0)
         yield redis.kill()
         yield self.assertFailure(d, RedisUnavailable)
+
+    @defer.inlineCallbacks
+    def test_cutOffOutcomeUnknown(self):
+        """
+        A command cut off after it was sent is L{RedisOutcomeUnknown}: Redis
+        may have executed it (writes pipelined when Redis shuts down are
+        often in its append-only file though never answered).  One refused
+        because Redis was already down is a plain RedisUnavailable: it was
+        never sent.
+        """
+        redis = RedisServer(self, reactor)
+        yield redis.start()
+        client = RedisClient(reactor, redis.url, maxDelay=0.3)
+        client.startService()
+        self.addCleanup(client.stopService)
+        yield waitFor(lambda: client.connected)
+        d = client.execute("BLPOP", "never", 0)
+        yield redis.kill()
+        yield self.assertFailure(d, RedisOutcomeUnknown)
+        yield waitFor(lambda: not client.connected)
+        refused = yield self.assertFailure(client.execute("SET", "k", "v"), RedisUnavailable)
+        self.assertNotIsInstance(refused, RedisOutcomeUnknown)
+        refused = yield self.assertFailure(client.eval("return 1"), RedisUnavailable)
+        self.assertNotIsInstance(refused, RedisOutcomeUnknown)

@@ -13,11 +13,12 @@ from twisted.internet import defer, reactor
 from twisted.trial.unittest import TestCase
 
 from broker.cluster.node import Cluster
-from broker.cluster.redis import RedisClient
+from broker.cluster.redis import RedisClient, RedisOutcomeUnknown
 from broker.peergroups import constants as C
 from broker.peergroups import credentials as cred
 from broker.peergroups.records import Record
 from broker.peergroups.redisstore import RedisPeerGroupStore
+from broker.peergroups.session import RELOAD_LOST, STORE_LOST
 from tests.pgharness import PeerBroker
 from tests.redisserver import RedisServer, settle
 from tests.test_cluster_redis import waitFor
@@ -226,6 +227,38 @@ class ClusterTests(TwoNodes, TestCase):
         self.assertEqual((self.a.pg.directs, self.b.pg.directs), ({}, {}))
 
     @defer.inlineCallbacks
+    def test_directUsableOnceOpenAnswered(self):
+        """
+        As on one node, a direct connection can be used as soon as
+        openDirectConnection has answered, before its CONNECTED event: data
+        sent at once reaches bob on B after his CONNECTED, in order; one
+        closed at once is reported CONNECTED then DISCONNECTED at both ends.
+        """
+        admin, bob = yield self.pair()
+        cid = yield admin.client.openDirectConnection(admin.handle, bob.name)
+        for i in range(3):
+            yield admin.client.sendData(admin.handle, cid, DATA, b"%d" % i)
+        other = yield admin.client.openDirectConnection(admin.handle, bob.name)
+        yield admin.client.closeDirectConnection(admin.handle, other)
+        yield self.next(bob, C.EVENT_INCOMING_DATA, connectionId=cid)
+        yield self.quiet(admin, bob)
+        for m in (admin, bob):
+            seen = [(e["eventType"], e.get("connectionChangeData", {}).get("status"),
+                     e.get("connectionChangeData", e.get("incomingData"))["connectionId"],
+                     cred.unb64(e["incomingData"]["data"]) if "incomingData" in e else None)
+                    for e in m.client.allEvents if e["registration"] == m.reg
+                    and e["eventType"] in (C.EVENT_DIRECT_CONNECTION, C.EVENT_INCOMING_DATA)]
+            expected = [(C.EVENT_DIRECT_CONNECTION, C.PEER_CONNECTED, cid, None)]
+            if m is bob:
+                expected += [(C.EVENT_INCOMING_DATA, None, cid, b"%d" % i) for i in range(3)]
+            expected += [(C.EVENT_DIRECT_CONNECTION, C.PEER_CONNECTED, other, None),
+                         (C.EVENT_DIRECT_CONNECTION, C.PEER_DISCONNECTED, other, None)]
+            self.assertEqual(seen, expected)
+        for m in (admin, bob):
+            connections = yield m.client.enumConnections(m.handle, C.CONNECTION_DIRECT)
+            self.assertEqual([c["connectionId"] for c in connections], [cid])
+
+    @defer.inlineCallbacks
     def test_directRefusedAcrossNodes(self):
         """
         A target on the other node without a DIRECT_CONNECTION registration
@@ -420,6 +453,83 @@ class ClusterTests(TwoNodes, TestCase):
             seen = [e for e in m.client.allEvents if e.get("recordChangeData", {}).get(
                 "recordId") == missed.id and e["registration"] == m.reg]
             self.assertEqual(len(seen), 1)
+
+    @defer.inlineCallbacks
+    def test_writeCutOffInFlight(self):
+        """
+        A record write Redis executed but whose answer was lost (the
+        connection dropped in between, as when Redis shuts down under
+        pipelined writes) is refused with the message that says it may have
+        been stored, not "nothing was changed"; once the nodes are back on
+        Redis the record is raised as added, exactly once, on both nodes.
+        """
+        admin, bob = yield self.pair()
+        store = self.b.store
+        real = store.apply
+
+        def executedThenCutOff(changes):
+            store.apply = real
+
+            def cut(_):
+                self.redis.command("CLIENT", "KILL", "TYPE", "pubsub")
+                self.redis.command("CLIENT", "KILL", "TYPE", "normal")
+                raise RedisOutcomeUnknown("lost the connection to Redis")
+            return real(changes).addCallback(cut)
+        store.apply = executedThenCutOff
+        e = yield self.failsWith(bob.client.addRecord(bob.handle, T1, b"in flight"),
+                                 "E_UNEXPECTED")
+        self.assertEqual(e.message, STORE_LOST)
+        for m in (admin, bob):
+            event = yield self.next(m, C.EVENT_RECORD_CHANGED, changeType=C.RECORD_ADDED)
+            rid = event["recordChangeData"]["recordId"]
+            got = yield m.client.getRecord(m.handle, rid)
+            self.assertEqual(cred.unb64(got["data"]), b"in flight")
+        yield self.quiet(admin, bob)
+        for m in (admin, bob):
+            added = [e for e in m.client.allEvents if e["registration"] == m.reg
+                     and e["eventType"] == C.EVENT_RECORD_CHANGED]
+            self.assertEqual([e["recordChangeData"]["recordId"] for e in added], [rid])
+
+    @defer.inlineCallbacks
+    def test_changeCutOffInFlight(self):
+        """
+        A change other than a record write (here properties) that Redis
+        executed but whose answer was lost: refused saying it may have been
+        stored; the node starts again from Redis (its sessions close, an
+        outage logged as such, no traceback) and then shows what Redis
+        holds, on both nodes.
+        """
+        admin, bob = yield self.pair()
+        gpn = admin.client.groupPeerName(admin.handle)
+        store = self.a.store
+        real = store.apply
+        # Only A's command connection drops (a blip between A and Redis).
+        clientId = yield self.a.clusterNode.redis.execute("CLIENT", "ID")
+
+        def executedThenCutOff(changes):
+            store.apply = real
+
+            def cut(_):
+                self.redis.command("CLIENT", "KILL", "ID", clientId)
+                raise RedisOutcomeUnknown("lost the connection to Redis")
+            return real(changes).addCallback(cut)
+        store.apply = executedThenCutOff
+        e = yield self.failsWith(admin.client.setProperties(admin.handle, friendlyName="Maybe"),
+                                 "E_UNEXPECTED")
+        self.assertEqual(e.message, RELOAD_LOST)
+        yield admin.client.closed
+        self.assertEqual(self.flushLoggedErrors(), [])
+        yield self.a.pg.whenLoaded()
+        again = yield self.on(self.a, "admin", identity=admin.identity)
+        again.handle = yield again.client.open(gpn)
+        yield self.register(again)
+        yield self.online(again)
+        props = yield again.client.getProperties(again.handle)
+        self.assertEqual(props["friendlyName"], "Maybe")
+        yield waitFor(lambda: self.b.pg.apps["default"].groups[gpn].properties.get(
+            "friendlyName") == "Maybe", timeout=3)
+        props = yield bob.client.getProperties(bob.handle)
+        self.assertEqual(props["friendlyName"], "Maybe")
 
     @defer.inlineCallbacks
     def test_storeFailureStartsAgainOnOneNode(self):

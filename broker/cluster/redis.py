@@ -36,6 +36,16 @@ class RedisUnavailable(Unavailable):
     """
 
 
+class RedisOutcomeUnknown(RedisUnavailable):
+    """
+    The connection was lost after the command was sent and before its
+    reply: Redis may have executed it (a write in flight when Redis shut
+    down is usually in its append-only file).  Callers that tell a client
+    "nothing was changed" for L{RedisUnavailable} must not say so for this
+    one.
+    """
+
+
 def parseURL(url):
     """
     C{redis://[:password@]host[:port][/db]} to C{(host, port, password, db)}.
@@ -67,11 +77,13 @@ def _bytes(reply):
 
 def _lost(failure):
     """
-    A command cut off by a lost connection (or a reply timeout) fails as
-    L{RedisUnavailable}, like one refused because Redis was already down.
+    A command cut off by a lost connection fails as L{RedisOutcomeUnknown}
+    (a L{RedisUnavailable}, like one refused because Redis was already
+    down, but which may have been executed).
     """
     if failure.check(txredisapi.ConnectionError):
-        raise RedisUnavailable(f"lost the connection to Redis: {failure.getErrorMessage()}")
+        raise RedisOutcomeUnknown(
+            f"lost the connection to Redis: {failure.getErrorMessage()}")
     return failure
 
 

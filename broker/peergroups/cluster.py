@@ -67,6 +67,8 @@ class PeerGroupsCluster:
         self.retryDelay = retryDelay
         self.presenceKey = cluster.key("pg", "presence")
         self.pendingOpens = {}
+        # Opens closed by their initiator before the far node answered.
+        self.closedOpens = set()
         self._retry = None
         self._down = False
         self._merging = None
@@ -189,6 +191,7 @@ class PeerGroupsCluster:
 
     def reset(self):
         self.pendingOpens.clear()
+        self.closedOpens.clear()
 
     def _remotePeer(self, group, peer, p):
         return RemotePeer(group, peer, p["node"], int(p["nodeId"]), p["address"],
@@ -384,6 +387,10 @@ class PeerGroupsCluster:
             self._resyncing = self.pg.reactor.callLater(0.02, self._resyncWhenConnected)
             return
         if not self.pg.loaded:
+            # Reloading (after a change cut off in flight, say): the load
+            # brings this node up to Redis; the others merge too, for a
+            # change Redis took without anyone being told.
+            self._publish("pg.resync", {})
             self.pg.retryLoad()
             return
         n = 0
@@ -499,7 +506,47 @@ class PeerGroupsCluster:
                 self._openFailed(cid, "PEER_E_CONNECTION_FAILED")
         d.addCallbacks(sent, lambda f: self._openFailed(cid, "PEER_E_CONNECTION_FAILED"))
 
+    def opening(self, node, cid):
+        """
+        Whether C{cid} is a connection C{node} (here) opened towards
+        another node that has not answered yet.  On one node a connection
+        exists as soon as the open is answered; here it may be used then
+        too (L{sendPending}, L{closePending}).
+        """
+        pending = self.pendingOpens.get(cid)
+        return pending is not None and pending[0] is node and cid not in self.closedOpens
+
+    def sendPending(self, node, cid, dtype, data):
+        """
+        Data on an L{opening} connection: relayed behind the open (the far
+        node handles its channel in order, so the target gets it after its
+        CONNECTED; if it refused, the data is dropped with the open).
+        """
+        target = self.pendingOpens[cid][1]
+        d = self._sendDirect(target.clusterNode, {"op": "data", "cid": str(cid),
+                                                  "type": dtype, "data": data})
+
+        def failed(f):
+            # Lost data: the connection must not go on without it.
+            log.info("peer groups: direct connection {cid} closed: {why}", cid=cid,
+                     why=f.getErrorMessage())
+            if self.opening(node, cid):
+                self.closePending(node, cid)
+        d.addErrback(failed)
+
+    def closePending(self, node, cid):
+        """
+        Close an L{opening} connection: the far node closes its end after
+        opening it; this end reports CONNECTED then DISCONNECTED once the
+        answer is in, as on one node.
+        """
+        target = self.pendingOpens[cid][1]
+        self.closedOpens.add(cid)
+        self._sendDirect(target.clusterNode, {"op": "close", "cid": str(cid)}).addErrback(
+            lambda f: None)
+
     def _openFailed(self, cid, reason):
+        self.closedOpens.discard(cid)
         pending = self.pendingOpens.pop(cid, None)
         if pending is None:
             return
@@ -537,11 +584,19 @@ class PeerGroupsCluster:
             if pending is None:
                 return
             node, target = pending
+            target.nodeId = int(obj["nodeId"])
+            if cid in self.closedOpens:
+                # Closed before the answer: the far end closed already.
+                self.closedOpens.discard(cid)
+                for status in (C.PEER_CONNECTED, C.PEER_DISCONNECTED):
+                    self.pg.emit(node, C.EVENT_DIRECT_CONNECTION, {"connectionChangeData": {
+                        "status": status, "connectionId": str(cid),
+                        "nodeId": str(target.nodeId), "identity": target.peerName}})
+                return
             if not node.online:
                 self._sendDirect(origin, {"op": "close", "cid": str(cid)}).addErrback(
                     lambda f: None)
                 return
-            target.nodeId = int(obj["nodeId"])
             direct = Direct(cid, node, target)
             self.pg.directs[cid] = direct
             node.directs[cid] = direct

@@ -19,6 +19,7 @@ from twisted.internet import defer
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
+from broker.core.errors import Unavailable
 from broker.peergroups import constants as C
 from broker.peergroups.credentials import Certificate
 from broker.peergroups.metrics import Counters
@@ -234,8 +235,15 @@ class PeerGroups(service.Service):
         """
         if self._reloading:
             return  # logged once, for the failure that started the reload
-        log.failure("peer groups: cannot store {what}; closing every session and "
-                    "reloading the store", failure, what=what)
+        if failure.check(Unavailable):
+            # The cluster's Redis went away under the change: an outage,
+            # not a bug (no traceback); the reload waits for Redis.
+            log.warn("peer groups: cannot store {what}: {why}; closing every session and "
+                     "reloading the store once Redis is back", what=what,
+                     why=failure.getErrorMessage())
+        else:
+            log.failure("peer groups: cannot store {what}; closing every session and "
+                        "reloading the store", failure, what=what)
         self._reloading = True
         self.clock.callLater(0, self._reload)
 
@@ -267,7 +275,7 @@ class PeerGroups(service.Service):
             # Shutting down: the Redis client stops with this service; a
             # sync point lost here means at-least-once at the next connect.
             return
-        if not self.storeAvailable():
+        if failure.check(Unavailable) or not self.storeAvailable():
             # The cluster's Redis is down (logged once by the link): a
             # sync point or membership is written again at the next change.
             log.warn("peer groups: cannot store {what}: {why}", what=what,

@@ -20,7 +20,8 @@ nodes writing the same group at once cannot move the store backwards.
 
 When Redis is unreachable, L{apply} fails at once with
 L{broker.cluster.redis.RedisUnavailable}: the change is refused, never
-parked nor acknowledged.  What Redis acknowledged is as durable as its
+parked nor acknowledged.  A batch cut off after it was sent fails with its
+subclass C{RedisOutcomeUnknown}: Redis may have applied it.  What Redis acknowledged is as durable as its
 persistence is configured (AOF with C{appendfsync always} for the
 guarantee the SQLite store gives; see docs/peergroups.md).
 """

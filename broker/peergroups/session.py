@@ -23,6 +23,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from broker.cluster.redis import RedisOutcomeUnknown
+from broker.core.errors import Unavailable
 from broker.core.interfaces import IConnection
 from broker.peergroups import constants as C
 from broker.peergroups import credentials as cred
@@ -53,6 +55,19 @@ WRITES = {"create", "join", "connect", "delete", "addRecord", "updateRecord",
           "createInvitation"}
 STORE_DOWN = ("the cluster store (Redis) is unreachable: nothing was changed; "
               "retry once it is back")
+# A write cut off in flight: Redis may have executed it (and will then
+# raise it as an event on every node once it is back), so a retry could
+# make it twice.
+STORE_LOST = ("the cluster store (Redis) went away while the change was being written: "
+              "it may or may not have been stored; once Redis is back, read before "
+              "retrying (a stored change is then raised as an event)")
+# The same for a change other than a record write: memory cannot be
+# trusted, so the node starts again from Redis (sessions closed).
+RELOAD_DOWN = ("the cluster store (Redis) is unreachable: nothing was changed; this node "
+               "closes its sessions and reloads from Redis once it is back")
+RELOAD_LOST = ("the cluster store (Redis) went away while the change was being written: "
+               "it may or may not have been stored; this node closes its sessions and "
+               "reloads from Redis once it is back")
 # Requests whose later ones need not wait for their commit (see _next).
 PIPELINED = {"addRecord", "updateRecord", "deleteRecord"}
 _WAITING = object()
@@ -376,6 +391,10 @@ class PeerSession:
 
         def failed(failure):
             self.pg.storeFailed(failure, "a change")
+            if failure.check(RedisOutcomeUnknown):
+                raise PeerError("E_UNEXPECTED", RELOAD_LOST)
+            if failure.check(Unavailable):
+                raise PeerError("E_UNEXPECTED", RELOAD_DOWN)
             raise PeerError("E_UNEXPECTED", "the store could not save the change; the "
                             "broker closes every session and starts again from its store")
         return self.pg.persist(changes).addCallbacks(lambda _: reply, failed)
@@ -920,7 +939,10 @@ class PeerSession:
                     del group.records[record.id]
                 else:
                     group.records[record.id] = previous
-            if not self.pg.storeAvailable():
+            if failure.check(RedisOutcomeUnknown):
+                # Sent, then the connection dropped before the answer.
+                raise PeerError("E_UNEXPECTED", STORE_LOST)
+            if failure.check(Unavailable) or not self.pg.storeAvailable():
                 # Redis went away under the write: refused, logged once by
                 # the cluster link.
                 raise PeerError("E_UNEXPECTED", STORE_DOWN)
@@ -1142,14 +1164,30 @@ class PeerSession:
             raise PeerError("PEER_E_CONNECTION_NOT_FOUND", "no such connection")
         return direct
 
+    def _opening(self, node, params):
+        """
+        The id of a connection C{node} opened towards a peer on another
+        node that has not answered yet (usable already, as on one node),
+        else C{None}.
+        """
+        cid = _connectionId(params)
+        link = self.pg.link
+        if cid not in node.directs and link is not None and link.opening(node, cid):
+            return cid
+        return None
+
     def api_closeDirectConnection(self, params):
         handle, node = self._ready(params)
+        opening = self._opening(node, params)
+        if opening is not None:
+            return Reply({}, after=lambda: self.pg.link.closePending(node, opening))
         direct = self._direct(node, params)
         return Reply({}, after=lambda: self.pg.closeDirect(direct))
 
     def api_sendData(self, params):
         handle, node = self._ready(params)
-        direct = self._direct(node, params)
+        opening = self._opening(node, params)
+        direct = self._direct(node, params) if opening is None else None
         dtype = _guid(params, "type")
         if dtype == C.RESERVED_DATA_TYPE:
             raise PeerError("E_INVALIDARG", "reserved data type")
@@ -1162,6 +1200,9 @@ class PeerSession:
             raise PeerError("E_INVALIDARG", f"at most {self.pg.maxDataSize} bytes per send")
         self.pg.counters.dataMessages += 1
         self.pg.counters.dataBytes += size
+        if opening is not None:
+            self.pg.link.sendPending(node, opening, dtype, data)
+            return {}
         other = direct.other(node)
         if other.remote:
             self.pg.link.sendData(other, direct, dtype, data)
