@@ -170,19 +170,26 @@ class RedisClient(service.MultiService):
         self._downHooks.append(hook)
 
     def _commandsUp(self, protocol):
-        return self._whenReady(protocol, "_commands")
+        self._whenReady(protocol, "_commands")
 
-    @defer.inlineCallbacks
     def _subscriberUp(self, protocol):
-        yield self._whenReady(protocol, "_subscriber")
+        d = self._whenReady(protocol, "_subscriber")
         if self._channels:
-            yield protocol.subscribe([c for c in self._channels])
+            d.addCallback(lambda p: p.subscribe([c for c in self._channels]))
+        d.addErrback(lambda f: None)    # the connection is gone: _lost says so
 
     def _whenReady(self, protocol, slot):
+        """
+        Take the connection once AUTH and SELECT are done.  Not handed back
+        to ClientService as its prepareConnection result: a service stopped
+        while that is pending meets the lost connection in its "stopped"
+        state (automat's NoTransition).
+        """
         def ready(p):
             setattr(self, slot, p)
             p.whenDisconnected().addCallback(lambda _: self._lost(slot, p))
             self.reactor.callLater(0, self._check)
+            return p
         return protocol.whenConnected().addCallback(ready)
 
     def _lost(self, slot, protocol):
@@ -204,7 +211,7 @@ class RedisClient(service.MultiService):
     def _check(self):
         # Each connection schedules a check when it comes up: the hooks run
         # once per (re)connection, not once per connection.
-        if self.connected or self._checking or not self._bothUp():
+        if not self.running or self.connected or self._checking or not self._bothUp():
             return
         self._checking = True
         try:
