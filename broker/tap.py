@@ -14,6 +14,7 @@ import threading
 
 from twisted.application import service
 from twisted.application.internet import StreamServerEndpointService
+from twisted.internet import defer
 from twisted.internet.defer import CancelledError
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import ReactorNotRunning
@@ -172,6 +173,25 @@ class Reloader(service.Service):
                 log.failure("reload hook {hook!r} failed; its previous state stays", hook=hook)
 
 
+class BrokerService(service.MultiService):
+    """
+    The broker's service tree.  In cluster mode the Redis link and the node
+    stop last, once every face and the core have stopped, so that their
+    last writes (a session's removal, a peer's sync point) still reach
+    Redis; the other children stop together, as in a L{MultiService}.
+    """
+
+    clusterService = None
+
+    @defer.inlineCallbacks
+    def stopService(self):
+        service.Service.stopService(self)
+        others = [s for s in reversed(list(self)) if s is not self.clusterService]
+        yield defer.DeferredList([defer.maybeDeferred(s.stopService) for s in others])
+        if self.clusterService is not None:
+            yield self.clusterService.stopService()
+
+
 def buildService(settings, reactor, foreground=True, ports=None):
     """
     The broker's service tree for validated C{settings}: the core, then
@@ -183,12 +203,13 @@ def buildService(settings, reactor, foreground=True, ports=None):
         L{broker.workers.InheritedPorts} whose C{reactorFor(key)} adopts the
         socket the supervisor opened for the listener C{key}.
     """
-    top = service.MultiService()
+    top = BrokerService()
     cluster = buildCluster(reactor, settings)
     engine = None
     if cluster is not None:
-        # First in the tree: it outlives every face on stop.
-        ClusterService(cluster).setServiceParent(top)
+        # First in the tree (started first) and stopped last.
+        top.clusterService = ClusterService(cluster)
+        top.clusterService.setServiceParent(top)
         from broker.cluster.engine import RedisEngine
         engine = RedisEngine(cluster)
     core = Core(reactor, engine=engine, fanoutChunk=settings["webpubsub"]["fanout_chunk"])

@@ -228,6 +228,28 @@ class ClusterProcessTests(ClusterProcessMixin, TestCase):
         self.assertEqual(stats["cluster"]["node"], "a")
 
     @defer.inlineCallbacks
+    def test_sigtermLeavesAtOnce(self):
+        """
+        A node stopped with SIGTERM closes its clients with 1001 and takes
+        its connections out of the directory as it goes, well before a
+        dead node would be reaped, and says nothing alarming on the way.
+        """
+        y = yield self.connect("b", "yvonne")
+        yield self.join(y, "g")
+        sdk = self.sdk("a")
+        self.assertTrue((yield self.call(sdk.group_exists, "g")))
+        start = reactor.seconds()
+        self.nodes["b"].transport.signalProcess("TERM")
+        code, _ = yield y.closed
+        self.assertEqual(code, 1001)
+        yield self.nodes["b"].ended
+        self.assertFalse((yield self.call(sdk.group_exists, "g")))
+        self.assertLess(reactor.seconds() - start, 0.9)
+        text = self.nodes["b"].text()
+        for alarming in ("Traceback", "Unhandled", "failed"):
+            self.assertNotIn(alarming, text)
+
+    @defer.inlineCallbacks
     def test_redisStoppedAndRestarted(self):
         x = yield self.connect("a", "xavier")
         x2 = yield self.connect("a", "xena")
