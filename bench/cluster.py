@@ -1,25 +1,27 @@
 """
-Cluster benchmark: Web PubSub fan-out over several broker nodes joined by a
-real redis-server, on this machine.
+Cluster benchmark: Web PubSub fan-out over several broker processes joined
+by a real redis-server, on this machine.
 
-  - fan-out throughput: S subscribers of one group spread evenly over N
-    broker processes (N = 1, 2, 4; plus one node on the in-memory engine as
-    the baseline), one publisher on the first node sending 64-byte text
-    messages with a window of messages in flight; deliveries/s are counted
-    at the subscribers;
+  - fan-out throughput with worker processes: one C{twistd -n broker} with
+    C{cluster.workers = N} (N = 1, 2, 4) sharing one port, S subscribers of
+    one group connected to it (the kernel spreads them over the workers),
+    one publisher sending 64-byte text messages with a window of messages
+    in flight; deliveries/s are counted at the subscribers.  One broker on
+    the in-memory engine is the baseline;
+  - the same with separate nodes (one twistd each, on its own port, the
+    subscribers spread evenly, the publisher on the first), which puts an
+    exact share of the subscribers on every node;
   - the Redis hop: two nodes, subscribers on both, one message in flight;
     publish-to-deliver latency p50/p99 on the publisher's node and on the
     other node, whose difference is what the hop through Redis adds.
 
-Each node is a real C{twistd -n broker} on its own loopback port (the
-processes the C{cluster.workers} supervisor would start share one port; the
-work per delivery is the same).  The subscriber load runs in one worker
-process per node (see bench/fanout.py, whose client this reuses).  It
-prints figures and asserts nothing.  On a 2-core machine the nodes, Redis
-and the load share the two cores: more nodes than cores measure the
-overhead of the cluster, not its scaling.
+The subscriber load runs in client processes (see bench/fanout.py, whose
+client this reuses).  It prints figures and asserts nothing.  On a 2-core
+machine the brokers, Redis and the load share the two cores: more
+processes than cores measure the overhead of the cluster, not its scaling.
 
-Usage: python bench/cluster.py [--quick] [--nodes 1 2 4] [--subscribers S]
+Usage: python bench/cluster.py [--quick] [--workers 1 2 4] [--nodes 2 4]
+       [--subscribers S]
 """
 
 import argparse
@@ -87,13 +89,60 @@ class NodeProcess(BrokerProcess):
         return await super().start()
 
 
+def childPids(pid):
+    """
+    The processes whose parent is C{pid} (a supervisor's workers).
+    """
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat", "rb") as f:
+                    if int(f.read().rpartition(b")")[2].split()[1]) == pid:
+                        out.append(int(entry))
+            except (OSError, ValueError, IndexError):
+                pass
+    return out
+
+
+class WorkersProcess(NodeProcess):
+    """
+    One broker whose supervisor runs C{workers} worker processes on one
+    shared port; its CPU is the supervisor's and the workers'.
+    """
+
+    def __init__(self, reactor, workdir, redisURL, workers):
+        super().__init__(reactor, workdir, redisURL, "w")
+        if workers > 1:
+            self.cluster += f"workers = {workers}\n"
+        self.workers = workers
+
+    async def start(self):
+        stats = await super().start()
+        # Every worker is ready once the shared port has answered from each.
+        deadline = time.monotonic() + 30
+        while len(childPids(self.pid)) < (self.workers if self.workers > 1 else 0):
+            if time.monotonic() > deadline:
+                raise RuntimeError("the workers did not start")
+            await task.deferLater(self.reactor, 0.1)
+        await task.deferLater(self.reactor, 1.0)
+        return stats
+
+    def cpu(self):
+        return sum(fanout.cpuSeconds(p) for p in [self.pid] + childPids(self.pid))
+
+
 class Cluster:
-    def __init__(self, reactor, workdir, nodes, redis):
+    def __init__(self, reactor, workdir, nodes, redis, workers=None):
         self.reactor = reactor
         self.redis = redis
-        self.nodes = [NodeProcess(reactor, workdir, redis.url if redis else None, f"n{i}")
-                      for i in range(nodes)]
-        self.loads = [Load(reactor, n, 1, workdir) for n in self.nodes]
+        url = redis.url if redis else None
+        if workers is not None:
+            self.nodes = [WorkersProcess(reactor, workdir, url, workers)]
+            self.loads = [Load(reactor, self.nodes[0], max(1, min(workers, 2)), workdir)]
+        else:
+            self.nodes = [NodeProcess(reactor, workdir, url, f"n{i}") for i in range(nodes)]
+            self.loads = [Load(reactor, n, 1, workdir) for n in self.nodes]
 
     async def start(self, subscribers):
         for n in self.nodes:
@@ -134,9 +183,12 @@ class Cluster:
         return sum(load.cpu() for load in self.loads)
 
 
-async def throughput(reactor, opts, workdir, nodes, engine, redis):
-    label = f"{nodes} node{'s' if nodes > 1 else ''}, {engine} engine"
-    c = Cluster(reactor, workdir, nodes, redis if engine == "redis" else None)
+async def throughput(reactor, opts, workdir, nodes, engine, redis, workers=None):
+    if workers is not None:
+        label = f"{workers} worker{'s' if workers > 1 else ''}, {engine} engine"
+    else:
+        label = f"{nodes} nodes, {engine} engine"
+    c = Cluster(reactor, workdir, nodes, redis if engine == "redis" else None, workers)
     try:
         await c.start(opts.subscribers)
         pub = c.publisher
@@ -159,7 +211,7 @@ async def throughput(reactor, opts, workdir, nodes, engine, redis):
         print(f"  {label}: {rate:,.0f} deliveries/s ({published / wall:,.0f} messages/s "
               f"to {opts.subscribers} subscribers); {missing} missing after draining; "
               f"CPU servers+redis {server / wall:.0%}, clients {client / wall:.0%}")
-        if nodes > 1:
+        if len(per) > 1:
             print("    deliveries/s per node: "
                   + ", ".join(f"{(b - a) / wall:,.0f}" for a, b in zip(per0, per)))
         return label, rate, missing
@@ -211,7 +263,9 @@ async def main(reactor, opts):
     await redis.start()
     print(f"\nfan-out, {opts.subscribers} subscribers in group {GROUP!r} of hub {HUB!r}, "
           f"{PAYLOAD_SIZE}-byte messages, {opts.seconds:.0f} s windows")
-    rows = [await throughput(reactor, opts, workdir, 1, "memory", None)]
+    rows = [await throughput(reactor, opts, workdir, 1, "memory", None, workers=1)]
+    for n in opts.workers:
+        rows.append(await throughput(reactor, opts, workdir, 1, "redis", redis, workers=n))
     for n in opts.nodes:
         rows.append(await throughput(reactor, opts, workdir, n, "redis", redis))
     print(f"\nthe Redis hop: 2 nodes, {opts.hopSubscribers} subscribers, one message in "
@@ -230,8 +284,10 @@ async def main(reactor, opts):
 def parseArgs(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="a smoke run (about 30 s)")
-    p.add_argument("--nodes", type=int, nargs="*", default=[1, 2, 4],
-                   help="node counts on the Redis engine (default 1 2 4)")
+    p.add_argument("--workers", type=int, nargs="*", default=[1, 2, 4],
+                   help="worker counts of one broker on the Redis engine (default 1 2 4)")
+    p.add_argument("--nodes", type=int, nargs="*", default=[2, 4],
+                   help="counts of separate nodes on the Redis engine (default 2 4)")
     p.add_argument("--subscribers", type=int, default=None,
                    help="subscribers in the group (default 1000; quick 100)")
     p.add_argument("--window", type=int, default=0,
