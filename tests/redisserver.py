@@ -146,3 +146,13 @@ def settle(reactor, seconds=0.05):
     Let the reactor run for C{seconds}.
     """
     return deferLater(reactor, seconds, lambda: None)
+
+
+def silence(cluster):
+    """
+    Make a cluster node fall silent without leaving, as a node killed with
+    SIGKILL or frozen would: no more heartbeats, and no re-registration if
+    its link reconnects.
+    """
+    cluster._beat.stop()
+    cluster.redis._upHooks = []

@@ -15,7 +15,7 @@ from broker.core.errors import Unavailable
 from broker.core.message import Delivery, Message, Target
 from broker.core.router import Core
 from tests.recorder import RecordingConnection
-from tests.redisserver import RedisServer
+from tests.redisserver import RedisServer, silence
 from tests.test_cluster_redis import waitFor
 from tests.test_engine import EngineConformanceMixin, texts
 
@@ -119,8 +119,7 @@ class ClusterLifeTests(unittest.TestCase):
         yield self.nodes.settle()
         self.assertTrue((yield self.ha.findConnection("b1")))
         # b stops heartbeating without leaving: as after SIGKILL.
-        self.b.cluster._beat.stop()
-        self.b.cluster.redis._upHooks = []
+        silence(self.b.cluster)
         start = reactor.seconds()
         yield waitFor(lambda: self.a.engine.reapedConnections == 1, timeout=5)
         bound = self.nodes.deadAfter + 2 * self.nodes.heartbeat + 0.5
@@ -199,8 +198,7 @@ class RestartTests(unittest.TestCase):
         b.hub("h").admit(RecordingConnection("b1"), None, (), ["g"])
         yield nodes.settle()
         self.assertTrue((yield a.hub("h").findConnection("b1")))
-        b.cluster._beat.stop()
-        b.cluster.redis._upHooks = []
+        silence(b.cluster)
         yield waitFor(lambda: a.engine.reapedConnections == 1, timeout=5)
         self.assertFalse((yield a.hub("h").findConnection("b1")))
 

@@ -10,7 +10,7 @@ from twisted.trial import unittest
 
 from broker.cluster.node import Cluster
 from broker.cluster.redis import RedisClient
-from tests.redisserver import RedisServer
+from tests.redisserver import RedisServer, silence
 from tests.test_cluster_redis import waitFor
 
 
@@ -55,8 +55,7 @@ class ClusterNodeTests(unittest.TestCase):
             n.onNodeDead(lambda node, n=n: dead.append((n.nodeId, node)))
         self.assertEqual(sorted((yield a.liveNodes())), ["a", "b", "c"])
         # Silence c without a clean leave: its alive key simply expires.
-        c._beat.stop()
-        c.redis._upHooks = []
+        silence(c)
         yield waitFor(lambda: dead, timeout=5)
         yield waitFor(lambda: a.reaped + b.reaped == 1)
         self.assertEqual(len(dead), 1)

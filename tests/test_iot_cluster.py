@@ -15,7 +15,7 @@ from broker.cluster.redis import RedisClient
 from broker.iot import errors, frames
 from broker.iot.frames import Payload
 from broker.iot.udp import ACCEPTED, REPLAYED
-from tests.redisserver import RedisServer, settle
+from tests.redisserver import RedisServer, settle, silence
 from tests.test_cluster_redis import waitFor
 from tests.test_iot_api import APIHarness, echo
 from tests.test_iot_webhook import WebhookTestMixin
@@ -349,8 +349,7 @@ class FailureTests(TwoNodes, TestCase):
         yield self.located("d1", "b")
         b = self.nodes["b"]
         started = reactor.seconds()
-        b._beat.stop()
-        b.redis._upHooks = []
+        silence(b)
         yield self.located("d1", None)
         elapsed = reactor.seconds() - started
         self.assertLess(elapsed, DEAD_AFTER + 2 * HEARTBEAT + 0.5)

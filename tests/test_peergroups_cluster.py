@@ -20,7 +20,7 @@ from broker.peergroups.records import Record
 from broker.peergroups.redisstore import RedisPeerGroupStore
 from broker.peergroups.session import RELOAD_LOST, STORE_LOST
 from tests.pgharness import PeerBroker
-from tests.redisserver import RedisServer, settle
+from tests.redisserver import RedisServer, settle, silence
 from tests.test_cluster_redis import waitFor
 from tests.test_peergroups import DATA, HOUR, T1, T2, Base
 
@@ -62,8 +62,6 @@ class TwoNodes(Base):
     def stopCluster(self, cluster):
         if cluster.running:
             yield cluster.stopService()
-        # A heartbeat in flight finishes before its Redis client stops.
-        yield waitFor(lambda: not cluster._beating)
 
     @defer.inlineCallbacks
     def on(self, broker, name, transport="tcp", identity=None):
@@ -340,9 +338,7 @@ class ClusterTests(TwoNodes, TestCase):
         yield self.next(admin, C.EVENT_DIRECT_CONNECTION,
                         status=C.PEER_CONNECTED)
         yield self.quiet(admin)
-        cluster = self.b.clusterNode
-        cluster._beat.stop()
-        cluster.redis._upHooks = []
+        silence(self.b.clusterNode)
         started = reactor.seconds()
         event = yield self.next(admin, C.EVENT_MEMBER_CHANGED,
                                 changeType=C.MEMBER_DISCONNECTED, identity=bob.name)

@@ -133,7 +133,7 @@ class ClusterTokenBook:
             self._flush = self.reactor.callLater(0, self._spendQueued)
 
     def revoke(self, fleet, deviceId):
-        mine = list(self.local._byDevice.get((fleet, deviceId), ()))
+        mine = self.local.deviceTokens(fleet, deviceId)
         self.local.revoke(fleet, deviceId)
         if mine and self.redis.connected:
             self.redis.execute("DEL", *[self._key(t) for t in mine]).addErrback(
@@ -214,12 +214,11 @@ class ClusterTokenBook:
         self._warned = False
         spent, self._spentOffline = list(self._spentOffline), deque(
             maxlen=self._spentOffline.maxlen)
-        now = self.local._clock()
         # One script run per (second of TTL left, device), at most maxBatch
         # tokens each.
         groups = {}
-        for token, (fleet, deviceId, expires) in list(self.local._live.items()):
-            left = int((expires - now) * 1000)
+        for token, fleet, deviceId, seconds in self.local.liveTokens():
+            left = int(seconds * 1000)
             if left > 0:
                 groups.setdefault((left // 1000, fleet, deviceId), []).append((token, left))
         ds = []

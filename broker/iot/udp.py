@@ -52,6 +52,20 @@ class TokenBook:
         self._spent = OrderedDict()
         self._spentMemory = spentMemory
 
+    def deviceTokens(self, fleet, deviceId):
+        """
+        The device's live tokens (a new list).
+        """
+        return list(self._byDevice.get((fleet, deviceId), ()))
+
+    def liveTokens(self):
+        """
+        C{[(token, fleet, deviceId, seconds left)]} for every live token.
+        """
+        now = self._clock()
+        return [(t, f, d, expires - now) for t, (f, d, expires) in list(self._live.items())
+                if expires > now]
+
     def issue(self, fleet, deviceId, n):
         expires = self._clock() + self.ttl
         tokens = [os.urandom(TOKEN_SIZE) for _ in range(n)]
