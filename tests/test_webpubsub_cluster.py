@@ -404,6 +404,46 @@ class HandoverTests(ClusterTestCase):
         self.assertEqual(back.frames, [])
 
     @defer.inlineCallbacks
+    def test_takeOverFromOpenSocket(self):
+        """
+        The client reaches B while A still thinks its old socket is open (a
+        half-open TCP connection): A closes that socket and hands over.
+        """
+        c, hello = yield self.connect(self.a)
+        self.toUser(self.a, "one")
+        self.assertEqual((yield c.nextJSON())["sequenceId"], 1)
+        back, again = yield self.connect(self.b, self.resume(hello))
+        self.assertEqual(again["connectionId"], hello["connectionId"])
+        self.assertEqual(((yield back.nextJSON())["sequenceId"]), 1)
+        code, reason = yield c.closed
+        self.assertEqual(code, 1001)
+        self.toUser(self.b, "two")
+        self.assertEqual(((yield back.nextJSON())["sequenceId"]), 2)
+
+    @defer.inlineCallbacks
+    def test_reliableJoinWithHistory(self):
+        """
+        A reliable client recovering group history from Redis: the replayed
+        messages are numbered like any other, live ones held meanwhile.
+        """
+        yield self.a.hub.send(Target(Target.GROUP, "h"), Message(TEXT, b"old"))
+        c, hello = yield self.connect(self.b)
+        self.b.hub.grantPermission(hello["connectionId"], "joinLeaveGroup")
+        c.send({"type": "joinGroup", "group": "h", "ackId": 1,
+                "history": {"epoch": (yield self.b.hub.history.sinceAsync("h", None, 0))[3][0],
+                            "offset": 0}})
+        frame = yield c.nextJSON()
+        self.assertEqual((frame["event"], frame["recovered"], frame["offset"]),
+                         ("groupHistory", True, 1))
+        replay = yield c.nextJSON()
+        self.assertEqual((replay["data"], replay["sequenceId"], replay["history"]["offset"]),
+                         ("old", 1, 1))
+        self.assertEqual((yield c.nextJSON())["ackId"], 1)
+        yield self.b.hub.send(Target(Target.GROUP, "h"), Message(TEXT, b"new"))
+        live = yield c.nextJSON()
+        self.assertEqual((live["data"], live["sequenceId"]), ("new", 2))
+
+    @defer.inlineCallbacks
     def test_refusedAcrossNodes(self):
         """
         A wrong token or another user is refused on B (404) and leaves the
