@@ -42,43 +42,56 @@ from broker.core.message import Delivery, Message, Target
 
 log = Logger()
 
-# KEYS: meta, list, groups.  ARGV: epoch candidate, entry, maxMessages,
-# maxAge (ms), maxGroups, reset ("1": start a new epoch), group, meta
-# prefix, list prefix.  Returns {epoch, offset}.
+# One call stamps a batch of publishes (those of one reactor turn), in
+# order.  KEYS: the hub's groups.  ARGV: maxMessages, maxAge (ms),
+# maxGroups, meta prefix, list prefix, then for each publish: group, epoch
+# candidate, reset ("1": start a new epoch), entry.  Returns "epoch offset"
+# per publish, space-separated, in one string (txredisapi parses a long
+# multi-bulk reply slowly, element by element).
 _RECORD = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local epoch = redis.call('HGET', KEYS[1], 'e')
-if (not epoch) or ARGV[6] == '1' then
-  epoch = ARGV[1]
-  redis.call('DEL', KEYS[2])
-  redis.call('HSET', KEYS[1], 'e', epoch, 'o', 0)
-end
-local off = redis.call('HINCRBY', KEYS[1], 'o', 1)
-redis.call('RPUSH', KEYS[2], off .. ' ' .. now .. ' ' .. ARGV[2])
-redis.call('LTRIM', KEYS[2], -tonumber(ARGV[3]), -1)
-local maxAge = tonumber(ARGV[4])
-if maxAge > 0 then
-  while true do
-    local first = redis.call('LINDEX', KEYS[2], 0)
-    if not first then break end
-    local _, _, ts = string.find(first, '^%d+ (%d+) ')
-    if tonumber(ts) >= now - maxAge then break end
-    redis.call('LPOP', KEYS[2])
+local maxMessages, maxAge = tonumber(ARGV[1]), tonumber(ARGV[2])
+local keep = tonumber(ARGV[3]) - 1
+local out = {}
+for i = 6, #ARGV, 4 do
+  local group = ARGV[i]
+  local meta, list = ARGV[4] .. group, ARGV[5] .. group
+  local epoch = redis.call('HGET', meta, 'e')
+  if (not epoch) or ARGV[i + 2] == '1' then
+    epoch = ARGV[i + 1]
+    redis.call('DEL', list)
+    redis.call('HSET', meta, 'e', epoch, 'o', 0)
   end
-  redis.call('PEXPIRE', KEYS[2], maxAge)
-end
-redis.call('ZREM', KEYS[3], ARGV[7])
-local excess = redis.call('ZCARD', KEYS[3]) - (tonumber(ARGV[5]) - 1)
-if excess > 0 then
-  for _, g in ipairs(redis.call('ZRANGE', KEYS[3], 0, excess - 1)) do
-    redis.call('DEL', ARGV[8] .. g, ARGV[9] .. g)
-    redis.call('ZREM', KEYS[3], g)
+  local off = redis.call('HINCRBY', meta, 'o', 1)
+  redis.call('RPUSH', list, off .. ' ' .. now .. ' ' .. ARGV[i + 3])
+  redis.call('LTRIM', list, -maxMessages, -1)
+  if maxAge > 0 then
+    while true do
+      local first = redis.call('LINDEX', list, 0)
+      if not first then break end
+      local _, _, ts = string.find(first, '^%d+ (%d+) ')
+      if tonumber(ts) >= now - maxAge then break end
+      redis.call('LPOP', list)
+    end
+    redis.call('PEXPIRE', list, maxAge)
   end
+  redis.call('ZREM', KEYS[1], group)
+  local excess = redis.call('ZCARD', KEYS[1]) - keep
+  if excess > 0 then
+    for _, g in ipairs(redis.call('ZRANGE', KEYS[1], 0, excess - 1)) do
+      redis.call('DEL', ARGV[4] .. g, ARGV[5] .. g)
+      redis.call('ZREM', KEYS[1], g)
+    end
+  end
+  redis.call('ZADD', KEYS[1], now, group)
+  out[#out + 1] = epoch .. ' ' .. off
 end
-redis.call('ZADD', KEYS[3], now, ARGV[7])
-return {epoch, off}
+return table.concat(out, ' ')
 """
+
+# Most publishes one call carries (a bigger turn is split).
+BATCH = 256
 
 # KEYS: meta, list, groups.  ARGV: epoch candidate, epoch asked ("" for the
 # position only), offset asked, maxAge (ms), maxGroups, group, meta prefix,
@@ -226,8 +239,11 @@ class RedisHubHistory:
         self._metaPrefix = cluster.key("wps", "hm", hubName) + ":"
         self._listPrefix = cluster.key("wps", "hl", hubName) + ":"
         self._groups = cluster.key("wps", "hg", hubName)
+        self.reactor = cluster.reactor
         self._gaps = set()
         self._warned = False
+        self._batch = []
+        self._flushing = None
         self.unstamped = 0
 
     def _keys(self, group):
@@ -257,13 +273,17 @@ class RedisHubHistory:
         group = target.name
         reset = "1" if group in self._gaps else "0"
         self._gaps.discard(group)
-        d = self.redis.eval(_RECORD, self._keys(group), [
-            secrets.token_urlsafe(9), encodeDelivery(delivery, target.excluded),
-            self.maxMessages, self.maxAgeMs, self.maxGroups, reset, group,
-            self._metaPrefix, self._listPrefix])
+        d = defer.Deferred()
+        self._batch.append((group, secrets.token_urlsafe(9), reset,
+                            encodeDelivery(delivery, target.excluded), d))
+        if len(self._batch) >= BATCH:
+            self._flush()
+        elif self._flushing is None:
+            # Every publish of this reactor turn in one call.
+            self._flushing = self.reactor.callLater(0, self._flush)
 
         def stamped(reply):
-            delivery.history = (_text(reply[0]), int(reply[1]))
+            delivery.history = reply
             self._warned = False
 
         def failed(f):
@@ -271,6 +291,29 @@ class RedisHubHistory:
             self.unstamped += 1
             self._unavailable(f, "publishing unstamped")
         return d.addCallbacks(stamped, failed)
+
+    def _flush(self):
+        if self._flushing is not None:
+            if self._flushing.active():
+                self._flushing.cancel()
+            self._flushing = None
+        batch, self._batch = self._batch, []
+        if not batch:
+            return
+        args = [self.maxMessages, self.maxAgeMs, self.maxGroups, self._metaPrefix,
+                self._listPrefix]
+        for group, epoch, reset, entry, _ in batch:
+            args += (group, epoch, reset, entry)
+
+        def answered(reply):
+            stamps = reply.decode("ascii").split(" ")
+            for i, (_, _, _, _, d) in enumerate(batch):
+                d.callback((stamps[2 * i], int(stamps[2 * i + 1])))
+
+        def failed(f):
+            for _, _, _, _, d in batch:
+                d.errback(f)
+        self.redis.eval(_RECORD, [self._groups], args).addCallbacks(answered, failed)
 
     def resetGaps(self):
         """
