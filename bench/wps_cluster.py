@@ -34,7 +34,6 @@ from twisted.internet import defer, reactor, task  # noqa: E402
 from broker.cluster.node import Cluster  # noqa: E402
 from broker.cluster.redis import RedisClient  # noqa: E402
 from broker.core.message import FROM_GROUP, TEXT, Delivery, Message, Target  # noqa: E402
-from broker.core.router import Core  # noqa: E402
 from broker.webpubsub.history import HubHistory  # noqa: E402
 from broker.webpubsub.redishistory import RedisHubHistory  # noqa: E402
 from broker.webpubsub.reliable import ReliableLinks  # noqa: E402

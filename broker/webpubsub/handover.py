@@ -176,11 +176,9 @@ class ClusterLinks(ReliableLinks):
                         [self.cluster.nodeId, f"{link.hubName}\n{link.connectionId}"]
                         ).addErrback(self._failed, "forgetting a link")
 
-    @defer.inlineCallbacks
     def _resync(self):
-        for link in self:
-            if not link.closed and link.forward is None:
-                yield self._register(link)
+        return defer.DeferredList([self._register(link) for link in self
+                                   if not link.closed and link.forward is None])
 
     @defer.inlineCallbacks
     def _reapNode(self, node):
