@@ -21,6 +21,7 @@ from zope.interface import implementer
 from broker.cluster.node import Cluster
 from broker.cluster.redis import RedisClient
 from broker.core.interfaces import IHubObserver
+from broker.core.router import Core
 from broker.core.message import FROM_GROUP, TEXT, Delivery, Message, Target
 from broker.webpubsub.handover import RELEASE, Overlap
 from broker.webpubsub.site import makeFactory, makeSite
@@ -72,17 +73,27 @@ class Events:
         pass
 
 
+try:
+    from broker.cluster.engine import RedisEngine
+except ImportError:
+    RedisEngine = None
+
+
 class Node(BrokerHarness):
     """
     One broker node: the test harness's core and site, built with a
-    L{Cluster} over the shared Redis.
+    L{Cluster} over the shared Redis; with C{engine}, the core's engine is
+    the cluster-wide L{RedisEngine} too.
     """
 
-    def __init__(self, testCase, redisURL, nodeId):
+    def __init__(self, testCase, redisURL, nodeId, engine=False):
         super().__init__(testCase, reactor, TOML)
         self.client = RedisClient(reactor, redisURL, maxDelay=0.3)
         self.cluster = Cluster(reactor, self.client, prefix="t", nodeId=nodeId,
                                heartbeat=0.1, deadAfter=0.4)
+        if engine:
+            self.core = Core(reactor, engine=RedisEngine(self.cluster),
+                             fanoutChunk=self.settings["webpubsub"]["fanout_chunk"])
 
     @defer.inlineCallbacks
     def start(self):
@@ -113,12 +124,14 @@ class Node(BrokerHarness):
 
 
 class ClusterTestCase(TestCase):
+    engine = False
+
     @defer.inlineCallbacks
     def setUp(self):
         self.redis = RedisServer(self, reactor)
         yield self.redis.start()
-        self.a = yield Node(self, self.redis.url, "a").start()
-        self.b = yield Node(self, self.redis.url, "b").start()
+        self.a = yield Node(self, self.redis.url, "a", self.engine).start()
+        self.b = yield Node(self, self.redis.url, "b", self.engine).start()
 
 
 class HistoryTests(ClusterTestCase):
@@ -497,3 +510,75 @@ class HandoverTests(ClusterTestCase):
         self.assertEqual((yield self.b.client.execute("EXISTS", "t:wps:links:a")), 0)
         self.assertFalse(self.b.hub.connectionExists(cid))
         self.flushLoggedErrors(txredisapi.ConnectionError)
+
+
+class WithEngineTests(ClusterTestCase):
+    """
+    The same over the cluster-wide engine, where every publish reaches
+    every node: stamps seen alike on both nodes, and a link moving while
+    the messages it is sent reach both its old and its new node.
+    """
+
+    engine = True
+    if RedisEngine is None:
+        skip = "no cluster engine (broker.cluster.engine) in this tree"
+
+    @defer.inlineCallbacks
+    def test_sameStampOnEveryNode(self):
+        roles = ["webpubsub.joinLeaveGroup"]
+        x = yield self.a.connectJSON(userId="x", roles=roles)
+        y = yield self.b.connectJSON(userId="y", roles=roles)
+        for c in (x, y):
+            c.send({"type": "joinGroup", "group": "g", "ackId": 1})
+            self.assertEqual((yield c.nextJSON())["ackId"], 1)
+        yield waitFor(lambda: self.b.hub.groupExists("g"))
+        yield self.a.hub.send(Target(Target.GROUP, "g"), Message(TEXT, b"one"))
+        yield self.b.hub.send(Target(Target.GROUP, "g"), Message(TEXT, b"two"))
+        seenX = yield frames(x, 2)
+        seenY = yield frames(y, 2)
+        key = lambda f: f["history"]["offset"]  # noqa: E731
+        self.assertEqual(sorted(((f["data"], f["history"]) for f in seenX), key=str),
+                         sorted(((f["data"], f["history"]) for f in seenY), key=str))
+        self.assertEqual(sorted(key(f) for f in seenX), [1, 2])
+
+    @defer.inlineCallbacks
+    def test_moveWhileMessagesReachBothNodes(self):
+        """
+        A reliable client moves from A to B; group messages published on
+        either node before, during and after the hand-over reach it once
+        each, numbered without a gap.
+        """
+        c = yield self.a.connect(protocols=(RELIABLE,), userId="alice", groups=["g"])
+        hello = yield c.nextJSON()
+        cid = hello["connectionId"]
+        yield self.a.hub.send(Target(Target.GROUP, "g"), Message(TEXT, b"m1"))
+        self.assertEqual((yield c.nextJSON())["data"], "m1")
+        c.transport.abortConnection()
+        yield c.closed
+        yield later()
+        yield self.b.hub.send(Target(Target.GROUP, "g"), Message(TEXT, b"m2"))
+        handlers = self.a.cluster._handlers
+        release = handlers[RELEASE.encode()]
+
+        def lateRelease(origin, payload):
+            # B holds the link now and A still does: both get these.
+            d1 = self.a.hub.send(Target(Target.GROUP, "g"), Message(TEXT, b"m3"))
+            d2 = self.b.hub.send(Target(Target.GROUP, "g"), Message(TEXT, b"m4"))
+            defer.gatherResults([d1, d2]).addCallback(
+                lambda _: reactor.callLater(0.1, release, origin, payload))
+        handlers[RELEASE.encode()] = lateRelease
+        query = (f"awps_connection_id={cid}"
+                 f"&awps_reconnection_token={hello['reconnectionToken']}")
+        back = yield self.b.connect(protocols=(RELIABLE,), userId="alice", query=query)
+        self.assertEqual((yield back.nextJSON())["connectionId"], cid)
+        got = yield frames(back, 4)
+        yield waitFor(lambda: not self.a.hub.connectionExists(cid))
+        yield self.a.hub.send(Target(Target.GROUP, "g"), Message(TEXT, b"m5"))
+        got += yield frames(back, 1)
+        self.assertEqual([f["sequenceId"] for f in got], [1, 2, 3, 4, 5])
+        self.assertEqual(sorted(f["data"] for f in got), ["m1", "m2", "m3", "m4", "m5"])
+        self.assertEqual([f["data"] for f in got][:2], ["m1", "m2"])
+        yield later(0.2)
+        self.assertEqual(back.frames, [])
+        info = yield self.a.core.engine.directory.connection("chat", cid)
+        self.assertEqual(info["node"], "b")
