@@ -292,6 +292,31 @@ class HistoryTests(ClusterTestCase):
         self.flushLoggedErrors(txredisapi.ConnectionError)
 
 
+    @defer.inlineCallbacks
+    def test_lostReplyMarksGapAtOnce(self):
+        """
+        A stamp whose reply is lost while Redis stays up (no resync will
+        follow) resets the group's epoch at once: a recovery on another
+        node does not claim the unstamped message was never missed.
+        """
+        history = self.a.hub.history
+        x = yield self.a.connectJSON(userId="x", roles=["webpubsub.joinLeaveGroup"])
+        start = yield self.join(x, "g", {}, 1)
+        yield x.nextJSON()
+        evalOnce = history.redis.eval
+
+        def lost(script, keys, args):
+            history.redis.eval = evalOnce
+            return defer.fail(RuntimeError("reply lost"))
+        history.redis.eval = lost
+        yield self.a.hub.send(Target(Target.GROUP, "g"), Message(TEXT, b"unrecorded"))
+        self.assertNotIn("history", (yield x.nextJSON()))
+        y = yield self.b.connectJSON(userId="y", roles=["webpubsub.joinLeaveGroup"])
+        frame = yield self.join(y, "g", {"epoch": start["epoch"], "offset": 0}, 1)
+        self.assertEqual((frame["recovered"], frame["offset"]), (False, 0))
+        self.assertIn("unknown epoch", frame["reason"])
+
+
 class OverlapTests(TestCase):
     def test_copyOnEachPathCancelsOnce(self):
         """

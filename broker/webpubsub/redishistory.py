@@ -25,8 +25,9 @@ failures come back in: a failing script (Redis down) fails at once while
 earlier ones are still in flight, and must not overtake them.
 
 Redis down: the message is still delivered, unstamped, and its group is
-marked as having a gap; the next successful write to that group starts a
-new epoch (also done at once when this node reconnects), so no later
+marked as having a gap; a new epoch is started for it when this node
+reconnects (at once if only the reply was lost), or by its next write to
+the group, so no later
 recovery claims C{recovered: true} across messages the history never held.
 Recovery itself answers C{recovered: false} with the reason.
 """
@@ -88,6 +89,13 @@ for i = 6, #ARGV, 4 do
   out[#out + 1] = epoch .. ' ' .. off
 end
 return table.concat(out, ' ')
+"""
+
+# KEYS: meta, list.  ARGV: the new epoch.
+_RESET = """
+redis.call('DEL', KEYS[2])
+redis.call('HSET', KEYS[1], 'e', ARGV[1], 'o', 0)
+return 1
 """
 
 # Most publishes one call carries (a bigger turn is split).
@@ -290,6 +298,10 @@ class RedisHubHistory:
             self._gaps.add(group)
             self.unstamped += 1
             self._unavailable(f, "publishing unstamped")
+            if self.redis.connected:
+                # A lost reply, not an outage: no resync will come to mark
+                # the gap, so mark it now, before other nodes recover across it.
+                self.resetGaps()
         return d.addCallbacks(stamped, failed)
 
     def _flush(self):
@@ -323,10 +335,8 @@ class RedisHubHistory:
         gaps, self._gaps = self._gaps, set()
         ds = []
         for group in gaps:
-            keys = self._keys(group)
             # A new epoch, empty: the next write gets offset 1 in it.
-            d = self.redis.execute("HSET", keys[0], "e", secrets.token_urlsafe(9), "o", 0)
-            d.addCallback(lambda _, k=keys[1]: self.redis.execute("DEL", k))
+            d = self.redis.eval(_RESET, self._keys(group)[:2], [secrets.token_urlsafe(9)])
             d.addErrback(lambda f, g=group: self._gaps.add(g))
             ds.append(d)
         return defer.DeferredList(ds)
