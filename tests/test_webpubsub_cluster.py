@@ -12,6 +12,8 @@ own connections, so cross-node deliveries go through this face's own code
 (the shared history, the hand-over's forwarding).
 """
 
+import json
+
 import txredisapi
 from twisted.internet import defer, reactor, task
 from twisted.internet.endpoints import TCP4ServerEndpoint
@@ -480,6 +482,26 @@ class HandoverTests(ClusterTestCase):
         yield self.b.hub.send(Target(Target.GROUP, "h"), Message(TEXT, b"new"))
         live = yield c.nextJSON()
         self.assertEqual((live["data"], live["sequenceId"]), ("new", 2))
+
+    @defer.inlineCallbacks
+    def test_twoReconnectionsAtOnce(self):
+        """
+        A client retrying while its first reconnection to B is still taking
+        the link over: both get the link (the later socket carries it), as
+        two reconnections on one node would.
+        """
+        hello = yield self.dropped(self.a)
+        first = self.b.connect(protocols=(RELIABLE,), userId="alice", query=self.resume(hello))
+        second = self.b.connect(protocols=(RELIABLE,), userId="alice", query=self.resume(hello))
+        one, two = yield defer.gatherResults([first, second])
+        for c in (one, two):
+            self.assertEqual((yield c.nextJSON())["connectionId"], hello["connectionId"])
+            self.assertEqual([f["sequenceId"] for f in (yield frames(c, 2))], [2, 3])
+        self.assertEqual(len(self.b.hub.sessions()), 1)
+        self.toUser(self.b, "four")
+        yield later(0.1)
+        got = sorted([json.loads(p)["data"] for p, _ in c.frames] for c in (one, two))
+        self.assertEqual(got, [[], ["four"]])
 
     @defer.inlineCallbacks
     def test_refusedAcrossNodes(self):

@@ -50,6 +50,7 @@ import secrets
 
 from twisted.internet import defer
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from broker.core.errors import CloseCode
 from broker.webpubsub.redishistory import decodeDelivery, encodeDelivery
@@ -125,6 +126,7 @@ class ClusterLinks(ReliableLinks):
         self._pending = {}    # request id -> (Deferred, timeout call)
         self._giving = {}     # (hub, cid) -> release timeout call
         self._overlaps = {}   # (hub, cid) -> the call that ends its Overlap
+        self._taking = {}     # (hub, cid) -> Deferreds of reconnections waiting
         self._warned = False
         self.takenOver = 0
         self.givenUp = 0
@@ -191,14 +193,32 @@ class ClusterLinks(ReliableLinks):
 
     # -- taking a link over (the node the client came back to) --------------
 
-    @defer.inlineCallbacks
     def takeOver(self, hubName, cid, token, userId):
         """
-        Take the link C{cid} over from the node that holds it.
+        Take the link C{cid} over from the node that holds it.  A second
+        reconnection while one is taking it over waits for that one (a
+        client retrying), and gets the link if its token is the link's.
 
         @return: a L{Deferred} firing with the admitted L{ReliableLink}, or
             C{None} when there is no such link (or it cannot be reached).
         """
+        key = (hubName, cid)
+        waiting = self._taking.get(key)
+        if waiting is not None:
+            d = defer.Deferred()
+            waiting.append(d)
+            return d.addCallback(
+                lambda link: link if link is not None and link.checkToken(token) else None)
+        self._taking[key] = []
+
+        def done(result):
+            for d in self._taking.pop(key, ()):
+                d.callback(None if isinstance(result, Failure) else result)
+            return result
+        return self._takeOver(hubName, cid, token, userId).addBoth(done)
+
+    @defer.inlineCallbacks
+    def _takeOver(self, hubName, cid, token, userId):
         try:
             owner = yield self.redis.execute("GET", self._ownerKey(hubName, cid))
         except Exception as e:
