@@ -88,7 +88,11 @@ def build(context):
         keys = [key]
         log.warn("webpubsub.access_keys is empty: using the development key in {path}",
                  path=path)
-    factory = makeFactory(context.core, wps, keys, context.reactor)
+    factory = makeFactory(context.core, wps, keys, context.reactor,
+                          cluster=getattr(context, "cluster", None))
+    stopLinks = getattr(factory.links, "stop", None)
+    if stopLinks is not None:
+        context.reactor.addSystemEventTrigger("before", "shutdown", stopLinks)
     listeners = EventListeners(context.core, wps["hubs"], context.reactor.seconds)
     if listeners.configured:
         context.addService(listeners)

@@ -34,6 +34,8 @@ L{Delivery} (payload and its encoded frame).
 import secrets
 from collections import OrderedDict, deque
 
+from twisted.internet.defer import succeed
+
 from broker.core.errors import BadRequest
 
 EVENT = "groupHistory"
@@ -160,6 +162,37 @@ def recover(hub, group, position, connectionId):
             frame["reason"] = reason
     frame["epoch"], frame["offset"] = history.position(group)
     return frame, missed
+
+
+def recoverAsync(hub, group, position, connectionId):
+    """
+    L{recover} for a history that may live elsewhere (cluster mode,
+    L{broker.webpubsub.redishistory}).
+
+    @return: a L{Deferred} of C{(frame, missed, current)}, C{current} being
+        the group's C{(epoch, offset)} when the frame was made, or C{None}
+        when unknown; it never fails.
+    """
+    history = hub.history
+    if not getattr(history, "remote", False):
+        frame, missed = recover(hub, group, position, connectionId)
+        current = (frame["epoch"], frame["offset"]) if "epoch" in frame else None
+        return succeed((frame, missed, current))
+    epoch, offset = position
+
+    def answered(result):
+        recovered, reason, missed, current = result
+        frame = {"type": "system", "event": EVENT, "group": group}
+        if recovered is not None:
+            frame["recovered"] = recovered
+        if reason:
+            frame["reason"] = reason
+        if current is None:
+            frame["recovered"] = False
+        else:
+            frame["epoch"], frame["offset"] = current
+        return frame, missed, current
+    return history.sinceAsync(group, epoch, offset, connectionId).addCallback(answered)
 
 
 def installHistory(core, hubsConfig, clock):

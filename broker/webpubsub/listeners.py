@@ -138,9 +138,13 @@ class _HubEvents:
                                 listener=listener, hub=self.hubName)
 
     def connectionAdded(self, hub, session):
+        if getattr(session.connection, "moving", False):
+            return  # a reliable connection moving between nodes (handover.py)
         self.emit(self.record("sys", "connected", session))
 
     def connectionRemoved(self, hub, session, reason):
+        if getattr(session.connection, "moving", False):
+            return
         record = self.record("sys", "disconnected", session)
         record["reason"] = reason
         self.emit(record)

@@ -76,6 +76,9 @@ class ClientProtocol(BoundedOutput, WebSocketServerProtocol):
     # Created on the first ackId: idle connections should cost little.
     _recentAcks = ()
     _throttled = False
+    # {group: [pending recoveries, held deliveries]} while an asynchronous
+    # joinGroup recovery runs (cluster mode, _recoverLater).
+    holding = None
 
     def __init__(self):
         super().__init__()
@@ -155,9 +158,14 @@ class ClientProtocol(BoundedOutput, WebSocketServerProtocol):
         if resumed is not None:
             # A reliable client coming back: same connection, no connect event.
             link = None
+            reconnectionToken = _first(request.params.get("awps_reconnection_token"))
             if self.reliable:
-                link = factory.links.find(hubName, resumed,
-                                          _first(request.params.get("awps_reconnection_token")))
+                link = factory.links.find(hubName, resumed, reconnectionToken)
+                takeOver = getattr(factory.links, "takeOver", None)
+                if link is None and takeOver is not None:
+                    # Cluster mode: the link may live on another node.
+                    d = takeOver(hubName, resumed, reconnectionToken, userId)
+                    return d.addCallback(self._tookOver, resumed, userId, protocol)
             if link is None or link.userId != userId:
                 factory.rejected(hubName)
                 raise ConnectionDeny(404, "no recoverable connection with that id and token")
@@ -176,6 +184,14 @@ class ClientProtocol(BoundedOutput, WebSocketServerProtocol):
             d = connect(self.connectionId, request, claimsSeen, offered)
             return d.addCallbacks(self._connectAnswered, self._connectDenied,
                                   callbackArgs=(protocol, offered))
+        return protocol
+
+    def _tookOver(self, link, resumed, userId, protocol):
+        if link is None or link.userId != userId:
+            self.factory.rejected(self.hub.name)
+            raise ConnectionDeny(404, "no recoverable connection with that id and token")
+        self._resuming = link
+        self.connectionId = resumed
         return protocol
 
     def _connectAnswered(self, answer, protocol, offered):
@@ -271,6 +287,9 @@ class ClientProtocol(BoundedOutput, WebSocketServerProtocol):
 
     def deliver(self, delivery):
         if self.session is None or self.state != self.STATE_OPEN:
+            return
+        if self.holding and delivery.group in self.holding:
+            self.holding[delivery.group][1].append(delivery)
             return
         prepared = delivery.encode(self.kind, self._encoder)
         frame = prepared.payloadHybi
@@ -413,6 +432,10 @@ class ClientProtocol(BoundedOutput, WebSocketServerProtocol):
         try:
             if kind == "joinGroup":
                 session.joinGroup(request.group)
+                if request.history is not None and getattr(self.hub.history, "remote", False):
+                    self._remember(ackId)
+                    self._recoverLater(request.group, request.history, ackId)
+                    return
                 if request.history is not None:
                     # Recovery (history.py): position, then the missed messages.
                     frame, missed = history.recover(self.hub, request.group, request.history,
@@ -443,6 +466,42 @@ class ClientProtocol(BoundedOutput, WebSocketServerProtocol):
             return
         self._remember(ackId)
         self._ack(ackId)
+
+    def _recoverLater(self, group, position, ackId):
+        """
+        joinGroup recovery from a history in Redis (cluster mode): the
+        connection is already a member, so live messages of C{group} are
+        held until the missed ones are out; those the recovery also
+        returned (same epoch, offset not past the position it reported)
+        are dropped, so each is sent once and in order.
+        """
+        target = self.link or self
+        if target.holding is None:
+            target.holding = {}
+        hold = target.holding.setdefault(group, [0, []])
+        hold[0] += 1
+
+        def answered(result):
+            frame, missed, current = result
+            hold[0] -= 1
+            if hold[0] == 0 and target.holding.get(group) is hold:
+                del target.holding[group]
+            held, hold[1] = hold[1], []
+            if self.state == self.STATE_OPEN:
+                self.sendMessage(frames._s(frame))
+            for delivery in missed:
+                target.deliver(delivery)
+            for delivery in held:
+                h = delivery.history
+                if (h is not None and current is not None and h[0] == current[0]
+                        and h[1] <= current[1]):
+                    continue
+                target.deliver(delivery)
+            self._ack(ackId)
+        history.recoverAsync(self.hub, group, position, self.connectionId).addCallback(
+            answered).addErrback(
+            lambda f: log.failure("joinGroup recovery for {cid} failed", f,
+                                  cid=self.connectionId))
 
     def _eventReply(self, ackId, reply):
         if reply is not None and self.session is not None:
@@ -528,10 +587,15 @@ class ClientFactory(WebSocketServerFactory):
     def __init__(self, core, hubSettings, defaultSettings, audiences=(),
                  maxFrameSize=1024 * 1024, maxOutputBuffer=4 * 1024 * 1024,
                  autoPingInterval=30.0, autoPingTimeout=30.0, reactor=None,
-                 recoveryWindow=30.0):
+                 recoveryWindow=30.0, cluster=None):
         super().__init__(reactor=reactor)
         self.core = core
-        self.links = ReliableLinks(self.reactor, recoveryWindow, maxOutputBuffer)
+        if cluster is None:
+            self.links = ReliableLinks(self.reactor, recoveryWindow, maxOutputBuffer)
+        else:
+            from broker.webpubsub.handover import ClusterLinks
+            self.links = ClusterLinks(self.reactor, recoveryWindow, maxOutputBuffer, core,
+                                      cluster)
         self._hubSettings = dict(hubSettings)
         self._defaultSettings = defaultSettings
         self.audiences = tuple(audiences)

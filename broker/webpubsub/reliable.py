@@ -35,9 +35,29 @@ class ReliableLink:
 
     @param maxBuffered: unacknowledged bytes kept at most; a client that
         falls further behind is closed as a slow consumer.
+    @param token, sequence, unacked: the state of a link taken over from
+        another node (cluster mode, L{broker.webpubsub.handover}): its
+        reconnection token, last sequenceId and C{[(sequenceId, frame)]}.
+
+    @ivar moving: true while the link is handed from one node to another:
+        its admission and removal then are no C{connected} /
+        C{disconnected} events (the client stays connected).
+    @ivar forward: set on the node giving the link up: every delivery goes
+        to C{forward(delivery)} instead (to the node taking it over).
+    @ivar overlap: set on the node taking the link over while both nodes
+        may receive its messages; C{overlap(delivery)} is true for a
+        duplicate to drop.
     """
 
-    def __init__(self, registry, hubName, connectionId, userId, reactor, window, maxBuffered):
+    moving = False
+    forward = None
+    overlap = None
+    # {group: [pending recoveries, held deliveries]} while a joinGroup
+    # recovery is asynchronous (cluster mode; see protocol.py).
+    holding = None
+
+    def __init__(self, registry, hubName, connectionId, userId, reactor, window, maxBuffered,
+                 token=None, sequence=0, unacked=()):
         self.registry = registry
         self.hubName = hubName
         self.connectionId = connectionId
@@ -45,12 +65,12 @@ class ReliableLink:
         self.reactor = reactor
         self.window = window
         self.maxBuffered = maxBuffered
-        self.token = secrets.token_urlsafe(32)
+        self.token = token or secrets.token_urlsafe(32)
         self.session = None
         self.protocol = None
-        self._sequence = 0
-        self._unacked = OrderedDict()
-        self._bufferedBytes = 0
+        self._sequence = sequence
+        self._unacked = OrderedDict(unacked)
+        self._bufferedBytes = sum(len(f) for f in self._unacked.values())
         self._expiry = None
         self.closed = False
 
@@ -59,6 +79,20 @@ class ReliableLink:
     def deliver(self, delivery):
         if self.closed:
             return
+        if self.forward is not None:
+            self.forward(delivery)
+            return
+        if self.overlap is not None and self.overlap(delivery, True):
+            return
+        if self.holding and delivery.group in self.holding:
+            self.holding[delivery.group][1].append(delivery)
+            return
+        self.append(delivery)
+
+    def append(self, delivery):
+        """
+        Number C{delivery}, keep it until acknowledged and send it.
+        """
         self._sequence += 1
         frame = frames.messageFrame(delivery, sequenceId=self._sequence)
         self._unacked[self._sequence] = frame
@@ -132,7 +166,15 @@ class ReliableLink:
             self.closed = True
             self._end("closed by the client")
             return
-        self._expiry = self.reactor.callLater(self.window, self._expired)
+        self.waitForClient()
+
+    def waitForClient(self):
+        """
+        Detached: end the connection unless a client attaches within the
+        recovery window.
+        """
+        if self._expiry is None or not self._expiry.active():
+            self._expiry = self.reactor.callLater(self.window, self._expired)
 
     def _expired(self):
         self._expiry = None
@@ -165,11 +207,17 @@ class ReliableLinks:
         self._links = {}
         self.slowConsumers = 0
 
-    def new(self, hubName, connectionId, userId):
+    def new(self, hubName, connectionId, userId, **state):
         link = ReliableLink(self, hubName, connectionId, userId, self.reactor, self.window,
-                            self.maxBuffered)
+                            self.maxBuffered, **state)
         self._links[(hubName, connectionId)] = link
         return link
+
+    def get(self, hubName, connectionId):
+        return self._links.get((hubName, connectionId))
+
+    def __iter__(self):
+        return iter(list(self._links.values()))
 
     def find(self, hubName, connectionId, token):
         """

@@ -8,6 +8,7 @@ from autobahn.twisted.resource import WebSocketResource
 from twisted.web.resource import NoResource, Resource
 from twisted.web.server import Site
 
+from broker.webpubsub import redishistory
 from broker.webpubsub.history import installHistory
 from broker.webpubsub.protocol import ClientFactory, HubSettings
 from broker.webpubsub.rest import RestAPI, boundedRequestFactory
@@ -29,11 +30,14 @@ class _Hubs(Resource):
         return self._ws
 
 
-def makeFactory(core, cfg, defaultKeys, reactor):
+def makeFactory(core, cfg, defaultKeys, reactor, cluster=None):
     """
     Build the L{ClientFactory} from the C{[webpubsub]} configuration table.
 
     @param defaultKeys: the access keys for hubs with none of their own.
+    @param cluster: the L{broker.cluster.node.Cluster} in cluster mode:
+        group history and reliable connections are then shared through
+        Redis (L{broker.webpubsub.redishistory}, L{broker.webpubsub.handover}).
     """
     default = HubSettings(accessKeys=defaultKeys)
     hubs = {}
@@ -45,12 +49,15 @@ def makeFactory(core, cfg, defaultKeys, reactor):
             plainGroup=h["plain_group"],
             anonymousRoles=h["anonymous_roles"],
         )
-    installHistory(core, cfg["hubs"], core.reactor.seconds)
+    if cluster is None:
+        installHistory(core, cfg["hubs"], core.reactor.seconds)
+    else:
+        redishistory.install(core, cfg["hubs"], cluster)
     return ClientFactory(
         core, hubs, default, audiences=cfg["audiences"],
         maxFrameSize=cfg["max_frame_size"], maxOutputBuffer=cfg["max_output_buffer"],
         autoPingInterval=cfg["auto_ping_interval"], autoPingTimeout=cfg["auto_ping_timeout"],
-        reactor=reactor, recoveryWindow=cfg["recovery_window"],
+        reactor=reactor, recoveryWindow=cfg["recovery_window"], cluster=cluster,
     )
 
 

@@ -299,9 +299,13 @@ class CloudEventsUpstream:
         pass  # answered through userEvent, as the hub's upstream
 
     def connectionAdded(self, hub, session):
+        if getattr(session.connection, "moving", False):
+            return  # a reliable connection moving between nodes (handover.py)
         self._notify("connected", session, b"{}")
 
     def connectionRemoved(self, hub, session, reason):
+        if getattr(session.connection, "moving", False):
+            return
         body = json.dumps({"reason": reason} if reason else {}).encode("utf-8")
         self._notify("disconnected", session, body)
 
