@@ -245,3 +245,44 @@ class CoreTests(unittest.TestCase):
         self.assertEqual(seen, [("g", b"1")])
         self.assertEqual(a.deliveries[0].history, ("e", 1))
         self.assertIsNone(a.deliveries[1].history)
+
+
+class AsyncHistoryTests(unittest.TestCase):
+    """
+    A history whose stamps come later (in Redis): each publish goes out once
+    stamped, and every publish of the hub keeps its order.
+    """
+
+    def test_publishesWaitAndKeepOrder(self):
+        from twisted.internet.defer import Deferred
+
+        core = Core(Clock())
+        core.startService()
+        hub = core.hub("h")
+        c = RecordingConnection("a", "u")
+        hub.admit(c, "u", (), ["g"])
+        stamps = []
+
+        class History:
+            def record(self, target, delivery):
+                d = Deferred()
+                stamps.append((d, delivery))
+                return d
+        hub.history = History()
+        first = hub.send(Target(Target.GROUP, "g"), Message.text("1"))
+        second = hub.send(Target(Target.GROUP, "g"), Message.text("2"))
+        third = hub.send(Target(Target.USER, "u"), Message.text("3"))
+        self.assertEqual(c.payloads, [])
+        # The second stamp fails first: it waits for the first all the same.
+        stamps[1][0].errback(RuntimeError("no stamp"))
+        self.assertEqual(c.payloads, [])
+        stamps[0][1].history = (1, 1)
+        stamps[0][0].callback(None)
+        self.assertEqual(c.payloads, [b"1", b"2", b"3"])
+        self.assertEqual(c.deliveries[0].history, (1, 1))
+        for d in (first, second, third):
+            self.successResultOf(d)
+        # Nothing waiting: straight through again.
+        hub.history = None
+        hub.send(Target(Target.GROUP, "g"), Message.text("4"))
+        self.assertEqual(c.payloads[-1], b"4")

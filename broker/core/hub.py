@@ -9,8 +9,10 @@ Neither touches the maps directly.
 """
 
 import secrets
+from collections import deque
 
-from twisted.internet.defer import FirstError, fail, gatherResults, maybeDeferred, succeed
+from twisted.internet.defer import (Deferred, FirstError, fail, gatherResults,
+                                    maybeDeferred, succeed)
 from twisted.logger import Logger
 
 from broker.core.errors import BadRequest, BrokerError, Forbidden, NotFound, Unavailable
@@ -56,6 +58,40 @@ class NoUpstream(BrokerError):
     """
 
     name = "NoUpstream"
+
+
+class _PublishQueue:
+    """
+    Publishes waiting for an asynchronous history stamp, and those made
+    after them: each goes out, in the order it was made, once everything
+    before it has gone and its own stamp (if any) has fired, whether that
+    succeeded or failed (a failed stamp leaves the delivery unstamped).
+    """
+
+    def __init__(self, publish):
+        self._publish = publish
+        self._queue = deque()      # [target, delivery, ready, result]
+
+    def __bool__(self):
+        return bool(self._queue)
+
+    def submit(self, target, delivery, stamping):
+        entry = [target, delivery, stamping is None, Deferred()]
+        self._queue.append(entry)
+        if stamping is None:
+            self._drain()
+        else:
+            def ready(_):
+                entry[2] = True
+                self._drain()
+            stamping.addBoth(ready)
+        return entry[3]
+
+    def _drain(self):
+        queue = self._queue
+        while queue and queue[0][2]:
+            target, delivery, _, result = queue.popleft()
+            maybeDeferred(self._publish, target, delivery).chainDeferred(result)
 
 
 class HubStats:
@@ -163,8 +199,12 @@ class Hub:
         self._engine = core.engine
         self.directory = core.engine.directory
         # Told of every group publish before its fan-out (an object with
-        # C{record(target, delivery)}): the optional per-group history.
+        # C{record(target, delivery)}): the optional per-group history.  A
+        # history that stamps asynchronously (in Redis) returns a Deferred:
+        # the publish goes out once it fires, and the hub's later publishes
+        # queue behind it, so they keep their order.
         self.history = None
+        self._ordered = _PublishQueue(self._publishNow)
 
     # -- admission --------------------------------------------------------
 
@@ -561,8 +601,14 @@ class Hub:
             s.close(code, reason)
 
     def publish(self, target, delivery):
+        stamping = None
         if self.history is not None and target.kind == Target.GROUP:
-            self.history.record(target, delivery)
+            stamping = self.history.record(target, delivery)
+        if stamping is None and not self._ordered:
+            return self._core.publish(self.name, target, delivery)
+        return self._ordered.submit(target, delivery, stamping)
+
+    def _publishNow(self, target, delivery):
         return self._core.publish(self.name, target, delivery)
 
     def backpressure(self):

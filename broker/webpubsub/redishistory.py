@@ -19,10 +19,11 @@ a Redis Cluster would refuse):
 
 Stamping happens before the publish leaves this node (the engine carries
 C{Delivery.history} to the others), so it is asynchronous: a group publish
-waits for its Lua script's reply.  L{Sequencer} keeps the hub's group
-publishes in the order they were made, whatever order their replies or
-failures come back in: a failing script (Redis down) fails at once while
-earlier ones are still in flight, and must not overtake them.
+waits for its Lua script's reply: C{record} returns that L{Deferred}, and
+the hub (L{broker.core.hub.Hub.publish}) keeps its publishes in the order
+they were made, whatever order their replies or failures come back in: a
+failing script (Redis down) fails at once while earlier ones are still in
+flight, and must not overtake them.
 
 Redis down: the message is still delivered, unstamped, and its group is
 marked as having a gap; a new epoch is started for it when this node
@@ -34,12 +35,11 @@ Recovery itself answers C{recovered: false} with the reason.
 
 import json
 import secrets
-from collections import deque
 
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from broker.core.message import Delivery, Message, Target
+from broker.core.message import Delivery, Message
 
 log = Logger()
 
@@ -194,44 +194,9 @@ def _text(value):
     return value.decode("utf-8") if isinstance(value, bytes) else value
 
 
-class Sequencer:
-    """
-    Runs C{publish(target, delivery)} for each stamped delivery in the
-    order L{submit} was called, once its stamp (a L{Deferred}) resolved,
-    whether it succeeded or failed.
-    """
-
-    def __init__(self, publish):
-        self._publish = publish
-        self._queue = deque()   # [target, delivery, done, result]
-
-    def submit(self, target, delivery, stamping):
-        entry = [target, delivery, False, defer.Deferred()]
-        self._queue.append(entry)
-
-        def done(_):
-            entry[2] = True
-            self._flush()
-        stamping.addBoth(done)
-        return entry[3]
-
-    def _flush(self):
-        queue = self._queue
-        while queue and queue[0][2]:
-            target, delivery, _, result = queue.popleft()
-            try:
-                d = self._publish(target, delivery)
-            except Exception:
-                result.errback()
-                continue
-            d.chainDeferred(result)
-
-
 class RedisHubHistory:
     """
-    The history of one hub in Redis.  Installed as C{hub.history} (whose
-    synchronous C{record} the hub calls and which does nothing here: the
-    hub's publish is wrapped so the stamp comes first, see L{install}).
+    The history of one hub in Redis, installed as C{hub.history}.
 
     @ivar remote: true: recovery is asynchronous (L{sinceAsync}).
     """
@@ -267,8 +232,10 @@ class RedisHubHistory:
 
     def record(self, target, delivery):
         """
-        Called by the hub for every group publish: already stamped.
+        Called by the hub for every group publish: stamp it in Redis; the
+        hub publishes it once the returned L{Deferred} fires (L{stamp}).
         """
+        return self.stamp(target, delivery)
 
     def stamp(self, target, delivery):
         """
@@ -383,13 +350,8 @@ class RedisHubHistory:
 def install(core, hubsConfig, cluster):
     """
     Give each hub whose configuration sets C{history_messages} its
-    L{RedisHubHistory}, and route its group publishes through a
-    L{Sequencer} so each is stamped in Redis before it goes out.
-
-    The hub offers no asynchronous history hook (its C{publish} calls
-    C{history.record} synchronously), so the bound C{publish} of each such
-    hub is replaced on the instance; see the report of issue 7 for the
-    hook this stands in for.
+    L{RedisHubHistory}: its C{record} returns the stamp's L{Deferred}, and
+    the hub publishes each group message once it is stamped, in order.
     """
     histories = []
 
@@ -401,14 +363,6 @@ def install(core, hubsConfig, cluster):
                                   cfg["history_max_age"], cfg["history_groups"])
         hub.history = history
         histories.append(history)
-        original = hub.publish
-        sequencer = Sequencer(original)
-
-        def publish(target, delivery):
-            if target.kind != Target.GROUP:
-                return original(target, delivery)
-            return sequencer.submit(target, delivery, history.stamp(target, delivery))
-        hub.publish = publish
 
     core.onNewHub(setup)
 
