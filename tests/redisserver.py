@@ -1,8 +1,10 @@
 # -*- test-case-name: tests.test_cluster_redis -*-
 """
 A real C{redis-server} for the tests: started on an ephemeral loopback port
-with no persistence, stopped (or killed) at cleanup, restartable on the same
-port so a test can take Redis away mid-run and bring it back.
+with no persistence (or, with C{appendOnly}, the append-only file fsynced
+on every write, as docs/cluster.md tells operators to run it), stopped (or
+killed) at cleanup, restartable on the same port so a test can take Redis
+away mid-run and bring it back.
 
 Skipped where redis-server is missing, failed instead under scripts/test
 (which installs Debian's redis-server).
@@ -59,13 +61,17 @@ class RedisServer:
 
     @ivar port: its loopback port, kept across L{stop} and L{start}.
     @ivar url: C{redis://127.0.0.1:<port>/0}.
+    @ivar appendOnly: run with C{--appendonly yes --appendfsync always}: a
+        write Redis acknowledged is on disk, so it outlives a SIGKILL of
+        Redis and a restart (in the same directory) loads it again.
     """
 
-    def __init__(self, testCase, reactor):
+    def __init__(self, testCase, reactor, appendOnly=False):
         requireTool(os.path.exists(REDIS_SERVER),
                     "no redis-server here (scripts/test installs Debian's redis-server)")
         self.testCase = testCase
         self.reactor = reactor
+        self.appendOnly = appendOnly
         self.port = freePort()
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.dir = tempfile.mkdtemp(prefix="broker-redis-")
@@ -81,8 +87,10 @@ class RedisServer:
         """
         self.process = _RedisProcess()
         args = [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1",
-                "--save", "", "--appendonly", "no", "--dir", self.dir,
+                "--save", "", "--dir", self.dir,
                 "--protected-mode", "no", "--loglevel", "notice"]
+        args += (["--appendonly", "yes", "--appendfsync", "always"] if self.appendOnly
+                 else ["--appendonly", "no"])
         self.transport = self.reactor.spawnProcess(
             self.process, REDIS_SERVER, args, env=dict(os.environ))
         timeout = self.reactor.callLater(20, self.kill)
