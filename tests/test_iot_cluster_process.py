@@ -585,3 +585,33 @@ class RedisOutageTests(IoTClusterProcessMixin, TestCase):
         # d2 kept its session on b through the outage.
         self.assertTrue(d2.transport.connected)
         self.assertNoTraceback("a", "b")
+
+    @defer.inlineCallbacks
+    def test_redisRestartedEmpty(self):
+        """
+        Redis comes back empty (it kept nothing, or it is a new server):
+        a device that stayed online through it still gets the messages
+        queued afterwards, though the id counter started again.
+        """
+        d1 = yield self.connect("a", "d1", autoAck=True)
+        yield self.waitOnline("b", "d1", True)
+        ids = []
+        for i in range(3):
+            status, body = yield self.message("b", "d1", {"n": i})
+            self.assertEqual(status, 202)
+            m = yield self.nextOf(d1, frames.MESSAGE)
+            self.assertEqual(m.payload.value(), {"n": i})
+            ids.append(m.requestId)
+        yield self.redis.kill()
+        yield self.waitHealth("a", 503)
+        self.redis.forget()
+        yield self.redis.start()
+        for name in ("a", "b"):
+            yield self.waitHealth(name, 200)
+        yield self.waitOnline("b", "d1", True)
+        status, body = yield self.message("b", "d1", "after")
+        self.assertEqual((status, body["queued"]), (202, False))
+        self.assertGreater(int(body["messageId"]), max(ids))
+        m = yield self.nextOf(d1, frames.MESSAGE)
+        self.assertEqual((str(m.requestId), m.payload.value()), (body["messageId"], "after"))
+        self.assertNoTraceback("a", "b")
