@@ -84,6 +84,7 @@ class IoTClusterProcessMixin(TwistdTestsMixin):
     """
 
     timeout = 60
+    deadAfter = DEAD_AFTER
 
     @defer.inlineCallbacks
     def startCluster(self, names):
@@ -111,7 +112,7 @@ class IoTClusterProcessMixin(TwistdTestsMixin):
         config = self.directory.child(f"{name}.toml")
         config.setContent(CONFIG.format(
             state=self.directory.child(name).path, redis=self.redis.url, node=name,
-            heartbeat=HEARTBEAT, deadAfter=DEAD_AFTER, registry=self.registryPath,
+            heartbeat=HEARTBEAT, deadAfter=self.deadAfter, registry=self.registryPath,
             requestTimeout=REQUEST_TIMEOUT,
             apiKeyLine=apikeys.hashLine("acme", self.apiKey)).encode())
         proc = self.spawn(["-n", "--pidfile=", "broker", "--config", config.path],
@@ -485,6 +486,60 @@ class ThreeNodesTests(IoTClusterProcessMixin, TestCase):
                 if "node b is dead" in line]
         self.assertEqual(len(dead), 1, dead)
         self.assertNoTraceback("a", "c")
+
+
+class RestartUnderSameIdTests(IoTClusterProcessMixin, TestCase):
+    """
+    A node SIGKILLed and started again under its C{node_id} before the
+    others gave it up for dead (dead_after is long here).
+    """
+
+    deadAfter = 20.0
+
+    def setUp(self):
+        return self.startCluster(["a", "b", "c"])
+
+    @defer.inlineCallbacks
+    def test_restartedNodeDropsWhatItsLastRunHeld(self):
+        """
+        What the killed run held is gone as soon as the node is back: its
+        device is offline, and its central no longer takes the fleet's
+        device requests from the central on another node.
+        """
+        yield self.connect("a", onRequest=lambda f: Payload.json("central on a"))
+        yield settle(reactor, 0.05)
+        yield self.connect("b", onRequest=lambda f: Payload.json("central on b"))
+        yield self.connect("b", "d1", onRequest=echo)
+        d2 = yield self.connect("c", "d2")
+        yield self.waitOnline("a", "d1", True)
+        for _ in range(100):
+            answer = yield d2.request(Payload.json("who?"))
+            if answer.value() == "central on b":
+                break
+            yield settle(reactor, 0.05)
+        self.assertEqual(answer.value(), "central on b")
+        yield self.kill("b")
+        yield self.startNode("b")
+        yield self.waitHealth("b", 200)
+        took = yield self.waitOnline("a", "d1", False, timeout=5)
+        self.assertLess(took, 3)
+        for _ in range(100):
+            try:
+                answer = yield d2.request(Payload.json("who?"))
+            except Refused:
+                answer = None
+            else:
+                if answer.value() == "central on a":
+                    break
+            yield settle(reactor, 0.05)
+        self.assertEqual(answer.value(), "central on a")
+        status, body = yield self.ask("c", "d1", "anyone?")
+        self.assertEqual((status, body["error"]["code"]), (503, "DEVICE_OFFLINE"))
+        yield self.connect("b", "d1", onRequest=echo)
+        yield self.waitOnline("c", "d1", True)
+        status, body = yield self.ask("c", "d1", "back")
+        self.assertEqual((status, body["payload"]["data"]), (200, {"echo": "back"}))
+        self.assertNoTraceback("a", "b", "c")
 
 
 class RedisOutageTests(IoTClusterProcessMixin, TestCase):
