@@ -488,6 +488,62 @@ class ThreeNodesTests(IoTClusterProcessMixin, TestCase):
         self.assertNoTraceback("a", "c")
 
 
+class NodeStoppedTests(IoTClusterProcessMixin, TestCase):
+    """
+    Nodes a and b: b stopped cleanly, or killed while its device already
+    reconnected elsewhere.
+    """
+
+    def setUp(self):
+        return self.startCluster(["a", "b"])
+
+    @defer.inlineCallbacks
+    def test_sigtermLeavesAtOnce(self):
+        """
+        SIGTERM: node b closes its sessions and leaves presence at once,
+        not after dead_after; its device reconnects to a and gets what was
+        queued meanwhile.
+        """
+        central = yield self.connect("b")
+        d1 = yield self.connect("b", "d1")
+        yield self.waitOnline("a", "d1", True)
+        self.nodes["b"].transport.signalProcess("TERM")
+        yield d1.closed
+        yield central.closed
+        took = yield self.waitOnline("a", "d1", False, timeout=DEAD_AFTER + 4)
+        self.assertLess(took, DEAD_AFTER / 2)
+        yield self.nodes["b"].ended
+        status, body = yield self.message("a", "d1", "after b left")
+        self.assertEqual((status, body["queued"]), (202, True))
+        d1 = yield self.connect("a", "d1")
+        m = yield self.nextOf(d1, frames.MESSAGE)
+        self.assertEqual(m.payload.value(), "after b left")
+        self.assertNoTraceback("a", "b")
+
+    @defer.inlineCallbacks
+    def test_deviceBackElsewhereBeforeTheKilledNodeIsReaped(self):
+        """
+        Node b is killed and its device reconnects to a at once: reaping b
+        later leaves the device's new session online.
+        """
+        yield self.connect("b", "d1")
+        yield self.waitOnline("a", "d1", True)
+        yield self.kill("b")
+        d1 = yield self.connect("a", "d1", onRequest=echo)
+        for _ in range(200):
+            if any("node b is dead" in line for line in self.nodes["a"].lines()):
+                break
+            yield settle(reactor, 0.05)
+        self.assertTrue(any("node b is dead: 0 of its devices" in line
+                            for line in self.nodes["a"].lines()), self.nodes["a"].text())
+        status, body = yield self.api("a", "GET", "/d1")
+        self.assertEqual((status, body["online"]), (200, True))
+        status, body = yield self.ask("a", "d1", "still here?")
+        self.assertEqual((status, body["payload"]["data"]), (200, {"echo": "still here?"}))
+        self.assertTrue(d1.transport.connected)
+        self.assertNoTraceback("a")
+
+
 class RestartUnderSameIdTests(IoTClusterProcessMixin, TestCase):
     """
     A node SIGKILLed and started again under its C{node_id} before the
