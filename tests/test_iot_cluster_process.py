@@ -726,3 +726,32 @@ class RedisOutageTests(IoTClusterProcessMixin, TestCase):
         m = yield self.nextOf(d1, frames.MESSAGE)
         self.assertEqual((str(m.requestId), m.payload.value()), (body["messageId"], "after"))
         self.assertNoTraceback("a", "b")
+
+    @defer.inlineCallbacks
+    def test_newerSessionDuringOutageWins(self):
+        """
+        A device that connects to node b while Redis is away, its older
+        session still open on a: once Redis is back, b's newer session is
+        kept and a's is closed (REPLACED).
+        """
+        old = yield self.connect("a", "d1")
+        yield self.waitOnline("b", "d1", True)
+        yield self.redis.kill()
+        for name in ("a", "b"):
+            yield self.waitHealth(name, 503)
+        new = yield self.connect("b", "d1", onRequest=echo)
+        yield self.redis.start()
+        for name in ("a", "b"):
+            yield self.waitHealth(name, 200)
+        for _ in range(100):
+            if not (old.transport.connected and new.transport.connected):
+                break
+            yield settle(reactor, 0.05)
+        self.assertTrue(new.transport.connected, self.framesOf(new, frames.CLOSE))
+        yield old.closed
+        close = self.framesOf(old, frames.CLOSE)
+        self.assertEqual(close[0].payload.value()["code"], "REPLACED")
+        self.assertTrue(new.transport.connected)
+        status, body = yield self.ask("a", "d1", "which?")
+        self.assertEqual((status, body["payload"]["data"]), (200, {"echo": "which?"}))
+        self.assertNoTraceback("a", "b")
