@@ -755,3 +755,48 @@ class RedisOutageTests(IoTClusterProcessMixin, TestCase):
         status, body = yield self.ask("a", "d1", "which?")
         self.assertEqual((status, body["payload"]["data"]), (200, {"echo": "which?"}))
         self.assertNoTraceback("a", "b")
+
+    @defer.inlineCallbacks
+    def test_acksDuringOutageHonoured(self):
+        """
+        A device acknowledges its messages while Redis is away: once Redis
+        is back (with the messages, from its append-only file) they are
+        removed, not delivered again to its next session, and the session
+        goes on receiving.
+        """
+        d1 = yield self.connect("a", "d1")
+        yield self.waitOnline("b", "d1", True)
+        ids = []
+        for i in range(3):
+            status, body = yield self.message("b", "d1", {"n": i})
+            self.assertEqual(status, 202)
+            m = yield self.nextOf(d1, frames.MESSAGE)
+            ids.append(m.requestId)
+        yield self.redis.kill()
+        yield self.waitHealth("a", 503)
+        for messageId in ids:
+            d1.write(frames.ACK, messageId)
+        yield settle(reactor, 0.2)
+        yield self.redis.start()
+        for name in ("a", "b"):
+            yield self.waitHealth(name, 200)
+        for _ in range(100):
+            status, body = yield self.api("b", "GET", "/d1/queue")
+            if body["queueDepth"] == 0:
+                break
+            yield settle(reactor, 0.05)
+        self.assertEqual((status, body["queueDepth"]), (200, 0))
+        status, body = yield self.message("b", "d1", "after")
+        self.assertEqual(status, 202)
+        m = yield self.nextOf(d1, frames.MESSAGE)
+        self.assertEqual(m.payload.value(), "after")
+        d1.write(frames.ACK, m.requestId)
+        d1.transport.loseConnection()
+        yield d1.closed
+        yield self.waitOnline("b", "d1", False)
+        again = yield self.connect("b", "d1")
+        again.write(frames.PING, 5)
+        yield self.nextOf(again, frames.PONG)
+        yield settle(reactor, 0.3)
+        self.assertEqual(self.framesOf(again, frames.MESSAGE), [])
+        self.assertNoTraceback("a", "b")

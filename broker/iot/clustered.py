@@ -195,6 +195,9 @@ class ClusterConcentrator(Concentrator):
     def _nodeCentrals(self, nodeId):
         return self.cluster.key("iot", "nodecentrals", nodeId)
 
+    def storeUnavailable(self, what, f):
+        self._outage(what, f)
+
     def _outage(self, what, f):
         """
         Log a Redis outage once per kind of operation until the next
@@ -453,10 +456,11 @@ class ClusterConcentrator(Concentrator):
         (a reaper that ran while this node was resyncing may have removed
         them) and its centrals; re-read the other nodes' centrals.
         """
+        if not self.redis.connected:
+            # Nothing to read meanwhile; the resync sweeps when it is back.
+            return succeed(None)
         for box in list(self._outboxes.values()):
             box.pump()
-        if not self.redis.connected:
-            return succeed(None)
         r = self.redis
         ds = [self.refreshCentrals()]
         unreleased, self._unreleased = self._unreleased, {}
