@@ -20,7 +20,7 @@ from twisted.python.filepath import FilePath
 from twisted.trial.unittest import TestCase
 
 from broker.iot import apikeys, frames
-from broker.iot.client import IoTClient
+from broker.iot.client import AuthFailed, IoTClient
 from broker.iot.errors import Refused
 from broker.iot.frames import Payload
 from tests.redisserver import RedisServer, settle
@@ -446,6 +446,46 @@ class ThreeNodesTests(IoTClusterProcessMixin, TestCase):
                 break
             yield settle(reactor, 0.05)
         self.assertEqual(c['broker_iot_udp_datagrams_total{outcome="unknown"}'], 1)
+        self.assertNoTraceback("a", "b", "c")
+
+    @defer.inlineCallbacks
+    def test_keysAcrossNodes(self):
+        """
+        A key issued through node a's API admits the device on node b; a
+        revocation through node c closes that session on b and refuses the
+        key everywhere.
+        """
+        status, body = yield self.api("a", "PUT", "/n1/key")
+        self.assertEqual(status, 200)
+        secret = body["key"]
+        SECRETS["n1"] = secret
+        self.addCleanup(SECRETS.pop, "n1")
+        # The key reaches node b over the cluster bus.
+        for _ in range(100):
+            try:
+                n1 = yield self.connect("b", "n1")
+                break
+            except AuthFailed:
+                yield settle(reactor, 0.05)
+        else:
+            self.fail("node b never admitted the key issued on a")
+        yield self.waitOnline("c", "n1", True)
+        status, body = yield self.api("c", "GET", "")
+        self.assertIn({"id": "n1", "online": True, "queueDepth": 0}, body["devices"])
+        status, _ = yield self.api("c", "DELETE", "/n1/key")
+        self.assertEqual(status, 204)
+        yield n1.closed
+        close = self.framesOf(n1, frames.CLOSE)
+        self.assertEqual(close[0].payload.value()["code"], "KEY_REVOKED")
+        for name in ("a", "b"):
+            c = IoTClient("device", "acme", "n1", secret)
+            yield connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1",
+                                                     self.nodes[name].tcp), c)
+            self.clients.append(c)
+            e = yield self.assertFailure(c.authenticated, AuthFailed)
+            self.assertEqual(e.code, "UNKNOWN_DEVICE")
+        status, body = yield self.api("a", "GET", "/n1")
+        self.assertEqual(status, 404)
         self.assertNoTraceback("a", "b", "c")
 
     @defer.inlineCallbacks
