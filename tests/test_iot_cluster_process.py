@@ -385,8 +385,8 @@ class ThreeNodesTests(IoTClusterProcessMixin, TestCase):
                 break
             yield settle(reactor, 0.05)
         self.assertEqual(body["queueDepth"], 0)
-        self.assertEqual((yield self.metrics("a"))['broker_iot_events_total{event="messagesAcked"}'],
-                         5)
+        a = yield self.metrics("a")
+        self.assertEqual(a['broker_iot_events_total{event="messagesAcked"}'], 5)
         # Exactly once: nothing more arrives (not from the node sweeps either),
         # and a new session on another node starts from an empty queue.
         yield settle(reactor, 0.5)
@@ -839,4 +839,31 @@ class RedisOutageTests(IoTClusterProcessMixin, TestCase):
         yield self.nextOf(again, frames.PONG)
         yield settle(reactor, 0.3)
         self.assertEqual(self.framesOf(again, frames.MESSAGE), [])
+        self.assertNoTraceback("a", "b")
+
+    @defer.inlineCallbacks
+    def test_heldRequestWhenRedisGoes(self):
+        """
+        Redis goes away while a held request on node a waits for a device
+        on node b: it ends in TIMEOUT when its timeout says (never hangs),
+        and the device's late answer, after Redis is back, goes nowhere.
+        """
+        d2 = yield self.connect("b", "d2")
+        yield self.waitOnline("a", "d2", True)
+        started = reactor.seconds()
+        held = self.ask("a", "d2", "slow", timeout=1.5)
+        request = yield self.nextOf(d2, frames.REQUEST)
+        yield self.redis.kill()
+        status, body = yield held
+        self.assertEqual((status, body["error"]["code"]), (504, "TIMEOUT"))
+        self.assertLess(reactor.seconds() - started, 1.5 + 1.0)
+        yield self.redis.start()
+        for name in ("a", "b"):
+            yield self.waitHealth(name, 200)
+        d2.write(frames.RESPONSE, request.requestId, Payload.json("late"))
+        d2.onRequest = echo
+        yield self.waitOnline("a", "d2", True)
+        status, body = yield self.ask("a", "d2", "now")
+        self.assertEqual((status, body["payload"]["data"]), (200, {"echo": "now"}))
+        self.assertEqual((yield self.metrics("a"))["broker_iot_http_held_requests"], 0)
         self.assertNoTraceback("a", "b")

@@ -7,8 +7,9 @@ C{cluster.key}, ids through L{broker.iot.redisstore.part}):
 
   - presence: C{iot:FLEET:dev:DEV} -> C{[nodeId, sessionId, since]} of
     the device's live session (C{since}: when it authenticated, wall-clock
-    seconds; set when it authenticates, removed when it goes), and per node the set C{iot:nodedevs:NODE} of what it holds, so
-    the L{Cluster.onNodeDead} hook can remove a dead node's devices;
+    seconds; set when it authenticates, removed when it goes), and per
+    node the set C{iot:nodedevs:NODE} of what it holds, so the
+    L{Cluster.onNodeDead} hook can remove a dead node's devices;
   - centrals: the sorted set C{iot:FLEET:centrals} of the nodes with a
     central session of the fleet (score: when the newest connected), and
     C{iot:nodecentrals:NODE};
@@ -357,7 +358,7 @@ class ClusterConcentrator(Concentrator):
         and reload what the others changed meanwhile.
         """
         self._warned.clear()
-        r = self.redis
+
         def issued(rows):
             # Keys issued or revoked meanwhile: close what they invalidate.
             self.registry.loadIssued(rows)
