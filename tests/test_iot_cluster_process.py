@@ -584,6 +584,48 @@ class NodeStoppedTests(IoTClusterProcessMixin, TestCase):
         self.assertNoTraceback("a")
 
 
+class CentralNodeKilledTests(IoTClusterProcessMixin, TestCase):
+    """
+    The node holding the fleet's newest central is killed.
+    """
+
+    def setUp(self):
+        return self.startCluster(["a", "b", "c"])
+
+    @defer.inlineCallbacks
+    def test_devicesFallBackToTheOtherCentral(self):
+        """
+        A device on c reaches the newest central (on b); b is SIGKILLed:
+        once b is reaped the device's requests and telemetry reach the
+        central on a.
+        """
+        central = yield self.connect("a", onRequest=lambda f: Payload.json("a"))
+        yield settle(reactor, 0.05)
+        yield self.connect("b", onRequest=lambda f: Payload.json("b"))
+        d1 = yield self.connect("c", "d1")
+
+        @defer.inlineCallbacks
+        def answered(expected, timeout):
+            deadline = reactor.seconds() + timeout
+            while True:
+                try:
+                    answer = (yield d1.request(Payload.json("who?"))).value()
+                except Refused as e:
+                    answer = e.code
+                if answer == expected:
+                    return
+                if reactor.seconds() > deadline:
+                    self.fail(f"the central answering is {answer}, not {expected}")
+                yield settle(reactor, 0.05)
+        yield answered("b", 5)
+        yield self.kill("b")
+        yield answered("a", DEAD_AFTER + 3)
+        d1.write(frames.TELEMETRY, 0, Payload.json({"t": 1}))
+        frame = yield self.nextOf(central, frames.TELEMETRY)
+        self.assertEqual((frame.address, frame.payload.value()), ("d1", {"t": 1}))
+        self.assertNoTraceback("a", "c")
+
+
 class RestartUnderSameIdTests(IoTClusterProcessMixin, TestCase):
     """
     A node SIGKILLed and started again under its C{node_id} before the
