@@ -1,10 +1,9 @@
 # -*- test-case-name: tests.test_cluster_redis -*-
 """
 A real C{redis-server} for the tests: started on an ephemeral loopback port
-with no persistence (or, with C{appendOnly}, the append-only file fsynced
-on every write, as docs/cluster.md tells operators to run it), stopped (or
-killed) at cleanup, restartable on the same port so a test can take Redis
-away mid-run and bring it back.
+with no persistence (or, on request, with an append-only file synced on
+every write, as operators are told to run it), stopped (or killed) at cleanup, restartable on the same
+port so a test can take Redis away mid-run and bring it back.
 
 Skipped where redis-server is missing, failed instead under scripts/test
 (which installs Debian's redis-server).
@@ -61,20 +60,20 @@ class RedisServer:
 
     @ivar port: its loopback port, kept across L{stop} and L{start}.
     @ivar url: C{redis://127.0.0.1:<port>/0}.
-    @ivar appendOnly: run with C{--appendonly yes --appendfsync always}: a
-        write Redis acknowledged is on disk, so it outlives a SIGKILL of
-        Redis and a restart (in the same directory) loads it again.
+    @ivar durable: run with C{appendonly yes}, C{appendfsync always}: what
+        Redis acknowledged survives L{stop} and L{start} (and L{kill}), as
+        docs/peergroups.md recommends; otherwise a restart starts empty.
     """
 
-    def __init__(self, testCase, reactor, appendOnly=False):
+    def __init__(self, testCase, reactor, durable=False):
         requireTool(os.path.exists(REDIS_SERVER),
                     "no redis-server here (scripts/test installs Debian's redis-server)")
         self.testCase = testCase
         self.reactor = reactor
-        self.appendOnly = appendOnly
         self.port = freePort()
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.dir = tempfile.mkdtemp(prefix="broker-redis-")
+        self.durable = durable
         self.process = None
         self.transport = None
         testCase.addCleanup(shutil.rmtree, self.dir, True)
@@ -86,11 +85,11 @@ class RedisServer:
         Start it (again) and fire once it accepts connections.
         """
         self.process = _RedisProcess()
+        aof = ["--appendonly", "yes", "--appendfsync", "always"] if self.durable else [
+            "--appendonly", "no"]
         args = [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1",
-                "--save", "", "--dir", self.dir,
+                "--save", ""] + aof + ["--dir", self.dir,
                 "--protected-mode", "no", "--loglevel", "notice"]
-        args += (["--appendonly", "yes", "--appendfsync", "always"] if self.appendOnly
-                 else ["--appendonly", "no"])
         self.transport = self.reactor.spawnProcess(
             self.process, REDIS_SERVER, args, env=dict(os.environ))
         timeout = self.reactor.callLater(20, self.kill)
@@ -160,3 +159,13 @@ def settle(reactor, seconds=0.05):
     Let the reactor run for C{seconds}.
     """
     return deferLater(reactor, seconds, lambda: None)
+
+
+def silence(cluster):
+    """
+    Make a cluster node fall silent without leaving, as a node killed with
+    SIGKILL or frozen would: no more heartbeats, and no re-registration if
+    its link reconnects.
+    """
+    cluster._beat.stop()
+    cluster.redis._upHooks = []

@@ -88,7 +88,7 @@ class IoTClusterProcessMixin(TwistdTestsMixin):
 
     @defer.inlineCallbacks
     def startCluster(self, names):
-        self.redis = RedisServer(self, reactor, appendOnly=True)
+        self.redis = RedisServer(self, reactor, durable=True)
         self.directory = FilePath(self.mktemp())
         self.directory.makedirs()
         registry = self.directory.child("registry.toml")
