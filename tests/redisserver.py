@@ -121,6 +121,19 @@ class RedisServer:
         """
         return self._signal("KILL")
 
+    def forget(self):
+        """
+        Remove what a stopped server persisted, so that the next L{start}
+        is an empty Redis (one without persistence, or a replacement).
+        """
+        assert self.process is None or self.process.ended.called, "stop it first"
+        for name in os.listdir(self.dir):
+            path = os.path.join(self.dir, name)
+            if os.path.isdir(path):
+                shutil.rmtree(path)
+            else:
+                os.remove(path)
+
     def command(self, *args):
         """
         Run one command with a short-lived blocking client and return its

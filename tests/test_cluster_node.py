@@ -6,6 +6,7 @@ node that stops heartbeating is reaped by exactly one survivor.
 """
 
 from twisted.internet import defer, reactor
+from twisted.internet.task import deferLater
 from twisted.trial import unittest
 
 from broker.cluster.node import Cluster
@@ -61,6 +62,35 @@ class ClusterNodeTests(unittest.TestCase):
         self.assertEqual(len(dead), 1)
         self.assertEqual(dead[0][1], "c")
         self.assertEqual(sorted((yield a.liveNodes())), ["a", "b"])
+
+    @defer.inlineCallbacks
+    def test_restartUnderSameId(self):
+        """
+        A node that dies without leaving and starts again under its id
+        before the others give it up for dead removes what its earlier run
+        held (its own dead-node hooks, once), then registers again; nobody
+        else reaps it, and it can still be reaped once it dies for good.
+        """
+        a, b, c = self.nodes
+        dead, events = [], []
+        for n in (a, b):
+            n.onNodeDead(lambda node, n=n: dead.append((n.nodeId, node)))
+        c._beat.stop()
+        c.redis._upHooks = []
+        again = self.makeNode("c")
+        again.onNodeDead(lambda node: events.append(("dead", node)))
+        again.onResync(lambda: events.append(("resync",)))
+        yield waitFor(lambda: ("dead", "c") in events, timeout=5)
+        yield waitFor(lambda: events[-1] == ("resync",))
+        # Well past dead_after: the earlier run is buried once, by this one.
+        yield deferLater(reactor, 1.0, lambda: None)
+        self.assertEqual(events, [("resync",), ("dead", "c"), ("resync",)])
+        self.assertEqual(dead, [])
+        self.assertEqual(sorted((yield a.liveNodes())), ["a", "b", "c"])
+        again._beat.stop()
+        again.redis._upHooks = []
+        yield waitFor(lambda: dead, timeout=5)
+        self.assertEqual([node for _, node in dead], ["c"])
 
     @defer.inlineCallbacks
     def test_oneTurnOneBatchInOrder(self):

@@ -265,6 +265,29 @@ class RoutingTests(TwoNodes, WebhookTestMixin, TestCase):
         self.assertEqual((status, body["payload"]["data"]), (200, "new"))
 
     @defer.inlineCallbacks
+    def test_newerSessionWinsAfterAnOutage(self):
+        """
+        The device authenticates on B while Redis is away and its session
+        on A is still open: when Redis is back (whichever node resyncs
+        first) B's newer session stays and A's is closed with REPLACED.
+        """
+        old = yield self.a.iot.device("d1")
+        yield self.located("d1", "a")
+        yield self.server.stop()
+        yield waitFor(lambda: not any(n.healthy for n in self.nodes.values()))
+        new = yield self.b.iot.device("d1")
+        new.onRequest = lambda f: Payload.json("new")
+        yield self.server.start()
+        yield old.closed
+        close = [f for f in old.inbox.pending if f.kind == frames.CLOSE]
+        self.assertEqual(close[0].payload.value()["code"], "REPLACED")
+        self.assertTrue(new.transport.connected)
+        yield self.located("d1", "b")
+        status, body, _ = yield self.a.call(
+            "POST", "/v1/fleets/acme/devices/d1/requests", {"payload": {"type": "none"}})
+        self.assertEqual((status, body["payload"]["data"]), (200, "new"))
+
+    @defer.inlineCallbacks
     def test_keyIssuedOnOneNodeWorksOnAnother(self):
         status, body, _ = yield self.a.call("PUT", "/v1/fleets/acme/devices/new1/key")
         self.assertEqual(status, 200)

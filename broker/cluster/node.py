@@ -35,17 +35,26 @@ from broker.core.errors import Unavailable
 
 log = Logger()
 
-# Refresh our alive key; answer 1 when it had expired (we may have been
-# reaped, or Redis lost its data), so the node re-registers itself.  A
+# Refresh our alive key (it holds this run's token); answer 1 when it had
+# expired (we may have been reaped, or Redis lost its data), so the node
+# re-registers itself, and 2 when it held another run's token: an earlier
+# run of this node id died (SIGKILL) and this one started before the
+# others gave it up, so nobody reaps what that run held unless we do.  A
 # node (re)appearing also drops the reaping claim on its id, left by its
 # own clean stop or by whoever reaped it, so it can be reaped again.
 _BEAT = """
-local existed = redis.call('EXISTS', KEYS[1])
-redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+local old = redis.call('GET', KEYS[1])
+redis.call('SET', KEYS[1], ARGV[4], 'PX', ARGV[2])
 redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1])
-if existed == 0 then redis.call('DEL', KEYS[3]) end
-return 1 - existed
+if not old then
+  redis.call('DEL', KEYS[3])
+  return 1
+end
+if old ~= ARGV[4] then return 2 end
+return 0
 """
+
+EXPIRED, EARLIER_RUN = 1, 2
 
 
 _LENGTH = struct.Struct(">I")
@@ -92,6 +101,9 @@ class Cluster(service.Service):
         self.redis = redis
         self.prefix = prefix
         self.nodeId = nodeId or newNodeId()
+        # Tells this run from an earlier one under the same (configured) id.
+        self.run = secrets.token_hex(8)
+        self._earlierRun = False
         self.heartbeat = heartbeat
         self.deadAfter = deadAfter
         self._handlers = {}
@@ -282,12 +294,16 @@ class Cluster(service.Service):
 
     def _beatArgs(self):
         return ([self.key("alive", self.nodeId), self.key("nodes"), self.key("reap", self.nodeId)],
-                [self.nodeId, int(self.deadAfter * 1000), self.reactor.seconds()])
+                [self.nodeId, int(self.deadAfter * 1000), self.reactor.seconds(), self.run])
 
     @defer.inlineCallbacks
     def _registerNode(self):
         keys, args = self._beatArgs()
-        yield self.redis.eval(_BEAT, keys, args, registering=True)
+        state = yield self.redis.eval(_BEAT, keys, args, registering=True)
+        if state == EARLIER_RUN:
+            # Its leftovers are removed at the next heartbeat: the dead-node
+            # hooks' commands need the link reported connected.
+            self._earlierRun = True
         for hook in list(self._resyncHooks):
             yield hook()
 
@@ -331,8 +347,11 @@ class Cluster(service.Service):
         self._beating = True
         try:
             keys, args = self._beatArgs()
-            expired = yield self.redis.eval(_BEAT, keys, args)
-            if expired:
+            state = yield self.redis.eval(_BEAT, keys, args)
+            if state == EARLIER_RUN or self._earlierRun:
+                self._earlierRun = False
+                yield self._buryEarlierRun()
+            elif state == EXPIRED:
                 log.warn("cluster: node {node} had been given up for dead; re-registering",
                          node=self.nodeId)
                 for hook in list(self._resyncHooks):
@@ -344,6 +363,22 @@ class Cluster(service.Service):
             log.failure("cluster: heartbeat failed")
         finally:
             self._beating = False
+
+    @defer.inlineCallbacks
+    def _buryEarlierRun(self):
+        """
+        An earlier run of this node id died without leaving and this run
+        took its alive key over before anyone reaped it: do what reaping
+        it would have done (the dead-node hooks for this id, here), then
+        register again what this run holds, as a node that was given up
+        for dead does.
+        """
+        log.warn("cluster: an earlier run of node {node} ended without leaving (or another "
+                 "process uses this node_id); removing what it held", node=self.nodeId)
+        for hook in list(self._deadHooks):
+            yield hook(self.nodeId)
+        for hook in list(self._resyncHooks):
+            yield hook()
 
     @defer.inlineCallbacks
     def _reap(self):

@@ -5,10 +5,11 @@ The concentrator in cluster mode: N nodes that behave as one IoT face.
 What must outlive a node, or be seen by every node, is in Redis (keys via
 C{cluster.key}, ids through L{broker.iot.redisstore.part}):
 
-  - presence: C{iot:FLEET:dev:DEV} -> C{[nodeId, sessionId]} of the
-    device's live session (set when it authenticates, removed when it
-    goes), and per node the set C{iot:nodedevs:NODE} of what it holds, so
-    the L{Cluster.onNodeDead} hook can remove a dead node's devices;
+  - presence: C{iot:FLEET:dev:DEV} -> C{[nodeId, sessionId, since]} of
+    the device's live session (C{since}: when it authenticated, wall-clock
+    seconds; set when it authenticates, removed when it goes), and per
+    node the set C{iot:nodedevs:NODE} of what it holds, so the
+    L{Cluster.onNodeDead} hook can remove a dead node's devices;
   - centrals: the sorted set C{iot:FLEET:centrals} of the nodes with a
     central session of the fleet (score: when the newest connected), and
     C{iot:nodecentrals:NODE};
@@ -67,16 +68,18 @@ redis.call('SREM', KEYS[2], ARGV[2])
 return 1
 """
 
-# After a reconnection: take the key back unless another session holds it
-# now (that one is newer: it authenticated while we were cut off).
+# After a reconnection: take the key back unless a session that
+# authenticated later holds it (it connected elsewhere while we were cut
+# off).  {1, older holder or ''} when taken, {0, newer holder} when not.
 _RECLAIM = """
 local old = redis.call('GET', KEYS[1])
-if (not old) or old == ARGV[1] then
-  redis.call('SET', KEYS[1], ARGV[1])
-  redis.call('SADD', KEYS[2], ARGV[2])
-  return false
+if old == ARGV[1] then old = false end
+if old and (tonumber(cjson.decode(old)[3]) or 0) > tonumber(ARGV[3]) then
+  return {0, old}
 end
-return old
+redis.call('SET', KEYS[1], ARGV[1])
+redis.call('SADD', KEYS[2], ARGV[2])
+return {1, old or ''}
 """
 
 _DROP_IF_NODE = """
@@ -158,14 +161,14 @@ class ClusterConcentrator(Concentrator):
         self.redis = cluster.redis
         self.nodeId = cluster.nodeId
         self._clock = clock
-        self._sids = {}              # (fleet, deviceId) -> our session id
+        self._sids = {}              # (fleet, deviceId) -> our session's presence value
         self._nextSid = 0
         self._waiting = {}           # request id -> (Deferred, node, timer)
         self._nextRid = 0
         self._remoteCentrals = {}    # fleet -> {nodeId: since}
         self._links = {}             # nodeId -> RemoteCentral
         self._warned = set()
-        self._unreleased = {}        # (fleet, deviceId) -> sid gone while cut off
+        self._unreleased = {}        # (fleet, deviceId) -> presence value gone while cut off
         self._sweepCall = None
         self.stats.update(forwarded=0, forwardedIn=0)
         for topic, handler in (
@@ -193,6 +196,9 @@ class ClusterConcentrator(Concentrator):
     def _nodeCentrals(self, nodeId):
         return self.cluster.key("iot", "nodecentrals", nodeId)
 
+    def storeUnavailable(self, what, f):
+        self._outage(what, f)
+
     def _outage(self, what, f):
         """
         Log a Redis outage once per kind of operation until the next
@@ -213,21 +219,28 @@ class ClusterConcentrator(Concentrator):
         k = (session.fleet, session.peerId)
         if self._devices.get(k) is not session:
             return
-        self._nextSid += 1
-        sid = self._sids[k] = str(self._nextSid)
-        value = json.dumps([self.nodeId, sid])
+        value = self._sids[k] = self._newPresence()
         member = json.dumps(list(k))
         d = self.redis.eval(_CLAIM, [self._presenceKey(*k), self._nodeDevs(self.nodeId)],
                             [value, member])
+        d.addCallback(lambda old: self._replace(k, old)).addErrback(
+            lambda f: self._outage("recording presence", f))
 
-        def claimed(old):
-            if old is None:
-                return
-            node, oldSid = json.loads(old)
+    def _newPresence(self):
+        self._nextSid += 1
+        return json.dumps([self.nodeId, str(self._nextSid), self._clock()])
+
+    def _replace(self, k, old, early=False):
+        """
+        This node's session of device C{k} took presence over from C{old}
+        (a presence value, or None): tell the node holding that session
+        to close it.
+        """
+        if old:
+            node, oldSid = json.loads(old)[:2]
             if node != self.nodeId:
-                return self._tell(node, "iot.replaced",
-                                  {"fleet": k[0], "dev": k[1], "sid": oldSid})
-        d.addCallback(claimed).addErrback(lambda f: self._outage("recording presence", f))
+                self._tell(node, "iot.replaced", {"fleet": k[0], "dev": k[1], "sid": oldSid},
+                           registering=early)
 
     def deviceOffline(self, session):
         k = (session.fleet, session.peerId)
@@ -235,20 +248,19 @@ class ClusterConcentrator(Concentrator):
         super().deviceOffline(session)
         if not mine:
             return
-        sid = self._sids.pop(k, None)
-        if sid is not None:
-            self._release(k, sid)
+        value = self._sids.pop(k, None)
+        if value is not None:
+            self._release(k, value)
 
-    def _release(self, k, sid, early=False):
+    def _release(self, k, value, early=False):
         def failed(f):
             # Removed at the next resync instead, unless a newer session
             # of the device is here by then.
-            self._unreleased[k] = sid
+            self._unreleased[k] = value
             self._outage("removing presence", f)
         return self.redis.eval(
             _RELEASE, [self._presenceKey(*k), self._nodeDevs(self.nodeId)],
-            [json.dumps([self.nodeId, sid]), json.dumps(list(k))], registering=early).addErrback(
-            failed)
+            [value, json.dumps(list(k))], registering=early).addErrback(failed)
 
     def centralOnline(self, session):
         super().centralOnline(session)
@@ -299,7 +311,8 @@ class ClusterConcentrator(Concentrator):
         h, _ = decode(raw)
         k = (h["fleet"], h["dev"])
         session = self._devices.get(k)
-        if session is not None and self._sids.get(k) == h["sid"]:
+        value = self._sids.get(k)
+        if session is not None and value is not None and json.loads(value)[1] == h["sid"]:
             self.deviceOffline(session)
             self.tokens.revoke(*k)
             session.close("REPLACED", "a newer session of this device authenticated on "
@@ -345,27 +358,21 @@ class ClusterConcentrator(Concentrator):
         and reload what the others changed meanwhile.
         """
         self._warned.clear()
-        r = self.redis
+
         def issued(rows):
             # Keys issued or revoked meanwhile: close what they invalidate.
             self.registry.loadIssued(rows)
             self.registryChanged()
         ds = [self.store.keys(registering=True).addCallback(issued)]
         unreleased, self._unreleased = self._unreleased, {}
-        for k, sid in unreleased.items():
+        for k, value in unreleased.items():
             if k not in self._devices:
-                ds.append(self._release(k, sid, early=True))
-        for (fleet, deviceId), session in list(self._devices.items()):
-            sid = self._sids.get((fleet, deviceId))
-            if sid is None:
-                self._nextSid += 1
-                sid = self._sids[(fleet, deviceId)] = str(self._nextSid)
-            d = r.eval(_RECLAIM, [self._presenceKey(fleet, deviceId),
-                                  self._nodeDevs(self.nodeId)],
-                       [json.dumps([self.nodeId, sid]), json.dumps([fleet, deviceId])],
-                       registering=True)
-            d.addCallback(self._reclaimed, session)
-            ds.append(d)
+                ds.append(self._release(k, value, early=True))
+        for k, session in list(self._devices.items()):
+            value = self._sids.get(k)
+            if value is None:
+                value = self._sids[k] = self._newPresence()
+            ds.append(self._reclaim(k, session, value, early=True))
         for fleet in list(self._centrals):
             ds.append(self._announceCentral(fleet, True, early=True))
         ds.append(self.refreshCentrals(early=True))
@@ -391,10 +398,24 @@ class ClusterConcentrator(Concentrator):
         for rid in list(self._waiting):
             self._settle(rid, errors.Unavailable("this node is stopping"))
 
-    def _reclaimed(self, other, session):
-        if other is None:
-            return
+    def _reclaim(self, k, session, value, early=False):
+        """
+        Take presence back for our session of device C{k} unless a session
+        that authenticated later holds it (then ours is closed).
+        """
+        d = self.redis.eval(_RECLAIM, [self._presenceKey(*k), self._nodeDevs(self.nodeId)],
+                            [value, json.dumps(list(k)), json.loads(value)[2]],
+                            registering=early)
+        return d.addCallback(self._reclaimed, session, early)
+
+    def _reclaimed(self, result, session, early):
+        taken, other = result
         k = (session.fleet, session.peerId)
+        if int(taken):
+            # An older session elsewhere (it authenticated before ours,
+            # while this node was cut off) is closed.
+            self._replace(k, other.decode("utf-8") if other else None, early)
+            return
         if self._devices.get(k) is session:
             log.info("iot: device {fleet}/{device} connected elsewhere while this node was "
                      "cut off from Redis; closing the older session here",
@@ -436,10 +457,11 @@ class ClusterConcentrator(Concentrator):
         (a reaper that ran while this node was resyncing may have removed
         them) and its centrals; re-read the other nodes' centrals.
         """
+        if not self.redis.connected:
+            # Nothing to read meanwhile; the resync sweeps when it is back.
+            return succeed(None)
         for box in list(self._outboxes.values()):
             box.pump()
-        if not self.redis.connected:
-            return succeed(None)
         r = self.redis
         ds = [self.refreshCentrals()]
         unreleased, self._unreleased = self._unreleased, {}
@@ -467,15 +489,12 @@ class ClusterConcentrator(Concentrator):
     def _checkPresence(self, values, chunk):
         ds = []
         for (k, session), value in zip(chunk, values):
-            sid = self._sids.get(k)
-            if self._devices.get(k) is not session or sid is None:
+            mine = self._sids.get(k)
+            if self._devices.get(k) is not session or mine is None:
                 continue
-            mine = json.dumps([self.nodeId, sid])
             if value is not None and value.decode("utf-8") == mine:
                 continue
-            d = self.redis.eval(_RECLAIM, [self._presenceKey(*k), self._nodeDevs(self.nodeId)],
-                                [mine, json.dumps(list(k))])
-            ds.append(d.addCallback(self._reclaimed, session))
+            ds.append(self._reclaim(k, session, mine))
         return DeferredList(ds, fireOnOneErrback=True, consumeErrors=True)
 
     # -- locating a device ------------------------------------------------
@@ -619,13 +638,13 @@ class ClusterConcentrator(Concentrator):
 
     # -- node-to-node -----------------------------------------------------
 
-    def _tell(self, node, topic, header, payload=None):
+    def _tell(self, node, topic, header, payload=None, registering=False):
         """
         Fire and forget to C{node} (None: every other node).
         """
         raw = encode(header, payload)
-        d = (self.cluster.broadcast(topic, raw) if node is None
-             else self.cluster.send(node, topic, raw))
+        d = (self.cluster.broadcast(topic, raw, registering) if node is None
+             else self.cluster.send(node, topic, raw, registering))
         d.addErrback(lambda f: self._outage(f"sending {topic}", f))
         return None
 

@@ -58,6 +58,10 @@ class Outbox:
     def pump(self):
         if self.closed:
             return
+        if self._acks and self._flush is None:
+            # Acks the store could not take (cluster mode: Redis was away)
+            # are retried first.
+            self._flush = self.c.reactor.callLater(0, self._removeAcked)
         if self._pumping:
             self._again = True
             return
@@ -81,15 +85,13 @@ class Outbox:
         if self._again or (rows and len(self.inflight) < self.window):
             self.pump()
 
-    def _failed(self, f):
+    def _failed(self, f, what="reading"):
         self._pumping = False
         if f.check(errors.Unavailable):
             # Cluster mode, Redis away: delivery resumes after the resync.
-            log.warn("iot: cannot read the queue of {fleet}/{device} now: {why}",
-                     fleet=self.session.fleet, device=self.session.peerId,
-                     why=f.getErrorMessage())
+            self.c.storeUnavailable(f"{what} a device's queue", f)
             return
-        log.failure("iot: reading the queue of {fleet}/{device}", f,
+        log.failure("iot: {what} the queue of {fleet}/{device}", f, what=what,
                     fleet=self.session.fleet, device=self.session.peerId)
 
     def acked(self, messageId):
@@ -116,7 +118,13 @@ class Outbox:
             self.inflight.difference_update(ids)
             c.stats["messagesAcked"] += len(ids)
             self.pump()
-        c.store.ack(s.fleet, s.peerId, *ids).addCallbacks(removed, self._failed)
+
+        def failed(f):
+            # Still in flight: removed at a later pump (an acknowledged
+            # message must not come back, nor hold a slot of the window).
+            self._acks = ids + self._acks
+            self._failed(f, "acknowledging in")
+        c.store.ack(s.fleet, s.peerId, *ids).addCallbacks(removed, failed)
 
     def stop(self):
         self.closed = True
@@ -197,6 +205,13 @@ class Concentrator:
             sessions.remove(session)
             if not sessions:
                 del self._centrals[session.fleet]
+
+    def storeUnavailable(self, what, f):
+        """
+        The store could not be reached for C{what} (cluster mode: Redis is
+        away); the operation is retried later.
+        """
+        log.warn("iot: {what} failed: {why}", what=what, why=f.getErrorMessage())
 
     def isOnline(self, fleet, deviceId):
         return (fleet, deviceId) in self._devices

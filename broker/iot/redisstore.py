@@ -15,6 +15,15 @@ collide):
     L{purgeExpired});
   - C{iot:ids}, the cluster-wide id counter (INCR), so ids increase across
     nodes and a device's ACK space never sees two messages with one id.
+    Ids must keep increasing even when Redis loses the counter (it
+    restarted without persistence, or a replica that lagged took over): a
+    device's live session delivers only ids above the last it was sent, and
+    a stale ACK must never remove a newer message that reused an id.  So a
+    push first raises the counter to the pushing node's wall clock in
+    microseconds, or the highest id that node has seen if that is more:
+    the ids handed out before a loss were below that unless the cluster
+    pushed more than a million messages a second (or the nodes' clocks
+    disagree by more than the time since the last push before the loss).
 
 Each operation that must be atomic (push with its depth check, ack, purge)
 is one Lua script.  When Redis cannot be reached every operation fails at
@@ -73,7 +82,11 @@ if n >= maxDepth then
   n = n - #old
   if n >= maxDepth then return -n end
 end
-local id = redis.call('INCR', KEYS[4])
+if tonumber(redis.call('GET', KEYS[4]) or '0') < tonumber(ARGV[7]) then
+  redis.call('SET', KEYS[4], ARGV[7])
+end
+-- As a string: Lua would print a number above 1e14 in exponent notation.
+local id = string.format('%d', redis.call('INCR', KEYS[4]))
 redis.call('ZADD', KEYS[1], id, id)
 redis.call('ZADD', KEYS[2], ARGV[2], id)
 redis.call('HSET', KEYS[3], id, ARGV[4])
@@ -138,6 +151,11 @@ class RedisMessageStore:
         self.cluster = cluster
         self.redis = cluster.redis
         self._clock = clock
+        self.highest = 0           # the highest message id this node has seen
+
+    def _seen(self, messageId):
+        if messageId > self.highest:
+            self.highest = messageId
 
     def _keys(self, fleet, deviceId):
         k, f, d = self.cluster.key, part(fleet), part(deviceId)
@@ -152,14 +170,16 @@ class RedisMessageStore:
             self.cluster.key("iot", "ids"), self.cluster.key("iot", part(fleet), "queued"),
             self.cluster.key("iot", "fleets")]
         blob = payload.type.encode("ascii") + b"\n" + payload.data
+        floor = max(self.highest, int(now * 1e6))
         d = self._eval(_PUSH, keys, [repr(now), repr(now + ttl), maxDepth, blob, deviceId,
-                                     fleet])
+                                     fleet, floor])
 
         def pushed(result):
             result = int(result)
             if result < 0:
                 raise errors.QueueFull(
                     f"device {deviceId!r} already has {-result} queued messages")
+            self._seen(result)
             return result
         return d.addCallback(pushed)
 
@@ -172,6 +192,8 @@ class RedisMessageStore:
             for i in range(0, len(flat), 2):
                 ptype, _, data = flat[i + 1].partition(b"\n")
                 out.append((int(flat[i]), Payload(ptype.decode("ascii"), data)))
+            if out:
+                self._seen(out[-1][0])
             return out
         return d.addCallback(rows)
 
