@@ -8,34 +8,22 @@ SIGKILL, and Redis stopped and restarted under the running nodes.
 
 import json
 
-import treq
 from autobahn.twisted.websocket import WebSocketClientFactory
 from azure.core.exceptions import HttpResponseError
 from azure.messaging.webpubsubservice import WebPubSubServiceClient
 from twisted.internet import defer, reactor, threads
 from twisted.internet.endpoints import TCP4ClientEndpoint
-from twisted.python.filepath import FilePath
 from twisted.trial.unittest import TestCase
 
 from broker.auth.tokens import makeClientToken
-from tests.redisserver import RedisServer, settle
-from tests.test_tap import TwistdTestsMixin
+from tests.clusternodes import ClusterNodesMixin
+from tests.redisserver import settle
 from tests.wsharness import Client
 
 KEY = "cluster-test-key-0123456789abcdef"
 JOIN, SEND = "webpubsub.joinLeaveGroup", "webpubsub.sendToGroup"
 
-CONFIG = """\
-[broker]
-state_dir = "{state}"
-[admin]
-listen = ["tcp:0:interface=127.0.0.1"]
-[cluster]
-redis_url = "{redis}"
-prefix = "it"
-node_id = "{node}"
-heartbeat = 0.2
-dead_after = 1.0
+FACES = """\
 [webpubsub]
 listen = ["tcp:0:interface=127.0.0.1"]
 access_keys = ["{key}"]
@@ -44,53 +32,33 @@ access_keys = ["{key}"]
 enabled = false
 """
 
-LISTENERS = ["webpubsub.listen[0]", "admin.listen[0]"]
 
-
-class ClusterProcessMixin(TwistdTestsMixin):
+class ClusterProcessMixin(ClusterNodesMixin):
     """
-    Broker nodes as real twistd processes on one test redis-server, and
-    clients of them.
+    Web PubSub broker nodes as real twistd processes on one test
+    redis-server, and clients of them.
     """
 
     timeout = 120
+    faces = FACES
+    listeners = ["webpubsub.listen[0]"]
 
     def prepare(self):
-        self.redis = RedisServer(self, reactor)
-        self.directory = FilePath(self.mktemp())
-        self.directory.makedirs()
-        self.nodes = {}
+        self.prepareCluster()
         self.clients = []
         self.sdks = []
         self.addCleanup(self._closeClients)
 
-    @defer.inlineCallbacks
-    def startNode(self, name, healthy=True):
-        config = self.directory.child(f"{name}.toml")
-        config.setContent(CONFIG.format(state=self.directory.child(name).path,
-                                        redis=self.redis.url, node=name, key=KEY).encode())
-        proc = self.spawn(["-n", "--pidfile=", "broker", "--config", config.path],
-                          self.directory, LISTENERS)
-        ports = yield proc.listening
-        proc.wps = ports["webpubsub.listen[0]"]
-        proc.admin = ports["admin.listen[0]"]
-        self.nodes[name] = proc
-        if healthy:
-            yield self.waitHealth(name, 200)
-        return proc
+    def faceSettings(self, name):
+        return {"key": KEY}
 
-    @defer.inlineCallbacks
-    def healthz(self, name):
-        response = yield treq.get(f"http://127.0.0.1:{self.nodes[name].admin}/healthz",
-                                  reactor=reactor, persistent=False)
-        body = yield treq.content(response)
-        return response.code, body
+    def nodeStarted(self, proc):
+        proc.wps = proc.ports["webpubsub.listen[0]"]
 
     @defer.inlineCallbacks
     def stats(self, name):
-        response = yield treq.get(f"http://127.0.0.1:{self.nodes[name].admin}/stats",
-                                  reactor=reactor, persistent=False)
-        return json.loads((yield treq.content(response)))
+        _, body = yield self.adminGet(name, "/stats")
+        return json.loads(body)
 
     @defer.inlineCallbacks
     def _closeClients(self):
@@ -132,16 +100,6 @@ class ClusterProcessMixin(TwistdTestsMixin):
 
     def call(self, f, *args, **kw):
         return threads.deferToThread(f, *args, **kw)
-
-    @defer.inlineCallbacks
-    def waitHealth(self, name, code):
-        for _ in range(200):
-            got, body = yield self.healthz(name)
-            if got == code:
-                return body
-            yield settle(reactor, 0.05)
-        self.fail(f"node {name} never answered /healthz {code}")
-
 
 
 class ClusterProcessTests(ClusterProcessMixin, TestCase):

@@ -16,15 +16,14 @@ import treq
 from twisted.internet import defer, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import DatagramProtocol
-from twisted.python.filepath import FilePath
 from twisted.trial.unittest import TestCase
 
 from broker.iot import apikeys, frames
 from broker.iot.client import AuthFailed, IoTClient
 from broker.iot.errors import Refused
 from broker.iot.frames import Payload
-from tests.redisserver import RedisServer, settle
-from tests.test_tap import TwistdTestsMixin
+from tests.clusternodes import ClusterNodesMixin
+from tests.redisserver import settle
 
 HEARTBEAT = 0.2
 DEAD_AFTER = 1.0
@@ -45,17 +44,7 @@ key = "d2-secret"
 key = "d3-secret"
 """
 
-CONFIG = """\
-[broker]
-state_dir = "{state}"
-[admin]
-listen = ["tcp:0:interface=127.0.0.1"]
-[cluster]
-redis_url = "{redis}"
-prefix = "iotp"
-node_id = "{node}"
-heartbeat = {heartbeat}
-dead_after = {deadAfter}
+FACES = """\
 [webpubsub]
 enabled = false
 [iot]
@@ -70,60 +59,51 @@ listen = ["tcp:0:interface=127.0.0.1"]
 api_keys = ["{apiKeyLine}"]
 """
 
-LISTENERS = ["iot.listen[0]", "iot.udp", "iot.http.listen[0]", "admin.listen[0]"]
 
 
 def echo(frame):
     return Payload.json({"echo": frame.payload.value()})
 
 
-class IoTClusterProcessMixin(TwistdTestsMixin):
+class IoTClusterProcessMixin(ClusterNodesMixin):
     """
     IoT broker nodes as real twistd processes on one test redis-server, and
     devices, centrals and HTTP calls to them.
     """
 
     timeout = 60
+    prefix = "iotp"
+    heartbeat = HEARTBEAT
     deadAfter = DEAD_AFTER
+    faces = FACES
+    listeners = ["iot.listen[0]", "iot.udp", "iot.http.listen[0]"]
 
     @defer.inlineCallbacks
     def startCluster(self, names):
-        self.redis = RedisServer(self, reactor, durable=True)
-        self.directory = FilePath(self.mktemp())
-        self.directory.makedirs()
+        self.prepareCluster(durable=True)
         registry = self.directory.child("registry.toml")
         registry.setContent(REGISTRY.encode())
         self.apiKey, _ = apikeys.newKey()
         self.registryPath = registry.path
-        self.nodes = {}
         self.clients = []
         self.addCleanup(self._closeClients)
         self.sender = DatagramProtocol()
         port = reactor.listenUDP(0, self.sender, interface="127.0.0.1")
         self.addCleanup(port.stopListening)
         yield self.redis.start()
-        # Started together: each twistd takes a second or so to come up.
-        yield defer.gatherResults([self.startNode(n) for n in names], consumeErrors=True)
+        yield defer.gatherResults([self.startNode(n, healthy=False) for n in names],
+                                  consumeErrors=True)
         for name in names:
             yield self.waitHealth(name, 200)
 
-    @defer.inlineCallbacks
-    def startNode(self, name):
-        config = self.directory.child(f"{name}.toml")
-        config.setContent(CONFIG.format(
-            state=self.directory.child(name).path, redis=self.redis.url, node=name,
-            heartbeat=HEARTBEAT, deadAfter=self.deadAfter, registry=self.registryPath,
-            requestTimeout=REQUEST_TIMEOUT,
-            apiKeyLine=apikeys.hashLine("acme", self.apiKey)).encode())
-        proc = self.spawn(["-n", "--pidfile=", "broker", "--config", config.path],
-                          self.directory, LISTENERS)
-        ports = yield proc.listening
-        proc.tcp = ports["iot.listen[0]"]
-        proc.udp = ports["iot.udp"]
-        proc.http = ports["iot.http.listen[0]"]
-        proc.admin = ports["admin.listen[0]"]
-        self.nodes[name] = proc
-        return proc
+    def faceSettings(self, name):
+        return {"registry": self.registryPath, "requestTimeout": REQUEST_TIMEOUT,
+                "apiKeyLine": apikeys.hashLine("acme", self.apiKey)}
+
+    def nodeStarted(self, proc):
+        proc.tcp = proc.ports["iot.listen[0]"]
+        proc.udp = proc.ports["iot.udp"]
+        proc.http = proc.ports["iot.http.listen[0]"]
 
     @defer.inlineCallbacks
     def _closeClients(self):
@@ -135,31 +115,12 @@ class IoTClusterProcessMixin(TwistdTestsMixin):
     # -- the admin endpoints ------------------------------------------------
 
     @defer.inlineCallbacks
-    def healthz(self, name):
-        response = yield treq.get(f"http://127.0.0.1:{self.nodes[name].admin}/healthz",
-                                  reactor=reactor, persistent=False)
-        body = yield treq.content(response)
-        return response.code, body
-
-    @defer.inlineCallbacks
-    def waitHealth(self, name, code, timeout=10.0):
-        deadline = reactor.seconds() + timeout
-        while True:
-            got, body = yield self.healthz(name)
-            if got == code:
-                return body
-            if reactor.seconds() > deadline:
-                self.fail(f"node {name} never answered /healthz {code} (last: {got} {body!r})")
-            yield settle(reactor, 0.05)
-
-    @defer.inlineCallbacks
     def metrics(self, name):
         """
         The node's /metrics as C{{"name{labels}": value}}.
         """
-        response = yield treq.get(f"http://127.0.0.1:{self.nodes[name].admin}/metrics",
-                                  reactor=reactor, persistent=False)
-        text = (yield treq.content(response)).decode()
+        _, body = yield self.adminGet(name, "/metrics")
+        text = body.decode()
         values = {}
         for line in text.splitlines():
             if line and not line.startswith("#"):

@@ -10,34 +10,22 @@ refuses changes meanwhile and loses nothing it acknowledged.
 
 import os
 
-import treq
 from twisted.internet import defer, reactor
 from twisted.python import log
-from twisted.python.filepath import FilePath
 from twisted.trial.unittest import TestCase
 
 from broker.peergroups import constants as C
 from broker.peergroups import credentials as cred
 from broker.peergroups.client import Identity, PeerError, connectStream, connectWebSocket
 from broker.peergroups.session import STORE_DOWN, STORE_LOST
-from tests.redisserver import RedisServer, settle
+from tests.clusternodes import ClusterNodesMixin
+from tests.redisserver import settle
 from tests.test_peergroups import ALL_EVENTS, DATA, T1, T2, Member
-from tests.test_tap import TwistdTestsMixin
 
 HEARTBEAT = 0.2
 DEAD_AFTER = 1.0
 
-CONFIG = """\
-[broker]
-state_dir = "{state}"
-[admin]
-listen = ["tcp:0:interface=127.0.0.1"]
-[cluster]
-redis_url = "{redis}"
-prefix = "pgit"
-node_id = "{node}"
-heartbeat = {heartbeat}
-dead_after = {deadAfter}
+FACES = """\
 [webpubsub]
 enabled = false
 [iot]
@@ -48,60 +36,28 @@ listen = ["tcp:0:interface=127.0.0.1"]
 tcp_listen = ["tcp:0:interface=127.0.0.1"]
 """
 
-LISTENERS = ["peergroups.listen[0]", "peergroups.tcp_listen[0]", "admin.listen[0]"]
 
 
-class PeerGroupsProcessMixin(TwistdTestsMixin):
+class PeerGroupsProcessMixin(ClusterNodesMixin):
     """
     Broker nodes as real twistd processes on one test redis-server, and
     peer-groups clients of them.
     """
 
     timeout = 60
+    prefix = "pgit"
+    heartbeat = HEARTBEAT
+    deadAfter = DEAD_AFTER
+    faces = FACES
+    listeners = ["peergroups.listen[0]", "peergroups.tcp_listen[0]"]
 
     @defer.inlineCallbacks
     def startCluster(self, names, durable=False):
-        self.redis = RedisServer(self, reactor, durable=durable)
-        self.directory = FilePath(self.mktemp())
-        self.directory.makedirs()
-        self.nodes = {}
+        self.prepareCluster(durable=durable)
         self.clients = []
         self.addCleanup(self._closeClients)
         yield self.redis.start()
-        # The nodes start side by side: the machine is slow, the test short.
-        yield defer.gatherResults([self.startNode(name) for name in names],
-                                  consumeErrors=True)
-
-    @defer.inlineCallbacks
-    def startNode(self, name):
-        config = self.directory.child(f"{name}.toml")
-        config.setContent(CONFIG.format(
-            state=self.directory.child(name).path, redis=self.redis.url, node=name,
-            heartbeat=HEARTBEAT, deadAfter=DEAD_AFTER).encode())
-        proc = self.spawn(["-n", "--pidfile=", "broker", "--config", config.path],
-                          self.directory, LISTENERS)
-        proc.ports = yield proc.listening
-        self.nodes[name] = proc
-        yield self.waitHealth(name, 200)
-        return proc
-
-    @defer.inlineCallbacks
-    def healthz(self, name):
-        port = self.nodes[name].ports["admin.listen[0]"]
-        response = yield treq.get(f"http://127.0.0.1:{port}/healthz", reactor=reactor,
-                                  persistent=False)
-        body = yield treq.content(response)
-        return response.code, body
-
-    @defer.inlineCallbacks
-    def waitHealth(self, name, code, timeout=15):
-        start = reactor.seconds()
-        while reactor.seconds() - start < timeout:
-            got, body = yield self.healthz(name)
-            if got == code:
-                return body
-            yield settle(reactor, 0.05)
-        self.fail(f"node {name} never answered /healthz {code}")
+        yield self.startNodes(names)
 
     def _closeClients(self):
         return defer.DeferredList([c.disconnect() for c in self.clients

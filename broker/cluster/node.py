@@ -103,7 +103,6 @@ class Cluster(service.Service):
         self.nodeId = nodeId or newNodeId()
         # Tells this run from an earlier one under the same (configured) id.
         self.run = secrets.token_hex(8)
-        self._earlierRun = False
         self.heartbeat = heartbeat
         self.deadAfter = deadAfter
         self._handlers = {}
@@ -301,9 +300,11 @@ class Cluster(service.Service):
         keys, args = self._beatArgs()
         state = yield self.redis.eval(_BEAT, keys, args, registering=True)
         if state == EARLIER_RUN:
-            # Its leftovers are removed at the next heartbeat: the dead-node
-            # hooks' commands need the link reported connected.
-            self._earlierRun = True
+            # Before this run is reported connected (so before it can take
+            # any cluster-wide request): what its earlier run held goes
+            # first, then this run registers what it holds.
+            yield self._buryEarlierRun()
+            return
         for hook in list(self._resyncHooks):
             yield hook()
 
@@ -348,8 +349,7 @@ class Cluster(service.Service):
         try:
             keys, args = self._beatArgs()
             state = yield self.redis.eval(_BEAT, keys, args)
-            if state == EARLIER_RUN or self._earlierRun:
-                self._earlierRun = False
+            if state == EARLIER_RUN:
                 yield self._buryEarlierRun()
             elif state == EXPIRED:
                 log.warn("cluster: node {node} had been given up for dead; re-registering",

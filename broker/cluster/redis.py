@@ -259,7 +259,10 @@ class RedisClient(service.MultiService):
 
     def _live(self, registering=False):
         p = self._commands
-        if p is None or not p.connected or not (self.connected or registering):
+        # While the connect hooks run, every command may pass: they are
+        # the node's own re-registration, and what others send meanwhile
+        # is ordered after what the hooks have sent.
+        if p is None or not p.connected or not (self.connected or registering or self._checking):
             raise RedisUnavailable(f"Redis at {self.host}:{self.port} is not reachable")
         return p
 
