@@ -622,14 +622,7 @@ class PeerGroupsCluster:
     def _remoteOpen(self, origin, cid, obj):
         group = self._group(obj["app"], obj["gpn"])
         target = group.online.get(obj["to"]) if group is not None else None
-        if target is None or not target.online:
-            reason = "PEER_E_CONNECTION_FAILED"
-        elif not any(t == C.EVENT_DIRECT_CONNECTION
-                     for h in target.handles for entries in h.registrations.values()
-                     for t, _ in entries):
-            reason = "PEER_E_CONNECTION_REFUSED"
-        else:
-            reason = None
+        reason = "PEER_E_CONNECTION_FAILED" if target is None else target.refusesDirect()
         if reason is not None:
             self._sendDirect(origin, {"op": "failed", "cid": str(cid), "reason": reason})
             return

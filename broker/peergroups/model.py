@@ -145,6 +145,20 @@ class Node:
     def status(self):
         return (C.STATUS_LISTENING | C.STATUS_HAS_CONNECTIONS) if self.online else 0
 
+    def refusesDirect(self):
+        """
+        Why a direct connection to this node would be refused (an HRESULT
+        name), or C{None}: it must be online with a handle registered for
+        direct-connection events.
+        """
+        if not self.online:
+            return "PEER_E_CONNECTION_FAILED"
+        if not any(t == C.EVENT_DIRECT_CONNECTION
+                   for h in self.handles for entries in h.registrations.values()
+                   for t, _ in entries):
+            return "PEER_E_CONNECTION_REFUSED"
+        return None
+
 
 class RemotePeer:
     """

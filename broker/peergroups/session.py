@@ -1134,14 +1134,7 @@ class PeerSession:
                 # On another node: that node checks and answers (pg.direct).
                 self.pg.link.openRemote(node, target, cid)
                 return
-            if target is None or not target.online:
-                reason = "PEER_E_CONNECTION_FAILED"
-            elif not any(t == C.EVENT_DIRECT_CONNECTION
-                         for h in target.handles for entries in h.registrations.values()
-                         for t, _ in entries):
-                reason = "PEER_E_CONNECTION_REFUSED"
-            else:
-                reason = None
+            reason = "PEER_E_CONNECTION_FAILED" if target is None else target.refusesDirect()
             if reason is not None:
                 self.pg.emit(node, C.EVENT_DIRECT_CONNECTION, {"connectionChangeData": {
                     "status": C.PEER_CONNECTION_FAILED, "connectionId": str(cid),
