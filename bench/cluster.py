@@ -80,8 +80,11 @@ class NodeProcess(BrokerProcess):
 
     def __init__(self, reactor, workdir, redisURL, nodeId):
         super().__init__(reactor, workdir)
-        self.cluster = (f'[cluster]\nredis_url = "{redisURL}"\nprefix = "bench"\n'
-                        f'node_id = "{nodeId}"\n') if redisURL else ""
+        # Web PubSub only: the other faces' listeners and timers stay out.
+        self.cluster = "[iot]\nenabled = false\n"
+        if redisURL:
+            self.cluster += (f'[cluster]\nredis_url = "{redisURL}"\nprefix = "bench"\n'
+                             f'node_id = "{nodeId}"\n')
 
     async def start(self):
         # BrokerProcess.start formats CONFIG with fixed names; add ours.

@@ -505,7 +505,9 @@ access_keys = ["{key}"]
         twistd = os.path.join(os.path.dirname(sys.executable), "twistd")
         with open(self.logPath, "wb") as log:
             self.reactor.spawnProcess(
-                self, twistd, [twistd, "-n", "--pidfile=", "broker", "--config", config],
+                self, twistd, [twistd, "-n", "--pidfile=",
+                               *os.environ.get("BENCH_TWISTD_ARGS", "").split(),
+                               "broker", "--config", config],
                 env=os.environ, path=self.workdir,
                 childFDs={0: "w", 1: log.fileno(), 2: log.fileno()})
         if self.cpus:
