@@ -28,6 +28,7 @@ FACES = """\
 listen = ["tcp:0:interface=127.0.0.1"]
 access_keys = ["{key}"]
 [webpubsub.hubs.chat]
+history_messages = 100
 [iot]
 enabled = false
 """
@@ -70,12 +71,13 @@ class ClusterProcessMixin(ClusterNodesMixin):
             yield threads.deferToThread(sdk.close)
 
     @defer.inlineCallbacks
-    def connect(self, name, userId, roles=(JOIN, SEND)):
+    def connect(self, name, userId, roles=(JOIN, SEND), protocol="json.webpubsub.azure.v1",
+                query=""):
         port = self.nodes[name].wps
         url = f"ws://127.0.0.1:{port}/client/hubs/chat"
         token = makeClientToken(KEY, url, userId=userId, roles=roles)
-        factory = WebSocketClientFactory(f"{url}?access_token={token}",
-                                         protocols=["json.webpubsub.azure.v1"], reactor=reactor)
+        factory = WebSocketClientFactory(f"{url}?access_token={token}{query}",
+                                         protocols=[protocol], reactor=reactor)
         factory.protocol = Client
         factory.setProtocolOptions(autoPingInterval=0, failByDrop=False)
         proto = yield TCP4ClientEndpoint(reactor, "127.0.0.1", port).connect(factory)
@@ -83,7 +85,18 @@ class ClusterProcessMixin(ClusterNodesMixin):
         yield proto.opened
         hello = yield proto.nextJSON()
         proto.connectionId = hello["connectionId"]
+        proto.hello = hello
         return proto
+
+    @defer.inlineCallbacks
+    def frames(self, client, n):
+        """
+        The next C{n} JSON frames of C{client}.
+        """
+        out = []
+        for _ in range(n):
+            out.append((yield client.nextJSON()))
+        return out
 
     @defer.inlineCallbacks
     def join(self, client, group, ackId=1):
@@ -246,6 +259,77 @@ class ClusterProcessTests(ClusterProcessMixin, TestCase):
             self.assertEqual((yield c.nextJSON())["data"], "after")
         self.assertFalse(any("Traceback" in line for line in self.nodes["a"].lines()),
                          self.nodes["a"].text())
+
+
+class ReliableAndHistoryTests(ClusterProcessMixin, TestCase):
+    """
+    What outlives a node's socket in Web PubSub, across real processes: a
+    reliable connection resumes on another node with nothing lost or
+    repeated, and a group's history is the same whichever node recovers it.
+    """
+
+    @defer.inlineCallbacks
+    def setUp(self):
+        self.prepare()
+        yield self.redis.start()
+        yield self.startNodes(["a", "b"])
+
+    @defer.inlineCallbacks
+    def test_reliableResumesOnAnotherNode(self):
+        c = yield self.connect("a", "rita", protocol="json.reliable.webpubsub.azure.v1")
+        yield self.join(c, "g")
+        sdk = self.sdk("b")
+        for text in ("one", "two"):
+            yield self.call(sdk.send_to_group, "g", text, content_type="text/plain")
+        got = (yield self.frames(c, 2))
+        self.assertEqual([(m["sequenceId"], m["data"]) for m in got], [(1, "one"), (2, "two")])
+        c.send({"type": "sequenceAck", "sequenceId": 1})
+        yield settle(reactor, 0.1)
+        c.transport.abortConnection()
+        yield c.closed
+        yield self.call(sdk.send_to_group, "g", "three", content_type="text/plain")
+        yield settle(reactor, 0.1)
+        query = (f"&awps_connection_id={c.connectionId}"
+                 f"&awps_reconnection_token={c.hello['reconnectionToken']}")
+        back = yield self.connect("b", "rita", protocol="json.reliable.webpubsub.azure.v1",
+                                  query=query)
+        self.assertEqual(back.connectionId, c.connectionId)
+        resent = (yield self.frames(back, 2))
+        self.assertEqual([(m["sequenceId"], m["data"]) for m in resent],
+                         [(2, "two"), (3, "three")])
+        # It is B's connection now: the directory says so, and it gets more.
+        self.assertTrue((yield self.call(sdk.connection_exists, c.connectionId)))
+        yield self.call(self.sdk("a").send_to_group, "g", "four", content_type="text/plain")
+        m = yield back.nextJSON()
+        self.assertEqual((m["sequenceId"], m["data"]), (4, "four"))
+        yield settle(reactor, 0.2)
+        self.assertEqual(back.frames, [])
+
+    @defer.inlineCallbacks
+    def test_historyRecoveredOnTheOtherNode(self):
+        x = yield self.connect("a", "xavier")
+        x.send({"type": "joinGroup", "group": "h", "ackId": 1, "history": {}})
+        start = yield x.nextJSON()
+        self.assertEqual(start["event"], "groupHistory")
+        self.assertEqual((yield x.nextJSON())["type"], "ack")
+        for text in ("one", "two", "three"):
+            x.send({"type": "sendToGroup", "group": "h", "dataType": "text", "data": text})
+        seen = (yield self.frames(x, 3))
+        self.assertEqual([m["history"]["offset"] for m in seen], [1, 2, 3])
+        y = yield self.connect("b", "yvonne")
+        y.send({"type": "joinGroup", "group": "h", "ackId": 2, "history": seen[0]["history"]})
+        frame = yield y.nextJSON()
+        self.assertEqual((frame["recovered"], frame["epoch"], frame["offset"]),
+                         (True, start["epoch"], 3))
+        missed = (yield self.frames(y, 2))
+        self.assertEqual([(m["data"], m["history"]["offset"]) for m in missed],
+                         [("two", 2), ("three", 3)])
+        self.assertEqual((yield y.nextJSON()), {"type": "ack", "ackId": 2, "success": True})
+        # B's publishes continue the same history, seen alike on A.
+        y.send({"type": "sendToGroup", "group": "h", "dataType": "text", "data": "four"})
+        for client in (x, y):
+            m = yield client.nextJSON()
+            self.assertEqual((m["data"], m["history"]["offset"]), ("four", 4))
 
 
 class RedisAbsentAtStartTests(ClusterProcessMixin, TestCase):
