@@ -183,6 +183,28 @@ class ClusterLifeTests(unittest.TestCase):
         self.assertFalse((yield self.ha.findConnection("b1")))
 
 
+class UserGroupsAfterOutageTests(unittest.TestCase):
+    @defer.inlineCallbacks
+    def test_admittedDuringOutageJoinsLater(self):
+        """
+        A connection admitted while Redis is away joins its user's groups
+        once the node has registered again.
+        """
+        nodes = RedisNodes(self)
+        nodes.redis = RedisServer(self, reactor, durable=True)
+        a, b = yield nodes.start(2)
+        yield a.hub("h").addUserToGroup("u", "g")
+        yield nodes.redis.stop()
+        yield waitFor(lambda: not b.engine.healthy())
+        session = b.hub("h").admit(RecordingConnection("late", "u"), "u")
+        self.assertEqual(session.groups, set())
+        yield nodes.redis.start()
+        yield waitFor(lambda: a.engine.healthy() and b.engine.healthy())
+        yield waitFor(lambda: session.groups == {"g"})
+        yield nodes.settle()
+        self.assertEqual((yield a.hub("h").listGroupConnections("g")), [("late", "u")])
+
+
 class RestartTests(unittest.TestCase):
     @defer.inlineCallbacks
     def test_sameIdReapedAgainAfterRestart(self):

@@ -180,7 +180,12 @@ class RedisEngine:
     def _register(self):
         if self._core is None:
             return succeed(None)
-        return self.directory.register(self._core.hubs)
+
+        def registered(result):
+            for hub in list(self._core.hubs.values()):
+                hub.rejoinUserGroups()
+            return result
+        return self.directory.register(self._core.hubs).addCallback(registered)
 
     def _reap(self, nodeId):
         def removed(n):

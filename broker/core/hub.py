@@ -194,6 +194,8 @@ class Hub:
         self._users = {}         # userId -> {connectionId: IConnection}
         self._groups = {}        # group -> {connectionId: IConnection}
         self._observers = []
+        # Sessions whose user-level groups could not be read yet.
+        self._userGroupsUnread = set()
         # The cluster-wide view (the engine's): user-level group
         # memberships live there, and every local change is mirrored there.
         self._engine = core.engine
@@ -238,9 +240,7 @@ class Hub:
         for g in groups:
             self._join(session, g)
         if userId is not None:
-            self.directory.userGroups(self.name, userId).addCallbacks(
-                lambda stuck: [self._join(session, g) for g in sorted(stuck) if session.open],
-                self._mirrorFailed)
+            self._joinUserGroups(session)
         self.stats.connectionsAccepted += 1
         self.tellObservers("connectionAdded", session)
         return session
@@ -252,6 +252,7 @@ class Hub:
         if self._sessions.pop(session.connectionId, None) is None:
             return
         session.open = False
+        self._userGroupsUnread.discard(session)
         for g in list(session.groups):
             self._leave(session, g, mirror=False)
         if session.userId is not None:
@@ -262,6 +263,31 @@ class Hub:
                     del self._users[session.userId]
         self._mirror(self.directory.removed(self.name, session.connectionId, session.userId))
         self.tellObservers("connectionRemoved", session, reason)
+
+    def _joinUserGroups(self, session):
+        def join(stuck):
+            self._userGroupsUnread.discard(session)
+            if session.open:
+                for g in sorted(stuck):
+                    self._join(session, g)
+
+        def unread(failure):
+            # Redis away: tried again when the node registers after it.
+            self._userGroupsUnread.add(session)
+            self._mirrorFailed(failure)
+        self.directory.userGroups(self.name, session.userId).addCallbacks(join, unread)
+
+    def rejoinUserGroups(self):
+        """
+        Join the sessions admitted while the directory was unreachable to
+        the groups their users were added to (the engine calls it once it
+        has registered this node again).
+        """
+        for session in list(self._userGroupsUnread):
+            if session.open:
+                self._joinUserGroups(session)
+            else:
+                self._userGroupsUnread.discard(session)
 
     # -- the directory mirror -------------------------------------------
 
