@@ -571,28 +571,18 @@ class ClusterConcentrator(Concentrator):
                                      payload, self.requestTimeout, errors.DeviceOffline)
             return self._locate(fleet, deviceId).addCallback(located).addCallback(
                 lambda h: (h["mid"], False))
-        d = self.store.push(fleet, deviceId, payload, self.queueTTL, self.maxQueueDepth)
+        return super().send(fleet, deviceId, payload, queue=True)
 
-        def stored(messageId):
-            self.stats["messagesQueued"] += 1
-            box = self._outboxes.get((fleet, deviceId))
-            if box is not None:
-                box.pump()
-                return str(messageId), False
-            return self._locate(fleet, deviceId).addCallbacks(
-                lambda node: pumped(messageId, node), lambda f: (str(messageId), True))
-
-        def pumped(messageId, node):
+    def _queuedOffline(self, fleet, deviceId, messageId):
+        # The shared queue has it; the node holding the device (if any)
+        # is told to pump its outbox.
+        def pumped(node):
             if node is None or node == self.nodeId:
                 return str(messageId), True
             self._tell(node, "iot.pump", {"fleet": fleet, "dev": deviceId})
             return str(messageId), False
-
-        def full(f):
-            if f.check(errors.QueueFull):
-                self.stats["queueFull"] += 1
-            return f
-        return d.addCallbacks(stored, full)
+        return self._locate(fleet, deviceId).addCallbacks(
+            pumped, lambda f: (str(messageId), True))
 
     # -- keys -------------------------------------------------------------
 

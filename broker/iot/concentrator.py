@@ -278,13 +278,23 @@ class Concentrator:
             box = self._outboxes.get((fleet, deviceId))
             if box is not None:
                 box.pump()
-            return str(messageId), box is None
+                return str(messageId), False
+            return self._queuedOffline(fleet, deviceId, messageId)
 
         def full(f):
             if f.check(errors.QueueFull):
                 self.stats["queueFull"] += 1
             return f
         return d.addCallbacks(stored, full)
+
+    def _queuedOffline(self, fleet, deviceId, messageId):
+        """
+        A message was stored for a device with no session here.
+
+        @return: C{(messageId, queued)} (or a Deferred of it): C{queued}
+            true while the message waits for the device to connect.
+        """
+        return str(messageId), True
 
     def devices(self, fleet):
         ids = self.registry.fleetDevices(fleet)
