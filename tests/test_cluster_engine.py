@@ -248,3 +248,11 @@ class BuildTests(unittest.TestCase):
                          ("n1", "p", 0.5, 3.0))
         self.assertEqual((cluster.redis.host, cluster.redis.port, cluster.redis.password,
                           cluster.redis.db), ("h", 7, "pw", 2))
+
+
+class MalformedDeliveryTests(unittest.TestCase):
+    def test_everyKindIsValueError(self):
+        for raw in (b"x", b"[1]\nx", b'["h",["group","g",[],null],"group","g",null,null,'
+                    b'"nonsense",null]\nx', b'["h",["what","g",[],null],"group","g",null,'
+                    b'null,"text",null]\nx', b"\xff\nx"):
+            self.assertRaises(ValueError, decodeDelivery, raw)

@@ -70,12 +70,16 @@ def decodeDelivery(payload):
     @return: C{(hubName, target, delivery)}.
     @raise ValueError: for a malformed message.
     """
-    header, data = payload.split(b"\n", 1)
-    hubName, target, source, group, fromUser, fromConn, dataType, history = json.loads(header)
-    delivery = Delivery(Message(dataType, data), source, group, fromUser, fromConn)
-    if history is not None:
-        delivery.history = tuple(history)
-    return hubName, Target.fromJSON(target), delivery
+    try:
+        header, data = payload.split(b"\n", 1)
+        hubName, target, source, group, fromUser, fromConn, dataType, history = \
+            json.loads(header)
+        delivery = Delivery(Message(dataType, data), source, group, fromUser, fromConn)
+        if history is not None:
+            delivery.history = tuple(history)
+        return hubName, Target.fromJSON(target), delivery
+    except Exception as e:
+        raise ValueError(f"malformed delivery: {e}") from None
 
 
 @implementer(IEngine)

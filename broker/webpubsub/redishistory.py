@@ -33,13 +33,14 @@ recovery claims C{recovered: true} across messages the history never held.
 Recovery itself answers C{recovered: false} with the reason.
 """
 
-import json
 import secrets
 
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from broker.core.message import Delivery, Message
+from broker.cluster.engine import decodeDelivery as _decodeBus
+from broker.cluster.engine import encodeDelivery as _encodeBus
+from broker.core.message import Target
 
 log = Logger()
 
@@ -161,33 +162,21 @@ _REASONS = {
 
 def encodeDelivery(delivery, excluded=()):
     """
-    A delivery as bytes (one JSON header line, then the payload), for the
-    history list and for node-to-node hand-overs.
+    A delivery as bytes, for the history list and for node-to-node
+    hand-overs: the cluster bus's own format (L{broker.cluster.engine}),
+    its target carrying the receivers excluded.
     """
-    head = {"t": delivery.message.dataType, "s": delivery.source}
-    if delivery.group is not None:
-        head["g"] = delivery.group
-    if delivery.fromUserId is not None:
-        head["u"] = delivery.fromUserId
-    if delivery.fromConnectionId is not None:
-        head["c"] = delivery.fromConnectionId
-    if delivery.history is not None:
-        head["h"] = list(delivery.history)
-    if excluded:
-        head["x"] = sorted(excluded)
-    return json.dumps(head, separators=(",", ":")).encode("utf-8") + b"\n" + delivery.message.data
+    return _encodeBus("", Target(Target.GROUP, delivery.group, excluded), delivery)
 
 
 def decodeDelivery(raw):
     """
     The inverse of L{encodeDelivery}: C{(delivery, excluded)}.
+
+    @raise ValueError: for malformed bytes.
     """
-    head, _, data = raw.partition(b"\n")
-    h = json.loads(head)
-    d = Delivery(Message(h["t"], data), h["s"], h.get("g"), h.get("u"), h.get("c"))
-    if "h" in h:
-        d.history = (h["h"][0], h["h"][1])
-    return d, frozenset(h.get("x", ()))
+    _, target, delivery = _decodeBus(raw)
+    return delivery, target.excluded
 
 
 def _text(value):
