@@ -14,7 +14,7 @@ from broker.cluster.node import Cluster
 from broker.cluster.redis import RedisClient
 from broker.iot import errors, frames
 from broker.iot.frames import Payload
-from broker.iot.udp import ACCEPTED, REPLAYED
+from broker.iot.udp import ACCEPTED, REPLAYED, UNKNOWN
 from tests.redisserver import RedisServer, settle, silence
 from tests.test_cluster_redis import waitFor
 from tests.test_iot_api import APIHarness, echo
@@ -340,6 +340,32 @@ class TokenTests(TwoNodes, TestCase):
         self.send(self.a, frames.encodeDatagram(tokens[1], Payload.json({"temp": 2})))
         yield waitFor(lambda: self.a.iot.udp.counts[ACCEPTED] == 1)
         self.assertEqual(self.a.iot.concentrator.tokens.outstanding("acme", "d1"), 6)
+
+    @defer.inlineCallbacks
+    def test_tokenStillOnItsWay(self):
+        """
+        A token B spends before A's write of it has reached Redis is looked
+        up once more, a moment later, and accepted; a token nobody issued
+        is counted unknown after that second look.
+        """
+        book = self.a.iot.concentrator.tokens
+        realEval = book.redis.eval
+        held = []
+
+        def slowIssue(script, keys=(), args=(), **kw):
+            d = defer.Deferred()
+            held.append(lambda: realEval(script, keys, args, **kw).chainDeferred(d))
+            return d
+        book.redis.eval = slowIssue
+        tokens = book.issue("acme", "d1", 2)
+        book.redis.eval = realEval
+        self.send(self.b, frames.encodeDatagram(tokens[0], Payload.json({"temp": 1})))
+        yield settle(reactor, 0.03)
+        self.assertEqual(self.b.iot.udp.counts[ACCEPTED], 0)
+        held.pop()()
+        yield waitFor(lambda: self.b.iot.udp.counts[ACCEPTED] == 1)
+        self.send(self.b, frames.encodeDatagram(b"\x07" * 16, Payload.json({"temp": 2})))
+        yield waitFor(lambda: self.b.iot.udp.counts[UNKNOWN] == 1)
 
     @defer.inlineCallbacks
     def test_revokedTokensRefusedEverywhere(self):

@@ -83,7 +83,12 @@ class ClusterTokenBook:
     @param ttl: seconds a token is valid.
     @param clock: monotonic seconds for the local book.
     @param maxBatch: tokens spent per script run at most.
+    @param retryDelay: seconds before a token unknown to Redis and to this
+        node is looked up once more (it may have been issued on another
+        node an instant ago) before it is counted unknown.
     """
+
+    retryDelay = 0.1
 
     def __init__(self, cluster, ttl=300.0, clock=None, maxBatch=2000, offlineMemory=100000):
         self.cluster = cluster
@@ -128,7 +133,10 @@ class ClusterTokenBook:
         if not self.redis.connected:
             self._spendLocally(token, then, args)
             return
-        self._queue.append((token, then, args))
+        self._enqueue(token, then, args, False)
+
+    def _enqueue(self, token, then, args, again):
+        self._queue.append((token, then, args, again))
         if self._flush is None:
             self._flush = self.reactor.callLater(0, self._spendQueued)
 
@@ -152,7 +160,7 @@ class ClusterTokenBook:
         batch, self._queue = self._queue[:self.maxBatch], self._queue[self.maxBatch:]
         if self._queue:
             self._flush = self.reactor.callLater(0, self._spendQueued)
-        d = self.redis.eval(_SPEND, [], [self._prefix, _hex([t for t, _, _ in batch])])
+        d = self.redis.eval(_SPEND, [], [self._prefix, _hex([e[0] for e in batch])])
         d.addCallbacks(self._spent, self._spendFailed, callbackArgs=(batch,),
                        errbackArgs=(batch,))
         d.addErrback(lambda f: log.failure("iot.udp: handing on spent tokens", f))
@@ -160,7 +168,7 @@ class ClusterTokenBook:
     def _spent(self, values, batch):
         local = self.local
         markLost = []
-        for (token, then, args), value in zip(batch, values):
+        for (token, then, args, again), value in zip(batch, values):
             if value == SPENT:
                 if local.isLive(token):
                     local.redeem(token)
@@ -183,14 +191,22 @@ class ClusterTokenBook:
                 then(*outcome, *args)
             else:
                 outcome = local.redeem(token)
-                then(outcome[0] if outcome[0] in (REPLAYED, EXPIRED) else UNKNOWN,
-                     None, None, *args)
+                if outcome[0] in (REPLAYED, EXPIRED):
+                    then(outcome[0], None, None, *args)
+                elif again:
+                    then(UNKNOWN, None, None, *args)
+                else:
+                    # Neither Redis nor this node knows it: another node
+                    # may have issued it an instant ago, its write still on
+                    # the way.  One more look, a moment later.
+                    self.reactor.callLater(self.retryDelay, self._enqueue, token, then, args,
+                                           True)
         if markLost:
             self._mark(markLost).addErrback(lambda f: self._outage("spending tokens", f))
 
     def _spendFailed(self, f, batch):
         self._outage("spending tokens", f)
-        for token, then, args in batch:
+        for token, then, args, _ in batch:
             self._spendLocally(token, then, args)
 
     def _spendLocally(self, token, then, args):
