@@ -711,24 +711,25 @@ class ClusterConcentrator(Concentrator):
         d.addCallbacks(ok, bad)
 
     def _onRequest(self, origin, raw):
-        h, payload = decode(raw)
-        self.stats["forwardedIn"] += 1
-        k = (h["fleet"], h["dev"])
-        if k not in self._devices:
-            d = fail(errors.DeviceOffline(f"device {k[1]!r} is not connected"))
-        else:
-            d = Concentrator.request(self, k[0], k[1], payload, h["timeout"])
-        self._answer(origin, h["id"], d)
+        self._forLocalDevice(origin, raw, lambda fleet, dev, payload, h: Concentrator.request(
+            self, fleet, dev, payload, h["timeout"]))
 
     def _onMessage(self, origin, raw):
+        self._forLocalDevice(origin, raw, lambda fleet, dev, payload, h: Concentrator.send(
+            self, fleet, dev, payload, queue=False).addCallback(lambda r: {"mid": r[0]}))
+
+    def _forLocalDevice(self, origin, raw, act):
+        """
+        Carry out what node C{origin} forwarded for a device of this node
+        (C{act(fleet, deviceId, payload, header)}) and answer it there.
+        """
         h, payload = decode(raw)
         self.stats["forwardedIn"] += 1
         k = (h["fleet"], h["dev"])
         if k not in self._devices:
             d = fail(errors.DeviceOffline(f"device {k[1]!r} is not connected"))
         else:
-            d = Concentrator.send(self, k[0], k[1], payload, queue=False).addCallback(
-                lambda r: {"mid": r[0]})
+            d = act(k[0], k[1], payload, h)
         self._answer(origin, h["id"], d)
 
     def _onPump(self, origin, raw):
