@@ -69,17 +69,25 @@ def unavailable(f):
     return f
 
 
-_PUSH = """
-local n = redis.call('ZCARD', KEYS[1])
-local maxDepth = tonumber(ARGV[3])
-if n >= maxDepth then
-  local old = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', ARGV[1])
+# Drop a queue's messages whose TTL ran out (KEYS[1] the ids by order,
+# KEYS[2] the ids by expiry, KEYS[3] the payloads); how many went.
+_EXPIRE_FN = """
+local function expire(now)
+  local old = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now)
   for _, i in ipairs(old) do
     redis.call('ZREM', KEYS[1], i)
     redis.call('HDEL', KEYS[3], i)
   end
-  redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', ARGV[1])
-  n = n - #old
+  redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
+  return #old
+end
+"""
+
+_PUSH = _EXPIRE_FN + """
+local n = redis.call('ZCARD', KEYS[1])
+local maxDepth = tonumber(ARGV[3])
+if n >= maxDepth then
+  n = n - expire(ARGV[1])
   if n >= maxDepth then return -n end
 end
 if tonumber(redis.call('GET', KEYS[4]) or '0') < tonumber(ARGV[7]) then
@@ -124,17 +132,12 @@ end
 return removed
 """
 
-_PURGE = """
-local old = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', ARGV[1])
-for _, i in ipairs(old) do
-  redis.call('ZREM', KEYS[1], i)
-  redis.call('HDEL', KEYS[3], i)
-end
-redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', ARGV[1])
+_PURGE = _EXPIRE_FN + """
+local n = expire(ARGV[1])
 if redis.call('ZCARD', KEYS[1]) == 0 then
   redis.call('SREM', KEYS[4], ARGV[2])
 end
-return #old
+return n
 """
 
 
