@@ -14,14 +14,23 @@ class BoundedOutput:
     learns when the peer stops reading: from then on it counts what it
     still writes (C{_pausedBytes}) and drops the peer as a slow consumer
     past its limit, instead of buffering without bound.
+
+    The count starts when the transport first pauses its producer and only
+    a resume (the transport's buffer drained to empty) resets it.  Twisted
+    calls C{pauseProducing} again on I{every} write made while its buffer
+    is over its high-water mark, so a reset there would let a flood of
+    small frames grow the buffer without ever reaching the limit.
     """
 
     _paused = False
     _pausedBytes = 0
+    #: Set once the peer has been dropped as a slow consumer.
+    slow = False
 
     def pauseProducing(self):
-        self._paused = True
-        self._pausedBytes = 0
+        if not self._paused:
+            self._paused = True
+            self._pausedBytes = 0
 
     def resumeProducing(self):
         self._paused = False
@@ -44,9 +53,25 @@ class BoundedOutput:
     def overLimit(self, size, limit):
         """
         Count C{size} bytes about to be written: true once more than
-        C{limit} have been written since the peer stopped reading.
+        C{limit} have been written since the peer stopped reading, and for
+        every write after that.  The first time, L{slowConsumer} is called
+        (once per connection) to drop the peer; the caller just discards
+        what it was about to write.
         """
+        if self.slow:
+            return True
         if not self._paused:
             return False
         self._pausedBytes += size
-        return self._pausedBytes > limit
+        if self._pausedBytes <= limit:
+            return False
+        self.slow = True
+        self.slowConsumer()
+        return True
+
+    def slowConsumer(self):
+        """
+        The peer has let more than the limit wait: count it, tell it if the
+        protocol can, and drop it.  Called once.
+        """
+        raise NotImplementedError

@@ -153,15 +153,17 @@ class IoTSession(BoundedOutput, Protocol):
             return
         data = frames.encode(kind, requestId, payload, address)
         if self.overLimit(len(data), self.factory.maxOutputBuffer):
-            self.factory.counters.slowConsumers += 1
-            log.warn("iot: closing slow consumer {who}: more than {n} bytes waiting",
-                     who=self.describe(), n=self.factory.maxOutputBuffer)
-            self.state = self.CLOSED
-            self._offline()
-            self.transport.abortConnection()
             return
         self.factory.counters.framesOut += 1
         self.transport.write(data)
+
+    def slowConsumer(self):
+        self.factory.counters.slowConsumers += 1
+        log.warn("iot: closing slow consumer {who}: more than {n} bytes waiting",
+                 who=self.describe(), n=self.factory.maxOutputBuffer)
+        self.state = self.CLOSED
+        self._offline()
+        self.transport.abortConnection()
 
     def _error(self, requestId, code, message):
         self._write(frames.ERROR, requestId,

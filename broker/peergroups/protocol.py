@@ -47,6 +47,15 @@ def _address(transport):
 GRACEFUL = {"broker shutting down": 1001, "store failure": 1011}
 
 
+def _slowPeer(protocol):
+    """
+    Drop a peer (either transport) that let more than the output limit wait.
+    """
+    log.warn("peer {addr}: not reading, dropped", addr=protocol.address)
+    protocol.factory.peergroups.counters.dropped["slow_consumer"] += 1
+    protocol.abort("slow consumer")
+
+
 def _decode(payload):
     """
     C{(None, value)} for one UTF-8 JSON value, else C{(why, None)}.
@@ -100,11 +109,11 @@ class PeerWebSocketProtocol(BoundedOutput, WebSocketServerProtocol):
             return
         data = _encode(obj)
         if self.overLimit(len(data), self.factory.peergroups.maxOutputBuffer):
-            log.warn("peer {addr}: not reading, dropped", addr=self.address)
-            self.factory.peergroups.counters.dropped["slow_consumer"] += 1
-            self.abort("slow consumer")
             return
         self.sendMessage(data, False)
+
+    def slowConsumer(self):
+        _slowPeer(self)
 
     def abort(self, reason):
         if self.transport is not None:
@@ -210,11 +219,11 @@ class PeerStreamProtocol(BoundedOutput, Int32StringReceiver):
     def sendObject(self, obj):
         data = _encode(obj)
         if self.overLimit(len(data) + 4, self.factory.peergroups.maxOutputBuffer):
-            log.warn("peer {addr}: not reading, dropped", addr=self.address)
-            self.factory.peergroups.counters.dropped["slow_consumer"] += 1
-            self.abort("slow consumer")
             return
         self.sendString(data)
+
+    def slowConsumer(self):
+        _slowPeer(self)
 
     def abort(self, reason):
         if self.transport is not None:

@@ -294,7 +294,6 @@ class ClientProtocol(BoundedOutput, WebSocketServerProtocol):
         prepared = delivery.encode(self.kind, self._encoder)
         frame = prepared.payloadHybi
         if self.overLimit(len(frame), self.factory.maxOutputBuffer):
-            self._slowConsumer()
             return
         if self._perMessageCompress is None and not self.send_queue:
             # The hot path: the prepared frame straight to the transport.
@@ -338,13 +337,33 @@ class ClientProtocol(BoundedOutput, WebSocketServerProtocol):
             raw = reason.encode("utf-8")[:123].decode("utf-8", "ignore").encode("utf-8")
             self.sendCloseFrame(code, raw, isReply=False)
 
-    def _slowConsumer(self):
+    def sendData(self, data, sync=False, chopsize=None):
+        """
+        Every other frame autobahn writes (acks, pongs, system messages,
+        reliable links' frames) counts against the output bound too, so a
+        client that floods requests and never reads its answers is dropped
+        like one that never reads deliveries.  The close frame of a slow
+        consumer still goes out (it is small and tells a peer that resumes
+        reading why it was dropped).
+        """
+        if self.slow:
+            if self.state == self.STATE_OPEN:
+                super().sendData(data, sync, chopsize)
+        elif not self.overLimit(len(data), self.factory.maxOutputBuffer):
+            super().sendData(data, sync, chopsize)
+
+    def slowConsumer(self):
         hub = self.hub
-        hub.stats.slowConsumerDrops += 1
         log.warn("closing slow consumer {cid} on hub {hub}: more than {n} bytes queued",
                  cid=self.connectionId, hub=hub.name, n=self.factory.maxOutputBuffer)
+        if self.link is not None:
+            # The reliable connection ends as when its own bound is crossed.
+            self.link.slowConsumer()
+            return
+        hub.stats.slowConsumerDrops += 1
         session, self.session = self.session, None
-        hub.remove(session, "slow consumer")
+        if session is not None:
+            hub.remove(session, "slow consumer")
         # The peer is not reading, so the close frame may never get out:
         # autobahn's closeHandshakeTimeout drops the TCP connection.
         self._sendClose(CloseCode.SLOW_CONSUMER, "slow consumer: output buffer exceeded")

@@ -98,11 +98,22 @@ class ReliableLink:
         self._unacked[self._sequence] = frame
         self._bufferedBytes += len(frame)
         if self._bufferedBytes > self.maxBuffered:
-            self.close(CloseCode.SLOW_CONSUMER, "too many unacknowledged messages")
-            self.registry.slowConsumer(self)
+            self.slowConsumer("too many unacknowledged messages")
             return
         if self.protocol is not None:
             self.protocol.sendMessage(frame)
+
+    def slowConsumer(self, reason="slow consumer: output buffer exceeded"):
+        """
+        The client fell too far behind (unacknowledged bytes over the bound,
+        or its socket's output buffer over it): close for good, counted.
+        """
+        if self.closed:
+            return
+        self.registry.slowConsumer(self)
+        if self.session is not None:
+            self.session.hub.stats.slowConsumerDrops += 1
+        self.close(CloseCode.SLOW_CONSUMER, reason)
 
     def close(self, code, reason):
         """
