@@ -1404,6 +1404,48 @@ class DirectConnections(Base):
 DirectConnectionsWS, DirectConnectionsTCP = _transports(DirectConnections)
 
 
+class SlowPeers(Base):
+    toml = "max_output_buffer = 262144\n"
+
+    @defer.inlineCallbacks
+    def test_neverReadingPeerDropped(self):
+        """
+        A peer that stops reading while many small direct-data messages are
+        sent to it is dropped as a slow consumer once more than
+        C{max_output_buffer} bytes wait for it (not only when one large
+        message crosses it); another peer sent the same stream meanwhile
+        gets every message, in order.
+        """
+        admin = yield self.group()
+        bob = yield self.invite(admin, "bob")
+        carol = yield self.invite(admin, "carol")
+        toBob = yield admin.client.openDirectConnection(admin.handle, bob.name)
+        toCarol = yield admin.client.openDirectConnection(admin.handle, carol.name)
+        yield bob.next(C.EVENT_DIRECT_CONNECTION)
+        yield carol.next(C.EVENT_DIRECT_CONNECTION)
+        bob.client.transport.pauseProducing()
+        counters = self.broker.pg.counters.dropped
+        chunk, sent = b"x" * 1024, 0
+        while not counters["slow_consumer"] and sent < 65536:
+            sends = []
+            for _ in range(32):
+                sent += 1
+                sends.append(admin.client.sendData(admin.handle, toCarol, DATA,
+                                                   b"%d" % sent))
+                sends.append(admin.client.sendData(admin.handle, toBob, DATA, chunk)
+                             .addErrback(lambda f: f.trap(PeerError)))
+            yield defer.gatherResults(sends)
+            for _ in range(32):
+                event = yield carol.next(C.EVENT_INCOMING_DATA)
+                self.assertEqual(cred.unb64(event["incomingData"]["data"]),
+                                 b"%d" % (sent - 31 + _))
+        self.assertEqual(counters["slow_consumer"], 1, f"no drop after {sent} messages")
+        bob.client.transport.resumeProducing()
+        yield bob.client.closed
+
+SlowPeersWS, SlowPeersTCP = _transports(SlowPeers)
+
+
 # -- end to end ------------------------------------------------------------------
 
 class EndToEnd(TestCase):

@@ -11,7 +11,9 @@ from twisted.internet import defer, reactor
 from twisted.internet.task import deferLater
 from twisted.trial import unittest
 
-from broker.core.message import Message, Target
+from broker.iot import errors, frames
+from broker.iot.frames import Payload
+from tests.iotharness import IoTHarness, waitUntil
 from tests.wsharness import BrokerHarness
 
 # A small bound, so the kernel's socket buffers (several MiB on loopback)
@@ -167,3 +169,43 @@ class WebPubSubSlowConsumerTests(unittest.TestCase):
         self.hub.addConnectionToGroup(hello["connectionId"], "g")
         yield self._check(slow, hello["connectionId"])
         self.assertEqual(self.broker.factory.links.slowConsumers, 1)
+
+
+class IoTSlowConsumerTests(unittest.TestCase):
+    """
+    IoT: a device that never reads, sent many small direct messages and
+    its group's publishes, is dropped; a device beside it gets them all.
+    """
+
+    @defer.inlineCallbacks
+    def setUp(self):
+        self.h = yield IoTHarness(self, reactor, maxOutputBuffer=LIMIT).start()
+        self.c = self.h.concentrator
+
+    @defer.inlineCallbacks
+    def test_neverReadingDevice(self):
+        slow = yield self.h.device("d1")
+        fast = yield self.h.device("d2")
+        server = self.c._device("acme", "d1").transport
+        watch = BufferWatch()
+        slow.transport.pauseProducing()
+        payload = Payload(frames.BINARY, b"x" * 1024)
+        sent = 0
+        while self.c.isOnline("acme", "d1") and sent < CEILING // 1024:
+            for _ in range(32):
+                sent += 1
+                yield self.c.send("acme", "d2", payload, queue=False)
+                try:
+                    yield self.c.send("acme", "d1", payload, queue=False)
+                except errors.DeviceOffline:
+                    break
+            watch.sample(server)
+            yield _turn()
+        self.assertEqual(self.h.factory.counters.slowConsumers, 1,
+                         f"no drop after {sent} messages of 1 KiB")
+        self.assertLess(watch.peak, LIMIT + 65536 + 2048)
+        yield waitUntil(reactor, lambda: len(fast.inbox.pending) >= sent)
+        got = [fast.inbox.pending.pop(0) for _ in range(len(fast.inbox.pending))]
+        self.assertEqual([f.kind for f in got], [frames.MESSAGE] * sent)
+        slow.transport.resumeProducing()
+        yield slow.closed

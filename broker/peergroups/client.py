@@ -60,6 +60,8 @@ class PeerGroupClient:
         self._waiters = {}
         self._pings = {}
         self.hello = None
+        # The connection's transport (for flow control: pauseProducing).
+        self.transport = None
         self.helloReceived = defer.Deferred()
         self.closed = defer.Deferred()
         self.identity = None
@@ -494,6 +496,7 @@ class _WSClientProtocol(WebSocketClientProtocol):
     def onOpen(self):
         self.client = PeerGroupClient(lambda o: self.sendMessage(_encode(o), False),
                                       self.transport.abortConnection)
+        self.client.transport = self.transport
         self.factory.ready.callback(self.client)
 
     def onMessage(self, payload, isBinary):
@@ -538,6 +541,7 @@ class _StreamClientProtocol(Int32StringReceiver):
     def connectionMade(self):
         self.client = PeerGroupClient(lambda o: self.sendString(_encode(o)),
                                       self.transport.abortConnection)
+        self.client.transport = self.transport
 
     def stringReceived(self, payload):
         self.client.received(_decode(payload))
