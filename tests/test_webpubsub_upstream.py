@@ -265,3 +265,73 @@ class UpstreamTests(TestCase):
                                     extra="event_timeout = 0.3")
         e = yield self.assertFailure(harness.connect(), ConnectionRefusedByServer)
         self.assertIn("500", str(e))
+
+
+class _HoldingUpstream(Upstream):
+    """
+    Holds every user event unanswered, keeping the requests to answer.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.held = []
+
+    def render_POST(self, request):
+        if request.getHeader(b"ce-type").startswith(b"azure.webpubsub.user."):
+            self.requests.append(request.content.read())
+            self.held.append(request)
+            return NOT_DONE_YET
+        return super().render_POST(request)
+
+    def answerAll(self):
+        held, self.held = self.held, []
+        for request in held:
+            if not request._disconnected:
+                request.finish()
+
+
+class EventsInFlightTests(TestCase):
+    """
+    A client flooding user events at a handler that does not answer gets
+    at most C{max_events_in_flight} requests under way; the rest wait,
+    unread, and go out in order as answers come.
+    """
+
+    broker = UpstreamTests.broker
+
+    @defer.inlineCallbacks
+    def _flood(self, client, send, n=500):
+        upstream = self.upstream
+        self.addCleanup(upstream.answerAll)
+        for i in range(n):
+            send(client, i)
+        for _ in range(50):
+            yield task.deferLater(reactor, 0.01, lambda: None)
+        self.assertEqual(len(upstream.held), 4)
+        sent = 4
+        while sent < n:
+            upstream.answerAll()
+            for _ in range(500):
+                if len(upstream.held) or len(upstream.requests) == n:
+                    break
+                yield task.deferLater(reactor, 0.005, lambda: None)
+            self.assertLessEqual(len(upstream.held), 4)
+            sent = len(upstream.requests)
+        return upstream.requests
+
+    @defer.inlineCallbacks
+    def test_plainClient(self):
+        harness = yield self.broker([("/e/{event}", "*", [])], _HoldingUpstream(),
+                                    extra="max_events_in_flight = 4")
+        c = yield harness.connect(protocols=())
+        bodies = yield self._flood(c, lambda c, i: c.sendMessage(b"m%d" % i))
+        self.assertEqual(bodies, [b"m%d" % i for i in range(500)])
+
+    @defer.inlineCallbacks
+    def test_jsonClient(self):
+        harness = yield self.broker([("/e/{event}", "*", [])], _HoldingUpstream(),
+                                    extra="max_events_in_flight = 4")
+        c = yield harness.connectJSON()
+        bodies = yield self._flood(c, lambda c, i: c.send(
+            {"type": "event", "event": "e", "dataType": "text", "data": f"m{i}"}))
+        self.assertEqual(bodies, [b"m%d" % i for i in range(500)])

@@ -19,10 +19,11 @@ closed with L{CloseCode.SLOW_CONSUMER} and counted.
 """
 
 import re
-from collections import OrderedDict
+from collections import OrderedDict, deque
 
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.types import ConnectionDeny
+from twisted.internet import defer
 from twisted.logger import Logger
 from zope.interface import implementer
 
@@ -46,6 +47,10 @@ ACK_WINDOW = 4096
 
 PLAIN = "plain"
 JSON = "json"
+
+# Why a client's reading is held (ClientProtocol._readingHeld).
+_FANOUT = 1
+_EVENTS = 2
 
 
 class HubSettings:
@@ -75,7 +80,11 @@ class ClientProtocol(BoundedOutput, WebSocketServerProtocol):
     connectionId = None
     # Created on the first ackId: idle connections should cost little.
     _recentAcks = ()
-    _throttled = False
+    # Why reading from the client is paused (bits: _FANOUT, _EVENTS); the
+    # transport is resumed only when no reason is left.
+    _readingHeld = 0
+    _eventsInFlight = 0
+    _eventsWaiting = None
     # {group: [pending recoveries, held deliveries]} while an asynchronous
     # joinGroup recovery runs (cluster mode, _recoverLater).
     holding = None
@@ -389,8 +398,21 @@ class ClientProtocol(BoundedOutput, WebSocketServerProtocol):
                 return
             self._throttle()
             return
-        d = session.sendEvent("message", message)
+        d = self._sendEvent(session, "message", message)
         d.addCallbacks(self._upstreamReply, self._upstreamFailed)
+
+    def _holdReading(self, why):
+        if not self._readingHeld:
+            self.transport.pauseProducing()
+        self._readingHeld |= why
+
+    def _releaseReading(self, why):
+        if not self._readingHeld & why:
+            return
+        self._readingHeld &= ~why
+        if not self._readingHeld and self.transport is not None \
+                and self.state != self.STATE_CLOSED:
+            self.transport.resumeProducing()
 
     def _throttle(self):
         """
@@ -398,19 +420,46 @@ class ClientProtocol(BoundedOutput, WebSocketServerProtocol):
         its high-water mark, so a fast publisher cannot queue deliveries
         without bound; reading resumes once the backlog has drained.
         """
-        if self._throttled:
+        if self._readingHeld & _FANOUT:
             return
         drained = self.hub.backpressure()
         if drained is None:
             return
-        self._throttled = True
-        self.transport.pauseProducing()
-        drained.addCallback(self._unthrottle)
+        self._holdReading(_FANOUT)
+        drained.addCallback(lambda _: self._releaseReading(_FANOUT))
 
-    def _unthrottle(self, _):
-        self._throttled = False
-        if self.transport is not None and self.state != self.STATE_CLOSED:
-            self.transport.resumeProducing()
+    def _sendEvent(self, session, event, message):
+        """
+        Send a user event to the upstream handler, at most the factory's
+        C{maxEventsInFlight} of this client's at once: past it, the event
+        waits here and the client is not read until one is answered, so a
+        client cannot open upstream requests without bound (what waits is
+        at most the frames of the read that crossed the limit).
+        """
+        if self._eventsInFlight < self.factory.maxEventsInFlight:
+            return self._startEvent(session, event, message)
+        self._holdReading(_EVENTS)
+        if self._eventsWaiting is None:
+            self._eventsWaiting = deque()
+        d = defer.Deferred()
+        self._eventsWaiting.append((session, event, message, d))
+        return d
+
+    def _startEvent(self, session, event, message):
+        self._eventsInFlight += 1
+        d = defer.maybeDeferred(session.sendEvent, event, message)
+        d.addBoth(self._eventDone)
+        return d
+
+    def _eventDone(self, result):
+        self._eventsInFlight -= 1
+        waiting = self._eventsWaiting
+        if waiting:
+            session, event, message, d = waiting.popleft()
+            self._startEvent(session, event, message).chainDeferred(d)
+        if not waiting:
+            self._releaseReading(_EVENTS)
+        return result
 
     def _upstreamReply(self, reply):
         if reply is not None and self.session is not None:
@@ -472,7 +521,7 @@ class ClientProtocol(BoundedOutput, WebSocketServerProtocol):
                 self._throttle()
                 return
             else:
-                d = session.sendEvent(request.event, request.message)
+                d = self._sendEvent(session, request.event, request.message)
                 self._remember(ackId)
                 d.addCallbacks(lambda reply: self._eventReply(ackId, reply),
                                lambda f: self._eventFailed(ackId, f))
@@ -606,9 +655,10 @@ class ClientFactory(WebSocketServerFactory):
     def __init__(self, core, hubSettings, defaultSettings, audiences=(),
                  maxFrameSize=1024 * 1024, maxOutputBuffer=4 * 1024 * 1024,
                  autoPingInterval=30.0, autoPingTimeout=30.0, reactor=None,
-                 recoveryWindow=30.0, cluster=None):
+                 recoveryWindow=30.0, cluster=None, maxEventsInFlight=16):
         super().__init__(reactor=reactor)
         self.core = core
+        self.maxEventsInFlight = maxEventsInFlight
         if cluster is None:
             self.links = ReliableLinks(self.reactor, recoveryWindow, maxOutputBuffer)
         else:

@@ -51,6 +51,10 @@ SECTION = Table({
     "event_origin": Str("localhost", nonEmpty=True,
                         doc="WebHook-Request-Origin sent to event handlers."),
     "event_timeout": Float(10.0, minimum=0.1, doc="Seconds an event handler may take."),
+    "max_events_in_flight": Int(16, minimum=1, maximum=10000,
+                                doc="User events of one connection under way to the event "
+                                    "handler; past it the client is not read until one is "
+                                    "answered."),
     "event_retries": Int(2, minimum=0, maximum=10,
                          doc="Retries of a failed connected/disconnected notification."),
 })

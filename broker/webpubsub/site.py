@@ -58,6 +58,7 @@ def makeFactory(core, cfg, defaultKeys, reactor, cluster=None):
         maxFrameSize=cfg["max_frame_size"], maxOutputBuffer=cfg["max_output_buffer"],
         autoPingInterval=cfg["auto_ping_interval"], autoPingTimeout=cfg["auto_ping_timeout"],
         reactor=reactor, recoveryWindow=cfg["recovery_window"], cluster=cluster,
+        maxEventsInFlight=cfg["max_events_in_flight"],
     )
 
 
