@@ -220,6 +220,9 @@ def schema():
         "broker": Table({
             "state_dir": Str("var", nonEmpty=True,
                              doc="Directory for state files (generated keys, stores)."),
+            "drain_timeout": Float(10.0, minimum=0, maximum=600,
+                                   doc="Seconds a stop (SIGTERM) waits for sessions to "
+                                       "close after telling them; 0 cuts them at once."),
         }),
         "admin": Table({
             "listen": List(Endpoint(), default=["tcp:9090:interface=127.0.0.1"]),

@@ -42,7 +42,7 @@ class FaceContext:
     """
 
     def __init__(self, reactor, core, settings, top, registry, listen, reloader,
-                 cluster=None, listeningReactor=None):
+                 cluster=None, listeningReactor=None, drainHooks=None):
         self.reactor = reactor
         self._listeningReactor = listeningReactor
         self.core = core
@@ -53,6 +53,7 @@ class FaceContext:
         self._top = top
         self._listen = listen
         self._reloader = reloader
+        self._drainHooks = drainHooks if drainHooks is not None else []
 
     def listen(self, key, descriptions, factory):
         """
@@ -79,6 +80,18 @@ class FaceContext:
         started after the core and stopped before it.
         """
         svc.setServiceParent(self._top)
+
+    def onDrain(self, hook):
+        """
+        Call C{hook()} when the broker starts stopping (C{SIGTERM}), once the
+        faces' listeners no longer accept: it tells the face's sessions the
+        broker is closing (their protocol's close frame or code), answers
+        what the face holds (503 for a held request), and returns a Deferred
+        firing once the face's connections have gone.  The broker waits at
+        most C{broker.drain_timeout} for every hook before it stops the
+        faces, which cut whatever is left.
+        """
+        self._drainHooks.append(hook)
 
     def onReload(self, hook):
         """

@@ -175,21 +175,67 @@ class Reloader(service.Service):
 
 class BrokerService(service.MultiService):
     """
-    The broker's service tree.  In cluster mode the Redis link and the node
-    stop last, once every face and the core have stopped, so that their
-    last writes (a session's removal, a peer's sync point) still reach
-    Redis; the other children stop together, as in a L{MultiService}.
+    The broker's service tree.
+
+    Stopping (C{SIGTERM}) drains first: the faces' listeners stop accepting
+    (the admin listener stays, its C{/healthz} answering 503 "draining"),
+    each face's drain hook tells its sessions the broker is closing (their
+    protocol's close frame or code) and answers what it holds, the core
+    closes every session of every hub with 1001, and the broker waits until
+    the faces' connections have gone or C{broker.drain_timeout} has passed.
+    Then the services stop as in a L{MultiService}: whatever is left is cut.
+
+    In cluster mode the Redis link and the node stop last, once every face
+    and the core have stopped, so that their last writes (a session's
+    removal, a peer's sync point) still reach Redis.
     """
 
     clusterService = None
+    core = None
+    reactor = None
+    drainTimeout = 10.0
+
+    def __init__(self):
+        super().__init__()
+        self.drainHooks = []
 
     @defer.inlineCallbacks
     def stopService(self):
         service.Service.stopService(self)
-        others = [s for s in reversed(list(self)) if s is not self.clusterService]
+        yield self._drain()
+        others = [s for s in reversed(list(self))
+                  if s is not self.clusterService and s.running]
         yield defer.DeferredList([defer.maybeDeferred(s.stopService) for s in others])
         if self.clusterService is not None:
             yield self.clusterService.stopService()
+
+    @defer.inlineCallbacks
+    def _drain(self):
+        if self.core is None:
+            return
+        self.core.draining = True
+        listeners = [s for s in self if isinstance(s, ListenerService) and s.running
+                     and not s.key.startswith("admin.")]
+        yield defer.DeferredList([defer.maybeDeferred(s.stopService) for s in listeners])
+        if not self.drainHooks or not self.drainTimeout:
+            return
+        waits = []
+        for hook in self.drainHooks:
+            d = defer.maybeDeferred(hook)
+            d.addErrback(lambda f: log.failure("drain hook failed", f))
+            waits.append(d)
+        # Sessions of every hub (Web PubSub, peer groups) are told 1001.
+        self.core.goingAway()
+        started = self.reactor.seconds()
+        done = defer.DeferredList(waits)
+        done.addTimeout(self.drainTimeout, self.reactor)
+        try:
+            yield done
+        except defer.TimeoutError:
+            log.warn("drain: sessions still open after {t:g} s; closing them",
+                     t=self.drainTimeout)
+        else:
+            log.info("drained in {t:.3f} s", t=self.reactor.seconds() - started)
 
 
 def buildService(settings, reactor, foreground=True, ports=None):
@@ -204,6 +250,8 @@ def buildService(settings, reactor, foreground=True, ports=None):
         socket the supervisor opened for the listener C{key}.
     """
     top = BrokerService()
+    top.reactor = reactor
+    top.drainTimeout = settings["broker"]["drain_timeout"]
     cluster = buildCluster(reactor, settings)
     engine = None
     if cluster is not None:
@@ -232,7 +280,7 @@ def buildService(settings, reactor, foreground=True, ports=None):
                             foreground).setServiceParent(top)
 
     context = FaceContext(reactor, core, settings, top, registry, listen, reloader, cluster,
-                          listeningReactor)
+                          listeningReactor, top.drainHooks)
     for name in FACES:
         faceModule(name).build(context)
     top.adminSite = makeAdminSite(core, registry)

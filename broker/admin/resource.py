@@ -93,6 +93,9 @@ class Healthz(_Leaf):
     def render_GET(self, request):
         request.setHeader(b"content-type", b"text/plain; charset=utf-8")
         request.setHeader(b"cache-control", b"no-store")
+        if self.core.draining:
+            request.setResponseCode(503)
+            return b"draining: the broker is stopping\n"
         if self.core.running and self.core.engine.healthy():
             return b"ok\n"
         request.setResponseCode(503)

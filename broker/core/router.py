@@ -31,6 +31,9 @@ class Core(service.Service):
         self.hubs = {}
         self._hubSetup = []
         self.rejectedElsewhere = 0
+        # True once the broker is stopping: /healthz answers 503 so load
+        # balancers stop sending new clients.
+        self.draining = False
         self._filterCompiler = None
         self._filters = {}
         self.engine.attach(self)
@@ -116,14 +119,17 @@ class Core(service.Service):
             self._filters[text] = predicate
         return predicate
 
-    def stopService(self):
+    def goingAway(self):
         """
         Close every session with "going away" so clients reconnect elsewhere.
         """
-        super().stopService()
-        self.fanout.stop()
         for hub in self.hubs.values():
             hub.closeConnections(hub.sessions(), CloseCode.GOING_AWAY, "broker shutting down")
+
+    def stopService(self):
+        super().stopService()
+        self.fanout.stop()
+        self.goingAway()
 
     # -- figures ----------------------------------------------------------
 

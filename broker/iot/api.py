@@ -28,7 +28,7 @@ import io
 import json
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-from twisted.internet.defer import CancelledError
+from twisted.internet.defer import CancelledError, DeferredList
 from twisted.logger import Logger
 from twisted.web import server
 from twisted.web.resource import Resource
@@ -195,11 +195,30 @@ class APIResource(Resource):
         self.maxHeldPerFleet = maxHeldPerFleet
         self.heldByFleet = {}
         self.stats = stats if stats is not None else APIStats()
+        # Set when the broker stops: held requests are answered 503 and new
+        # ones refused the same way.
+        self.draining = False
+        self._held = set()          # the held requests' concentrator Deferreds
+        self._answering = set()     # notifyFinish of requests answered while draining
+
+    def drain(self):
+        """
+        The broker is stopping: answer every held request 503
+        C{SHUTTING_DOWN} (and refuse new ones so); a Deferred fires once
+        those answers are written.
+        """
+        self.draining = True
+        for d in list(self._held):
+            d.cancel()
+        answering, self._answering = self._answering, set()
+        return DeferredList([d for d in answering if not d.called], consumeErrors=True)
 
     # -- plumbing -----------------------------------------------------------
 
     def render(self, request):
         try:
+            if self.draining:
+                raise _shuttingDown()
             return self._route(request)
         except APIError as e:
             return self._error(request, e)
@@ -419,13 +438,20 @@ class APIResource(Resource):
             s.heldLatency.observe(max(0.0, self.reactor.seconds() - started))
 
         def answered(answer):
+            self._held.discard(d)
             settle("answered")
             self._send(request, 200, {"payload": toJSON(answer),
                                       "elapsed": round(self.reactor.seconds() - started, 6)})
 
         def failed(f):
+            self._held.discard(d)
             if f.check(CancelledError) and request._disconnected:
                 settle("cancelled")
+                return
+            if f.check(CancelledError) and self.draining:
+                settle("shutdown")
+                self._answering.add(request.notifyFinish())
+                self._error(request, _shuttingDown())
                 return
             e = f.value
             if isinstance(e, errors.Refused):
@@ -443,9 +469,15 @@ class APIResource(Resource):
             if not state["done"]:
                 d.cancel()
         request.notifyFinish().addErrback(gone)
+        self._held.add(d)
         d.addCallbacks(answered, failed)
         d.addErrback(lambda f: log.failure("iot.http: answering a held request", f))
         return server.NOT_DONE_YET
+
+
+def _shuttingDown():
+    return APIError(503, "SHUTTING_DOWN", "the broker is stopping; retry elsewhere",
+                    [(b"retry-after", b"1"), (b"connection", b"close")])
 
 
 def loadKeys(httpSettings, stateDir):

@@ -287,6 +287,7 @@ def buildHTTP(context, cfg, concentrator):
     except apikeys.APIKeyError as e:
         raise ConfigError("iot.http.api_keys", str(e))
     site = api.makeSite(context.reactor, concentrator, keys, http, context.registry)
+    context.onDrain(site.api.drain)
     context.listen("iot.http.listen", http["listen"], site)
 
     def reload():
@@ -306,6 +307,7 @@ def build(context):
                          maxFrame=cfg["max_frame_size"],
                          maxOutputBuffer=cfg["max_output_buffer"])
     context.listen("iot.listen", cfg["listen"], factory)
+    context.onDrain(factory.drain)
     udp = None
     if cfg["udp"]["enabled"]:
         udp = TelemetryListener(concentrator, cfg["udp"]["max_datagram"])

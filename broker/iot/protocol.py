@@ -19,6 +19,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from broker.core.drain import LiveConnections
 from broker.core.output import BoundedOutput
 from broker.iot import auth, errors, frames
 from broker.iot.frames import FrameError, FrameReader, Payload
@@ -78,12 +79,14 @@ class IoTSession(BoundedOutput, Protocol):
     # -- connection life --------------------------------------------------
 
     def connectionMade(self):
+        self.factory.connections.add(self)
         reactor = self.factory.reactor
         self._lastSeen = reactor.seconds()
         self._timer = reactor.callLater(self.factory.authTimeout, self._authExpired)
         self.registerAsProducer(self.transport)
 
     def connectionLost(self, reason):
+        self.factory.connections.discard(self)
         self.state = self.CLOSED
         for timer in (self._timer, self._abortTimer):
             if timer is not None and timer.active():
@@ -539,8 +542,19 @@ class IoTFactory(Factory):
         self.maxInFlight = maxInFlight
         self.closeGrace = closeGrace
         self.counters = Counters()
+        self.connections = LiveConnections()
         self.nonces = nonces if nonces is not None else auth.NonceBook(
             clock=reactor.seconds)
 
     def buildProtocol(self, addr):
         return IoTSession(self)
+
+    def drain(self):
+        """
+        The broker is stopping: every session, authenticated or not, gets
+        a CLOSE frame with code C{SHUTDOWN} and is closed; a Deferred fires
+        once they have all gone.
+        """
+        for session in self.connections:
+            session.close("SHUTDOWN", "broker shutting down")
+        return self.connections.whenEmpty()

@@ -19,6 +19,7 @@ from twisted.internet import defer
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
+from broker.core.drain import LiveConnections
 from broker.core.errors import Unavailable
 from broker.peergroups import constants as C
 from broker.peergroups.credentials import Certificate
@@ -72,6 +73,8 @@ class PeerGroups(service.Service):
         self.counters = Counters()
         self.apps = {}
         self.sessions = set()
+        # Every connection of both transports, sessions or not (the drain).
+        self.connections = LiveConnections()
         self.directs = {}
         self.loaded = False
         self._waiting = []
@@ -164,10 +167,26 @@ class PeerGroups(service.Service):
             self._sweeper.stop()
         if self.link is not None:
             self.link.stop()
+        self._closeSessions()
+        return defer.DeferredList(list(self._inflight))
+
+    def _closeSessions(self):
         for session in list(self.sessions):
             session.transport.abort("broker shutting down")
             session.lost("broker shutting down")
-        return defer.DeferredList(list(self._inflight))
+
+    def drain(self):
+        """
+        The broker is stopping: every session is closed with "broker
+        shutting down" (1001 over WebSocket, a clean close over TCP), a
+        handshake in progress is cut; a Deferred fires once every
+        connection has gone.
+        """
+        self._closeSessions()
+        for protocol in self.connections:
+            if protocol.session is None and protocol.transport is not None:
+                protocol.transport.loseConnection()
+        return self.connections.whenEmpty()
 
     # -- helpers ------------------------------------------------------------
 

@@ -106,6 +106,7 @@ def build(context):
     context.addService(store)
     context.addService(pg)
     context.registry.register(PeerGroupsCollector(pg))
+    context.onDrain(pg.drain)
     ws = PeerWebSocketFactory(pg, cfg["max_message_size"], reactor=context.reactor)
     context.listen("peergroups.listen", cfg["listen"], makeSite(ws))
     context.listen("peergroups.tcp_listen", cfg["tcp_listen"],

@@ -76,6 +76,14 @@ class PeerWebSocketProtocol(BoundedOutput, WebSocketServerProtocol):
     session = None
     address = "?"
 
+    def connectionMade(self):
+        self.factory.peergroups.connections.add(self)
+        super().connectionMade()
+
+    def connectionLost(self, reason):
+        self.factory.peergroups.connections.discard(self)
+        super().connectionLost(reason)
+
     def onConnect(self, request):
         if request.path.rstrip("/") != WS_PATH:
             raise ConnectionDeny(404, f"no such endpoint; use {WS_PATH}")
@@ -186,6 +194,7 @@ class PeerStreamProtocol(BoundedOutput, Int32StringReceiver):
     address = "?"
 
     def connectionMade(self):
+        self.factory.peergroups.connections.add(self)
         self.MAX_LENGTH = self.factory.maxMessageSize
         self.address = _address(self.transport)
         self.registerAsProducer(self.transport)
@@ -212,6 +221,7 @@ class PeerStreamProtocol(BoundedOutput, Int32StringReceiver):
             session.lost("oversized message")
 
     def connectionLost(self, reason):
+        self.factory.peergroups.connections.discard(self)
         session, self.session = self.session, None
         if session is not None:
             session.lost("connection lost")

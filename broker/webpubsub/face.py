@@ -100,5 +100,6 @@ def build(context):
     if pool is not None:
         context.reactor.addSystemEventTrigger("before", "shutdown", pool.closeCachedConnections)
     site = makeSite(factory)
+    context.onDrain(factory.drain)
     context.registry.register(RestCollector(site.restAPI))
     context.listen("webpubsub.listen", wps["listen"], site)

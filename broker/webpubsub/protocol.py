@@ -31,6 +31,7 @@ from broker.auth.tokens import TokenError, verifyClientToken
 from broker.config import HUB_NAME
 from broker.core.errors import BadRequest, BrokerError, CloseCode, Duplicate
 from broker.core.hub import NoUpstream, checkName
+from broker.core.drain import LiveConnections
 from broker.core.output import BoundedOutput
 from broker.core.interfaces import IConnection
 from broker.core.message import BINARY, TEXT, Delivery, Message
@@ -97,6 +98,26 @@ class ClientProtocol(BoundedOutput, WebSocketServerProtocol):
         self.reliable = False
         self.link = None
         self._resuming = None
+
+    # -- connection life ----------------------------------------------------
+
+    def connectionMade(self):
+        self.factory.connections.add(self)
+        super().connectionMade()
+
+    def connectionLost(self, reason):
+        self.factory.connections.discard(self)
+        super().connectionLost(reason)
+
+    def goingAway(self):
+        """
+        The broker is stopping: an open client is closed with 1001 (as a
+        session of its hub); one still in its opening handshake is cut.
+        """
+        if self.state == self.STATE_OPEN:
+            self._closeSocket(CloseCode.GOING_AWAY, "broker shutting down")
+        elif self.state != self.STATE_CLOSING and self.transport is not None:
+            self.transport.loseConnection()
 
     # -- handshake --------------------------------------------------------
 
@@ -659,6 +680,7 @@ class ClientFactory(WebSocketServerFactory):
         super().__init__(reactor=reactor)
         self.core = core
         self.maxEventsInFlight = maxEventsInFlight
+        self.connections = LiveConnections()
         if cluster is None:
             self.links = ReliableLinks(self.reactor, recoveryWindow, maxOutputBuffer)
         else:
@@ -681,6 +703,15 @@ class ClientFactory(WebSocketServerFactory):
 
     def hubSettings(self, hubName):
         return self._hubSettings.get(hubName, self._defaultSettings)
+
+    def drain(self):
+        """
+        Tell every client the broker is stopping; a Deferred firing once
+        they have all gone (see L{broker.faces.FaceContext.onDrain}).
+        """
+        for protocol in self.connections:
+            protocol.goingAway()
+        return self.connections.whenEmpty()
 
     def rejected(self, hubName):
         """
