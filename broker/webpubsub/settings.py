@@ -4,7 +4,7 @@ The C{[webpubsub]} section of the configuration (docs/configuration.md).
 """
 
 from broker.config import (HUB_NAME, HUB_NAME_RULE, KIB, MIB, Bool, Endpoint, Float, Int,
-                           List, MapOf, Str, Table)
+                           List, MapOf, Str, Table, httpLimits)
 
 EVENT_HANDLER = Table({
     "url_template": Str(nonEmpty=True,
@@ -53,4 +53,5 @@ SECTION = Table({
     "event_timeout": Float(10.0, minimum=0.1, doc="Seconds an event handler may take."),
     "event_retries": Int(2, minimum=0, maximum=10,
                          doc="Retries of a failed connected/disconnected notification."),
+    **httpLimits(10000),
 })
