@@ -208,6 +208,32 @@ MIB = 1024 * KIB
 HUB_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,127}$")
 HUB_NAME_RULE = "a letter, then up to 127 letters, digits or underscores"
 
+def connectionLimit(default):
+    """
+    C{max_connections}: a listener's cap on open connections.
+    """
+    return Int(default, minimum=1, maximum=10_000_000,
+               doc="Connections open at once on this listener (all its endpoints); "
+                   "one more is accepted and reset at once, and counted.")
+
+
+def httpLimits(maxConnections, idleTimeout=60.0):
+    """
+    The keys every HTTP listener's section has (docs/configuration.md,
+    "HTTP listener limits"): C{header_timeout}, C{idle_timeout} and
+    C{max_connections}.
+    """
+    return {
+        "header_timeout": Float(10.0, minimum=0.05, maximum=3600,
+                                doc="Seconds a connection has to send a complete request "
+                                    "head; else 408 and closed."),
+        "idle_timeout": Float(idleTimeout, minimum=0.05,
+                              doc="Seconds a keep-alive connection may sit silent between "
+                                  "requests."),
+        "max_connections": connectionLimit(maxConnections),
+    }
+
+
 def schema():
     """
     The whole schema: the broker's own sections, then one section per face,
@@ -229,6 +255,7 @@ def schema():
             "worker_listen": List(Endpoint(), default=[],
                                   doc="With cluster.workers > 1: each worker's own admin "
                                       "listeners, worker i on the port plus i."),
+            **httpLimits(100),
         }),
         "cluster": Table({
             "redis_url": Str("", doc="redis://[:password@]host[:port][/db]; empty: one "

@@ -39,10 +39,13 @@ class FaceContext:
     @ivar cluster: C{None} on a single node; in cluster mode the
         L{broker.cluster.node.Cluster} (node id, node-to-node messages,
         liveness hooks, and C{cluster.redis} for the face's shared stores).
+    @ivar listeners: the L{broker.net.listeners.Listeners} of the broker:
+        C{listeners.get(key)} is where a listener's refusals count (give it
+        to the listener's L{broker.net.http.BoundedSite}).
     """
 
     def __init__(self, reactor, core, settings, top, registry, listen, reloader,
-                 cluster=None, listeningReactor=None, drainHooks=None):
+                 cluster=None, listeningReactor=None, listeners=None, drainHooks=None):
         self.reactor = reactor
         self._listeningReactor = listeningReactor
         self.core = core
@@ -54,14 +57,22 @@ class FaceContext:
         self._listen = listen
         self._reloader = reloader
         self._drainHooks = drainHooks if drainHooks is not None else []
+        if listeners is None:
+            from broker.net.listeners import Listeners
+            listeners = Listeners(reactor)
+        self.listeners = listeners
 
-    def listen(self, key, descriptions, factory):
+    def listen(self, key, descriptions, factory, maxConnections=None):
         """
         Listen with C{factory} on each Twisted endpoint string in
         C{descriptions}; the I{n}th is named C{"{key}[n]"} (e.g.
         C{ecdn.listen[0]}) in logs and failures.
+
+        @param maxConnections: the cap on connections open at once on all
+            of them together (L{broker.net.listeners.CappedFactory}); every
+            face gives its C{max_connections}.
         """
-        self._listen(key, descriptions, factory)
+        self._listen(key, descriptions, factory, maxConnections)
 
     def listeningReactor(self, key):
         """

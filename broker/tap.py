@@ -27,6 +27,7 @@ from broker.admin.resource import makeAdminSite
 from broker.cluster.build import ClusterService, buildCluster
 from broker.core.router import Core
 from broker.faces import FACES, FaceContext, faceModule
+from broker.net.listeners import CappedFactory, Listeners, ListenersCollector
 from broker.webpubsub.face import ACCESS_KEY_FILE, developmentKey  # noqa: F401 (re-exported)
 
 log = Logger()
@@ -268,23 +269,40 @@ def buildService(settings, reactor, foreground=True, ports=None):
     reloader = Reloader(reactor)
     top.reloader = reloader
     top.registry = registry
+    listeners = Listeners(reactor)
+    registry.register(ListenersCollector(listeners))
+    top.listeners = listeners
 
     def listeningReactor(key):
         return reactor if ports is None else ports.reactorFor(key)
 
-    def listen(key, descriptions, factory):
+    def capped(key, factory, maxConnections):
+        """
+        C{factory} behind the listener C{key}'s cap (every endpoint of the
+        key shares it), or C{factory} itself without one.
+        """
+        if maxConnections is None:
+            return factory
+        return CappedFactory(factory, listeners.get(key), maxConnections)
+
+    def listen(key, descriptions, factory, maxConnections=None):
+        factory = capped(key, factory, maxConnections)
         for i, desc in enumerate(descriptions):
             name = f"{key}[{i}]"
             endpoint = serverFromString(listeningReactor(name), desc)
             ListenerService(name, desc, endpoint, factory, reactor,
                             foreground).setServiceParent(top)
 
+    top.capped = capped
     context = FaceContext(reactor, core, settings, top, registry, listen, reloader, cluster,
-                          listeningReactor, top.drainHooks)
+                          listeningReactor, listeners, top.drainHooks)
     for name in FACES:
         faceModule(name).build(context)
-    top.adminSite = makeAdminSite(core, registry)
-    listen("admin.listen", settings["admin"]["listen"], top.adminSite)
+    admin = settings["admin"]
+    top.adminSite = makeAdminSite(core, registry, headerTimeout=admin["header_timeout"],
+                                  idleTimeout=admin["idle_timeout"],
+                                  stats=listeners.get("admin.listen"))
+    listen("admin.listen", admin["listen"], top.adminSite, admin["max_connections"])
     if reloader.hooks:
         reloader.setServiceParent(top)
     return top

@@ -779,10 +779,12 @@ def buildWorker(spec, reactor):
     settings["cluster"]["node_id"] = nodeId
     ports = InheritedPorts(reactor, spec["ports"])
     top = buildService(settings, reactor, True, ports=ports)
+    adminFactory = top.capped("admin.worker_listen", top.adminSite,
+                              settings["admin"]["max_connections"])
     for j, description in enumerate(settings["admin"]["worker_listen"]):
         key = workerAdminKey(j, index)
         ListenerService(key, description, serverFromString(ports.reactorFor(key), description),
-                        top.adminSite, reactor).setServiceParent(top)
+                        adminFactory, reactor).setServiceParent(top)
     top.registry.register(WorkerCollector(index, nodeId))
     top.nodeId = nodeId
     return top, ports

@@ -174,7 +174,7 @@ class FaceBuildTests(TestCase):
         device authenticates with its issued key, and a revoked file
         device stays revoked.
         """
-        concentrator = self.top.getServiceNamed("iot.listen[0]").factory.concentrator
+        concentrator = self.top.getServiceNamed("iot.listen[0]").factory.wrappedFactory.concentrator
         secret = yield concentrator.issueKey("acme", "d7")
         yield concentrator.revokeKey("acme", "d1")
         yield self.top.stopService()
@@ -237,7 +237,7 @@ class ClusterFaceBuildTests(TestCase):
         yield waitFor(lambda: all(top.cluster.healthy for _, top, _ in self.nodes))
 
     def concentrator(self, i):
-        return self.nodes[i][1].getServiceNamed("iot.listen[0]").factory.concentrator
+        return self.nodes[i][1].getServiceNamed("iot.listen[0]").factory.wrappedFactory.concentrator
 
     @defer.inlineCallbacks
     def test_oneFaceOverTwoNodes(self):

@@ -17,7 +17,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import CollectorRegistry
 from twisted.web.resource import Resource
-from twisted.web.server import Site
+
+from broker.net.http import NO_BODY, BoundedSite, Routes
 
 
 class CoreCollector:
@@ -121,10 +122,14 @@ class Metrics(_Leaf):
         return generate_latest(self.registry)
 
 
-def makeAdminSite(core, registry=None):
+def makeAdminSite(core, registry=None, headerTimeout=10.0, idleTimeout=60.0, stats=None):
     """
     @param registry: a Prometheus registry other faces add collectors to; a
         new one by default, holding the core's collector.
+    @param stats: the listener's L{broker.net.listeners.ListenerStats}.
+
+    No admin path takes a request body: one is refused (405 or 413) before
+    it is read.
     """
     if registry is None:
         registry = CollectorRegistry()
@@ -133,7 +138,8 @@ def makeAdminSite(core, registry=None):
     root.putChild(b"healthz", Healthz(core))
     root.putChild(b"stats", Stats(core))
     root.putChild(b"metrics", Metrics(core, registry))
-    site = Site(root)
-    site.displayTracebacks = False
+    routes = Routes([(b"/healthz", NO_BODY), (b"/stats", NO_BODY), (b"/metrics", NO_BODY)])
+    site = BoundedSite(root, reactor=core.reactor, bodyLimit=routes, headerTimeout=headerTimeout,
+                       idleTimeout=idleTimeout, stats=stats, name="admin.listen")
     site.registry = registry
     return site

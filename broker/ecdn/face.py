@@ -98,4 +98,6 @@ def build(context):
 
     context.onReload(reload)
     resource.reload = reload
-    context.listen("ecdn.listen", cfg["listen"], makeSite(resource))
+    site = makeSite(resource, context.reactor, headerTimeout=cfg["header_timeout"],
+                    idleTimeout=cfg["idle_timeout"], stats=context.listeners.get("ecdn.listen"))
+    context.listen("ecdn.listen", cfg["listen"], site, cfg["max_connections"])

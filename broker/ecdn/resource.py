@@ -20,10 +20,11 @@ from prometheus_client import Counter, Histogram
 from twisted.logger import Logger
 from twisted.web.resource import Resource
 from twisted.web.resource import EncodingResourceWrapper
-from twisted.web.server import GzipEncoderFactory, Request, Site
+from twisted.web.server import GzipEncoderFactory
 
 from broker.ecdn.keyring import TokenError
 from broker.ecdn.policy import parseAddress
+from broker.net.http import BoundedSite, Routes
 
 log = Logger()
 
@@ -168,8 +169,7 @@ class EcdnResource(Resource):
         return name
 
     def _readJSON(self, request):
-        if getattr(request, "tooLarge", False):
-            raise _error(f"request body over {self.maxBody} bytes", 413)
+        # The site refused a body over max_body before reading it.
         contentType = _header(request, b"content-type").split(";")[0].strip().lower()
         if contentType != "application/json":
             raise _error("Content-Type must be application/json", 415)
@@ -269,31 +269,21 @@ def _redirectURL(base, request):
     return base.rstrip("/").encode("utf-8") + request.path
 
 
-class _CappedRequest(Request):
+def refusal(resource):
     """
-    Keeps at most C{maxBody + 1} bytes of a body, so an oversized POST costs
-    no memory or disk; the resource then answers 413 with the CORS headers
-    a browser needs to see it.
+    The eCDN refusal of an oversized body or a wrong method: the documented
+    error body, with the CORS headers a browser needs to show it to Meet.
     """
-
-    maxBody = 1024 * 1024
-    tooLarge = False
-
-    def gotLength(self, length):
-        super().gotLength(length)
-        if length is not None and length > self.maxBody:
-            self.tooLarge = True
-
-    def handleContentChunk(self, data):
-        if self.tooLarge:
-            return
-        if self.content.tell() + len(data) > self.maxBody:
-            self.tooLarge = True
-            return
-        super().handleContentChunk(data)
+    def render(request, status, reason, message):
+        resource._cors(request)
+        request.setHeader(b"content-type", b"application/json")
+        request.setHeader(b"cache-control", b"no-store")
+        return json.dumps({"result": None, "error": message},
+                          separators=(",", ":")).encode("utf-8")
+    return render
 
 
-class QuietSite(Site):
+class QuietSite(BoundedSite):
     """
     A site that writes no access log: its lines would carry viewers'
     (private) addresses.  The metrics count requests instead.
@@ -303,9 +293,17 @@ class QuietSite(Site):
         pass
 
 
-def makeSite(resource):
-    # Responses are gzip-encoded for clients that accept it.
-    site = QuietSite(EncodingResourceWrapper(resource, [GzipEncoderFactory()]))
-    site.displayTracebacks = False
-    site.requestFactory = type("EcdnRequest", (_CappedRequest,), {"maxBody": resource.maxBody})
-    return site
+def makeSite(resource, reactor=None, headerTimeout=10.0, idleTimeout=60.0, stats=None):
+    """
+    The eCDN site: a POST may carry C{max_body} bytes (before inflating;
+    L{EcdnResource} bounds the inflated size too), nothing else takes a
+    body.  Responses are gzip-encoded for clients that accept it.
+
+    @param stats: the listener's L{broker.net.listeners.ListenerStats}.
+    """
+    # Every path: an unknown one gets the resource's 404 with CORS headers.
+    routes = Routes([(b"/", {b"POST": resource.maxBody, b"OPTIONS": 0})])
+    return QuietSite(EncodingResourceWrapper(resource, [GzipEncoderFactory()]),
+                     reactor=reactor, bodyLimit=routes, refusal=refusal(resource),
+                     headerTimeout=headerTimeout, idleTimeout=idleTimeout, stats=stats,
+                     name="ecdn.listen")

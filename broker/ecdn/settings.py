@@ -3,7 +3,7 @@
 The C{[ecdn]} section of the configuration (docs/configuration.md, docs/ecdn.md).
 """
 
-from broker.config import MIB, Bool, Endpoint, Float, Int, List, Str, Table
+from broker.config import MIB, Bool, Endpoint, Float, Int, List, Str, Table, httpLimits
 
 SECTION = Table({
     "enabled": Bool(False),
@@ -31,4 +31,5 @@ SECTION = Table({
                             "Empty: a development ring in state_dir."),
     "max_token_age": Float(0.0, minimum=0, doc="Seconds; 0 accepts tokens of any age."),
     "max_body": Int(1 * MIB, minimum=1024, maximum=64 * MIB),
+    **httpLimits(10000),
 })

@@ -24,7 +24,6 @@ Every error has one shape, C{{"error": {"code": ..., "message": ...,
 HTTP statuses.  Payloads are typed JSON objects (L{broker.iot.jsonpayload}).
 """
 
-import io
 import json
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -37,6 +36,7 @@ from broker.config import ConfigError
 from broker.iot import apikeys, errors
 from broker.iot.histogram import LatencyHistogram
 from broker.iot.jsonpayload import PayloadError, fromJSON, toJSON
+from broker.net.http import METHOD_NOT_ALLOWED, BoundedSite, Routes, jsonBody, pathPattern
 
 log = Logger()
 
@@ -110,60 +110,35 @@ class APICollector:
         yield c
 
 
-class APIRequest(server.Request):
+# Only the two POSTs take a body (at most iot.http.max_body bytes).
+_BODY_PATH = pathPattern(rb"/v1/fleets/[^/]+/devices/[^/]+/(requests|messages)/?")
+
+
+class APISite(BoundedSite):
     """
-    A request that stops storing its body past C{site.maxBody}: the body is
-    then read and dropped (so the 413 can be answered in order), and the
-    connection is cut if the client keeps sending far beyond.
+    The API's bounded site (L{broker.net.http}): an oversized body, or one
+    sent where none is taken, is refused in the API's error shape before it
+    is read.
     """
 
-    tooLarge = False
-    _received = 0
-
-    def gotLength(self, length):
-        limit = self.channel.site.maxBody
-        if length is not None and length > limit:
-            # Declared too large: answer now, before the body, and hang up
-            # (as Twisted does for a malformed request), rather than read
-            # what will be thrown away.
-            self.tooLarge = True
-            self.content = io.BytesIO()
-            body = json.dumps({"error": {
-                "code": "TOO_LARGE", "message": f"the body is over {limit} bytes",
-                "source": "broker"}}).encode("utf-8")
-            api = getattr(self.channel.site, "api", None)
-            if api is not None:
-                api.stats.bump(api.stats.responses, 413)
-            self.channel.transport.write(
-                b"HTTP/1.1 413 Payload Too Large\r\nContent-Type: application/json\r\n"
-                b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body))
-            self.channel.loseConnection()
-        else:
-            super().gotLength(length)
-
-    def handleContentChunk(self, data):
-        self._received += len(data)
-        limit = self.channel.site.maxBody
-        if self._received > limit and not self.tooLarge:
-            self.tooLarge = True
-            self.content = io.BytesIO()
-        if self.tooLarge:
-            if self._received > 16 * limit:
-                self.channel.transport.abortConnection()
-            return
-        self.content.write(data)
-
-
-class APISite(server.Site):
-    requestFactory = APIRequest
-
-    def __init__(self, resource, reactor, maxBody, idleTimeout=120.0):
-        # The API takes JSON only: no form parsing, whose Content-Type parse
-        # alone cost a fifth of a held request's CPU.  Twisted stops the idle
+    def __init__(self, resource, reactor, maxBody, idleTimeout=120.0, headerTimeout=10.0,
+                 stats=None):
+        # The API takes JSON only: no form parsing.  Twisted stops the idle
         # timer while a request is processed, so it never cuts a held one.
-        super().__init__(resource, reactor=reactor, parsePOSTFormSubmission=False,
-                         timeout=idleTimeout)
+        super().__init__(resource, reactor=reactor,
+                         bodyLimit=Routes([(_BODY_PATH, {b"POST": maxBody})]),
+                         refusal=self._refusal, headerTimeout=headerTimeout,
+                         idleTimeout=idleTimeout, stats=stats, name="iot.http.listen")
         self.maxBody = maxBody
+
+    def _refusal(self, request, status, reason, message):
+        api = getattr(self, "api", None)
+        if api is not None:
+            api.stats.bump(api.stats.responses, status)
+        request.setHeader(b"content-type", b"application/json")
+        request.setHeader(b"cache-control", b"no-store")
+        code = "METHOD_NOT_ALLOWED" if reason == METHOD_NOT_ALLOWED else "TOO_LARGE"
+        return jsonBody({"error": {"code": code, "message": message, "source": "broker"}})
 
     def log(self, request):
         # The API counts responses in its metrics; one access-log line per
@@ -240,17 +215,10 @@ class APIResource(Resource):
             request.setHeader(b"content-type", b"application/json")
             request.setHeader(b"content-length", b"%d" % len(data))
             request.write(data)
-        channel = request.channel
         request.finish()
-        if getattr(request, "tooLarge", False) and channel is not None:
-            # Do not read on past a refused body: the client may still be
-            # sending it.
-            channel.loseConnection()
 
     def _error(self, request, e, source="broker"):
         headers = list(e.headers)
-        if getattr(request, "tooLarge", False):
-            headers.append((b"connection", b"close"))
         self._send(request, e.status, {"error": {"code": e.code, "message": e.message,
                                                  "source": source}}, headers)
         return server.NOT_DONE_YET
@@ -294,9 +262,7 @@ class APIResource(Resource):
         return found[0]
 
     def _body(self, request, fields):
-        if request.tooLarge:
-            raise APIError(413, "TOO_LARGE",
-                           f"the body is over {request.channel.site.maxBody} bytes")
+        # The site refused a body over max_body before reading it.
         ctype = request.getHeader(b"content-type")
         if ctype is not None and ctype.split(b";")[0].strip().lower() != b"application/json":
             raise APIError(415, "UNSUPPORTED_MEDIA_TYPE", "send Content-Type: application/json")
@@ -505,10 +471,12 @@ def loadKeys(httpSettings, stateDir):
     return [apikeys.parseLine(apikeys.hashLine("demo", key))], devPath
 
 
-def makeSite(reactor, concentrator, keys, httpSettings, registry=None):
+def makeSite(reactor, concentrator, keys, httpSettings, registry=None, stats=None):
     """
     The API site for the C{iot.http} settings; its counters are registered
     on C{registry} when given.
+
+    @param stats: the listener's L{broker.net.listeners.ListenerStats}.
     """
     resource = APIResource(reactor, concentrator, keys,
                            requestTimeout=httpSettings["request_timeout"],
@@ -517,6 +485,7 @@ def makeSite(reactor, concentrator, keys, httpSettings, registry=None):
                            maxHeldPerFleet=httpSettings["max_held_per_fleet"])
     if registry is not None:
         registry.register(APICollector(resource.stats))
-    site = APISite(resource, reactor, httpSettings["max_body"], httpSettings["idle_timeout"])
+    site = APISite(resource, reactor, httpSettings["max_body"], httpSettings["idle_timeout"],
+                   httpSettings["header_timeout"], stats)
     site.api = resource
     return site

@@ -286,9 +286,10 @@ def buildHTTP(context, cfg, concentrator):
         keys = apikeys.APIKeys(entries)
     except apikeys.APIKeyError as e:
         raise ConfigError("iot.http.api_keys", str(e))
-    site = api.makeSite(context.reactor, concentrator, keys, http, context.registry)
+    site = api.makeSite(context.reactor, concentrator, keys, http, context.registry,
+                        stats=context.listeners.get("iot.http.listen"))
     context.onDrain(site.api.drain)
-    context.listen("iot.http.listen", http["listen"], site)
+    context.listen("iot.http.listen", http["listen"], site, http["max_connections"])
 
     def reload():
         keys.replace(api.loadKeys(http, context.stateDir)[0])
@@ -306,7 +307,7 @@ def build(context):
                          pingInterval=cfg["ping_interval"], pingTimeout=cfg["ping_timeout"],
                          maxFrame=cfg["max_frame_size"],
                          maxOutputBuffer=cfg["max_output_buffer"])
-    context.listen("iot.listen", cfg["listen"], factory)
+    context.listen("iot.listen", cfg["listen"], factory, cfg["max_connections"])
     context.onDrain(factory.drain)
     udp = None
     if cfg["udp"]["enabled"]:

@@ -4,7 +4,7 @@ The C{[iot]} section of the configuration (docs/configuration.md).
 """
 
 from broker.config import (HUB_NAME, HUB_NAME_RULE, KIB, MIB, Bool, ConfigError, Endpoint,
-                           Float, Int, List, MapOf, Str, Table)
+                           Float, Int, List, MapOf, Str, Table, connectionLimit, httpLimits)
 from broker.iot.apikeys import APIKeyError, parseLine
 
 
@@ -42,9 +42,7 @@ HTTP = Table({
     "max_held_per_fleet": Int(1000, minimum=1,
                               doc="Held requests of one fleet at once; beyond, 429 "
                                   "TOO_MANY_HELD."),
-    "idle_timeout": Float(120.0, minimum=1,
-                          doc="Seconds a keep-alive connection may sit idle between "
-                              "requests (never while a request is held)."),
+    **httpLimits(10000, idleTimeout=120.0),
 })
 
 class WebhookURL(Str):
@@ -113,4 +111,5 @@ SECTION = Table({
     "max_queue_depth": Int(1000, minimum=1, doc="Queued messages per device."),
     "token_ttl": Float(300.0, minimum=1, doc="Seconds a UDP token stays valid."),
     "token_batch": Int(64, minimum=2, maximum=4096, doc="UDP tokens a device holds."),
+    "max_connections": connectionLimit(10000),
 })

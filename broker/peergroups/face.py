@@ -108,6 +108,8 @@ def build(context):
     context.registry.register(PeerGroupsCollector(pg))
     context.onDrain(pg.drain)
     ws = PeerWebSocketFactory(pg, cfg["max_message_size"], reactor=context.reactor)
-    context.listen("peergroups.listen", cfg["listen"], makeSite(ws))
+    site = makeSite(ws, headerTimeout=cfg["header_timeout"], idleTimeout=cfg["idle_timeout"],
+                    stats=context.listeners.get("peergroups.listen"))
+    context.listen("peergroups.listen", cfg["listen"], site, cfg["max_connections"])
     context.listen("peergroups.tcp_listen", cfg["tcp_listen"],
-                   PeerStreamFactory(pg, cfg["max_message_size"]))
+                   PeerStreamFactory(pg, cfg["max_message_size"]), cfg["tcp_max_connections"])

@@ -16,10 +16,10 @@ from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.protocols.basic import Int32StringReceiver
 from twisted.web.resource import Resource
-from twisted.web.server import Site
 from zope.interface import implementer
 
 from broker.core.output import BoundedOutput
+from broker.net.http import NO_BODY, BoundedSite, Routes
 from broker.peergroups.constants import PROTOCOL
 from broker.peergroups.errors import PeerError
 from broker.peergroups.interfaces import IPeerTransport
@@ -166,19 +166,23 @@ class BrowserClient(Resource):
         return self.body
 
 
-def makeSite(factory):
+def makeSite(factory, headerTimeout=10.0, idleTimeout=60.0, stats=None):
     """
     A site with the peer WebSocket at C{/peergroups/v1} and the browser
-    library at C{/peergroups/peergroup.js}.
+    library at C{/peergroups/peergroup.js}; no path takes a request body.
+
+    @param stats: the listener's L{broker.net.listeners.ListenerStats}.
     """
     root = Resource()
     pg = Resource()
     root.putChild(b"peergroups", pg)
     pg.putChild(b"v1", WebSocketResource(factory))
     pg.putChild(b"peergroup.js", BrowserClient())
-    site = Site(root)
-    site.displayTracebacks = False
-    return site
+    routes = Routes([(WS_PATH.encode("ascii"), {b"GET": 0}),
+                     (b"/peergroups/peergroup.js", NO_BODY)])
+    return BoundedSite(root, reactor=factory.reactor, bodyLimit=routes,
+                       headerTimeout=headerTimeout, idleTimeout=idleTimeout, stats=stats,
+                       name="peergroups.listen")
 
 
 @implementer(IPeerTransport)

@@ -3,7 +3,8 @@
 The C{[peergroups]} section of the configuration (docs/configuration.md).
 """
 
-from broker.config import KIB, MIB, Bool, Endpoint, Float, Int, List, Str, Table
+from broker.config import (KIB, MIB, Bool, Endpoint, Float, Int, List, Str, Table,
+                           connectionLimit, httpLimits)
 
 SECTION = Table({
     "enabled": Bool(False),
@@ -30,4 +31,6 @@ SECTION = Table({
     "password_failures_per_minute": Int(
         20, minimum=1, maximum=100000,
         doc="Wrong password proofs a group takes in a minute; beyond, none is checked."),
+    **httpLimits(10000),
+    "tcp_max_connections": connectionLimit(10000),
 })

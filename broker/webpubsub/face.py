@@ -99,7 +99,9 @@ def build(context):
     pool = attachEventHandlers(context.reactor, context.core, wps, keys)
     if pool is not None:
         context.reactor.addSystemEventTrigger("before", "shutdown", pool.closeCachedConnections)
-    site = makeSite(factory)
+    site = makeSite(factory, headerTimeout=wps["header_timeout"],
+                    idleTimeout=wps["idle_timeout"],
+                    stats=context.listeners.get("webpubsub.listen"))
     context.onDrain(factory.drain)
     context.registry.register(RestCollector(site.restAPI))
-    context.listen("webpubsub.listen", wps["listen"], site)
+    context.listen("webpubsub.listen", wps["listen"], site, wps["max_connections"])

@@ -33,7 +33,7 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.resource import Resource
-from twisted.web.server import NOT_DONE_YET, Request
+from twisted.web.server import NOT_DONE_YET
 
 from broker.auth.tokens import LEEWAY, makeClientToken
 from broker.config import HUB_NAME
@@ -565,58 +565,6 @@ class RestCollector:
         for (operation, code), n in sorted(self.rest.requestCounts.items()):
             c.add_metric([operation, str(code)], n)
         yield c
-
-
-class _BoundedRequest(Request):
-    """
-    A request whose body may not exceed C{maxBody} bytes.
-
-    twisted.web spools a whole body (to a temporary file when large) before
-    any resource sees it, authenticated or not.  This refuses an oversized
-    body as soon as its C{Content-Length}, or the chunks received so far,
-    show it: a bare C{413} and the connection is closed, nothing more is
-    read.  Bodies up to C{maxBody} reach L{RestAPI}, which answers those over
-    its own limit with the JSON error.
-    """
-
-    maxBody = 2 * 1024 * 1024
-    _refused = False
-
-    def gotLength(self, length):
-        super().gotLength(length)
-        if length is not None and length > self.maxBody:
-            self._refuse()
-
-    def handleContentChunk(self, data):
-        if self._refused:
-            return
-        if self.content.tell() + len(data) > self.maxBody:
-            self._refuse()
-            return
-        super().handleContentChunk(data)
-
-    def _refuse(self):
-        self._refused = True
-        log.info("refused a request body over {n} bytes from {peer}", n=self.maxBody,
-                 peer=_peer(self))
-        body = json.dumps({"code": "PayloadTooLarge",
-                           "message": f"request body over {self.maxBody} bytes"}).encode()
-        transport = self.channel.transport
-        transport.write(b"HTTP/1.1 413 Payload Too Large\r\n"
-                        b"Content-Type: application/json\r\n"
-                        b"x-ms-error-code: PayloadTooLarge\r\n"
-                        b"Connection: close\r\n"
-                        b"Content-Length: %d\r\n\r\n" % len(body) + body)
-        # Stops reading: the rest of the body is never received, so the
-        # request is never processed.
-        transport.loseConnection()
-
-
-def boundedRequestFactory(maxBody):
-    """
-    A C{Site.requestFactory} refusing bodies over C{maxBody} bytes early.
-    """
-    return type("BoundedRequest", (_BoundedRequest,), {"maxBody": maxBody})
 
 
 class _Args:

@@ -4,7 +4,7 @@ The C{[webpubsub]} section of the configuration (docs/configuration.md).
 """
 
 from broker.config import (HUB_NAME, HUB_NAME_RULE, KIB, MIB, Bool, Endpoint, Float, Int,
-                           List, MapOf, Str, Table)
+                           List, MapOf, Str, Table, httpLimits)
 
 EVENT_HANDLER = Table({
     "url_template": Str(nonEmpty=True,
@@ -57,4 +57,5 @@ SECTION = Table({
                                     "answered."),
     "event_retries": Int(2, minimum=0, maximum=10,
                          doc="Retries of a failed connected/disconnected notification."),
+    **httpLimits(10000),
 })

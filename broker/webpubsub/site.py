@@ -4,14 +4,16 @@ The Web PubSub HTTP site: one port for the client WebSocket endpoint
 (C{/client/hubs/{hub}}) and, as the Azure SDKs expect, the REST API beside it.
 """
 
+import json
+
 from autobahn.twisted.resource import WebSocketResource
 from twisted.web.resource import NoResource, Resource
-from twisted.web.server import Site
 
+from broker.net.http import METHOD_NOT_ALLOWED, BoundedSite, Routes
 from broker.webpubsub import redishistory
 from broker.webpubsub.history import installHistory
 from broker.webpubsub.protocol import ClientFactory, HubSettings
-from broker.webpubsub.rest import RestAPI, boundedRequestFactory
+from broker.webpubsub.rest import RestAPI
 
 
 class _Hubs(Resource):
@@ -62,7 +64,25 @@ def makeFactory(core, cfg, defaultKeys, reactor, cluster=None):
     )
 
 
-def makeSite(factory):
+def refusal(request, status, reason, message):
+    """
+    A refused body or method in the REST API's error shape (the SDKs read
+    C{x-ms-error-code}); the WebSocket path answers the same.
+    """
+    code = "MethodNotAllowed" if reason == METHOD_NOT_ALLOWED else "PayloadTooLarge"
+    request.setHeader(b"content-type", b"application/json")
+    request.setHeader(b"x-ms-error-code", code.encode("ascii"))
+    return json.dumps({"code": code, "message": message}).encode("utf-8")
+
+
+def makeSite(factory, headerTimeout=10.0, idleTimeout=60.0, stats=None):
+    """
+    The Web PubSub site: the client WebSocket endpoint (no request body)
+    and the REST API, whose POSTs may carry one message (at most
+    C{max_frame_size} bytes).
+
+    @param stats: the listener's L{broker.net.listeners.ListenerStats}.
+    """
     root = Resource()
     client = Resource()
     root.putChild(b"client", client)
@@ -70,9 +90,13 @@ def makeSite(factory):
     rest = RestAPI(factory.core, factory.hubSettings, factory.audiences,
                    maxBodySize=factory.maxMessagePayloadSize)
     root.putChild(b"api", rest)
-    site = Site(root)
+    routes = Routes([
+        (b"/client/hubs", {b"GET": 0}),
+        (b"/api", {b"POST": factory.maxMessagePayloadSize, b"PUT": 0, b"DELETE": 0,
+                   b"GET": 0, b"HEAD": 0}),
+    ])
+    site = BoundedSite(root, reactor=factory.reactor, bodyLimit=routes, refusal=refusal,
+                       headerTimeout=headerTimeout, idleTimeout=idleTimeout, stats=stats,
+                       name="webpubsub.listen")
     site.restAPI = rest
-    # No body may be spooled beyond a message and some slack (see rest.py).
-    site.requestFactory = boundedRequestFactory(factory.maxMessagePayloadSize + 64 * 1024)
-    site.displayTracebacks = False
     return site
