@@ -223,20 +223,30 @@ class BrokerService(service.MultiService):
         waits = []
         for hook in self.drainHooks:
             d = defer.maybeDeferred(hook)
-            d.addErrback(lambda f: log.failure("drain hook failed", f))
+            d.addErrback(_drainFailed)
             waits.append(d)
         # Sessions of every hub (Web PubSub, peer groups) are told 1001.
         self.core.goingAway()
         started = self.reactor.seconds()
         done = defer.DeferredList(waits)
-        done.addTimeout(self.drainTimeout, self.reactor)
-        try:
-            yield done
-        except defer.TimeoutError:
+        late = []
+
+        def deadline():
+            late.append(True)
+            done.cancel()
+        timer = self.reactor.callLater(self.drainTimeout, deadline)
+        yield done
+        if late:
             log.warn("drain: sessions still open after {t:g} s; closing them",
                      t=self.drainTimeout)
         else:
+            timer.cancel()
             log.info("drained in {t:.3f} s", t=self.reactor.seconds() - started)
+
+
+def _drainFailed(failure):
+    if not failure.check(CancelledError):
+        log.failure("drain hook failed", failure)
 
 
 def buildService(settings, reactor, foreground=True, ports=None):

@@ -425,7 +425,7 @@ class WorkerPool(service.Service):
     # How the process leaves after a fatal failure; a test replaces it.
     _exit = staticmethod(os._exit)
 
-    def __init__(self, reactor, settings, count, python=None, env=None, stopTimeout=10.0,
+    def __init__(self, reactor, settings, count, python=None, env=None, stopTimeout=None,
                  restartDelay=0.5, maxRestartDelay=30.0, stableAfter=10.0,
                  publisher=None):
         self._reactor = reactor
@@ -435,6 +435,9 @@ class WorkerPool(service.Service):
         self.own = {i: [] for i in range(count)}
         self.python = python or sys.executable
         self.env = env if env is not None else _workerEnvironment()
+        if stopTimeout is None:
+            # A worker drains for up to broker.drain_timeout, then stops.
+            stopTimeout = settings["broker"]["drain_timeout"] + 10.0
         self.stopTimeout = stopTimeout
         self.restartDelay = restartDelay
         self.maxRestartDelay = maxRestartDelay

@@ -308,7 +308,6 @@ def build(context):
                          maxFrame=cfg["max_frame_size"],
                          maxOutputBuffer=cfg["max_output_buffer"])
     context.listen("iot.listen", cfg["listen"], factory, cfg["max_connections"])
-    context.onDrain(factory.drain)
     udp = None
     if cfg["udp"]["enabled"]:
         udp = TelemetryListener(concentrator, cfg["udp"]["max_datagram"])
@@ -318,4 +317,7 @@ def build(context):
                                               cfg["udp"]["receive_buffer"]))
     context.registry.register(IoTCollector(concentrator, factory, udp))
     buildHTTP(context, cfg, concentrator)
+    # After the API's: held requests are answered 503 before their devices'
+    # sessions close (which would fail them as DEVICE_OFFLINE).
+    context.onDrain(factory.drain)
     return concentrator
