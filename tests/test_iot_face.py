@@ -207,6 +207,7 @@ class FaceBuildTests(TestCase):
         text = (yield treq.content(response)).decode()
         self.assertIn('broker_iot_auth_failures_total{reason="BAD_PROOF"} 1.0', text)
         self.assertIn('broker_iot_sessions{role="device"} 0.0', text)
+        self.assertIn("broker_iot_slow_consumers_total 0.0", text)
 
 
 class ClusterFaceBuildTests(TestCase):
