@@ -34,6 +34,7 @@ from twisted.web import server
 from twisted.web.resource import Resource
 
 from broker.config import ConfigError
+from broker.core import jsonstrict
 from broker.iot import apikeys, errors
 from broker.iot.histogram import LatencyHistogram
 from broker.iot.jsonpayload import PayloadError, fromJSON, toJSON
@@ -171,10 +172,6 @@ class APISite(server.Site):
         pass
 
 
-def _reject(value):
-    raise ValueError(f"{value} is not valid JSON")
-
-
 class APIResource(Resource):
     """
     @param concentrator: an L{broker.iot.interfaces.IConcentrator}.
@@ -284,8 +281,8 @@ class APIResource(Resource):
         request.content.seek(0)
         raw = request.content.read()
         try:
-            body = json.loads(raw, parse_constant=_reject)
-        except (ValueError, RecursionError) as e:
+            body = jsonstrict.loads(raw)
+        except jsonstrict.JSONError as e:
             raise APIError(400, "BAD_JSON", f"the body is not JSON: {e}")
         if not isinstance(body, dict):
             raise APIError(400, "BAD_REQUEST", "the body must be a JSON object")
