@@ -211,6 +211,28 @@ class TransportTests(TestCase):
             self.assertEqual(set(body), {"result", "error"})
             self.assertIsNone(body["result"])
 
+    @defer.inlineCallbacks
+    def test_strictJSON(self):
+        """
+        Bodies are strict JSON (broker/core/jsonstrict.py): 400 with the
+        reason, also when the body came gzip-compressed.
+        """
+        server = EcdnServer(self)
+        cases = [(b'{"a":NaN}', "NaN is not JSON"), (b'{"a":Infinity}', "Infinity is not JSON"),
+                 (b'{"a":-Infinity}', "-Infinity is not JSON"),
+                 (b'{"a":1e400}', "number out of range"),
+                 (b'{"a":1,"a":2}', "duplicate key 'a'"),
+                 (b'{"a":' + b"[" * 64 + b"]" * 64 + b"}", "nesting deeper than 64 levels"),
+                 (b"[" * 100000 + b"]" * 100000, "nesting deeper than 64 levels"),
+                 (b'{"a":"\\ud800"}', "lone surrogate"),
+                 (b"\xef\xbb\xbf{}", "byte order mark"), (b'{"a":"\xff"}', "invalid UTF-8")]
+        for raw, why in cases:
+            for headers, data in (({}, raw), ({"Content-Encoding": "gzip"}, gzip.compress(raw))):
+                r, body, _ = yield server.post("get-peering-group", None, raw=data,
+                                               headers=headers)
+                self.assertEqual((r.code, body["result"]), (400, None), raw[:30])
+                self.assertIn(why, body["error"])
+
 
 class CORSTests(TestCase):
     @defer.inlineCallbacks

@@ -184,12 +184,23 @@ class DeliveryTests(WebhookTestMixin, TestCase):
 
     @defer.inlineCallbacks
     def test_badAnswers(self):
+        json = b'{"payload": {"type": "json", "data": %s}}'
         for body in [b"{", b'{"nopayload": 1}', b'{"payload": {"type": "ascii", "data": "\\u00e9"}}',
-                     b"x" * 5000]:
+                     b"x" * 5000,
+                     # Strict JSON (broker/core/jsonstrict.py) only.
+                     json % b"NaN", json % b"[Infinity]", json % b"-Infinity", json % b"1e400",
+                     json % b'"\\ud800"', json % (b"[" * 63 + b"]" * 63),
+                     b'{"payload": {"type": "none"}, "payload": {"type": "none"}}',
+                     b"\xef\xbb\xbf" + json % b"1", json % b'"\xff"']:
             yield self.startUpstream([(200, body)])
             yield self.assertFailure(
                 self.link(maxResponse=4096).deviceRequest("acme", "d1", frames.EMPTY),
                 BadCentralResponse)
+        yield self.startUpstream([(200, json % (b"[" * 100000 + b"]" * 100000))])
+        e = yield self.assertFailure(
+            self.link(maxResponse=300000).deviceRequest("acme", "d1", frames.EMPTY),
+            BadCentralResponse)
+        self.assertIn("nesting deeper than 64 levels", str(e))
 
     @defer.inlineCallbacks
     def test_cancelStopsRetries(self):

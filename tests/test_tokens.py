@@ -6,8 +6,9 @@ Client access tokens.
 import jwt
 from twisted.trial import unittest
 
-from broker.auth.tokens import (TokenError, audienceMatches, makeClientToken,
+from broker.auth.tokens import (TokenError, audienceMatches, decodeToken, makeClientToken,
                                 verifyClientToken)
+from tests.wsharness import rawToken
 
 KEY = "k" * 32
 AUD = "http://broker.example:8080/client/hubs/chat"
@@ -53,6 +54,28 @@ class TokenTests(unittest.TestCase):
         for name, tok in cases.items():
             self.assertRaises(TokenError, self.verify, tok)
         self.assertRaises(TokenError, verifyClientToken, makeClientToken(KEY, AUD), (), "chat")
+
+    def test_timeClaimTypes(self):
+        """
+        exp, nbf and iat must be finite numbers: PyJWT alone takes a string
+        exp as a valid expiry and a boolean nbf or iat as 1 or 0.
+        """
+        for name in ("exp", "nbf", "iat"):
+            for value in ("9999999999", True, False, None, [1], {"a": 1}):
+                claims = {"aud": AUD, "exp": NOW + 60, name: value}
+                tok = jwt.encode(claims, KEY, algorithm="HS256")
+                e = self.assertRaises(TokenError, self.verify, tok)
+                self.assertEqual(str(e), f"claim {name!r} must be a number", claims)
+        for raw in (b'{"exp":NaN}', b'{"exp":Infinity}', b'{"exp":-Infinity}', b'{"exp":1e400}',
+                    b'{"exp":%d,"exp":1}' % (NOW + 60), b'{"exp":%d,"nbf":NaN}' % (NOW + 60)):
+            e = self.assertRaises(TokenError, decodeToken, rawToken(raw, KEY), [KEY], NOW)
+            self.assertIn("malformed token claims", str(e))
+        claims = decodeToken(jwt.encode({"exp": NOW + 0.5, "nbf": NOW - 0.5, "iat": NOW},
+                                        KEY, algorithm="HS256"), [KEY], NOW)
+        self.assertEqual(claims["exp"], NOW + 0.5)
+        e = self.assertRaises(TokenError, decodeToken, jwt.encode(
+            {"exp": NOW + 60, "iat": NOW + 60}, KEY, algorithm="HS256"), [KEY], NOW)
+        self.assertEqual(str(e), "token issued in the future")
 
     def test_leeway(self):
         tok = makeClientToken(KEY, AUD, lifetime=60, now=NOW)

@@ -72,6 +72,23 @@ class Client(WebSocketClientProtocol):
         self.sendMessage(json.dumps(obj).encode("utf-8"))
 
 
+def rawToken(payload, key=KEY):
+    """
+    An HS256 JWT over the claims text C{payload} (bytes) exactly as given:
+    what PyJWT's encoder would never write (NaN, duplicate claims).
+    """
+    import base64
+    import hashlib
+    import hmac
+
+    def b64(b):
+        return base64.urlsafe_b64encode(b).rstrip(b"=")
+
+    signing = b64(b'{"alg":"HS256","typ":"JWT"}') + b"." + b64(payload)
+    signature = hmac.new(key.encode("utf-8"), signing, hashlib.sha256).digest()
+    return (signing + b"." + b64(signature)).decode("ascii")
+
+
 class ConnectionRefusedByServer(Exception):
     pass
 

@@ -26,6 +26,7 @@ import json
 from twisted.internet.defer import gatherResults, succeed
 from zope.interface import implementer
 
+from broker.core import jsonstrict
 from broker.core.interfaces import IDirectory
 
 _REMOVE_FN = """
@@ -188,7 +189,7 @@ class RedisDirectory:
         def parse(raw):
             if raw is None:
                 return None
-            info = json.loads(raw)
+            info = jsonstrict.loads(raw)
             return {"userId": info.get("u"), "roles": _roles(info.get("r")),
                     "node": info.get("n")}
         return self.redis.execute("HGET", self.hubKey(hubName) + ":c",
@@ -202,7 +203,7 @@ class RedisDirectory:
 
     def groupMembers(self, hubName, group):
         def pairs(flat):
-            return [(_text(flat[i]), json.loads(flat[i + 1]).get("u"))
+            return [(_text(flat[i]), jsonstrict.loads(flat[i + 1]).get("u"))
                     for i in range(0, len(flat), 2)]
         return self.redis.eval(MEMBERS, (), (self.hubKey(hubName), group)).addCallback(pairs)
 

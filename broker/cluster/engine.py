@@ -28,6 +28,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from broker.cluster.directory import RedisDirectory
+from broker.core import jsonstrict
 from broker.core.errors import Unavailable
 from broker.core.interfaces import IEngine
 from broker.core.message import Delivery, Message, Target
@@ -73,7 +74,7 @@ def decodeDelivery(payload):
     try:
         header, data = payload.split(b"\n", 1)
         hubName, target, source, group, fromUser, fromConn, dataType, history = \
-            json.loads(header)
+            jsonstrict.loads(header)
         delivery = Delivery(Message(dataType, data), source, group, fromUser, fromConn)
         if history is not None:
             delivery.history = tuple(history)
@@ -171,7 +172,7 @@ class RedisEngine:
 
     def _commanded(self, origin, payload):
         try:
-            hubName, command = json.loads(payload)
+            hubName, command = jsonstrict.loads(payload)
             command["op"]
         except Exception as e:
             self.badMessages += 1

@@ -11,6 +11,7 @@ times.
 import json
 from base64 import b64decode, b64encode
 
+from broker.core import jsonstrict
 from broker.core.errors import BadRequest
 
 BINARY = "binary"
@@ -52,7 +53,7 @@ class Message:
 
     @classmethod
     def json(cls, value):
-        return cls(JSON, json.dumps(value, separators=(",", ":")).encode("utf-8"))
+        return cls(JSON, jsonstrict.dumps(value).encode("utf-8"))
 
     @classmethod
     def fromJSONField(cls, dataType, value):

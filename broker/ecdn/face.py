@@ -13,6 +13,7 @@ from broker.config import ConfigError
 from broker.ecdn.keyring import KeyFileError, loadKeyFile, newKeyLine
 from broker.ecdn.policy import Policy, RulesError, parseRules
 from broker.ecdn.resource import EcdnResource, Metrics, State, makeSite
+from broker.files import writePrivate
 
 log = Logger()
 
@@ -27,11 +28,8 @@ def developmentKeyFile(stateDir):
     """
     path = os.path.join(stateDir, DEV_KEY_FILE)
     if not os.path.exists(path):
-        os.makedirs(stateDir, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w", encoding="ascii") as f:
-            f.write("# Development eCDN key ring (docs/ecdn.md): KID KEY STATUS [UNTIL]\n")
-            f.write(newKeyLine("dev1") + "\n")
+        writePrivate(path, "# Development eCDN key ring (docs/ecdn.md): KID KEY STATUS [UNTIL]\n"
+                     + newKeyLine("dev1") + "\n", exclusive=True)
     return path
 
 

@@ -22,6 +22,7 @@ from twisted.web.resource import Resource
 from twisted.web.resource import EncodingResourceWrapper
 from twisted.web.server import GzipEncoderFactory
 
+from broker.core import jsonstrict
 from broker.ecdn.keyring import TokenError
 from broker.ecdn.policy import parseAddress
 from broker.net.http import BoundedSite, Routes
@@ -180,9 +181,9 @@ class EcdnResource(Resource):
         elif encoding != "identity":
             raise _error(f"unsupported Content-Encoding {encoding}; use gzip or deflate", 415)
         try:
-            payload = json.loads(body)
-        except (ValueError, UnicodeDecodeError):
-            raise _error("the body is not valid JSON", 400)
+            payload = jsonstrict.loads(body)
+        except jsonstrict.JSONError as e:
+            raise _error(f"the body is not valid JSON: {e}", 400)
         if not isinstance(payload, dict):
             raise _error("the body must be a JSON object", 400)
         return payload

@@ -33,6 +33,7 @@ from twisted.web import server
 from twisted.web.resource import Resource
 
 from broker.config import ConfigError
+from broker.core import jsonstrict
 from broker.iot import apikeys, errors
 from broker.iot.histogram import LatencyHistogram
 from broker.iot.jsonpayload import PayloadError, fromJSON, toJSON
@@ -144,10 +145,6 @@ class APISite(BoundedSite):
         # The API counts responses in its metrics; one access-log line per
         # held request would drown the broker's log.
         pass
-
-
-def _reject(value):
-    raise ValueError(f"{value} is not valid JSON")
 
 
 class APIResource(Resource):
@@ -269,8 +266,8 @@ class APIResource(Resource):
         request.content.seek(0)
         raw = request.content.read()
         try:
-            body = json.loads(raw, parse_constant=_reject)
-        except (ValueError, RecursionError) as e:
+            body = jsonstrict.loads(raw)
+        except jsonstrict.JSONError as e:
             raise APIError(400, "BAD_JSON", f"the body is not JSON: {e}")
         if not isinstance(body, dict):
             raise APIError(400, "BAD_REQUEST", "the body must be a JSON object")

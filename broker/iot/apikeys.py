@@ -30,6 +30,7 @@ import secrets
 import sys
 
 from broker.config import HUB_NAME
+from broker.files import writePrivate
 
 PREFIX = "iotk_"
 _KEY = re.compile(r"^iotk_([0-9a-f]{8})_([A-Za-z0-9_-]{43})$")
@@ -159,11 +160,8 @@ def developmentKey(stateDir, fleet):
             return key, path
     except FileNotFoundError:
         pass
-    os.makedirs(stateDir, exist_ok=True)
     key, _ = newKey()
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w", encoding="ascii") as f:
-        f.write(key + "\n")
+    writePrivate(path, key + "\n")
     return key, path
 
 

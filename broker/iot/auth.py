@@ -36,6 +36,7 @@ except ImportError:  # pragma: no cover - Python < 3.11
 from zope.interface import implementer
 
 from broker.config import HUB_NAME
+from broker.files import writePrivate
 from broker.iot.interfaces import IDeviceRegistry
 
 NONCE_SIZE = 32
@@ -167,7 +168,6 @@ def writeDevelopmentRegistry(path):
     """
     if os.path.exists(path):
         return False
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     text = (
         "# Generated development registry: keys for the demo fleet.  Never use in production.\n"
         "[fleets.demo]\n"
@@ -176,9 +176,7 @@ def writeDevelopmentRegistry(path):
         "[fleets.demo.devices.sensor1]\n"
         f'key = "{newSecret()}"\n'
         'groups = ["alerts"]\n')
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
+    writePrivate(path, text, exclusive=True)
     return True
 
 

@@ -45,6 +45,7 @@ from twisted.internet.defer import Deferred, DeferredList, fail, succeed
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from broker.core import jsonstrict
 from broker.iot import errors
 from broker.iot.concentrator import Concentrator
 from broker.iot.frames import Payload
@@ -108,7 +109,7 @@ def encode(header, payload=None):
 
 def decode(raw):
     head, _, data = raw.partition(b"\n")
-    header = json.loads(head)
+    header = jsonstrict.loads(head)
     payload = Payload(header["t"], data) if "t" in header else None
     return header, payload
 
@@ -237,7 +238,7 @@ class ClusterConcentrator(Concentrator):
         to close it.
         """
         if old:
-            node, oldSid = json.loads(old)[:2]
+            node, oldSid = jsonstrict.loads(old)[:2]
             if node != self.nodeId:
                 self._tell(node, "iot.replaced", {"fleet": k[0], "dev": k[1], "sid": oldSid},
                            registering=early)
@@ -312,7 +313,7 @@ class ClusterConcentrator(Concentrator):
         k = (h["fleet"], h["dev"])
         session = self._devices.get(k)
         value = self._sids.get(k)
-        if session is not None and value is not None and json.loads(value)[1] == h["sid"]:
+        if session is not None and value is not None and jsonstrict.loads(value)[1] == h["sid"]:
             self.deviceOffline(session)
             self.tokens.revoke(*k)
             session.close("REPLACED", "a newer session of this device authenticated on "
@@ -329,7 +330,7 @@ class ClusterConcentrator(Concentrator):
         def devices(members):
             ds = []
             for m in members:
-                fleet, deviceId = json.loads(m)
+                fleet, deviceId = jsonstrict.loads(m)
                 ds.append(r.eval(_DROP_IF_NODE, [self._presenceKey(fleet, deviceId)],
                                  [nodeId]))
             return DeferredList(ds, fireOnOneErrback=True, consumeErrors=True).addCallback(
@@ -404,7 +405,7 @@ class ClusterConcentrator(Concentrator):
         that authenticated later holds it (then ours is closed).
         """
         d = self.redis.eval(_RECLAIM, [self._presenceKey(*k), self._nodeDevs(self.nodeId)],
-                            [value, json.dumps(list(k)), json.loads(value)[2]],
+                            [value, json.dumps(list(k)), jsonstrict.loads(value)[2]],
                             registering=early)
         return d.addCallback(self._reclaimed, session, early)
 
@@ -505,7 +506,7 @@ class ClusterConcentrator(Concentrator):
             no node), failing with Unavailable.
         """
         return self.redis.execute("GET", self._presenceKey(fleet, deviceId)).addCallbacks(
-            lambda v: json.loads(v)[0] if v is not None else None, unavailable)
+            lambda v: jsonstrict.loads(v)[0] if v is not None else None, unavailable)
 
     def deviceStatus(self, fleet, deviceId):
         try:

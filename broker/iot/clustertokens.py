@@ -27,6 +27,7 @@ from twisted.internet.defer import DeferredList
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from broker.core import jsonstrict
 from broker.iot.interfaces import ITokenBook
 from broker.iot.udp import ACCEPTED, EXPIRED, REPLAYED, UNKNOWN, TokenBook
 
@@ -180,7 +181,7 @@ class ClusterTokenBook:
                 if owner is None:
                     if len(self._owners) > 10000:
                         self._owners.clear()
-                    owner = self._owners[value] = json.loads(value)
+                    owner = self._owners[value] = jsonstrict.loads(value)
                 then(ACCEPTED, owner[0], owner[1], *args)
             elif local.isLive(token):
                 # Ours, but Redis lost it (it restarted): nobody else can

@@ -17,6 +17,7 @@ from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 
 from broker.config import ConfigError
+from broker.files import privateDatabase
 from broker.iot import api, apikeys
 from broker.iot.webhook import Webhooks
 from broker.iot.auth import Registry, loadRegistryFile, writeDevelopmentRegistry
@@ -147,17 +148,6 @@ class IoTCollector:
         yield g
 
 
-def privateFile(path):
-    """
-    Create C{path} with mode 0600 (or narrow it to 0600): the store holds
-    the device keys issued at run time, and SQLite gives its -wal and -shm
-    files the database's mode.
-    """
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
-    os.chmod(path, 0o600)
-
-
 def registryPath(context, cfg):
     """
     The registry file: the configured one, or a development registry
@@ -197,7 +187,9 @@ def buildConcentrator(context, cfg):
         storePath = cfg["store_path"] or os.path.join(context.stateDir, STORE_FILE)
         key = "iot.store_path" if cfg["store_path"] else "broker.state_dir"
         try:
-            privateFile(storePath)
+            # Checked here to report a ConfigError (the store holds the
+            # device keys issued at run time).
+            privateDatabase(storePath)
         except OSError as e:
             raise ConfigError(key, f"cannot keep the IoT store {storePath}: {e}")
         store = SQLiteMessageStore.open(context.reactor, storePath)

@@ -23,9 +23,9 @@ few C{memcpy}s, and the length prefix lets the server refuse an oversized
 frame before buffering it.
 """
 
-import json
 import struct
 
+from broker.core import jsonstrict
 from broker.core.message import Message
 
 VERSION = 1
@@ -67,10 +67,6 @@ TOKEN_SIZE = 16
 MAX_ADDRESS = 255
 DEFAULT_MAX_FRAME = 1024 * 1024
 
-# The decoder without json.loads' encoding sniffing: payloads are UTF-8.
-_parseJSON = json.JSONDecoder().decode
-
-
 class FrameError(Exception):
     """
     A frame or payload that breaks the format.
@@ -110,9 +106,9 @@ class Payload:
                 raise FrameError("BAD_PAYLOAD", "utf8 payload is not valid UTF-8")
         elif type == JSON:
             try:
-                _parseJSON(data.decode("utf-8"))
-            except (ValueError, RecursionError):
-                raise FrameError("BAD_PAYLOAD", "json payload does not parse")
+                jsonstrict.loads(data)
+            except jsonstrict.JSONError as e:
+                raise FrameError("BAD_PAYLOAD", f"json payload is not JSON: {e}")
         elif type == NONE and data:
             raise FrameError("BAD_PAYLOAD", "payload type none with data")
         self.type = type
@@ -120,7 +116,7 @@ class Payload:
 
     @classmethod
     def json(cls, value):
-        return cls(JSON, json.dumps(value, separators=(",", ":")).encode("utf-8"))
+        return cls(JSON, jsonstrict.dumps(value).encode("utf-8"))
 
     @classmethod
     def text(cls, s):
@@ -131,7 +127,7 @@ class Payload:
         The payload as Python: parsed JSON, str for text, bytes for binary.
         """
         if self.type == JSON:
-            return json.loads(self.data)
+            return jsonstrict.loads(self.data)
         if self.type in (ASCII, UTF8):
             return self.data.decode("utf-8")
         return self.data

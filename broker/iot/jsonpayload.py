@@ -16,8 +16,8 @@ back, and the type a device chose survives the trip through HTTP.
 
 import base64
 import binascii
-import json
 
+from broker.core import jsonstrict
 from broker.iot import frames
 from broker.iot.frames import FrameError, Payload
 
@@ -35,7 +35,7 @@ def toJSON(payload):
     """
     t = payload.type
     if t == frames.JSON:
-        return {"type": t, "data": json.loads(payload.data)}
+        return {"type": t, "data": jsonstrict.loads(payload.data)}
     if t in (frames.ASCII, frames.UTF8):
         return {"type": t, "data": payload.data.decode("utf-8")}
     if t == frames.BINARY:
@@ -65,7 +65,7 @@ def fromJSON(obj):
         raise PayloadError(f"a payload of type {t} needs data")
     if t == frames.JSON:
         try:
-            raw = json.dumps(data, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+            raw = jsonstrict.dumps(data, ensureAscii=False).encode("utf-8")
         except UnicodeEncodeError:
             raise PayloadError("the data is not valid Unicode (lone surrogate)")
         except (TypeError, ValueError, RecursionError) as e:

@@ -43,6 +43,7 @@ from zope.interface import implementer
 import txredisapi
 
 from broker.cluster.redis import RedisUnavailable
+from broker.core import jsonstrict
 from broker.iot import errors
 from broker.iot.frames import Payload
 from broker.iot.interfaces import IMessageStore
@@ -249,8 +250,8 @@ class RedisMessageStore:
         def rows(flat):
             out = []
             for i in range(0, len(flat), 2):
-                fleet, deviceId = json.loads(flat[i])
-                out.append((fleet, deviceId, json.loads(flat[i + 1])))
+                fleet, deviceId = jsonstrict.loads(flat[i])
+                out.append((fleet, deviceId, jsonstrict.loads(flat[i + 1])))
             return out
         return self.redis.execute("HGETALL", self.cluster.key("iot", "keys"),
                                   registering=registering).addCallbacks(rows, unavailable)

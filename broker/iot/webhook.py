@@ -49,6 +49,7 @@ from zope.interface import implementer
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from broker.core import jsonstrict
 from broker.iot import errors
 from broker.iot.frames import EMPTY
 from broker.iot.histogram import LatencyHistogram
@@ -374,7 +375,7 @@ class WebhookLink:
     def _refusal(status, content):
         code, message = "CENTRAL_REFUSED", f"the central answered HTTP {status}"
         try:
-            info = json.loads(content)["error"]
+            info = jsonstrict.loads(content)["error"]
             if isinstance(info.get("code"), str) and info["code"]:
                 code = info["code"][:64]
             if isinstance(info.get("message"), str):
@@ -388,11 +389,11 @@ class WebhookLink:
         if status == 204 or not content.strip():
             return EMPTY
         try:
-            obj = json.loads(content)
+            obj = jsonstrict.loads(content)
             if not isinstance(obj, dict) or "payload" not in obj:
                 raise PayloadError('expected {"payload": {...}}')
             return fromJSON(obj["payload"])
-        except (ValueError, RecursionError) as e:
+        except ValueError as e:
             raise BadCentralResponse(f"the central's answer is not a payload: {e}")
 
 

@@ -30,6 +30,7 @@ from twisted.internet.endpoints import TCP4ClientEndpoint, clientFromString, wra
 from twisted.internet.protocol import Factory
 from twisted.protocols.basic import Int32StringReceiver
 
+from broker.files import writePrivate
 from broker.peergroups import constants as C
 from broker.peergroups import credentials as cred
 from broker.peergroups.credentials import Certificate, Identity
@@ -429,8 +430,7 @@ class PeerGroupClient:
         """
         result = yield self.call("exportDatabase", handle=handle)
         if path is not None:
-            with open(path, "w", encoding="utf-8") as f:
-                f.write(result["database"])
+            writePrivate(path, result["database"])
         return result["database"]
 
     def importDatabase(self, handle, database=None, path=None):

@@ -34,6 +34,7 @@ from cryptography.hazmat.primitives import serialization
 from twisted.internet import defer
 from twisted.logger import Logger
 
+from broker.core import jsonstrict
 from broker.peergroups import constants as C
 from broker.peergroups import records as rec
 from broker.peergroups.credentials import chainFromJSON, chainToJSON
@@ -92,7 +93,7 @@ class PeerGroupsCluster:
                 # that follows it bring what this message said.
                 return
             try:
-                obj = json.loads(payload)
+                obj = jsonstrict.loads(payload)
             except ValueError:
                 log.warn("peer groups: malformed cluster message from {node} dropped",
                          node=origin)
@@ -132,7 +133,7 @@ class PeerGroupsCluster:
             yield self._shareKeys()
         data = yield self.pg.store.load()
         flat = yield self.redis.execute("HGETALL", self.presenceKey)
-        data["presence"] = [(json.loads(k), json.loads(v)) for k, v in hashPairs(flat)]
+        data["presence"] = [(jsonstrict.loads(k), jsonstrict.loads(v)) for k, v in hashPairs(flat)]
         return data
 
     @defer.inlineCallbacks
@@ -348,12 +349,12 @@ class PeerGroupsCluster:
         flat = yield self.redis.execute("HGETALL", self.presenceKey)
         gone = []
         for k, v in hashPairs(flat):
-            if json.loads(v)["node"] == deadNode:
+            if jsonstrict.loads(v)["node"] == deadNode:
                 gone.append(k)
         if gone:
             yield self.redis.execute("HDEL", self.presenceKey, *gone)
         for k in gone:
-            app, gpn, peer = json.loads(k)
+            app, gpn, peer = jsonstrict.loads(k)
             self.remoteOffline(app, gpn, peer, deadNode)
             yield self._publish("pg.presence", {"op": "off", "app": app, "gpn": gpn,
                                                 "peer": peer, "node": deadNode})

@@ -34,6 +34,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import (Ed25519PrivateKey,
                                                                Ed25519PublicKey)
 
+from broker.core import jsonstrict
 from broker.peergroups import constants as C
 from broker.peergroups.errors import PeerError
 
@@ -161,10 +162,10 @@ def parseIdentityInfo(text):
         its self-signature does not verify.
     """
     try:
-        outer = json.loads(text)["PEERIDENTITYINFO"]
+        outer = jsonstrict.loads(text)["PEERIDENTITYINFO"]
         body = unb64(outer["body"])
         signature = unb64(outer["signature"])
-        info = json.loads(body)
+        info = jsonstrict.loads(body)
         key = unb64(info["publicKey"])
         classifier = info["classifier"]
         friendly = info.get("friendlyName", "")
@@ -202,7 +203,7 @@ class Certificate:
     def __init__(self, raw, signature):
         self.raw = raw
         self.signature = signature
-        body = json.loads(raw)
+        body = jsonstrict.loads(raw)
         if not isinstance(body, dict):
             raise ValueError("certificate body is not an object")
         self.kind = body["type"]
@@ -389,7 +390,7 @@ def decodeInvitation(text):
     if not isinstance(text, str) or len(text) > MAX_INVITATION:
         raise PeerError("PEER_E_INVITATION_NOT_TRUSTED", "malformed invitation")
     try:
-        inv = json.loads(text)["PEERINVITATION"]
+        inv = jsonstrict.loads(text)["PEERINVITATION"]
         version = inv["version"]
         group = inv["groupPeerName"]
         if not isinstance(group, str):

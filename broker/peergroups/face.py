@@ -13,6 +13,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from broker.config import ConfigError
+from broker.files import writePrivate
 from broker.peergroups.cluster import PeerGroupsCluster
 from broker.peergroups.core import PeerGroups
 from broker.peergroups.metrics import PeerGroupsCollector
@@ -35,11 +36,8 @@ def _secretFile(path, make):
             return data
     except FileNotFoundError:
         pass
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     data = make()
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
+    writePrivate(path, data)
     return data
 
 

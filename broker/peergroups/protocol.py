@@ -18,6 +18,7 @@ from twisted.protocols.basic import Int32StringReceiver
 from twisted.web.resource import Resource
 from zope.interface import implementer
 
+from broker.core import jsonstrict
 from broker.core.output import BoundedOutput
 from broker.net.http import NO_BODY, BoundedSite, Routes
 from broker.peergroups.constants import PROTOCOL
@@ -61,9 +62,9 @@ def _decode(payload):
     C{(None, value)} for one UTF-8 JSON value, else C{(why, None)}.
     """
     try:
-        return None, json.loads(payload.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):
-        return "a frame must be one UTF-8 JSON value", None
+        return None, jsonstrict.loads(payload)
+    except jsonstrict.JSONError as e:
+        return f"a frame must be one strict JSON value: {e}", None
 
 
 @implementer(IPeerTransport)

@@ -32,6 +32,7 @@ from twisted.application import service
 from twisted.internet import defer
 from zope.interface import implementer
 
+from broker.core import jsonstrict
 from broker.peergroups.credentials import b64, unb64
 from broker.peergroups.interfaces import IPeerGroupStore
 from broker.peergroups.records import Record
@@ -196,21 +197,21 @@ class RedisPeerGroupStore(service.Service):
         seq = {k: int(v) for k, v in hashPairs(seqs)}
         out = {"groups": [], "members": [], "records": [], "serials": []}
         for field, value in hashPairs(groups):
-            app, gpn = json.loads(field)
-            g = json.loads(value)
+            app, gpn = jsonstrict.loads(field)
+            g = jsonstrict.loads(value)
             out["groups"].append({"app": app, "gpn": gpn, "grc": g["grc"],
                                   "properties": g["properties"], "verifier": g["verifier"],
                                   "issuer": g["issuer"], "seq": seq.get(field, 0)})
         for field, value in hashPairs(members):
-            app, gpn, peer = json.loads(field)
-            out["members"].append({"app": app, "gpn": gpn, "peer": peer, **json.loads(value)})
+            app, gpn, peer = jsonstrict.loads(field)
+            out["members"].append({"app": app, "gpn": gpn, "peer": peer, **jsonstrict.loads(value)})
         rows = []
         for field, value in hashPairs(records):
-            app, gpn, _ = json.loads(field)
-            rows.append((app, gpn, recordFromJSON(json.loads(value))))
+            app, gpn, _ = jsonstrict.loads(field)
+            rows.append((app, gpn, recordFromJSON(jsonstrict.loads(value))))
         out["records"] = sorted(rows, key=lambda row: row[2].seq)
         for member in serials:
-            app, gpn, serial = json.loads(member)
+            app, gpn, serial = jsonstrict.loads(member)
             out["serials"].append((app, gpn, serial))
         return out
 

@@ -24,6 +24,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from broker.cluster.redis import RedisOutcomeUnknown
+from broker.core import jsonstrict
 from broker.core.errors import Unavailable
 from broker.core.interfaces import IConnection
 from broker.peergroups import constants as C
@@ -1077,14 +1078,14 @@ class PeerSession:
         if node.member is None or not node.member.local:
             raise PeerError("PEER_E_INVALID_GROUP", "not a member")
         try:
-            outer = json.loads(_param(params, "database", str))["PEERGROUPDATABASE"]
+            outer = jsonstrict.loads(_param(params, "database", str))["PEERGROUPDATABASE"]
             payload = cred.unb64(outer["payload"])
             seal = cred.unb64(outer["seal"])
         except (ValueError, KeyError, TypeError):
             raise PeerError("E_INVALIDARG", "not an exported database")
         if not hmac.compare_digest(seal, self._seal(payload)):
             raise PeerError("E_INVALIDARG", "the database was altered or not exported here")
-        db = json.loads(payload)
+        db = jsonstrict.loads(payload)
         group = node.group
         if (db["application"], db["groupPeerName"], db["identity"]) != \
                 (self.app.name, group.gpn, node.peerName):

@@ -12,13 +12,14 @@ survive a SIGKILL of the process (and a power loss, as far as the disk
 honours fsync): what a face acknowledged as stored is stored.
 """
 
-import os
 import sqlite3
 
 from twisted.application import service
 from twisted.internet.defer import fail, succeed
 from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
+
+from broker.files import privateDatabase
 
 
 class SQLiteRunner(service.Service):
@@ -28,7 +29,8 @@ class SQLiteRunner(service.Service):
     Start it (as a service or with L{start}) before use; L{stopService}
     finishes queued interactions, then closes the database.
 
-    @param path: the database file (its directory is created), or
+    @param path: the database file (created mode 0600 in a directory
+        created 0700: L{broker.files}), or
         C{":memory:"} in unit tests.
     @param schema: SQL run once at open (C{CREATE TABLE IF NOT EXISTS ...}).
     """
@@ -52,8 +54,8 @@ class SQLiteRunner(service.Service):
         if self._connection is not None:
             return
         if self.path != ":memory:":
-            directory = os.path.dirname(os.path.abspath(self.path))
-            os.makedirs(directory, exist_ok=True)
+            # Every store holds keys, verifiers or messages: 0600 in 0700.
+            privateDatabase(self.path)
         connection = sqlite3.connect(self.path, check_same_thread=False,
                                      isolation_level=None)
         connection.execute("PRAGMA journal_mode=WAL")

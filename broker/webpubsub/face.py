@@ -10,6 +10,7 @@ import secrets
 from twisted.logger import Logger
 
 from broker.config import ConfigError
+from broker.files import writePrivate
 from broker.webpubsub.listeners import EventListeners
 from broker.webpubsub.upstream import CloudEventsUpstream, EventHandler, makeHTTPClient
 from broker.webpubsub.rest import RestCollector
@@ -33,11 +34,8 @@ def developmentKey(stateDir):
             return key, path
     except FileNotFoundError:
         pass
-    os.makedirs(stateDir, exist_ok=True)
     key = secrets.token_urlsafe(32)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w", encoding="ascii") as f:
-        f.write(key + "\n")
+    writePrivate(path, key + "\n")
     return key, path
 
 

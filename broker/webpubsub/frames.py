@@ -11,6 +11,7 @@ fan-out.
 
 import json
 
+from broker.core import jsonstrict
 from broker.core.errors import BadRequest
 from broker.core.message import FROM_GROUP, Message
 from broker.webpubsub.history import parsePosition
@@ -75,11 +76,13 @@ def parseRequest(payload):
     """
     Parse one text frame.
 
-    @raise ValueError: when the frame is not a JSON object at all (the
-        connection is closed: nothing can be acknowledged).
+    @raise ValueError: when the frame is not strict JSON (L{jsonstrict}:
+        no NaN, nesting of at most L{jsonstrict.MAX_DEPTH} levels, no
+        duplicate key) or not an object (the connection is closed: nothing
+        can be acknowledged).
     @raise InvalidRequest: for a JSON object that is not a valid request.
     """
-    obj = json.loads(payload)
+    obj = jsonstrict.loads(payload)
     if not isinstance(obj, dict):
         raise ValueError("frame is not a JSON object")
     ackId = obj.get("ackId")

@@ -52,6 +52,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from broker.core import jsonstrict
 from broker.core.errors import CloseCode
 from broker.webpubsub.redishistory import decodeDelivery, encodeDelivery
 from broker.webpubsub.reliable import ReliableLinks
@@ -265,7 +266,7 @@ class ClusterLinks(ReliableLinks):
 
     def _state(self, origin, payload):
         try:
-            state = json.loads(payload)
+            state = jsonstrict.loads(payload)
             request = state["req"]
         except (ValueError, KeyError, TypeError):
             log.warn("malformed {topic} from {node} dropped", topic=STATE, node=origin)
@@ -322,7 +323,7 @@ class ClusterLinks(ReliableLinks):
 
     def _released(self, origin, payload):
         try:
-            msg = json.loads(payload)
+            msg = jsonstrict.loads(payload)
             link = self.get(msg["hub"], msg["cid"])
         except (ValueError, KeyError, TypeError):
             return
@@ -363,7 +364,7 @@ class ClusterLinks(ReliableLinks):
 
     def _take(self, origin, payload):
         try:
-            msg = json.loads(payload)
+            msg = jsonstrict.loads(payload)
             request, hubName, cid = msg["req"], msg["hub"], msg["cid"]
         except (ValueError, KeyError, TypeError):
             log.warn("malformed {topic} from {node} dropped", topic=TAKE, node=origin)
@@ -406,7 +407,7 @@ class ClusterLinks(ReliableLinks):
 
     def _release(self, origin, payload):
         try:
-            msg = json.loads(payload)
+            msg = jsonstrict.loads(payload)
             key = (msg["hub"], msg["cid"])
         except (ValueError, KeyError, TypeError):
             return

@@ -17,6 +17,7 @@ disturbs the hub.
 """
 
 import json
+import os
 import time
 from datetime import datetime, timezone
 
@@ -26,8 +27,10 @@ from twisted.plugin import getPlugins
 from zope.interface import Attribute, Interface, implementer
 
 from broker.config import ConfigError
+from broker.core import jsonstrict
 from broker.core.interfaces import IHubObserver
 from broker.core.message import BINARY
+from broker.files import openPrivate
 
 log = Logger()
 
@@ -77,7 +80,10 @@ class JSONLinesFile:
 
     def __init__(self, path):
         self.path = path
-        self._file = open(path, "a", encoding="utf-8")
+        # The events carry messages: a new file is 0600 (an existing one
+        # keeps the mode its operator gave it, e.g. for a log shipper).
+        fd = openPrivate(path, os.O_WRONLY | os.O_APPEND, narrow=False, makeDirectory=False)
+        self._file = os.fdopen(fd, "a", encoding="utf-8")
         self.dropped = 0
         self._failed = False
 
@@ -155,7 +161,7 @@ class _HubEvents:
         if message.dataType == BINARY:
             record["data"] = message.jsonField().decode("ascii")[1:-1]
         else:
-            record["data"] = json.loads(message.jsonField())
+            record["data"] = jsonstrict.loads(message.jsonField())
         self.emit(record)
 
 

@@ -32,6 +32,7 @@ from twisted.internet import defer, task
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from broker.core import jsonstrict
 from broker.core.errors import BrokerError
 from broker.core.hub import NoUpstream
 from broker.core.interfaces import IHubObserver, IUpstream
@@ -249,10 +250,13 @@ class CloudEventsUpstream:
         answer = {}
         if content.strip():
             try:
-                answer = json.loads(content)
-            except ValueError:
-                raise ConnectDenied(500, "connect event handler answered invalid JSON")
-            if not isinstance(answer, dict):
+                answer = jsonstrict.loads(content)
+                if not isinstance(answer, dict):
+                    raise jsonstrict.JSONError("not an object")
+            except jsonstrict.JSONError as e:
+                self.stats["failed"] += 1
+                log.warn("connect handler for hub {hub} answered invalid JSON: {why}",
+                         hub=self.hubName, why=e)
                 raise ConnectDenied(500, "connect event handler answered invalid JSON")
         state = response.headers.getRawHeaders(b"ce-connectionstate")
         if state:
@@ -288,6 +292,14 @@ class CloudEventsUpstream:
             return None
         contentType = (response.headers.getRawHeaders(b"content-type") or [b""])[0].lower()
         if contentType.startswith(b"application/json"):
+            # Embedded as it is in the clients' frames: strict JSON only.
+            try:
+                jsonstrict.loads(content)
+            except jsonstrict.JSONError as e:
+                self.stats["failed"] += 1
+                log.warn("{event} handler for hub {hub} answered invalid JSON: {why}",
+                         event=event, hub=self.hubName, why=e)
+                raise BrokerError("event handler answered invalid JSON")
             return Message(JSON, content)
         if contentType.startswith(b"text/"):
             return Message(TEXT, content)
