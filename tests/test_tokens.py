@@ -41,7 +41,7 @@ class TokenTests(unittest.TestCase):
             "none": None,
             "garbage": "abc.def",
             "expired": makeClientToken(KEY, AUD, lifetime=-10, now=NOW),
-            "future": jwt.encode({"aud": AUD, "exp": NOW + 600, "nbf": NOW + 300}, KEY,
+            "future": jwt.encode({"aud": AUD, "exp": NOW + 900, "nbf": NOW + 600}, KEY,
                                  algorithm="HS256"),
             "noexp": jwt.encode({"aud": AUD}, KEY, algorithm="HS256"),
             "alg-none": jwt.encode({"aud": AUD, "exp": NOW + 60}, None, algorithm="none"),
@@ -74,7 +74,7 @@ class TokenTests(unittest.TestCase):
                                         KEY, algorithm="HS256"), [KEY], NOW)
         self.assertEqual(claims["exp"], NOW + 0.5)
         e = self.assertRaises(TokenError, decodeToken, jwt.encode(
-            {"exp": NOW + 60, "iat": NOW + 60}, KEY, algorithm="HS256"), [KEY], NOW)
+            {"exp": NOW + 900, "iat": NOW + 400}, KEY, algorithm="HS256"), [KEY], NOW)
         self.assertEqual(str(e), "token issued in the future")
 
     def test_leeway(self):

@@ -17,8 +17,11 @@ from jwt.utils import base64url_decode
 
 from broker.core import jsonstrict
 
-# Clock skew tolerated on exp / nbf / iat, in seconds.
+# Clock skew tolerated on exp, in seconds.
 LEEWAY = 5
+# ... and on nbf / iat: a token made by a backend whose clock runs ahead
+# (the SDKs stamp iat = now) must not be refused for a few seconds of skew.
+FUTURE_SKEW = 300
 
 
 class TokenError(Exception):
@@ -149,9 +152,9 @@ def decodeToken(token, keys, now=None):
             raise TokenError(f"claim {name!r} must be a number")
     if claims["exp"] <= now - LEEWAY:
         raise TokenError("token expired")
-    if claims.get("nbf", now) > now + LEEWAY:
+    if claims.get("nbf", now) > now + FUTURE_SKEW:
         raise TokenError("token not yet valid")
-    if claims.get("iat", now) > now + LEEWAY:
+    if claims.get("iat", now) > now + FUTURE_SKEW:
         raise TokenError("token issued in the future")
     return claims
 
