@@ -12,6 +12,7 @@ from broker.core.errors import BadRequest, CloseCode
 from broker.core.fanout import Fanout
 from broker.core.hub import Hub, HubStats
 from broker.core.interfaces import IEngine
+from broker.core.limits import LimitCounters, QuietLog
 
 log = Logger()
 
@@ -31,6 +32,9 @@ class Core(service.Service):
         self.hubs = {}
         self._hubSetup = []
         self.rejectedElsewhere = 0
+        # What the faces' limits refused (/metrics), and their quiet log.
+        self.limits = LimitCounters()
+        self.quietLog = QuietLog(reactor.seconds)
         self._filterCompiler = None
         self._filters = {}
         self.engine.attach(self)
@@ -51,6 +55,14 @@ class Core(service.Service):
             for setup in self._hubSetup:
                 setup(hub)
         return hub
+
+    def hubLabel(self, hubName):
+        """
+        C{hubName} if that hub exists, else C{""}: the hub label of a
+        counter about a client not admitted, which must not let it choose
+        labels without bound.
+        """
+        return hubName if hubName in self.hubs else ""
 
     def countRejected(self, hubName):
         """
