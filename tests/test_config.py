@@ -82,9 +82,12 @@ class DefaultTests(TestCase):
         settings = config.parse("")
         for face in ("webpubsub", "iot", "peergroups"):
             section = settings[face]
-            for key in ("max_connections_per_address", "max_inbound_messages_per_second",
+            for key in ("max_inbound_messages_per_second",
                         "max_inbound_bytes_per_second", "inbound_burst"):
                 self.assertGreater(section[key], 0, f"{face}.{key}")
+        self.assertGreater(settings["webpubsub"]["max_connections_per_address"], 0)
+        self.assertGreater(settings["iot"]["max_connections_per_address"], 0)
+        self.assertGreater(settings["iot"]["udp"]["max_datagrams_per_second"], 0)
         wps = settings["webpubsub"]
         self.assertEqual((wps["max_connections_per_hub"], wps["max_connections_per_user"],
                           wps["max_groups_per_connection"], wps["max_groups_per_hub"],
