@@ -124,7 +124,7 @@ SECTION = Table({
                                            "authenticated; beyond, LIMIT."),
     "max_connections_per_fleet": Int(100_000, minimum=0,
                                      doc="Authenticated sessions of one fleet; beyond, LIMIT."),
-    "max_inbound_messages_per_second": Float(1000.0, minimum=0,
+    "max_inbound_messages_per_second": Float(5000.0, minimum=0,
                                              doc="Frames one session may send per second."),
     "max_inbound_bytes_per_second": Int(8 * MIB, minimum=0,
                                         doc="Bytes of frames one session may send per second."),
