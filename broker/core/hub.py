@@ -24,6 +24,9 @@ from broker.core.permissions import (JOIN_LEAVE_GROUP, PERMISSIONS, SEND_TO_GROU
 log = Logger()
 
 MAX_NAME_LENGTH = 1024
+# A group map that held at least this many groups is rebuilt once it is
+# down to a quarter of that (Hub._shrink).
+SHRINK_FROM = 4096
 
 
 def checkName(kind, name):
@@ -202,6 +205,8 @@ class Hub:
         self._sessions = {}      # connectionId -> Session
         self._users = {}         # userId -> {connectionId: IConnection}
         self._groups = {}        # group -> {connectionId: IConnection}
+        # The most groups the map has held since it was last rebuilt.
+        self._groupsPeak = 0
         self._observers = []
         # Sessions whose user-level groups could not be read yet.
         self._userGroupsUnread = set()
@@ -382,6 +387,8 @@ class Hub:
             return
         if members is None:
             members = self._groups[group] = {}
+            if len(self._groups) > self._groupsPeak:
+                self._groupsPeak = len(self._groups)
         members[session.connectionId] = session.connection
         session.groups.add(group)
         if mirror:
@@ -394,9 +401,21 @@ class Hub:
             return
         if not members:
             del self._groups[group]
+            if self._groupsPeak >= SHRINK_FROM and len(self._groups) * 4 <= self._groupsPeak:
+                self._shrink()
         session.groups.discard(group)
         if mirror:
             self._mirror(self.directory.left(self.name, session.connectionId, group))
+
+    def _shrink(self):
+        """
+        The group map fell to a quarter of its peak: a Python dict never
+        shrinks by itself, so copy it, and have the core give the freed
+        memory back to the system (L{broker.core.memory}).
+        """
+        self._groups = dict(self._groups)
+        self._groupsPeak = len(self._groups)
+        self._core.memory.soon()
 
     def _leaveAll(self, session):
         for g in list(session.groups):

@@ -13,6 +13,7 @@ from broker.core.fanout import Fanout
 from broker.core.hub import Hub, HubStats
 from broker.core.interfaces import IEngine
 from broker.core.limits import LimitCounters, QuietLog
+from broker.core.memory import MemoryReleaser
 
 log = Logger()
 
@@ -35,6 +36,8 @@ class Core(service.Service):
         # What the faces' limits refused (/metrics), and their quiet log.
         self.limits = LimitCounters()
         self.quietLog = QuietLog(reactor.seconds)
+        # Gives freed memory back to the system after a hub shrank.
+        self.memory = MemoryReleaser(reactor)
         self._filterCompiler = None
         self._filters = {}
         self.engine.attach(self)
@@ -134,6 +137,7 @@ class Core(service.Service):
         """
         super().stopService()
         self.fanout.stop()
+        self.memory.stop()
         for hub in self.hubs.values():
             hub.closeConnections(hub.sessions(), CloseCode.GOING_AWAY, "broker shutting down")
 
