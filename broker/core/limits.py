@@ -144,8 +144,10 @@ class InboundLimiter:
         self._clock = clock
         self._mRate = float(messagesPerSecond)
         self._bRate = float(bytesPerSecond)
-        self._mCap = max(self._mRate * burst, 1.0) if messagesPerSecond else 0.0
-        self._bCap = max(self._bRate * burst, float(minBytes), 1.0) if bytesPerSecond else 0.0
+        # A rate that is off is an infinite bucket: no test on the path.
+        inf = float("inf")
+        self._mCap = max(self._mRate * burst, 1.0) if messagesPerSecond else inf
+        self._bCap = max(self._bRate * burst, float(minBytes), 1.0) if bytesPerSecond else inf
         self._m = self._mCap
         self._b = self._bCap
         self._last = clock()
@@ -180,7 +182,7 @@ class InboundLimiter:
             m = self._mCap
         elif b > self._bCap:
             b = self._bCap
-        if (self._mCap and m < 1.0) or (self._bCap and b < size):
+        if m < 1.0 or b < size:
             self._m, self._b = m, b
             self.dropped += 1
             return CLOSE if self.dropped > self._closeAfter else DROP
@@ -193,9 +195,9 @@ class InboundLimiter:
         may stop reading).
         """
         w = 0.0
-        if self._mCap and self._m < 1.0:
+        if self._m < 1.0:
             w = (1.0 - self._m) / self._mRate
-        if self._bCap and self._b < size:
+        if self._b < size:
             w = max(w, (min(size, self._bCap) - self._b) / self._bRate)
         return w
 

@@ -13,8 +13,6 @@ import ctypes
 import ctypes.util
 
 
-
-
 def _glibcTrim():
     name = ctypes.util.find_library("c")
     if name is None:
