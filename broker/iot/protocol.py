@@ -82,6 +82,7 @@ class IoTSession(BoundedOutput, Protocol):
         self._slot = None
         self._rate = None
         self._ratePaused = False
+        self._resumeCall = None
 
     # -- connection life --------------------------------------------------
 
@@ -117,10 +118,10 @@ class IoTSession(BoundedOutput, Protocol):
     def connectionLost(self, reason):
         self._releaseSlot()
         self.state = self.CLOSED
-        for timer in (self._timer, self._abortTimer):
+        for timer in (self._timer, self._abortTimer, self._resumeCall):
             if timer is not None and timer.active():
                 timer.cancel()
-        self._timer = self._abortTimer = None
+        self._timer = self._abortTimer = self._resumeCall = None
         self._offline()
 
     def _offline(self):
@@ -345,9 +346,11 @@ class IoTSession(BoundedOutput, Protocol):
         if not self._ratePaused:
             self._ratePaused = True
             self.transport.pauseProducing()
-            f.reactor.callLater(max(self._rate.wait(_size(frame)), 0.001), self._rateResume)
+            self._resumeCall = f.reactor.callLater(max(self._rate.wait(_size(frame)), 0.001),
+                                                   self._rateResume)
 
     def _rateResume(self):
+        self._resumeCall = None
         self._ratePaused = False
         if self.state != self.CLOSED:
             self.transport.resumeProducing()

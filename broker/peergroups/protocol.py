@@ -66,6 +66,7 @@ class _Limited:
     _rate = None
     _ratePaused = False
     _rateClosing = False
+    _resumeCall = None
 
     def _takeAddress(self):
         """
@@ -86,6 +87,9 @@ class _Limited:
         return True
 
     def _releaseAddress(self):
+        call, self._resumeCall = self._resumeCall, None
+        if call is not None and call.active():
+            call.cancel()
         host, self._address = self._address, None
         if host is not None:
             self.factory.peergroups.admission.release(PER_ADDRESS, host)
@@ -130,10 +134,12 @@ class _Limited:
         if not self._ratePaused and self.transport is not None:
             self._ratePaused = True
             self.transport.pauseProducing()
-            pg.reactor.callLater(max(rate.wait(len(payload)), 0.001), self._rateResume)
+            self._resumeCall = pg.reactor.callLater(max(rate.wait(len(payload)), 0.001),
+                                                    self._rateResume)
         return True
 
     def _rateResume(self):
+        self._resumeCall = None
         self._ratePaused = False
         if self.transport is not None and self.session is not None:
             self.transport.resumeProducing()

@@ -88,6 +88,7 @@ class ClientProtocol(BoundedOutput, WebSocketServerProtocol):
     _inbound = None
     _ratePaused = False
     _rateClosing = False
+    _resumeCall = None
     # {group: [pending recoveries, held deliveries]} while an asynchronous
     # joinGroup recovery runs (cluster mode, _recoverLater).
     holding = None
@@ -475,10 +476,11 @@ class ClientProtocol(BoundedOutput, WebSocketServerProtocol):
         if not self._ratePaused and self.transport is not None:
             self._ratePaused = True
             self.transport.pauseProducing()
-            self.factory.reactor.callLater(max(self._inbound.wait(len(payload)), 0.001),
-                                           self._rateResume)
+            self._resumeCall = self.factory.reactor.callLater(
+                max(self._inbound.wait(len(payload)), 0.001), self._rateResume)
 
     def _rateResume(self):
+        self._resumeCall = None
         self._ratePaused = False
         if self.transport is not None and self.state != self.STATE_CLOSED \
                 and not self._throttled:
@@ -652,6 +654,9 @@ class ClientProtocol(BoundedOutput, WebSocketServerProtocol):
 
     def connectionLost(self, reason):
         super().connectionLost(reason)
+        call, self._resumeCall = self._resumeCall, None
+        if call is not None and call.active():
+            call.cancel()
         ticket, self._ticket = self._ticket, None
         if ticket is not None:
             ticket.release()
