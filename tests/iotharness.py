@@ -59,7 +59,9 @@ class IoTHarness:
         self.registry = Registry(fleets())
         factoryOptions = {k: opts.pop(k) for k in list(opts)
                           if k in ("authTimeout", "pingInterval", "pingTimeout", "maxFrame",
-                                   "maxOutputBuffer", "maxInFlight")}
+                                   "maxOutputBuffer", "maxInFlight", "admission",
+                                   "inboundRate")}
+        udpRate = opts.pop("udpRate", 0)
         if self.cluster is not None:
             from broker.iot.clustered import ClusterConcentrator
             from broker.iot.clustertokens import ClusterTokenBook
@@ -85,7 +87,7 @@ class IoTHarness:
         else:
             endpoint = serverFromString(reactor, "tcp:0:interface=127.0.0.1")
         self.port = yield endpoint.listen(self.factory)
-        self.udp = TelemetryListener(self.concentrator, 2048)
+        self.udp = TelemetryListener(self.concentrator, 2048, ratePerSource=udpRate, burst=1.0)
         self.udpPort = reactor.listenUDP(0, self.udp, interface="127.0.0.1")
         tc.addCleanup(self.stop)
         return self

@@ -71,7 +71,27 @@ class DefaultTests(TestCase):
                                "anonymous_roles": [],
                                "history_messages": 0, "history_max_age": 3600.0,
                                "history_groups": 10000, "event_log": "",
-                               "event_handlers": [], "event_listeners": []})
+                               "event_handlers": [], "event_listeners": [],
+                               "max_connections_per_hub": None, "max_groups_per_hub": None})
+
+    def test_limitDefaults(self):
+        """
+        Every face has admission, rate and group limits on by default,
+        under the same key names.
+        """
+        settings = config.parse("")
+        for face in ("webpubsub", "iot", "peergroups"):
+            section = settings[face]
+            for key in ("max_inbound_messages_per_second",
+                        "max_inbound_bytes_per_second", "inbound_burst"):
+                self.assertGreater(section[key], 0, f"{face}.{key}")
+        self.assertGreater(settings["webpubsub"]["max_connections_per_address"], 0)
+        self.assertGreater(settings["iot"]["max_connections_per_address"], 0)
+        self.assertGreater(settings["iot"]["udp"]["max_datagrams_per_second"], 0)
+        wps = settings["webpubsub"]
+        self.assertEqual((wps["max_connections_per_hub"], wps["max_connections_per_user"],
+                          wps["max_groups_per_connection"], wps["max_groups_per_hub"],
+                          wps["max_group_name_length"]), (100_000, 100, 1000, 100_000, 1024))
 
     def test_validValues(self):
         """

@@ -81,7 +81,8 @@ class TelemetryOverUDPTests(TestCase):
         self.send(frames.encodeDatagram(tokens[1], Payload(frames.BINARY, b"\x01")))
         yield self.counted(ACCEPTED, 2)
         self.assertEqual(self.h.udp.counts, {"accepted": 2, "replayed": 1, "unknown": 1,
-                                             "expired": 0, "malformed": 7})
+                                             "expired": 0, "malformed": 7,
+                                             "rate_limited": 0})
 
     @defer.inlineCallbacks
     def test_refill(self):

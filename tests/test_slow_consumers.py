@@ -58,7 +58,8 @@ class WebPubSubSlowConsumerTests(unittest.TestCase):
     many 1 KiB messages by a real publishing client.
     """
 
-    toml = f"[webpubsub]\nmax_output_buffer = {LIMIT}\n" \
+    # No inbound rate limit: the ack flood must meet the output bound.
+    toml = f"[webpubsub]\nmax_output_buffer = {LIMIT}\nmax_inbound_messages_per_second = 0\n" \
            "[webpubsub.hubs.chat]\nplain_mode = \"sendToGroup\"\nplain_group = \"g\"\n"
 
     @defer.inlineCallbacks

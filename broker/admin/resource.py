@@ -73,6 +73,7 @@ class CoreCollector:
                                 value=stats["fanoutPending"])
         yield GaugeMetricFamily("broker_engine_healthy", "1 when the engine accepts publishes.",
                                 value=1 if stats["engineHealthy"] else 0)
+        yield from self._limits()
         cluster = stats["cluster"]
         if cluster:
             yield GaugeMetricFamily("broker_cluster_redis_connected",
@@ -80,6 +81,27 @@ class CoreCollector:
                                     value=1 if cluster["redisConnected"] else 0)
             for key, name, doc in self._CLUSTER:
                 yield CounterMetricFamily(name, doc, value=cluster[key])
+
+
+    _LIMITS = (
+        ("admissionRefused", "broker_admission_refused", "reason",
+         "Connections refused by an admission limit (per node)."),
+        ("rateLimited", "broker_rate_limited", "action",
+         "Inbound frames dropped, and connections closed, over their rate limit."),
+        ("groupRefused", "broker_group_limit_refused", "reason",
+         "Group joins refused or skipped over a group limit."),
+    )
+
+    def _limits(self):
+        """
+        What the faces' limits refused (L{broker.core.limits.LimitCounters}).
+        """
+        limits = self._core.limits
+        for attr, name, label, doc in self._LIMITS:
+            c = CounterMetricFamily(name, doc, labels=["face", "hub", label])
+            for (face, hub, why), n in sorted(getattr(limits, attr).items()):
+                c.add_metric([face, hub, why], n)
+            yield c
 
 
 class _Leaf(Resource):

@@ -59,6 +59,25 @@ class Unavailable(BrokerError):
     name = "ServiceUnavailable"
 
 
+class LimitExceeded(BrokerError):
+    """
+    A configured limit is reached: too many groups for this connection,
+    user or hub, or a group name longer than the hub allows.  Retrying
+    does not help until something is freed (a group left).
+    """
+
+    name = "LimitExceeded"
+
+
+class Throttled(BrokerError):
+    """
+    The connection sends faster than its inbound rate limit; the request
+    was dropped, not executed.
+    """
+
+    name = "TooManyRequests"
+
+
 class CloseCode:
     """
     WebSocket close codes the broker sends, with their meaning here.

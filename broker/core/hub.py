@@ -15,7 +15,8 @@ from twisted.internet.defer import (Deferred, FirstError, fail, gatherResults,
                                     maybeDeferred, succeed)
 from twisted.logger import Logger
 
-from broker.core.errors import BadRequest, BrokerError, Forbidden, NotFound, Unavailable
+from broker.core.errors import (BadRequest, BrokerError, Forbidden, LimitExceeded, NotFound,
+                                Unavailable)
 from broker.core.message import FROM_GROUP, FROM_SERVER, Delivery, Target
 from broker.core.permissions import (JOIN_LEAVE_GROUP, PERMISSIONS, SEND_TO_GROUP,
                                      Permissions)
@@ -23,6 +24,9 @@ from broker.core.permissions import (JOIN_LEAVE_GROUP, PERMISSIONS, SEND_TO_GROU
 log = Logger()
 
 MAX_NAME_LENGTH = 1024
+# A group map that held at least this many groups is rebuilt once it is
+# down to a quarter of that (Hub._shrink).
+SHRINK_FROM = 4096
 
 
 def checkName(kind, name):
@@ -130,10 +134,10 @@ class Session:
         self.connectionState = None
 
     def joinGroup(self, group):
-        checkName("group", group)
+        self.hub.checkGroupName(group)
         if not self.permissions.has(JOIN_LEAVE_GROUP, group):
             raise Forbidden(f"connection may not join group {group!r}")
-        self.hub._join(self, group)
+        self.hub._join(self, group, strict=True)
 
     def leaveGroup(self, group):
         checkName("group", group)
@@ -185,6 +189,14 @@ class Hub:
         (see L{broker.core.interfaces}) or C{None}.
     """
 
+    # Group limits (0: none), set by the face that serves the hub
+    # (core.onNewHub); counted per node.
+    maxGroupsPerConnection = 0
+    maxGroups = 0
+    maxGroupNameLength = MAX_NAME_LENGTH
+    # The face label of the hub's limit counters on /metrics.
+    face = "core"
+
     def __init__(self, name, core):
         self.name = name
         self._core = core
@@ -193,6 +205,8 @@ class Hub:
         self._sessions = {}      # connectionId -> Session
         self._users = {}         # userId -> {connectionId: IConnection}
         self._groups = {}        # group -> {connectionId: IConnection}
+        # The most groups the map has held since it was last rebuilt.
+        self._groupsPeak = 0
         self._observers = []
         # Sessions whose user-level groups could not be read yet.
         self._userGroupsUnread = set()
@@ -227,7 +241,11 @@ class Hub:
         if userId is not None:
             checkName("userId", userId)
         for g in groups:
-            checkName("group", g)
+            self.checkGroupName(g)
+        if self.maxGroupsPerConnection and len(set(groups)) > self.maxGroupsPerConnection:
+            self._groupRefused("per_connection")
+            raise LimitExceeded(f"more than {self.maxGroupsPerConnection} groups for one "
+                                f"connection")
         cid = connection.connectionId
         if cid in self._sessions:
             raise BadRequest(f"connection id {cid!r} already in use")
@@ -320,12 +338,57 @@ class Hub:
 
     # -- groups -----------------------------------------------------------
 
-    def _join(self, session, group, mirror=True):
+    def checkGroupName(self, group):
+        """
+        L{checkName}, with this hub's own (possibly shorter) length limit.
+        """
+        checkName("group", group)
+        if len(group) > self.maxGroupNameLength:
+            self._groupRefused("name_length")
+            raise LimitExceeded(f"group is longer than {self.maxGroupNameLength} characters")
+        return group
+
+    def _groupRefused(self, reason):
+        self._core.limits.groupLimit(self.face, self.name, reason)
+
+    def _joinRefusal(self, session, group):
+        """
+        Why C{session} may not join C{group} now (a limit's C{reason}
+        label), or C{None}.
+        """
+        if self.maxGroupsPerConnection and len(session.groups) >= self.maxGroupsPerConnection \
+                and group not in session.groups:
+            return "per_connection"
+        if self.maxGroups and len(self._groups) >= self.maxGroups and group not in self._groups:
+            return "per_hub"
+        return None
+
+    def _join(self, session, group, mirror=True, strict=False):
+        """
+        Join C{session} to C{group}.  Over a group limit, a client's or
+        REST request (C{strict}) is refused with L{LimitExceeded}; a join
+        the broker makes on its own (token groups, a user's groups, a
+        command from another node) is skipped, counted and logged.
+        """
         members = self._groups.get(group)
+        if members is not None and session.connectionId in members:
+            return
+        reason = self._joinRefusal(session, group)
+        if reason is not None:
+            self._groupRefused(reason)
+            limit = self.maxGroupsPerConnection if reason == "per_connection" else self.maxGroups
+            what = "this connection" if reason == "per_connection" else f"hub {self.name!r}"
+            if strict:
+                raise LimitExceeded(f"{what} already has {limit} groups")
+            self._core.quietLog.info(
+                ("group limit", self.name, reason),
+                "hub {hub}: join of {cid} to a group skipped: {what} already has {limit} groups",
+                hub=self.name, cid=session.connectionId, what=what, limit=limit)
+            return
         if members is None:
             members = self._groups[group] = {}
-        if session.connectionId in members:
-            return
+            if len(self._groups) > self._groupsPeak:
+                self._groupsPeak = len(self._groups)
         members[session.connectionId] = session.connection
         session.groups.add(group)
         if mirror:
@@ -338,9 +401,21 @@ class Hub:
             return
         if not members:
             del self._groups[group]
+            if self._groupsPeak >= SHRINK_FROM and len(self._groups) * 4 <= self._groupsPeak:
+                self._shrink()
         session.groups.discard(group)
         if mirror:
             self._mirror(self.directory.left(self.name, session.connectionId, group))
+
+    def _shrink(self):
+        """
+        The group map fell to a quarter of its peak: a Python dict never
+        shrinks by itself, so copy it, and have the core give the freed
+        memory back to the system (L{broker.core.memory}).
+        """
+        self._groups = dict(self._groups)
+        self._groupsPeak = len(self._groups)
+        self._core.memory.soon()
 
     def _leaveAll(self, session):
         for g in list(session.groups):
@@ -522,10 +597,16 @@ class Hub:
         or on its node.
         """
         if group is not None:
-            checkName("group", group)
+            if op == "join":
+                self.checkGroupName(group)
+            else:
+                checkName("group", group)
         s = self._sessions.get(connectionId)
         if s is not None:
-            self.apply({"op": op, "c": connectionId, "g": group})
+            if op == "join":
+                self._join(s, group, strict=True)
+            else:
+                self.apply({"op": op, "c": connectionId, "g": group})
             return None
         if op == "join":
             def write(info):
@@ -540,12 +621,23 @@ class Hub:
         Add every connection of C{userId}, on every node, to C{group}, now
         and for the connections it makes later.
         """
-        def add():
-            checkName("userId", userId)
-            checkName("group", group)
+        def add(stuck):
+            if (self.maxGroupsPerConnection and group not in stuck
+                    and len(stuck) >= self.maxGroupsPerConnection):
+                self._groupRefused("per_user")
+                raise LimitExceeded(f"user {userId!r} was already added to "
+                                    f"{self.maxGroupsPerConnection} groups")
             return self._userChange(self.directory.setUserGroup(self.name, userId, group, True),
                                     {"op": "joinUser", "u": userId, "g": group})
-        return maybeDeferred(add)
+
+        def check():
+            checkName("userId", userId)
+            self.checkGroupName(group)
+            if not self.maxGroupsPerConnection:
+                return add(())
+            # The user's groups live in the directory (Redis in a cluster).
+            return self.directory.userGroups(self.name, userId).addCallback(add)
+        return maybeDeferred(check)
 
     def removeUserFromGroup(self, userId, group):
         def remove():

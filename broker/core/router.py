@@ -12,6 +12,8 @@ from broker.core.errors import BadRequest, CloseCode
 from broker.core.fanout import Fanout
 from broker.core.hub import Hub, HubStats
 from broker.core.interfaces import IEngine
+from broker.core.limits import LimitCounters, QuietLog
+from broker.core.memory import MemoryReleaser
 
 log = Logger()
 
@@ -34,6 +36,11 @@ class Core(service.Service):
         # True once the broker is stopping: /healthz answers 503 so load
         # balancers stop sending new clients.
         self.draining = False
+        # What the faces' limits refused (/metrics), and their quiet log.
+        self.limits = LimitCounters()
+        self.quietLog = QuietLog(reactor.seconds)
+        # Gives freed memory back to the system after a hub shrank.
+        self.memory = MemoryReleaser(reactor)
         self._filterCompiler = None
         self._filters = {}
         self.engine.attach(self)
@@ -54,6 +61,14 @@ class Core(service.Service):
             for setup in self._hubSetup:
                 setup(hub)
         return hub
+
+    def hubLabel(self, hubName):
+        """
+        C{hubName} if that hub exists, else C{""}: the hub label of a
+        counter about a client not admitted, which must not let it choose
+        labels without bound.
+        """
+        return hubName if hubName in self.hubs else ""
 
     def countRejected(self, hubName):
         """
@@ -129,6 +144,7 @@ class Core(service.Service):
     def stopService(self):
         super().stopService()
         self.fanout.stop()
+        self.memory.stop()
         self.goingAway()
 
     # -- figures ----------------------------------------------------------

@@ -80,6 +80,15 @@ class Busy(IoTError):
     code = "BUSY"
 
 
+class LimitReached(IoTError):
+    """
+    An admission or rate limit: too many unauthenticated sessions from one
+    address, too many sessions of one fleet, or frames faster than the
+    session's inbound rate (docs/iot-protocol.md, "Limits").
+    """
+    code = "LIMIT"
+
+
 class BadRequest(IoTError):
     code = "BAD_REQUEST"
 

@@ -17,6 +17,7 @@ from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 
 from broker.config import ConfigError
+from broker.core.limits import PER_ADDRESS, PER_HUB, AdmissionLimits
 from broker.files import privateDatabase
 from broker.iot import api, apikeys
 from broker.iot.webhook import Webhooks
@@ -302,11 +303,19 @@ def build(context):
     factory = IoTFactory(reactor, concentrator, authTimeout=cfg["auth_timeout"],
                          pingInterval=cfg["ping_interval"], pingTimeout=cfg["ping_timeout"],
                          maxFrame=cfg["max_frame_size"],
-                         maxOutputBuffer=cfg["max_output_buffer"])
+                         maxOutputBuffer=cfg["max_output_buffer"],
+                         admission=AdmissionLimits({
+                             PER_ADDRESS: cfg["max_connections_per_address"],
+                             PER_HUB: cfg["max_connections_per_fleet"]}),
+                         inboundRate=(cfg["max_inbound_messages_per_second"],
+                                      cfg["max_inbound_bytes_per_second"],
+                                      cfg["inbound_burst"]))
     context.listen("iot.listen", cfg["listen"], factory, cfg["max_connections"])
     udp = None
     if cfg["udp"]["enabled"]:
-        udp = TelemetryListener(concentrator, cfg["udp"]["max_datagram"])
+        udp = TelemetryListener(concentrator, cfg["udp"]["max_datagram"],
+                                ratePerSource=cfg["udp"]["max_datagrams_per_second"],
+                                burst=cfg["inbound_burst"])
         context.addService(UDPListenerService(context.listeningReactor("iot.udp"), udp,
                                               cfg["udp"]["interface"],
                                               cfg["udp"]["port"], cfg["udp"]["max_datagram"],

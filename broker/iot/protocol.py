@@ -20,6 +20,8 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from broker.core.drain import LiveConnections
+from broker.core.limits import CLOSE, PER_ADDRESS, PER_HUB, AdmissionLimits, InboundLimiter, \
+    peerHost
 from broker.core.output import BoundedOutput
 from broker.iot import auth, errors, frames
 from broker.iot.frames import FrameError, FrameReader, Payload
@@ -31,6 +33,7 @@ GROUP_PREFIX = "group/"
 # Ids the server chooses for its own requests to a peer.
 SERVER_REQUEST_BASE = 1 << 63
 
+FACE = "iot"
 AUTH_FAILURES = ("BAD_HELLO", "UNKNOWN_DEVICE", "UNKNOWN_CENTRAL", "BAD_PROOF", "REPLAY",
                  "AUTH_TIMEOUT", "AUTH_REQUIRED")
 
@@ -75,23 +78,53 @@ class IoTSession(BoundedOutput, Protocol):
         self._timer = None
         self._lastSeen = 0.0
         self._pinged = False
+        # Admission slots: the source address's until authenticated, then
+        # the fleet's.
+        self._slot = None
+        self._rate = None
+        self._ratePaused = False
+        self._resumeCall = None
 
     # -- connection life --------------------------------------------------
 
     def connectionMade(self):
-        self.factory.connections.add(self)
-        reactor = self.factory.reactor
+        f = self.factory
+        f.connections.add(self)
+        reactor = f.reactor
         self._lastSeen = reactor.seconds()
-        self._timer = reactor.callLater(self.factory.authTimeout, self._authExpired)
+        self._timer = reactor.callLater(f.authTimeout, self._authExpired)
         self.registerAsProducer(self.transport)
+        self._rate = f.inboundLimiter()
+        host = peerHost(self.transport)
+        if not f.admission.acquire(PER_ADDRESS, host):
+            self._overLimit(PER_ADDRESS, host, "", "unauthenticated sessions from this address")
+            return
+        self._slot = (PER_ADDRESS, host)
+
+    def _overLimit(self, kind, key, fleet, what):
+        f = self.factory
+        f.concentrator.core.limits.refused(FACE, fleet, kind)
+        limit = f.admission.limit(kind, key)
+        f.concentrator.core.quietLog.info(
+            (FACE, "admission", kind), "iot: refusing {who}: more than {limit} {what}",
+            who=self.describe(), limit=limit, what=what)
+        self._error(0, "LIMIT", f"more than {limit} {what}")
+        self.state = self.CLOSED
+        self._drop()
+
+    def _releaseSlot(self):
+        slot, self._slot = self._slot, None
+        if slot is not None:
+            self.factory.admission.release(*slot)
 
     def connectionLost(self, reason):
         self.factory.connections.discard(self)
+        self._releaseSlot()
         self.state = self.CLOSED
-        for timer in (self._timer, self._abortTimer):
+        for timer in (self._timer, self._abortTimer, self._resumeCall):
             if timer is not None and timer.active():
                 timer.cancel()
-        self._timer = self._abortTimer = None
+        self._timer = self._abortTimer = self._resumeCall = None
         self._offline()
 
     def _offline(self):
@@ -265,10 +298,16 @@ class IoTSession(BoundedOutput, Protocol):
                 self._error(0, e.code, e.message)
                 self.close(e.code, e.message)
             return
+        limiter = self._rate
         for frame in received:
             if self.state == self.CLOSED:
                 return
             f.counters.framesIn += 1
+            if limiter is not None:
+                verdict = limiter.check(_size(frame))
+                if verdict:
+                    self._overRate(verdict, frame)
+                    continue
             if isinstance(frame, FrameError):
                 f.counters.badFrames += 1
                 if self.state in (self.HELLO, self.PROOF):
@@ -286,6 +325,40 @@ class IoTSession(BoundedOutput, Protocol):
                 log.failure("iot: handling {frame} from {who}", frame=frame,
                             who=self.describe())
                 self._error(frame.requestId, "INTERNAL", "internal error")
+
+    def _overRate(self, verdict, frame):
+        """
+        A frame over the session's inbound rate: dropped, answered with a
+        LIMIT error when it has a requestId, and reading paused until the
+        bucket has room (TCP holds the peer back); a peer that keeps
+        exceeding is closed with LIMIT.
+        """
+        f = self.factory
+        core = f.concentrator.core
+        fleet = self.fleet if self.state == self.OPEN else ""
+        if verdict == CLOSE:
+            core.limits.limited(FACE, fleet, "closed")
+            core.quietLog.info((FACE, "rate", "closed"),
+                               "iot: closing {who}: it keeps sending over its inbound rate "
+                               "limit", who=self.describe())
+            self._error(0, "LIMIT", "inbound rate limit exceeded")
+            self.close("LIMIT", "inbound rate limit exceeded")
+            return
+        core.limits.limited(FACE, fleet, "dropped")
+        if frame.requestId:
+            self._error(frame.requestId, "LIMIT",
+                        "over the session's inbound rate limit; the frame was dropped")
+        if not self._ratePaused:
+            self._ratePaused = True
+            self.transport.pauseProducing()
+            self._resumeCall = f.reactor.callLater(max(self._rate.wait(_size(frame)), 0.001),
+                                                   self._rateResume)
+
+    def _rateResume(self):
+        self._resumeCall = None
+        self._ratePaused = False
+        if self.state != self.CLOSED:
+            self.transport.resumeProducing()
 
     def _dispatch(self, frame):
         kind = frame.kind
@@ -348,6 +421,13 @@ class IoTSession(BoundedOutput, Protocol):
             return self._refuse("BAD_PROOF", "the proof does not match the key")
         serverProof = auth.proof(entry.key, "server", self.role, self.fleet, self.peerId,
                                  self._clientNonce, self._serverNonce)
+        # Authenticated: no longer one of its address's pending sessions,
+        # now one of its fleet's.
+        self._releaseSlot()
+        if not self.factory.admission.acquire(PER_HUB, self.fleet):
+            return self._overLimit(PER_HUB, self.fleet, self.fleet,
+                                   f"sessions of fleet {self.fleet!r}")
+        self._slot = (PER_HUB, self.fleet)
         self.state = self.OPEN
         self.authenticatedOnce = True
         self.factory.counters.authOk += 1
@@ -520,6 +600,16 @@ class IoTSession(BoundedOutput, Protocol):
     }
 
 
+def _size(frame):
+    """
+    About the bytes a frame (or a bad frame's L{FrameError}) took.
+    """
+    payload = getattr(frame, "payload", None)
+    if payload is None:
+        return 16
+    return 16 + len(frame.address) + len(payload.data)
+
+
 class IoTFactory(Factory):
     """
     Builds L{IoTSession}s for one concentrator; one factory serves every
@@ -531,8 +621,12 @@ class IoTFactory(Factory):
     def __init__(self, reactor, concentrator, authTimeout=10.0, pingInterval=30.0,
                  pingTimeout=30.0, maxFrame=frames.DEFAULT_MAX_FRAME,
                  maxOutputBuffer=1024 * 1024, maxInFlight=256, closeGrace=10.0,
-                 nonces=None):
+                 nonces=None, admission=None, inboundRate=(0, 0, 2.0)):
         self.reactor = reactor
+        # Unauthenticated sessions per address (PER_ADDRESS), sessions per
+        # fleet (PER_HUB); none by default here (the face passes its own).
+        self.admission = admission if admission is not None else AdmissionLimits({})
+        self.inboundRate = inboundRate
         self.concentrator = concentrator
         self.authTimeout = authTimeout
         self.pingInterval = pingInterval
@@ -545,6 +639,11 @@ class IoTFactory(Factory):
         self.connections = LiveConnections()
         self.nonces = nonces if nonces is not None else auth.NonceBook(
             clock=reactor.seconds)
+
+    def inboundLimiter(self):
+        messages, octets, burst = self.inboundRate
+        return InboundLimiter.build(self.reactor.seconds, messages, octets, burst,
+                                    minBytes=self.maxFrame)
 
     def buildProtocol(self, addr):
         return IoTSession(self)

@@ -87,6 +87,10 @@ UDP = Table({
     "receive_buffer": Int(4 * MIB, minimum=0,
                           doc="SO_RCVBUF bytes (capped by net.core.rmem_max); 0: the "
                               "system default.  Absorbs bursts while the process is busy."),
+    # Rate limit (docs/configuration.md, "Admission, rate and group limits").
+    "max_datagrams_per_second": Float(100_000.0, minimum=0,
+                                      doc="Datagrams per second from one source address; "
+                                          "beyond, dropped (0: no limit)."),
 })
 
 SECTION = Table({
@@ -112,4 +116,18 @@ SECTION = Table({
     "token_ttl": Float(300.0, minimum=1, doc="Seconds a UDP token stays valid."),
     "token_batch": Int(64, minimum=2, maximum=4096, doc="UDP tokens a device holds."),
     "max_connections": connectionLimit(10000),
+    # Admission and rate limits (docs/configuration.md, "Admission, rate and
+    # group limits"); 0 turns a limit off.  Counted per node.
+    "max_connections_per_address": Int(256, minimum=0,
+                                       doc="Sessions from one source IP not yet "
+                                           "authenticated; beyond, LIMIT."),
+    "max_connections_per_fleet": Int(100_000, minimum=0,
+                                     doc="Authenticated sessions of one fleet; beyond, LIMIT."),
+    "max_inbound_messages_per_second": Float(5000.0, minimum=0,
+                                             doc="Frames one session may send per second."),
+    "max_inbound_bytes_per_second": Int(8 * MIB, minimum=0,
+                                        doc="Bytes of frames one session may send per second."),
+    "inbound_burst": Float(2.0, minimum=0.1, maximum=60,
+                           doc="Seconds of either rate (and of the UDP rate) a quiet "
+                               "session or address may save up."),
 })

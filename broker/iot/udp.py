@@ -19,6 +19,7 @@ from twisted.internet.protocol import DatagramProtocol
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from broker.core.limits import ALLOW, InboundLimiter
 from broker.iot.frames import TOKEN_SIZE, FrameError, decodeDatagram
 from broker.iot.interfaces import ITokenBook
 
@@ -29,7 +30,11 @@ REPLAYED = "replayed"
 UNKNOWN = "unknown"
 EXPIRED = "expired"
 MALFORMED = "malformed"
-OUTCOMES = (ACCEPTED, REPLAYED, UNKNOWN, EXPIRED, MALFORMED)
+RATE_LIMITED = "rate_limited"
+OUTCOMES = (ACCEPTED, REPLAYED, UNKNOWN, EXPIRED, MALFORMED, RATE_LIMITED)
+# Source addresses whose datagram rate is tracked at once (least recently
+# heard forgotten first): a flood from spoofed addresses cannot grow it.
+MAX_SOURCES = 65536
 
 
 @implementer(ITokenBook)
@@ -159,14 +164,46 @@ class TelemetryListener(DatagramProtocol):
 
     noisy = False
 
-    def __init__(self, concentrator, maxDatagram=65507):
+    def __init__(self, concentrator, maxDatagram=65507, ratePerSource=0.0, burst=2.0,
+                 maxSources=MAX_SOURCES):
         self.concentrator = concentrator
         self.maxDatagram = maxDatagram
         self.counts = dict.fromkeys(OUTCOMES, 0)
         self._loggedMalformed = False
+        # Datagrams per second per source address, checked before anything
+        # else; 0: no limit.
+        self.ratePerSource = ratePerSource
+        self.burst = burst
+        self.maxSources = maxSources
+        self._sources = OrderedDict()    # host -> InboundLimiter
+
+    def _limited(self, host):
+        """
+        Whether a datagram from C{host} is over its source's rate (then
+        dropped and counted; a datagram has no one to answer).
+        """
+        sources = self._sources
+        limiter = sources.get(host)
+        if limiter is None:
+            clock = self.concentrator.reactor.seconds
+            limiter = sources[host] = InboundLimiter(clock, self.ratePerSource, 0, self.burst)
+            if len(sources) > self.maxSources:
+                sources.popitem(last=False)
+        else:
+            sources.move_to_end(host)
+        if limiter.check(0) == ALLOW:
+            return False
+        self.counts[RATE_LIMITED] += 1
+        core = self.concentrator.core
+        core.limits.limited("iot", "", "dropped")
+        core.quietLog.info(("iot", "udp rate"), "iot.udp: dropping datagrams from {host}: "
+                           "over {rate:g} a second", host=host, rate=self.ratePerSource)
+        return True
 
     def datagramReceived(self, data, addr):
         counts = self.counts
+        if self.ratePerSource and self._limited(addr[0]):
+            return
         try:
             if len(data) > self.maxDatagram:
                 raise FrameError("FRAME_TOO_LARGE", "datagram too large")

@@ -20,6 +20,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from broker.core.drain import LiveConnections
+from broker.core.limits import AdmissionLimits, LimitCounters, QuietLog
 from broker.core.errors import Unavailable
 from broker.peergroups import constants as C
 from broker.peergroups.credentials import Certificate
@@ -71,6 +72,13 @@ class PeerGroups(service.Service):
         self.maxGroupsPerCreator = maxGroupsPerCreator
         self.maxRecordsPerGroup = maxRecordsPerGroup
         self.counters = Counters()
+        # Admission limits (PER_ADDRESS on the transports; PER_HUB, an
+        # application, and PER_USER, an identity, at registerIdentity) and
+        # the inbound rate of a session: none unless the face sets them.
+        self.admission = AdmissionLimits({})
+        self.inboundRate = (0, 0, 2.0)
+        self.limits = core.limits if core is not None else LimitCounters()
+        self.quietLog = core.quietLog if core is not None else QuietLog(self.clock.seconds)
         self.apps = {}
         self.sessions = set()
         # Every connection of both transports, sessions or not (the drain).

@@ -13,6 +13,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from broker.config import ConfigError
+from broker.core.limits import PER_ADDRESS, PER_HUB, PER_USER, AdmissionLimits
 from broker.files import writePrivate
 from broker.peergroups.cluster import PeerGroupsCluster
 from broker.peergroups.core import PeerGroups
@@ -90,6 +91,11 @@ def makePeerGroups(reactor, core, cfg, stateDir, clock=None, cluster=None):
         applications=cfg["applications"], creators=cfg["creators"],
         maxGroupsPerCreator=cfg["max_groups_per_creator"],
         maxRecordsPerGroup=cfg["max_records_per_group"])
+    pg.admission = AdmissionLimits({PER_HUB: cfg["max_connections_per_application"],
+                                    PER_USER: cfg["max_connections_per_identity"],
+                                    PER_ADDRESS: cfg["max_connections_per_address"]})
+    pg.inboundRate = (cfg["max_inbound_messages_per_second"],
+                      cfg["max_inbound_bytes_per_second"], cfg["inbound_burst"])
     if cluster is not None:
         PeerGroupsCluster(pg, cluster)
     return store, pg

@@ -19,6 +19,7 @@ from twisted.web.resource import Resource
 from zope.interface import implementer
 
 from broker.core import jsonstrict
+from broker.core.limits import ALLOW, CLOSE, PER_ADDRESS, InboundLimiter, peerHost
 from broker.core.output import BoundedOutput
 from broker.net.http import NO_BODY, BoundedSite, Routes
 from broker.peergroups.constants import PROTOCOL
@@ -57,6 +58,103 @@ def _slowPeer(protocol):
     protocol.abort("slow consumer")
 
 
+FACE = "peergroups"
+# A dropped frame is parsed for its id only up to this size.
+ID_PEEK = 4096
+
+
+class _Limited:
+    """
+    What both wires share of the face's limits: one slot of the source
+    address while connected, and the session's inbound rate.  A frame over
+    the rate is dropped, answered E_OUTOFMEMORY (when its id can be read
+    cheaply), and reading pauses until the bucket has room (TCP holds the
+    peer back); a peer that keeps exceeding is closed.
+    """
+
+    _address = None
+    _rate = None
+    _ratePaused = False
+    _rateClosing = False
+    _resumeCall = None
+
+    def _takeAddress(self):
+        """
+        @return: whether the source address had a free slot.
+        """
+        pg = self.factory.peergroups
+        host = peerHost(self.transport)
+        if not pg.admission.acquire(PER_ADDRESS, host):
+            pg.limits.refused(FACE, "", PER_ADDRESS)
+            pg.quietLog.info((FACE, "admission", PER_ADDRESS),
+                             "peer {addr}: refused: {limit} connections from this address",
+                             addr=host, limit=pg.admission.limit(PER_ADDRESS, host))
+            return False
+        self._address = host
+        messages, octets, burst = pg.inboundRate
+        self._rate = InboundLimiter.build(pg.clock.seconds, messages, octets, burst,
+                                          minBytes=self.factory.maxMessageSize)
+        return True
+
+    def _releaseAddress(self):
+        call, self._resumeCall = self._resumeCall, None
+        if call is not None and call.active():
+            call.cancel()
+        host, self._address = self._address, None
+        if host is not None:
+            self.factory.peergroups.admission.release(PER_ADDRESS, host)
+
+    def _overRate(self, payload):
+        """
+        @return: true if C{payload} was dropped (the caller stops there).
+        """
+        rate = self._rate
+        if rate is None:
+            return False
+        verdict = rate.check(len(payload))
+        if verdict == ALLOW:
+            return False
+        if self._rateClosing:
+            return True
+        pg = self.factory.peergroups
+        session = self.session
+        hub = session.app.hub.name if session is not None and session.app is not None \
+            and session.app.hub is not None else ""
+        if verdict == CLOSE:
+            self._rateClosing = True
+            pg.limits.limited(FACE, hub, "closed")
+            pg.quietLog.info((FACE, "rate", "closed"), "peer {addr}: closed: it keeps "
+                             "sending over its inbound rate limit", addr=self.address)
+            self.sendObject({"id": None, "error": PeerError(
+                "E_OUTOFMEMORY", "inbound rate limit exceeded; closing").toJSON()})
+            self._rateClose()
+            return True
+        pg.limits.limited(FACE, hub, "dropped")
+        rid = None
+        if len(payload) <= ID_PEEK:
+            why, obj = _decode(payload)
+            if why is None and isinstance(obj, dict):
+                rid = obj.get("id")
+                if isinstance(rid, bool) or not isinstance(rid, (int, str)) or \
+                        (isinstance(rid, str) and len(rid) > 64):
+                    rid = None
+        self.sendObject({"id": rid, "error": PeerError(
+            "E_OUTOFMEMORY", "over the session's inbound rate limit; the request was "
+            "dropped").toJSON()})
+        if not self._ratePaused and self.transport is not None:
+            self._ratePaused = True
+            self.transport.pauseProducing()
+            self._resumeCall = pg.reactor.callLater(max(rate.wait(len(payload)), 0.001),
+                                                    self._rateResume)
+        return True
+
+    def _rateResume(self):
+        self._resumeCall = None
+        self._ratePaused = False
+        if self.transport is not None and self.session is not None:
+            self.transport.resumeProducing()
+
+
 def _decode(payload):
     """
     C{(None, value)} for one UTF-8 JSON value, else C{(why, None)}.
@@ -68,7 +166,7 @@ def _decode(payload):
 
 
 @implementer(IPeerTransport)
-class PeerWebSocketProtocol(BoundedOutput, WebSocketServerProtocol):
+class PeerWebSocketProtocol(_Limited, BoundedOutput, WebSocketServerProtocol):
     """
     A peer over WebSocket with subprotocol C{peergroup.v1} on
     C{/peergroups/v1}.
@@ -81,15 +179,13 @@ class PeerWebSocketProtocol(BoundedOutput, WebSocketServerProtocol):
         self.factory.peergroups.connections.add(self)
         super().connectionMade()
 
-    def connectionLost(self, reason):
-        self.factory.peergroups.connections.discard(self)
-        super().connectionLost(reason)
-
     def onConnect(self, request):
         if request.path.rstrip("/") != WS_PATH:
             raise ConnectionDeny(404, f"no such endpoint; use {WS_PATH}")
         if PROTOCOL not in request.protocols:
             raise ConnectionDeny(400, f"the {PROTOCOL} subprotocol is required")
+        if not self._takeAddress():
+            raise ConnectionDeny(429, "Too Many Requests: per address connection limit reached")
         self.address = request.peer.split(":", 1)[-1] if request.peer else "?"
         return PROTOCOL
 
@@ -100,7 +196,7 @@ class PeerWebSocketProtocol(BoundedOutput, WebSocketServerProtocol):
         self.session.hello()
 
     def onMessage(self, payload, isBinary):
-        if self.session is None:
+        if self.session is None or self._overRate(payload):
             return
         why, obj = ("text frames only", None) if isBinary else _decode(payload)
         if why is not None:
@@ -112,6 +208,15 @@ class PeerWebSocketProtocol(BoundedOutput, WebSocketServerProtocol):
         session, self.session = self.session, None
         if session is not None:
             session.lost(f"closed ({code})")
+
+    def connectionLost(self, reason):
+        self.factory.peergroups.connections.discard(self)
+        super().connectionLost(reason)
+        self._releaseAddress()
+
+    def _rateClose(self):
+        if self.state == self.STATE_OPEN:
+            self.sendCloseFrame(1008, b"inbound rate limit exceeded", isReply=False)
 
     def sendObject(self, obj):
         if self.state != self.STATE_OPEN:
@@ -139,6 +244,7 @@ class PeerWebSocketFactory(WebSocketServerFactory):
     def __init__(self, peergroups, maxMessageSize, reactor=None):
         super().__init__(reactor=reactor)
         self.peergroups = peergroups
+        self.maxMessageSize = maxMessageSize
         self.setProtocolOptions(
             maxFramePayloadSize=maxMessageSize, maxMessagePayloadSize=maxMessageSize,
             openHandshakeTimeout=10, closeHandshakeTimeout=5, failByDrop=False,
@@ -187,7 +293,7 @@ def makeSite(factory, headerTimeout=10.0, idleTimeout=60.0, stats=None):
 
 
 @implementer(IPeerTransport)
-class PeerStreamProtocol(BoundedOutput, Int32StringReceiver):
+class PeerStreamProtocol(_Limited, BoundedOutput, Int32StringReceiver):
     """
     A peer over TCP or TLS: each message a 4-byte big-endian length, then
     that many bytes of UTF-8 JSON.  A length over the limit is answered
@@ -202,12 +308,18 @@ class PeerStreamProtocol(BoundedOutput, Int32StringReceiver):
         self.factory.peergroups.connections.add(self)
         self.MAX_LENGTH = self.factory.maxMessageSize
         self.address = _address(self.transport)
+        if not self._takeAddress():
+            self.sendObject({"id": None, "error": PeerError(
+                "PEER_E_CONNECTION_REFUSED",
+                "too many connections from this address (limit)").toJSON()})
+            self.transport.loseConnection()
+            return
         self.registerAsProducer(self.transport)
         self.session = PeerSession(self.factory.peergroups, self)
         self.session.hello()
 
     def stringReceived(self, payload):
-        if self.session is None:
+        if self.session is None or self._overRate(payload):
             return
         why, obj = _decode(payload)
         if why is not None:
@@ -227,9 +339,16 @@ class PeerStreamProtocol(BoundedOutput, Int32StringReceiver):
 
     def connectionLost(self, reason):
         self.factory.peergroups.connections.discard(self)
+        self._releaseAddress()
         session, self.session = self.session, None
         if session is not None:
             session.lost("connection lost")
+
+    def _rateClose(self):
+        self.transport.loseConnection()
+        session, self.session = self.session, None
+        if session is not None:
+            session.lost("inbound rate limit exceeded")
 
     def sendObject(self, obj):
         data = _encode(obj)

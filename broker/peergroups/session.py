@@ -27,6 +27,7 @@ from broker.cluster.redis import RedisOutcomeUnknown
 from broker.core import jsonstrict
 from broker.core.errors import Unavailable
 from broker.core.interfaces import IConnection
+from broker.core.limits import PER_HUB, PER_USER
 from broker.peergroups import constants as C
 from broker.peergroups import credentials as cred
 from broker.peergroups import records as rec
@@ -163,6 +164,7 @@ class PeerSession:
         self.connectionId = secrets.token_urlsafe(12)
         self.userId = None
         self.coreSession = None
+        self._ticket = None
         now = peergroups.clock.seconds()
         self.lastHeard = now
         self.lastPing = now
@@ -310,6 +312,9 @@ class PeerSession:
         for handle in list(self.handles.values()):
             self.pg.closeHandle(handle, reason)
         self.pg.sessions.discard(self)
+        ticket, self._ticket = self._ticket, None
+        if ticket is not None:
+            ticket.release()
         if self.coreSession is not None:
             self.coreSession.hub.remove(self.coreSession, reason)
             self.coreSession = None
@@ -445,11 +450,34 @@ class PeerSession:
                 raise PeerError("PEER_E_TOO_MANY_IDENTITIES", "one identity per session")
             return {"peerName": self.identity["peerName"],
                     "challenge": cred.b64(self.challenge)}
+        self._admit(info["peerName"])
         self.identity = info
         self.userId = info["peerName"]
         if self.app.hub is not None:
             self.coreSession = self.app.hub.admit(self, userId=info["peerName"])
         return {"peerName": info["peerName"], "challenge": cred.b64(self.challenge)}
+
+    def _admit(self, peerName):
+        """
+        Take this session's slots of its application (C{per_hub}) and of its
+        identity (C{per_user}), or refuse registerIdentity with
+        PEER_E_CONNECTION_REFUSED (the session stays, without an identity).
+        """
+        pg = self.pg
+        claims = [(PER_HUB, self.app.name), (PER_USER, (self.app.name, peerName))]
+        ticket, refused = pg.admission.admit(claims, self._ticket)
+        if ticket is not None:
+            self._ticket = ticket
+            return
+        hub = self.app.hub.name if self.app.hub is not None else ""
+        pg.limits.refused("peergroups", hub, refused)
+        limit = pg.admission.limit(refused, dict(claims)[refused])
+        what = "application" if refused == PER_HUB else "identity"
+        pg.quietLog.info(("peergroups", "admission", refused),
+                         "peer session {addr}: refused: the {what} has {limit} sessions",
+                         addr=self.transport.address, what=what, limit=limit)
+        raise PeerError("PEER_E_CONNECTION_REFUSED",
+                        f"this {what} already has {limit} sessions (limit)")
 
     # -- groups ---------------------------------------------------------------
 

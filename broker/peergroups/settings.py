@@ -33,4 +33,22 @@ SECTION = Table({
         doc="Wrong password proofs a group takes in a minute; beyond, none is checked."),
     **httpLimits(10000),
     "tcp_max_connections": connectionLimit(10000),
+    # Admission and rate limits (docs/configuration.md, "Admission, rate and
+    # group limits"); 0 turns a limit off.  Counted per node.
+    "max_connections_per_application": Int(100_000, minimum=0,
+                                           doc="Sessions with an identity in one application; "
+                                               "beyond, PEER_E_CONNECTION_REFUSED."),
+    "max_connections_per_identity": Int(64, minimum=0,
+                                        doc="Sessions of one peer identity in an application; "
+                                            "beyond, PEER_E_CONNECTION_REFUSED."),
+    "max_connections_per_address": Int(1000, minimum=0,
+                                       doc="Connections (both wires) from one source IP; "
+                                           "beyond, 429 or PEER_E_CONNECTION_REFUSED."),
+    "max_inbound_messages_per_second": Float(5000.0, minimum=0,
+                                             doc="Messages one session may send per second."),
+    "max_inbound_bytes_per_second": Int(8 * MIB, minimum=0,
+                                        doc="Bytes of messages one session may send per "
+                                            "second."),
+    "inbound_burst": Float(2.0, minimum=0.1, maximum=60,
+                           doc="Seconds of either rate a quiet session may save up."),
 })

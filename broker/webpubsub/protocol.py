@@ -18,6 +18,7 @@ C{maxOutputBuffer} bytes marks the connection a slow consumer, which is then
 closed with L{CloseCode.SLOW_CONSUMER} and counted.
 """
 
+import json
 import re
 from collections import OrderedDict, deque
 
@@ -29,9 +30,11 @@ from zope.interface import implementer
 
 from broker.auth.tokens import TokenError, verifyClientToken
 from broker.config import HUB_NAME
-from broker.core.errors import BadRequest, BrokerError, CloseCode, Duplicate
+from broker.core.errors import BadRequest, BrokerError, CloseCode, Duplicate, Throttled
 from broker.core.hub import NoUpstream, checkName
 from broker.core.drain import LiveConnections
+from broker.core.limits import (CLOSE, PER_ADDRESS, PER_HUB, PER_USER, AdmissionLimits,
+                                InboundLimiter, peerHost)
 from broker.core.output import BoundedOutput
 from broker.core.interfaces import IConnection
 from broker.core.message import BINARY, TEXT, Delivery, Message
@@ -48,10 +51,15 @@ ACK_WINDOW = 4096
 
 PLAIN = "plain"
 JSON = "json"
+FACE = "webpubsub"
+# A dropped frame is parsed for its ackId (to answer TooManyRequests) only
+# up to this size: the point of dropping is not to spend CPU on it.
+ACK_PEEK = 4096
 
 # Why a client's reading is held (ClientProtocol._readingHeld).
 _FANOUT = 1
 _EVENTS = 2
+_RATE = 4
 
 
 class HubSettings:
@@ -81,11 +89,16 @@ class ClientProtocol(BoundedOutput, WebSocketServerProtocol):
     connectionId = None
     # Created on the first ackId: idle connections should cost little.
     _recentAcks = ()
-    # Why reading from the client is paused (bits: _FANOUT, _EVENTS); the
-    # transport is resumed only when no reason is left.
+    # Why reading from the client is paused (bits: _FANOUT, _EVENTS, _RATE);
+    # the transport is resumed only when no reason is left.
     _readingHeld = 0
     _eventsInFlight = 0
     _eventsWaiting = None
+    # Admission slots (a Ticket) and the inbound rate limiter, if any.
+    _ticket = None
+    _inbound = None
+    _rateClosing = False
+    _resumeCall = None
     # {group: [pending recoveries, held deliveries]} while an asynchronous
     # joinGroup recovery runs (cluster mode, _recoverLater).
     holding = None
@@ -104,10 +117,6 @@ class ClientProtocol(BoundedOutput, WebSocketServerProtocol):
     def connectionMade(self):
         self.factory.connections.add(self)
         super().connectionMade()
-
-    def connectionLost(self, reason):
-        self.factory.connections.discard(self)
-        super().connectionLost(reason)
 
     def goingAway(self):
         """
@@ -181,9 +190,15 @@ class ClientProtocol(BoundedOutput, WebSocketServerProtocol):
                 factory.rejected(hubName)
                 raise ConnectionDeny(400, "sendToGroup mode needs a group query parameter")
             self._plainGroup = group
+        self._admit(hubName, [(PER_HUB, hubName), (PER_ADDRESS, peerHost(self.transport))])
         self.admission = (userId, roles, groups)
         self.settings = settings
         self.hub = factory.core.hub(hubName)
+        if (getattr(self.hub.upstream, "connect", None) is None
+                or request.params.get("awps_connection_id")):
+            # Else the connect handler may name another user: counted
+            # once it has answered.
+            self._admit(hubName, [(PER_USER, userId)])
         resumed = _first(request.params.get("awps_connection_id"))
         if resumed is not None:
             # A reliable client coming back: same connection, no connect event.
@@ -224,12 +239,37 @@ class ClientProtocol(BoundedOutput, WebSocketServerProtocol):
         self.connectionId = resumed
         return protocol
 
+    def _admit(self, hubName, claims):
+        """
+        Take this connection's slots under the face's admission limits, or
+        refuse the handshake with 429: a hub, user or address that has as
+        many connections as it may hold.  The slots are given back when
+        the TCP connection goes (L{connectionLost}).
+        """
+        factory = self.factory
+        ticket, refused = factory.admission.admit(claims, self._ticket)
+        if ticket is not None:
+            self._ticket = ticket
+            return
+        core = factory.core
+        core.limits.refused(FACE, core.hubLabel(hubName), refused)
+        factory.rejected(hubName)
+        key = dict(claims)[refused]
+        core.quietLog.info(
+            (FACE, "admission", refused),
+            "webpubsub: refused a connection to hub {hub} from {peer}: {kind} limit of "
+            "{limit} connections reached", hub=hubName, peer=peerHost(self.transport),
+            kind=refused, limit=factory.admission.limit(refused, key))
+        raise ConnectionDeny(429, f"Too Many Requests: {refused.replace('_', ' ')} "
+                                  f"connection limit reached")
+
     def _connectAnswered(self, answer, protocol, offered):
         """
         Apply the connect handler's answer: it may set the userId and add
         groups and roles, and pick one of the offered subprotocols.
         """
         if answer is None:
+            self._admit(self.hub.name, [(PER_USER, self.admission[0])])
             return protocol
         userId, roles, groups = self.admission
         try:
@@ -249,6 +289,7 @@ class ClientProtocol(BoundedOutput, WebSocketServerProtocol):
                                           "the client did not offer")
             protocol = chosen
             self.kind = JSON if chosen == frames.JSON_V1 else PLAIN
+        self._admit(self.hub.name, [(PER_USER, userId)])
         self.admission = (userId, roles, groups)
         self._connectionState = answer.get("state")
         return protocol
@@ -292,6 +333,7 @@ class ClientProtocol(BoundedOutput, WebSocketServerProtocol):
         # Chosen once: deliver() runs for every receiver of every message.
         self._encoder = (self.factory.prepareJSON if self.kind == JSON
                          else self.factory.preparePlain)
+        self._inbound = self.factory.inboundLimiter()
         self._forgetHandshake()
         self.registerAsProducer(self.transport)
         if self.link is not None:
@@ -403,6 +445,12 @@ class ClientProtocol(BoundedOutput, WebSocketServerProtocol):
     def onMessage(self, payload, isBinary):
         if self.session is None:
             return
+        limiter = self._inbound
+        if limiter is not None:
+            verdict = limiter.check(len(payload))
+            if verdict:
+                self._overRate(verdict, payload, isBinary)
+                return
         if self.kind == JSON:
             self._jsonFrame(payload, isBinary)
         else:
@@ -481,6 +529,42 @@ class ClientProtocol(BoundedOutput, WebSocketServerProtocol):
         if not waiting:
             self._releaseReading(_EVENTS)
         return result
+
+    # -- inbound rate -----------------------------------------------------
+
+    def _overRate(self, verdict, payload, isBinary):
+        """
+        A frame over the connection's inbound rate: dropped (a JSON
+        request with an ackId is answered C{TooManyRequests}) and reading
+        paused until the bucket has room again, so TCP holds the client
+        back at no cost to the broker; a client that keeps exceeding
+        (L{InboundLimiter}) is closed with 1008.
+        """
+        core, hub = self.factory.core, self.hub
+        if self._rateClosing:
+            return
+        if verdict == CLOSE:
+            self._rateClosing = True
+            core.limits.limited(FACE, hub.name, "closed")
+            core.quietLog.info((FACE, "rate", "closed"),
+                               "webpubsub: closing {cid} on hub {hub}: it keeps sending over "
+                               "its inbound rate limit", cid=self.connectionId, hub=hub.name)
+            self._refuse(CloseCode.POLICY_VIOLATION, "inbound rate limit exceeded")
+            return
+        core.limits.limited(FACE, hub.name, "dropped")
+        if self.kind == JSON and not isBinary and len(payload) <= ACK_PEEK:
+            ackId = _peekAckId(payload)
+            if ackId is not None:
+                self._ack(ackId, Throttled("over the connection's inbound rate limit; "
+                                           "the request was dropped"))
+        if not self._readingHeld & _RATE and self.transport is not None:
+            self._holdReading(_RATE)
+            self._resumeCall = self.factory.reactor.callLater(
+                max(self._inbound.wait(len(payload)), 0.001), self._rateResume)
+
+    def _rateResume(self):
+        self._resumeCall = None
+        self._releaseReading(_RATE)
 
     def _upstreamReply(self, reply):
         if reply is not None and self.session is not None:
@@ -648,6 +732,16 @@ class ClientProtocol(BoundedOutput, WebSocketServerProtocol):
 
     # -- teardown ---------------------------------------------------------
 
+    def connectionLost(self, reason):
+        self.factory.connections.discard(self)
+        super().connectionLost(reason)
+        call, self._resumeCall = self._resumeCall, None
+        if call is not None and call.active():
+            call.cancel()
+        ticket, self._ticket = self._ticket, None
+        if ticket is not None:
+            ticket.release()
+
     def onClose(self, wasClean, code, reason):
         link, self.link = self.link, None
         if link is not None:
@@ -665,6 +759,20 @@ def _first(values):
     return values[0] if values else None
 
 
+def _peekAckId(payload):
+    """
+    The ackId of a JSON request, or C{None}: just enough parsing to
+    answer a dropped frame.
+    """
+    try:
+        ackId = json.loads(payload).get("ackId")
+    except (ValueError, AttributeError):
+        return None
+    if isinstance(ackId, int) and not isinstance(ackId, bool) and 0 <= ackId < 1 << 64:
+        return ackId
+    return None
+
+
 class ClientFactory(WebSocketServerFactory):
     """
     Builds L{ClientProtocol}s and holds what they share: the core, hub
@@ -676,11 +784,16 @@ class ClientFactory(WebSocketServerFactory):
     def __init__(self, core, hubSettings, defaultSettings, audiences=(),
                  maxFrameSize=1024 * 1024, maxOutputBuffer=4 * 1024 * 1024,
                  autoPingInterval=30.0, autoPingTimeout=30.0, reactor=None,
-                 recoveryWindow=30.0, cluster=None, maxEventsInFlight=16):
+                 recoveryWindow=30.0, cluster=None, maxEventsInFlight=16, admission=None,
+                 inboundRate=(0, 0, 2.0)):
         super().__init__(reactor=reactor)
         self.core = core
         self.maxEventsInFlight = maxEventsInFlight
         self.connections = LiveConnections()
+        # Connections per hub, user and address (none by default here;
+        # makeFactory passes the configured ones).
+        self.admission = admission if admission is not None else AdmissionLimits({})
+        self.inboundRate = inboundRate
         if cluster is None:
             self.links = ReliableLinks(self.reactor, recoveryWindow, maxOutputBuffer)
         else:
@@ -712,6 +825,14 @@ class ClientFactory(WebSocketServerFactory):
         for protocol in self.connections:
             protocol.goingAway()
         return self.connections.whenEmpty()
+
+    def inboundLimiter(self):
+        """
+        A new connection's L{InboundLimiter}, or C{None} without limits.
+        """
+        messages, octets, burst = self.inboundRate
+        return InboundLimiter.build(self.reactor.seconds, messages, octets, burst,
+                                    minBytes=self.maxMessagePayloadSize)
 
     def rejected(self, hubName):
         """

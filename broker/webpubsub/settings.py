@@ -13,6 +13,32 @@ EVENT_HANDLER = Table({
     "system_events": List(Str(choices=("connect", "connected", "disconnected")), default=[]),
 })
 
+# What one tenant, user or address may take (docs/configuration.md,
+# "Admission, rate and group limits"); 0 turns a limit off.  Counted per
+# node in cluster mode.
+LIMITS = {
+    "max_connections_per_hub": Int(100_000, minimum=0,
+                                   doc="Open WebSockets of one hub; beyond, 429."),
+    "max_connections_per_user": Int(100, minimum=0,
+                                    doc="Open WebSockets of one userId in a hub's face; "
+                                        "beyond, 429."),
+    "max_connections_per_address": Int(20_000, minimum=0,
+                                       doc="Open WebSockets from one source IP; beyond, 429."),
+    "max_inbound_messages_per_second": Float(5000.0, minimum=0,
+                                             doc="Frames one connection may send per second."),
+    "max_inbound_bytes_per_second": Int(16 * MIB, minimum=0,
+                                        doc="Bytes of frames one connection may send per "
+                                            "second."),
+    "inbound_burst": Float(2.0, minimum=0.1, maximum=60,
+                           doc="Seconds of either rate a quiet connection may save up."),
+    "max_groups_per_connection": Int(1000, minimum=0,
+                                     doc="Groups one connection (or one user, through "
+                                         "addUserToGroup) may be in."),
+    "max_groups_per_hub": Int(100_000, minimum=0, doc="Groups with members in one hub."),
+    "max_group_name_length": Int(1024, minimum=1, maximum=1024,
+                                 doc="Longest group name, in characters."),
+}
+
 HUB = Table({
     "access_keys": List(Str(nonEmpty=True), default=[],
                         doc="Keys for this hub's tokens, replacing webpubsub.access_keys."),
@@ -32,6 +58,10 @@ HUB = Table({
                            doc="Upstream CloudEvents handlers, in order (first match)."),
     "event_listeners": List(Str(nonEmpty=True), default=[],
                             doc="IEventListener plugins (by name) told of the hub's events."),
+    # Admission and group limits of this hub, replacing the face-wide ones.
+    "max_connections_per_hub": Int(None, minimum=0,
+                                   doc="Overrides webpubsub.max_connections_per_hub."),
+    "max_groups_per_hub": Int(None, minimum=0, doc="Overrides webpubsub.max_groups_per_hub."),
 })
 
 SECTION = Table({
@@ -58,4 +88,5 @@ SECTION = Table({
     "event_retries": Int(2, minimum=0, maximum=10,
                          doc="Retries of a failed connected/disconnected notification."),
     **httpLimits(10000),
+    **LIMITS,
 })

@@ -9,6 +9,7 @@ import json
 from autobahn.twisted.resource import WebSocketResource
 from twisted.web.resource import NoResource, Resource
 
+from broker.core.limits import PER_ADDRESS, PER_HUB, PER_USER, AdmissionLimits
 from broker.net.http import METHOD_NOT_ALLOWED, BoundedSite, Routes
 from broker.webpubsub import redishistory
 from broker.webpubsub.history import installHistory
@@ -51,6 +52,7 @@ def makeFactory(core, cfg, defaultKeys, reactor, cluster=None):
             plainGroup=h["plain_group"],
             anonymousRoles=h["anonymous_roles"],
         )
+    installGroupLimits(core, cfg)
     if cluster is None:
         installHistory(core, cfg["hubs"], core.reactor.seconds)
     else:
@@ -61,7 +63,41 @@ def makeFactory(core, cfg, defaultKeys, reactor, cluster=None):
         autoPingInterval=cfg["auto_ping_interval"], autoPingTimeout=cfg["auto_ping_timeout"],
         reactor=reactor, recoveryWindow=cfg["recovery_window"], cluster=cluster,
         maxEventsInFlight=cfg["max_events_in_flight"],
+        admission=admissionLimits(cfg),
+        inboundRate=(cfg["max_inbound_messages_per_second"],
+                     cfg["max_inbound_bytes_per_second"], cfg["inbound_burst"]),
     )
+
+
+def admissionLimits(cfg):
+    """
+    The face's L{AdmissionLimits}: C{[webpubsub]}'s, with the hubs' own
+    C{max_connections_per_hub}.
+    """
+    perHub = {name: h["max_connections_per_hub"] for name, h in cfg["hubs"].items()
+              if h["max_connections_per_hub"] is not None}
+    return AdmissionLimits({PER_HUB: cfg["max_connections_per_hub"],
+                            PER_USER: cfg["max_connections_per_user"],
+                            PER_ADDRESS: cfg["max_connections_per_address"]},
+                           overrides={PER_HUB: perHub})
+
+
+def installGroupLimits(core, cfg):
+    """
+    Give every hub (Web PubSub clients also subscribe to the IoT fleets'
+    hubs) the face's group limits, a hub's own C{max_groups_per_hub} first.
+    """
+    hubs = cfg["hubs"]
+
+    def setup(hub):
+        own = hubs.get(hub.name)
+        hub.face = "webpubsub"
+        hub.maxGroupsPerConnection = cfg["max_groups_per_connection"]
+        hub.maxGroups = cfg["max_groups_per_hub"]
+        if own is not None and own["max_groups_per_hub"] is not None:
+            hub.maxGroups = own["max_groups_per_hub"]
+        hub.maxGroupNameLength = cfg["max_group_name_length"]
+    core.onNewHub(setup)
 
 
 def refusal(request, status, reason, message):
