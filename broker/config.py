@@ -234,6 +234,23 @@ def httpLimits(maxConnections, idleTimeout=60.0):
     }
 
 
+def inboundRateLimits(bytesPerSecond, unit):
+    """
+    The keys of a face's inbound rate limit (docs/configuration.md,
+    "Admission, rate and group limits"): what one C{unit} (a connection, a
+    session) may send per second, and the burst it may save up; 0 turns a
+    rate off.
+    """
+    return {
+        "max_inbound_messages_per_second": Float(
+            5000.0, minimum=0, doc=f"Messages one {unit} may send per second."),
+        "max_inbound_bytes_per_second": Int(
+            bytesPerSecond, minimum=0, doc=f"Bytes of messages one {unit} may send per second."),
+        "inbound_burst": Float(2.0, minimum=0.1, maximum=60,
+                               doc=f"Seconds of either rate a quiet {unit} may save up."),
+    }
+
+
 def schema():
     """
     The whole schema: the broker's own sections, then one section per face,

@@ -22,7 +22,7 @@ from broker.core.limits import (ALLOW, CLOSE, DROP, PER_ADDRESS, PER_HUB, PER_US
                                 AdmissionLimits, InboundLimiter)
 from tests.test_webpubsub_rest import _Base as RestBase
 from tests.test_tap import TwistdTestsMixin
-from tests.wsharness import KEY, BrokerHarness, Client, ConnectionRefusedByServer
+from tests.wsharness import KEY, BrokerHarness, Client
 
 JOIN = "webpubsub.joinLeaveGroup"
 SEND = "webpubsub.sendToGroup"
@@ -154,14 +154,6 @@ max_connections_per_hub = 1
         self.broker = yield BrokerHarness(self, reactor, self.TOML).start()
 
     @defer.inlineCallbacks
-    def refused(self, **kw):
-        try:
-            yield self.broker.connect(**kw)
-        except ConnectionRefusedByServer as e:
-            return str(e)
-        self.fail("handshake accepted")
-
-    @defer.inlineCallbacks
     def test_perAddress(self):
         """
         The fourth WebSocket from one address is refused with 429, counted;
@@ -170,7 +162,7 @@ max_connections_per_hub = 1
         clients = []
         for _ in range(3):
             clients.append((yield self.broker.connectJSON(roles=[JOIN, SEND])))
-        why = yield self.refused()
+        why = yield self.broker.refused()
         self.assertIn("429", why)
         text = yield self.metrics(self.broker.core)
         self.assertMetric(text, 'broker_admission_refused_total'
@@ -194,10 +186,10 @@ max_connections_per_hub = 1
         """
         yield self.broker.connectJSON(userId="alice")
         yield self.broker.connectJSON(userId="alice")
-        why = yield self.refused(userId="alice")
+        why = yield self.broker.refused(userId="alice")
         self.assertIn("429", why)
         yield self.broker.connectJSON(hub="small", userId="bob")
-        why = yield self.refused(hub="small", userId="carol")
+        why = yield self.broker.refused(hub="small", userId="carol")
         self.assertIn("429", why)
         text = yield self.metrics(self.broker.core)
         self.assertMetric(text, 'broker_admission_refused_total'

@@ -171,6 +171,18 @@ class BrokerHarness:
         return proto
 
     @defer.inlineCallbacks
+    def refused(self, **kw):
+        """
+        Connect as L{connect} would, expecting the handshake to be refused:
+        the refusal's text (its status and reason).
+        """
+        try:
+            yield self.connect(**kw)
+        except ConnectionRefusedByServer as e:
+            return str(e)
+        self.testCase.fail("handshake accepted")
+
+    @defer.inlineCallbacks
     def connectJSON(self, hub="chat", **kw):
         """
         Connect with the JSON subprotocol and consume the connected message.

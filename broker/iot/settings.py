@@ -4,7 +4,8 @@ The C{[iot]} section of the configuration (docs/configuration.md).
 """
 
 from broker.config import (HUB_NAME, HUB_NAME_RULE, KIB, MIB, Bool, ConfigError, Endpoint,
-                           Float, Int, List, MapOf, Str, Table, connectionLimit, httpLimits)
+                           Float, Int, List, MapOf, Str, Table, connectionLimit, httpLimits,
+                           inboundRateLimits)
 from broker.iot.apikeys import APIKeyError, parseLine
 
 
@@ -123,11 +124,5 @@ SECTION = Table({
                                            "authenticated; beyond, LIMIT."),
     "max_connections_per_fleet": Int(100_000, minimum=0,
                                      doc="Authenticated sessions of one fleet; beyond, LIMIT."),
-    "max_inbound_messages_per_second": Float(5000.0, minimum=0,
-                                             doc="Frames one session may send per second."),
-    "max_inbound_bytes_per_second": Int(8 * MIB, minimum=0,
-                                        doc="Bytes of frames one session may send per second."),
-    "inbound_burst": Float(2.0, minimum=0.1, maximum=60,
-                           doc="Seconds of either rate (and of the UDP rate) a quiet "
-                               "session or address may save up."),
+    **inboundRateLimits(8 * MIB, "session"),
 })

@@ -4,7 +4,7 @@ The C{[peergroups]} section of the configuration (docs/configuration.md).
 """
 
 from broker.config import (KIB, MIB, Bool, Endpoint, Float, Int, List, Str, Table,
-                           connectionLimit, httpLimits)
+                           connectionLimit, httpLimits, inboundRateLimits)
 
 SECTION = Table({
     "enabled": Bool(False),
@@ -44,11 +44,5 @@ SECTION = Table({
     "max_connections_per_address": Int(1000, minimum=0,
                                        doc="Connections (both wires) from one source IP; "
                                            "beyond, 429 or PEER_E_CONNECTION_REFUSED."),
-    "max_inbound_messages_per_second": Float(5000.0, minimum=0,
-                                             doc="Messages one session may send per second."),
-    "max_inbound_bytes_per_second": Int(8 * MIB, minimum=0,
-                                        doc="Bytes of messages one session may send per "
-                                            "second."),
-    "inbound_burst": Float(2.0, minimum=0.1, maximum=60,
-                           doc="Seconds of either rate a quiet session may save up."),
+    **inboundRateLimits(8 * MIB, "session"),
 })

@@ -4,7 +4,7 @@ The C{[webpubsub]} section of the configuration (docs/configuration.md).
 """
 
 from broker.config import (HUB_NAME, HUB_NAME_RULE, KIB, MIB, Bool, Endpoint, Float, Int,
-                           List, MapOf, Str, Table, httpLimits)
+                           List, MapOf, Str, Table, httpLimits, inboundRateLimits)
 
 EVENT_HANDLER = Table({
     "url_template": Str(nonEmpty=True,
@@ -24,13 +24,7 @@ LIMITS = {
                                         "beyond, 429."),
     "max_connections_per_address": Int(20_000, minimum=0,
                                        doc="Open WebSockets from one source IP; beyond, 429."),
-    "max_inbound_messages_per_second": Float(5000.0, minimum=0,
-                                             doc="Frames one connection may send per second."),
-    "max_inbound_bytes_per_second": Int(16 * MIB, minimum=0,
-                                        doc="Bytes of frames one connection may send per "
-                                            "second."),
-    "inbound_burst": Float(2.0, minimum=0.1, maximum=60,
-                           doc="Seconds of either rate a quiet connection may save up."),
+    **inboundRateLimits(16 * MIB, "connection"),
     "max_groups_per_connection": Int(1000, minimum=0,
                                      doc="Groups one connection (or one user, through "
                                          "addUserToGroup) may be in."),
