@@ -114,6 +114,8 @@ class WebPubSubSlowConsumerTests(unittest.TestCase):
         fast = yield self.broker.connectJSON(groups=["g"])
         publisher = yield self.broker.connectJSON(roles=["webpubsub.sendToGroup"])
         slow.transport.pauseProducing()     # never reads again
+        server = getattr(self.serverSide(slowId), "protocol", None) or self.serverSide(slowId)
+        server = server.transport
         sent, got, peak = yield self.flood(
             slowId, fast, publisher, lambda: self.hub.stats.slowConsumerDrops > 0)
         self.assertEqual(self.hub.stats.slowConsumerDrops, 1,
@@ -125,6 +127,10 @@ class WebPubSubSlowConsumerTests(unittest.TestCase):
         self.assertTrue(self.hub.connectionExists(fast.connectionId))
         slow.transport.resumeProducing()
         yield slow.closed
+        yield waitUntil(reactor, lambda: not server.connected)
+        # What was queued for it is released with the connection, not when
+        # a garbage collection reaches the protocol's reference cycles.
+        self.assertEqual(buffered(server), 0)
 
     @defer.inlineCallbacks
     def test_jsonSubscriber(self):
@@ -210,3 +216,5 @@ class IoTSlowConsumerTests(unittest.TestCase):
         self.assertEqual([f.kind for f in got], [frames.MESSAGE] * sent)
         slow.transport.resumeProducing()
         yield slow.closed
+        yield waitUntil(reactor, lambda: not server.connected)
+        self.assertEqual(buffered(server), 0)

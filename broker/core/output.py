@@ -39,6 +39,10 @@ class BoundedOutput:
     def stopProducing(self):
         self._paused = True
 
+    def connectionLost(self, reason):
+        releaseBuffers(self.transport)
+        super().connectionLost(reason)
+
     def registerAsProducer(self, transport):
         """
         Become C{transport}'s streaming producer, replacing any other (a
@@ -75,3 +79,29 @@ class BoundedOutput:
         protocol can, and drop it.  Called once.
         """
         raise NotImplementedError
+
+
+def releaseBuffers(transport):
+    """
+    Drop what a lost connection's transports still hold for the peer.
+
+    Nothing can send it any more, but a dropped slow consumer's transport
+    holds up to its whole bound (C{max_output_buffer} and Twisted's 64 KiB)
+    and is often kept alive by reference cycles through its protocol and
+    session until Python's next full collection, tens of seconds later under
+    load: twenty consumers dropped every few seconds then held a gigabyte.
+    The chain is walked down through wrapping transports (a connection cap's
+    L{twisted.protocols.policies.ProtocolWrapper}, TLS) to the socket's.
+    """
+    for _ in range(4):
+        if transport is None:
+            return
+        if hasattr(transport, "_appSendBuffer"):        # TLSMemoryBIOProtocol
+            transport._appSendBuffer = []
+        if hasattr(transport, "_tempDataBuffer"):       # a FileDescriptor
+            transport.dataBuffer = b""
+            transport.offset = 0
+            transport._tempDataBuffer = []
+            transport._tempDataLen = 0
+            return
+        transport = getattr(transport, "transport", None)

@@ -118,6 +118,7 @@ class IoTSession(BoundedOutput, Protocol):
             self.factory.admission.release(*slot)
 
     def connectionLost(self, reason):
+        super().connectionLost(reason)
         self.factory.connections.discard(self)
         self._releaseSlot()
         self.state = self.CLOSED

@@ -338,6 +338,7 @@ class PeerStreamProtocol(_Limited, BoundedOutput, Int32StringReceiver):
             session.lost("oversized message")
 
     def connectionLost(self, reason):
+        super().connectionLost(reason)
         self.factory.peergroups.connections.discard(self)
         self._releaseAddress()
         session, self.session = self.session, None
