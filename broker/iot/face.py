@@ -126,6 +126,9 @@ class IoTCollector:
                                   value=self.f.counters.badFrames)
         yield CounterMetricFamily("broker_iot_dead_sessions", "Sessions closed by keepalive.",
                                   value=self.f.counters.deadSessions)
+        yield CounterMetricFamily("broker_iot_slow_consumers",
+                                  "Sessions dropped because their output buffer overflowed.",
+                                  value=self.f.counters.slowConsumers)
         if self.udp is not None:
             u = CounterMetricFamily("broker_iot_udp_datagrams",
                                     "UDP telemetry datagrams by outcome.", labels=["outcome"])
