@@ -28,8 +28,8 @@ accepted/received/lost per well-behaved subscriber, and /healthz.  It
 asserts nothing.
 
 The faces' loads are in L{soakfaces}, the machinery in L{soaklib}; the
-broker, the WebSocket client,
-CPU pinning and the IoT HTTP client come from the other benchmarks.
+broker process, the WebSocket client, CPU pinning, the IoT HTTP client and
+the peer-groups members come from the other benchmarks.
 
 Usage: python bench/soak.py [--quick] [--face F] [--seconds S] (bench/README.md).
 """
@@ -37,16 +37,14 @@ Usage: python bench/soak.py [--quick] [--face F] [--seconds S] (bench/README.md)
 import argparse
 import os
 import platform
-import shutil
 import sys
-import tempfile
 import time
 
 from twisted.internet import defer, task
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from fanout import ChildProcess, pinCPUs, raiseFileLimit, rssKiB  # noqa: E402
+from fanout import pinCPUs, raiseFileLimit, rssKiB, workdirUntilShutdown  # noqa: E402
 from soaklib import RSS_LIMIT_MB, Soak, SoakBroker, churn, probes  # noqa: E402
 from soakfaces import FACES  # noqa: E402
 
@@ -75,8 +73,11 @@ async def runFace(reactor, opts, workdir, face):
         sampler.start(1.0)
         poller = task.LoopingCall(lambda: [p.poll() for p in soak.pools])
         poller.start(0.5)
-        running = [load.flood(soak), churn(soak, load.churn(), opts.churnRate),
-                   probes(soak, load.probes(), 1.0 / opts.probeInterval)]
+        running = [load.flood(soak)]
+        if opts.churnRate:
+            running.append(churn(soak, load.churn(), opts.churnRate))
+        if opts.probeInterval:
+            running.append(probes(soak, load.probes(), 1.0 / opts.probeInterval))
         await task.deferLater(reactor, opts.seconds)
         soak.running = False
         floodSeconds = time.monotonic() - soak.started
@@ -143,20 +144,17 @@ def report(r):
 async def main(reactor, opts):
     raiseFileLimit()
     opts.serverCPUs = pinCPUs() if opts.pin else None
+    if opts.gcEvery:
+        # Only the broker reads these (it is spawned with this environment).
+        hook = os.path.join(os.path.dirname(os.path.abspath(__file__)), "soakhook")
+        os.environ["PYTHONPATH"] = os.pathsep.join(
+            [hook] + [p for p in [os.environ.get("PYTHONPATH")] if p])
+        os.environ["SOAK_GC_EVERY"] = str(opts.gcEvery)
+        print(f"diagnostic: the broker runs gc.collect() every {opts.gcEvery:g} s")
     print(f"broker soak: CPython {platform.python_version()}, {os.cpu_count()} CPUs"
           + (f"; broker pinned to CPU {min(opts.serverCPUs)}, load to the others"
              if opts.serverCPUs else ""), flush=True)
-    workdir = tempfile.mkdtemp(prefix="broker-soak-")
-
-    async def cleanup():
-        await defer.gatherResults(
-            [defer.ensureDeferred(c.stop(reactor)) for c in list(ChildProcess.live)])
-        if opts.keep:
-            print(f"broker logs kept in {workdir}")
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
-
-    reactor.addSystemEventTrigger("before", "shutdown", lambda: defer.ensureDeferred(cleanup()))
+    workdir = workdirUntilShutdown(reactor, "broker-soak-", opts.keep)
     results = []
     faces = ["webpubsub", "iot", "peergroups"] if opts.face == "all" else [opts.face]
     for face in faces:
@@ -182,11 +180,14 @@ def parseArgs(argv):
                    help="never-reading subscribers per face (default 20; 5 with --quick)")
     p.add_argument("--quick", action="store_true", help="a ~10 s smoke run per face")
     p.add_argument("--churn-rate", dest="churnRate", type=float, default=20.0,
-                   help="connections churned per second (default 20)")
+                   help="connections churned per second (default 20; 0: none)")
     p.add_argument("--probe-interval", dest="probeInterval", type=float, default=0.25,
-                   help="seconds between malformed-input probes (default 0.25)")
+                   help="seconds between malformed-input probes (default 0.25; 0: none)")
     p.add_argument("--no-pin", dest="pin", action="store_false",
                    help="do not pin the broker to its own CPU")
+    p.add_argument("--gc-every", dest="gcEvery", type=float, default=0, metavar="S",
+                   help="diagnostic: make the broker run a full garbage collection every "
+                        "S seconds (bench/soakhook), to tell garbage from live memory")
     p.add_argument("--keep", action="store_true", help="keep the brokers' logs")
     opts = p.parse_args(argv)
     if opts.quick:

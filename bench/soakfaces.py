@@ -8,12 +8,13 @@ A face's load is a class with:
   - C{connect(soak)}: connect every client, before the baseline;
   - C{flood(soak)}: a Deferred that publishes while C{soak.running};
   - C{settle(soak)}: wait for the answers still in flight;
-  - C{churn()}, C{probes()}: the raw exchanges of L{soak.Churn} and
-    L{soak.Probes};
+  - C{churn()}, C{probes()}: the raw exchanges of L{soaklib.churn} and
+    L{soaklib.probes};
   - C{brokerDrops(metrics)}: the broker's slow-consumer counters;
   - C{close(soak)}.
 """
 
+import itertools
 import json
 import os
 import time
@@ -22,10 +23,11 @@ from twisted.internet import defer, task
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 
 from fanout import GROUP, HUB, KEY, WebSocketClient, clientFrame, freePort, openingHandshake
-from iot import FLEET
+from iot import FLEET, HTTPConnection
 from peergroups import Bench as PeerBench
-from soaklib import (MB, HTTPClient, NeverReading, classifyHTTP, httpHead, httpProbes, httpStatus,
-                  messageKey, metricLabels, metricSum, payload, streamed)
+from soaklib import (MB, NeverReading, classifyHTTP, classifyWS, declaredFrame,
+                     fragmented, httpHead, httpProbes, messageKey, metricLabels, metricSum,
+                     payload, streamed)
 
 from broker.iot import apikeys, frames
 from broker.iot.auth import newSecret
@@ -47,77 +49,36 @@ async def settleAll(reactor, publishers, timeout=10.0):
     """
     Wait until no publisher has a message unanswered (at most C{timeout}).
     """
+    def busy(p):
+        return p.waiting is not None if isinstance(p, HTTPConnection) else p.inflight
     deadline = time.monotonic() + timeout
-    while any(p.inflight for p in publishers) and time.monotonic() < deadline:
+    while any(busy(p) for p in publishers) and time.monotonic() < deadline:
         await task.deferLater(reactor, 0.1)
 
 
-def fragment(frame):
+async def postLoop(soak, name, conn, requests):
     """
-    A masked client frame without its FIN bit.
+    POST C{requests} over C{conn}, one at a time while the run lasts:
+    C{(raw request, accepted)}, C{accepted(body)} called on each 202; any
+    other status is a refusal, with the error code of the body if any.
     """
-    return bytes((frame[0] & 0x7F,)) + frame[1:]
-
-
-def fragmented(total, piece=64 * 1024):
-    """
-    One text message of C{total} bytes in masked fragments, streamed.
-    """
-    body = b"x" * piece
-    out = [fragment(clientFrame(body, 0x1)), 0.002]
-    for _ in range(total // piece - 2):
-        out += [fragment(clientFrame(body, 0x0)), 0.002]
-    return out + [clientFrame(body, 0x0)]
-
-
-def declaredFrame(size):
-    """
-    The header of a masked text frame of C{size} bytes, then the body
-    streamed.
-    """
-    head = bytes((0x81, 0x80 | 127)) + size.to_bytes(8, "big") + b"\0\0\0\0"
-    return [head] + streamed(size + 64 * 1024)
-
-
-def serverFrames(data):
-    """
-    The (opcode, payload) of each whole unmasked frame in C{data}.
-    """
-    out, i, n = [], 0, len(data)
-    while n - i >= 2:
-        size, start = data[i + 1] & 0x7F, i + 2
-        if size == 126:
-            size, start = int.from_bytes(data[start:start + 2], "big"), start + 2
-        elif size == 127:
-            size, start = int.from_bytes(data[start:start + 8], "big"), start + 8
-        if start + size > n:
-            break
-        out.append((data[i] & 0x0F, data[start:start + size]))
-        i = start + size
-    return out
-
-
-def classifyWS(data, how, text=lambda p: None):
-    """
-    The outcome of a WebSocket probe: the HTTP status unless 101, then what
-    the text frames said (C{text(payload)}) and the close code.
-    """
-    status = httpStatus(data)
-    if status is None:
-        return f"no handshake answer, {how}"
-    if status != "http 101":
-        return status
-    said = []
-    for op, p in serverFrames(data[data.find(b"\r\n\r\n") + 4:]):
-        if op == 0x8:
-            said.append("close %d" % int.from_bytes(p[:2], "big") if len(p) >= 2 else "close")
-        elif op == 0x1:
-            what = text(p)
-            if what:
-                said.append(what)
-    if not said or not said[-1].startswith("close"):
-        said.append(how)
-    return ", ".join(said)
+    for raw, accepted in requests:
+        if not soak.running:
+            return
+        try:
+            status, body = await conn.call(raw).addTimeout(10, soak.reactor)
+        except Exception as e:
+            soak.refuse(name, type(e).__name__)
+            return
+        if status == 202:
+            soak.accepted[name] += 1
+            accepted(body)
+            continue
+        try:
+            code = json.loads(body)["error"]["code"]
+        except Exception:
+            code = ""
+        soak.refuse(name, f"http {status} {code}".rstrip())
 
 
 # -- Web PubSub ----------------------------------------------------------------
@@ -247,7 +208,7 @@ class WebPubSubLoad:
             await pub.welcomed
             self.publishers.append(pub)
         self.rest = await connectProtocol(
-            TCP4ClientEndpoint(reactor, "127.0.0.1", self.port), HTTPClient())
+            TCP4ClientEndpoint(reactor, "127.0.0.1", self.port), HTTPConnection())
         self.ledgers = ledgers
 
     def _restRequest(self, seq):
@@ -262,28 +223,20 @@ class WebPubSubLoad:
                                        ("Content-Type", "text/plain"),
                                        ("Content-Length", str(len(body)))]) + body
 
-    async def _restFlood(self, soak):
-        name, seq = "REST send to group 8 KB", 0
-        while soak.running:
-            seq += 1
-            try:
-                status, _ = await self.rest.call(self._restRequest(seq)).addTimeout(
-                    10, soak.reactor)
-            except Exception as e:
-                soak.refuse(name, type(e).__name__)
-                return
-            if status == 202:
-                soak.accepted[name] += 1
-                for ledger in self.ledgers:
-                    ledger.accept(keyOf(b"R", seq))
-            else:
-                soak.refuse(name, f"http {status}")
+    def _restFlood(self, soak):
+        def requests():
+            for seq in itertools.count(1):
+                key = keyOf(b"R", seq)
+                yield self._restRequest(seq), lambda _, key=key: [
+                    ledger.accept(key) for ledger in self.ledgers]
+        return defer.ensureDeferred(postLoop(soak, "REST send to group 8 KB", self.rest,
+                                             requests()))
 
     def flood(self, soak):
         for pub in self.publishers:
             pub.flooding = True
             pub.fill()
-        return defer.ensureDeferred(self._restFlood(soak))
+        return self._restFlood(soak)
 
     async def settle(self, soak):
         await settleAll(soak.reactor, self.publishers + [self.rest])
@@ -477,7 +430,7 @@ api_keys = ["{apikeys.hashLine(FLEET, self.apiKey)}"]
                                                            self.ledgers))
         for _ in range(6):
             conn = await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", self.http),
-                                         HTTPClient())
+                                         HTTPConnection())
             self.http_.append(conn)
 
     def _post(self, did):
@@ -488,35 +441,25 @@ api_keys = ["{apikeys.hashLine(FLEET, self.apiKey)}"]
                          ("Content-Type", "application/json"),
                          ("Content-Length", str(len(body)))]) + body
 
-    async def _httpFlood(self, soak, conn, dids):
+    def _httpFlood(self, soak, conn, dids):
         posts = [(did, self._post(did)) for did in dids]
         name = "HTTP message 8 KB (direct) to " + ("well-behaved" if dids[0] in self.ledgers
                                                     else "never-reading")
-        i = 0
-        while soak.running:
-            did, raw = posts[i % len(posts)]
-            i += 1
-            try:
-                status, body = await conn.call(raw).addTimeout(10, soak.reactor)
-            except Exception as e:
-                soak.refuse(name, type(e).__name__)
-                return
-            if status == 202:
-                soak.accepted[name] += 1
-                if did in self.ledgers:
-                    self.ledgers[did].accept(int(json.loads(body)["messageId"]))
-            else:
-                try:
-                    code = json.loads(body)["error"]["code"]
-                except Exception:
-                    code = ""
-                soak.refuse(name, f"http {status} {code}")
+
+        def accepted(did, body):
+            if did in self.ledgers:
+                self.ledgers[did].accept(int(json.loads(body)["messageId"]))
+
+        def requests():
+            for did, raw in itertools.cycle(posts):
+                yield raw, lambda body, did=did: accepted(did, body)
+        return defer.ensureDeferred(postLoop(soak, name, conn, requests()))
 
     def flood(self, soak):
         self.central.fill()
         never = self.never
         shares = [never[i::4] or never for i in range(4)] + [self.good, self.good[::-1]]
-        return defer.DeferredList([defer.ensureDeferred(self._httpFlood(soak, c, dids))
+        return defer.DeferredList([self._httpFlood(soak, c, dids)
                                    for c, dids in zip(self.http_, shares)])
 
     async def settle(self, soak):

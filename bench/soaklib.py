@@ -18,7 +18,7 @@ from twisted.internet.protocol import Protocol
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from fanout import BrokerProcess, rssKiB  # noqa: E402
+from fanout import BrokerProcess, clientFrame, rssKiB  # noqa: E402
 
 MB = 1024 * 1024
 RSS_LIMIT_MB = 300
@@ -262,60 +262,6 @@ async def rawExchange(reactor, port, chunks, timeout=3.0, abortAfter=False):
     return await proto.done
 
 
-class HTTPClient(Protocol):
-    """
-    A keep-alive HTTP/1.1 connection with one request in flight, for
-    answers with a C{Content-Length} or a chunked body (twisted.web sends
-    an empty 202 chunked).  C{call(raw)} fires with C{(status, body)}; it
-    fails if the connection is lost first.
-    """
-
-    def __init__(self):
-        self.buffer = b""
-        self.waiting = None
-        self.inflight = 0
-
-    def call(self, raw):
-        self.waiting = defer.Deferred()
-        self.inflight = 1
-        self.transport.write(raw)
-        return self.waiting
-
-    def dataReceived(self, data):
-        self.buffer += data
-        end = self.buffer.find(b"\r\n\r\n")
-        if end < 0:
-            return
-        head = self.buffer[:end].lower()
-        if b"transfer-encoding: chunked" in head:
-            stop = self.buffer.find(b"\r\n0\r\n\r\n", end)
-            if stop < 0 and not self.buffer[end + 4:].startswith(b"0\r\n\r\n"):
-                return
-            stop = end + 2 if stop < 0 else stop
-            body, rest = self.buffer[end + 4:stop + 2], self.buffer[stop + 7:]
-            # The bodies here are small: one chunk.
-            body = body.split(b"\r\n", 1)[-1].rstrip(b"\r\n") if body else b""
-        else:
-            length = 0
-            for line in head.split(b"\r\n"):
-                if line.startswith(b"content-length:"):
-                    length = int(line[15:])
-            if len(self.buffer) < end + 4 + length:
-                return
-            body, rest = self.buffer[end + 4:end + 4 + length], self.buffer[end + 4 + length:]
-        self.buffer = rest
-        self._fire(lambda d: d.callback((int(head[9:12]), body)))
-
-    def _fire(self, how):
-        d, self.waiting = self.waiting, None
-        self.inflight = 0
-        if d is not None:
-            how(d)
-
-    def connectionLost(self, reason):
-        self._fire(lambda d: d.errback(reason))
-
-
 def streamed(total, chunk=64 * 1024, pause=0.002):
     """
     C{total} bytes in chunks, with a short pause between them: a body that
@@ -417,6 +363,77 @@ def probes(soak, probes, rate):
     """
     items = [(name, port, chunks, classify, False) for name, port, chunks, classify in probes]
     return defer.ensureDeferred(Exchanges(soak, soak.probes, items, rate).run())
+
+
+# -- WebSocket frames, by hand ---------------------------------------------------
+
+
+def fragment(frame):
+    """
+    A masked client frame without its FIN bit.
+    """
+    return bytes((frame[0] & 0x7F,)) + frame[1:]
+
+
+def fragmented(total, piece=64 * 1024):
+    """
+    One text message of C{total} bytes in masked fragments, streamed.
+    """
+    body = b"x" * piece
+    out = [fragment(clientFrame(body, 0x1)), 0.002]
+    for _ in range(total // piece - 2):
+        out += [fragment(clientFrame(body, 0x0)), 0.002]
+    return out + [clientFrame(body, 0x0)]
+
+
+def declaredFrame(size):
+    """
+    The header of a masked text frame of C{size} bytes, then the body
+    streamed.
+    """
+    head = bytes((0x81, 0x80 | 127)) + size.to_bytes(8, "big") + b"\0\0\0\0"
+    return [head] + streamed(size + 64 * 1024)
+
+
+def serverFrames(data):
+    """
+    The (opcode, payload) of each whole unmasked frame in C{data}.
+    """
+    out, i, n = [], 0, len(data)
+    while n - i >= 2:
+        size, start = data[i + 1] & 0x7F, i + 2
+        if size == 126:
+            size, start = int.from_bytes(data[start:start + 2], "big"), start + 2
+        elif size == 127:
+            size, start = int.from_bytes(data[start:start + 8], "big"), start + 8
+        if start + size > n:
+            break
+        out.append((data[i] & 0x0F, data[start:start + size]))
+        i = start + size
+    return out
+
+
+def classifyWS(data, how, text=lambda p: None):
+    """
+    The outcome of a WebSocket probe: the HTTP status unless 101, then what
+    the text frames said (C{text(payload)}) and the close code.
+    """
+    status = httpStatus(data)
+    if status is None:
+        return f"no handshake answer, {how}"
+    if status != "http 101":
+        return status
+    said = []
+    for op, p in serverFrames(data[data.find(b"\r\n\r\n") + 4:]):
+        if op == 0x8:
+            said.append("close %d" % int.from_bytes(p[:2], "big") if len(p) >= 2 else "close")
+        elif op == 0x1:
+            what = text(p)
+            if what:
+                said.append(what)
+    if not said or not said[-1].startswith("close"):
+        said.append(how)
+    return ", ".join(said)
 
 
 # -- the broker ------------------------------------------------------------------
