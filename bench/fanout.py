@@ -903,6 +903,28 @@ def raiseFileLimit():
     return hard
 
 
+def workdirUntilShutdown(reactor, prefix, keep):
+    """
+    A temporary directory for the brokers' configurations and logs.  When
+    the reactor shuts down (also when the controller is interrupted) every
+    child process is stopped, so that no broker outlives the benchmark,
+    and the directory is removed unless C{keep}.
+    """
+    workdir = tempfile.mkdtemp(prefix=prefix)
+
+    async def cleanup():
+        await defer.gatherResults(
+            [defer.ensureDeferred(c.stop(reactor)) for c in list(ChildProcess.live)])
+        if keep:
+            print(f"broker logs kept in {workdir}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+    reactor.addSystemEventTrigger("before", "shutdown",
+                                  lambda: defer.ensureDeferred(cleanup()))
+    return workdir
+
+
 def report(opts, results, started):
     """
     The summary table, the targets beside the figures.
@@ -937,19 +959,7 @@ async def main(reactor, opts):
           f"{opts.workers} subscriber worker process(es)"
           + (f"; broker pinned to CPU {min(opts.serverCPUs)}, load to the others"
              if opts.serverCPUs else ""))
-    workdir = tempfile.mkdtemp(prefix="broker-bench-")
-
-    async def cleanup():
-        # Also runs when the controller is interrupted: no broker outlives it.
-        await defer.gatherResults(
-            [defer.ensureDeferred(c.stop(reactor)) for c in list(ChildProcess.live)])
-        if opts.keep:
-            print(f"broker logs kept in {workdir}")
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
-
-    reactor.addSystemEventTrigger("before", "shutdown",
-                                  lambda: defer.ensureDeferred(cleanup()))
+    workdir = workdirUntilShutdown(reactor, "broker-bench-", opts.keep)
     results = Results()
     for n in opts.subscribers:
         await fanoutRuns(reactor, opts, workdir, n, results)

@@ -146,7 +146,9 @@ api_keys = ["{apikeys.hashLine(FLEET, self.apiKey)}"]
 class HTTPConnection(Protocol):
     """
     A keep-alive HTTP/1.1 connection with one request in flight; enough of a
-    parser for the API's Content-Length responses.
+    parser for answers with a C{Content-Length} or a small chunked body
+    (twisted.web sends an empty 202 chunked).  C{call(raw)} fires with
+    C{(status, body)}, or fails if the connection is lost first.
     """
 
     def __init__(self):
@@ -163,17 +165,30 @@ class HTTPConnection(Protocol):
         end = self.buffer.find(b"\r\n\r\n")
         if end < 0:
             return
-        length = 0
-        for line in self.buffer[:end].lower().split(b"\r\n"):
-            if line.startswith(b"content-length:"):
-                length = int(line[15:])
-        if len(self.buffer) < end + 4 + length:
-            return
-        status = int(self.buffer[9:12])
-        body = self.buffer[end + 4:end + 4 + length]
-        self.buffer = self.buffer[end + 4 + length:]
+        head = self.buffer[:end].lower()
+        if b"transfer-encoding: chunked" in head:
+            # The body ends with the last (empty) chunk.
+            stop = self.buffer.find(b"\r\n0\r\n\r\n", end + 2)
+            if stop < 0:
+                return
+            chunks, rest = self.buffer[end + 4:stop + 2], self.buffer[stop + 7:]
+            body = b"".join(chunks.split(b"\r\n")[1::2])
+        else:
+            length = 0
+            for line in head.split(b"\r\n"):
+                if line.startswith(b"content-length:"):
+                    length = int(line[15:])
+            if len(self.buffer) < end + 4 + length:
+                return
+            body, rest = self.buffer[end + 4:end + 4 + length], self.buffer[end + 4 + length:]
+        self.buffer = rest
         d, self.waiting = self.waiting, None
-        d.callback((status, body))
+        d.callback((int(head[9:12]), body))
+
+    def connectionLost(self, reason):
+        d, self.waiting = self.waiting, None
+        if d is not None:
+            d.errback(reason)
 
 
 async def benchHeldRequests(run):

@@ -12,6 +12,7 @@ from twisted.internet.task import deferLater
 from twisted.trial import unittest
 
 from broker.iot import errors, frames
+from broker.iot.face import IoTCollector
 from broker.iot.frames import Payload
 from tests.iotharness import IoTHarness, waitUntil
 from tests.wsharness import BrokerHarness
@@ -210,6 +211,8 @@ class IoTSlowConsumerTests(unittest.TestCase):
             yield _turn()
         self.assertEqual(self.h.factory.counters.slowConsumers, 1,
                          f"no drop after {sent} messages of 1 KiB")
+        metrics = {m.name: m for m in IoTCollector(self.c, self.h.factory, None).collect()}
+        self.assertEqual(metrics["broker_iot_slow_consumers"].samples[0].value, 1)
         self.assertLess(watch.peak, LIMIT + 65536 + 2048)
         yield waitUntil(reactor, lambda: len(fast.inbox.pending) >= sent)
         got = [fast.inbox.pending.pop(0) for _ in range(len(fast.inbox.pending))]
