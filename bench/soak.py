@@ -49,6 +49,9 @@ from soaklib import RSS_LIMIT_MB, Soak, SoakBroker, churn, probes  # noqa: E402
 from soakfaces import FACES  # noqa: E402
 
 
+RATE_LIMITS_OFF = "max_inbound_messages_per_second = 0\nmax_inbound_bytes_per_second = 0\n"
+
+
 # -- one face's run --------------------------------------------------------------
 
 
@@ -58,7 +61,14 @@ async def runFace(reactor, opts, workdir, face):
     for C{opts.seconds}, drain, and return the face's figures.
     """
     load = FACES[face](opts, workdir)
-    broker = SoakBroker(reactor, workdir, load.sections(), opts.serverCPUs)
+    sections = load.sections()
+    if not opts.rateLimits:
+        # The floods must reach the output bounds, not be held back (and
+        # their publishers closed) by the inbound rate limits first.
+        sections = RATE_LIMITS_OFF + "".join(
+            f"{line}\n{RATE_LIMITS_OFF}" if line in ("[iot]", "[peergroups]") else line + "\n"
+            for line in sections.splitlines())
+    broker = SoakBroker(reactor, workdir, sections, opts.serverCPUs)
     await broker.start()
     soak = Soak(reactor, opts, broker)
     print(f"\n[{face}] broker pid {broker.pid}, {opts.subscribers} never-reading "
@@ -189,6 +199,9 @@ def parseArgs(argv):
                    help="diagnostic: make the broker run a full garbage collection every "
                         "S seconds (bench/soakhook), to tell garbage from live memory")
     p.add_argument("--keep", action="store_true", help="keep the brokers' logs")
+    p.add_argument("--rate-limits", dest="rateLimits", action="store_true",
+                   help="keep the faces' default inbound rate limits (by default they are "
+                        "off, so that the floods reach the output bounds)")
     opts = p.parse_args(argv)
     if opts.quick:
         opts.seconds = min(opts.seconds, 10.0)

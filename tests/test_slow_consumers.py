@@ -221,3 +221,5 @@ class IoTSlowConsumerTests(unittest.TestCase):
         yield slow.closed
         yield waitUntil(reactor, lambda: not server.connected)
         self.assertEqual(buffered(server), 0)
+        # And a collection follows, for what cycles through its session.
+        yield waitUntil(reactor, lambda: self.h.core.memory.collections == 1, timeout=3)

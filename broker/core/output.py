@@ -41,7 +41,18 @@ class BoundedOutput:
 
     def connectionLost(self, reason):
         releaseBuffers(self.transport)
+        if self.slow:
+            releaser = self.memoryReleaser()
+            if releaser is not None:
+                releaser.soon(collect=True)
         super().connectionLost(reason)
+
+    def memoryReleaser(self):
+        """
+        The core's L{broker.core.memory.MemoryReleaser}, asked to collect
+        and trim once a slow consumer has gone; C{None}: do not.
+        """
+        return None
 
     def registerAsProducer(self, transport):
         """

@@ -194,6 +194,9 @@ class IoTSession(BoundedOutput, Protocol):
         self.factory.counters.framesOut += 1
         self.transport.write(data)
 
+    def memoryReleaser(self):
+        return self.factory.concentrator.core.memory
+
     def slowConsumer(self):
         self.factory.counters.slowConsumers += 1
         log.warn("iot: closing slow consumer {who}: more than {n} bytes waiting",

@@ -78,6 +78,10 @@ class _Limited:
     _rateClosing = False
     _resumeCall = None
 
+    def memoryReleaser(self):
+        core = self.factory.peergroups.core
+        return core.memory if core is not None else None
+
     def _takeAddress(self):
         """
         @return: whether the source address had a free slot.

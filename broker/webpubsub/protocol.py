@@ -424,6 +424,9 @@ class ClientProtocol(BoundedOutput, WebSocketServerProtocol):
         elif not self.overLimit(len(data), self.factory.maxOutputBuffer):
             super().sendData(data, sync, chopsize)
 
+    def memoryReleaser(self):
+        return self.factory.core.memory
+
     def slowConsumer(self):
         hub = self.hub
         log.warn("closing slow consumer {cid} on hub {hub}: more than {n} bytes queued",
