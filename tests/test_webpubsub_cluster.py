@@ -444,6 +444,35 @@ class HandoverTests(ClusterTestCase):
         self.assertEqual(back.frames, [])
 
     @defer.inlineCallbacks
+    def test_ackIdsMoveWithTheLink(self):
+        """
+        The ackIds the client used on A are handed to B with the link: a
+        request sent again on B after the move is answered C{Duplicate} and
+        not carried out, a new one is.
+        """
+        rx = yield self.b.connectJSON(groups=["g"])
+        c = yield self.a.connect(protocols=(RELIABLE,), userId="alice",
+                                 roles=("webpubsub.sendToGroup",))
+        hello = yield c.nextJSON()
+
+        def publish(client, ackId):
+            client.send({"type": "sendToGroup", "group": "g", "ackId": ackId,
+                         "dataType": "text", "data": f"m{ackId}"})
+            return client.nextJSON()
+        self.assertTrue((yield publish(c, 5))["success"])
+        c.transport.abortConnection()
+        yield c.closed
+        back = yield self.b.connect(protocols=(RELIABLE,), userId="alice",
+                                    roles=("webpubsub.sendToGroup",), query=self.resume(hello))
+        self.assertEqual((yield back.nextJSON())["connectionId"], hello["connectionId"])
+        dup = yield publish(back, 5)
+        self.assertEqual((dup["success"], dup["error"]["name"]), (False, "Duplicate"))
+        self.assertTrue((yield publish(back, 6))["success"])
+        self.assertEqual((yield rx.nextJSON())["data"], "m6")
+        yield later(0.1)
+        self.assertEqual(rx.frames, [])
+
+    @defer.inlineCallbacks
     def test_takeOverFromOpenSocket(self):
         """
         The client reaches B while A still thinks its old socket is open (a
