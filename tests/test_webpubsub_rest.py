@@ -468,6 +468,22 @@ max_groups_per_connection = 3
         yield self.assertNothingMore(sdk, a, b, c, d)
 
     @defer.inlineCallbacks
+    def test_newerApiVersion(self):
+        """
+        An SDK sending an api-version newer than any the broker knows (as a
+        future release would by default) works unchanged.
+        """
+        a = yield self.broker.connectJSON(userId="alice")
+        sdk = WebPubSubServiceClient.from_connection_string(
+            f"Endpoint={self.endpoint};AccessKey={KEY};Version=1.0;", hub="chat",
+            api_version="2099-01-01")
+        self.sdks.append(sdk)
+        yield self.call(sdk.add_connection_to_group, "g", a.connectionId)
+        yield self.call(sdk.send_to_group, "g", "hi", content_type="text/plain")
+        self.assertEqual((yield self.nextMessage(a))["data"], "hi")
+        self.assertTrue((yield self.call(sdk.group_exists, "g")))
+
+    @defer.inlineCallbacks
     def test_groupLimit(self):
         """
         A connection at its group limit is skipped for the groups it has no
