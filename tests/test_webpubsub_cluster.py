@@ -13,7 +13,10 @@ own connections, so cross-node deliveries go through this face's own code
 """
 
 import json
+import time
 
+import jwt
+import treq
 import txredisapi
 from twisted.internet import defer, reactor, task
 from twisted.internet.endpoints import TCP4ServerEndpoint
@@ -658,3 +661,45 @@ class WithEngineTests(ClusterTestCase):
         self.assertEqual(back.frames, [])
         info = yield self.a.core.engine.directory.connection("chat", cid)
         self.assertEqual(info["node"], "b")
+
+    @defer.inlineCallbacks
+    def test_filteredGroupsReachEveryNode(self):
+        """
+        :addToGroups / :removeFromGroups sent to A's REST API apply the
+        filter to the connections of both nodes; the group then reaches
+        them wherever they are.
+        """
+        a1 = yield self.a.connectJSON(userId="alice")
+        b1 = yield self.b.connectJSON(userId="alice")
+        b2 = yield self.b.connectJSON(userId="bob")
+
+        @defer.inlineCallbacks
+        def bulk(op, body):
+            url = (f"http://127.0.0.1:{self.a.port.getHost().port}/api/hubs/chat/:{op}"
+                   "?api-version=2024-12-01")
+            token = jwt.encode({"aud": url, "exp": int(time.time()) + 60}, KEY,
+                               algorithm="HS256")
+            r = yield treq.post(url, json.dumps(body).encode("utf-8"), reactor=reactor,
+                                persistent=False,
+                                headers={"Authorization": f"Bearer {token}",
+                                         "Content-Type": "application/json"})
+            yield r.content()
+            return r.code
+        self.assertEqual((yield bulk("addToGroups",
+                                     {"groups": ["room"], "filter": "userId eq 'alice'"})), 200)
+        yield waitFor(lambda: self.b.hub.groupExists("room"))
+        self.assertEqual([c.connectionId for c in (a1, b1)],
+                         [s.connectionId for s in self.a.hub.groupConnections("room")
+                          + self.b.hub.groupConnections("room")])
+        self.assertFalse(self.b.hub.session(b2.connectionId).groups)
+        yield self.a.hub.send(Target(Target.GROUP, "room"), Message(TEXT, b"hi"))
+        for c in (a1, b1):
+            self.assertEqual((yield c.nextJSON())["data"], "hi")
+        self.assertEqual((yield bulk("removeFromGroups",
+                                     {"groups": ["room"], "filter": "connectionId eq "
+                                      f"'{b1.connectionId}'"})), 200)
+        yield waitFor(lambda: not self.b.hub.groupExists("room"))
+        self.assertTrue(self.a.hub.groupExists("room"))
+        yield later(0.1)
+        self.assertEqual((b1.frames, b2.frames), ([], []))
+
