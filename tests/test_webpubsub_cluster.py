@@ -13,7 +13,10 @@ own connections, so cross-node deliveries go through this face's own code
 """
 
 import json
+import time
 
+import jwt
+import treq
 import txredisapi
 from twisted.internet import defer, reactor, task
 from twisted.internet.endpoints import TCP4ServerEndpoint
@@ -444,6 +447,35 @@ class HandoverTests(ClusterTestCase):
         self.assertEqual(back.frames, [])
 
     @defer.inlineCallbacks
+    def test_ackIdsMoveWithTheLink(self):
+        """
+        The ackIds the client used on A are handed to B with the link: a
+        request sent again on B after the move is answered C{Duplicate} and
+        not carried out, a new one is.
+        """
+        rx = yield self.b.connectJSON(groups=["g"])
+        c = yield self.a.connect(protocols=(RELIABLE,), userId="alice",
+                                 roles=("webpubsub.sendToGroup",))
+        hello = yield c.nextJSON()
+
+        def publish(client, ackId):
+            client.send({"type": "sendToGroup", "group": "g", "ackId": ackId,
+                         "dataType": "text", "data": f"m{ackId}"})
+            return client.nextJSON()
+        self.assertTrue((yield publish(c, 5))["success"])
+        c.transport.abortConnection()
+        yield c.closed
+        back = yield self.b.connect(protocols=(RELIABLE,), userId="alice",
+                                    roles=("webpubsub.sendToGroup",), query=self.resume(hello))
+        self.assertEqual((yield back.nextJSON())["connectionId"], hello["connectionId"])
+        dup = yield publish(back, 5)
+        self.assertEqual((dup["success"], dup["error"]["name"]), (False, "Duplicate"))
+        self.assertTrue((yield publish(back, 6))["success"])
+        self.assertEqual((yield rx.nextJSON())["data"], "m6")
+        yield later(0.1)
+        self.assertEqual(rx.frames, [])
+
+    @defer.inlineCallbacks
     def test_takeOverFromOpenSocket(self):
         """
         The client reaches B while A still thinks its old socket is open (a
@@ -629,3 +661,45 @@ class WithEngineTests(ClusterTestCase):
         self.assertEqual(back.frames, [])
         info = yield self.a.core.engine.directory.connection("chat", cid)
         self.assertEqual(info["node"], "b")
+
+    @defer.inlineCallbacks
+    def test_filteredGroupsReachEveryNode(self):
+        """
+        :addToGroups / :removeFromGroups sent to A's REST API apply the
+        filter to the connections of both nodes; the group then reaches
+        them wherever they are.
+        """
+        a1 = yield self.a.connectJSON(userId="alice")
+        b1 = yield self.b.connectJSON(userId="alice")
+        b2 = yield self.b.connectJSON(userId="bob")
+
+        @defer.inlineCallbacks
+        def bulk(op, body):
+            url = (f"http://127.0.0.1:{self.a.port.getHost().port}/api/hubs/chat/:{op}"
+                   "?api-version=2024-12-01")
+            token = jwt.encode({"aud": url, "exp": int(time.time()) + 60}, KEY,
+                               algorithm="HS256")
+            r = yield treq.post(url, json.dumps(body).encode("utf-8"), reactor=reactor,
+                                persistent=False,
+                                headers={"Authorization": f"Bearer {token}",
+                                         "Content-Type": "application/json"})
+            yield r.content()
+            return r.code
+        self.assertEqual((yield bulk("addToGroups",
+                                     {"groups": ["room"], "filter": "userId eq 'alice'"})), 200)
+        yield waitFor(lambda: self.b.hub.groupExists("room"))
+        self.assertEqual([c.connectionId for c in (a1, b1)],
+                         [s.connectionId for s in self.a.hub.groupConnections("room")
+                          + self.b.hub.groupConnections("room")])
+        self.assertFalse(self.b.hub.session(b2.connectionId).groups)
+        yield self.a.hub.send(Target(Target.GROUP, "room"), Message(TEXT, b"hi"))
+        for c in (a1, b1):
+            self.assertEqual((yield c.nextJSON())["data"], "hi")
+        self.assertEqual((yield bulk("removeFromGroups",
+                                     {"groups": ["room"], "filter": "connectionId eq "
+                                      f"'{b1.connectionId}'"})), 200)
+        yield waitFor(lambda: not self.b.hub.groupExists("room"))
+        self.assertTrue(self.a.hub.groupExists("room"))
+        yield later(0.1)
+        self.assertEqual((b1.frames, b2.frames), ([], []))
+

@@ -12,9 +12,12 @@ import shutil
 import threading
 
 from twisted.internet import defer, protocol, reactor, task, threads
+from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint
+from twisted.python import log
 from twisted.trial.unittest import TestCase
 
 from broker.core.message import TEXT, Message, Target
+from broker.webpubsub.reliable import ACK_WINDOW, RecentAckIds, ReliableLinks
 from tests.tools import killAtCleanup, requireTool
 from tests.wsharness import BrokerHarness, ConnectionRefusedByServer
 
@@ -170,6 +173,64 @@ class ReliableTests(TestCase):
         self.assertFalse(self.hub.connectionExists(hello["connectionId"]))
         self.assertEqual(self.broker.factory.links.slowConsumers, 1)
 
+    @defer.inlineCallbacks
+    def test_ackIdsSurviveRecovery(self):
+        """
+        The ackIds a reliable client used belong to its connection, not to
+        the socket: the same ackId sent again after a recovery is answered
+        C{Duplicate} and not published again; a plain JSON connection's
+        ackIds are its own.
+        """
+        rx = yield self.broker.connectJSON(groups=["g"])
+        c = yield self.broker.connect(protocols=(RELIABLE,), userId="alice",
+                                      roles=("webpubsub.sendToGroup",))
+        hello = yield c.nextJSON()
+
+        def publish(client, ackId):
+            client.send({"type": "sendToGroup", "group": "g", "ackId": ackId,
+                         "dataType": "text", "data": f"m{ackId}"})
+            return client.nextJSON()
+        ack = yield publish(c, 7)
+        self.assertTrue(ack["success"])
+        self.assertEqual((yield rx.nextJSON())["data"], "m7")
+        c.transport.abortConnection()
+        yield c.closed
+        back = yield self.broker.connect(
+            protocols=(RELIABLE,), userId="alice", roles=("webpubsub.sendToGroup",),
+            query=f"awps_connection_id={hello['connectionId']}"
+                  f"&awps_reconnection_token={hello['reconnectionToken']}")
+        self.assertEqual((yield back.nextJSON())["connectionId"], hello["connectionId"])
+        dup = yield publish(back, 7)
+        self.assertEqual((dup["ackId"], dup["success"], dup["error"]["name"]),
+                         (7, False, "Duplicate"))
+        self.assertTrue((yield publish(back, 8))["success"])
+        self.assertEqual((yield rx.nextJSON())["data"], "m8")
+        # Another connection (plain JSON) has ackIds of its own.
+        other = yield self.broker.connectJSON(roles=["webpubsub.sendToGroup"])
+        self.assertTrue((yield publish(other, 7))["success"])
+        self.assertEqual((yield rx.nextJSON())["data"], "m7")
+        yield later(0.1)
+        self.assertEqual(rx.frames, [])
+
+    def test_ackWindow(self):
+        """
+        A connection remembers the ackIds of its last ACK_WINDOW accepted
+        requests, oldest forgotten first; a link taken over starts with the
+        ackIds handed to it.
+        """
+        acks = RecentAckIds(limit=3)
+        for a in (1, 2, 3, 4):
+            acks.add(a)
+        self.assertEqual((list(acks), 1 in acks, 4 in acks), ([2, 3, 4], False, True))
+        self.assertEqual(list(RecentAckIds(range(10), limit=3)), [7, 8, 9])
+        self.assertEqual(RecentAckIds().limit, ACK_WINDOW)
+        links = ReliableLinks(reactor, 1.0, 1024)
+        link = links.new("chat", "c1", None, ackIds=[5, 6])
+        self.addCleanup(link.close, 1000, "done")
+        self.assertEqual(list(link.recentAcks), [5, 6])
+        self.assertIsNone(links.new("chat", "c2", None).recentAcks)
+        links.get("chat", "c2").close(1000, "done")
+
 
 class OfficialClientSDKTests(TestCase):
     """
@@ -255,12 +316,77 @@ class _NodeClient(protocol.ProcessProtocol):
         return [e for e in self.lines if e["event"] == kind]
 
 
+class _Downstream(protocol.Protocol):
+    """
+    L{_AckCuttingProxy}'s side of a client's TCP connection: its bytes go on
+    to the broker over a connection of the proxy's own.
+    """
+
+    def connectionMade(self):
+        self.upstream = None
+        self._early = []
+        endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", self.factory.brokerPort)
+        upstream = protocol.Factory.forProtocol(_Upstream)
+        upstream.down = self
+        endpoint.connect(upstream).addCallbacks(self._connected,
+                                                lambda f: self.transport.abortConnection())
+
+    def _connected(self, upstream):
+        self.upstream = upstream
+        for data in self._early:
+            upstream.transport.write(data)
+        self._early = None
+
+    def dataReceived(self, data):
+        if self.upstream is None:
+            self._early.append(data)
+        else:
+            self.upstream.transport.write(data)
+
+    def connectionLost(self, reason):
+        if self.upstream is not None:
+            self.upstream.transport.abortConnection()
+
+
+class _Upstream(protocol.Protocol):
+    def dataReceived(self, data):
+        down = self.factory.down
+        proxy = down.factory
+        if proxy.armed and b'"type":"ack"' in data:
+            # The broker has done these requests; their acks never arrive.
+            proxy.armed = False
+            proxy.cuts += 1
+            self.transport.abortConnection()
+            down.transport.abortConnection()
+            return
+        down.transport.write(data)
+
+    def connectionLost(self, reason):
+        self.factory.down.transport.abortConnection()
+
+
+class _AckCuttingProxy(protocol.Factory):
+    """
+    A TCP proxy to the broker that, once armed, resets both sides of the
+    connection instead of passing on the next bytes from the broker that
+    carry an ack: the requests were carried out, the client never hears
+    so, as when a connection dies with acks in flight.
+    """
+
+    protocol = _Downstream
+
+    def __init__(self, brokerPort):
+        self.brokerPort = brokerPort
+        self.armed = False
+        self.cuts = 0
+
+
 @defer.inlineCallbacks
-def until(predicate, timeout=20.0):
-    for _ in range(int(timeout / 0.05)):
+def until(predicate, timeout=20.0, step=0.05):
+    for _ in range(int(timeout / step)):
         if predicate():
             return
-        yield later()
+        yield later(step)
     raise AssertionError("timed out")
 
 
@@ -321,3 +447,67 @@ class OfficialJavaScriptClientTests(TestCase):
         self.assertEqual(status.exitCode, 0)
         self.assertEqual(node.events("stopped"), [{"event": "stopped"}])
         yield until(lambda: not hub.connectionExists(cid))
+
+    @defer.inlineCallbacks
+    def test_noDuplicateAfterResets(self):
+        """
+        The SDK publishes 400 messages (20 awaiting their ack at once, each
+        retried with its own ackId until acked, as its README advises)
+        through a proxy that resets the TCP connection five times while
+        acks are on their way: every message reaches the group exactly
+        once, those whose ack was lost being answered C{Duplicate} when the
+        client sends them again after recovering.
+        """
+        requireTool(NODE is not None, "node is not installed (scripts/test installs nodejs)")
+        requireTool(os.path.isdir(os.path.join(JS_DIR, "node_modules", "@azure",
+                                               "web-pubsub-client")),
+                    "@azure/web-pubsub-client is not in tests/js (scripts/test runs npm ci)")
+        count, resets = 400, 5
+        broker = yield BrokerHarness(self, reactor, TOML).start()
+        hub = broker.core.hub("chat")
+        rx = yield broker.connectJSON(groups=["room"])
+        proxy = _AckCuttingProxy(broker.port.getHost().port)
+        listening = yield TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(proxy)
+        self.addCleanup(listening.stopListening)
+        url = f"ws://127.0.0.1:{listening.getHost().port}/client/hubs/chat?access_token=" + \
+            broker.token(userId="js", roles=("webpubsub.sendToGroup",))
+        node = _NodeClient()
+        process = reactor.spawnProcess(
+            node, NODE, [NODE, os.path.join(JS_DIR, "reliable_publisher.js"), url, str(count),
+                         "20", "20"],
+            env={"PATH": os.environ.get("PATH", "")}, path=JS_DIR)
+        killAtCleanup(self, process, node.ended)
+
+        def received():
+            return [json.loads(p)["data"] for p, _ in rx.frames]
+        try:
+            yield until(lambda: node.events("connected") or node.events("error"))
+            self.assertEqual(node.events("error"), [])
+            link = hub.session(node.events("connected")[0]["connectionId"]).connection
+            for k in range(resets):
+                yield until(lambda: len(received()) >= (k + 1) * count // (resets + 2),
+                            step=0.005)
+                old = link.protocol
+                proxy.armed = True
+                yield until(lambda: proxy.cuts == k + 1, step=0.005)
+                yield until(lambda: link.protocol not in (None, old))
+            yield until(lambda: node.events("done") or node.events("error"), timeout=60)
+            self.assertEqual(node.events("error"), [])
+            yield until(lambda: len(received()) >= count)
+            yield later(0.3)
+        except AssertionError as e:
+            raise AssertionError(f"{e}: node said {node.lines[-5:]}; stderr {node.stderr!r}")
+        got = received()
+        repeated = sorted({d for d in got if got.count(d) > 1})
+        self.assertEqual(repeated, [], f"published twice after {resets} resets")
+        self.assertEqual(sorted(got), sorted(f"m{i}" for i in range(count)))
+        acked = node.events("acked")
+        self.assertEqual(sorted(e["i"] for e in acked), list(range(count)))
+        # Each reset lost at least one ack of a message already published.
+        duplicates = sum(e["isDuplicated"] for e in acked)
+        self.assertGreaterEqual(duplicates, resets)
+        log.msg(f"{duplicates} of {count} acks were Duplicate")
+        # The same connection all along: recovered, never replaced.
+        self.assertEqual(len(node.events("connected")), 1)
+        status = yield node.ended
+        self.assertEqual(status.exitCode, 0)

@@ -414,6 +414,131 @@ class GroupTests(_Base):
         self.assertEqual(sum(counts.values()), 300)
 
 
+class FilteredGroupsTests(_Base):
+    """
+    C{:addToGroups} / C{:removeFromGroups}: the connections an OData filter
+    selects join or leave several groups at once (the Python SDK has no
+    method for them: its generic C{send_request}, as Azure documents; the
+    JS SDK's methods are in tests/test_webpubsub_jsservice.py).
+    """
+
+    toml = TOML + """
+[webpubsub]
+max_groups_per_connection = 3
+"""
+
+    def bulk(self, sdk, op, body, version="2024-12-01"):
+        def call():
+            r = sdk.send_request(HttpRequest(
+                "POST", f"/api/hubs/chat/:{op}?api-version={version}", json=body))
+            return r.status_code, r.text()
+        return self.call(call)
+
+    @defer.inlineCallbacks
+    def test_pythonSDK(self):
+        a = yield self.broker.connectJSON(userId="alice", groups=["x"])
+        b = yield self.broker.connectJSON(userId="bob")
+        c = yield self.broker.connectJSON(userId="alice")
+        d = yield self.broker.connectJSON()
+        sdk = self.sdk()
+        answer = yield self.bulk(sdk, "addToGroups",
+                                 {"groups": ["g1", "g2"], "filter": "userId eq 'alice'"})
+        self.assertEqual(answer, (200, ""))
+        groups = lambda x: self.hub().session(x.connectionId).groups  # noqa: E731
+        self.assertEqual([groups(x) for x in (a, b, c, d)],
+                         [{"x", "g1", "g2"}, set(), {"g1", "g2"}, set()])
+        # Judged before the change: 'x' members leave g1.
+        self.assertEqual((yield self.bulk(sdk, "removeFromGroups",
+                                          {"groups": ["g1"], "filter": "'x' in groups"}))[0],
+                         200)
+        yield self.call(sdk.send_to_group, "g1", "to g1", content_type="text/plain")
+        self.assertEqual((yield self.nextMessage(c))["data"], "to g1")
+        # No filter: every connection.
+        yield self.bulk(sdk, "removeFromGroups", {"groups": ["g2", "x"]})
+        self.assertEqual([groups(x) for x in (a, b, c, d)], [set(), set(), {"g1"}, set()])
+        yield self.bulk(sdk, "addToGroups", {"groups": ["all"], "filter": None})
+        self.assertEqual(len(self.hub().groupConnections("all")), 4)
+        yield self.call(sdk.send_to_group, "all", "everyone", content_type="text/plain")
+        for x in (a, b, c, d):
+            self.assertEqual((yield self.nextMessage(x))["data"], "everyone")
+        # A newer api-version than the broker knows is served the same.
+        self.assertEqual((yield self.bulk(sdk, "removeFromGroups", {"groups": ["all"]},
+                                          version="2099-01-01"))[0], 200)
+        self.assertFalse(self.hub().groupExists("all"))
+        yield self.assertNothingMore(sdk, a, b, c, d)
+
+    @defer.inlineCallbacks
+    def test_newerApiVersion(self):
+        """
+        An SDK sending an api-version newer than any the broker knows (as a
+        future release would by default) works unchanged.
+        """
+        a = yield self.broker.connectJSON(userId="alice")
+        sdk = WebPubSubServiceClient.from_connection_string(
+            f"Endpoint={self.endpoint};AccessKey={KEY};Version=1.0;", hub="chat",
+            api_version="2099-01-01")
+        self.sdks.append(sdk)
+        yield self.call(sdk.add_connection_to_group, "g", a.connectionId)
+        yield self.call(sdk.send_to_group, "g", "hi", content_type="text/plain")
+        self.assertEqual((yield self.nextMessage(a))["data"], "hi")
+        self.assertTrue((yield self.call(sdk.group_exists, "g")))
+
+    @defer.inlineCallbacks
+    def test_groupLimit(self):
+        """
+        A connection at its group limit is skipped for the groups it has no
+        room for; a request naming more groups than any connection may
+        hold is refused whole.
+        """
+        a = yield self.broker.connectJSON(groups=["x", "y"])
+        b = yield self.broker.connectJSON()
+        sdk = self.sdk()
+        self.assertEqual((yield self.bulk(sdk, "addToGroups", {"groups": ["g1", "g2"]}))[0],
+                         200)
+        self.assertEqual(self.hub().session(a.connectionId).groups, {"x", "y", "g1"})
+        self.assertEqual(self.hub().session(b.connectionId).groups, {"g1", "g2"})
+        code, text = yield self.bulk(sdk, "addToGroups", {"groups": ["1", "2", "3", "4"]})
+        self.assertEqual((code, json.loads(text)["code"]), (400, "LimitExceeded"))
+        self.assertNotIn("1", self.hub().session(b.connectionId).groups)
+
+    @defer.inlineCallbacks
+    def test_refused(self):
+        """
+        A bad body, group name or filter is refused whole, with nothing
+        done.
+        """
+        a = yield self.broker.connectJSON()
+        sdk = self.sdk()
+        for body, why in (({"groups": ["g"], "filter": "userId eq"}, "filter"),
+                          ({"groups": ["g"], "filter": ""}, "filter is empty"),
+                          ({"groups": ["g"], "filter": 3}, "filter must be a string"),
+                          ({"filter": "userId eq 'a'"}, "groups"),
+                          ({"groups": []}, "groups"),
+                          ({"groups": ["g", ""]}, "group"),
+                          ({"groups": ["g", 7]}, "groups"),
+                          ({"groups": ["g" * 1025]}, "group"),
+                          (["g"], "JSON object")):
+            for op in ("addToGroups", "removeFromGroups"):
+                code, text = yield self.bulk(sdk, op, body)
+                error = json.loads(text)
+                self.assertEqual(code, 400, (op, body))
+                self.assertIn(why, error["message"], (op, body))
+        self.assertEqual(self.hub().session(a.connectionId).groups, set())
+        url = "/api/hubs/chat/:addToGroups?api-version=2024-12-01"
+
+        def raw(data, ctype):
+            r = sdk.send_request(HttpRequest("POST", url, content=data,
+                                             headers={"Content-Type": ctype}))
+            return r.status_code, r.json()["code"]
+        self.assertEqual((yield self.call(raw, b'{"groups": ["g"]}', "text/plain")),
+                         (415, "UnsupportedMediaType"))
+        self.assertEqual((yield self.call(raw, b'{"groups": ["g"], "groups": []}',
+                                          "application/json")), (400, "BadRequest"))
+        self.assertEqual((yield self.call(raw, b'\xff', "application/json")),
+                         (400, "BadRequest"))
+        self.assertEqual(self.hub().session(a.connectionId).groups, set())
+
+
 class PermissionTests(_Base):
     @defer.inlineCallbacks
     def test_grantCheckRevoke(self):
@@ -626,10 +751,14 @@ class RawHTTPTests(_Base):
         code, error = yield self.request("POST", "/api/hubs/chat/:send", body=b"x",
                                          headers={"Content-Type": "text/plain"})
         self.assertEqual((code, error["code"]), (400, "MissingApiVersion"))
-        code, error = yield self.request("POST", "/api/hubs/chat/:send?api-version=1999-01-01",
-                                         body=b"x", headers={"Content-Type": "text/plain"})
-        self.assertEqual((code, error["code"]), (400, "UnsupportedApiVersion"))
-        for v in API_VERSIONS:
+        # Malformed, or older than the oldest supported: refused.
+        for v in ("1999-01-01", "2021-07-31", "2024-1-1", "latest", "2099-02-30",
+                  "2099-01-01-beta", "2099-01-01%0A"):
+            code, error = yield self.request("POST", f"/api/hubs/chat/:send?api-version={v}",
+                                             body=b"x", headers={"Content-Type": "text/plain"})
+            self.assertEqual((code, error["code"]), (400, "UnsupportedApiVersion"), v)
+        # Any later well-formed version is served as the newest known.
+        for v in API_VERSIONS + ("2099-01-01", "2099-01-01-preview"):
             code, _ = yield self.request("POST", f"/api/hubs/chat/:send?api-version={v}",
                                          body=b"x", headers={"Content-Type": "text/plain"})
             self.assertEqual(code, 202, v)

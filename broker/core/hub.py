@@ -616,6 +616,40 @@ class Hub:
                 return self.directory.left(self.name, connectionId, group)
         return self._elsewhere(connectionId, write, {"op": op, "c": connectionId, "g": group})
 
+    def addConnectionsToGroups(self, groups, filterText=None):
+        """
+        Join every connection C{filterText} selects (every connection when
+        C{None}), on every node, to each of C{groups}.  Each node applies
+        the filter to its own connections; a join over a group limit is
+        skipped for that connection (counted and logged), as for the other
+        joins the broker makes on its own.
+
+        @return: a L{Deferred} firing once the engine took the command,
+            failing with L{BadRequest} (a bad name or filter) or
+            L{LimitExceeded} (a group name over this hub's length limit)
+            before anything is done.
+        """
+        return maybeDeferred(self._filteredGroups, "joinFiltered", groups, filterText)
+
+    def removeConnectionsFromGroups(self, groups, filterText=None):
+        """
+        Remove every connection C{filterText} selects (every connection
+        when C{None}), on every node, from each of C{groups}.
+        """
+        return maybeDeferred(self._filteredGroups, "leaveFiltered", groups, filterText)
+
+    def _filteredGroups(self, op, groups, filterText):
+        groups = list(dict.fromkeys(groups))
+        for g in groups:
+            if op == "joinFiltered":
+                self.checkGroupName(g)
+            else:
+                checkName("group", g)
+        if filterText is not None:
+            # Refused here if malformed; compiled again on every node.
+            self._core.sessionFilter(filterText)
+        return self._engine.command(self.name, {"op": op, "g": groups, "f": filterText})
+
     def addUserToGroup(self, userId, group):
         """
         Add every connection of C{userId}, on every node, to C{group}, now
@@ -680,6 +714,17 @@ class Hub:
                     self._leave(s, command["g"])
                 else:
                     self._leaveAll(s)
+        elif op in ("joinFiltered", "leaveFiltered"):
+            text = command["f"]
+            keep = self._core.sessionFilter(text) if text is not None else None
+            # Each connection is judged before any of its groups change.
+            chosen = [s for s in self._sessions.values() if keep is None or keep(s)]
+            for s in chosen:
+                for g in command["g"]:
+                    if op == "joinFiltered":
+                        self._join(s, g)
+                    else:
+                        self._leave(s, g)
         elif op == "close":
             target = Target.fromJSON(command["t"])
             for c in self.receivers(target):

@@ -19,10 +19,12 @@ JSON):
   2. A checks the token and the user, closes the old socket if it still
      has one, and answers C{wps.state}: the reconnection token, the last
      sequenceId, every unacknowledged frame (as sent, with its
-     sequenceId), the connection's groups, roles (with later grants) and
-     connection state.  From then on A no longer numbers the link's
-     messages: it forwards each delivery to B (C{wps.fwd}, after the state
-     on the same ordered channel).  A's session stays in A's hub until B
+     sequenceId), the ackIds its client has used (the last C{ACK_WINDOW},
+     so a request the client sends again after recovering is answered
+     C{Duplicate} here too), the connection's groups, roles (with later
+     grants) and connection state.  From then on A no longer numbers the
+     link's messages: it forwards each delivery to B (C{wps.fwd}, after
+     the state on the same ordered channel).  A's session stays in A's hub until B
      has admitted the link, so nothing published meanwhile is missed.
   3. B admits the link in its hub with that state (no C{connected} event:
      the connection never ended), numbers on from A's last sequenceId,
@@ -280,8 +282,11 @@ class ClusterLinks(ReliableLinks):
 
     def _adopt(self, owner, hubName, cid, userId, state):
         unacked = [(int(seq), frame.encode("utf-8")) for seq, frame in state["unacked"]]
+        # An older node sends no ackIds; anything but an integer is dropped.
+        ackIds = [a for a in state.get("acks") or ()
+                  if isinstance(a, int) and not isinstance(a, bool)]
         link = self.new(hubName, cid, userId, token=state["token"],
-                        sequence=int(state["seq"]), unacked=unacked)
+                        sequence=int(state["seq"]), unacked=unacked, ackIds=ackIds)
         link.moving = True
         link.overlap = Overlap()
         hub = self.core.hub(hubName)
@@ -390,6 +395,7 @@ class ClusterLinks(ReliableLinks):
             "req": request, "ok": True, "hub": hubName, "cid": cid, "token": link.token,
             "seq": link._sequence,
             "unacked": [[seq, frame.decode("utf-8")] for seq, frame in link._unacked.items()],
+            "acks": list(link.recentAcks or ()),
             "groups": sorted(session.groups), "roles": session.permissions.roles(),
             "state": state})
         header = f"{hubName}\n{cid}\n".encode("utf-8")

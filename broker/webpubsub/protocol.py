@@ -20,7 +20,7 @@ closed with L{CloseCode.SLOW_CONSUMER} and counted.
 
 import json
 import re
-from collections import OrderedDict, deque
+from collections import deque
 
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.types import ConnectionDeny
@@ -39,15 +39,12 @@ from broker.core.output import BoundedOutput
 from broker.core.interfaces import IConnection
 from broker.core.message import BINARY, TEXT, Delivery, Message
 from broker.webpubsub import frames, history
-from broker.webpubsub.reliable import ReliableLinks
+from broker.webpubsub.reliable import RecentAckIds, ReliableLinks
 from broker.webpubsub.upstream import ConnectDenied
 
 log = Logger()
 
 CLIENT_PATH = re.compile(r"^/client/hubs/([^/]+)/?$")
-
-# How many recent ackIds each connection remembers for duplicate detection.
-ACK_WINDOW = 4096
 
 PLAIN = "plain"
 JSON = "json"
@@ -87,8 +84,10 @@ class ClientProtocol(BoundedOutput, WebSocketServerProtocol):
     kind = PLAIN
     userId = None
     connectionId = None
-    # Created on the first ackId: idle connections should cost little.
-    _recentAcks = ()
+    # A plain json client's ackIds (RecentAckIds), created on the first:
+    # idle connections should cost little.  A reliable client's are its
+    # link's.
+    recentAcks = None
     # Why reading from the client is paused (bits: _FANOUT, _EVENTS, _RATE);
     # the transport is resumed only when no reason is left.
     _readingHeld = 0
@@ -601,7 +600,7 @@ class ClientProtocol(BoundedOutput, WebSocketServerProtocol):
                 self.link.ack(request.sequenceId)
             return
         ackId = request.ackId
-        if ackId is not None and ackId in self._recentAcks:
+        if ackId is not None and ackId in (self._ackOwner().recentAcks or ()):
             self._ack(ackId, Duplicate(f"ackId {ackId} was already used"))
             return
         session = self.session
@@ -702,6 +701,14 @@ class ClientProtocol(BoundedOutput, WebSocketServerProtocol):
         if ackId is not None and self.state == self.STATE_OPEN:
             self.sendMessage(frames.ack(ackId, error))
 
+    def _ackOwner(self):
+        """
+        Whose ackIds these are: the reliable connection's, which outlive
+        this socket (a client resends after it recovers), else this
+        socket's.
+        """
+        return self.link if self.link is not None else self
+
     def _remember(self, ackId):
         """
         Record an accepted request's ackId so a retry is answered Duplicate
@@ -710,12 +717,10 @@ class ClientProtocol(BoundedOutput, WebSocketServerProtocol):
         """
         if ackId is None:
             return
-        recent = self._recentAcks
-        if not recent:
-            recent = self._recentAcks = OrderedDict()
-        recent[ackId] = None
-        if len(recent) > ACK_WINDOW:
-            recent.popitem(last=False)
+        owner = self._ackOwner()
+        if owner.recentAcks is None:
+            owner.recentAcks = RecentAckIds()
+        owner.recentAcks.add(ackId)
 
     def _badRequest(self, error, ackId):
         self._warnOnce(f"bad request: {error.message}")

@@ -15,6 +15,11 @@ C{disconnected} fires as for any other.
 
 L{ReliableLink} is what the hub knows as the connection (it provides
 L{IConnection}); the WebSocket protocol of the moment is attached to it.
+
+The ackIds the client has used belong to the link too (L{RecentAckIds}), not
+to the socket: a client whose socket dropped before it got an ack sends the
+request again, with the same ackId, once it has recovered, and must be
+answered C{Duplicate} rather than have it brokered twice.
 """
 
 import hmac
@@ -27,6 +32,45 @@ from broker.core.errors import CloseCode
 from broker.core.interfaces import IConnection
 from broker.webpubsub import frames
 
+# How many recent ackIds a connection remembers for duplicate detection.
+ACK_WINDOW = 4096
+
+
+class RecentAckIds:
+    """
+    The ackIds of a connection's last L{ACK_WINDOW} accepted requests: a
+    request repeating one is answered C{Duplicate} and not carried out.
+
+    @param ackIds: ackIds already used, oldest first (a link taken over
+        from another node); only the newest C{limit} are kept.
+    """
+
+    __slots__ = ("_ids", "limit")
+
+    def __init__(self, ackIds=(), limit=ACK_WINDOW):
+        self.limit = limit
+        ackIds = list(ackIds)
+        self._ids = OrderedDict.fromkeys(ackIds[-limit:] if limit else ())
+
+    def __contains__(self, ackId):
+        return ackId in self._ids
+
+    def __len__(self):
+        return len(self._ids)
+
+    def __iter__(self):
+        """
+        The ackIds, oldest first.
+        """
+        return iter(list(self._ids))
+
+    def add(self, ackId):
+        ids = self._ids
+        ids[ackId] = None
+        ids.move_to_end(ackId)
+        if len(ids) > self.limit:
+            ids.popitem(last=False)
+
 
 @implementer(IConnection)
 class ReliableLink:
@@ -35,9 +79,10 @@ class ReliableLink:
 
     @param maxBuffered: unacknowledged bytes kept at most; a client that
         falls further behind is closed as a slow consumer.
-    @param token, sequence, unacked: the state of a link taken over from
-        another node (cluster mode, L{broker.webpubsub.handover}): its
-        reconnection token, last sequenceId and C{[(sequenceId, frame)]}.
+    @param token, sequence, unacked, ackIds: the state of a link taken over
+        from another node (cluster mode, L{broker.webpubsub.handover}): its
+        reconnection token, last sequenceId, C{[(sequenceId, frame)]} and
+        the ackIds its client used (oldest first).
 
     @ivar moving: true while the link is handed from one node to another:
         its admission and removal then are no C{connected} /
@@ -47,6 +92,9 @@ class ReliableLink:
     @ivar overlap: set on the node taking the link over while both nodes
         may receive its messages; C{overlap(delivery)} is true for a
         duplicate to drop.
+    @ivar recentAcks: the L{RecentAckIds} of the client's accepted
+        requests, whichever socket carried them (C{None} until the first:
+        idle connections should cost little).
     """
 
     moving = False
@@ -55,9 +103,10 @@ class ReliableLink:
     # {group: [pending recoveries, held deliveries]} while a joinGroup
     # recovery is asynchronous (cluster mode; see protocol.py).
     holding = None
+    recentAcks = None
 
     def __init__(self, registry, hubName, connectionId, userId, reactor, window, maxBuffered,
-                 token=None, sequence=0, unacked=()):
+                 token=None, sequence=0, unacked=(), ackIds=()):
         self.registry = registry
         self.hubName = hubName
         self.connectionId = connectionId
@@ -73,6 +122,8 @@ class ReliableLink:
         self._bufferedBytes = sum(len(f) for f in self._unacked.values())
         self._expiry = None
         self.closed = False
+        if ackIds:
+            self.recentAcks = RecentAckIds(ackIds)
 
     # -- IConnection ---------------------------------------------------------
 

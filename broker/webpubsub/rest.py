@@ -18,11 +18,17 @@ with the status code the SDK maps to its exceptions (400, 401, 404, 405,
 Beyond Azure: C{GET .../groups/{group}/users} lists the users in a group,
 and neither listing is capped at 200 members (pages of up to 200, as the
 SDK expects, followed through C{nextLink}).
+
+The C{api-version} is not a fixed list: any well-formed version from the
+oldest this implements on is served as the newest it knows, so an SDK that
+moves its default version keeps working (L{checkApiVersion}).
 """
 
 import heapq
 import json
+import re
 import time
+from datetime import date
 from base64 import urlsafe_b64decode, urlsafe_b64encode
 from operator import itemgetter
 from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit
@@ -44,10 +50,16 @@ from broker.webpubsub.odata import compileFilter
 
 log = Logger()
 
-# The api-versions of the Azure REST API this implements (the SDK sends the
-# newest it knows; older SDKs send older ones, with the same operations).
+# The api-versions of the Azure REST API this was written against (the SDK
+# sends the newest it knows; older SDKs send older ones, with the same
+# operations).  Any later well-formed version is served as the newest.
 API_VERSIONS = ("2021-08-01-preview", "2021-10-01", "2022-11-01", "2023-07-01",
                 "2024-01-01", "2024-01-01-preview", "2024-09-01-preview", "2024-12-01")
+_API_VERSION = re.compile(r"(\d{4})-(\d{2})-(\d{2})(-preview)?", re.ASCII)
+OLDEST_API_DATE = date(2021, 8, 1)
+
+# The most groups one :addToGroups / :removeFromGroups request may name.
+MAX_BULK_GROUPS = 1000
 
 # Page size of the group listings, and its upper bound (the SDK's maximum).
 PAGE_SIZE = 200
@@ -103,6 +115,8 @@ class RestAPI(Resource):
             (("hubs", "{hub}", ":send"), {"POST": self.sendToAll}),
             (("hubs", "{hub}", ":closeConnections"), {"POST": self.closeAll}),
             (("hubs", "{hub}", ":generateToken"), {"POST": self.generateToken}),
+            (("hubs", "{hub}", ":addToGroups"), {"POST": self.addConnectionsToGroups}),
+            (("hubs", "{hub}", ":removeFromGroups"), {"POST": self.removeConnectionsFromGroups}),
             (("hubs", "{hub}", "connections", "{connection}"),
              {"DELETE": self.closeConnection, "HEAD": self.connectionExists}),
             (("hubs", "{hub}", "connections", "{connection}", ":send"),
@@ -234,11 +248,7 @@ class RestAPI(Resource):
         versions = request.args.get(b"api-version")
         if not versions:
             raise RestError(400, "MissingApiVersion", "the api-version query parameter is required")
-        v = versions[0].decode("ascii", "replace")
-        if v not in API_VERSIONS:
-            raise RestError(400, "UnsupportedApiVersion",
-                            f"api-version {v!r} is not supported; use one of "
-                            + ", ".join(API_VERSIONS))
+        checkApiVersion(versions[0].decode("ascii", "replace"))
 
     # -- authentication ---------------------------------------------------
 
@@ -311,15 +321,19 @@ class RestAPI(Resource):
 
     # -- sends ------------------------------------------------------------
 
-    def _message(self, request):
+    def _body(self, request):
         length = request.getHeader(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.maxBodySize:
             raise RestError(413, "PayloadTooLarge",
-                            f"the message is larger than {self.maxBodySize} bytes")
+                            f"the body is larger than {self.maxBodySize} bytes")
         body = request.content.read(self.maxBodySize + 1)
         if len(body) > self.maxBodySize:
             raise RestError(413, "PayloadTooLarge",
-                            f"the message is larger than {self.maxBodySize} bytes")
+                            f"the body is larger than {self.maxBodySize} bytes")
+        return body
+
+    def _message(self, request):
+        body = self._body(request)
         ctype = (request.getHeader(b"content-type") or b"").decode("latin-1")
         ctype = ctype.split(";")[0].strip().lower()
         dataType = _CONTENT_TYPES.get(ctype)
@@ -431,6 +445,46 @@ class RestAPI(Resource):
     def removeConnectionFromAllGroups(self, request, hub, params, args):
         return self._done(request, 204, hub.removeConnectionFromAllGroups(params["connection"]))
 
+    def _groupsRequest(self, request, hub, joining):
+        """
+        The C{(groups, filter)} of an C{:addToGroups} / C{:removeFromGroups}
+        body: C{{"groups": [names], "filter": "OData"}}; a missing or null
+        filter selects every connection.
+        """
+        ctype = (request.getHeader(b"content-type") or b"").decode("latin-1")
+        if ctype.split(";")[0].strip().lower() != "application/json":
+            raise RestError(415, "UnsupportedMediaType", "Content-Type must be application/json")
+        try:
+            body = jsonstrict.loads(self._body(request).decode("utf-8"))
+        except UnicodeDecodeError:
+            raise RestError(400, "BadRequest", "the body is not valid UTF-8")
+        except jsonstrict.JSONError as e:
+            raise RestError(400, "BadRequest", f"the body is not valid JSON: {e}")
+        if not isinstance(body, dict):
+            raise RestError(400, "BadRequest", "the body must be a JSON object")
+        groups, text = body.get("groups"), body.get("filter")
+        if not isinstance(groups, list) or not groups \
+                or not all(isinstance(g, str) for g in groups):
+            raise RestError(400, "BadRequest", "groups must be a non-empty list of group names")
+        if len(groups) > MAX_BULK_GROUPS:
+            raise RestError(400, "BadRequest", f"more than {MAX_BULK_GROUPS} groups")
+        if text is not None and not isinstance(text, str):
+            raise RestError(400, "BadRequest", "filter must be a string")
+        limit = hub.maxGroupsPerConnection
+        if joining and limit and len(set(groups)) > limit:
+            # No connection could ever hold them all.
+            raise RestError(400, "LimitExceeded",
+                            f"more groups than a connection may join ({limit})")
+        return groups, text
+
+    def addConnectionsToGroups(self, request, hub, params, args):
+        groups, text = self._groupsRequest(request, hub, True)
+        return self._done(request, 200, hub.addConnectionsToGroups(groups, text))
+
+    def removeConnectionsFromGroups(self, request, hub, params, args):
+        groups, text = self._groupsRequest(request, hub, False)
+        return self._done(request, 200, hub.removeConnectionsFromGroups(groups, text))
+
     def addUserToGroup(self, request, hub, params, args):
         return self._done(request, 200, hub.addUserToGroup(params["user"], params["group"]))
 
@@ -526,6 +580,30 @@ class RestAPI(Resource):
         token = makeClientToken(key, audience, userId=userId, roles=args.list("role"),
                                 groups=groups, lifetime=minutes * 60, now=self.clock())
         return self._json(request, {"token": token})
+
+
+def checkApiVersion(version):
+    """
+    Accept C{YYYY-MM-DD} or C{YYYY-MM-DD-preview}, a real date no older
+    than L{OLDEST_API_DATE}: every such version is served with the
+    operations of the newest this knows (L{API_VERSIONS}), so a new SDK
+    whose default version the broker has never heard of still works.
+
+    @raise RestError: 400 C{UnsupportedApiVersion}, malformed or too old.
+    """
+    m = _API_VERSION.fullmatch(version)
+    try:
+        day = date(*map(int, m.group(1, 2, 3))) if m else None
+    except ValueError:
+        day = None
+    if day is None:
+        raise RestError(400, "UnsupportedApiVersion",
+                        f"api-version {version[:40]!r} is not a date of the form "
+                        "YYYY-MM-DD or YYYY-MM-DD-preview")
+    if day < OLDEST_API_DATE:
+        raise RestError(400, "UnsupportedApiVersion",
+                        f"api-version {version!r} is older than the oldest supported, "
+                        f"{API_VERSIONS[0]}")
 
 
 class RestCollector:
