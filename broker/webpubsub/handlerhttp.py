@@ -179,7 +179,8 @@ class HandlerHTTP:
         """
         Send one request and read the whole answer.
 
-        @param headers: a dict of str to str.
+        @param headers: a dict of str to str (or a list of str: one header
+            line each).
         @param body: bytes or C{None}.
         @return: a Deferred firing with a L{HandlerResponse}; failing with
             L{HandlerTimeout} past C{timeout} seconds, L{AnswerTooLarge},
@@ -187,7 +188,8 @@ class HandlerHTTP:
         """
         raw = Headers()
         for name, value in (headers or {}).items():
-            raw.addRawHeader(name.encode("latin-1"), value.encode("utf-8"))
+            for v in value if isinstance(value, list) else [value]:
+                raw.addRawHeader(name.encode("latin-1"), v.encode("utf-8"))
         timedOut = []
         attempt = self._attempt(method, url, raw, body, retry=True)
 

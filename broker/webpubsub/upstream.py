@@ -208,6 +208,8 @@ class CloudEventsUpstream:
                            "subprotocols": list(subprotocols),
                            "clientCertificates": []}).encode("utf-8")
         userId = claims.get("sub") if claims else None
+        if isinstance(userId, list):  # claims as the handler sees them: lists
+            userId = userId[0] if userId else None
         try:
             response, content = yield self._post(handler, "connect", True, connectionId,
                                                  userId, None, body, "application/json")
