@@ -201,10 +201,13 @@ class HandlerHTTP:
         def done(result):
             if call.active():
                 call.cancel()
-            if timedOut and isinstance(result, Failure) \
-                    and result.check(defer.CancelledError, ResponseNeverReceived,
-                                     RequestTransmissionFailed):
-                raise HandlerTimeout(f"no answer within {timeout:g}s")
+            if isinstance(result, Failure) and result.check(
+                    defer.CancelledError, ResponseNeverReceived, RequestTransmissionFailed):
+                if timedOut:
+                    raise HandlerTimeout(f"no answer within {timeout:g}s")
+                if not result.check(defer.CancelledError) and any(
+                        r.check(defer.CancelledError) for r in result.value.reasons):
+                    raise defer.CancelledError()  # the caller cancelled it
             return result
         return attempt.addBoth(done)
 

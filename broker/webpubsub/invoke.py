@@ -129,11 +129,14 @@ class Invocations:
     def __init__(self, protocol):
         self.protocol = protocol
         self.pending = {}
+        # Cancelled by the client: whatever they end with is not answered.
+        self._abandoned = set()
 
     def received(self, request):
         if request.type == CANCEL:
             d = self.pending.pop(request.invocationId, None)
             if d is not None:
+                self._abandoned.add(d)
                 d.cancel()
             return
         invocationId = request.invocationId
@@ -156,6 +159,9 @@ class Invocations:
     def _done(self, result, invocationId, d):
         if self.pending.get(invocationId) is d:
             del self.pending[invocationId]
+        if d in self._abandoned:
+            self._abandoned.discard(d)
+            return None
         if isinstance(result, Failure):
             if result.check(defer.CancelledError):
                 return None  # the client cancelled it (or went away)
@@ -182,4 +188,5 @@ class Invocations:
         """
         pending, self.pending = self.pending, {}
         for d in pending.values():
+            self._abandoned.add(d)
             d.cancel()
