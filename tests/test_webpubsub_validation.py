@@ -7,7 +7,6 @@ C{http.server}, and invocations answered with the documented errors.
 """
 
 import http.server
-import json
 import threading
 
 from twisted.internet import defer, reactor, task

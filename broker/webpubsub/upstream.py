@@ -37,7 +37,7 @@ from broker.core.errors import BrokerError
 from broker.core.hub import NoUpstream
 from broker.core.interfaces import IHubObserver, IUpstream
 from broker.core.message import BINARY, JSON, TEXT, Message
-from broker.webpubsub.handlerhttp import MAX_ANSWER, HandlerHTTP, HandlerTimeout
+from broker.webpubsub.handlerhttp import HandlerHTTP, HandlerTimeout
 from broker.webpubsub.validation import HandlerValidation
 
 log = Logger()
