@@ -71,7 +71,7 @@ class DefaultTests(TestCase):
                                "anonymous_roles": [],
                                "history_messages": 0, "history_max_age": 3600.0,
                                "history_groups": 10000, "event_log": "",
-                               "event_handlers": [], "event_listeners": [],
+                               "event_handlers": [], "event_listeners": [], "listeners": [],
                                "max_connections_per_hub": None, "max_groups_per_hub": None})
 
     def test_limitDefaults(self):

@@ -124,17 +124,30 @@ class FileTests(_Base):
         yield self.untilGone(other)
         with open(path, encoding="utf-8") as f:
             lines = [json.loads(line) for line in f]
-        self.assertEqual([(e["type"], e["event"]) for e in lines],
-                         [("sys", "connected"), ("user", "message"), ("user", "chat"),
-                          ("user", "blob"), ("sys", "disconnected")])
+        # CloudEvents in structured JSON form, as Azure's listeners get them.
+        self.assertEqual([e["type"] for e in lines],
+                         ["azure.webpubsub.sys.connected", "azure.webpubsub.user.message",
+                          "azure.webpubsub.user.chat", "azure.webpubsub.user.blob",
+                          "azure.webpubsub.sys.disconnected"])
+        self.assertEqual([e["eventname"] for e in lines],
+                         ["connected", "message", "chat", "blob", "disconnected"])
         for e in lines:
-            self.assertEqual((e["hub"], e["connectionId"], e["userId"]),
-                             ("chat", c.connectionId, "ann"))
+            self.assertEqual((e["specversion"], e["awpsversion"], e["hub"], e["connectionid"],
+                              e["userid"], e["source"]),
+                             ("1.0", "1.0", "chat", c.connectionId, "ann",
+                              f"/hubs/chat/client/{c.connectionId}"))
             self.assertTrue(e["time"].endswith("Z"))
-        self.assertEqual((lines[1]["dataType"], lines[1]["data"]), ("json", {"k": "v"}))
-        self.assertEqual(lines[2]["data"], "hi")
-        self.assertEqual((lines[3]["dataType"], lines[3]["data"]), ("binary", "AAE="))
-        self.assertIn("reason", lines[4])
+        self.assertEqual(len({e["id"] for e in lines}), 5)
+        self.assertEqual((lines[0]["datacontenttype"], lines[0]["data"]),
+                         ("application/json", {}))
+        self.assertEqual((lines[1]["datacontenttype"], lines[1]["data"]),
+                         ("application/json", {"k": "v"}))
+        self.assertEqual((lines[2]["datacontenttype"], lines[2]["data"]),
+                         ("text/plain; charset=utf-8", "hi"))
+        self.assertEqual((lines[3]["datacontenttype"], lines[3]["data_base64"]),
+                         ("application/octet-stream", "AAE="))
+        self.assertNotIn("data", lines[3])
+        self.assertIn("reason", lines[4]["data"])
 
     def test_unopenableLog(self):
         settings = config.parse('[webpubsub.hubs.chat]\nevent_log = "/nonexistent/dir/x.log"\n')
@@ -154,7 +167,7 @@ class PluginTests(_Base):
         c = yield self.broker.connectJSON(userId="bo")
         c.transport.abortConnection()
         yield self.untilGone(self.broker.core.hub("chat"))
-        self.assertEqual([(h, e["event"], e["userId"]) for h, e in events],
+        self.assertEqual([(h, e["eventname"], e["userid"]) for h, e in events],
                          [("chat", "connected", "bo"), ("chat", "disconnected", "bo")])
         self.listeners.stopService()
         self.assertEqual(events[-1], ("chat", "closed"))
@@ -168,7 +181,7 @@ class PluginTests(_Base):
         a = yield self.broker.connectJSON()
         b = yield self.broker.connectJSON()
         # Both admitted; the recorder after the broken one still hears both.
-        self.assertEqual([e["connectionId"] for _, e in events],
+        self.assertEqual([e["connectionid"] for _, e in events],
                          [a.connectionId, b.connectionId])
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
 
@@ -179,6 +192,62 @@ class PluginTests(_Base):
                               settings["webpubsub"]["hubs"], package=package)
         self.assertEqual(e.key, "webpubsub.hubs.chat.event_listeners")
         self.assertIn("'nope'", e.problem)
+
+
+class FilterTests(_Base):
+    """
+    The C{listeners} array: files and plugins, each with the events it
+    takes, as Azure's listener filters.
+    """
+
+    @defer.inlineCallbacks
+    def test_filters(self):
+        package = self.makePluginPackage()
+        sysOnly = os.path.abspath(self.mktemp())
+        chatOnly = os.path.abspath(self.mktemp())
+        yield self.startBroker(f'''
+[[webpubsub.hubs.chat.listeners]]
+file = "{sysOnly}"
+system_events = ["disconnected"]
+user_events = ""
+[[webpubsub.hubs.chat.listeners]]
+file = "{chatOnly}"
+system_events = []
+user_events = "chat, other"
+[[webpubsub.hubs.chat.listeners]]
+plugin = "recorder"
+''', package)
+        events = sys.modules[package.__name__ + ".mylisteners"].EVENTS
+        c = yield self.broker.connectJSON(userId="ann")
+        for i, event in enumerate(["message", "chat", "other"]):
+            c.send({"type": "event", "event": event, "dataType": "text", "data": event,
+                    "ackId": i + 1})
+            yield c.nextJSON()
+        c.transport.abortConnection()
+        yield self.untilGone(self.broker.core.hub("chat"))
+
+        def read(path):
+            with open(path, encoding="utf-8") as f:
+                return [json.loads(line)["type"] for line in f]
+        self.assertEqual(read(sysOnly), ["azure.webpubsub.sys.disconnected"])
+        self.assertEqual(read(chatOnly), ["azure.webpubsub.user.chat",
+                                          "azure.webpubsub.user.other"])
+        # No filter: every event.
+        self.assertEqual([e["eventname"] for _, e in events],
+                         ["connected", "message", "chat", "other", "disconnected"])
+
+    def test_fileOrPlugin(self):
+        for body in ("", 'file = "x"\nplugin = "y"\n'):
+            settings = config.parse(f"[[webpubsub.hubs.chat.listeners]]\n{body}")
+            e = self.assertRaises(ConfigError, EventListeners, None,
+                                  settings["webpubsub"]["hubs"])
+            self.assertEqual(e.key, "webpubsub.hubs.chat.listeners[0]")
+
+    def test_badSystemEvent(self):
+        e = self.assertRaises(ConfigError, config.parse,
+                              '[[webpubsub.hubs.chat.listeners]]\nfile = "x"\n'
+                              'system_events = ["connect"]\n')
+        self.assertIn("listeners", e.key)
 
 
 class FaceWiringTests(unittest.TestCase):
@@ -216,4 +285,4 @@ event_log = "{log}"
         self.assertIsNone(top.core.hub("other").history)
         chat.admit(RecordingConnection("c1", "u"), "u")
         with open(log, encoding="utf-8") as f:
-            self.assertEqual(json.loads(f.readline())["connectionId"], "c1")
+            self.assertEqual(json.loads(f.readline())["connectionid"], "c1")

@@ -4,6 +4,8 @@ Admin HTTP endpoints, on a listener of their own so they can stay on a
 private interface:
 
   - C{/healthz}: 200 C{ok} while the engine accepts publishes, else 503;
+    the faces' health notes (L{broker.core.health}) follow, one
+    C{warning:} line each;
   - C{/stats}: a JSON snapshot (totals and per hub);
   - C{/metrics}: the same figures in Prometheus text format.
 
@@ -120,7 +122,11 @@ class Healthz(_Leaf):
             request.setResponseCode(503)
             return b"draining: the broker is stopping\n"
         if self.core.running and self.core.engine.healthy():
-            return b"ok\n"
+            # Problems a face noted (broker/core/health.py) that leave the
+            # broker serving: still 200, each on a line of its own.
+            notes = getattr(self.core, "health", None)
+            lines = ["ok"] + [f"warning: {n}" for n in (notes.notes() if notes else ())]
+            return ("\n".join(lines) + "\n").encode("utf-8")
         request.setResponseCode(503)
         if self.core.running and self.core.stats()["cluster"]:
             return b"unhealthy: the cluster (Redis) is unreachable\n"

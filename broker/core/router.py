@@ -10,6 +10,7 @@ from twisted.logger import Logger
 from broker.core.engine import MemoryEngine
 from broker.core.errors import BadRequest, CloseCode
 from broker.core.fanout import Fanout
+from broker.core.health import HealthNotes
 from broker.core.hub import Hub, HubStats
 from broker.core.interfaces import IEngine
 from broker.core.limits import LimitCounters, QuietLog
@@ -39,6 +40,7 @@ class Core(service.Service):
         # What the faces' limits refused (/metrics), and their quiet log.
         self.limits = LimitCounters()
         self.quietLog = QuietLog(reactor.seconds)
+        self.health = HealthNotes()
         # Gives freed memory back to the system after a hub shrank.
         self.memory = MemoryReleaser(reactor)
         self._filterCompiler = None

@@ -13,6 +13,7 @@ from broker.config import ConfigError
 from broker.files import writePrivate
 from broker.webpubsub.listeners import EventListeners
 from broker.webpubsub.upstream import CloudEventsUpstream, EventHandler, makeHTTPClient
+from broker.webpubsub.validation import HandlerValidation
 from broker.webpubsub.rest import RestCollector
 from broker.webpubsub.site import makeFactory, makeSite
 
@@ -39,11 +40,76 @@ def developmentKey(stateDir):
     return key, path
 
 
+class EventHandlers:
+    """
+    The event handlers of the configured hubs: their HTTP client, their
+    validation (L{HandlerValidation}), and the upstream attached to each
+    hub as it is created.
+
+    L{reload} validates every handler again (a configuration reload);
+    L{stop} releases the connections and cancels the retries.
+    """
+
+    def __init__(self, reactor, core, wps, defaultKeys, configured):
+        self.reactor = reactor
+        self.core = core
+        self.wps = wps
+        self.defaultKeys = defaultKeys
+        self.http, _ = makeHTTPClient(reactor)
+        self.validation = HandlerValidation(
+            reactor, self.http, wps["event_origin"], health=getattr(core, "health", None),
+            timeout=wps["event_timeout"])
+        self._handlers = {name: [EventHandler(e["url_template"], e["user_events"],
+                                              e["system_events"])
+                                 for e in h["event_handlers"]]
+                          for name, h in configured.items()}
+        self._configured = configured
+
+    def start(self):
+        """
+        Validate every handler now, as Azure does when it is configured,
+        and attach the upstreams to the hubs as they come.
+
+        @return: a Deferred firing once each handler has had a first answer.
+        """
+        self.core.onNewHub(self._setup)
+        return self.validation.load(self._handlers)
+
+    def reload(self):
+        """
+        Validate every handler again: the entry point for a configuration
+        reload (SIGHUP).
+        """
+        return self.validation.reload(self._handlers)
+
+    def _setup(self, hub):
+        h = self._configured.get(hub.name)
+        if h is None:
+            return
+        wps = self.wps
+        upstream = CloudEventsUpstream(
+            self.reactor, hub.name, self._handlers[hub.name],
+            h["access_keys"] or self.defaultKeys, wps["event_origin"], self.http,
+            timeout=wps["event_timeout"], retries=wps["event_retries"],
+            validation=self.validation)
+        hub.upstream = upstream
+        hub.addObserver(upstream)
+
+    def stop(self):
+        self.validation.stop()
+        return self.http.closeCachedConnections()
+
+    # What shutdown and the tests call.
+    closeCachedConnections = stop
+
+
 def attachEventHandlers(reactor, core, wps, defaultKeys):
     """
-    Attach a L{CloudEventsUpstream} to each hub with event handlers.
+    Attach a L{CloudEventsUpstream} to each hub with event handlers, and
+    start validating the handlers.
 
-    @return: their HTTP connection pool (to close at shutdown), or C{None}.
+    @return: the L{EventHandlers} (to L{EventHandlers.stop} at shutdown),
+        or C{None} when no hub has any.
     """
     configured = {name: h for name, h in wps["hubs"].items() if h["event_handlers"]}
     if not configured:
@@ -54,22 +120,9 @@ def attachEventHandlers(reactor, core, wps, defaultKeys):
             if not url.startswith(("http://", "https://")):
                 raise ConfigError(f"webpubsub.hubs.{name}.event_handlers[{i}].url_template",
                                   "must be an http:// or https:// URL")
-    client, pool = makeHTTPClient(reactor)
-
-    def setup(hub):
-        h = configured.get(hub.name)
-        if h is None:
-            return
-        upstream = CloudEventsUpstream(
-            reactor, hub.name,
-            [EventHandler(e["url_template"], e["user_events"], e["system_events"])
-             for e in h["event_handlers"]],
-            h["access_keys"] or defaultKeys, wps["event_origin"], client,
-            timeout=wps["event_timeout"], retries=wps["event_retries"])
-        hub.upstream = upstream
-        hub.addObserver(upstream)
-    core.onNewHub(setup)
-    return pool
+    handlers = EventHandlers(reactor, core, wps, defaultKeys, configured)
+    handlers.start()
+    return handlers
 
 
 def build(context):
@@ -94,9 +147,11 @@ def build(context):
     listeners = EventListeners(context.core, wps["hubs"], context.reactor.seconds)
     if listeners.configured:
         context.addService(listeners)
-    pool = attachEventHandlers(context.reactor, context.core, wps, keys)
-    if pool is not None:
-        context.reactor.addSystemEventTrigger("before", "shutdown", pool.closeCachedConnections)
+    handlers = attachEventHandlers(context.reactor, context.core, wps, keys)
+    if handlers is not None:
+        context.reactor.addSystemEventTrigger("before", "shutdown", handlers.stop)
+        # SIGHUP validates every handler again.
+        context.onReload(handlers.reload)
     site = makeSite(factory, headerTimeout=wps["header_timeout"],
                     idleTimeout=wps["idle_timeout"],
                     stats=context.listeners.get("webpubsub.listen"))

@@ -23,6 +23,8 @@ JSON_RELIABLE_V1 = "json.reliable.webpubsub.azure.v1"
 UNSUPPORTED = ("protobuf.webpubsub.azure.v1",
                "protobuf.reliable.webpubsub.azure.v1")
 PONG = b'{"type":"pong"}'
+# Request types parsed elsewhere: type -> parse(type, obj) (invoke.py).
+EXTENSIONS = {}
 
 # ackId is a uint64.
 MAX_ACK_ID = 2 ** 64 - 1
@@ -116,6 +118,8 @@ def parseRequest(payload):
         return Request(kind, ackId, sequenceId=seq)
     if kind == "ping":
         return Request(kind, ackId)
+    if kind in EXTENSIONS:
+        return EXTENSIONS[kind](kind, obj)
     if not isinstance(kind, str):
         raise InvalidRequest("type must be a string", ackId)
     raise InvalidRequest(f"unknown type {kind!r}", ackId)

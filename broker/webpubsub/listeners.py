@@ -4,18 +4,32 @@ Event listeners: listen-only sinks for a hub's client events.
 
 Azure's event listeners receive the same events as event handlers but
 cannot answer them: they are for audit trails, analytics and replication.
-Here a listener is anything providing L{IEventListener}.  One is built in,
-L{JSONLinesFile}, which appends each event as one JSON line to a file
-(C{event_log} in a hub's table); operators add their own as Twisted plugins
-providing L{IEventListenerFactory} (drop a module into C{twisted/plugins/}
-and name it in C{event_listeners}).
+Azure sends them CloudEvents (to Event Hubs), each listener with a filter
+of the system events (C{connected}, C{disconnected}) and user events it
+takes.  Here too: each event is a CloudEvent in structured JSON form
+(C{application/cloudevents+json}: C{specversion}, C{type} such as
+C{azure.webpubsub.sys.connected} or C{azure.webpubsub.user.message},
+C{source} C{/hubs/{hub}/client/{connectionId}}, C{id}, C{time}, and
+Azure's extension attributes C{awpsversion}, C{hub}, C{eventname},
+C{connectionid}, C{userid}; the payload in C{data}, or C{data_base64} for
+binary), handed to each listener whose filter takes it.
+
+A listener is anything providing L{IEventListener}.  One is built in,
+L{JSONLinesFile}, which appends each event as one JSON line to a file;
+operators add their own as Twisted plugins providing
+L{IEventListenerFactory} (drop a module into C{twisted/plugins/} and name
+it).  A hub's C{listeners} array configures both, each with its filter;
+the older C{event_log} and C{event_listeners} keys still work, as
+listeners taking every event.
 
 Every event comes from an L{IHubObserver}: C{connected},
 C{disconnected}, and client events (C{message} and custom events) whether
-or not the hub has an event handler for them.  A listener that raises is logged (once) and never
-disturbs the hub.
+or not the hub has an event handler for them.  A listener that raises is
+logged (once) and never disturbs the hub.
 """
 
+import base64
+import itertools
 import json
 import os
 import time
@@ -29,7 +43,7 @@ from zope.interface import Attribute, Interface, implementer
 from broker.config import ConfigError
 from broker.core import jsonstrict
 from broker.core.interfaces import IHubObserver
-from broker.core.message import BINARY
+from broker.core.message import BINARY, JSON
 from broker.files import openPrivate
 
 log = Logger()
@@ -43,11 +57,12 @@ class IEventListener(Interface):
 
     def eventReceived(event):
         """
-        @param event: a JSON-ready dict: C{time} (ISO 8601, UTC), C{hub},
-            C{type} (C{"sys"} or C{"user"}), C{event} (C{connected},
-            C{disconnected}, C{message} or a custom name), C{connectionId},
-            C{userId}; C{reason} for C{disconnected}; C{dataType} and
-            C{data} (text, JSON value or base64) for user events.
+        @param event: a CloudEvent in structured JSON form, a JSON-ready
+            dict (see the module docstring): for C{disconnected}, C{data}
+            is C{{"reason": ...}}; for user events C{datacontenttype} is
+            C{text/plain; charset=utf-8}, C{application/json} or
+            C{application/octet-stream} and the payload is in C{data} (a
+            string, a JSON value) or C{data_base64}.
         """
 
     def close():
@@ -116,25 +131,76 @@ def findFactory(name, package=None):
     return None
 
 
+CONTENT_TYPES = {JSON: "application/json", BINARY: "application/octet-stream"}
+TEXT_TYPE = "text/plain; charset=utf-8"
+ALL_SYSTEM_EVENTS = ("connected", "disconnected")
+
+
+class EventFilter:
+    """
+    Which events a listener takes, as Azure's listener filters say it:
+    system events by name, user events by C{"*"} or comma-separated names.
+    """
+
+    def __init__(self, systemEvents=ALL_SYSTEM_EVENTS, userEvents="*"):
+        self.systemEvents = frozenset(systemEvents)
+        names = {e.strip() for e in userEvents.split(",") if e.strip()}
+        self.allUserEvents = "*" in names
+        self.userEvents = frozenset(names)
+
+    def takes(self, system, event):
+        if system:
+            return event in self.systemEvents
+        return self.allUserEvents or event in self.userEvents
+
+
 @implementer(IHubObserver)
 class _HubEvents:
+    """
+    One hub's listeners, each with its L{EventFilter}: turns the hub's
+    events into CloudEvents for those that take them.
+    """
+
     def __init__(self, hubName, listeners, clock):
         self.hubName = hubName
         self.listeners = listeners
         self.clock = clock
         self.running = True
         self._broken = set()
+        self._ids = itertools.count(1)
 
-    def record(self, kind, event, session):
+    def cloudEvent(self, system, event, session):
         when = datetime.fromtimestamp(self.clock(), timezone.utc)
-        return {"time": when.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
-                "hub": self.hubName, "type": kind, "event": event,
-                "connectionId": session.connectionId, "userId": session.userId}
+        kind = "sys" if system else "user"
+        record = {
+            "specversion": "1.0",
+            "type": f"azure.webpubsub.{kind}.{event}",
+            "source": f"/hubs/{self.hubName}/client/{session.connectionId}",
+            "id": str(next(self._ids)),
+            "time": when.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+            "awpsversion": "1.0",
+            "hub": self.hubName,
+            "eventname": event,
+            "connectionid": session.connectionId,
+        }
+        if session.userId is not None:
+            record["userid"] = session.userId
+        return record
 
-    def emit(self, record):
+    def emit(self, system, event, session, data):
+        """
+        Hand the event to the listeners that take it; C{data(record)} fills
+        in the payload, only when one does.
+        """
         if not self.running:
             return
-        for listener in self.listeners:
+        record = None
+        for listener, eventFilter in self.listeners:
+            if not eventFilter.takes(system, event):
+                continue
+            if record is None:
+                record = self.cloudEvent(system, event, session)
+                data(record)
             try:
                 listener.eventReceived(record)
             except Exception:
@@ -146,23 +212,28 @@ class _HubEvents:
     def connectionAdded(self, hub, session):
         if getattr(session.connection, "moving", False):
             return  # a reliable connection moving between nodes (handover.py)
-        self.emit(self.record("sys", "connected", session))
+        self.emit(True, "connected", session, _jsonData({}))
 
     def connectionRemoved(self, hub, session, reason):
         if getattr(session.connection, "moving", False):
             return
-        record = self.record("sys", "disconnected", session)
-        record["reason"] = reason
-        self.emit(record)
+        self.emit(True, "disconnected", session, _jsonData({"reason": reason or ""}))
 
     def clientEvent(self, hub, session, event, message):
-        record = self.record("user", event, session)
-        record["dataType"] = message.dataType
-        if message.dataType == BINARY:
-            record["data"] = message.jsonField().decode("ascii")[1:-1]
-        else:
-            record["data"] = jsonstrict.loads(message.jsonField())
-        self.emit(record)
+        def data(record):
+            record["datacontenttype"] = CONTENT_TYPES.get(message.dataType, TEXT_TYPE)
+            if message.dataType == BINARY:
+                record["data_base64"] = base64.b64encode(message.data).decode("ascii")
+            else:
+                record["data"] = jsonstrict.loads(message.jsonField())
+        self.emit(False, event, session, data)
+
+
+def _jsonData(value):
+    def data(record):
+        record["datacontenttype"] = "application/json"
+        record["data"] = value
+    return data
 
 
 class EventListeners(service.Service):
@@ -186,24 +257,43 @@ class EventListeners(service.Service):
         self._events = []
         try:
             for hubName, cfg in sorted(hubsConfig.items()):
-                listeners = []
+                listeners = self._listeners.setdefault(hubName, [])
                 key = f"webpubsub.hubs.{hubName}"
+                everything = EventFilter()
                 for name in cfg["event_listeners"]:
-                    factory = findFactory(name, package)
-                    if factory is None:
-                        raise ConfigError(f"{key}.event_listeners",
-                                          f"no IEventListener plugin named {name!r}")
-                    listeners.append(IEventListener(factory.build(hubName)))
+                    listeners.append((self._plugin(f"{key}.event_listeners", name, hubName,
+                                                   package), everything))
                 if cfg["event_log"]:
-                    try:
-                        listeners.append(JSONLinesFile(cfg["event_log"]))
-                    except OSError as e:
-                        raise ConfigError(f"{key}.event_log", f"cannot open it: {e}")
-                if listeners:
-                    self._listeners[hubName] = listeners
+                    listeners.append((self._file(f"{key}.event_log", cfg["event_log"]),
+                                      everything))
+                for i, entry in enumerate(cfg.get("listeners") or ()):
+                    where = f"{key}.listeners[{i}]"
+                    if bool(entry["file"]) == bool(entry["plugin"]):
+                        raise ConfigError(where, "give exactly one of file and plugin")
+                    eventFilter = EventFilter(entry["system_events"], entry["user_events"])
+                    if entry["file"]:
+                        listener = self._file(f"{where}.file", entry["file"])
+                    else:
+                        listener = self._plugin(f"{where}.plugin", entry["plugin"], hubName,
+                                                package)
+                    listeners.append((listener, eventFilter))
+                if not listeners:
+                    del self._listeners[hubName]
         except Exception:
             self._closeAll()
             raise
+
+    def _plugin(self, key, name, hubName, package):
+        factory = findFactory(name, package)
+        if factory is None:
+            raise ConfigError(key, f"no IEventListener plugin named {name!r}")
+        return IEventListener(factory.build(hubName))
+
+    def _file(self, key, path):
+        try:
+            return JSONLinesFile(path)
+        except OSError as e:
+            raise ConfigError(key, f"cannot open it: {e}")
 
     @property
     def configured(self):
@@ -231,12 +321,12 @@ class EventListeners(service.Service):
         for events in self._events:
             events.running = False
         for listeners in self._listeners.values():
-            for listener in listeners:
+            for listener, _ in listeners:
                 try:
                     listener.close()
                 except Exception:
                     log.failure("closing event listener {listener}", listener=listener)
 
 
-__all__ = ["IEventListener", "IEventListenerFactory", "JSONLinesFile",
+__all__ = ["IEventListener", "IEventListenerFactory", "JSONLinesFile", "EventFilter",
            "EventListeners", "findFactory"]

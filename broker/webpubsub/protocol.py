@@ -38,7 +38,7 @@ from broker.core.limits import (CLOSE, PER_ADDRESS, PER_HUB, PER_USER, Admission
 from broker.core.output import BoundedOutput
 from broker.core.interfaces import IConnection
 from broker.core.message import BINARY, TEXT, Delivery, Message
-from broker.webpubsub import frames, history
+from broker.webpubsub import frames, history, invoke
 from broker.webpubsub.reliable import RecentAckIds, ReliableLinks
 from broker.webpubsub.upstream import ConnectDenied
 
@@ -101,6 +101,8 @@ class ClientProtocol(BoundedOutput, WebSocketServerProtocol):
     # {group: [pending recoveries, held deliveries]} while an asynchronous
     # joinGroup recovery runs (cluster mode, _recoverLater).
     holding = None
+    # Pending invokeEvent calls (invoke.py), made on the first.
+    _invocations = None
 
     def __init__(self):
         super().__init__()
@@ -512,8 +514,13 @@ class ClientProtocol(BoundedOutput, WebSocketServerProtocol):
         self._holdReading(_EVENTS)
         if self._eventsWaiting is None:
             self._eventsWaiting = deque()
-        d = defer.Deferred()
-        self._eventsWaiting.append((session, event, message, d))
+        entry = [session, event, message, None]
+
+        def unqueue(_):  # a cancelled invocation leaves the queue
+            if entry in self._eventsWaiting:
+                self._eventsWaiting.remove(entry)
+        d = entry[3] = defer.Deferred(unqueue)
+        self._eventsWaiting.append(entry)
         return d
 
     def _startEvent(self, session, event, message):
@@ -585,6 +592,10 @@ class ClientProtocol(BoundedOutput, WebSocketServerProtocol):
             return
         try:
             request = frames.parseRequest(payload)
+        except invoke.InvalidInvocation as e:
+            self._badRequest(e, None)
+            self._invocationsOf().invalid(e)
+            return
         except frames.InvalidRequest as e:
             self._badRequest(e, e.ackId)
             return
@@ -598,6 +609,9 @@ class ClientProtocol(BoundedOutput, WebSocketServerProtocol):
         if kind == "sequenceAck":
             if self.link is not None:
                 self.link.ack(request.sequenceId)
+            return
+        if kind in invoke.KINDS:
+            self._invocationsOf().received(request)
             return
         ackId = request.ackId
         if ackId is not None and ackId in (self._ackOwner().recentAcks or ()):
@@ -641,6 +655,11 @@ class ClientProtocol(BoundedOutput, WebSocketServerProtocol):
             return
         self._remember(ackId)
         self._ack(ackId)
+
+    def _invocationsOf(self):
+        if self._invocations is None:
+            self._invocations = invoke.Invocations(self)
+        return self._invocations
 
     def _recoverLater(self, group, position, ackId):
         """
@@ -751,6 +770,8 @@ class ClientProtocol(BoundedOutput, WebSocketServerProtocol):
             ticket.release()
 
     def onClose(self, wasClean, code, reason):
+        if self._invocations is not None:
+            self._invocations.cancelAll()
         link, self.link = self.link, None
         if link is not None:
             # Only a normal close by the client ends a reliable connection;

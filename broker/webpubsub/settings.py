@@ -13,6 +13,17 @@ EVENT_HANDLER = Table({
     "system_events": List(Str(choices=("connect", "connected", "disconnected")), default=[]),
 })
 
+# One event listener (listeners.py): a file or a plugin, and the events it
+# takes, as Azure's listener filters say it.
+EVENT_LISTENER = Table({
+    "file": Str("", doc="Append the events as CloudEvents JSON lines to this file."),
+    "plugin": Str("", doc="Or: the IEventListener plugin (by name) told of them."),
+    "system_events": List(Str(choices=("connected", "disconnected")),
+                          default=["connected", "disconnected"],
+                          doc="System events it takes."),
+    "user_events": Str("*", doc='"*", or comma-separated user event names; empty: none.'),
+})
+
 # What one tenant, user or address may take (docs/configuration.md,
 # "Admission, rate and group limits"); 0 turns a limit off.  Counted per
 # node in cluster mode.
@@ -52,6 +63,8 @@ HUB = Table({
                            doc="Upstream CloudEvents handlers, in order (first match)."),
     "event_listeners": List(Str(nonEmpty=True), default=[],
                             doc="IEventListener plugins (by name) told of the hub's events."),
+    "listeners": List(EVENT_LISTENER, default=[],
+                      doc="Event listeners, each with its event filter."),
     # Admission and group limits of this hub, replacing the face-wide ones.
     "max_connections_per_hub": Int(None, minimum=0,
                                    doc="Overrides webpubsub.max_connections_per_hub."),

@@ -14,10 +14,11 @@ HTTP, as Azure Web PubSub sends them, so an application written for Azure
 
 Every request carries the C{ce-*} headers, with C{ce-signature} an
 HMAC-SHA256 of the connection id under each access key, so the handler can
-check it came from us.  Abuse protection: each handler URL is validated
-once with an C{OPTIONS} request carrying C{WebHook-Request-Origin}; a URL
-that does not answer C{WebHook-Allowed-Origin} (C{*} or our origin) is
-never sent events.
+check it came from us.  Abuse protection (L{broker.webpubsub.validation}):
+each handler is validated as Azure does, on its C{{event}=validate} URL,
+and a handler that has not agreed is never sent events.  Requests go
+through L{broker.webpubsub.handlerhttp}, which copes with handlers that
+answer in HTTP/1.0 or close their connections.
 """
 
 import hashlib
@@ -27,7 +28,6 @@ import secrets
 from datetime import datetime, timezone
 from urllib.parse import quote
 
-import treq
 from twisted.internet import defer, task
 from twisted.logger import Logger
 from zope.interface import implementer
@@ -37,13 +37,22 @@ from broker.core.errors import BrokerError
 from broker.core.hub import NoUpstream
 from broker.core.interfaces import IHubObserver, IUpstream
 from broker.core.message import BINARY, JSON, TEXT, Message
+from broker.webpubsub.handlerhttp import HandlerHTTP, HandlerTimeout
+from broker.webpubsub.validation import HandlerValidation
 
 log = Logger()
 
 SYSTEM_EVENTS = ("connect", "connected", "disconnected")
 CONTENT_TYPES = {TEXT: b"text/plain; charset=utf-8", JSON: b"application/json",
                  BINARY: b"application/octet-stream"}
-MAX_ANSWER = 1024 * 1024
+
+
+class UpstreamTimeout(BrokerError):
+    """
+    The event handler did not answer within C{event_timeout}.
+    """
+
+    name = "Timeout"
 
 
 class ConnectDenied(Exception):
@@ -102,71 +111,33 @@ class CloudEventsUpstream:
     The event handlers of one hub.
 
     @param origin: our host name, sent as C{WebHook-Request-Origin}.
-    @param treqClient: a L{treq.client.HTTPClient}-like object (C{request});
-        injected so tests can own the connection pool.
+    @param http: a L{HandlerHTTP}, shared by the hubs.
+    @param validation: the broker's L{HandlerValidation}; by default one of
+        this upstream's own.
     """
 
-    def __init__(self, reactor, hubName, handlers, accessKeys, origin, treqClient,
-                 timeout=10.0, retries=2, backoff=0.5):
+    def __init__(self, reactor, hubName, handlers, accessKeys, origin, http,
+                 timeout=10.0, retries=2, backoff=0.5, validation=None):
         self.reactor = reactor
         self.hubName = hubName
         self.handlers = list(handlers)
         self.accessKeys = list(accessKeys)
         self.origin = origin
-        self.http = treqClient
+        self.http = http
         self.timeout = timeout
         self.retries = retries
         self.backoff = backoff
-        self._validated = {}
+        if validation is None:
+            validation = HandlerValidation(reactor, http, origin, timeout=timeout)
+        self.validation = validation
         self._pending = set()
         self.stats = {"sent": 0, "failed": 0, "notificationsDropped": 0, "unvalidated": 0}
-        self._complained = set()
 
     def handlerFor(self, event, system):
         for handler in self.handlers:
             if handler.takes(event, system):
                 return handler
         return None
-
-    # -- abuse protection ----------------------------------------------------
-
-    def _validate(self, url):
-        """
-        A Deferred firing with whether C{url} agreed to take our events; the
-        answer is remembered (a refusal for a minute, then asked again).
-        """
-        known = self._validated.get(url)
-        if known is not None:
-            ok, until = known
-            if ok or self.reactor.seconds() < until:
-                return defer.succeed(ok)
-        d = self.http.request("OPTIONS", url, headers={"WebHook-Request-Origin": self.origin},
-                              timeout=self.timeout)
-
-        def answered(response):
-            allowed = response.headers.getRawHeaders(b"webhook-allowed-origin") or []
-            ok = 200 <= response.code < 300 and any(
-                v.strip() in (b"*", self.origin.encode("utf-8"))
-                for value in allowed for v in value.split(b","))
-            return treq.content(response).addCallback(lambda _: ok)
-
-        def failed(failure):
-            log.warn("event handler {url} could not be validated: {why}", url=url,
-                     why=failure.getErrorMessage())
-            return False
-
-        def remember(ok):
-            self._validated[url] = (ok, self.reactor.seconds() + 60)
-            if not ok:
-                self._complainOnce(url, "event handler {url} did not allow origin "
-                                   "{origin} (abuse protection); no events are sent to it")
-            return ok
-        return d.addCallbacks(answered, failed).addCallback(remember)
-
-    def _complainOnce(self, url, fmt):
-        if url not in self._complained:
-            self._complained.add(url)
-            log.warn(fmt, url=url, origin=self.origin)
 
     # -- sending -------------------------------------------------------------
 
@@ -199,16 +170,18 @@ class CloudEventsUpstream:
         or failing when the handler is unvalidated or unreachable.
         """
         url = handler.url(self.hubName, event)
-        ok = yield self._validate(url)
+        ok = yield self.validation.check(self.hubName, handler)
         if not ok:
             self.stats["unvalidated"] += 1
             raise BrokerError(f"event handler for {event} is not validated")
         headers = self._headers(event, system, connectionId, userId, state, contentType)
-        response = yield self.http.request("POST", url, data=body, headers=headers,
-                                           timeout=self.timeout)
-        content = yield treq.content(response)
+        try:
+            response = yield self.http.request("POST", url, body=body, headers=headers,
+                                               timeout=self.timeout)
+        except HandlerTimeout as e:
+            raise UpstreamTimeout(f"event handler for {event} did not answer: {e}")
         self.stats["sent"] += 1
-        return response, content[:MAX_ANSWER]
+        return response, response.body
 
     # -- connect (blocking) --------------------------------------------------
 
@@ -235,6 +208,8 @@ class CloudEventsUpstream:
                            "subprotocols": list(subprotocols),
                            "clientCertificates": []}).encode("utf-8")
         userId = claims.get("sub") if claims else None
+        if isinstance(userId, list):  # claims as the handler sees them: lists
+            userId = userId[0] if userId else None
         try:
             response, content = yield self._post(handler, "connect", True, connectionId,
                                                  userId, None, body, "application/json")
@@ -275,8 +250,15 @@ class CloudEventsUpstream:
             response, content = yield self._post(
                 handler, event, False, session.connectionId, session.userId, state,
                 message.data, CONTENT_TYPES[message.dataType].decode())
+        except UpstreamTimeout as e:
+            self.stats["failed"] += 1
+            log.warn("{event} handler for hub {hub}: {why}", event=event, hub=self.hubName,
+                     why=e.message)
+            raise
         except BrokerError:
             raise
+        except defer.CancelledError:
+            raise  # the client cancelled its invocation
         except Exception as e:
             self.stats["failed"] += 1
             log.warn("{event} handler for hub {hub} failed: {why}", event=event,
@@ -362,11 +344,11 @@ class CloudEventsUpstream:
                  cid=connectionId, hub=self.hubName, why=why)
 
 
-def makeHTTPClient(reactor, persistent=True):
+def makeHTTPClient(reactor):
     """
-    A treq client on its own connection pool.
+    The client for event handlers: a L{HandlerHTTP}, which is also what
+    closes its connections (C{closeCachedConnections}) at shutdown.
     """
-    from twisted.web.client import Agent, HTTPConnectionPool
-    pool = HTTPConnectionPool(reactor, persistent=persistent)
-    return treq.client.HTTPClient(Agent(reactor, pool=pool)), pool
+    client = HandlerHTTP(reactor)
+    return client, client
 

@@ -1,0 +1,164 @@
+# -*- test-case-name: tests.test_webpubsub_express -*-
+"""
+Microsoft's own event-handler middleware, C{@azure/web-pubsub-express}
+(C{WebPubSubEventHandler}, unchanged, default path), run by node as the
+event handler of the broker; and Microsoft's C{@azure/web-pubsub-client}
+calling C{invokeEvent()} through it.  tests/js/express_handler.js and
+tests/js/invoke_client.js report what they saw as JSON lines.
+"""
+
+import json
+import os
+import shutil
+
+from twisted.internet import defer, protocol, reactor, task
+from twisted.trial.unittest import TestCase
+
+from broker.webpubsub.face import attachEventHandlers
+from tests.tools import killAtCleanup, requireTool
+from tests.wsharness import KEY, BrokerHarness
+
+JS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "js")
+NODE = shutil.which("node")
+
+
+class _Node(protocol.ProcessProtocol):
+    def __init__(self):
+        self.lines = []
+        self.ended = defer.Deferred()
+        self._buffer = b""
+        self.stderr = b""
+
+    def outReceived(self, data):
+        self._buffer += data
+        while b"\n" in self._buffer:
+            line, self._buffer = self._buffer.split(b"\n", 1)
+            self.lines.append(json.loads(line))
+
+    def errReceived(self, data):
+        self.stderr += data
+
+    def processEnded(self, reason):
+        self.ended.callback(None)
+
+    def events(self, kind):
+        return [e for e in self.lines if e["event"] == kind]
+
+
+@defer.inlineCallbacks
+def until(predicate, timeout=20.0):
+    for _ in range(int(timeout / 0.05)):
+        if predicate():
+            return
+        yield task.deferLater(reactor, 0.05, lambda: None)
+    raise AssertionError("timed out")
+
+
+def requireNode(*packages):
+    requireTool(NODE is not None, "node is not installed (scripts/test installs nodejs)")
+    for package in packages:
+        requireTool(os.path.isdir(os.path.join(JS_DIR, "node_modules", *package.split("/"))),
+                    f"{package} is not in tests/js (scripts/test runs npm ci)")
+
+
+class ExpressEventHandlerTests(TestCase):
+    timeout = 60
+
+    def spawn(self, script, *args):
+        node = _Node()
+        process = reactor.spawnProcess(
+            node, NODE, [NODE, os.path.join(JS_DIR, script), *args],
+            env={"PATH": os.environ.get("PATH", "")}, path=JS_DIR)
+        killAtCleanup(self, process, node.ended)
+        return node, process
+
+    @defer.inlineCallbacks
+    def startExpress(self):
+        node, process = self.spawn("express_handler.js", "chat")
+        self.addCleanup(process.closeStdin)
+        yield until(lambda: node.events("listening") or node.ended.called)
+        self.assertTrue(node.events("listening"), node.stderr.decode()[-2000:])
+        return node, node.events("listening")[0]["port"]
+
+    @defer.inlineCallbacks
+    def startBroker(self, port):
+        toml = (f'[webpubsub]\nevent_timeout = 2.0\n[webpubsub.hubs.chat]\n'
+                f'access_keys = ["{KEY}"]\n'
+                '[[webpubsub.hubs.chat.event_handlers]]\n'
+                f'url_template = "http://127.0.0.1:{port}/api/webpubsub/hubs/{{hub}}/{{event}}"\n'
+                'user_events = "*"\n'
+                'system_events = ["connect", "connected", "disconnected"]\n')
+        harness = BrokerHarness(self, reactor, toml)
+        handlers = attachEventHandlers(reactor, harness.core, harness.settings["webpubsub"],
+                                       [KEY])
+        self.addCleanup(handlers.stop)
+        self.addCleanup(lambda: defer.DeferredList(
+            [hub.upstream.whenIdle() for hub in harness.core.hubs.values()]))
+        yield harness.start()
+        return harness, handlers
+
+    @defer.inlineCallbacks
+    def test_expressMiddlewareUnchanged(self):
+        """
+        The broker validates the middleware when the handlers load (on the
+        C{validate} URL, which the middleware answers), then: connect
+        accepted (its userId and groups applied) and refused (401),
+        connected, a user event answered, disconnected.
+        """
+        requireNode("express", "@azure/web-pubsub-express")
+        express, port = yield self.startExpress()
+        harness, handlers = yield self.startBroker(port)
+        yield until(lambda: express.events("options"))
+        self.assertEqual(express.events("options")[0]["path"],
+                         "/api/webpubsub/hubs/chat/validate")
+        handler = harness.core.hub("chat").upstream.handlers[0]
+        yield until(lambda: handlers.validation.state("chat", handler)[0] != "pending")
+        self.assertEqual(handlers.validation.state("chat", handler), ("valid", None))
+
+        c = yield harness.connectJSON(query="user=ann", userId=None)
+        self.assertEqual(c.hello["userId"], "ann")
+        session = harness.core.hub("chat").session(c.connectionId)
+        self.assertIn("express", session.groups)
+        yield until(lambda: express.events("connected"))
+        self.assertEqual(express.events("connected")[0]["userId"], "ann")
+
+        c.send({"type": "event", "event": "greet", "dataType": "text", "data": "hi",
+                "ackId": 1})
+        frames = [(yield c.nextJSON()), (yield c.nextJSON())]
+        message = [f for f in frames if f["type"] == "message"][0]
+        self.assertEqual((message["dataType"], message["data"]), ("text", "echo:hi"))
+        self.assertIn({"type": "ack", "ackId": 1, "success": True}, frames)
+        user = express.events("user")[0]
+        self.assertEqual((user["name"], user["data"], user["userId"]), ("greet", "hi", "ann"))
+
+        refusal = yield harness.refused(query="deny=1")
+        self.assertIn("401", refusal)
+
+        c.transport.abortConnection()
+        yield until(lambda: express.events("disconnected"))
+        self.assertEqual(express.events("disconnected")[0]["connectionId"], c.connectionId)
+
+    @defer.inlineCallbacks
+    def test_invokeEventThroughExpress(self):
+        """
+        C{WebPubSubClient.invokeEvent()} is answered through the handler;
+        a failing handler, an event nobody takes and a handler that never
+        answers come back as the documented errors.
+        """
+        requireNode("express", "@azure/web-pubsub-express", "@azure/web-pubsub-client")
+        express, port = yield self.startExpress()
+        harness, handlers = yield self.startBroker(port)
+        url = f"{harness.url}/client/hubs/chat?access_token=" + harness.token(userId="js")
+        client, _ = self.spawn("invoke_client.js", url, "echo", "fail", "slow")
+        yield until(lambda: client.events("done") or client.events("failed")
+                    or client.ended.called, timeout=40)
+        self.assertEqual(client.events("failed"), [], client.stderr.decode()[-2000:])
+        results = {e["name"]: e for e in client.events("result") + client.events("error")}
+        self.assertEqual((results["echo"]["event"], results["echo"]["data"],
+                          results["echo"]["dataType"]), ("result", "echo:ping-echo", "text"))
+        self.assertEqual((results["fail"]["event"], results["fail"]["errorName"]),
+                         ("error", "InternalServerError"))
+        self.assertEqual((results["slow"]["event"], results["slow"]["errorName"]),
+                         ("error", "Timeout"))
+        names = [e["name"] for e in express.events("user")]
+        self.assertEqual(names, ["echo", "fail", "slow"])
