@@ -36,13 +36,13 @@ from broker.core import jsonstrict
 from broker.core.errors import BrokerError
 from broker.core.hub import NoUpstream
 from broker.core.interfaces import IHubObserver, IUpstream
-from broker.core.message import BINARY, JSON, TEXT, Message
+from broker.core.message import BINARY, JSON, PROTOBUF, TEXT, Message
 
 log = Logger()
 
 SYSTEM_EVENTS = ("connect", "connected", "disconnected")
 CONTENT_TYPES = {TEXT: b"text/plain; charset=utf-8", JSON: b"application/json",
-                 BINARY: b"application/octet-stream"}
+                 BINARY: b"application/octet-stream", PROTOBUF: b"application/x-protobuf"}
 MAX_ANSWER = 1024 * 1024
 
 
