@@ -52,6 +52,12 @@ setup(
         # messages a second (bench/cluster.py).
         "txredisapi>=1.4.10",
         "hiredis>=2.0",
+        # The Web PubSub protobuf subprotocols (broker/webpubsub/protobuf.py):
+        # Google's runtime (its upb C core) encodes and decodes the messages
+        # of broker/webpubsub/proto/.  The committed webpubsub_pb2.py was
+        # generated for 7.35 and checks the runtime is that major version,
+        # at least that release.
+        "protobuf>=7.35.1,<8",
     ],
     package_data={"broker.peergroups": ["web/*.js"]},
     cmdclass={"build_py": build_py_with_etc},

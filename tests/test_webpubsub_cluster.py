@@ -27,7 +27,7 @@ from broker.cluster.node import Cluster
 from broker.cluster.redis import RedisClient
 from broker.core.interfaces import IHubObserver
 from broker.core.router import Core
-from broker.core.message import FROM_GROUP, TEXT, Delivery, Message, Target
+from broker.core.message import BINARY, FROM_GROUP, TEXT, Delivery, Message, Target
 from broker.webpubsub.handover import RELEASE, Overlap
 from broker.webpubsub.site import makeFactory, makeSite
 from tests.redisserver import RedisServer
@@ -420,6 +420,46 @@ class HandoverTests(ClusterTestCase):
         yield later(0.1)
         self.assertIsNone((yield self.a.client.execute("GET", f"t:wps:link:chat:{cid}")))
         self.assertEqual(self.a.events.seen[-1], ("disconnected", cid))
+
+    @defer.inlineCallbacks
+    def test_protobufResumeOnAnotherNode(self):
+        """
+        A protobuf reliable connection moves too: its unacknowledged binary
+        frames travel in the hand-over and B goes on in protobuf.
+        """
+        from broker.webpubsub.protobuf import PROTOBUF_RELIABLE_V1
+        from broker.webpubsub.proto import webpubsub_pb2 as pb
+
+        @defer.inlineCallbacks
+        def nextPB(c):
+            payload, isBinary = yield c.next()
+            self.assertTrue(isBinary)
+            return pb.DownstreamMessage.FromString(payload)
+        c = yield self.a.connect(protocols=(PROTOBUF_RELIABLE_V1,), userId="alice")
+        hello = (yield nextPB(c)).system_message.connected_message
+        self.toUser(self.a, "one")
+        # Bytes that are not UTF-8, in a frame that is not either.
+        self.a.hub.send(Target(Target.USER, "alice"), Message(BINARY, b"\xff\x80"))
+        self.assertEqual([(yield nextPB(c)).data_message.sequence_id,
+                          (yield nextPB(c)).data_message.sequence_id], [1, 2])
+        ack = pb.UpstreamMessage(sequence_ack_message=pb.UpstreamMessage.SequenceAckMessage(
+            sequence_id=1))
+        c.sendMessage(ack.SerializeToString(), isBinary=True)
+        yield later()
+        c.transport.abortConnection()
+        yield c.closed
+        yield later()
+        back = yield self.b.connect(
+            protocols=(PROTOBUF_RELIABLE_V1,), userId="alice",
+            query=f"awps_connection_id={hello.connection_id}"
+                  f"&awps_reconnection_token={hello.reconnection_token}")
+        self.assertEqual((yield nextPB(back)).system_message.connected_message.connection_id,
+                         hello.connection_id)
+        resent = (yield nextPB(back)).data_message
+        self.assertEqual((resent.sequence_id, resent.data.binary_data), (2, b"\xff\x80"))
+        self.toUser(self.b, "three")
+        fresh = (yield nextPB(back)).data_message
+        self.assertEqual((fresh.sequence_id, fresh.data.text_data), (3, "three"))
 
     @defer.inlineCallbacks
     def test_messagesDuringHandoverForwarded(self):

@@ -17,7 +17,10 @@ from broker.core.errors import BadRequest
 BINARY = "binary"
 TEXT = "text"
 JSON = "json"
-DATA_TYPES = (BINARY, TEXT, JSON)
+# A serialised google.protobuf.Any, as the Web PubSub protobuf subprotocols
+# carry it (broker/webpubsub/protobuf.py): bytes to every other client.
+PROTOBUF = "protobuf"
+DATA_TYPES = (BINARY, TEXT, JSON, PROTOBUF)
 
 # Delivery sources.
 FROM_GROUP = "group"
@@ -30,7 +33,8 @@ class Message:
 
     @ivar dataType: one of L{DATA_TYPES}.
     @ivar data: the payload as bytes; for C{text} it is UTF-8, for C{json}
-        it is a serialised JSON value (validated on construction).
+        it is a serialised JSON value (validated on construction), for
+        C{protobuf} a serialised C{google.protobuf.Any}.
     """
 
     __slots__ = ("dataType", "data")
@@ -90,6 +94,15 @@ class Message:
         if self.dataType == TEXT:
             return json.dumps(self.data.decode("utf-8")).encode("utf-8")
         return b'"' + b64encode(self.data) + b'"'
+
+    @property
+    def isBinary(self):
+        """
+        True when the payload is bytes rather than text (C{binary} and
+        C{protobuf}): what goes to a plain WebSocket client as a binary
+        frame.
+        """
+        return self.dataType == BINARY or self.dataType == PROTOBUF
 
     def __len__(self):
         return len(self.data)

@@ -18,10 +18,6 @@ from broker.webpubsub.history import parsePosition
 
 JSON_V1 = "json.webpubsub.azure.v1"
 JSON_RELIABLE_V1 = "json.reliable.webpubsub.azure.v1"
-# Azure subprotocols this broker does not speak (yet): refused at the
-# handshake rather than echoed back as if they had been agreed.
-UNSUPPORTED = ("protobuf.webpubsub.azure.v1",
-               "protobuf.reliable.webpubsub.azure.v1")
 PONG = b'{"type":"pong"}'
 # Request types parsed elsewhere: type -> parse(type, obj) (invoke.py).
 EXTENSIONS = {}

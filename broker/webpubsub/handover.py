@@ -49,6 +49,7 @@ starts a new connection.
 
 import json
 import secrets
+from base64 import b64decode, b64encode
 
 from twisted.internet import defer
 from twisted.logger import Logger
@@ -58,6 +59,7 @@ from broker.core import jsonstrict
 from broker.core.errors import CloseCode
 from broker.webpubsub.redishistory import decodeDelivery, encodeDelivery
 from broker.webpubsub.reliable import ReliableLinks
+from broker.webpubsub.subprotocols import CODECS
 
 log = Logger()
 
@@ -281,12 +283,16 @@ class ClusterLinks(ReliableLinks):
         self._settle(request, state)
 
     def _adopt(self, owner, hubName, cid, userId, state):
-        unacked = [(int(seq), frame.encode("utf-8")) for seq, frame in state["unacked"]]
+        # Frames of a binary wire format (protobuf) travel as base64.
+        codec = CODECS.get(state.get("format", "json"), CODECS["json"])
+        unpack = b64decode if codec.binary else str.encode
+        unacked = [(int(seq), unpack(frame)) for seq, frame in state["unacked"]]
         # An older node sends no ackIds; anything but an integer is dropped.
         ackIds = [a for a in state.get("acks") or ()
                   if isinstance(a, int) and not isinstance(a, bool)]
         link = self.new(hubName, cid, userId, token=state["token"],
                         sequence=int(state["seq"]), unacked=unacked, ackIds=ackIds)
+        link.codec = codec
         link.moving = True
         link.overlap = Overlap()
         hub = self.core.hub(hubName)
@@ -393,8 +399,9 @@ class ClusterLinks(ReliableLinks):
             state = str(state)
         self._send(origin, STATE, {
             "req": request, "ok": True, "hub": hubName, "cid": cid, "token": link.token,
-            "seq": link._sequence,
-            "unacked": [[seq, frame.decode("utf-8")] for seq, frame in link._unacked.items()],
+            "seq": link._sequence, "format": link.codec.name,
+            "unacked": [[seq, b64encode(frame).decode("ascii") if link.codec.binary
+                         else frame.decode("utf-8")] for seq, frame in link._unacked.items()],
             "acks": list(link.recentAcks or ()),
             "groups": sorted(session.groups), "roles": session.permissions.roles(),
             "state": state})

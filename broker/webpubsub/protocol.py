@@ -9,8 +9,9 @@ the core's deliveries.  Two kinds of client share it:
   - plain WebSocket clients (no subprotocol, or a custom one), whose frames
     become C{message} events for the upstream (C{sendEvent} mode) or are
     published to a group (C{sendToGroup} mode);
-  - C{json.webpubsub.azure.v1} clients, which join, leave and publish
-    themselves and get acks.
+  - PubSub clients (C{json.webpubsub.azure.v1}, C{protobuf.webpubsub.azure.v1}
+    and their reliable variants, L{subprotocols}), which join, leave and
+    publish themselves and get acks, in JSON or protobuf frames.
 
 Output is bounded: the protocol registers as a push producer on its
 transport, and once the transport has paused it, whatever is written beyond
@@ -18,7 +19,6 @@ C{maxOutputBuffer} bytes marks the connection a slow consumer, which is then
 closed with L{CloseCode.SLOW_CONSUMER} and counted.
 """
 
-import json
 import re
 from collections import deque
 
@@ -38,7 +38,7 @@ from broker.core.limits import (CLOSE, PER_ADDRESS, PER_HUB, PER_USER, Admission
 from broker.core.output import BoundedOutput
 from broker.core.interfaces import IConnection
 from broker.core.message import BINARY, TEXT, Delivery, Message
-from broker.webpubsub import frames, history, invoke
+from broker.webpubsub import frames, history, invoke, subprotocols
 from broker.webpubsub.reliable import RecentAckIds, ReliableLinks
 from broker.webpubsub.upstream import ConnectDenied
 
@@ -82,6 +82,9 @@ class ClientProtocol(BoundedOutput, WebSocketServerProtocol):
 
     session = None
     kind = PLAIN
+    # The wire format of a PubSub client (subprotocols.Codec); None for a
+    # plain one.
+    codec = None
     userId = None
     connectionId = None
     # A plain json client's ackIds (RecentAckIds), created on the first:
@@ -157,20 +160,11 @@ class ClientProtocol(BoundedOutput, WebSocketServerProtocol):
                 log.info("refused client on hub {hub} from {peer}: {why}",
                          hub=hubName, peer=request.peer, why=str(e))
                 raise ConnectionDeny(401, "Unauthorized")
-        protocol = None
         offered = request.protocols
-        if frames.JSON_RELIABLE_V1 in offered:
-            self.kind = JSON
-            self.reliable = True
-            protocol = frames.JSON_RELIABLE_V1
-        elif frames.JSON_V1 in offered:
-            self.kind = JSON
-            protocol = frames.JSON_V1
+        protocol = subprotocols.choose(offered)
+        if protocol is not None:
+            self._useSubprotocol(protocol)
         elif offered:
-            unsupported = [p for p in offered if p in frames.UNSUPPORTED]
-            if unsupported:
-                factory.rejected(hubName)
-                raise ConnectionDeny(400, f"subprotocol {unsupported[0]} is not supported")
             # A custom subprotocol: a plain client; accept its first choice.
             protocol = offered[0]
         if claims is None:
@@ -215,6 +209,7 @@ class ClientProtocol(BoundedOutput, WebSocketServerProtocol):
             if link is None or link.userId != userId:
                 factory.rejected(hubName)
                 raise ConnectionDeny(404, "no recoverable connection with that id and token")
+            self._checkResumedCodec(link)
             self._resuming = link
             self.connectionId = resumed
             return protocol
@@ -236,9 +231,25 @@ class ClientProtocol(BoundedOutput, WebSocketServerProtocol):
         if link is None or link.userId != userId:
             self.factory.rejected(self.hub.name)
             raise ConnectionDeny(404, "no recoverable connection with that id and token")
+        self._checkResumedCodec(link)
         self._resuming = link
         self.connectionId = resumed
         return protocol
+
+    def _useSubprotocol(self, name):
+        codec, self.reliable = subprotocols.SUBPROTOCOLS[name]
+        self.codec = codec
+        self.kind = codec.name
+
+    def _checkResumedCodec(self, link):
+        """
+        A reliable connection resumes in the wire format it was opened
+        with: the messages it keeps for the client are encoded in it.
+        """
+        if link.codec is not self.codec:
+            self.factory.rejected(self.hub.name)
+            raise ConnectionDeny(400, f"the connection was opened with a {link.codec.label} "
+                                      f"subprotocol; resume it with the same one")
 
     def _admit(self, hubName, claims):
         """
@@ -289,7 +300,10 @@ class ClientProtocol(BoundedOutput, WebSocketServerProtocol):
                 raise ConnectionDeny(500, "connect event handler chose a subprotocol "
                                           "the client did not offer")
             protocol = chosen
-            self.kind = JSON if chosen == frames.JSON_V1 else PLAIN
+            if chosen in subprotocols.SUBPROTOCOLS:
+                self._useSubprotocol(chosen)
+            else:
+                self.kind, self.codec, self.reliable = PLAIN, None, False
         self._admit(self.hub.name, [(PER_USER, userId)])
         self.admission = (userId, roles, groups)
         self._connectionState = answer.get("state")
@@ -317,6 +331,7 @@ class ClientProtocol(BoundedOutput, WebSocketServerProtocol):
             if self.reliable:
                 link = connection = self.factory.links.new(self.hub.name, self.connectionId,
                                                            userId)
+                link.codec = self.codec
             try:
                 self.session = self.hub.admit(connection, userId, roles, groups,
                                               connectionState=self._connectionState)
@@ -332,16 +347,16 @@ class ClientProtocol(BoundedOutput, WebSocketServerProtocol):
         self.userId = userId
         self.admission = None
         # Chosen once: deliver() runs for every receiver of every message.
-        self._encoder = (self.factory.prepareJSON if self.kind == JSON
-                         else self.factory.preparePlain)
+        self._encoder = (self.factory.preparePlain if self.codec is None
+                         else self.factory.preparer(self.codec))
         self._inbound = self.factory.inboundLimiter()
         self._forgetHandshake()
         self.registerAsProducer(self.transport)
         if self.link is not None:
-            self.sendMessage(frames.connected(self.connectionId, userId, self.link.token))
+            self._sendFrame(self.codec.connected(self.connectionId, userId, self.link.token))
             self.link.attach(self)
-        elif self.kind == JSON:
-            self.sendMessage(frames.connected(self.connectionId, userId))
+        elif self.codec is not None:
+            self._sendFrame(self.codec.connected(self.connectionId, userId))
 
     def _forgetHandshake(self):
         """
@@ -395,9 +410,15 @@ class ClientProtocol(BoundedOutput, WebSocketServerProtocol):
     def _closeSocket(self, code, reason):
         if self.state != self.STATE_OPEN:
             return
-        if self.kind == JSON:
-            self.sendMessage(frames.disconnected(reason))
+        if self.codec is not None:
+            self._sendFrame(self.codec.disconnected(reason))
         self._sendClose(code, reason)
+
+    def _sendFrame(self, frame):
+        """
+        Send a PubSub client a frame of its wire format (text or binary).
+        """
+        self.sendMessage(frame, isBinary=self.codec.binary)
 
     def _sendClose(self, code, reason):
         """
@@ -455,8 +476,8 @@ class ClientProtocol(BoundedOutput, WebSocketServerProtocol):
             if verdict:
                 self._overRate(verdict, payload, isBinary)
                 return
-        if self.kind == JSON:
-            self._jsonFrame(payload, isBinary)
+        if self.codec is not None:
+            self._requestFrame(payload, isBinary)
         else:
             self._plainFrame(payload, isBinary)
 
@@ -543,7 +564,7 @@ class ClientProtocol(BoundedOutput, WebSocketServerProtocol):
 
     def _overRate(self, verdict, payload, isBinary):
         """
-        A frame over the connection's inbound rate: dropped (a JSON
+        A frame over the connection's inbound rate: dropped (a PubSub
         request with an ackId is answered C{TooManyRequests}) and reading
         paused until the bucket has room again, so TCP holds the client
         back at no cost to the broker; a client that keeps exceeding
@@ -561,8 +582,9 @@ class ClientProtocol(BoundedOutput, WebSocketServerProtocol):
             self._refuse(CloseCode.POLICY_VIOLATION, "inbound rate limit exceeded")
             return
         core.limits.limited(FACE, hub.name, "dropped")
-        if self.kind == JSON and not isBinary and len(payload) <= ACK_PEEK:
-            ackId = _peekAckId(payload)
+        codec = self.codec
+        if codec is not None and isBinary == codec.binary and len(payload) <= ACK_PEEK:
+            ackId = codec.peekAckId(payload)
             if ackId is not None:
                 self._ack(ackId, Throttled("over the connection's inbound rate limit; "
                                            "the request was dropped"))
@@ -577,7 +599,7 @@ class ClientProtocol(BoundedOutput, WebSocketServerProtocol):
 
     def _upstreamReply(self, reply):
         if reply is not None and self.session is not None:
-            self.sendMessage(reply.data, isBinary=reply.dataType == BINARY)
+            self.sendMessage(reply.data, isBinary=reply.isBinary)
 
     def _upstreamFailed(self, failure):
         if failure.check(NoUpstream):
@@ -585,13 +607,13 @@ class ClientProtocol(BoundedOutput, WebSocketServerProtocol):
         else:
             self._refuse(CloseCode.INTERNAL_ERROR, "upstream event handler failed")
 
-    def _jsonFrame(self, payload, isBinary):
-        if isBinary:
-            self._refuse(CloseCode.UNSUPPORTED_DATA,
-                         f"binary frames are not allowed with {frames.JSON_V1}")
+    def _requestFrame(self, payload, isBinary):
+        codec = self.codec
+        if isBinary != codec.binary:
+            self._refuse(CloseCode.UNSUPPORTED_DATA, codec.wrongFrame)
             return
         try:
-            request = frames.parseRequest(payload)
+            request = codec.parseRequest(payload)
         except invoke.InvalidInvocation as e:
             self._badRequest(e, None)
             self._invocationsOf().invalid(e)
@@ -600,11 +622,11 @@ class ClientProtocol(BoundedOutput, WebSocketServerProtocol):
             self._badRequest(e, e.ackId)
             return
         except ValueError as e:
-            self._refuse(CloseCode.INVALID_PAYLOAD, f"invalid JSON frame: {e}"[:120])
+            self._refuse(CloseCode.INVALID_PAYLOAD, f"invalid {codec.label} frame: {e}"[:120])
             return
         kind = request.type
         if kind == "ping":
-            self.sendMessage(frames.PONG)
+            self._sendFrame(codec.pong)
             return
         if kind == "sequenceAck":
             if self.link is not None:
@@ -699,7 +721,7 @@ class ClientProtocol(BoundedOutput, WebSocketServerProtocol):
 
     def _eventReply(self, ackId, reply):
         if reply is not None and self.session is not None:
-            self.sendMessage(frames.messageFrame(Delivery(reply)))
+            self._sendFrame(self.codec.messageFrame(Delivery(reply)))
         self._ack(ackId)
 
     def _eventFailed(self, ackId, failure):
@@ -718,7 +740,7 @@ class ClientProtocol(BoundedOutput, WebSocketServerProtocol):
 
     def _ack(self, ackId, error=None):
         if ackId is not None and self.state == self.STATE_OPEN:
-            self.sendMessage(frames.ack(ackId, error))
+            self._sendFrame(self.codec.ack(ackId, error))
 
     def _ackOwner(self):
         """
@@ -786,20 +808,6 @@ class ClientProtocol(BoundedOutput, WebSocketServerProtocol):
 
 def _first(values):
     return values[0] if values else None
-
-
-def _peekAckId(payload):
-    """
-    The ackId of a JSON request, or C{None}: just enough parsing to
-    answer a dropped frame.
-    """
-    try:
-        ackId = json.loads(payload).get("ackId")
-    except (ValueError, AttributeError):
-        return None
-    if isinstance(ackId, int) and not isinstance(ackId, bool) and 0 <= ackId < 1 << 64:
-        return ackId
-    return None
 
 
 class ClientFactory(WebSocketServerFactory):
@@ -873,6 +881,16 @@ class ClientFactory(WebSocketServerFactory):
     def prepareJSON(self, delivery):
         return self.prepareMessage(frames.messageFrame(delivery), False)
 
+    def preparer(self, codec):
+        """
+        The encoder of deliveries to C{codec}'s clients (see L{deliver}):
+        its message frame, prepared.
+        """
+        if codec is subprotocols.JSON:
+            return self.prepareJSON
+        messageFrame, binary = codec.messageFrame, codec.binary
+        return lambda delivery: self.prepareMessage(messageFrame(delivery), binary)
+
     def preparePlain(self, delivery):
         msg = delivery.message
-        return self.prepareMessage(msg.data, msg.dataType == BINARY)
+        return self.prepareMessage(msg.data, msg.isBinary)

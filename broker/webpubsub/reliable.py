@@ -1,7 +1,8 @@
 # -*- test-case-name: tests.test_webpubsub_reliable -*-
 """
-The reliable subprotocol, C{json.reliable.webpubsub.azure.v1}: a
-connection that outlives its WebSocket.
+The reliable subprotocols, C{json.reliable.webpubsub.azure.v1} and
+C{protobuf.reliable.webpubsub.azure.v1}: a connection that outlives its
+WebSocket.
 
 A reliable client numbers nothing itself: every message the broker sends it
 carries a C{sequenceId} (1, 2, ...), and the client acknowledges the highest
@@ -30,7 +31,7 @@ from zope.interface import implementer
 
 from broker.core.errors import CloseCode
 from broker.core.interfaces import IConnection
-from broker.webpubsub import frames
+from broker.webpubsub import subprotocols
 
 # How many recent ackIds a connection remembers for duplicate detection.
 ACK_WINDOW = 4096
@@ -98,6 +99,8 @@ class ReliableLink:
     """
 
     moving = False
+    # The wire format of its frames: the client's subprotocol's.
+    codec = subprotocols.JSON
     forward = None
     overlap = None
     # {group: [pending recoveries, held deliveries]} while a joinGroup
@@ -145,14 +148,14 @@ class ReliableLink:
         Number C{delivery}, keep it until acknowledged and send it.
         """
         self._sequence += 1
-        frame = frames.messageFrame(delivery, sequenceId=self._sequence)
+        frame = self.codec.messageFrame(delivery, sequenceId=self._sequence)
         self._unacked[self._sequence] = frame
         self._bufferedBytes += len(frame)
         if self._bufferedBytes > self.maxBuffered:
             self.slowConsumer("too many unacknowledged messages")
             return
         if self.protocol is not None:
-            self.protocol.sendMessage(frame)
+            self.protocol.sendMessage(frame, self.codec.binary)
 
     def slowConsumer(self, reason="slow consumer: output buffer exceeded"):
         """
@@ -212,8 +215,9 @@ class ReliableLink:
                 self._expiry.cancel()
             self._expiry = None
         self.protocol = protocol
+        binary = self.codec.binary
         for frame in list(self._unacked.values()):
-            protocol.sendMessage(frame)
+            protocol.sendMessage(frame, binary)
 
     def detach(self, protocol, normal):
         """

@@ -36,7 +36,7 @@ from broker.core import jsonstrict
 from broker.core.errors import BrokerError
 from broker.core.hub import NoUpstream
 from broker.core.interfaces import IHubObserver, IUpstream
-from broker.core.message import BINARY, JSON, TEXT, Message
+from broker.core.message import BINARY, JSON, PROTOBUF, TEXT, Message
 from broker.webpubsub.handlerhttp import HandlerHTTP, HandlerTimeout
 from broker.webpubsub.validation import HandlerValidation
 
@@ -44,7 +44,7 @@ log = Logger()
 
 SYSTEM_EVENTS = ("connect", "connected", "disconnected")
 CONTENT_TYPES = {TEXT: b"text/plain; charset=utf-8", JSON: b"application/json",
-                 BINARY: b"application/octet-stream"}
+                 BINARY: b"application/octet-stream", PROTOBUF: b"application/x-protobuf"}
 
 
 class UpstreamTimeout(BrokerError):
