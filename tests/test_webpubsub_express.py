@@ -7,43 +7,12 @@ calling C{invokeEvent()} through it.  tests/js/express_handler.js and
 tests/js/invoke_client.js report what they saw as JSON lines.
 """
 
-import json
-import os
-import shutil
-
-from twisted.internet import defer, protocol, reactor, task
+from twisted.internet import defer, reactor, task
 from twisted.trial.unittest import TestCase
 
 from broker.webpubsub.face import attachEventHandlers
-from tests.tools import killAtCleanup, requireTool
+from tests.nodejs import JSONLines, requireNode, spawnNode
 from tests.wsharness import KEY, BrokerHarness
-
-JS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "js")
-NODE = shutil.which("node")
-
-
-class _Node(protocol.ProcessProtocol):
-    def __init__(self):
-        self.lines = []
-        self.ended = defer.Deferred()
-        self._buffer = b""
-        self.stderr = b""
-
-    def outReceived(self, data):
-        self._buffer += data
-        while b"\n" in self._buffer:
-            line, self._buffer = self._buffer.split(b"\n", 1)
-            self.lines.append(json.loads(line))
-
-    def errReceived(self, data):
-        self.stderr += data
-
-    def processEnded(self, reason):
-        self.ended.callback(None)
-
-    def events(self, kind):
-        return [e for e in self.lines if e["event"] == kind]
-
 
 @defer.inlineCallbacks
 def until(predicate, timeout=20.0):
@@ -54,23 +23,12 @@ def until(predicate, timeout=20.0):
     raise AssertionError("timed out")
 
 
-def requireNode(*packages):
-    requireTool(NODE is not None, "node is not installed (scripts/test installs nodejs)")
-    for package in packages:
-        requireTool(os.path.isdir(os.path.join(JS_DIR, "node_modules", *package.split("/"))),
-                    f"{package} is not in tests/js (scripts/test runs npm ci)")
-
-
 class ExpressEventHandlerTests(TestCase):
     timeout = 60
 
     def spawn(self, script, *args):
-        node = _Node()
-        process = reactor.spawnProcess(
-            node, NODE, [NODE, os.path.join(JS_DIR, script), *args],
-            env={"PATH": os.environ.get("PATH", "")}, path=JS_DIR)
-        killAtCleanup(self, process, node.ended)
-        return node, process
+        node = JSONLines()
+        return node, spawnNode(self, node, script, *args)
 
     @defer.inlineCallbacks
     def startExpress(self):

@@ -8,17 +8,12 @@ C{addConnectionsToGroups} / C{removeConnectionsFromGroups}.
 """
 
 import json
-import os
-import shutil
 
-from twisted.internet import defer, protocol, reactor, task
+from twisted.internet import defer, reactor, task
 from twisted.trial.unittest import TestCase
 
-from tests.tools import killAtCleanup, requireTool
+from tests.nodejs import JSONLines, requireNode, spawnNode
 from tests.wsharness import KEY, BrokerHarness
-
-JS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "js")
-NODE = shutil.which("node")
 JOIN = "webpubsub.joinLeaveGroup"
 SEND = "webpubsub.sendToGroup"
 TOML = """
@@ -28,41 +23,30 @@ max_groups_per_connection = 4
 
 
 def requireServiceSDK():
-    requireTool(NODE is not None, "node is not installed (scripts/test installs nodejs)")
-    requireTool(os.path.isdir(os.path.join(JS_DIR, "node_modules", "@azure", "web-pubsub")),
-                "@azure/web-pubsub is not in tests/js (scripts/test runs npm ci)")
+    requireNode("@azure/web-pubsub")
 
 
-class ServiceSDK(protocol.ProcessProtocol):
+class ServiceSDK(JSONLines):
     """
     tests/js/service_client.js under node: C{call(op, *args)} makes one SDK
     call and fires with its result, or fails with L{SDKError}.
     """
 
     def __init__(self):
+        super().__init__()
         self.ready = defer.Deferred()
-        self.ended = defer.Deferred()
         self._calls = {}
         self._next = 0
-        self._buffer = b""
-        self.stderr = b""
 
-    def outReceived(self, data):
-        self._buffer += data
-        while b"\n" in self._buffer:
-            line, self._buffer = self._buffer.split(b"\n", 1)
-            answer = json.loads(line)
-            if answer.get("ready"):
-                self.ready.callback(answer)
-                continue
-            d = self._calls.pop(answer["id"])
-            if answer["ok"]:
-                d.callback(answer["result"])
-            else:
-                d.errback(SDKError(answer["error"]))
-
-    def errReceived(self, data):
-        self.stderr += data
+    def lineReceived(self, answer):
+        if answer.get("ready"):
+            self.ready.callback(answer)
+            return
+        d = self._calls.pop(answer["id"])
+        if answer["ok"]:
+            d.callback(answer["result"])
+        else:
+            d.errback(SDKError(answer["error"]))
 
     def processEnded(self, reason):
         for d in self._calls.values():
@@ -70,7 +54,7 @@ class ServiceSDK(protocol.ProcessProtocol):
         self._calls.clear()
         if not self.ready.called:
             self.ready.errback(RuntimeError(f"node ended: {self.stderr!r}"))
-        self.ended.callback(reason.value)
+        super().processEnded(reason)
 
     def call(self, op, *args, group=None):
         self._next += 1
@@ -98,11 +82,8 @@ def startSDK(testCase, endpoint, hub="chat"):
     L{ServiceSDK} once the SDK is built.
     """
     sdk = ServiceSDK()
-    args = [NODE, os.path.join(JS_DIR, "service_client.js"),
-            f"Endpoint={endpoint};AccessKey={KEY};Version=1.0;", hub]
-    process = reactor.spawnProcess(sdk, NODE, args, env={"PATH": os.environ.get("PATH", "")},
-                                   path=JS_DIR)
-    killAtCleanup(testCase, process, sdk.ended)
+    spawnNode(testCase, sdk, "service_client.js",
+              f"Endpoint={endpoint};AccessKey={KEY};Version=1.0;", hub)
     return sdk.ready.addCallback(lambda ready: (sdk, ready))
 
 

@@ -7,8 +7,6 @@ message.
 """
 
 import json
-import os
-import shutil
 import threading
 
 from twisted.internet import defer, protocol, reactor, task, threads
@@ -18,7 +16,7 @@ from twisted.trial.unittest import TestCase
 
 from broker.core.message import TEXT, Message, Target
 from broker.webpubsub.reliable import ACK_WINDOW, RecentAckIds, ReliableLinks
-from tests.tools import killAtCleanup, requireTool
+from tests.nodejs import JSONLines, requireNode, spawnNode
 from tests.wsharness import BrokerHarness, ConnectionRefusedByServer
 
 RELIABLE = "json.reliable.webpubsub.azure.v1"
@@ -285,35 +283,6 @@ class OfficialClientSDKTests(TestCase):
         self.assertEqual(after.connectionId, cid)
 
 
-JS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "js")
-NODE = shutil.which("node")
-
-
-class _NodeClient(protocol.ProcessProtocol):
-    """
-    tests/js/reliable_client.js under node: its JSON lines, as they come.
-    """
-
-    def __init__(self):
-        self.lines = []
-        self.ended = defer.Deferred()
-        self._buffer = b""
-        self.stderr = b""
-
-    def outReceived(self, data):
-        self._buffer += data
-        while b"\n" in self._buffer:
-            line, self._buffer = self._buffer.split(b"\n", 1)
-            self.lines.append(json.loads(line))
-
-    def errReceived(self, data):
-        self.stderr += data
-
-    def processEnded(self, reason):
-        self.ended.callback(reason.value)
-
-    def events(self, kind):
-        return [e for e in self.lines if e["event"] == kind]
 
 
 class _Downstream(protocol.Protocol):
@@ -402,19 +371,13 @@ class OfficialJavaScriptClientTests(TestCase):
 
     @defer.inlineCallbacks
     def test_recoverAfterDroppedSocket(self):
-        requireTool(NODE is not None, "node is not installed (scripts/test installs nodejs)")
-        requireTool(os.path.isdir(os.path.join(JS_DIR, "node_modules", "@azure",
-                                               "web-pubsub-client")),
-                    "@azure/web-pubsub-client is not in tests/js (scripts/test runs npm ci)")
+        requireNode("@azure/web-pubsub-client")
         broker = yield BrokerHarness(self, reactor, TOML).start()
         hub = broker.core.hub("chat")
         url = f"{broker.url}/client/hubs/chat?access_token=" + broker.token(
             userId="js", roles=("webpubsub.joinLeaveGroup", "webpubsub.sendToGroup"))
-        node = _NodeClient()
-        process = reactor.spawnProcess(
-            node, NODE, [NODE, os.path.join(JS_DIR, "reliable_client.js"), url],
-            env={"PATH": os.environ.get("PATH", "")}, path=JS_DIR)
-        killAtCleanup(self, process, node.ended)
+        node = JSONLines()
+        process = spawnNode(self, node, "reliable_client.js", url)
 
         def publish(text):
             hub.send(Target(Target.GROUP, "room"), Message(TEXT, text.encode()))
@@ -458,10 +421,7 @@ class OfficialJavaScriptClientTests(TestCase):
         once, those whose ack was lost being answered C{Duplicate} when the
         client sends them again after recovering.
         """
-        requireTool(NODE is not None, "node is not installed (scripts/test installs nodejs)")
-        requireTool(os.path.isdir(os.path.join(JS_DIR, "node_modules", "@azure",
-                                               "web-pubsub-client")),
-                    "@azure/web-pubsub-client is not in tests/js (scripts/test runs npm ci)")
+        requireNode("@azure/web-pubsub-client")
         count, resets = 400, 5
         broker = yield BrokerHarness(self, reactor, TOML).start()
         hub = broker.core.hub("chat")
@@ -471,12 +431,8 @@ class OfficialJavaScriptClientTests(TestCase):
         self.addCleanup(listening.stopListening)
         url = f"ws://127.0.0.1:{listening.getHost().port}/client/hubs/chat?access_token=" + \
             broker.token(userId="js", roles=("webpubsub.sendToGroup",))
-        node = _NodeClient()
-        process = reactor.spawnProcess(
-            node, NODE, [NODE, os.path.join(JS_DIR, "reliable_publisher.js"), url, str(count),
-                         "20", "20"],
-            env={"PATH": os.environ.get("PATH", "")}, path=JS_DIR)
-        killAtCleanup(self, process, node.ended)
+        node = JSONLines()
+        spawnNode(self, node, "reliable_publisher.js", url, str(count), "20", "20")
 
         def received():
             return [json.loads(p)["data"] for p, _ in rx.frames]
