@@ -7,12 +7,17 @@ calling C{invokeEvent()} through it.  tests/js/express_handler.js and
 tests/js/invoke_client.js report what they saw as JSON lines.
 """
 
+from autobahn.twisted.websocket import WebSocketClientFactory
 from twisted.internet import defer, reactor, task
+from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.trial.unittest import TestCase
 
+from broker.auth.tokens import makeClientToken
 from broker.webpubsub.face import attachEventHandlers
 from tests.nodejs import JSONLines, requireNode, spawnNode
-from tests.wsharness import KEY, BrokerHarness
+from tests.test_tap import TwistdTestsMixin, writeConfig
+from tests.wsharness import KEY, BrokerHarness, Client
+
 
 @defer.inlineCallbacks
 def until(predicate, timeout=20.0):
@@ -120,3 +125,60 @@ class ExpressEventHandlerTests(TestCase):
                          ("error", "Timeout"))
         names = [e["name"] for e in express.events("user")]
         self.assertEqual(names, ["echo", "fail", "slow"])
+
+
+class ExpressWithTwistdTests(TwistdTestsMixin, TestCase):
+    """
+    The same middleware as the event handler of a real C{twistd broker}
+    process: validated when the broker starts, then connect, connected, a
+    user event and disconnected, as a backend moving from Azure would run
+    it.
+    """
+
+    timeout = 60
+
+    @defer.inlineCallbacks
+    def test_realBroker(self):
+        requireNode("express", "@azure/web-pubsub-express")
+        express = JSONLines()
+        process = spawnNode(self, express, "express_handler.js", "chat")
+        self.addCleanup(process.closeStdin)
+        yield until(lambda: express.events("listening") or express.ended.called)
+        port = express.events("listening")[0]["port"]
+        directory, path = writeConfig(self, (
+            f'access_keys = ["{KEY}"]\n'
+            '[[webpubsub.hubs.chat.event_handlers]]\n'
+            f'url_template = "http://127.0.0.1:{port}/api/webpubsub/hubs/{{hub}}/{{event}}"\n'
+            'user_events = "*"\n'
+            'system_events = ["connect", "connected", "disconnected"]\n'))
+        proc = self.spawn(["-n", "--pidfile=", "broker", "--config", path.path], directory,
+                          ["webpubsub.listen[0]", "admin.listen[0]"])
+        ports = yield proc.listening
+        yield until(lambda: express.events("options"))
+        self.assertEqual(express.events("options")[0]["path"],
+                         "/api/webpubsub/hubs/chat/validate")
+
+        url = f"ws://127.0.0.1:{ports['webpubsub.listen[0]']}/client/hubs/chat"
+        token = makeClientToken(KEY, url)
+        factory = WebSocketClientFactory(f"{url}?access_token={token}&user=ann",
+                                         protocols=["json.webpubsub.azure.v1"],
+                                         reactor=reactor)
+        factory.protocol = Client
+        factory.setProtocolOptions(autoPingInterval=0, failByDrop=False)
+        c = yield TCP4ClientEndpoint(reactor, "127.0.0.1",
+                                     ports["webpubsub.listen[0]"]).connect(factory)
+        yield c.opened
+        hello = yield c.nextJSON()
+        self.assertEqual(hello["userId"], "ann")
+        yield until(lambda: express.events("connected"))
+        c.send({"type": "event", "event": "greet", "dataType": "text", "data": "hi",
+                "ackId": 1})
+        frames = [(yield c.nextJSON()), (yield c.nextJSON())]
+        message = [f for f in frames if f["type"] == "message"][0]
+        self.assertEqual(message["data"], "echo:hi")
+        c.sendClose()
+        yield c.closed
+        yield until(lambda: express.events("disconnected"))
+        self.assertEqual(express.events("disconnected")[0]["connectionId"],
+                         hello["connectionId"])
+        self.assertNotIn("not validated", proc.text())
