@@ -100,8 +100,8 @@ class BuildServiceTests(TestCase):
         self.assertIsInstance(list(top)[0], Core)
         self.assertIs(top.core, list(top)[0])
         self.assertEqual([s.name for s in top],
-                         ["core", "webpubsub.listeners", "webpubsub.listen[0]",
-                          "admin.listen[0]", "reloader"])
+                         ["core", "webpubsub.listeners", "webpubsub.handlers",
+                          "webpubsub.listen[0]", "admin.listen[0]", "reloader"])
         listener = IServiceCollection(top).getServiceNamed("webpubsub.listen[0]")
         self.assertIsInstance(listener, tap.ListenerService)
         self.assertEqual(listener.description, LOOPBACK)
@@ -111,7 +111,7 @@ class BuildServiceTests(TestCase):
         settings = config.load(path.path)
         settings["webpubsub"]["listen"] = [LOOPBACK, LOOPBACK]
         top = tap.buildService(settings, reactor)
-        self.assertEqual([s.name for s in top][2:4],
+        self.assertEqual([s.name for s in top][3:5],
                          ["webpubsub.listen[0]", "webpubsub.listen[1]"])
 
     def test_webpubsubDisabled(self):

@@ -7,6 +7,7 @@ each C{webpubsub.listen} endpoint.
 import os
 import secrets
 
+from twisted.application import service
 from twisted.logger import Logger
 
 from broker.config import ConfigError
@@ -41,16 +42,18 @@ def developmentKey(stateDir):
     return key, path
 
 
-class EventHandlers:
+class EventHandlers(service.Service):
     """
     The event handlers of the configured hubs: their HTTP client, their
     validation (L{HandlerValidation}), and the upstream attached to each
     hub as it is created.
 
     L{reload} validates every handler again (a configuration reload), with
-    new settings when given; L{stop} releases the connections and cancels
-    the retries.
+    new settings when given; L{stop} (or stopping the service) releases the
+    connections and cancels the retries.
     """
+
+    name = "webpubsub.handlers"
 
     def __init__(self, reactor, core, wps, defaultKeys):
         self.reactor = reactor
@@ -157,6 +160,10 @@ class EventHandlers:
         self.validation.stop()
         return self.http.closeCachedConnections()
 
+    def stopService(self):
+        super().stopService()
+        return self.stop()
+
     # What shutdown and the tests call.
     closeCachedConnections = stop
 
@@ -212,7 +219,7 @@ def build(context):
     context.addService(listeners)
     handlers = EventHandlers(context.reactor, context.core, wps, keys)
     handlers.start()
-    context.reactor.addSystemEventTrigger("before", "shutdown", handlers.stop)
+    context.addService(handlers)
     # SIGHUP applies the [webpubsub] section read again, and validates
     # every event handler again.
     context.onReload(WebPubSubReload(context.loadSettings, factory, handlers, listeners, wps,

@@ -99,9 +99,8 @@ class WebPubSubReload:
         except OSError as e:
             raise ConfigError("broker.state_dir",
                               f"cannot keep the development access key there: {e}")
-        if self.current["access_keys"]:
-            log.warn("webpubsub.access_keys is empty: using the development key in {path}",
-                     path=path)
+        log.warn("webpubsub.access_keys is empty: using the development key in {path}",
+                 path=path)
         return [key]
 
     def apply(self, cfg):
@@ -196,12 +195,15 @@ def describe(old, new, listenersChanged=()):
         for k in _HUB_KEYS:
             if before and after and before[k] != after[k]:
                 changes.append(f"hub {name} {k} {_show(after[k])} (was {_show(before[k])})")
-        if before.get("event_handlers", []) != after.get("event_handlers", []):
+        was, now = before.get("event_handlers", []), after.get("event_handlers", [])
+        if was != now:
             handlers = True
-            changes.append(f"hub {name} handlers {len(after.get('event_handlers', []))} "
-                           f"(was {len(before.get('event_handlers', []))})")
+            changes.append(f"hub {name} handlers changed" if len(was) == len(now) else
+                           f"hub {name} handlers {len(now)} (was {len(was)})")
     for name in listenersChanged:
         changes.append(f"hub {name} listeners changed")
+    if not changes:
+        return "nothing changed"
     if not handlers:
         changes.append("handlers unchanged")
     return ", ".join(changes)
