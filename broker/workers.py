@@ -434,6 +434,9 @@ class WorkerPool(service.Service):
         # What the workers read again on SIGHUP: the --config file, "" for
         # the embedded default, None for nothing (they keep their settings).
         self.configPath = configPath
+        # Whether SIGHUP has been forwarded: a worker (re)started after one
+        # reloads once it runs, so it serves what the others reloaded.
+        self.reloaded = False
         self.settings = settings
         self.workers = [_Worker(i) for i in range(count)]
         self.shared = []
@@ -479,7 +482,8 @@ class WorkerPool(service.Service):
             childFDs[childFD] = holder.port.fileno()
             ports.append(holder.spec(key, childFD))
         spec = {"index": worker.index, "nodeBase": self.nodeBase,
-                "settings": self.settings, "ports": ports, "config": self.configPath}
+                "settings": self.settings, "ports": ports, "config": self.configPath,
+                "reload": self.reloaded and self.configPath is not None}
         proc = WorkerProcess(self, worker, json.dumps(spec).encode("utf-8") + b"\n")
         args = [self.python, "-m", "broker.worker", worker.name]
         try:
@@ -551,6 +555,7 @@ class WorkerPool(service.Service):
         """
         ready = [w for w in self.workers if w.alive and w.readyAt is not None]
         log.info("SIGHUP: reloading {n} workers", n=len(ready))
+        self.reloaded = True
         for worker in ready:
             self._signal(worker, "HUP")
 
@@ -869,6 +874,9 @@ def workerMain(argv, stdin=0):
 
     def running():
         _stopOnce(reactor)
+        if spec.get("reload"):
+            # Started after a SIGHUP: serve what the other workers reloaded.
+            top.reloader.reload()
         log.info("ready: node {nodeId}, pid {pid}", nodeId=top.nodeId, pid=os.getpid(),
                  workerReady=True)
     reactor.callWhenRunning(running)
