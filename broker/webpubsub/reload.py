@@ -131,8 +131,8 @@ class WebPubSubReload:
                  changes=describe(old, cfg, listenersChanged))
         restart = restartNeeded(self.started, cfg)
         if restart:
-            log.warn("webpubsub: {keys} changed but need a restart; the running values stay",
-                     keys=", ".join(restart))
+            log.warn("webpubsub: these changes need a restart, the running values stay: "
+                     "{keys}", keys=", ".join(restart))
 
 
 def restartNeeded(started, cfg):
