@@ -9,6 +9,7 @@ configuration file, over real sockets.
 
 import json
 
+import treq
 from autobahn.twisted.websocket import WebSocketClientFactory
 from twisted.application.service import IServiceCollection
 from azure.core.exceptions import HttpResponseError
@@ -152,7 +153,6 @@ class ProcessTests(TwistdTestsMixin, TestCase):
 
     @defer.inlineCallbacks
     def healthz(self):
-        import treq
         response = yield treq.get(f"http://127.0.0.1:{self.admin}/healthz", reactor=reactor,
                                   persistent=False)
         body = yield treq.content(response)
