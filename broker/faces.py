@@ -45,7 +45,9 @@ class FaceContext:
     """
 
     def __init__(self, reactor, core, settings, top, registry, listen, reloader,
-                 cluster=None, listeningReactor=None, listeners=None, drainHooks=None):
+                 cluster=None, listeningReactor=None, listeners=None, drainHooks=None,
+                 loadSettings=None):
+        self._loadSettings = loadSettings
         self.reactor = reactor
         self._listeningReactor = listeningReactor
         self.core = core
@@ -110,3 +112,17 @@ class FaceContext:
         state; the failure is logged and the other hooks still run.
         """
         self._reloader.hooks.append(hook)
+
+    def loadSettings(self):
+        """
+        Read and validate the configuration the broker was started with
+        again (its C{--config} file, or the embedded default): what a
+        reload hook applies.  Without a file to read (a service built in a
+        test), the running settings.
+
+        @raise broker.config.ConfigError: the file no longer validates; the
+            message names the key.
+        """
+        if self._loadSettings is None:
+            return self.settings
+        return self._loadSettings()

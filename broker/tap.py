@@ -42,6 +42,9 @@ class Options(usage.Options):
     ]
 
     def postOptions(self):
+        # Absolute: a daemon changes directory, and SIGHUP reads it again.
+        if self["config"] is not None:
+            self["config"] = os.path.abspath(self["config"])
         try:
             self["settings"] = brokerconfig.load(self["config"])
         except brokerconfig.ConfigError as e:
@@ -139,9 +142,11 @@ def _address(address):
 
 class Reloader(service.Service):
     """
-    Runs the faces' reload hooks on C{SIGHUP} (rules, keys), in the reactor
-    thread.  The handler is installed only while the service runs, and the
-    previous one is put back when it stops.
+    Runs the faces' reload hooks on C{SIGHUP} (rules, keys, the Web PubSub
+    settings), in the reactor thread.  The handler is installed while the
+    service runs, whatever faces are enabled (even with no hook at all):
+    the signal's default action would end the broker and drop every
+    client.  The previous handler is put back when it stops.
     """
 
     name = "reloader"
@@ -153,7 +158,7 @@ class Reloader(service.Service):
 
     def startService(self):
         super().startService()
-        if self.hooks and threading.current_thread() is threading.main_thread():
+        if threading.current_thread() is threading.main_thread():
             self._previous = signal.signal(signal.SIGHUP, self._onSignal)
 
     def stopService(self):
@@ -249,7 +254,7 @@ def _drainFailed(failure):
         log.failure("drain hook failed", failure)
 
 
-def buildService(settings, reactor, foreground=True, ports=None):
+def buildService(settings, reactor, foreground=True, ports=None, loadSettings=None):
     """
     The broker's service tree for validated C{settings}: the core, then
     each face (L{broker.faces.FACES}) with its listeners and services, then
@@ -259,6 +264,10 @@ def buildService(settings, reactor, foreground=True, ports=None):
     @param ports: C{None} to open every listener; in a worker process, the
         L{broker.workers.InheritedPorts} whose C{reactorFor(key)} adopts the
         socket the supervisor opened for the listener C{key}.
+    @param loadSettings: C{callable()} reading and validating the
+        configuration again (on C{SIGHUP}; raising L{brokerconfig.ConfigError}),
+        or C{None} when there is nothing to read again: reloads then keep
+        C{settings}.
     """
     top = BrokerService()
     top.reactor = reactor
@@ -305,7 +314,7 @@ def buildService(settings, reactor, foreground=True, ports=None):
 
     top.capped = capped
     context = FaceContext(reactor, core, settings, top, registry, listen, reloader, cluster,
-                          listeningReactor, listeners, top.drainHooks)
+                          listeningReactor, listeners, top.drainHooks, loadSettings)
     for name in FACES:
         faceModule(name).build(context)
     admin = settings["admin"]
@@ -313,8 +322,7 @@ def buildService(settings, reactor, foreground=True, ports=None):
                                   idleTimeout=admin["idle_timeout"],
                                   stats=listeners.get("admin.listen"))
     listen("admin.listen", admin["listen"], top.adminSite, admin["max_connections"])
-    if reloader.hooks:
-        reloader.setServiceParent(top)
+    reloader.setServiceParent(top)
     return top
 
 
@@ -325,11 +333,17 @@ def makeService(options):
     twistd = options.parent
     foreground = twistd is None or bool(twistd.get("nodaemon"))
     settings = options["settings"]
+    path = options["config"]
+    if threading.current_thread() is threading.main_thread():
+        # Until the Reloader (or a supervisor's WorkerPool) takes SIGHUP
+        # over, the signal must not end the starting broker.
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
     try:
         if settings["cluster"]["workers"] > 1:
             from broker.workers import makeSupervisor
-            return makeSupervisor(settings, reactor, foreground)
-        return buildService(settings, reactor, foreground)
+            return makeSupervisor(settings, reactor, foreground, configPath=path or "")
+        return buildService(settings, reactor, foreground,
+                            loadSettings=lambda: brokerconfig.load(path))
     except (brokerconfig.ConfigError, OSError, ValueError) as e:
         sys.stderr.write(f"broker: cannot start: {e}\n")
         raise SystemExit(1)

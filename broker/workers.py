@@ -38,6 +38,7 @@ node: the dead one's connections are reaped cluster-wide by the usual
 dead-node path (C{cluster.dead_after}), never mistaken for the new one's.
 """
 
+import functools
 import json
 import os
 import signal
@@ -56,6 +57,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from broker import config as brokerconfig
 from broker.config import ConfigError
 
 log = Logger()
@@ -427,8 +429,14 @@ class WorkerPool(service.Service):
 
     def __init__(self, reactor, settings, count, python=None, env=None, stopTimeout=None,
                  restartDelay=0.5, maxRestartDelay=30.0, stableAfter=10.0,
-                 publisher=None):
+                 publisher=None, configPath=None):
         self._reactor = reactor
+        # What the workers read again on SIGHUP: the --config file, "" for
+        # the embedded default, None for nothing (they keep their settings).
+        self.configPath = configPath
+        # Whether SIGHUP has been forwarded: a worker (re)started after one
+        # reloads once it runs, so it serves what the others reloaded.
+        self.reloaded = False
         self.settings = settings
         self.workers = [_Worker(i) for i in range(count)]
         self.shared = []
@@ -474,7 +482,8 @@ class WorkerPool(service.Service):
             childFDs[childFD] = holder.port.fileno()
             ports.append(holder.spec(key, childFD))
         spec = {"index": worker.index, "nodeBase": self.nodeBase,
-                "settings": self.settings, "ports": ports}
+                "settings": self.settings, "ports": ports, "config": self.configPath,
+                "reload": self.reloaded and self.configPath is not None}
         proc = WorkerProcess(self, worker, json.dumps(spec).encode("utf-8") + b"\n")
         args = [self.python, "-m", "broker.worker", worker.name]
         try:
@@ -546,6 +555,7 @@ class WorkerPool(service.Service):
         """
         ready = [w for w in self.workers if w.alive and w.readyAt is not None]
         log.info("SIGHUP: reloading {n} workers", n=len(ready))
+        self.reloaded = True
         for worker in ready:
             self._signal(worker, "HUP")
 
@@ -781,7 +791,11 @@ def buildWorker(spec, reactor):
     nodeId = f"{spec['nodeBase']}-w{index}-{os.getpid()}"
     settings["cluster"]["node_id"] = nodeId
     ports = InheritedPorts(reactor, spec["ports"])
-    top = buildService(settings, reactor, True, ports=ports)
+    loadSettings = None
+    path = spec.get("config")
+    if path is not None:
+        loadSettings = functools.partial(brokerconfig.load, path or None)
+    top = buildService(settings, reactor, True, ports=ports, loadSettings=loadSettings)
     adminFactory = top.capped("admin.worker_listen", top.adminSite,
                               settings["admin"]["max_connections"])
     for j, description in enumerate(settings["admin"]["worker_listen"]):
@@ -825,8 +839,8 @@ def workerMain(argv, stdin=0):
 
     @return: the exit status.
     """
-    # Until its Reloader takes SIGHUP over (and there is none without
-    # reload hooks), a worker must not die of a forwarded SIGHUP.
+    # Until its Reloader takes SIGHUP over, a worker must not die of a
+    # forwarded SIGHUP.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     try:
         spec = _readSpec(stdin)
@@ -860,6 +874,9 @@ def workerMain(argv, stdin=0):
 
     def running():
         _stopOnce(reactor)
+        if spec.get("reload"):
+            # Started after a SIGHUP: serve what the other workers reloaded.
+            top.reloader.reload()
         log.info("ready: node {nodeId}, pid {pid}", nodeId=top.nodeId, pid=os.getpid(),
                  workerReady=True)
     reactor.callWhenRunning(running)

@@ -100,7 +100,8 @@ class BuildServiceTests(TestCase):
         self.assertIsInstance(list(top)[0], Core)
         self.assertIs(top.core, list(top)[0])
         self.assertEqual([s.name for s in top],
-                         ["core", "webpubsub.listen[0]", "admin.listen[0]"])
+                         ["core", "webpubsub.listeners", "webpubsub.handlers",
+                          "webpubsub.listen[0]", "admin.listen[0]", "reloader"])
         listener = IServiceCollection(top).getServiceNamed("webpubsub.listen[0]")
         self.assertIsInstance(listener, tap.ListenerService)
         self.assertEqual(listener.description, LOOPBACK)
@@ -110,7 +111,7 @@ class BuildServiceTests(TestCase):
         settings = config.load(path.path)
         settings["webpubsub"]["listen"] = [LOOPBACK, LOOPBACK]
         top = tap.buildService(settings, reactor)
-        self.assertEqual([s.name for s in top][1:3],
+        self.assertEqual([s.name for s in top][3:5],
                          ["webpubsub.listen[0]", "webpubsub.listen[1]"])
 
     def test_webpubsubDisabled(self):
@@ -118,7 +119,8 @@ class BuildServiceTests(TestCase):
         settings = config.load(path.path)
         settings["webpubsub"]["enabled"] = False
         top = tap.buildService(settings, reactor)
-        self.assertEqual([s.name for s in top], ["core", "admin.listen[0]"])
+        # The reloader runs all the same: SIGHUP must never end the broker.
+        self.assertEqual([s.name for s in top], ["core", "admin.listen[0]", "reloader"])
 
     def test_developmentKey(self):
         """

@@ -520,10 +520,10 @@ class WorkersTests(RunningWorkersMixin, TestCase):
     extra = f'access_keys = ["{KEY}"]\n[webpubsub.hubs.chat]\n'
 
     @defer.inlineCallbacks
-    def connect(self, userId):
+    def connect(self, userId, key=KEY):
         port = self.ports["webpubsub.listen[0]"]
         url = f"ws://127.0.0.1:{port}/client/hubs/chat"
-        token = makeClientToken(KEY, url, userId=userId,
+        token = makeClientToken(key, url, userId=userId,
                                 roles=("webpubsub.joinLeaveGroup", "webpubsub.sendToGroup"))
         factory = WebSocketClientFactory(f"{url}?access_token={token}",
                                          protocols=["json.webpubsub.azure.v1"], reactor=reactor)
@@ -671,6 +671,49 @@ class WorkersTests(RunningWorkersMixin, TestCase):
         self.proc.transport.signalProcess("KILL")
         yield self.proc.ended
         yield waitFor(lambda: not any(running(p) for p in pids), timeout=10)
+
+
+class WebPubSubReloadWorkersTests(RunningWorkersMixin, TestCase):
+    """
+    SIGHUP reaches every worker, and each reads the configuration file
+    again: a key added to it is accepted whichever worker takes the
+    client, and the clients connected before stay.
+    """
+
+    extra = f'access_keys = ["{KEY}"]\n[webpubsub.hubs.chat]\n'
+    connect = WorkersTests.connect
+
+    @defer.inlineCallbacks
+    def test_sighupReloadsEveryWorker(self):
+        before = yield self.connect("before")
+        newKey = "workers-new-key-fedcba9876543210"
+        path = self.directory.child("broker.toml")
+        path.setContent(path.getContent().replace(
+            f'access_keys = ["{KEY}"]'.encode(), f'access_keys = ["{KEY}", "{newKey}"]'.encode()))
+        self.proc.transport.signalProcess("HUP")
+        yield waitFor(lambda: all(
+            any(f"[{name} broker.webpubsub.reload#info] webpubsub: reloaded: access keys 2 "
+                f"(was 1)" in line for line in self.proc.lines()) for name in ("w0", "w1")))
+        port = self.ports["webpubsub.listen[0]"]
+        for i in range(6):
+            yield self.connect(f"new{i}", key=newKey)
+        self.assertEqual(
+            (yield handshake(port, "/client/hubs/chat?access_token=" + makeClientToken(
+                "not-a-configured-key-0123456789abcdef", f"http://127.0.0.1:{port}/client/hubs/chat"))).split()[1],
+            b"401")
+        self.assertIsNone(before.closeCode)
+        self.assertEqual(len(readyWorkers(self.proc)), 2)
+
+        # A worker restarted after the SIGHUP reloads too, once it runs.
+        w1, pid1 = readyWorkers(self.proc)["w1"]
+        os.kill(pid1, signal.SIGKILL)
+        yield waitFor(lambda: readyWorkers(self.proc)["w1"][1] != pid1, timeout=20)
+        newPid = readyWorkers(self.proc)["w1"][1]
+        reloaded = [line for line in self.proc.lines()
+                    if f"[w1 broker.webpubsub.reload#info] webpubsub: reloaded:" in line]
+        self.assertEqual(len(reloaded), 2, self.proc.text())
+        self.assertIn("access keys 2 (was 1)", reloaded[-1])
+        self.assertNotEqual(newPid, pid1)
 
 
 class EcdnWorkersTests(RunningWorkersMixin, TestCase):

@@ -51,9 +51,17 @@ class AdmissionLimits:
     """
 
     def __init__(self, limits, overrides=None):
+        self._counts = {}        # (kind, key) -> open connections
+        self.configure(limits, overrides)
+
+    def configure(self, limits, overrides=None):
+        """
+        Replace the limits (a configuration reload), keeping the counts of
+        what is open: the new limits apply to the next admissions, and a
+        count already over a lowered limit only stops new ones.
+        """
         self._limits = {k: n for k, n in limits.items() if n}
         self._overrides = {k: dict(v) for k, v in (overrides or {}).items()}
-        self._counts = {}        # (kind, key) -> open connections
 
     def limit(self, kind, key):
         """

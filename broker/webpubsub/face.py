@@ -7,11 +7,13 @@ each C{webpubsub.listen} endpoint.
 import os
 import secrets
 
+from twisted.application import service
 from twisted.logger import Logger
 
 from broker.config import ConfigError
 from broker.files import writePrivate
 from broker.webpubsub.listeners import EventListeners
+from broker.webpubsub.reload import WebPubSubReload
 from broker.webpubsub.upstream import CloudEventsUpstream, EventHandler, makeHTTPClient
 from broker.webpubsub.validation import HandlerValidation
 from broker.webpubsub.rest import RestCollector
@@ -40,30 +42,54 @@ def developmentKey(stateDir):
     return key, path
 
 
-class EventHandlers:
+class EventHandlers(service.Service):
     """
     The event handlers of the configured hubs: their HTTP client, their
     validation (L{HandlerValidation}), and the upstream attached to each
     hub as it is created.
 
-    L{reload} validates every handler again (a configuration reload);
-    L{stop} releases the connections and cancels the retries.
+    L{reload} validates every handler again (a configuration reload), with
+    new settings when given; L{stop} (or stopping the service) releases the
+    connections and cancels the retries.
     """
 
-    def __init__(self, reactor, core, wps, defaultKeys, configured):
+    name = "webpubsub.handlers"
+
+    def __init__(self, reactor, core, wps, defaultKeys):
         self.reactor = reactor
         self.core = core
-        self.wps = wps
-        self.defaultKeys = defaultKeys
         self.http, _ = makeHTTPClient(reactor)
         self.validation = HandlerValidation(
             reactor, self.http, wps["event_origin"], health=getattr(core, "health", None),
             timeout=wps["event_timeout"])
+        # Hub name -> the CloudEventsUpstream attached to that hub.
+        self._upstreams = {}
+        self._configure(wps, defaultKeys)
+
+    def _configure(self, wps, defaultKeys):
+        checkHandlerURLs(wps)
+        self.wps = wps
+        self.defaultKeys = defaultKeys
+        self._configured = {name: h for name, h in wps["hubs"].items() if h["event_handlers"]}
         self._handlers = {name: [EventHandler(e["url_template"], e["user_events"],
                                               e["system_events"])
                                  for e in h["event_handlers"]]
-                          for name, h in configured.items()}
-        self._configured = configured
+                          for name, h in self._configured.items()}
+
+    @staticmethod
+    def check(wps):
+        """
+        @raise ConfigError: a handler of C{wps} cannot be used (see
+            L{checkHandlerURLs}).
+        """
+        checkHandlerURLs(wps)
+
+    @property
+    def configured(self):
+        """
+        Whether any hub has event handlers.
+        """
+        return bool(self._configured)
 
     def start(self):
         """
@@ -75,12 +101,46 @@ class EventHandlers:
         self.core.onNewHub(self._setup)
         return self.validation.load(self._handlers)
 
-    def reload(self):
+    def reload(self, wps=None, defaultKeys=None):
         """
         Validate every handler again: the entry point for a configuration
-        reload (SIGHUP).
+        reload (SIGHUP).  With C{wps} (a new C{[webpubsub]} table), its
+        handlers, keys, origin, timeout and retries replace the running
+        ones first: the existing hubs' upstreams are updated in place (an
+        event under way finishes with the handler it had), hubs that lost
+        every handler lose their upstream, and hubs that gained some get
+        one.
+
+        @raise ConfigError: a handler URL that is not http(s); nothing
+            changes then.
         """
+        if wps is not None:
+            self._configure(wps, self.defaultKeys if defaultKeys is None else defaultKeys)
+            self.validation.origin = wps["event_origin"]
+            self.validation.timeout = wps["event_timeout"]
+            for name, upstream in list(self._upstreams.items()):
+                if name in self._configured:
+                    self._update(upstream)
+                    continue
+                del self._upstreams[name]
+                hub = self.core.hubs.get(name)
+                if hub is not None:
+                    hub.removeObserver(upstream)
+                    if hub.upstream is upstream:
+                        hub.upstream = None
+            for name in self._configured:
+                hub = self.core.hubs.get(name)
+                if hub is not None and name not in self._upstreams:
+                    self._setup(hub)
         return self.validation.reload(self._handlers)
+
+    def _update(self, upstream):
+        wps, name = self.wps, upstream.hubName
+        upstream.handlers = list(self._handlers[name])
+        upstream.accessKeys = list(self._configured[name]["access_keys"] or self.defaultKeys)
+        upstream.origin = wps["event_origin"]
+        upstream.timeout = wps["event_timeout"]
+        upstream.retries = wps["event_retries"]
 
     def _setup(self, hub):
         h = self._configured.get(hub.name)
@@ -94,13 +154,30 @@ class EventHandlers:
             validation=self.validation)
         hub.upstream = upstream
         hub.addObserver(upstream)
+        self._upstreams[hub.name] = upstream
 
     def stop(self):
         self.validation.stop()
         return self.http.closeCachedConnections()
 
+    def stopService(self):
+        super().stopService()
+        return self.stop()
+
     # What shutdown and the tests call.
     closeCachedConnections = stop
+
+
+def checkHandlerURLs(wps):
+    """
+    @raise ConfigError: naming the first handler whose URL is not http(s).
+    """
+    for name, h in wps["hubs"].items():
+        for i, handler in enumerate(h["event_handlers"]):
+            url = handler["url_template"]
+            if not url.startswith(("http://", "https://")):
+                raise ConfigError(f"webpubsub.hubs.{name}.event_handlers[{i}].url_template",
+                                  "must be an http:// or https:// URL")
 
 
 def attachEventHandlers(reactor, core, wps, defaultKeys):
@@ -111,16 +188,9 @@ def attachEventHandlers(reactor, core, wps, defaultKeys):
     @return: the L{EventHandlers} (to L{EventHandlers.stop} at shutdown),
         or C{None} when no hub has any.
     """
-    configured = {name: h for name, h in wps["hubs"].items() if h["event_handlers"]}
-    if not configured:
+    handlers = EventHandlers(reactor, core, wps, defaultKeys)
+    if not handlers.configured:
         return None
-    for name, h in configured.items():
-        for i, handler in enumerate(h["event_handlers"]):
-            url = handler["url_template"]
-            if not url.startswith(("http://", "https://")):
-                raise ConfigError(f"webpubsub.hubs.{name}.event_handlers[{i}].url_template",
-                                  "must be an http:// or https:// URL")
-    handlers = EventHandlers(reactor, core, wps, defaultKeys, configured)
     handlers.start()
     return handlers
 
@@ -145,13 +215,15 @@ def build(context):
     if stopLinks is not None:
         context.reactor.addSystemEventTrigger("before", "shutdown", stopLinks)
     listeners = EventListeners(context.core, wps["hubs"], context.reactor.seconds)
-    if listeners.configured:
-        context.addService(listeners)
-    handlers = attachEventHandlers(context.reactor, context.core, wps, keys)
-    if handlers is not None:
-        context.reactor.addSystemEventTrigger("before", "shutdown", handlers.stop)
-        # SIGHUP validates every handler again.
-        context.onReload(handlers.reload)
+    # Running even without listeners: a reload may add some.
+    context.addService(listeners)
+    handlers = EventHandlers(context.reactor, context.core, wps, keys)
+    handlers.start()
+    context.addService(handlers)
+    # SIGHUP applies the [webpubsub] section read again, and validates
+    # every event handler again.
+    context.onReload(WebPubSubReload(context.loadSettings, factory, handlers, listeners, wps,
+                                     lambda: developmentKey(context.stateDir)))
     site = makeSite(factory, headerTimeout=wps["header_timeout"],
                     idleTimeout=wps["idle_timeout"],
                     stats=context.listeners.get("webpubsub.listen"))

@@ -253,35 +253,93 @@ class EventListeners(service.Service):
     def __init__(self, core, hubsConfig, clock=time.time, package=None):
         self.core = core
         self.clock = clock
+        self._package = package
         self._listeners = {}
+        self._config = {}
         self._events = []
         try:
             for hubName, cfg in sorted(hubsConfig.items()):
-                listeners = self._listeners.setdefault(hubName, [])
-                key = f"webpubsub.hubs.{hubName}"
-                everything = EventFilter()
-                for name in cfg["event_listeners"]:
-                    listeners.append((self._plugin(f"{key}.event_listeners", name, hubName,
-                                                   package), everything))
-                if cfg["event_log"]:
-                    listeners.append((self._file(f"{key}.event_log", cfg["event_log"]),
-                                      everything))
-                for i, entry in enumerate(cfg.get("listeners") or ()):
-                    where = f"{key}.listeners[{i}]"
-                    if bool(entry["file"]) == bool(entry["plugin"]):
-                        raise ConfigError(where, "give exactly one of file and plugin")
-                    eventFilter = EventFilter(entry["system_events"], entry["user_events"])
-                    if entry["file"]:
-                        listener = self._file(f"{where}.file", entry["file"])
-                    else:
-                        listener = self._plugin(f"{where}.plugin", entry["plugin"], hubName,
-                                                package)
-                    listeners.append((listener, eventFilter))
-                if not listeners:
-                    del self._listeners[hubName]
+                listeners = self._build(hubName, cfg)
+                if listeners:
+                    self._listeners[hubName] = listeners
+                    self._config[hubName] = _listenerConfig(cfg)
         except Exception:
             self._closeAll()
             raise
+
+    def _build(self, hubName, cfg):
+        """
+        The listeners of one hub, each with its filter; on a failure, those
+        already opened are closed.
+
+        @raise ConfigError: naming the key.
+        """
+        package = self._package
+        listeners = []
+        key = f"webpubsub.hubs.{hubName}"
+        everything = EventFilter()
+        try:
+            for name in cfg["event_listeners"]:
+                listeners.append((self._plugin(f"{key}.event_listeners", name, hubName,
+                                               package), everything))
+            if cfg["event_log"]:
+                listeners.append((self._file(f"{key}.event_log", cfg["event_log"]),
+                                  everything))
+            for i, entry in enumerate(cfg.get("listeners") or ()):
+                where = f"{key}.listeners[{i}]"
+                if bool(entry["file"]) == bool(entry["plugin"]):
+                    raise ConfigError(where, "give exactly one of file and plugin")
+                eventFilter = EventFilter(entry["system_events"], entry["user_events"])
+                if entry["file"]:
+                    listener = self._file(f"{where}.file", entry["file"])
+                else:
+                    listener = self._plugin(f"{where}.plugin", entry["plugin"], hubName,
+                                            package)
+                listeners.append((listener, eventFilter))
+        except Exception:
+            _close(listeners)
+            raise
+        return listeners
+
+    def reload(self, hubsConfig):
+        """
+        Take the listeners of C{hubsConfig} (a reloaded C{webpubsub.hubs}):
+        a hub whose listener keys are unchanged keeps its listeners (files
+        stay open); a changed hub's new listeners are opened, then put in
+        place of the old ones, which are closed.  All or nothing: when one
+        cannot be opened, those opened are closed and nothing changes.
+
+        @return: the names of the hubs whose listeners changed.
+        @raise ConfigError: naming the key.
+        """
+        wanted = {name: _listenerConfig(cfg) for name, cfg in hubsConfig.items()}
+        wanted = {name: c for name, c in wanted.items() if any(c)}
+        changed = sorted(name for name in set(wanted) | set(self._config)
+                         if wanted.get(name) != self._config.get(name))
+        built = {}
+        try:
+            for name in changed:
+                if name in wanted:
+                    built[name] = self._build(name, hubsConfig[name])
+        except Exception:
+            for listeners in built.values():
+                _close(listeners)
+            raise
+        for name in changed:
+            old = self._listeners.pop(name, [])
+            self._config.pop(name, None)
+            listeners = built.get(name)
+            if listeners:
+                self._listeners[name] = listeners
+                self._config[name] = wanted[name]
+            attached = [e for e in self._events if e.hubName == name]
+            for events in attached:
+                events.listeners = listeners or []
+            hub = self.core.hubs.get(name) if self.core is not None else None
+            if not attached and hub is not None:
+                self._setup(hub)
+            _close(old)
+        return changed
 
     def _plugin(self, key, name, hubName, package):
         factory = findFactory(name, package)
@@ -321,11 +379,25 @@ class EventListeners(service.Service):
         for events in self._events:
             events.running = False
         for listeners in self._listeners.values():
-            for listener, _ in listeners:
-                try:
-                    listener.close()
-                except Exception:
-                    log.failure("closing event listener {listener}", listener=listener)
+            _close(listeners)
+
+
+def _close(listeners):
+    for listener, _ in listeners:
+        try:
+            listener.close()
+        except Exception:
+            log.failure("closing event listener {listener}", listener=listener)
+
+
+def _listenerConfig(cfg):
+    """
+    The keys of a hub's configuration that say what its listeners are.
+    """
+    return (tuple(cfg["event_listeners"]), cfg["event_log"],
+            tuple(tuple(sorted((k, tuple(v) if isinstance(v, list) else v)
+                               for k, v in entry.items()))
+                  for entry in cfg.get("listeners") or ()))
 
 
 __all__ = ["IEventListener", "IEventListenerFactory", "JSONLinesFile", "EventFilter",

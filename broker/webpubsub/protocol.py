@@ -73,6 +73,29 @@ class HubSettings:
         self.plainGroup = plainGroup
         self.anonymousRoles = tuple(anonymousRoles)
 
+    def __eq__(self, other):
+        if not isinstance(other, HubSettings):
+            return NotImplemented
+        return vars(self) == vars(other)
+
+
+class FaceSettings:
+    """
+    What the face reads at each handshake and REST call, as one object: the
+    hubs' settings, the default for any other hub, and the accepted token
+    audiences.  A reload (L{broker.webpubsub.reload}) builds a new one and
+    swaps it in whole, so a handshake never sees half of the old settings
+    and half of the new; a connection keeps what it was admitted with.
+    """
+
+    def __init__(self, hubs, default, audiences=()):
+        self.hubs = dict(hubs)
+        self.default = default
+        self.audiences = tuple(audiences)
+
+    def hub(self, hubName):
+        return self.hubs.get(hubName, self.default)
+
 
 @implementer(IConnection)
 class ClientProtocol(BoundedOutput, WebSocketServerProtocol):
@@ -837,9 +860,7 @@ class ClientFactory(WebSocketServerFactory):
             from broker.webpubsub.handover import ClusterLinks
             self.links = ClusterLinks(self.reactor, recoveryWindow, maxOutputBuffer, core,
                                       cluster)
-        self._hubSettings = dict(hubSettings)
-        self._defaultSettings = defaultSettings
-        self.audiences = tuple(audiences)
+        self.settings = FaceSettings(hubSettings, defaultSettings, audiences)
         self.maxOutputBuffer = maxOutputBuffer
         self.setProtocolOptions(
             maxFramePayloadSize=maxFrameSize,
@@ -852,7 +873,11 @@ class ClientFactory(WebSocketServerFactory):
         )
 
     def hubSettings(self, hubName):
-        return self._hubSettings.get(hubName, self._defaultSettings)
+        return self.settings.hub(hubName)
+
+    @property
+    def audiences(self):
+        return self.settings.audiences
 
     def drain(self):
         """

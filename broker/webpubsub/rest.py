@@ -92,6 +92,8 @@ class RestAPI(Resource):
         (its C{accessKeys}), as L{broker.webpubsub.protocol.ClientFactory}
         resolves them.
     @param audiences: accepted token audience origins; empty accepts any.
+        Or a C{callable()} returning them: the face's current ones, which a
+        configuration reload replaces.
     @param maxBodySize: the largest message body accepted, in bytes.
     @param clock: C{callable() -> float}, the POSIX time (for tests).
     """
@@ -105,7 +107,7 @@ class RestAPI(Resource):
         # Send filters travel as text and are compiled on every node.
         core.setFilterCompiler(compileFilter)
         self.hubSettings = hubSettings
-        self.audiences = tuple(_origin(a) for a in audiences)
+        self.audiences = audiences
         self.maxBodySize = maxBodySize
         self.clock = clock
         # (operation, status) -> requests, for /metrics (RestCollector).
@@ -251,6 +253,22 @@ class RestAPI(Resource):
         checkApiVersion(versions[0].decode("ascii", "replace"))
 
     # -- authentication ---------------------------------------------------
+
+    @property
+    def audiences(self):
+        """
+        The accepted audience origins, normalized (L{_origin}).
+        """
+        raw = self._audiences() if callable(self._audiences) else self._audiences
+        if raw is not self._audiencesRaw:
+            self._audiencesRaw = raw
+            self._audiencesNormal = tuple(_origin(a) for a in raw)
+        return self._audiencesNormal
+
+    @audiences.setter
+    def audiences(self, value):
+        self._audiences = value if callable(value) else tuple(value)
+        self._audiencesRaw = self._audiencesNormal = None
 
     def _authenticate(self, request, hubName):
         auth = (request.getHeader(b"authorization") or "")

@@ -13,7 +13,7 @@ from broker.core.limits import PER_ADDRESS, PER_HUB, PER_USER, AdmissionLimits
 from broker.net.http import METHOD_NOT_ALLOWED, BoundedSite, Routes
 from broker.webpubsub import redishistory
 from broker.webpubsub.history import installHistory
-from broker.webpubsub.protocol import ClientFactory, HubSettings
+from broker.webpubsub.protocol import ClientFactory, FaceSettings, HubSettings
 from broker.webpubsub.rest import RestAPI
 
 
@@ -42,7 +42,30 @@ def makeFactory(core, cfg, defaultKeys, reactor, cluster=None):
         group history and reliable connections are then shared through
         Redis (L{broker.webpubsub.redishistory}, L{broker.webpubsub.handover}).
     """
-    default = HubSettings(accessKeys=defaultKeys)
+    settings = faceSettings(cfg, defaultKeys)
+    groupLimits = installGroupLimits(core, cfg)
+    if cluster is None:
+        installHistory(core, cfg["hubs"], core.reactor.seconds)
+    else:
+        redishistory.install(core, cfg["hubs"], cluster)
+    factory = ClientFactory(
+        core, settings.hubs, settings.default, audiences=settings.audiences,
+        maxFrameSize=cfg["max_frame_size"], maxOutputBuffer=cfg["max_output_buffer"],
+        autoPingInterval=cfg["auto_ping_interval"], autoPingTimeout=cfg["auto_ping_timeout"],
+        reactor=reactor, recoveryWindow=cfg["recovery_window"], cluster=cluster,
+        maxEventsInFlight=cfg["max_events_in_flight"],
+        admission=admissionLimits(cfg),
+        inboundRate=inboundRate(cfg),
+    )
+    factory.groupLimits = groupLimits
+    return factory
+
+
+def faceSettings(cfg, defaultKeys):
+    """
+    The L{FaceSettings} of the C{[webpubsub]} table: each configured hub's
+    own, resolved against the face-wide ones, and the default for any other.
+    """
     hubs = {}
     for name, h in cfg["hubs"].items():
         hubs[name] = HubSettings(
@@ -52,21 +75,15 @@ def makeFactory(core, cfg, defaultKeys, reactor, cluster=None):
             plainGroup=h["plain_group"],
             anonymousRoles=h["anonymous_roles"],
         )
-    installGroupLimits(core, cfg)
-    if cluster is None:
-        installHistory(core, cfg["hubs"], core.reactor.seconds)
-    else:
-        redishistory.install(core, cfg["hubs"], cluster)
-    return ClientFactory(
-        core, hubs, default, audiences=cfg["audiences"],
-        maxFrameSize=cfg["max_frame_size"], maxOutputBuffer=cfg["max_output_buffer"],
-        autoPingInterval=cfg["auto_ping_interval"], autoPingTimeout=cfg["auto_ping_timeout"],
-        reactor=reactor, recoveryWindow=cfg["recovery_window"], cluster=cluster,
-        maxEventsInFlight=cfg["max_events_in_flight"],
-        admission=admissionLimits(cfg),
-        inboundRate=(cfg["max_inbound_messages_per_second"],
-                     cfg["max_inbound_bytes_per_second"], cfg["inbound_burst"]),
-    )
+    return FaceSettings(hubs, HubSettings(accessKeys=defaultKeys), cfg["audiences"])
+
+
+def inboundRate(cfg):
+    """
+    C{(messages, bytes, burst)}: one connection's inbound rate limits.
+    """
+    return (cfg["max_inbound_messages_per_second"], cfg["max_inbound_bytes_per_second"],
+            cfg["inbound_burst"])
 
 
 def admissionLimits(cfg):
@@ -74,30 +91,56 @@ def admissionLimits(cfg):
     The face's L{AdmissionLimits}: C{[webpubsub]}'s, with the hubs' own
     C{max_connections_per_hub}.
     """
+    return AdmissionLimits(*admissionArguments(cfg))
+
+
+def admissionArguments(cfg):
+    """
+    C{(limits, overrides)} for L{AdmissionLimits} (or its C{configure}).
+    """
     perHub = {name: h["max_connections_per_hub"] for name, h in cfg["hubs"].items()
               if h["max_connections_per_hub"] is not None}
-    return AdmissionLimits({PER_HUB: cfg["max_connections_per_hub"],
-                            PER_USER: cfg["max_connections_per_user"],
-                            PER_ADDRESS: cfg["max_connections_per_address"]},
-                           overrides={PER_HUB: perHub})
+    return ({PER_HUB: cfg["max_connections_per_hub"],
+             PER_USER: cfg["max_connections_per_user"],
+             PER_ADDRESS: cfg["max_connections_per_address"]},
+            {PER_HUB: perHub})
 
 
-def installGroupLimits(core, cfg):
+class GroupLimits:
     """
-    Give every hub (Web PubSub clients also subscribe to the IoT fleets'
-    hubs) the face's group limits, a hub's own C{max_groups_per_hub} first.
+    Gives every hub (Web PubSub clients also subscribe to the IoT fleets'
+    hubs) the face's group limits, a hub's own C{max_groups_per_hub} first:
+    each hub as it is created (C{core.onNewHub}), and every existing one
+    again on L{update} (a reload), for the joins that follow.
     """
-    hubs = cfg["hubs"]
 
-    def setup(hub):
-        own = hubs.get(hub.name)
+    def __init__(self, core, cfg):
+        self.core = core
+        self.cfg = cfg
+
+    def __call__(self, hub):
+        cfg = self.cfg
+        own = cfg["hubs"].get(hub.name)
         hub.face = "webpubsub"
         hub.maxGroupsPerConnection = cfg["max_groups_per_connection"]
         hub.maxGroups = cfg["max_groups_per_hub"]
         if own is not None and own["max_groups_per_hub"] is not None:
             hub.maxGroups = own["max_groups_per_hub"]
         hub.maxGroupNameLength = cfg["max_group_name_length"]
-    core.onNewHub(setup)
+
+    def update(self, cfg):
+        self.cfg = cfg
+        for hub in list(self.core.hubs.values()):
+            self(hub)
+
+
+def installGroupLimits(core, cfg):
+    """
+    Install L{GroupLimits} for C{cfg} on every hub, existing and future.
+    """
+    limits = GroupLimits(core, cfg)
+    core.onNewHub(limits)
+    return limits
 
 
 def refusal(request, status, reason, message):
@@ -123,7 +166,7 @@ def makeSite(factory, headerTimeout=10.0, idleTimeout=60.0, stats=None):
     client = Resource()
     root.putChild(b"client", client)
     client.putChild(b"hubs", _Hubs(WebSocketResource(factory)))
-    rest = RestAPI(factory.core, factory.hubSettings, factory.audiences,
+    rest = RestAPI(factory.core, factory.hubSettings, lambda: factory.audiences,
                    maxBodySize=factory.maxMessagePayloadSize)
     root.putChild(b"api", rest)
     routes = Routes([
