@@ -20,25 +20,25 @@ closed with L{CloseCode.SLOW_CONSUMER} and counted.
 """
 
 import re
-from collections import deque
 
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.types import ConnectionDeny
-from twisted.internet import defer
 from twisted.logger import Logger
 from zope.interface import implementer
 
 from broker.auth.tokens import TokenError, verifyClientToken
 from broker.config import HUB_NAME
-from broker.core.errors import BadRequest, BrokerError, CloseCode, Duplicate, Throttled
+from broker.core.errors import BadRequest, BrokerError, CloseCode, Duplicate
 from broker.core.hub import NoUpstream, checkName
 from broker.core.drain import LiveConnections
-from broker.core.limits import (CLOSE, PER_ADDRESS, PER_HUB, PER_USER, AdmissionLimits,
+from broker.core.limits import (PER_ADDRESS, PER_HUB, PER_USER, AdmissionLimits,
                                 InboundLimiter, peerHost)
 from broker.core.output import BoundedOutput
 from broker.core.interfaces import IConnection
 from broker.core.message import BINARY, TEXT, Delivery, Message
 from broker.webpubsub import frames, history, invoke, subprotocols
+from broker.webpubsub.hubsettings import FaceSettings
+from broker.webpubsub.inbound import FACE, InboundFlow
 from broker.webpubsub.reliable import RecentAckIds, ReliableLinks
 from broker.webpubsub.upstream import ConnectDenied
 
@@ -48,57 +48,10 @@ CLIENT_PATH = re.compile(r"^/client/hubs/([^/]+)/?$")
 
 PLAIN = "plain"
 JSON = "json"
-FACE = "webpubsub"
-# A dropped frame is parsed for its ackId (to answer TooManyRequests) only
-# up to this size: the point of dropping is not to spend CPU on it.
-ACK_PEEK = 4096
-
-# Why a client's reading is held (ClientProtocol._readingHeld).
-_FANOUT = 1
-_EVENTS = 2
-_RATE = 4
-
-
-class HubSettings:
-    """
-    The per-hub part of the configuration, resolved against the face-wide
-    defaults.
-    """
-
-    def __init__(self, accessKeys=(), allowAnonymous=False, plainMode="sendEvent",
-                 plainGroup="", anonymousRoles=()):
-        self.accessKeys = tuple(accessKeys)
-        self.allowAnonymous = allowAnonymous
-        self.plainMode = plainMode
-        self.plainGroup = plainGroup
-        self.anonymousRoles = tuple(anonymousRoles)
-
-    def __eq__(self, other):
-        if not isinstance(other, HubSettings):
-            return NotImplemented
-        return vars(self) == vars(other)
-
-
-class FaceSettings:
-    """
-    What the face reads at each handshake and REST call, as one object: the
-    hubs' settings, the default for any other hub, and the accepted token
-    audiences.  A reload (L{broker.webpubsub.reload}) builds a new one and
-    swaps it in whole, so a handshake never sees half of the old settings
-    and half of the new; a connection keeps what it was admitted with.
-    """
-
-    def __init__(self, hubs, default, audiences=()):
-        self.hubs = dict(hubs)
-        self.default = default
-        self.audiences = tuple(audiences)
-
-    def hub(self, hubName):
-        return self.hubs.get(hubName, self.default)
 
 
 @implementer(IConnection)
-class ClientProtocol(BoundedOutput, WebSocketServerProtocol):
+class ClientProtocol(InboundFlow, BoundedOutput, WebSocketServerProtocol):
     """
     One client connection.
     """
@@ -114,16 +67,8 @@ class ClientProtocol(BoundedOutput, WebSocketServerProtocol):
     # idle connections should cost little.  A reliable client's are its
     # link's.
     recentAcks = None
-    # Why reading from the client is paused (bits: _FANOUT, _EVENTS, _RATE);
-    # the transport is resumed only when no reason is left.
-    _readingHeld = 0
-    _eventsInFlight = 0
-    _eventsWaiting = None
-    # Admission slots (a Ticket) and the inbound rate limiter, if any.
+    # Admission slots (a Ticket).
     _ticket = None
-    _inbound = None
-    _rateClosing = False
-    _resumeCall = None
     # {group: [pending recoveries, held deliveries]} while an asynchronous
     # joinGroup recovery runs (cluster mode, _recoverLater).
     holding = None
@@ -517,108 +462,6 @@ class ClientProtocol(BoundedOutput, WebSocketServerProtocol):
             return
         d = self._sendEvent(session, "message", message)
         d.addCallbacks(self._upstreamReply, self._upstreamFailed)
-
-    def _holdReading(self, why):
-        if not self._readingHeld:
-            self.transport.pauseProducing()
-        self._readingHeld |= why
-
-    def _releaseReading(self, why):
-        if not self._readingHeld & why:
-            return
-        self._readingHeld &= ~why
-        if not self._readingHeld and self.transport is not None \
-                and self.state != self.STATE_CLOSED:
-            self.transport.resumeProducing()
-
-    def _throttle(self):
-        """
-        Stop reading this publisher while the core's fan-out backlog is over
-        its high-water mark, so a fast publisher cannot queue deliveries
-        without bound; reading resumes once the backlog has drained.
-        """
-        if self._readingHeld & _FANOUT:
-            return
-        drained = self.hub.backpressure()
-        if drained is None:
-            return
-        self._holdReading(_FANOUT)
-        drained.addCallback(lambda _: self._releaseReading(_FANOUT))
-
-    def _sendEvent(self, session, event, message):
-        """
-        Send a user event to the upstream handler, at most the factory's
-        C{maxEventsInFlight} of this client's at once: past it, the event
-        waits here and the client is not read until one is answered, so a
-        client cannot open upstream requests without bound (what waits is
-        at most the frames of the read that crossed the limit).
-        """
-        if self._eventsInFlight < self.factory.maxEventsInFlight:
-            return self._startEvent(session, event, message)
-        self._holdReading(_EVENTS)
-        if self._eventsWaiting is None:
-            self._eventsWaiting = deque()
-        entry = [session, event, message, None]
-
-        def unqueue(_):  # a cancelled invocation leaves the queue
-            if entry in self._eventsWaiting:
-                self._eventsWaiting.remove(entry)
-        d = entry[3] = defer.Deferred(unqueue)
-        self._eventsWaiting.append(entry)
-        return d
-
-    def _startEvent(self, session, event, message):
-        self._eventsInFlight += 1
-        d = defer.maybeDeferred(session.sendEvent, event, message)
-        d.addBoth(self._eventDone)
-        return d
-
-    def _eventDone(self, result):
-        self._eventsInFlight -= 1
-        waiting = self._eventsWaiting
-        if waiting:
-            session, event, message, d = waiting.popleft()
-            self._startEvent(session, event, message).chainDeferred(d)
-        if not waiting:
-            self._releaseReading(_EVENTS)
-        return result
-
-    # -- inbound rate -----------------------------------------------------
-
-    def _overRate(self, verdict, payload, isBinary):
-        """
-        A frame over the connection's inbound rate: dropped (a PubSub
-        request with an ackId is answered C{TooManyRequests}) and reading
-        paused until the bucket has room again, so TCP holds the client
-        back at no cost to the broker; a client that keeps exceeding
-        (L{InboundLimiter}) is closed with 1008.
-        """
-        core, hub = self.factory.core, self.hub
-        if self._rateClosing:
-            return
-        if verdict == CLOSE:
-            self._rateClosing = True
-            core.limits.limited(FACE, hub.name, "closed")
-            core.quietLog.info((FACE, "rate", "closed"),
-                               "webpubsub: closing {cid} on hub {hub}: it keeps sending over "
-                               "its inbound rate limit", cid=self.connectionId, hub=hub.name)
-            self._refuse(CloseCode.POLICY_VIOLATION, "inbound rate limit exceeded")
-            return
-        core.limits.limited(FACE, hub.name, "dropped")
-        codec = self.codec
-        if codec is not None and isBinary == codec.binary and len(payload) <= ACK_PEEK:
-            ackId = codec.peekAckId(payload)
-            if ackId is not None:
-                self._ack(ackId, Throttled("over the connection's inbound rate limit; "
-                                           "the request was dropped"))
-        if not self._readingHeld & _RATE and self.transport is not None:
-            self._holdReading(_RATE)
-            self._resumeCall = self.factory.reactor.callLater(
-                max(self._inbound.wait(len(payload)), 0.001), self._rateResume)
-
-    def _rateResume(self):
-        self._resumeCall = None
-        self._releaseReading(_RATE)
 
     def _upstreamReply(self, reply):
         if reply is not None and self.session is not None:

@@ -13,7 +13,8 @@ from broker.core.limits import PER_ADDRESS, PER_HUB, PER_USER, AdmissionLimits
 from broker.net.http import METHOD_NOT_ALLOWED, BoundedSite, Routes
 from broker.webpubsub import redishistory
 from broker.webpubsub.history import installHistory
-from broker.webpubsub.protocol import ClientFactory, FaceSettings, HubSettings
+from broker.webpubsub.hubsettings import FaceSettings, HubSettings
+from broker.webpubsub.protocol import ClientFactory
 from broker.webpubsub.rest import RestAPI
 
 
