@@ -52,7 +52,11 @@ class PeerGroupClient:
     @ivar identity: the registered L{Identity}.
     """
 
-    def __init__(self, sendObject, abort):
+    def __init__(self, sendObject, abort, clock=None):
+        if clock is None:
+            from twisted.internet import reactor as clock
+        self._clock = clock
+        self._pacer = None
         self._sendObject = sendObject
         self._abort = abort
         self._nextId = 1
@@ -315,6 +319,16 @@ class PeerGroupClient:
     def groupPeerName(self, handle):
         return self._handles[handle]["gpn"]
 
+    @defer.inlineCallbacks
+    def enumGroups(self):
+        """
+        C{PeerEnumGroups}: the groups the registered identity may open, as
+        C{{groupPeerName, friendlyName, classifier, creatorPeerName, roles,
+        validityEnd, pendingRoles, status}}.
+        """
+        groups = yield self._paged("enumGroups", "groups")
+        return groups
+
     # -- invitations and credentials ----------------------------------------
 
     @defer.inlineCallbacks
@@ -322,9 +336,9 @@ class PeerGroupClient:
         creds = yield self.call("getCredentials", handle=handle)
         chain = cred.chainFromJSON(creds["chain"])
         mine = chain[-1]
-        info = cred.parseIdentityInfo(identityInfo)
+        info, current = _subject(identityInfo)
         notBefore = validityStart if validityStart is not None else max(
-            mine.notBefore, nowFiletime() - 60 * C.TICKS)
+            mine.notBefore, nowFiletime() - 60 * C.TICKS, current + 10000)
         notAfter = expiration if expiration is not None else mine.notAfter
         classifiers = ["participant"] if list(roles) == [C.ROLE_MEMBER] else []
         cert = Certificate.make(self.identity, "GMC", chain[0].group, info["publicKey"],
@@ -346,6 +360,12 @@ class PeerGroupClient:
     @defer.inlineCallbacks
     def issueCredentials(self, handle, identityInfo, roles=(C.ROLE_MEMBER,), expiration=None,
                          validityStart=None, flags=0):
+        """
+        C{PeerGroupIssueCredentials}: C{identityInfo} is an identity info,
+        or a member entry of L{enumMembers} (or its C{credentialInfo}), as
+        Windows takes a member's C{PEER_CREDENTIAL_INFO}.  The new
+        credentials start after the member's current ones by default.
+        """
         cert = yield self._signFor(handle, identityInfo, roles, expiration, validityStart)
         result = yield self.call("issueCredentials", handle=handle, certificate=cert.toJSON(),
                                  flags=flags)
@@ -410,34 +430,80 @@ class PeerGroupClient:
         return result["record"]
 
     @defer.inlineCallbacks
+    def _paged(self, method, key, **params):
+        """
+        Every page of a paged listing, following its cursor.
+        """
+        result = yield self.call(method, **params)
+        items = list(result[key])
+        while result.get("cursor"):
+            more = {"handle": params["handle"]} if "handle" in params else {}
+            result = yield self.call(method, cursor=result["cursor"], **more)
+            items.extend(result[key])
+        return items
+
     def enumRecords(self, handle, recordType=None):
         params = {"handle": handle}
         if recordType is not None:
             params["type"] = recordType
-        result = yield self.call("enumRecords", **params)
-        return result["records"]
+        return self._paged("enumRecords", "records", **params)
 
-    @defer.inlineCallbacks
     def searchRecords(self, handle, criteria):
-        result = yield self.call("searchRecords", handle=handle, criteria=criteria)
-        return result["records"]
+        return self._paged("searchRecords", "records", handle=handle, criteria=criteria)
+
+    def endEnumeration(self, cursor):
+        return self.call("endEnumeration", cursor=cursor)
+
+    @property
+    def limits(self):
+        """
+        The broker's C{hello.limits} (an older broker's defaults if absent).
+        """
+        return (self.hello or {}).get("limits") or {"maxMessageSize": 4 * 1024 * 1024}
 
     @defer.inlineCallbacks
     def exportDatabase(self, handle, path=None):
         """
-        C{PeerGroupExportDatabase}: the sealed database, written to C{path}
-        (overwritten) when given.
+        C{PeerGroupExportDatabase}: the sealed database (its parts joined),
+        written to C{path} (overwritten) when given.
         """
         result = yield self.call("exportDatabase", handle=handle)
+        parts = [result["database"]]
+        while result.get("cursor"):
+            result = yield self.call("exportDatabase", handle=handle, cursor=result["cursor"])
+            parts.append(result["database"])
+        database = "".join(parts)
         if path is not None:
-            writePrivate(path, result["database"])
-        return result["database"]
+            writePrivate(path, database)
+        return database
 
+    @defer.inlineCallbacks
     def importDatabase(self, handle, database=None, path=None):
+        """
+        C{PeerGroupImportDatabase}: in one message when it fits, else
+        uploaded in parts paced under the session's inbound byte rate; the
+        broker applies it at the last part.
+        """
         if path is not None:
             with open(path, encoding="utf-8") as f:
                 database = f.read()
-        return self.call("importDatabase", handle=handle, database=database)
+        size = self.limits.get("maxMessageSize") or 4 * 1024 * 1024
+        chunk = max(size - IMPORT_ENVELOPE, 1024)
+        if len(database.encode("utf-8")) <= chunk:
+            result = yield self.call("importDatabase", handle=handle, database=database)
+            return result
+        if self._pacer is None:
+            self._pacer = _Pacer(self._clock, self.limits)
+        cursor = None
+        parts = _split(database, chunk)
+        for i, part in enumerate(parts):
+            params = {"handle": handle, "database": part, "more": i < len(parts) - 1}
+            if cursor is not None:
+                params["cursor"] = cursor
+            yield self._pacer.wait(len(part.encode("utf-8")) + IMPORT_ENVELOPE)
+            result = yield self.call("importDatabase", **params)
+            cursor = result.get("cursor")
+        return result
 
     # -- direct connections and data ----------------------------------------
 
@@ -482,6 +548,80 @@ class PeerGroupClient:
 
 
 _MISSING = object()
+# Room left in an import part's message for the rest of the request.
+IMPORT_ENVELOPE = 1024
+
+
+def _split(text, size):
+    """
+    C{text} in pieces of at most C{size} UTF-8 bytes (whole characters).
+    """
+    parts, start = [], 0
+    while start < len(text):
+        end = min(start + size, len(text))
+        while len(text[start:end].encode("utf-8")) > size:
+            end -= max((end - start) // 8, 1)
+        parts.append(text[start:end])
+        start = end
+    return parts
+
+
+def _subject(who):
+    """
+    The subject of credentials to issue: an identity info string, a member
+    entry of C{enumMembers} or its C{credentialInfo}.
+
+    @return: C{(info, validityStart of its current credentials or 0)}.
+    """
+    if isinstance(who, dict):
+        info = who.get("credentialInfo") or who
+        try:
+            publicKey = cred.unb64(info["publicKey"], "publicKey")
+            peerName = info["peerName"]
+        except (KeyError, TypeError, ValueError):
+            raise PeerError("PEER_E_INVALID_CREDENTIAL_INFO",
+                            "a member entry needs credentialInfo with publicKey and peerName")
+        if not isinstance(peerName, str) or \
+                peerName.split(".", 1)[0] != cred.authority(publicKey):
+            raise PeerError("PEER_E_INVALID_CREDENTIAL_INFO",
+                            "the peer name does not match the public key")
+        return ({"publicKey": publicKey, "peerName": peerName,
+                 "friendlyName": info.get("friendlyName", "")},
+                info.get("validityStart") or 0)
+    return cred.parseIdentityInfo(who), 0
+
+
+class _Pacer:
+    """
+    A token bucket mirroring the broker's inbound byte rate for this
+    session (C{hello.limits}), at 85% of it so that a large upload's parts
+    are never dropped for going too fast.
+    """
+
+    def __init__(self, clock, limits):
+        self._clock = clock
+        rate = limits.get("inboundBytesPerSecond") or 0
+        self._rate = rate * 0.85
+        self._capacity = max(rate * (limits.get("inboundBurst") or 2.0),
+                             limits.get("maxMessageSize") or 0) * 0.85
+        self._tokens = self._capacity
+        self._last = clock.seconds()
+
+    def wait(self, size):
+        """
+        A Deferred firing once C{size} bytes may be sent (taken from the
+        bucket).
+        """
+        if not self._rate:
+            return defer.succeed(None)
+        now = self._clock.seconds()
+        self._tokens = min(self._capacity, self._tokens + (now - self._last) * self._rate)
+        self._last = now
+        self._tokens -= size
+        if self._tokens >= 0:
+            return defer.succeed(None)
+        from twisted.internet.task import deferLater
+        return deferLater(self._clock, -self._tokens / self._rate, lambda: None)
 
 
 def _decode(payload):

@@ -53,7 +53,9 @@ class PeerGroups(service.Service):
                  keepaliveInterval=30.0, keepaliveTimeout=90.0, sweepInterval=5.0,
                  maxOutputBuffer=4 * 1024 * 1024, passwordFailuresPerMinute=20,
                  applications=(), creators=(), maxGroupsPerCreator=100,
-                 maxRecordsPerGroup=100000):
+                 maxRecordsPerGroup=100000, maxMessageSize=4 * 1024 * 1024,
+                 maxImportSize=64 * 1024 * 1024, maxCursorsPerSession=16,
+                 cursorTimeout=60.0):
         self.reactor = reactor
         self.store = store
         self.core = core
@@ -71,6 +73,10 @@ class PeerGroups(service.Service):
         self.creators = frozenset(creators)
         self.maxGroupsPerCreator = maxGroupsPerCreator
         self.maxRecordsPerGroup = maxRecordsPerGroup
+        self.maxMessageSize = maxMessageSize
+        self.maxImportSize = maxImportSize
+        self.maxCursorsPerSession = maxCursorsPerSession
+        self.cursorTimeout = cursorTimeout
         self.counters = Counters()
         # Admission limits (PER_ADDRESS on the transports; PER_HUB, an
         # application, and PER_USER, an identity, at registerIdentity) and

@@ -20,6 +20,10 @@ HRESULTS = {
     "E_ACCESSDENIED": 0x80070005,
     "E_UNEXPECTED": 0x8000FFFF,
     "E_NOTIMPL": 0x80004001,
+    # an invalid handle: here, a cursor that is unknown, expired or not the call's
+    "E_HANDLE": 0x80070006,
+    # HRESULT_FROM_WIN32(ERROR_MESSAGE_EXCEEDS_MAX_SIZE): an answer over max_message_size
+    "E_MESSAGE_TOO_LARGE": 0x800710F0,
     # peer errors
     "PEER_E_IPV6_NOT_INSTALLED": 0x80630001,
     "PEER_E_NOT_INITIALIZED": 0x80630002,

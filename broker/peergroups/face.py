@@ -90,7 +90,10 @@ def makePeerGroups(reactor, core, cfg, stateDir, clock=None, cluster=None):
         passwordFailuresPerMinute=cfg["password_failures_per_minute"],
         applications=cfg["applications"], creators=cfg["creators"],
         maxGroupsPerCreator=cfg["max_groups_per_creator"],
-        maxRecordsPerGroup=cfg["max_records_per_group"])
+        maxRecordsPerGroup=cfg["max_records_per_group"],
+        maxMessageSize=cfg["max_message_size"], maxImportSize=cfg["max_import_size"],
+        maxCursorsPerSession=cfg["max_cursors_per_session"],
+        cursorTimeout=cfg["cursor_timeout"])
     pg.admission = AdmissionLimits({PER_HUB: cfg["max_connections_per_application"],
                                     PER_USER: cfg["max_connections_per_identity"],
                                     PER_ADDRESS: cfg["max_connections_per_address"]})

@@ -38,6 +38,8 @@ class Counters:
         self.dataBytes = 0
         self.dropped = collections.Counter()
         self.passwordFailures = 0
+        # Messages over max_message_size: "answer" (replaced by an error) or "event".
+        self.oversized = collections.Counter()
 
 
 class PeerGroupsCollector:
@@ -73,6 +75,12 @@ class PeerGroupsCollector:
         for reason, n in sorted(counts.dropped.items()):
             dropped.add_metric([reason], n)
         yield dropped
+        oversized = CounterMetricFamily(
+            "broker_peergroups_oversized", "Answers (replaced by E_MESSAGE_TOO_LARGE) and "
+            "events (dropped) over max_message_size.", labels=["kind"])
+        for kind, n in sorted(counts.oversized.items()):
+            oversized.add_metric([kind], n)
+        yield oversized
         yield CounterMetricFamily("broker_peergroups_password_failures",
                                   "Wrong password proofs, in every group.",
                                   value=counts.passwordFailures)

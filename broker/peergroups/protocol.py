@@ -36,6 +36,34 @@ def _encode(obj):
     return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
 
 
+def _fit(protocol, obj):
+    """
+    C{obj} encoded, if it fits in C{max_message_size}.  An answer that does
+    not is replaced by an C{E_MESSAGE_TOO_LARGE} error with its id (the
+    peer's call fails instead of waiting for ever); anything else (an
+    event) is dropped.  Both are logged (rate-limited) and counted.
+
+    @return: the bytes to send, or C{None}.
+    """
+    data = _encode(obj)
+    limit = protocol.factory.maxMessageSize
+    if len(data) <= limit:
+        return data
+    pg = protocol.factory.peergroups
+    answer = isinstance(obj, dict) and "id" in obj
+    kind = "answer" if answer else "event"
+    pg.counters.oversized[kind] += 1
+    pg.quietLog.info((FACE, "oversized", kind),
+                     "peer {addr}: {kind} of {n} bytes over max_message_size ({limit}): "
+                     "{what}", addr=protocol.address, kind=kind, n=len(data), limit=limit,
+                     what="answered E_MESSAGE_TOO_LARGE" if answer else "dropped")
+    if not answer:
+        return None
+    return _encode({"id": obj["id"], "error": PeerError(
+        "E_MESSAGE_TOO_LARGE", f"the answer is {len(data)} bytes, over "
+        f"peergroups.max_message_size ({limit})").toJSON()})
+
+
 def _address(transport):
     try:
         peer = transport.getPeer()
@@ -77,6 +105,10 @@ class _Limited:
     _ratePaused = False
     _rateClosing = False
     _resumeCall = None
+
+    @property
+    def maxMessageSize(self):
+        return self.factory.maxMessageSize
 
     def memoryReleaser(self):
         core = self.factory.peergroups.core
@@ -225,8 +257,8 @@ class PeerWebSocketProtocol(_Limited, BoundedOutput, WebSocketServerProtocol):
     def sendObject(self, obj):
         if self.state != self.STATE_OPEN:
             return
-        data = _encode(obj)
-        if self.overLimit(len(data), self.factory.peergroups.maxOutputBuffer):
+        data = _fit(self, obj)
+        if data is None or self.overLimit(len(data), self.factory.peergroups.maxOutputBuffer):
             return
         self.sendMessage(data, False)
 
@@ -356,8 +388,8 @@ class PeerStreamProtocol(_Limited, BoundedOutput, Int32StringReceiver):
             session.lost("inbound rate limit exceeded")
 
     def sendObject(self, obj):
-        data = _encode(obj)
-        if self.overLimit(len(data) + 4, self.factory.peergroups.maxOutputBuffer):
+        data = _fit(self, obj)
+        if data is None or self.overLimit(len(data) + 4, self.factory.peergroups.maxOutputBuffer):
             return
         self.sendString(data)
 

@@ -11,9 +11,6 @@ Events are pushed as C{{"event": {"registration", "handle", "eventType",
 ...}}} (docs/peergroups-protocol.md).
 """
 
-import hashlib
-import hmac
-import json
 import os
 import re
 import secrets
@@ -24,15 +21,16 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from broker.cluster.redis import RedisOutcomeUnknown
-from broker.core import jsonstrict
 from broker.core.errors import Unavailable
 from broker.core.interfaces import IConnection
 from broker.core.limits import PER_HUB, PER_USER
 from broker.peergroups import constants as C
 from broker.peergroups import credentials as cred
 from broker.peergroups import records as rec
+from broker.peergroups.bulk import LargeAnswers
 from broker.peergroups.errors import HRESULTS, PeerError
 from broker.peergroups.model import Direct, Group, Handle, Member
+from broker.peergroups.paging import Cursors, budget, encodedSize
 from broker.peergroups.records import Record
 
 log = Logger()
@@ -135,7 +133,7 @@ def _connectionId(params):
 
 
 @implementer(IConnection)
-class PeerSession:
+class PeerSession(LargeAnswers):
     """
     The API for one connection (L{IPeerTransport}) to the broker.
 
@@ -168,14 +166,33 @@ class PeerSession:
         now = peergroups.clock.seconds()
         self.lastHeard = now
         self.lastPing = now
+        self.cursors = Cursors(peergroups.clock.seconds, peergroups.maxCursorsPerSession,
+                               peergroups.cursorTimeout)
         peergroups.sessions.add(self)
+
+    _param = staticmethod(_param)
+    _guid = staticmethod(_guid)
+    _reply = Reply
+
+    @property
+    def maxMessageSize(self):
+        """
+        The largest message either way (the transport's, else the face's).
+        """
+        return getattr(self.transport, "maxMessageSize", None) or self.pg.maxMessageSize
 
     # -- wire ---------------------------------------------------------------
 
     def hello(self):
         self.transport.sendObject({"hello": {
             "protocol": C.PROTOCOL, "challenge": cred.b64(self.challenge),
-            "highestVersion": C.HIGHEST_VERSION, "peerTime": self.pg.now()}})
+            "highestVersion": C.HIGHEST_VERSION, "peerTime": self.pg.now(),
+            "limits": self._limits()}})
+
+    def _limits(self):
+        messages, octets, burst = self.pg.inboundRate
+        return {"maxMessageSize": self.maxMessageSize, "inboundMessagesPerSecond": messages,
+                "inboundBytesPerSecond": octets, "inboundBurst": burst}
 
     def received(self, obj):
         """
@@ -309,6 +326,7 @@ class PeerSession:
             return
         self._gone = True
         self._queue = []
+        self.cursors = Cursors(self.pg.clock.seconds, 0)
         for handle in list(self.handles.values()):
             self.pg.closeHandle(handle, reason)
         self.pg.sessions.discard(self)
@@ -738,6 +756,7 @@ class PeerSession:
     def api_close(self, params):
         handle = self._handle(params)
         self.pg.closeHandle(handle, "closed")
+        self.cursors.releaseHandle(handle.id)
         for regId in [r for r, h in self.registrations.items() if h is handle]:
             del self.registrations[regId]
         return {}
@@ -979,10 +998,22 @@ class PeerSession:
             raise PeerError("E_UNEXPECTED", "the store could not save the change; "
                             "nothing changed")
         return self.pg.persist(changes).addCallbacks(
-            lambda _: Reply({"id": record.id, "record": record.toJSON()},
+            lambda _: Reply({"id": record.id, "record": self._written(record)},
                             after=lambda: self.pg.recordChanged(group, changeType, record,
                                                                 forward=False)),
             failed)
+
+    def _written(self, record):
+        """
+        The record as an addRecord/updateRecord answer shows it: without
+        its data (C{"dataOmitted": true}) when the whole would not fit in
+        one message, so a durable write is never answered with an error.
+        """
+        out = record.toJSON()
+        if encodedSize(out) > budget(self.maxMessageSize):
+            del out["data"]
+            out["dataOmitted"] = True
+        return out
 
     def api_addRecord(self, params):
         handle, node = self._ready(params)
@@ -1067,83 +1098,6 @@ class PeerSession:
     def api_getRecord(self, params):
         handle, node = self._ready(params)
         return {"record": self._existing(node, _guid(params, "id")).toJSON()}
-
-    def api_enumRecords(self, params):
-        handle, node = self._ready(params)
-        rtype = _guid(params, "type", required=False)
-        records = node.group.liveRecords(self.pg.now(), rtype)
-        return {"records": [r.toJSON() for r in sorted(records, key=lambda r: r.seq)]}
-
-    def api_searchRecords(self, params):
-        handle, node = self._ready(params)
-        query = rec.parseSearch(_param(params, "criteria", str))
-        records = rec.search(query, node.group.liveRecords(self.pg.now()))
-        return {"records": [r.toJSON() for r in sorted(records, key=lambda r: r.seq)]}
-
-    # -- export / import ----------------------------------------------------------
-
-    def _seal(self, payload):
-        return hmac.new(self.pg.exportKey, payload, hashlib.sha256).digest()
-
-    def api_exportDatabase(self, params):
-        handle, node = self._synced(params)
-        group = node.group
-        now = self.pg.now()
-        payload = cred.canonical({
-            "version": 1, "application": self.app.name, "groupPeerName": group.gpn,
-            "identity": node.peerName, "exported": now,
-            "records": [r.toJSON() for r in sorted(group.records.values(), key=lambda r: r.seq)
-                        if r.expiration > now]})
-        database = json.dumps({"PEERGROUPDATABASE": {
-            "payload": cred.b64(payload), "seal": cred.b64(self._seal(payload))}})
-        return {"database": database}
-
-    def api_importDatabase(self, params):
-        handle = self._handle(params)
-        node = handle.node
-        if node.online:
-            raise PeerError("PEER_E_GROUP_IN_USE", "import before connecting")
-        if node.member is None or not node.member.local:
-            raise PeerError("PEER_E_INVALID_GROUP", "not a member")
-        try:
-            outer = jsonstrict.loads(_param(params, "database", str))["PEERGROUPDATABASE"]
-            payload = cred.unb64(outer["payload"])
-            seal = cred.unb64(outer["seal"])
-        except (ValueError, KeyError, TypeError):
-            raise PeerError("E_INVALIDARG", "not an exported database")
-        if not hmac.compare_digest(seal, self._seal(payload)):
-            raise PeerError("E_INVALIDARG", "the database was altered or not exported here")
-        db = jsonstrict.loads(payload)
-        group = node.group
-        if (db["application"], db["groupPeerName"], db["identity"]) != \
-                (self.app.name, group.gpn, node.peerName):
-            raise PeerError("E_INVALIDARG", "a database of another group or identity")
-        now = self.pg.now()
-        changes, events = [], []
-        for obj in db["records"]:
-            incoming = Record.fromJSON(obj)
-            if incoming.expiration <= now:
-                continue
-            old = group.records.get(incoming.id)
-            if old is not None and not rec.beats(incoming, old):
-                continue
-            group.seq += 1
-            incoming.seq = group.seq
-            incoming.createdSeq = old.createdSeq if old is not None else group.seq
-            group.records[incoming.id] = incoming
-            changes.append(("record", self.app.name, group.gpn, incoming))
-            if incoming.deleted:
-                if old is not None and not old.deleted:
-                    events.append((C.RECORD_DELETED, incoming))
-            else:
-                live = old is not None and not old.deleted
-                events.append((C.RECORD_UPDATED if live else C.RECORD_ADDED, incoming))
-        changes.append(("seq", self.app.name, group.gpn, group.seq))
-
-        def after():
-            for kind, r in events:
-                self.pg.recordChanged(group, kind, r)
-        return self._persistThen(changes, Reply({"imported": len(changes) - 1}, after=after))
 
     # -- direct connections -------------------------------------------------------
 

@@ -107,6 +107,8 @@ export class PeerGroupClient {
     this.challenge = unb64(hello.challenge);
     // Peer time is the broker's clock: remember how far this page's is off.
     this.peerTimeOffset = hello.peerTime - localFiletime();
+    // The broker's frame limit and inbound rate (docs: "Answers of any size").
+    this.limits = hello.limits || {maxMessageSize: 4 * 1024 * 1024};
     this.application = "default";
     this.nextId = 1;
     this.pending = new Map();
@@ -233,8 +235,90 @@ export class PeerGroupClient {
     return this.call("sendData", {handle, connectionId, type, data: b64(data)});
   }
 
+  // -- answers of any size: each follows the broker's cursors (see the
+  // functions pagedCall, exportDatabaseParts, importDatabaseParts below).
+
+  enumRecords(handle, type) {
+    return pagedCall(this, "enumRecords", type ? {handle, type} : {handle}, "records");
+  }
+
+  searchRecords(handle, criteria) {
+    return pagedCall(this, "searchRecords", {handle, criteria}, "records");
+  }
+
+  // PeerEnumGroups: the groups the registered identity may open.
+  enumGroups() { return pagedCall(this, "enumGroups", {}, "groups"); }
+
+  endEnumeration(cursor) { return this.call("endEnumeration", {cursor}); }
+
+  exportDatabase(handle) { return exportDatabaseParts(this, handle); }
+
+  importDatabase(handle, database) { return importDatabaseParts(this, handle, database); }
+
   disconnect() {
     this.socket.close(1000);
     return this.closed;
   }
+}
+
+// -- answers of any size (docs/peergroups-protocol.md) ------------------------
+
+// Room left in an import part's message for the rest of the request.
+const IMPORT_ENVELOPE = 1024;
+
+// Every page of a paged listing, following its cursor.
+export async function pagedCall(client, method, params, key) {
+  let result = await client.call(method, params);
+  const items = [...result[key]];
+  while (result.cursor) {
+    const next = {cursor: result.cursor};
+    if (params.handle !== undefined) next.handle = params.handle;
+    result = await client.call(method, next);
+    items.push(...result[key]);
+  }
+  return items;
+}
+
+// The sealed database: its parts, as the broker sends them, joined.
+export async function exportDatabaseParts(client, handle) {
+  let result = await client.call("exportDatabase", {handle});
+  const parts = [result.database];
+  while (result.cursor) {
+    result = await client.call("exportDatabase", {handle, cursor: result.cursor});
+    parts.push(result.database);
+  }
+  return parts.join("");
+}
+
+// An import in one message when it fits, else in parts (the database is
+// ASCII), paced under the session's inbound byte rate (hello.limits) at 85%
+// so that no part is dropped; the broker applies it at the last part.
+export async function importDatabaseParts(client, handle, database) {
+  const limits = client.limits || {};
+  const chunk = Math.max((limits.maxMessageSize || 4 * 1024 * 1024) - IMPORT_ENVELOPE, 1024);
+  if (TEXT.encode(database).length <= chunk) {
+    return client.call("importDatabase", {handle, database});
+  }
+  const rate = (limits.inboundBytesPerSecond || 0) * 0.85;
+  const capacity = Math.max((limits.inboundBytesPerSecond || 0) * (limits.inboundBurst || 2),
+                            limits.maxMessageSize || 0) * 0.85;
+  let tokens = capacity;
+  let last = Date.now();
+  let cursor;
+  let result;
+  for (let at = 0; at < database.length; at += chunk) {
+    const part = database.slice(at, at + chunk);
+    if (rate) {
+      const now = Date.now();
+      tokens = Math.min(capacity, tokens + ((now - last) / 1000) * rate) - part.length -
+               IMPORT_ENVELOPE;
+      last = now;
+      if (tokens < 0) await new Promise((r) => setTimeout(r, (-tokens / rate) * 1000));
+    }
+    const params = {handle, database: part, more: at + chunk < database.length};
+    if (cursor) params.cursor = cursor;
+    result = await client.call("importDatabase", params);
+    cursor = result.cursor;
+  }
+  return result;
 }
