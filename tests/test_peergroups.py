@@ -132,8 +132,11 @@ def _transports(cls):
     """
     Make C{WS} and C{TCP} test cases of a scenario class.
     """
-    ws = type(cls.__name__ + "WS", (cls, TestCase), {"transport": "ws"})
-    tcp = type(cls.__name__ + "TCP", (cls, TestCase), {"transport": "tcp"})
+    # Named in the scenario's own module, where trial (-j) looks them up.
+    ws = type(cls.__name__ + "WS", (cls, TestCase),
+              {"transport": "ws", "__module__": cls.__module__})
+    tcp = type(cls.__name__ + "TCP", (cls, TestCase),
+               {"transport": "tcp", "__module__": cls.__module__})
     return ws, tcp
 
 
