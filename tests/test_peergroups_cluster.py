@@ -18,7 +18,8 @@ from broker.peergroups import constants as C
 from broker.peergroups import credentials as cred
 from broker.peergroups.records import Record
 from broker.peergroups.redisstore import RedisPeerGroupStore
-from broker.peergroups.session import RELOAD_LOST, STORE_LOST
+from broker.peergroups.params import STORE_LOST
+from broker.peergroups.session import RELOAD_LOST
 from tests.pgharness import PeerBroker
 from tests.redisserver import RedisServer, settle, silence
 from tests.test_cluster_redis import waitFor

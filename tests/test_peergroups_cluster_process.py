@@ -17,7 +17,7 @@ from twisted.trial.unittest import TestCase
 from broker.peergroups import constants as C
 from broker.peergroups import credentials as cred
 from broker.peergroups.client import Identity, PeerError, connectStream, connectWebSocket
-from broker.peergroups.session import STORE_DOWN, STORE_LOST
+from broker.peergroups.params import STORE_DOWN, STORE_LOST
 from tests.clusternodes import ClusterNodesMixin
 from tests.redisserver import settle
 from tests.test_peergroups import ALL_EVENTS, DATA, T1, T2, Member

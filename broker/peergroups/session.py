@@ -26,12 +26,14 @@ from broker.core.interfaces import IConnection
 from broker.core.limits import PER_HUB, PER_USER
 from broker.peergroups import constants as C
 from broker.peergroups import credentials as cred
-from broker.peergroups import records as rec
 from broker.peergroups.bulk import LargeAnswers
+from broker.peergroups.directapi import DirectAPI
+from broker.peergroups.membersapi import IMMUTABLE_PROPERTIES, MUTABLE_PROPERTIES, MembersAPI
+from broker.peergroups.params import STORE_DOWN, Reply, bytesParam, guidParam, param
+from broker.peergroups.recordsapi import RecordsAPI
 from broker.peergroups.errors import HRESULTS, PeerError
-from broker.peergroups.model import Direct, Group, Handle, Member
-from broker.peergroups.paging import Cursors, budget, encodedSize
-from broker.peergroups.records import Record
+from broker.peergroups.model import Group, Handle, Member
+from broker.peergroups.paging import Cursors
 
 log = Logger()
 
@@ -40,11 +42,7 @@ MAX_ID_LENGTH = 64
 # Per-session bounds, so one peer cannot grow the broker without limit.
 MAX_QUEUED_REQUESTS = 1024
 MAX_HANDLES = 256
-MAX_REGISTRATIONS = 1024
-MUTABLE_PROPERTIES = {"friendlyName", "comment", "flags", "passwordVerifier"}
-IMMUTABLE_PROPERTIES = {"cloud", "classifier", "groupPeerName", "creatorPeerName",
-                        "memberDataLifetime", "presenceLifetime", "authenticationSchemes",
-                        "groupPasswordRole"}
+
 # Methods allowed before startup / before an identity is registered.
 NO_STARTUP = {"startup"}
 NO_IDENTITY = {"startup", "shutdown", "registerIdentity"}
@@ -53,14 +51,6 @@ NO_IDENTITY = {"startup", "shutdown", "registerIdentity"}
 WRITES = {"create", "join", "connect", "delete", "addRecord", "updateRecord",
           "deleteRecord", "importDatabase", "setProperties", "issueCredentials",
           "createInvitation"}
-STORE_DOWN = ("the cluster store (Redis) is unreachable: nothing was changed; "
-              "retry once it is back")
-# A write cut off in flight: Redis may have executed it (and will then
-# raise it as an event on every node once it is back), so a retry could
-# make it twice.
-STORE_LOST = ("the cluster store (Redis) went away while the change was being written: "
-              "it may or may not have been stored; once Redis is back, read before "
-              "retrying (a stored change is then raised as an event)")
 # The same for a change other than a record write: memory cannot be
 # trusted, so the node starts again from Redis (sessions closed).
 RELOAD_DOWN = ("the cluster store (Redis) is unreachable: nothing was changed; this node "
@@ -73,67 +63,8 @@ PIPELINED = {"addRecord", "updateRecord", "deleteRecord"}
 _WAITING = object()
 
 
-class Reply:
-    """
-    A handler's answer: C{result}, a success HRESULT other than S_OK, and
-    C{after}, run once the answer is written (events the caller must see
-    after the answer, as the Windows API raises them after the call).
-    """
-
-    def __init__(self, result=None, hr="S_OK", after=None):
-        self.result = result if result is not None else {}
-        self.hr = hr
-        self.after = after
-
-
-def _param(params, name, kind, required=True, default=None):
-    value = params.get(name, None)
-    if value is None:
-        if required:
-            raise PeerError("E_INVALIDARG", f"{name} is required")
-        return default
-    if kind is int:
-        if isinstance(value, str) and value.isdigit():
-            value = int(value)
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise PeerError("E_INVALIDARG", f"{name} must be an integer")
-    elif not isinstance(value, kind):
-        raise PeerError("E_INVALIDARG", f"{name} has the wrong type")
-    return value
-
-
-def _guid(params, name, required=True):
-    value = params.get(name)
-    if value is None and not required:
-        return None
-    g = C.normGUID(value)
-    if g is None:
-        raise PeerError("E_INVALIDARG", f"{name} must be a GUID")
-    return g
-
-
-def _bytes(params, name, limit=None):
-    value = params.get(name)
-    if value is None:
-        return b""
-    try:
-        data = cred.unb64(value, name)
-    except ValueError as e:
-        raise PeerError("E_INVALIDARG", str(e))
-    return data
-
-
-def _connectionId(params):
-    value = params.get("connectionId")
-    try:
-        cid = int(value)
-    except (TypeError, ValueError):
-        raise PeerError("E_INVALIDARG", "connectionId must be a 64-bit integer (string)")
-    return cid
-
-
 @implementer(IConnection)
-class PeerSession(LargeAnswers):
+class PeerSession(MembersAPI, RecordsAPI, DirectAPI, LargeAnswers):
     """
     The API for one connection (L{IPeerTransport}) to the broker.
 
@@ -170,8 +101,8 @@ class PeerSession(LargeAnswers):
                                peergroups.cursorTimeout)
         peergroups.sessions.add(self)
 
-    _param = staticmethod(_param)
-    _guid = staticmethod(_guid)
+    _param = staticmethod(param)
+    _guid = staticmethod(guidParam)
     _reply = Reply
 
     @property
@@ -426,12 +357,12 @@ class PeerSession(LargeAnswers):
     # -- start-up and identity ----------------------------------------------
 
     def api_startup(self, params):
-        version = _param(params, "version", int, required=False, default=C.HIGHEST_VERSION)
+        version = param(params, "version", int, required=False, default=C.HIGHEST_VERSION)
         major, minor = version & 0xFF, (version >> 8) & 0xFF
         if (major, minor) > (C.HIGHEST_VERSION & 0xFF, C.HIGHEST_VERSION >> 8) or major < 1:
             raise PeerError("PEER_E_UNSUPPORTED_VERSION",
                             f"version {major}.{minor}; this broker speaks up to 1.1")
-        application = _param(params, "application", str, required=False, default="default")
+        application = param(params, "application", str, required=False, default="default")
         if not APPLICATION_NAME.match(application):
             raise PeerError("E_INVALIDARG", "application: a letter, then up to 127 "
                             "letters, digits or underscores")
@@ -453,8 +384,8 @@ class PeerSession(LargeAnswers):
         return {}
 
     def api_registerIdentity(self, params):
-        info = cred.parseIdentityInfo(_param(params, "identityInfo", str))
-        signature = _bytes(params, "signature")
+        info = cred.parseIdentityInfo(param(params, "identityInfo", str))
+        signature = bytesParam(params, "signature")
         message = cred.authMessage(self.challenge, self.app.name, info["publicKey"])
         # One challenge, one attempt: a new one for whatever comes next.
         self.challenge = os.urandom(32)
@@ -501,7 +432,7 @@ class PeerSession(LargeAnswers):
 
     def api_create(self, params):
         self._checkRoom()
-        props = _param(params, "properties", dict, required=False, default={})
+        props = param(params, "properties", dict, required=False, default={})
         bad = "PEER_E_INVALID_GROUP_PROPERTIES"
         unknown = set(props) - MUTABLE_PROPERTIES - IMMUTABLE_PROPERTIES
         if unknown:
@@ -612,7 +543,7 @@ class PeerSession(LargeAnswers):
 
     def api_join(self, params):
         self._checkRoom()
-        inv = cred.decodeInvitation(_param(params, "invitation", str))
+        inv = cred.decodeInvitation(param(params, "invitation", str))
         if inv["version"] != "1.0":
             raise PeerError("PEER_E_INVITATION_NOT_TRUSTED",
                             "a password invitation: use passwordJoin")
@@ -658,7 +589,7 @@ class PeerSession(LargeAnswers):
 
     def api_passwordJoin(self, params):
         self._checkRoom()
-        inv = cred.decodeInvitation(_param(params, "invitation", str))
+        inv = cred.decodeInvitation(param(params, "invitation", str))
         group = self._group(inv["groupPeerName"])
         if group is None:
             retry = self._unknownGroup(inv["groupPeerName"], self.api_passwordJoin, params)
@@ -685,7 +616,7 @@ class PeerSession(LargeAnswers):
 
     def api_open(self, params):
         self._checkRoom()
-        group = self._group(_param(params, "groupPeerName", str))
+        group = self._group(param(params, "groupPeerName", str))
         me = self.identity["peerName"]
         member = group.members.get(me) if group is not None else None
         if member is None or not member.local:
@@ -762,7 +693,7 @@ class PeerSession(LargeAnswers):
         return {}
 
     def api_delete(self, params):
-        group = self._group(_param(params, "groupPeerName", str))
+        group = self._group(param(params, "groupPeerName", str))
         me = self.identity["peerName"]
         member = group.members.get(me) if group is not None else None
         if member is None or not member.local:
@@ -785,455 +716,12 @@ class PeerSession(LargeAnswers):
         return {"chain": cred.chainToJSON(node.chain),
                 "credentialInfo": node.chain[-1].info()}
 
-    # -- invitations and credentials -------------------------------------------
-
-    def _authorizeIssue(self, node, params):
-        """
-        Check a GMC the caller signed for someone else: the caller may issue
-        (not a plain member), the role is not above its own, the chain is
-        not too long nor circular, and the GMC does not outlive the
-        caller's.
-
-        @return: the new chain.
-        """
-        role = node.role
-        if role not in (C.ROLE_ADMIN, C.ROLE_INVITING_MEMBER):
-            raise PeerError("PEER_E_NOT_AUTHORIZED", "members cannot invite or issue credentials")
-        try:
-            cert = cred.Certificate.fromJSON(_param(params, "certificate", dict))
-        except (ValueError, KeyError, TypeError) as e:
-            raise PeerError("E_INVALIDARG", f"malformed certificate: {e}")
-        group = node.group
-        if cert.kind != "GMC" or cert.group != group.gpn or not cert.signedBy(node.publicKey):
-            raise PeerError("E_INVALIDARG", "the certificate must be a GMC of this group "
-                            "signed with the caller's identity key")
-        if not cert.roles or not all(cred.canIssue(role, r) for r in cert.roles):
-            raise PeerError("PEER_E_NOT_AUTHORIZED", "cannot issue a role above one's own")
-        chain = list(node.chain) + [cert]
-        if len(chain) - 1 > C.MAX_CHAIN_LENGTH:
-            raise PeerError("PEER_E_CHAIN_TOO_LONG", f"at most {C.MAX_CHAIN_LENGTH} links")
-        if any(c.subject == cert.subject for c in node.chain):
-            raise PeerError("PEER_E_CIRCULAR_CHAIN_DETECTED", "the subject is already an issuer")
-        mine = node.chain[-1]
-        if cert.notAfter > mine.notAfter:
-            raise PeerError("PEER_E_INVALID_TIME_PERIOD",
-                            "the expiration is beyond the issuer's remaining lifetime")
-        if cert.notBefore < mine.notBefore or cert.notAfter <= max(cert.notBefore, self.pg.now()):
-            raise PeerError("PEER_E_INVALID_TIME_PERIOD", "empty or past validity period")
-        if cert.subjectName.split(".", 1)[0] != cred.authority(cert.subject):
-            raise PeerError("E_INVALIDARG", "subjectName does not match the subject key")
-        cred.validateChain(chain, group.gpn, group.grcKey)
-        return chain
-
-    def api_createInvitation(self, params):
-        handle, node = self._ready(params)
-        chain = self._authorizeIssue(node, params)
-        group = node.group
-        invitation = cred.encodeInvitation(self.app.name, group.gpn, chain,
-                                           group.properties.get("friendlyName", ""))
-        return self._persistThen(self.pg.publishMembership(node), {"invitation": invitation})
-
-    def api_createPasswordInvitation(self, params):
-        handle, node = self._ready(params)
-        group = node.group
-        if group.verifier is None:
-            raise PeerError("PEER_E_NOT_AUTHORIZED", "not a password group")
-        if node.role not in (C.ROLE_ADMIN, C.ROLE_INVITING_MEMBER):
-            raise PeerError("PEER_E_NOT_AUTHORIZED", "members cannot invite")
-        invitation = cred.encodeInvitation(
-            self.app.name, group.gpn, None, group.properties.get("friendlyName", ""),
-            password={"salt": group.verifier["salt"],
-                      "iterations": group.verifier["iterations"]})
-        return {"invitation": invitation}
-
-    def api_issueCredentials(self, params):
-        handle, node = self._ready(params)
-        chain = self._authorizeIssue(node, params)
-        flags = _param(params, "flags", int, required=False, default=0)
-        cert = chain[-1]
-        group = node.group
-        subject = group.members.get(cert.subjectName)
-        if subject is not None:
-            if subject.publicKey != cert.subject:
-                raise PeerError("PEER_E_INVALID_CREDENTIAL_INFO", "subject key mismatch")
-            current = subject.pending or subject.chain
-            if current and cert.notBefore <= current[-1].notBefore:
-                raise PeerError("PEER_E_INVALID_TIME_PERIOD",
-                                "ValidityStart must be later than the current credentials'")
-        changes = self.pg.publishMembership(node)
-        after = None
-        if flags & C.STORE_CREDENTIALS:
-            if subject is None:
-                subject = Member(cert.subjectName, cert.subject, cert.friendlyName,
-                                 local=False)
-                group.members[cert.subjectName] = subject
-            subject.pending = chain
-            subject.published = True
-            changes.append(self._memberChange(group, subject))
-            peer = subject.peerName
-            after = lambda: self.pg.memberChanged(group, peer, C.MEMBER_JOINED)  # noqa: E731
-        invitation = cred.encodeInvitation(self.app.name, group.gpn, chain,
-                                           group.properties.get("friendlyName", ""))
-        return self._persistThen(changes, Reply({"invitation": invitation}, after=after))
-
-    # -- members and properties ------------------------------------------------
-
-    def api_enumMembers(self, params):
-        handle, node = self._synced(params)
-        member = node.member
-        flags = _param(params, "flags", int, required=False, default=0)
-        wanted = params.get("identity")
-        group = node.group
-        others = sorted((m for m in group.members.values()
-                         if m.published and m.peerName != node.peerName
-                         and (m.chain or m.pending)),
-                        key=lambda m: m.peerName)
-        out = []
-        for m in [member] + others:
-            peer = self.pg.present(group, m.peerName)
-            if flags & C.MEMBER_PRESENT and peer is None:
-                continue
-            if wanted is not None and m.peerName != wanted:
-                continue
-            chain = peer.chain if peer is not None else (m.chain or m.pending)
-            entry = {"identity": m.peerName, "flags": C.MEMBER_PRESENT if peer else 0,
-                     "friendlyName": m.friendlyName, "attributes": "",
-                     "nodeId": str(peer.nodeId) if peer else "0", "addresses": [],
-                     "credentialInfo": chain[-1].info() if chain else None}
-            if peer is not None and not (group.flags & C.DISABLE_PRESENCE):
-                entry["addresses"] = [peer.address]
-            out.append(entry)
-        return {"members": out}
-
-    def _propertiesView(self, group):
-        out = dict(group.properties)
-        out["hasPassword"] = group.verifier is not None
-        return out
-
-    def api_getProperties(self, params):
-        handle, node = self._ready(params)
-        return {"properties": self._propertiesView(node.group)}
-
-    def api_setProperties(self, params):
-        handle, node = self._ready(params)
-        group = node.group
-        if node.peerName != group.creator:
-            raise PeerError("PEER_E_NOT_AUTHORIZED", "only the creator sets properties")
-        props = _param(params, "properties", dict)
-        bad = "PEER_E_INVALID_GROUP_PROPERTIES"
-        for name, value in props.items():
-            if name in IMMUTABLE_PROPERTIES:
-                if value != group.properties.get(name):
-                    raise PeerError(bad, f"{name} cannot be changed")
-            elif name not in MUTABLE_PROPERTIES and name != "hasPassword":
-                raise PeerError(bad, f"unknown property {name!r}")
-        merged = dict(group.properties)
-        merged.update({k: v for k, v in props.items() if k in MUTABLE_PROPERTIES
-                       and k != "passwordVerifier"})
-        checked = self._checkedProperties(merged)
-        verifier = group.verifier
-        if props.get("passwordVerifier") is not None:
-            if verifier is None:
-                raise PeerError(bad, "not a password group")
-            verifier = cred.checkVerifier(props["passwordVerifier"])
-        for name in ("friendlyName", "comment", "flags"):
-            group.properties[name] = checked[name]
-        group.verifier = verifier
-        return self._persistThen(
-            [("group", self.app.name, group.gpn, group.toStore())],
-            Reply({}, after=lambda: self.pg.broadcast(group, C.EVENT_PROPERTY_CHANGED, {})))
-
-    # -- records ----------------------------------------------------------------
-
-    def _recordInput(self, params):
-        r = _param(params, "record", dict)
-        attributes = r.get("attributes") or ""
-        rec.parseAttributes(attributes)
-        expiration = _param(r, "expiration", int)
-        data = _bytes(r, "data")
-        return r, attributes, expiration, data
-
-    def _checkExpiration(self, node, expiration, now):
-        leaf = node.chain[-1]
-        if now >= leaf.notAfter:
-            raise PeerError("PEER_E_INVALID_TIME_PERIOD", "the member's credentials have expired")
-        if expiration <= now:
-            raise PeerError("PEER_E_INVALID_RECORD_EXPIRATION", "the expiration is past")
-        if expiration > leaf.notAfter:
-            raise PeerError("PEER_E_INVALID_RECORD_EXPIRATION",
-                            "the expiration is beyond the publisher's credentials")
-
-    def _checkSize(self, data, attributes):
-        if len(data) + 2 * len(attributes.encode("utf-8")) > self.pg.maxRecordSize:
-            raise PeerError("PEER_E_MAX_RECORD_SIZE_EXCEEDED",
-                            f"data + 2 x attributes over {self.pg.maxRecordSize} bytes")
-
-    def _store(self, group, record, changeType, previous=None):
-        """
-        Commit C{record} (already in C{group}'s memory, replacing
-        C{previous}); answer once it is durable.  If the store fails the
-        change is undone in memory too (unless a later change built on it),
-        so nobody sees a record the broker would forget at its restart.
-        """
-        # The other nodes of a cluster raise the event once they hold the
-        # record: it rides with the change (never stored).
-        changes = [("record", self.app.name, group.gpn, record),
-                   ("seq", self.app.name, group.gpn, group.seq),
-                   self.pg.recordEvent(group, changeType, record)]
-
-        def failed(failure):
-            if group.records.get(record.id) is record:
-                if previous is None:
-                    del group.records[record.id]
-                else:
-                    group.records[record.id] = previous
-            if failure.check(RedisOutcomeUnknown):
-                # Sent, then the connection dropped before the answer.
-                raise PeerError("E_UNEXPECTED", STORE_LOST)
-            if failure.check(Unavailable) or not self.pg.storeAvailable():
-                # Redis went away under the write: refused, logged once by
-                # the cluster link.
-                raise PeerError("E_UNEXPECTED", STORE_DOWN)
-            log.failure("peer groups: cannot store a record of {gpn}", failure, gpn=group.gpn)
-            raise PeerError("E_UNEXPECTED", "the store could not save the change; "
-                            "nothing changed")
-        return self.pg.persist(changes).addCallbacks(
-            lambda _: Reply({"id": record.id, "record": self._written(record)},
-                            after=lambda: self.pg.recordChanged(group, changeType, record,
-                                                                forward=False)),
-            failed)
-
-    def _written(self, record):
-        """
-        The record as an addRecord/updateRecord answer shows it: without
-        its data (C{"dataOmitted": true}) when the whole would not fit in
-        one message, so a durable write is never answered with an error.
-        """
-        out = record.toJSON()
-        if encodedSize(out) > budget(self.maxMessageSize):
-            del out["data"]
-            out["dataOmitted"] = True
-        return out
-
-    def api_addRecord(self, params):
-        handle, node = self._ready(params)
-        r, attributes, expiration, data = self._recordInput(params)
-        rtype = _guid(r, "type")
-        if rtype in C.RESERVED_RECORD_TYPES:
-            raise PeerError("PEER_E_NOT_AUTHORIZED", "reserved record type")
-        now = self.pg.now()
-        self._checkExpiration(node, expiration, now)
-        self._checkSize(data, attributes)
-        group = node.group
-        if len(group.records) >= self.pg.maxRecordsPerGroup:
-            raise PeerError("E_OUTOFMEMORY", f"quota: the group holds "
-                            f"{self.pg.maxRecordsPerGroup} records (tombstones included)")
-        group.seq += 1
-        record = Record(C.newGUID(), rtype, 1, 0, node.peerName, "", attributes, now, now,
-                        expiration, data, group.seq, group.seq)
-        group.records[record.id] = record
-        extra = self.pg.publishMembership(node)
-        if extra:
-            self.pg.persistQuietly(extra, "a membership")
-        return self._store(group, record, C.RECORD_ADDED)
-
-    def _existing(self, node, rid):
-        record = node.group.records.get(rid)
-        if record is None or record.deleted or record.expiration <= self.pg.now():
-            raise PeerError("PEER_E_RECORD_NOT_FOUND", "no such record")
-        return record
-
-    def _mayChange(self, node, record):
-        if record.creatorId != node.peerName and node.role != C.ROLE_ADMIN:
-            raise PeerError("PEER_E_NOT_AUTHORIZED",
-                            "only the record's creator or an administrator")
-
-    def api_updateRecord(self, params):
-        handle, node = self._ready(params)
-        r = _param(params, "record", dict)
-        old = self._existing(node, _guid(r, "id"))
-        if _guid(r, "type") != old.type:
-            raise PeerError("E_INVALIDARG", "a record's type cannot change")
-        if r.get("flags", old.flags) != old.flags:
-            raise PeerError("E_INVALIDARG", "a record's flags cannot be set")
-        self._mayChange(node, old)
-        attributes = r.get("attributes", old.attributes) or ""
-        rec.parseAttributes(attributes)
-        expiration = _param(r, "expiration", int, required=False, default=old.expiration)
-        data = _bytes(r, "data") if "data" in r else old.data
-        now = self.pg.now()
-        if expiration < old.expiration:
-            raise PeerError("PEER_E_INVALID_RECORD_EXPIRATION",
-                            "keep the expiration the same or increase it")
-        self._checkExpiration(node, expiration, now)
-        self._checkSize(data, attributes)
-        group = node.group
-        group.seq += 1
-        record = old.copy()
-        record.version += 1
-        record.modifiedById = node.peerName
-        record.lastModified = max(now, old.lastModified + 10000)
-        record.attributes, record.expiration, record.data = attributes, expiration, data
-        record.seq = group.seq
-        group.records[record.id] = record
-        return self._store(group, record, C.RECORD_UPDATED, old)
-
-    def api_deleteRecord(self, params):
-        handle, node = self._ready(params)
-        old = self._existing(node, _guid(params, "id"))
-        self._mayChange(node, old)
-        group = node.group
-        group.seq += 1
-        tomb = old.copy()
-        tomb.version += 1
-        tomb.flags |= C.RECORD_FLAG_DELETED
-        tomb.modifiedById = node.peerName
-        tomb.lastModified = max(self.pg.now(), old.lastModified + 10000)
-        tomb.attributes, tomb.data = "", b""
-        tomb.seq = group.seq
-        group.records[tomb.id] = tomb
-        return self._store(group, tomb, C.RECORD_DELETED, old).addCallback(
-            lambda reply: Reply({}, after=reply.after))
-
-    def api_getRecord(self, params):
-        handle, node = self._ready(params)
-        return {"record": self._existing(node, _guid(params, "id")).toJSON()}
-
-    # -- direct connections -------------------------------------------------------
-
-    def api_openDirectConnection(self, params):
-        handle, node = self._ready(params)
-        peer = _param(params, "identity", str)
-        if peer == node.peerName:
-            raise PeerError("PEER_E_CONNECT_SELF", "a direct connection to oneself")
-        group = node.group
-        cid = self.pg.newConnectionId()
-        target = self.pg.present(group, peer)
-
-        def establish():
-            if not node.online:
-                return
-            if target is not None and target.remote:
-                # On another node: that node checks and answers (pg.direct).
-                self.pg.link.openRemote(node, target, cid)
-                return
-            reason = "PEER_E_CONNECTION_FAILED" if target is None else target.refusesDirect()
-            if reason is not None:
-                self.pg.emit(node, C.EVENT_DIRECT_CONNECTION, {"connectionChangeData": {
-                    "status": C.PEER_CONNECTION_FAILED, "connectionId": str(cid),
-                    "nodeId": "0", "identity": peer, "nextConnectionId": "0",
-                    "hrConnectionFailedReason": PeerError(reason).hr}})
-                return
-            direct = Direct(cid, node, target)
-            self.pg.directs[cid] = direct
-            node.directs[cid] = direct
-            target.directs[cid] = direct
-            for a, b in ((node, target), (target, node)):
-                self.pg.emit(a, C.EVENT_DIRECT_CONNECTION, {"connectionChangeData": {
-                    "status": C.PEER_CONNECTED, "connectionId": str(cid),
-                    "nodeId": str(b.nodeId), "identity": b.peerName}})
-        return Reply({"connectionId": str(cid)}, after=establish)
-
-    def _direct(self, node, params):
-        direct = node.directs.get(_connectionId(params))
-        if direct is None:
-            raise PeerError("PEER_E_CONNECTION_NOT_FOUND", "no such connection")
-        return direct
-
-    def _opening(self, node, params):
-        """
-        The id of a connection C{node} opened towards a peer on another
-        node that has not answered yet (usable already, as on one node),
-        else C{None}.
-        """
-        cid = _connectionId(params)
-        link = self.pg.link
-        if cid not in node.directs and link is not None and link.opening(node, cid):
-            return cid
-        return None
-
-    def api_closeDirectConnection(self, params):
-        handle, node = self._ready(params)
-        opening = self._opening(node, params)
-        if opening is not None:
-            return Reply({}, after=lambda: self.pg.link.closePending(node, opening))
-        direct = self._direct(node, params)
-        return Reply({}, after=lambda: self.pg.closeDirect(direct))
-
-    def api_sendData(self, params):
-        handle, node = self._ready(params)
-        opening = self._opening(node, params)
-        direct = self._direct(node, params) if opening is None else None
-        dtype = _guid(params, "type")
-        if dtype == C.RESERVED_DATA_TYPE:
-            raise PeerError("E_INVALIDARG", "reserved data type")
-        data = _param(params, "data", str, required=False, default="")
-        try:
-            size = len(cred.unb64(data, "data"))
-        except ValueError as e:
-            raise PeerError("E_INVALIDARG", str(e))
-        if size > self.pg.maxDataSize:
-            raise PeerError("E_INVALIDARG", f"at most {self.pg.maxDataSize} bytes per send")
-        self.pg.counters.dataMessages += 1
-        self.pg.counters.dataBytes += size
-        if opening is not None:
-            self.pg.link.sendPending(node, opening, dtype, data)
-            return {}
-        other = direct.other(node)
-        if other.remote:
-            self.pg.link.sendData(other, direct, dtype, data)
-            return {}
-        self.pg.emit(other, C.EVENT_INCOMING_DATA, {"incomingData": {
-            "connectionId": str(direct.id), "type": dtype, "data": data}}, dtype)
-        return {}
-
-    def api_enumConnections(self, params):
-        handle, node = self._ready(params)
-        flags = _param(params, "flags", int, required=False,
-                       default=C.CONNECTION_DIRECT | C.CONNECTION_NEIGHBOR)
-        out = []
-        if flags & C.CONNECTION_DIRECT:
-            for cid, direct in sorted(node.directs.items()):
-                other = direct.other(node)
-                out.append({"flags": C.CONNECTION_DIRECT, "connectionId": str(cid),
-                            "nodeId": str(other.nodeId), "peerId": other.peerName,
-                            "address": other.address})
-        return {"connections": out}
-
-    # -- events -------------------------------------------------------------------
-
-    def api_registerEvent(self, params):
-        handle = self._handle(params)
-        entries = _param(params, "registrations", list)
-        if not entries or len(entries) > 32:
-            raise PeerError("E_INVALIDARG", "1 to 32 registrations")
-        if len(self.registrations) >= MAX_REGISTRATIONS:
-            raise PeerError("E_OUTOFMEMORY", f"at most {MAX_REGISTRATIONS} registrations")
-        parsed = []
-        for e in entries:
-            if not isinstance(e, dict) or e.get("eventType") not in C.EVENT_TYPES:
-                raise PeerError("E_INVALIDARG", f"unknown event type in {e!r}")
-            parsed.append((e["eventType"], _guid(e, "type", required=False)))
-        regId = self._nextRegistration
-        self._nextRegistration += 1
-        handle.registrations[regId] = parsed
-        self.registrations[regId] = handle
-        return {"registration": regId}
-
-    def api_unregisterEvent(self, params):
-        regId = params.get("registration")
-        handle = self.registrations.pop(regId, None) if isinstance(regId, int) else None
-        if handle is None:
-            raise PeerError("E_INVALIDARG", "no such registration")
-        handle.registrations.pop(regId, None)
-        return {}
-
     # -- time -----------------------------------------------------------------------
 
     def api_universalTimeToPeerTime(self, params):
         self._ready(params)
-        return {"time": _param(params, "time", int)}
+        return {"time": param(params, "time", int)}
 
     def api_peerTimeToUniversalTime(self, params):
         self._ready(params)
-        return {"time": _param(params, "time", int)}
+        return {"time": param(params, "time", int)}
