@@ -175,14 +175,14 @@ class CoreTests(unittest.TestCase):
 
         self.core.onNewHub(lambda hub: hub.addObserver(Obs()))
         _, s = self.conn("a")
-        from broker.core.hub import NoUpstream
+        from broker.core.session import NoUpstream
         # Observers hear of client events even with no upstream to take them.
         self.failureResultOf(s.sendEvent("chat", Message.text("hi")), NoUpstream)
         self.hub.remove(s, "bye")
         self.assertEqual(events, [("+", "a"), ("e", "a", "chat"), ("-", "a", "bye")])
 
     def test_sendEventNoUpstream(self):
-        from broker.core.hub import NoUpstream
+        from broker.core.session import NoUpstream
 
         _, s = self.conn("a")
         self.failureResultOf(s.sendEvent("e", Message.text("x")), NoUpstream)

@@ -7,7 +7,7 @@ from twisted.internet.task import Clock
 from twisted.trial import unittest
 
 from broker.core.fanout import Fanout
-from broker.core.hub import HubStats
+from broker.core.session import HubStats
 from broker.core.message import Delivery, Message
 from tests.recorder import RecordingConnection
 

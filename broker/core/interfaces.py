@@ -173,7 +173,7 @@ class IHubObserver(Interface):
     def connectionAdded(hub, session):
         """
         A connection was admitted to C{hub}; C{session} is its
-        L{broker.core.hub.Session}.
+        L{broker.core.session.Session}.
         """
 
     def connectionRemoved(hub, session, reason):

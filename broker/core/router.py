@@ -11,7 +11,8 @@ from broker.core.engine import MemoryEngine
 from broker.core.errors import BadRequest, CloseCode
 from broker.core.fanout import Fanout
 from broker.core.health import HealthNotes
-from broker.core.hub import Hub, HubStats
+from broker.core.hub import Hub
+from broker.core.session import HubStats
 from broker.core.interfaces import IEngine
 from broker.core.limits import LimitCounters, QuietLog
 from broker.core.memory import MemoryReleaser

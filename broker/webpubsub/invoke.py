@@ -32,7 +32,7 @@ from twisted.internet import defer
 from twisted.python.failure import Failure
 
 from broker.core.errors import BadRequest, BrokerError, NotFound
-from broker.core.hub import NoUpstream
+from broker.core.session import NoUpstream
 from broker.core.message import Message
 from broker.webpubsub import frames
 

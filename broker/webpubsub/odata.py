@@ -17,7 +17,7 @@ the subset Azure documents::
 
 Strings are single-quoted, a quote inside doubled (C{'O''Neil'}).  Keywords
 are case-insensitive, field names are not.  A filter is compiled once per
-request into a predicate over L{broker.core.hub.Session}.
+request into a predicate over L{broker.core.session.Session}.
 """
 
 import re

@@ -29,7 +29,7 @@ from zope.interface import implementer
 from broker.auth.tokens import TokenError, verifyClientToken
 from broker.config import HUB_NAME
 from broker.core.errors import BadRequest, BrokerError, CloseCode, Duplicate
-from broker.core.hub import NoUpstream, checkName
+from broker.core.session import NoUpstream, checkName
 from broker.core.drain import LiveConnections
 from broker.core.limits import (PER_ADDRESS, PER_HUB, PER_USER, AdmissionLimits,
                                 InboundLimiter, peerHost)

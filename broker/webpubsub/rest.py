@@ -44,7 +44,7 @@ from broker.auth.tokens import TokenError, decodeToken, makeClientToken
 from broker.config import HUB_NAME
 from broker.core import jsonstrict
 from broker.core.errors import BadRequest, BrokerError, CloseCode, NotFound, Unavailable
-from broker.core.hub import checkName
+from broker.core.session import checkName
 from broker.core.message import BINARY, JSON, TEXT, Message, Target
 from broker.webpubsub.odata import compileFilter
 

@@ -34,7 +34,7 @@ from zope.interface import implementer
 
 from broker.core import jsonstrict
 from broker.core.errors import BrokerError
-from broker.core.hub import NoUpstream
+from broker.core.session import NoUpstream
 from broker.core.interfaces import IHubObserver, IUpstream
 from broker.core.message import BINARY, JSON, PROTOBUF, TEXT, Message
 from broker.webpubsub.handlerhttp import HandlerHTTP, HandlerTimeout
