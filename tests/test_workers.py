@@ -710,7 +710,7 @@ class WebPubSubReloadWorkersTests(RunningWorkersMixin, TestCase):
         yield waitFor(lambda: readyWorkers(self.proc)["w1"][1] != pid1, timeout=20)
         newPid = readyWorkers(self.proc)["w1"][1]
         reloaded = [line for line in self.proc.lines()
-                    if f"[w1 broker.webpubsub.reload#info] webpubsub: reloaded:" in line]
+                    if "[w1 broker.webpubsub.reload#info] webpubsub: reloaded:" in line]
         self.assertEqual(len(reloaded), 2, self.proc.text())
         self.assertIn("access keys 2 (was 1)", reloaded[-1])
         self.assertNotEqual(newPid, pid1)
