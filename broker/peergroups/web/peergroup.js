@@ -29,7 +29,8 @@
 
 import {HRESULTS, PeerError} from "./pgerrors.js";
 import {
-  Certificate, INFINITE_TICKS, ROLE, TICKS, authMessage, b64, chainFromJSON, makeVerifier,
+  Certificate, INFINITE_TICKS, ROLE, TICKS, authMessage, b64, canonicalText, chainFromJSON,
+  makeVerifier,
   parseIdentityInfo, parseJSON, passwordAuthMessage, passwordProof, peerName, toFiletime,
   unb64, wireJSON,
 } from "./pgcrypto.js";
@@ -38,7 +39,7 @@ import {Identity, deleteIdentity, enumGroups, enumIdentities, exportIdentity, fo
 import {collectPages, exportChunks, importChunks} from "./pgpaging.js";
 
 export {HRESULTS, PeerError, Identity, ROLE, b64, unb64, Certificate, enumIdentities,
-        enumGroups, exportIdentity, deleteIdentity, loadGroup};
+        enumGroups, exportIdentity, deleteIdentity, loadGroup, parseJSON, canonicalText};
 
 export const PROTOCOL = "peergroup.v1";
 export const HIGHEST_VERSION = 0x0101;
