@@ -256,9 +256,11 @@ PERF = """
 
 
 # What canonical JSON must encode as Python does: escapes, non-ASCII, keys
-# ordered by code point (an astral key after U+FFFF), an integer past 2**53.
+# ordered by code point (an astral key after U+FFFF), integers past 2**53
+# (one whose nearest double prints as the same digits, yet is another value).
 SAMPLE = (r'{"z": "\u00e9\u0001\n\"\\\u2028", "a": [1, -2, "x", true, null], '
-          r'"\ud83d\ude00": 1, "\uffff": 2, "big": 315569520000000000001}')
+          r'"\ud83d\ude00": 1, "\uffff": 2, "big": 315569520000000000001, '
+          r'"round": 315569523456789000000}')
 
 
 class BrowserAdminTests(Base, TestCase):

@@ -60,8 +60,11 @@ export async function peerName(publicKey, classifier) {
 // (Chromium, Firefox and Safari pass the source text to the reviver).
 export function parseJSON(text) {
   return JSON.parse(text, (key, value, context) => {
+    // Compared as BigInts: String(value) is the shortest round-trip form,
+    // which may print the source's digits for a double of another value.
     if (typeof value === "number" && context && context.source !== undefined &&
-        /^-?\d+$/.test(context.source) && String(value) !== context.source) {
+        /^-?\d+$/.test(context.source) && !Number.isSafeInteger(value) &&
+        BigInt(value) !== BigInt(context.source)) {
       return BigInt(context.source);
     }
     return value;
