@@ -59,7 +59,7 @@ setup(
         # at least that release.
         "protobuf>=7.35.1,<8",
     ],
-    package_data={"broker.peergroups": ["web/*.js"]},
+    package_data={"broker.peergroups": ["web/*.js", "web/*.html"]},
     cmdclass={"build_py": build_py_with_etc},
     zip_safe=False,
 )

@@ -7,6 +7,7 @@ publishes a record and exchanges direct data with the administrator.
 """
 
 import json
+import os
 
 from twisted.internet import defer, reactor
 from twisted.trial.unittest import TestCase
@@ -130,3 +131,56 @@ class BrowserPeerTests(Base, TestCase):
         found = yield admin.client.searchRecords(
             admin.handle, '<peersearch><clause attrib="origin">browser</clause></peersearch>')
         self.assertEqual([r["id"] for r in found], [report["recordId"]])
+
+
+class _Reports(Resource):
+    """
+    Takes what the demo page posts (C{?report=}): one Deferred per post.
+    """
+
+    isLeaf = True
+
+    def __init__(self):
+        super().__init__()
+        self.posts = defer.DeferredQueue()
+
+    def render_POST(self, request):
+        self.posts.put(json.loads(request.content.read().decode("utf-8")))
+        return b"ok"
+
+
+class BrowserDemoTests(Base, TestCase):
+    timeout = 90
+
+    @defer.inlineCallbacks
+    def test_demoPageReopensAfterRestart(self):
+        """
+        The broker's C{/peergroups/demo.html} runs the demo in Chromium;
+        Chromium started again on the same profile runs it with the same
+        identities, reopening the group without an invitation.
+        """
+        reports = _Reports()
+        reportPort = reactor.listenTCP(0, Site(reports), interface="127.0.0.1")
+        self.addCleanup(reportPort.stopListening)
+        from broker.peergroups.demo import browserDemoURL
+        port = self.broker.wsPort.getHost().port
+        page = browserDemoURL(self.broker.wsURL)
+        self.assertEqual(page, f"http://127.0.0.1:{port}/peergroups/demo.html")
+        url = f"{page}?report=http://127.0.0.1:{reportPort.getHost().port}/"
+        profile = os.path.abspath(self.mktemp())
+        os.makedirs(profile)
+        browser = startChromium(self, reactor, url, profile=profile)
+        first = yield reports.posts.get()
+        self.assertEqual(first[-1], "done", browser.tail())
+        self.assertIn("(new)", first[0])
+        self.assertTrue(any(line.startswith("Alice created group") for line in first), first)
+        self.assertIn("Mallory (never invited) is refused: PEER_E_NOT_FOUND", first)
+        browser.transport.signalProcess("TERM")
+        yield browser.ended
+
+        again = startChromium(self, reactor, url, profile=profile)
+        second = yield reports.posts.get()
+        self.assertEqual(second[-1], "done", again.tail())
+        self.assertEqual(second[0], first[0].replace("(new)", "(kept by this browser)"))
+        self.assertIn("Bob reopened the group with the membership this browser kept", second)
+        self.assertTrue(any("found 2 note(s)" in line for line in second), second)

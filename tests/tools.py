@@ -56,17 +56,21 @@ class _Browser(protocol.ProcessProtocol):
         return self.output.decode("utf-8", "replace")[-2000:]
 
 
-def startChromium(testCase, reactor, url):
+def startChromium(testCase, reactor, url, profile=None):
     """
     Headless Chromium on C{url} with a throwaway profile, killed when the
     test ends (skipped, or failed under scripts/test, without chromium).
 
-    @return: its process protocol: C{output} is what it printed.
+    @param profile: a C{--user-data-dir} the caller keeps (and removes), so
+        a second Chromium started on it finds the first one's IndexedDB.
+    @return: its process protocol: C{output} is what it printed,
+        C{transport} the process (C{signalProcess("TERM")} ends it cleanly).
     """
     requireTool(os.path.exists(CHROMIUM),
                 "no chromium here (scripts/test installs Debian's chromium)")
-    profile = tempfile.mkdtemp(prefix="broker-chromium-")
-    testCase.addCleanup(shutil.rmtree, profile, True)
+    if profile is None:
+        profile = tempfile.mkdtemp(prefix="broker-chromium-")
+        testCase.addCleanup(shutil.rmtree, profile, True)
     browser = _Browser()
     args = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
             "--no-first-run", "--disable-background-networking",

@@ -6,6 +6,7 @@ exchange a record and direct data, and Mallory (never invited) is refused.
     python -m broker.peergroups.demo                       # ws://127.0.0.1:8084/peergroups/v1
     python -m broker.peergroups.demo --tcp tcp:127.0.0.1:7100
     python -m broker.peergroups.demo --embedded             # a throwaway broker in-process
+    python -m broker.peergroups.demo --browser              # the same in a browser page
 
 Each peer's Ed25519 key is generated here and never leaves this process.
 """
@@ -98,6 +99,17 @@ def run(reactor, args):
     say("done")
 
 
+def browserDemoURL(ws):
+    """
+    The broker's browser demo page next to its WebSocket URL: C{http} for
+    C{ws}, C{https} for C{wss} (WebCrypto needs a secure context: https,
+    or a loopback address).
+    """
+    scheme, rest = ws.split("://", 1)
+    host = rest.split("/", 1)[0]
+    return f"{'https' if scheme == 'wss' else 'http'}://{host}/peergroups/demo.html"
+
+
 @defer.inlineCallbacks
 def main(reactor, *argv):
     parser = argparse.ArgumentParser(prog="python -m broker.peergroups.demo")
@@ -106,6 +118,9 @@ def main(reactor, *argv):
     parser.add_argument("--application", default="demo")
     parser.add_argument("--embedded", action="store_true",
                         help="run a throwaway broker in this process")
+    parser.add_argument("--browser", action="store_true",
+                        help="print the URL of the broker's browser demo page (with "
+                             "--embedded, serve it until interrupted)")
     args = parser.parse_args(argv)
     broker = None
     if args.embedded:
@@ -113,6 +128,12 @@ def main(reactor, *argv):
         args.ws = broker["ws"]
         if args.tcp:
             args.tcp = broker["tcp"]
+    if args.browser:
+        say(f"open {browserDemoURL(args.ws)} in a browser (reload it: the same peers "
+            f"reopen their group)")
+        if broker is not None:
+            yield defer.Deferred()   # until Ctrl-C
+        return
     try:
         yield run(reactor, args)
     finally:

@@ -289,21 +289,33 @@ class PeerWebSocketFactory(WebSocketServerFactory):
 
 class BrowserClient(Resource):
     """
-    C{/peergroups/peergroup.js}: the browser peer library (an ES module),
-    so a page can import it from the broker it talks to.  Any origin may
-    load it: it holds no secret.
+    C{/peergroups/<file>}: the browser peer library (C{peergroup.js} and
+    the ES modules it imports) and the browser demo (C{demo.html}), so a
+    page can import it from the broker it talks to.  Any origin may load
+    them: they hold no secret.  The files are read once, at start.
     """
 
     isLeaf = True
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "web", "peergroup.js")
+    directory = os.path.join(os.path.dirname(os.path.abspath(__file__)), "web")
+    TYPES = {".js": b"text/javascript; charset=utf-8", ".html": b"text/html; charset=utf-8"}
 
-    def __init__(self):
+    def __init__(self, name="peergroup.js"):
         super().__init__()
+        self.path = os.path.join(self.directory, name)
+        self.contentType = self.TYPES[os.path.splitext(name)[1]]
         with open(self.path, "rb") as f:
             self.body = f.read()
 
+    @classmethod
+    def files(cls):
+        """
+        @return: the names of the files served (those of C{web/}).
+        """
+        return sorted(n for n in os.listdir(cls.directory)
+                      if os.path.splitext(n)[1] in cls.TYPES)
+
     def render_GET(self, request):
-        request.setHeader(b"content-type", b"text/javascript; charset=utf-8")
+        request.setHeader(b"content-type", self.contentType)
         request.setHeader(b"access-control-allow-origin", b"*")
         request.setHeader(b"cache-control", b"max-age=3600")
         return self.body
@@ -311,8 +323,9 @@ class BrowserClient(Resource):
 
 def makeSite(factory, headerTimeout=10.0, idleTimeout=60.0, stats=None):
     """
-    A site with the peer WebSocket at C{/peergroups/v1} and the browser
-    library at C{/peergroups/peergroup.js}; no path takes a request body.
+    A site with the peer WebSocket at C{/peergroups/v1}, the browser
+    library at C{/peergroups/peergroup.js} (with its modules) and the
+    browser demo at C{/peergroups/demo.html}; no path takes a request body.
 
     @param stats: the listener's L{broker.net.listeners.ListenerStats}.
     """
@@ -320,9 +333,11 @@ def makeSite(factory, headerTimeout=10.0, idleTimeout=60.0, stats=None):
     pg = Resource()
     root.putChild(b"peergroups", pg)
     pg.putChild(b"v1", WebSocketResource(factory))
-    pg.putChild(b"peergroup.js", BrowserClient())
-    routes = Routes([(WS_PATH.encode("ascii"), {b"GET": 0}),
-                     (b"/peergroups/peergroup.js", NO_BODY)])
+    for name in BrowserClient.files():
+        pg.putChild(name.encode("ascii"), BrowserClient(name))
+    routes = Routes([(WS_PATH.encode("ascii"), {b"GET": 0})] +
+                    [(b"/peergroups/" + name.encode("ascii"), NO_BODY)
+                     for name in BrowserClient.files()])
     return BoundedSite(root, reactor=factory.reactor, bodyLimit=routes,
                        headerTimeout=headerTimeout, idleTimeout=idleTimeout, stats=stats,
                        name="peergroups.listen")
