@@ -430,6 +430,10 @@ export class PeerGroupClient {
     return collectPages((m, p) => this.call(m, p), "enumGroups", {}, "groups", {count});
   }
 
+  // Release a listing's cursor before its last page (the library's own
+  // listings follow every page, so this is for callers paging by hand).
+  endEnumeration(cursor) { return this.call("endEnumeration", {cursor}); }
+
   // -- invitations and credentials --------------------------------------------
 
   // A GMC for `subject` (identity info string, enumMembers entry, or its

@@ -12,8 +12,8 @@ import {PeerError} from "./pgerrors.js";
 
 // Every item of a paged listing: the first page with `params`, then the
 // next with `cursor` until an answer has none. `key` names the list in the
-// result ("records", "groups"). If the caller stops early (an error), the
-// cursor is released with endEnumeration.
+// result ("records", "groups"). A failed page releases the broker's
+// cursor (any error does, docs/peergroups-protocol.md).
 export async function collectPages(call, method, params, key, {count} = {}) {
   const first = {...params};
   if (count !== undefined) first.count = count;
