@@ -173,7 +173,7 @@ class ClusterTokenBook:
         self.local.unbindKey(fleet, deviceId, key)
 
     def issue(self, fleet, deviceId, n):
-        key = self.local._keys.get((fleet, deviceId))
+        key = self.local.boundKey(fleet, deviceId)
         if key is None and not self.local.legacy:
             return []
         issued = self.local.issueWithKeys(fleet, deviceId, n, key)

@@ -12,6 +12,7 @@ a certificate issued for its host name instead (docs/iot.md).
 """
 
 import datetime
+import fcntl
 import os
 
 from cryptography import x509
@@ -21,7 +22,7 @@ from cryptography.x509.oid import NameOID
 from twisted.internet import ssl
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
-from broker.files import writePrivate
+from broker.files import openPrivate, writePrivate
 
 CERT_FILE = "iot-tls-cert.pem"
 KEY_FILE = "iot-tls-key.pem"
@@ -33,12 +34,26 @@ DEV_DAYS = 825
 def writeDevelopmentCertificate(certPath, keyPath, clock=None):
     """
     Create a self-signed certificate and its key (ECDSA P-256), both mode
-    0600, unless C{certPath} exists.
+    0600, unless C{certPath} exists.  Under a lock file beside them, so
+    that worker processes starting together (C{cluster.workers}) agree on
+    one pair.
 
     @return: True if they were created.
     """
     if os.path.exists(certPath):
         return False
+    fd = openPrivate(certPath + ".lock")
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        if os.path.exists(certPath):
+            return False
+        _write(certPath, keyPath, clock)
+        return True
+    finally:
+        os.close(fd)
+
+
+def _write(certPath, keyPath, clock):
     import ipaddress
     now = datetime.datetime.now(datetime.timezone.utc) if clock is None else clock
     key = ec.generate_private_key(ec.SECP256R1())
@@ -56,7 +71,6 @@ def writeDevelopmentCertificate(certPath, keyPath, clock=None):
                                             serialization.PrivateFormat.PKCS8,
                                             serialization.NoEncryption()))
     writePrivate(certPath, cert.public_bytes(serialization.Encoding.PEM))
-    return True
 
 
 def certificatePaths(cfg, stateDir):

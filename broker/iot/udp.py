@@ -100,6 +100,12 @@ class TokenBook:
         if k in self._keys and self._keys[k] == key:
             del self._keys[k]
 
+    def boundKey(self, fleet, deviceId):
+        """
+        The UDP key of the device's current session, or None.
+        """
+        return self._keys.get((fleet, deviceId))
+
     def liveTokens(self):
         """
         C{[(token, fleet, deviceId, seconds left, tokenKey)]} for every
@@ -122,7 +128,7 @@ class TokenBook:
         @return: C{n} new tokens; none for a device with no UDP key bound
             unless L{legacy}.
         """
-        key = self._keys.get((fleet, deviceId))
+        key = self.boundKey(fleet, deviceId)
         if key is None and not self.legacy:
             return []
         return [t for t, _ in self.issueWithKeys(fleet, deviceId, n, key)]
