@@ -116,6 +116,7 @@ def sharedListeners(settings):
     iot = settings["iot"]
     if iot["enabled"]:
         streams("iot.listen", iot["listen"])
+        streams("iot.tls.listen", iot["tls"]["listen"])
         udp = iot["udp"]
         if udp["enabled"]:
             out.append(SharedListener(

@@ -14,7 +14,8 @@ from broker.cluster.node import Cluster
 from broker.cluster.redis import RedisClient
 from broker.iot import errors, frames
 from broker.iot.frames import Payload
-from broker.iot.udp import ACCEPTED, REPLAYED, UNKNOWN
+from broker.iot.auth import tokenKey
+from broker.iot.udp import ACCEPTED, BAD_MAC, REPLAYED, UNKNOWN
 from tests.redisserver import RedisServer, settle, silence
 from tests.test_cluster_redis import waitFor
 from tests.test_iot_api import APIHarness, echo
@@ -322,7 +323,7 @@ class TokenTests(TwoNodes, TestCase):
         yield waitFor(lambda: "acme" in self.b.iot.concentrator._remoteCentrals)
         device = yield self.a.iot.device("d1")
         tokens = yield device.waitTokens(8)
-        datagram = frames.encodeDatagram(tokens[0], Payload.json({"temp": 1}))
+        datagram = device.datagram(Payload.json({"temp": 1}), tokens[0])
         self.send(self.b, datagram)
         yield waitFor(lambda: self.b.iot.udp.counts[ACCEPTED] == 1)
         # The telemetry accepted on B reaches the central on A.
@@ -337,9 +338,43 @@ class TokenTests(TwoNodes, TestCase):
         self.assertEqual(self.a.iot.udp.counts[ACCEPTED], 0)
         # A dropped the token spent elsewhere from its own book when the
         # replay came; spending another leaves 6 of the 8.
-        self.send(self.a, frames.encodeDatagram(tokens[1], Payload.json({"temp": 2})))
+        self.send(self.a, device.datagram(Payload.json({"temp": 2}), tokens[1]))
         yield waitFor(lambda: self.a.iot.udp.counts[ACCEPTED] == 1)
         self.assertEqual(self.a.iot.concentrator.tokens.outstanding("acme", "d1"), 6)
+
+    @defer.inlineCallbacks
+    def test_macCheckedOnAnyNode(self):
+        """
+        A token issued on A carries its key in Redis: B, receiving a
+        datagram with it, checks its MAC there.  A swapped payload is
+        dropped as bad_mac on B (and on A, from A's memory) without
+        spending the token; the genuine datagram is then accepted on B,
+        once.
+        """
+        central = yield self.a.iot.central()
+        yield waitFor(lambda: "acme" in self.b.iot.concentrator._remoteCentrals)
+        device = yield self.a.iot.device("d1")
+        tokens = yield device.waitTokens(8)
+        genuine = device.datagram(Payload.json({"valve": "closed"}), tokens[0])
+        swapped = genuine[:18] + b'{"valve":"open!"}' + genuine[-16:]
+        self.send(self.b, swapped)
+        self.send(self.a, swapped)
+        yield waitFor(lambda: self.b.iot.udp.counts[BAD_MAC] == 1
+                      and self.a.iot.udp.counts[BAD_MAC] == 1)
+        key = self.nodes["a"].key("iot", "tok", tokens[0].hex())
+        value = self.server.command("GET", key)
+        # Still live in Redis, holding the token's key (not the session's).
+        self.assertIn(tokenKey(device.udpKey, tokens[0]).hex().encode(), value)
+        self.assertNotIn(device.udpKey.hex().encode(), value)
+        self.send(self.b, genuine)
+        yield waitFor(lambda: self.b.iot.udp.counts[ACCEPTED] == 1)
+        f = yield central.nextFrame()
+        while f.kind != frames.TELEMETRY:
+            f = yield central.nextFrame()
+        self.assertEqual(f.payload.value(), {"valve": "closed"})
+        self.send(self.b, genuine)
+        yield waitFor(lambda: self.b.iot.udp.counts[REPLAYED] == 1)
+        self.assertEqual(self.b.iot.udp.counts[ACCEPTED], 1)
 
     @defer.inlineCallbacks
     def test_tokenStillOnItsWay(self):
@@ -357,20 +392,23 @@ class TokenTests(TwoNodes, TestCase):
             held.append(lambda: realEval(script, keys, args, **kw).chainDeferred(d))
             return d
         book.redis.eval = slowIssue
+        book.bindKey("acme", "d1", b"u" * 32)
         tokens = book.issue("acme", "d1", 2)
         book.redis.eval = realEval
-        self.send(self.b, frames.encodeDatagram(tokens[0], Payload.json({"temp": 1})))
+        self.send(self.b, frames.encodeDatagram(tokens[0], Payload.json({"temp": 1}),
+                                                tokenKey(b"u" * 32, tokens[0])))
         yield settle(reactor, 0.03)
         self.assertEqual(self.b.iot.udp.counts[ACCEPTED], 0)
         held.pop()()
         yield waitFor(lambda: self.b.iot.udp.counts[ACCEPTED] == 1)
-        self.send(self.b, frames.encodeDatagram(b"\x07" * 16, Payload.json({"temp": 2})))
+        self.send(self.b, frames.encodeDatagram(b"\x07" * 16, Payload.json({"temp": 2}),
+                                                b"k" * 32))
         yield waitFor(lambda: self.b.iot.udp.counts[UNKNOWN] == 1)
 
     @defer.inlineCallbacks
     def test_revokedTokensRefusedEverywhere(self):
         device = yield self.a.iot.device("d1")
-        tokens = yield device.waitTokens(8)
+        tokens = list((yield device.waitTokens(8)))
         device.transport.loseConnection()
         yield device.closed
         again = yield self.a.iot.device("d1")
@@ -380,7 +418,7 @@ class TokenTests(TwoNodes, TestCase):
         # connections).
         key = self.nodes["a"].key("iot", "tok", tokens[0].hex())
         yield waitFor(lambda: self.server.command("EXISTS", key) == b":0\r\n")
-        self.send(self.b, frames.encodeDatagram(tokens[0], Payload.json(1)))
+        self.send(self.b, device.datagram(Payload.json(1), tokens[0]))
         yield waitFor(lambda: sum(self.b.iot.udp.counts.values()) == 1)
         self.assertEqual(self.b.iot.udp.counts[ACCEPTED], 0)
 
@@ -474,7 +512,8 @@ class FailureTests(TwoNodes, TestCase):
         self.assertEqual((f.kind, f.payload.value()), (frames.MESSAGE, "direct"))
         answer = yield d1.request(Payload.json("hi"))
         self.assertEqual(answer.value(), "central here")
-        self.send(self.a, frames.encodeDatagram(tokens[0], Payload.json({"t": 1})))
+        genuine = [d1.datagram(Payload.json({"t": i + 1}), t) for i, t in enumerate(tokens[:2])]
+        self.send(self.a, genuine[0])
         yield waitFor(lambda: self.a.iot.udp.counts[ACCEPTED] == 1)
 
         yield self.server.start()
@@ -492,8 +531,8 @@ class FailureTests(TwoNodes, TestCase):
             {"payload": {"type": "ascii", "data": "across"}})
         self.assertEqual((status, body["payload"]["data"]), (200, "across"))
         # The token spent during the outage stays spent after the resync.
-        self.send(self.b, frames.encodeDatagram(tokens[0], Payload.json({"t": 1})))
-        self.send(self.b, frames.encodeDatagram(tokens[1], Payload.json({"t": 2})))
+        self.send(self.b, genuine[0])
+        self.send(self.b, genuine[1])
         yield waitFor(lambda: sum(self.b.iot.udp.counts.values()) == 2)
         self.assertEqual((self.b.iot.udp.counts[REPLAYED], self.b.iot.udp.counts[ACCEPTED]),
                          (1, 1))

@@ -212,8 +212,14 @@ class IoTClusterProcessMixin(ClusterNodesMixin):
     def framesOf(self, client, kind):
         return [f for f in client.inbox.pending if getattr(f, "kind", None) == kind]
 
-    def datagram(self, name, token, data):
-        self.sender.transport.write(frames.encodeDatagram(token, Payload.json(data)),
+    def datagram(self, name, token, data, device=None):
+        """
+        Send node C{name} a datagram spending C{token} of C{device} (by
+        default the first device connected), with its MAC.
+        """
+        if device is None:
+            device = next(c for c in self.clients if c.udpKey is not None)
+        self.sender.transport.write(device.datagram(Payload.json(data), token),
                                     ("127.0.0.1", self.nodes[name].udp))
 
     def kill(self, name):
@@ -696,7 +702,7 @@ class RedisOutageTests(IoTClusterProcessMixin, TestCase):
         self.assertEqual(m.payload.value(), "direct")
         answer = yield d1.request(Payload.json("to central"))
         self.assertEqual(answer.value(), "central here")
-        self.datagram("a", tokens[0], {"during": "outage"})
+        self.datagram("a", tokens[0], {"during": "outage"}, d1)
         frame = yield self.nextOf(central, frames.TELEMETRY)
         self.assertEqual(frame.payload.value(), {"during": "outage"})
 
@@ -721,7 +727,7 @@ class RedisOutageTests(IoTClusterProcessMixin, TestCase):
             d3.write(frames.ACK, m.requestId)
         self.assertEqual(got, [(before[0], {"before": 0}), (before[1], {"before": 1})])
         # The token spent on a during the outage stays spent.
-        self.datagram("b", tokens[0], {"replayed": True})
+        self.datagram("b", tokens[0], {"replayed": True}, d1)
         for _ in range(100):
             b = yield self.metrics("b")
             if b.get('broker_iot_udp_datagrams_total{outcome="replayed"}'):

@@ -67,12 +67,54 @@ class VectorTests(SynchronousTestCase):
         self.assertEqual(auth.proof(key, "server", *args).hex(), v["server"])
         self.assertTrue(auth.checkProof(key, unhex(v["client"]), *args))
 
+    def test_udpKey(self):
+        """
+        The session's UDP key is HKDF-SHA256 (checked against the
+        cryptography package's HKDF) and the token key an HMAC of it.
+        """
+        from cryptography.hazmat.primitives import hashes
+        from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+        (v,) = vectors("iot-udp-key")
+        key = auth.keyBytes(v["key"])
+        nonces = unhex(v["clientNonce"]), unhex(v["serverNonce"])
+        udpKey = auth.udpKey(key, v["role"], v["fleet"], v["id"], *nonces)
+        self.assertEqual(udpKey.hex(), v["udpKey"])
+        info = "\0".join(["iot/2 udp", v["role"], v["fleet"], v["id"]]).encode()
+        self.assertEqual(HKDF(hashes.SHA256(), 32, nonces[0] + nonces[1], info).derive(key),
+                         udpKey)
+        self.assertEqual(auth.tokenKey(udpKey, unhex(v["token"])).hex(), v["tokenKey"])
+
     def test_datagram(self):
-        (v,) = vectors("iot-datagram")
-        wire = unhex(v["bytes"])
-        payload = Payload(v["type"], v["payload"].encode())
-        self.assertEqual(frames.encodeDatagram(unhex(v["token"]), payload), wire)
-        self.assertEqual(frames.decodeDatagram(wire), (unhex(v["token"]), payload))
+        v1, v2 = sorted(vectors("iot-datagram"), key=lambda v: v["version"])
+        for v in (v1, v2):
+            wire = unhex(v["bytes"])
+            token = unhex(v["token"])
+            payload = Payload(v["type"], v["payload"].encode())
+            key = unhex(v["tokenKey"]) if "tokenKey" in v else None
+            self.assertEqual(frames.encodeDatagram(token, payload, key), wire)
+            d = frames.decodeDatagram(wire, legacy=True)
+            self.assertEqual((d.version, d.token, d.payload), (int(v["version"]), token,
+                                                                payload))
+            self.assertTrue(d.verify(key))
+        self.assertEqual(unhex(v2["bytes"])[-16:].hex(), v2["mac"])
+        # Version 1 is only decoded when legacy datagrams are accepted.
+        e = self.assertRaises(FrameError, frames.decodeDatagram, unhex(v1["bytes"]))
+        self.assertEqual(e.code, "UNSUPPORTED_VERSION")
+
+    def test_datagramVerify(self):
+        """
+        A datagram verifies with its token's key only: not with another
+        key, not with its payload changed, not stripped to version 1.
+        """
+        (v,) = [v for v in vectors("iot-datagram") if v["version"] == "2"]
+        wire, key = unhex(v["bytes"]), unhex(v["tokenKey"])
+        self.assertFalse(frames.decodeDatagram(wire).verify(b"\0" * 32))
+        swapped = wire[:18] + b'{"t":99.9}' + wire[-16:]
+        self.assertFalse(frames.decodeDatagram(swapped).verify(key))
+        stripped = b"\x01" + wire[1:-16]
+        self.assertFalse(frames.decodeDatagram(stripped, legacy=True).verify(key))
+        # A keyless (legacy) token takes no version 2 datagram either.
+        self.assertFalse(frames.decodeDatagram(wire).verify(None))
 
     def test_tokens(self):
         (v,) = vectors("iot-tokens")

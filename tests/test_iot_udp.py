@@ -12,8 +12,11 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from broker.core.router import Core
 from broker.iot import frames
 from broker.iot.frames import Payload
-from broker.iot.udp import (ACCEPTED, EXPIRED, REPLAYED, UNKNOWN, TelemetryListener,
-                            TokenBook)
+from broker.iot.auth import tokenKey
+from broker.iot.client import IoTClient
+from broker.iot.udp import (ACCEPTED, BAD_MAC, EXPIRED, MALFORMED, REPLAYED, UNKNOWN,
+                            TelemetryListener, TokenBook)
+from tests.iotharness import SECRETS
 from tests.iotharness import IoTHarness, waitUntil
 from tests.wsharness import BrokerHarness
 
@@ -52,7 +55,7 @@ class TelemetryOverUDPTests(TestCase):
         central = yield self.h.central()
         d = yield self.h.device("d1")
         tokens = yield d.waitTokens(8)
-        self.send(frames.encodeDatagram(tokens[0], Payload.json({"temp": 19.5})))
+        self.send(d.datagram(Payload.json({"temp": 19.5}), tokens[0]))
         message = yield ws.nextJSON()
         self.assertEqual((message["type"], message["group"], message["data"]),
                          ("message", "telemetry.d1", {"temp": 19.5}))
@@ -65,24 +68,28 @@ class TelemetryOverUDPTests(TestCase):
     def test_replayUnknownMalformed(self):
         d = yield self.h.device("d1")
         tokens = yield d.waitTokens(8)
-        datagram = frames.encodeDatagram(tokens[0], Payload(frames.ASCII, b"t=1"))
+        datagram = d.datagram(Payload(frames.ASCII, b"t=1"), tokens[0])
         self.send(datagram)
         yield self.counted(ACCEPTED, 1)
         self.send(datagram)
         yield self.counted(REPLAYED, 1)
-        self.send(frames.encodeDatagram(b"\x00" * 16, Payload(frames.ASCII, b"t=1")))
+        self.send(frames.encodeDatagram(b"\x00" * 16, Payload(frames.ASCII, b"t=1"),
+                                        b"k" * 32))
         yield self.counted(UNKNOWN, 1)
-        for bad in [b"", b"\x01short", b"\x02" + tokens[1] + b"\x01",
-                    b"\x01" + tokens[1] + b"\x09", b"\x01" + tokens[1] + b"\x02\xff",
-                    b"\x01" + tokens[1] + b"\x04{", b"\x01" + b"x" * 3000]:
+        mac = b"m" * 16
+        for bad in [b"", b"\x02short", b"\x03" + tokens[1] + b"\x01" + mac,
+                    b"\x02" + tokens[1] + b"\x09" + mac, b"\x02" + tokens[1] + b"\x02\xff" + mac,
+                    b"\x02" + tokens[1] + b"\x04{" + mac, b"\x02" + b"x" * 3000,
+                    # Version 1 (no MAC) is not accepted by default.
+                    b"\x01" + tokens[1] + b"\x01\x01"]:
             self.send(bad)
-        yield self.counted("malformed", 7)
+        yield self.counted("malformed", 8)
         # A malformed datagram does not spend the token it carries.
-        self.send(frames.encodeDatagram(tokens[1], Payload(frames.BINARY, b"\x01")))
+        self.send(d.datagram(Payload(frames.BINARY, b"\x01"), tokens[1]))
         yield self.counted(ACCEPTED, 2)
         self.assertEqual(self.h.udp.counts, {"accepted": 2, "replayed": 1, "unknown": 1,
-                                             "expired": 0, "malformed": 7,
-                                             "rate_limited": 0})
+                                             "expired": 0, "malformed": 8,
+                                             "rate_limited": 0, "bad_mac": 0})
 
     @defer.inlineCallbacks
     def test_refill(self):
@@ -92,7 +99,7 @@ class TelemetryOverUDPTests(TestCase):
         d = yield self.h.device("d1")
         tokens = list((yield d.waitTokens(8)))
         for t in tokens[:4]:
-            self.send(frames.encodeDatagram(t, Payload.json(1)))
+            self.send(d.datagram(Payload.json(1), t))
         yield waitUntil(reactor, lambda: len(d.tokens) >= 12)
         self.assertEqual(len(set(d.tokens)), 12)
         self.assertEqual(self.h.concentrator.tokens.outstanding("acme", "d1"), 8)
@@ -105,6 +112,7 @@ class TelemetryOverUDPTests(TestCase):
         """
         d = yield self.h.device("d1")
         old = list((yield d.waitTokens(8)))
+        oldDatagram = d.datagram(Payload.json(1), old[0])
         d.transport.loseConnection()
         yield d.closed
         d = yield self.h.device("d1")
@@ -112,9 +120,9 @@ class TelemetryOverUDPTests(TestCase):
         self.assertEqual(len(new), 8)
         self.assertFalse(set(old) & set(new))
         self.assertEqual(self.h.concentrator.tokens.outstanding("acme", "d1"), 8)
-        self.send(frames.encodeDatagram(old[0], Payload.json(1)))
+        self.send(oldDatagram)
         yield self.counted(UNKNOWN, 1)
-        self.send(frames.encodeDatagram(new[0], Payload.json(1)))
+        self.send(d.datagram(Payload.json(1), new[0]))
         yield self.counted(ACCEPTED, 1)
 
     @defer.inlineCallbacks
@@ -126,16 +134,140 @@ class TelemetryOverUDPTests(TestCase):
         central = yield self.h.central()
         d2 = yield self.h.device("d2")
         tokens = yield d2.waitTokens(1)
-        self.send(frames.encodeDatagram(tokens[0], Payload.json({"from": "d1?"})))
+        self.send(d2.datagram(Payload.json({"from": "d1?"}), tokens[0]))
         f = yield central.nextFrame()
         self.assertEqual(f.address, "d2")
 
 
+    @defer.inlineCallbacks
+    def test_swappedPayloadDropped(self):
+        """
+        A datagram whose payload was swapped on the way (its token and the
+        MAC of the original kept) is dropped and counted bad_mac; its token
+        is not spent, so the genuine datagram is then accepted, and only
+        it reaches the central.
+        """
+        central = yield self.h.central()
+        d = yield self.h.device("d1")
+        tokens = yield d.waitTokens(8)
+        genuine = d.datagram(Payload.json({"valve": "closed"}), tokens[0])
+        swapped = genuine[:18] + b'{"valve":"open!"}' + genuine[-16:]
+        self.send(swapped)
+        yield self.counted(BAD_MAC, 1)
+        self.assertEqual(self.h.concentrator.tokens.outstanding("acme", "d1"), 8)
+        self.send(genuine)
+        yield self.counted(ACCEPTED, 1)
+        f = yield central.nextFrame()
+        self.assertEqual((f.kind, f.payload.value()), (frames.TELEMETRY, {"valve": "closed"}))
+        self.send(genuine)
+        yield self.counted(REPLAYED, 1)
+        self.assertEqual((self.h.udp.counts[BAD_MAC], self.h.udp.counts[ACCEPTED]), (1, 1))
+
+    @defer.inlineCallbacks
+    def test_strangerCannotSpendTokens(self):
+        """
+        A stranger who saw tokens on the wire (but has no key) sends
+        datagrams with them: a made-up MAC, the MAC stripped (version 1):
+        none is accepted, none spends a token, and the device's own
+        datagrams with those tokens are accepted afterwards.
+        """
+        d = yield self.h.device("d1")
+        tokens = list((yield d.waitTokens(8)))
+        for t in tokens[:4]:
+            self.send(frames.encodeDatagram(t, Payload.json({"forged": True}), b"\x00" * 32))
+            self.send(frames.encodeDatagram(t, Payload.json({"forged": True})))
+        yield self.counted(BAD_MAC, 4)
+        yield self.counted(MALFORMED, 4)
+        self.assertEqual(self.h.concentrator.tokens.outstanding("acme", "d1"), 8)
+        for t in tokens[:4]:
+            self.send(d.datagram(Payload.json({"mine": True}), t))
+        yield self.counted(ACCEPTED, 4)
+        self.assertEqual(self.h.udp.counts[BAD_MAC], 4)
+
+    @defer.inlineCallbacks
+    def test_versionOneDeviceGetsNoTokens(self):
+        """
+        A device that does not announce UDP version 2 is served over TCP
+        but gets no tokens by default (WELCOME says udp 0, TOKENS empty).
+        """
+        client = IoTClient("device", "acme", "d1", SECRETS[("acme", "d1")], udpVersion=1)
+        yield self.h.open(client)
+        welcome = yield client.authenticated
+        self.assertEqual(welcome["udp"], 0)
+        client.write(frames.TOKENS)
+        yield waitUntil(reactor, lambda: client.tokenTTL is not None)
+        self.assertEqual((client.tokens, client.udpKey), ([], None))
+        self.assertEqual(self.h.concentrator.tokens.outstanding("acme", "d1"), 0)
+
+    @defer.inlineCallbacks
+    def test_versionOneAcceptedWhenConfigured(self):
+        """
+        With legacy datagrams accepted (iot.udp.accept_version_1), a
+        version 1 device's datagrams are accepted without a MAC; a version
+        2 device's tokens still refuse a datagram without one.
+        """
+        self.h.concentrator.tokens.legacy = True
+        old = IoTClient("device", "acme", "d1", SECRETS[("acme", "d1")], udpVersion=1)
+        yield self.h.open(old)
+        welcome = yield old.authenticated
+        self.assertEqual(welcome["udp"], 1)
+        tokens = yield old.waitTokens(8)
+        self.send(old.datagram(Payload.json({"v": 1}), tokens[0]))
+        yield self.counted(ACCEPTED, 1)
+        new = yield self.h.device("d2")
+        newTokens = yield new.waitTokens(8)
+        self.send(frames.encodeDatagram(newTokens[0], Payload.json({"stripped": True})))
+        yield self.counted(BAD_MAC, 1)
+        self.send(new.datagram(Payload.json({"v": 2}), newTokens[0]))
+        yield self.counted(ACCEPTED, 2)
+
+
+def boundBook(**kw):
+    """
+    A token book whose devices f/d and f/e have sessions with UDP keys.
+    """
+    book = TokenBook(**kw)
+    book.bindKey("f", "d", b"d" * 32)
+    book.bindKey("f", "e", b"e" * 32)
+    return book
+
+
 class TokenBookTests(SynchronousTestCase):
+
+    def test_badMacKeepsToken(self):
+        """
+        redeem refuses a token whose datagram does not verify, and leaves
+        it live; the verifier is given the token's own key.
+        """
+        book = boundBook()
+        (t,) = book.issue("f", "d", 1)
+        seen = []
+        self.assertEqual(book.redeem(t, lambda k: seen.append(k) or False),
+                         (BAD_MAC, None, None))
+        self.assertEqual(seen, [tokenKey(b"d" * 32, t)])
+        self.assertEqual(book.outstanding("f", "d"), 1)
+        self.assertEqual(book.redeem(t, lambda k: True), (ACCEPTED, "f", "d"))
+        self.assertEqual(book.redeem(t, lambda k: True), (REPLAYED, None, None))
+
+    def test_noKeyNoTokens(self):
+        """
+        A device whose session bound no UDP key gets no tokens, unless
+        legacy tokens are allowed; unbinding another session's key keeps
+        the current one.
+        """
+        book = TokenBook()
+        self.assertEqual(book.issue("f", "x", 3), [])
+        book.legacy = True
+        self.assertEqual(len(book.issue("f", "x", 3)), 3)
+        book = boundBook()
+        book.unbindKey("f", "d", b"other")
+        self.assertEqual(len(book.issue("f", "d", 1)), 1)
+        book.unbindKey("f", "d", b"d" * 32)
+        self.assertEqual(book.issue("f", "d", 1), [])
 
     def test_expiry(self):
         clock = Clock()
-        book = TokenBook(ttl=10, clock=clock.seconds)
+        book = boundBook(ttl=10, clock=clock.seconds)
         a, b, c = book.issue("f", "d", 3)
         self.assertEqual(book.redeem(a), (ACCEPTED, "f", "d"))
         clock.advance(10)
@@ -146,7 +278,7 @@ class TokenBookTests(SynchronousTestCase):
         self.assertEqual((len(book), book.outstanding("f", "d")), (0, 0))
 
     def test_revoke(self):
-        book = TokenBook()
+        book = boundBook()
         t = book.issue("f", "d", 2)
         other = book.issue("f", "e", 1)
         book.revoke("f", "d")
@@ -154,12 +286,12 @@ class TokenBookTests(SynchronousTestCase):
         self.assertEqual(book.redeem(other[0])[0], ACCEPTED)
 
     def test_tokensAreRandom128Bits(self):
-        tokens = TokenBook().issue("f", "d", 1000)
+        tokens = boundBook().issue("f", "d", 1000)
         self.assertEqual(len(set(tokens)), 1000)
         self.assertTrue(all(len(t) == 16 for t in tokens))
 
     def test_spentMemoryBounded(self):
-        book = TokenBook(spentMemory=2)
+        book = boundBook(spentMemory=2)
         t = book.issue("f", "d", 3)
         for x in t:
             book.redeem(x)
@@ -181,6 +313,7 @@ class FuzzTests(SynchronousTestCase):
         core = Core(self.clock)
         self.c = Concentrator(self.clock, core, Registry(fleets()), store=None)
         self.listener = TelemetryListener(self.c, 512)
+        self.c.tokens.bindKey("acme", "d1", b"k" * 32)
         self.live = self.c.tokens.issue("acme", "d1", 1)[0]
 
     @settings(max_examples=300, deadline=None)

@@ -205,6 +205,8 @@ listen = ["{lo}"]
 [iot]
 enabled = true
 listen = ["{lo}"]
+[iot.tls]
+listen = ["{lo}"]
 [iot.udp]
 port = 0
 [iot.http]
@@ -236,7 +238,8 @@ class SharedListenersTests(TestCase):
         listeners = workers.sharedListeners(settings)
         self.assertEqual(
             [listener.key for listener in listeners],
-            ["webpubsub.listen[0]", "ecdn.listen[0]", "iot.listen[0]", "iot.udp",
+            ["webpubsub.listen[0]", "ecdn.listen[0]", "iot.listen[0]", "iot.tls.listen[0]",
+             "iot.udp",
              "iot.http.listen[0]", "peergroups.listen[0]", "peergroups.tcp_listen[0]",
              "admin.listen[0]", "admin.listen[1]"])
         specs, held = [], {}

@@ -19,6 +19,12 @@ remembers the client nonces it accepted within C{replayWindow} and refuses
 a HELLO that reuses one (REPLAY), so even a replayed HELLO is caught before
 any proof is computed; a server proof cannot be turned into a client proof
 because the labels differ.  The key itself never crosses the wire.
+
+Both sides then derive the session's UDP key from the same inputs (never
+sent): L{udpKey}, HKDF-SHA256 (RFC 5869) of K salted with both nonces.
+Each token's datagram is authenticated with a key of its own,
+L{tokenKey}, derived from the UDP key and the token: that is what the
+cluster keeps in Redis beside the token (docs/iot-protocol.md).
 """
 
 import hashlib
@@ -80,6 +86,45 @@ def transcript(label, role, fleet, peerId, clientNonce, serverNonce):
 def proof(key, label, role, fleet, peerId, clientNonce, serverNonce):
     return hmac.new(key, transcript(label, role, fleet, peerId, clientNonce, serverNonce),
                     hashlib.sha256).digest()
+
+
+# The UDP datagram version a session may speak: 2 carries a MAC (a HELLO
+# announcing "udp": 2); 1, token only, is refused unless configured.
+UDP_VERSION = 2
+UDP_KEY_SIZE = 32
+
+
+def hkdf(ikm, salt, info, length=32):
+    """
+    HKDF-SHA256 (RFC 5869): a few HMACs, so that firmware needs nothing
+    beyond HMAC-SHA256 to derive the same key.
+    """
+    prk = hmac.digest(salt, ikm, "sha256")
+    out, block = b"", b""
+    for i in range(1, -(-length // 32) + 1):
+        block = hmac.digest(prk, block + info + bytes((i,)), "sha256")
+        out += block
+    return out[:length]
+
+
+def udpKey(key, role, fleet, peerId, clientNonce, serverNonce):
+    """
+    The session's UDP key: HKDF-SHA256 with IKM the peer's key K, salt
+    Nc || Ns and info C{"iot/2 udp" NUL role NUL fleet NUL id}.  A label
+    of its own, so it is never equal to a proof (which travels in the
+    clear).
+    """
+    info = b"\0".join([b"iot/2 udp", role.encode(), fleet.encode(), peerId.encode("utf-8")])
+    return hkdf(key, clientNonce + serverNonce, info, UDP_KEY_SIZE)
+
+
+def tokenKey(sessionUdpKey, token):
+    """
+    The key of one token's datagram: HMAC-SHA256(udpKey, "iot/2 token"
+    || token).  Knowing it authenticates that one datagram and nothing
+    else, which is why the cluster may store it in Redis with the token.
+    """
+    return hmac.digest(sessionUdpKey, b"iot/2 token" + token, "sha256")
 
 
 def checkProof(key, candidate, role, fleet, peerId, clientNonce, serverNonce):

@@ -7,6 +7,7 @@ device firmware (it checks the server's proof, as a device must).
 
 import os
 
+from twisted.internet import ssl
 from twisted.internet.defer import Deferred, DeferredQueue
 from twisted.internet.protocol import Protocol
 
@@ -32,9 +33,13 @@ class IoTClient(Protocol):
     @ivar onRequest: if set, C{onRequest(frame)} returns the Payload to
         answer a REQUEST with (instead of putting it in the inbox).
     @ivar autoAck: acknowledge MESSAGE frames as they arrive.
+    @ivar udpKey: the session's UDP key, derived after WELCOME (never sent).
+    @ivar udpVersion: the datagram version announced in HELLO (2; 1 plays
+        a device of protocol version 1, without MACs).
     """
 
-    def __init__(self, role, fleet, peerId, secret, maxFrame=frames.DEFAULT_MAX_FRAME):
+    def __init__(self, role, fleet, peerId, secret, maxFrame=frames.DEFAULT_MAX_FRAME,
+                 udpVersion=auth.UDP_VERSION):
         self.role = role
         self.fleet = fleet
         self.peerId = peerId or ""
@@ -53,11 +58,15 @@ class IoTClient(Protocol):
         self._nextId = 0
         self._nonce = os.urandom(32)
         self.open = False
+        self.udpVersion = udpVersion
+        self.udpKey = None
 
     def connectionMade(self):
         hello = {"role": self.role, "fleet": self.fleet, "nonce": self._nonce.hex()}
         if self.role == auth.DEVICE:
             hello["id"] = self.peerId
+            if self.udpVersion >= auth.UDP_VERSION:
+                hello["udp"] = self.udpVersion
         self.write(frames.HELLO, 0, Payload.json(hello))
 
     def write(self, kind, requestId=0, payload=frames.EMPTY, address=""):
@@ -68,6 +77,17 @@ class IoTClient(Protocol):
         d = self._pending[self._nextId] = Deferred()
         self.write(frames.REQUEST, self._nextId, payload, address)
         return d
+
+    def datagram(self, payload, token=None):
+        """
+        A telemetry datagram carrying C{payload}, spending C{token} (by
+        default the next token held): version 2 with its MAC, or version
+        1 for a session that announced it.
+        """
+        if token is None:
+            token = self.tokens.pop(0)
+        key = None if self.udpKey is None else auth.tokenKey(self.udpKey, token)
+        return frames.encodeDatagram(token, payload, key)
 
     def nextId(self):
         self._nextId += 1
@@ -119,6 +139,9 @@ class IoTClient(Protocol):
                     self.transport.loseConnection()
                     return
                 self.open = True
+                if self.role == auth.DEVICE and welcome.get("udp") == auth.UDP_VERSION:
+                    self.udpKey = auth.udpKey(self.key, self.role, self.fleet, self.peerId,
+                                              self._nonce, self._serverNonce)
                 self.authenticated.callback(welcome)
             elif kind == frames.ERROR:
                 info = frame.payload.value()
@@ -164,3 +187,13 @@ class IoTClient(Protocol):
         for d in pending.values():
             d.errback(reason)
         self.closed.callback(None)
+
+
+def pinnedTLS(certificatePEM, hostname="localhost"):
+    """
+    TLS client options trusting one certificate only: the broker's
+    (C{certificatePEM}, bytes, e.g. the development certificate it
+    generated in its state directory), checked for C{hostname} as usual.
+    """
+    return ssl.optionsForClientTLS(hostname,
+                                   trustRoot=ssl.Certificate.loadPEM(certificatePEM))

@@ -19,7 +19,7 @@ from twisted.logger import Logger
 from broker.config import ConfigError
 from broker.core.limits import PER_ADDRESS, PER_HUB, AdmissionLimits
 from broker.files import privateDatabase
-from broker.iot import api, apikeys
+from broker.iot import api, apikeys, tlscert
 from broker.iot.webhook import Webhooks
 from broker.iot.auth import Registry, loadRegistryFile, writeDevelopmentRegistry
 from broker.iot.clustered import ClusterConcentrator
@@ -294,12 +294,34 @@ def buildHTTP(context, cfg, concentrator):
     context.onReload(reload)
 
 
+def buildTLS(context, cfg, factory):
+    """
+    C{iot.tls.listen}: the same sessions over TLS, with the configured
+    certificate or a generated development one (L{broker.iot.tlscert}).
+    """
+    key = "iot.tls.certificate" if cfg["tls"]["certificate"] else "broker.state_dir"
+    try:
+        certPath, keyPath, generated = tlscert.certificatePaths(cfg, context.stateDir)
+        options = tlscert.serverOptions(certPath, keyPath)
+    except (OSError, ValueError) as e:
+        raise ConfigError(key, f"cannot use the IoT TLS certificate: {e}")
+    except Exception as e:
+        raise ConfigError(key, f"cannot use the IoT TLS certificate {certPath}: {e}")
+    if generated:
+        log.warn("iot.tls.certificate is empty: generated a self-signed development "
+                 "certificate in {path} (clients pin it; never use it in production)",
+                 path=certPath)
+    context.listen("iot.tls.listen", cfg["tls"]["listen"], tlscert.wrap(factory, options),
+                   cfg["max_connections"])
+
+
 def build(context):
     cfg = context.settings["iot"]
     if not cfg["enabled"]:
         return
     reactor = context.reactor
     concentrator = buildConcentrator(context, cfg)
+    concentrator.tokens.legacy = cfg["udp"]["accept_version_1"]
     factory = IoTFactory(reactor, concentrator, authTimeout=cfg["auth_timeout"],
                          pingInterval=cfg["ping_interval"], pingTimeout=cfg["ping_timeout"],
                          maxFrame=cfg["max_frame_size"],
@@ -311,6 +333,8 @@ def build(context):
                                       cfg["max_inbound_bytes_per_second"],
                                       cfg["inbound_burst"]))
     context.listen("iot.listen", cfg["listen"], factory, cfg["max_connections"])
+    if cfg["tls"]["listen"]:
+        buildTLS(context, cfg, factory)
     udp = None
     if cfg["udp"]["enabled"]:
         udp = TelemetryListener(concentrator, cfg["udp"]["max_datagram"],

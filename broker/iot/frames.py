@@ -14,15 +14,21 @@ Every TCP frame is::
     address    addrLen bytes of UTF-8: who the frame is for or from
     payload    the rest, validated against ptype
 
-A UDP telemetry datagram is::
+A UDP telemetry datagram is (version 2)::
 
-    version u8 1 | token 16 bytes | ptype u8 | payload
+    version u8 2 | token 16 bytes | ptype u8 | payload | mac 16 bytes
+
+    mac = HMAC-SHA256(tokenKey, every byte before the mac)[:16]
+
+(L{broker.iot.auth.tokenKey}); version 1 has no mac and is accepted only
+from devices that did not announce version 2, if configured.
 
 The format is small on purpose: a microcontroller can build a frame with a
 few C{memcpy}s, and the length prefix lets the server refuse an oversized
 frame before buffering it.
 """
 
+import hmac
 import struct
 
 from broker.core import jsonstrict
@@ -64,6 +70,11 @@ HEADER = struct.Struct(">BBQBB")     # after the length prefix
 LENGTH = struct.Struct(">I")
 DATAGRAM_HEADER_SIZE = 1 + 16 + 1
 TOKEN_SIZE = 16
+# The datagram versions: 1 token only (legacy), 2 with a MAC of MAC_SIZE
+# bytes (a truncated HMAC-SHA256: 128 bits, one try per datagram).
+DATAGRAM_V1 = 1
+DATAGRAM_V2 = 2
+MAC_SIZE = 16
 MAX_ADDRESS = 255
 DEFAULT_MAX_FRAME = 1024 * 1024
 
@@ -265,25 +276,81 @@ class FrameReader:
         return frames
 
 
-def encodeDatagram(token, payload):
+def datagramMac(tokenKey, signed):
+    """
+    The MAC of a version 2 datagram: HMAC-SHA256 of everything before it,
+    truncated to L{MAC_SIZE} bytes.
+    """
+    return hmac.digest(tokenKey, signed, "sha256")[:MAC_SIZE]
+
+
+def encodeDatagram(token, payload, tokenKey=None):
+    """
+    A version 2 datagram authenticated with C{tokenKey} (the token's key,
+    L{broker.iot.auth.tokenKey}); without one, a legacy version 1
+    datagram.
+    """
     if len(token) != TOKEN_SIZE:
         raise ValueError("a token is 16 bytes")
-    return bytes((VERSION,)) + token + bytes((PAYLOAD_CODES[payload.type],)) + payload.data
+    version = DATAGRAM_V1 if tokenKey is None else DATAGRAM_V2
+    signed = bytes((version,)) + token + bytes((PAYLOAD_CODES[payload.type],)) + payload.data
+    if tokenKey is None:
+        return signed
+    return signed + datagramMac(tokenKey, signed)
 
 
-def decodeDatagram(data):
+class Datagram:
     """
-    @return: C{(token, Payload)}.
+    A decoded datagram, its MAC not yet checked: L{verify} with the key of
+    the token it names, before the token is spent.
+    """
+
+    __slots__ = ("version", "token", "payload", "signed", "mac")
+
+    def __init__(self, version, token, payload, signed, mac):
+        self.version = version
+        self.token = token
+        self.payload = payload
+        self.signed = signed
+        self.mac = mac
+
+    def verify(self, tokenKey):
+        """
+        Whether this datagram is what the holder of C{tokenKey} sent: a
+        version 2 datagram whose MAC matches, or a version 1 datagram
+        for a token issued without a key (a legacy session).  A token
+        issued with a key never accepts a version 1 datagram, so the MAC
+        cannot be stripped.
+        """
+        if tokenKey is None:
+            return self.version == DATAGRAM_V1
+        return self.version == DATAGRAM_V2 and hmac.compare_digest(
+            datagramMac(tokenKey, self.signed), self.mac)
+
+
+def decodeDatagram(data, legacy=False):
+    """
+    @param legacy: also decode version 1 datagrams (no MAC).
+    @return: a L{Datagram}.
     @raise FrameError: when the datagram is malformed.
     """
-    if len(data) < DATAGRAM_HEADER_SIZE:
-        raise FrameError("BAD_FRAME", "datagram shorter than its header")
-    if data[0] != VERSION:
-        raise FrameError("UNSUPPORTED_VERSION", f"datagram version {data[0]}")
-    ptype = PAYLOAD_TYPES.get(data[17])
+    version = data[0] if data else None
+    if version == DATAGRAM_V2:
+        if len(data) < DATAGRAM_HEADER_SIZE + MAC_SIZE:
+            raise FrameError("BAD_FRAME", "datagram shorter than its header and MAC")
+        signed, mac = data[:-MAC_SIZE], data[-MAC_SIZE:]
+    elif version == DATAGRAM_V1 and legacy:
+        if len(data) < DATAGRAM_HEADER_SIZE:
+            raise FrameError("BAD_FRAME", "datagram shorter than its header")
+        signed, mac = data, b""
+    elif version is None:
+        raise FrameError("BAD_FRAME", "empty datagram")
+    else:
+        raise FrameError("UNSUPPORTED_VERSION", f"datagram version {version}")
+    ptype = PAYLOAD_TYPES.get(signed[17])
     if ptype is None:
-        raise FrameError("BAD_PAYLOAD", f"unknown payload type {data[17]}")
-    return data[1:17], Payload(ptype, data[18:])
+        raise FrameError("BAD_PAYLOAD", f"unknown payload type {signed[17]}")
+    return Datagram(version, signed[1:17], Payload(ptype, signed[18:]), signed, mac)
 
 
 def encodeTokens(ttl, tokens):

@@ -174,10 +174,23 @@ class ITokenBook(Interface):
     """
 
     ttl = Attribute("Seconds a token stays valid.")
+    legacy = Attribute("Whether devices bound to no UDP key get (keyless) tokens.")
+
+    def bindKey(fleet, deviceId, key):
+        """
+        The device's new session derived UDP key C{key} (None: a legacy
+        session, no MAC): its tokens are issued with keys derived from it.
+        """
+
+    def unbindKey(fleet, deviceId, key):
+        """
+        The session that bound C{key} ended.
+        """
 
     def issue(fleet, deviceId, n):
         """
-        @return: C{n} new tokens (bytes) of the device, valid at once.
+        @return: C{n} new tokens (bytes) of the device, valid at once;
+            none for a device bound to no key unless C{legacy}.
         """
 
     def outstanding(fleet, deviceId):
@@ -185,11 +198,13 @@ class ITokenBook(Interface):
         @return: how many of the device's tokens issued here are unspent.
         """
 
-    def spend(token, then, *args):
+    def spend(token, verify, then, *args):
         """
-        Spend C{token} and call C{then(outcome, fleet, deviceId, *args)},
+        Spend C{token} if C{verify(tokenKey)} is true for the key it was
+        issued with, and call C{then(outcome, fleet, deviceId, *args)},
         now or later (the outcomes of L{broker.iot.udp}; fleet and device
-        are None unless it is C{ACCEPTED}).  Never raises.
+        are None unless it is C{ACCEPTED}; C{BAD_MAC} leaves the token
+        unspent).  Never raises.
         """
 
     def revoke(fleet, deviceId):

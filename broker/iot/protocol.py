@@ -68,6 +68,7 @@ class IoTSession(BoundedOutput, Protocol):
         self.fleet = None
         self.peerId = None
         self.entry = None
+        self.udpKey = None
         self.authenticatedOnce = False
         self._gone = False
         self._abortTimer = None
@@ -138,6 +139,7 @@ class IoTSession(BoundedOutput, Protocol):
         if self.authenticatedOnce and not self._gone:
             self._gone = True
             if self.role == auth.DEVICE:
+                c.tokens.unbindKey(self.fleet, self.peerId, self.udpKey)
                 c.deviceOffline(self)
                 gone = errors.DeviceOffline(f"device {self.peerId!r} disconnected")
             else:
@@ -389,6 +391,11 @@ class IoTSession(BoundedOutput, Protocol):
             role, fleet = hello["role"], hello["fleet"]
             clientNonce = bytes.fromhex(hello["nonce"])
             peerId = hello.get("id", "") if role == auth.DEVICE else ""
+            # The UDP datagram version the peer speaks: 2 (MAC) or, absent,
+            # a device of protocol version 1 (docs/iot-protocol.md).
+            udp = hello.get("udp", 1)
+            if udp not in (1, 2) or isinstance(udp, bool):
+                raise ValueError(udp)
             if (role not in (auth.DEVICE, auth.CENTRAL) or not isinstance(fleet, str)
                     or not isinstance(peerId, str) or len(clientNonce) < auth.MIN_CLIENT_NONCE
                     or (role == auth.DEVICE and not peerId)):
@@ -409,6 +416,7 @@ class IoTSession(BoundedOutput, Protocol):
             return self._refuse("REPLAY", "this HELLO nonce was already used")
         self.role, self.fleet, self.peerId, self.entry = role, fleet, peerId, entry
         self._clientNonce = clientNonce
+        self._udpVersion = udp
         self._serverNonce = os.urandom(auth.NONCE_SIZE)
         self.state = self.PROOF
         self._write(frames.CHALLENGE, frame.requestId,
@@ -438,15 +446,41 @@ class IoTSession(BoundedOutput, Protocol):
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         f = self.factory
-        self._write(frames.WELCOME, frame.requestId, Payload.json({
-            "proof": serverProof.hex(), "pingInterval": f.pingInterval,
-            "maxFrame": f.maxFrame}))
+        welcome = {"proof": serverProof.hex(), "pingInterval": f.pingInterval,
+                   "maxFrame": f.maxFrame}
+        if self.role == auth.DEVICE:
+            welcome["udp"] = self._bindUdpKey(entry)
+        self._write(frames.WELCOME, frame.requestId, Payload.json(welcome))
         if f.pingInterval > 0:
             self._timer = f.reactor.callLater(f.pingInterval, self._keepalive)
         if self.role == auth.DEVICE:
             f.concentrator.deviceOnline(self)
         else:
             f.concentrator.centralOnline(self)
+
+    def _bindUdpKey(self, entry):
+        """
+        Derive the session's UDP key (never sent: the device derives it
+        too) and bind it in the token book, so the tokens issued to this
+        session carry keys derived from it.
+
+        @return: the datagram version the session's tokens take: 2, 1 (a
+            legacy device, accepted by configuration) or 0 (a legacy
+            device: no tokens).
+        """
+        tokens = self.factory.concentrator.tokens
+        if self._udpVersion >= auth.UDP_VERSION:
+            self.udpKey = auth.udpKey(entry.key, self.role, self.fleet, self.peerId,
+                                      self._clientNonce, self._serverNonce)
+        else:
+            self.udpKey = None
+            self.factory.concentrator.core.quietLog.info(
+                (FACE, "legacy udp"), "iot: {who} speaks UDP datagram version 1 (no MAC): "
+                "{what}", who=self.describe(),
+                what="its datagrams are accepted (iot.udp.accept_version_1)" if tokens.legacy
+                else "it gets no UDP tokens")
+        tokens.bindKey(self.fleet, self.peerId, self.udpKey)
+        return 2 if self.udpKey is not None else (1 if tokens.legacy else 0)
 
     # -- both roles -------------------------------------------------------
 

@@ -88,16 +88,45 @@ UDP = Table({
     "receive_buffer": Int(4 * MIB, minimum=0,
                           doc="SO_RCVBUF bytes (capped by net.core.rmem_max); 0: the "
                               "system default.  Absorbs bursts while the process is busy."),
+    "accept_version_1": Bool(False, doc="Accept version 1 datagrams (a token, no MAC) from "
+                                        "devices that do not announce UDP version 2.  "
+                                        "Insecure: anyone on the path can change their "
+                                        "payload.  Off: such devices get no UDP tokens."),
     # Rate limit (docs/configuration.md, "Admission, rate and group limits").
     "max_datagrams_per_second": Float(100_000.0, minimum=0,
                                       doc="Datagrams per second from one source address; "
                                           "beyond, dropped (0: no limit)."),
 })
 
+class TLSEndpoint(Endpoint):
+    """
+    A plain C{tcp:} endpoint the face serves with TLS itself.
+    """
+
+    def check(self, key, value):
+        value = super().check(key, value)
+        if not value.startswith(("tcp:", "tcp6:")):
+            raise ConfigError(key, f"expected a tcp:... endpoint (the face adds TLS), got "
+                                   f"{value!r}")
+        return value
+
+
+TLS = Table({
+    "listen": List(TLSEndpoint(), default=[],
+                   doc="Device and central endpoints served with TLS (tcp:PORT:...), with "
+                       "the certificate below."),
+    "certificate": Str("", doc="PEM certificate (then its chain) of iot.tls.listen; empty: a "
+                               "self-signed development certificate generated in "
+                               "{state_dir}/iot-tls-cert.pem."),
+    "private_key": Str("", doc="PEM private key of the certificate; empty: in the "
+                               "certificate file."),
+})
+
 SECTION = Table({
     "enabled": Bool(False),
     "listen": List(Endpoint(), default=["tcp:7000:interface=127.0.0.1"],
                    doc="Device and central TCP endpoints; ssl:... endpoints for TLS."),
+    "tls": TLS,
     "udp": UDP,
     "http": HTTP,
     "webhook": WEBHOOK,

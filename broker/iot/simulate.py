@@ -5,6 +5,8 @@ A device simulator, to try the IoT face by hand::
     python -m broker.iot.simulate --registry var/iot-registry.toml
     python -m broker.iot.simulate --fleet demo --device sensor1 --key SECRET \\
         --host 127.0.0.1 --port 7000 --udp-port 7001 --interval 1 --count 10
+    python -m broker.iot.simulate --registry var/iot-registry.toml \
+        --tls --port 7002 --cafile var/iot-tls-cert.pem
 
 It connects and authenticates (checking the server's proof), then sends a
 JSON telemetry reading over UDP every C{--interval} seconds with the tokens
@@ -40,7 +42,9 @@ def parseArgs(argv):
     p.add_argument("--key", help="the device's secret (else read from --registry)")
     p.add_argument("--registry", help="a registry file holding the device's key")
     p.add_argument("--tls", action="store_true", help="connect with TLS")
-    p.add_argument("--cafile", help="PEM certificate to trust for --tls")
+    p.add_argument("--cafile", help="PEM certificate to trust for --tls, e.g. the development "
+                                    "certificate var/iot-tls-cert.pem (pinned: only it is "
+                                    "trusted)")
     p.add_argument("--interval", type=float, default=1.0)
     p.add_argument("--count", type=int, default=10)
     args = p.parse_args(argv)
@@ -115,7 +119,8 @@ def run(reactor, args, out=sys.stdout):
             yield sim.waitTokens(1)
             token = sim.tokens.pop(0)
             reading = {"seq": sent, "temperature": round(20 + random.random() * 5, 2)}
-            udp.transport.write(frames.encodeDatagram(token, Payload.json(reading)),
+            # Version 2: with the MAC made with the token's key.
+            udp.transport.write(sim.datagram(Payload.json(reading), token),
                                 (args.host, args.udp_port))
             sim.say(f"telemetry {json.dumps(reading)}")
             sent += 1
