@@ -83,7 +83,8 @@ UDP = Table({
     "enabled": Bool(True, doc="Listen for UDP telemetry datagrams."),
     "interface": Str("127.0.0.1", doc="Address the UDP listener binds."),
     "port": Int(7001, minimum=0, maximum=65535),
-    "max_datagram": Int(8 * KIB, minimum=18, maximum=65507,
+    # A version 2 datagram with an empty payload: header and MAC.
+    "max_datagram": Int(8 * KIB, minimum=34, maximum=65507,
                         doc="Larger datagrams are dropped as malformed."),
     "receive_buffer": Int(4 * MIB, minimum=0,
                           doc="SO_RCVBUF bytes (capped by net.core.rmem_max); 0: the "
