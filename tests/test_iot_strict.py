@@ -9,7 +9,7 @@ from twisted.internet import defer, reactor
 from twisted.internet.protocol import DatagramProtocol
 from twisted.trial.unittest import TestCase
 
-from broker.iot import frames
+from broker.iot import auth, frames
 from broker.iot.frames import Payload
 from tests.iotharness import IoTHarness, waitUntil
 
@@ -97,11 +97,13 @@ class StrictPayloadTests(TestCase):
         d = yield self.h.device("d1")
         tokens = yield d.waitTokens(2)
         small = [data for data in NOT_JSON if len(data) < 1000]
+        key = auth.tokenKey(d.udpKey, tokens[0])
         for data in small:
-            sender.transport.write(b"\x01" + tokens[0] + b"\x04" + data, self.h.udpAddress)
+            # Authentic (its MAC is right), but its json payload is not JSON.
+            signed = b"\x02" + tokens[0] + b"\x04" + data
+            sender.transport.write(signed + frames.datagramMac(key, signed), self.h.udpAddress)
         yield waitUntil(reactor, lambda: self.h.udp.counts["malformed"] >= len(small))
-        sender.transport.write(frames.encodeDatagram(tokens[0], Payload.json({"t": 1})),
-                               self.h.udpAddress)
+        sender.transport.write(d.datagram(Payload.json({"t": 1}), tokens[0]), self.h.udpAddress)
         f = yield central.nextFrame()
         self.assertEqual((f.kind, f.payload.value()), (frames.TELEMETRY, {"t": 1}))
         self.assertEqual(self.h.udp.counts["accepted"], 1)

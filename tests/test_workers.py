@@ -25,7 +25,6 @@ from twisted.trial.unittest import TestCase
 
 from broker import config, tap, workers
 from broker.auth.tokens import makeClientToken
-from broker.iot import frames as iotframes
 from broker.iot.client import IoTClient
 from broker.iot.frames import Payload
 from tests.certs import makeCertificate
@@ -802,12 +801,10 @@ class IoTWorkersTests(RunningWorkersMixin, TestCase):
         sender = reactor.listenUDP(0, protocol.DatagramProtocol(), interface="127.0.0.1")
         self.addCleanup(sender.stopListening)
         for i, token in enumerate(tokens[:12]):
-            sender.write(iotframes.encodeDatagram(token, Payload.json({"n": i})),
-                         ("127.0.0.1", udpPort))
+            sender.write(device.datagram(Payload.json({"n": i}), token), ("127.0.0.1", udpPort))
             yield settle(reactor, 0.01)
         # One replay, whichever worker reads it this time.
-        sender.write(iotframes.encodeDatagram(tokens[0], Payload.json({"n": 0})),
-                     ("127.0.0.1", udpPort))
+        sender.write(device.datagram(Payload.json({"n": 0}), tokens[0]), ("127.0.0.1", udpPort))
 
         def total(counts, outcome):
             return sum(c.get(outcome, 0) for c in counts.values())
