@@ -180,7 +180,9 @@ def buildConcentrator(context, cfg):
         raise ConfigError(key, f"cannot load the IoT registry {path}: {e}")
     options = dict(requestTimeout=cfg["request_timeout"], queueTTL=cfg["queue_ttl"],
                    maxQueueDepth=cfg["max_queue_depth"], tokenTTL=cfg["token_ttl"],
-                   tokenBatch=cfg["token_batch"])
+                   tokenBatch=cfg["token_batch"],
+                   maxCentralQueueDepth=cfg["max_central_queue_depth"],
+                   forwardTelemetry=cfg["forward_telemetry"])
     if context.cluster is not None:
         concentrator = buildClusterConcentrator(context, registry, options)
         store = concentrator.store
@@ -197,6 +199,7 @@ def buildConcentrator(context, cfg):
         context.addService(store.runner)
         context.addService(IssuedKeysLoader(store, registry))
         concentrator = Concentrator(context.reactor, context.core, registry, store, **options)
+        context.addService(ConcentratorStopper(concentrator))
 
     def housekeeping():
         concentrator.tokens.purge()
@@ -237,8 +240,8 @@ def buildClusterConcentrator(context, registry, options):
 
 class ConcentratorStopper(service.Service):
     """
-    Stops the cluster concentrator (its timers, the requests waiting for
-    other nodes) with the broker.
+    Stops the concentrator (its timers: central outboxes' retries and, in
+    cluster mode, the requests waiting for other nodes) with the broker.
     """
 
     def __init__(self, concentrator):

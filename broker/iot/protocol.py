@@ -69,6 +69,9 @@ class IoTSession(BoundedOutput, Protocol):
         self.peerId = None
         self.entry = None
         self.authenticatedOnce = False
+        # The CLOSE code the server ended the session with (a device's
+        # DEVICE_DISCONNECTED reason, broker.iot.forward).
+        self.closeCode = None
         self._gone = False
         self._abortTimer = None
         self._inFlight = 0
@@ -239,6 +242,8 @@ class IoTSession(BoundedOutput, Protocol):
     def close(self, code, reason):
         if self.state == self.CLOSED:
             return
+        if self.closeCode is None:
+            self.closeCode = code
         self._write(frames.CLOSE, 0, Payload.json({"code": code, "reason": reason}))
         self.state = self.CLOSED
         self._drop()
@@ -278,6 +283,15 @@ class IoTSession(BoundedOutput, Protocol):
 
     def sendMessage(self, messageId, payload, address=""):
         self._write(frames.MESSAGE, messageId, payload, address)
+
+    def forwardEvent(self, kind, messageId, deviceId, payload):
+        """
+        A device's event to this central session: a MESSAGE, TELEMETRY,
+        DEVICE_CONNECTED or DEVICE_DISCONNECTED frame from C{deviceId},
+        C{messageId} its durable id (the central ACKs it) or 0 (sent
+        straight, no ACK expected).
+        """
+        self._write(kind, messageId, payload, deviceId)
 
     def sendTokens(self, ttl, tokens):
         self._write(frames.TOKENS, 0, frames.encodeTokens(ttl, tokens))
@@ -530,7 +544,9 @@ class IoTSession(BoundedOutput, Protocol):
     def _deviceMessage(self, frame):
         c = self.factory.concentrator
         if not frame.address:
-            c.centralMessage(self.fleet, self.peerId, frame.payload)
+            # Acknowledged once the central has it or it is stored for it.
+            return self._stored(lambda: c.centralMessage(self.fleet, self.peerId,
+                                                         frame.payload), frame.requestId)
         elif frame.address.startswith(GROUP_PREFIX):
             c.groupMessage(self.fleet, self.peerId, frame.address[len(GROUP_PREFIX):],
                            frame.payload)
@@ -557,12 +573,24 @@ class IoTSession(BoundedOutput, Protocol):
 
     def _centralMessage(self, frame):
         c = self.factory.concentrator
-        rid = frame.requestId
 
         def sent(result):
             messageId, queued = result
-            self._write(frames.ACK, rid, Payload.json({"messageId": messageId,
-                                                       "queued": queued}))
+            return Payload.json({"messageId": messageId, "queued": queued})
+        self._stored(lambda: c.send(self.fleet, frame.address, frame.payload).addCallback(sent),
+                     frame.requestId)
+
+    def _centralAck(self, frame):
+        self.factory.concentrator.acked(self, frame.requestId)
+
+    def _stored(self, start, rid):
+        """
+        Start storing a peer's MESSAGE (C{start()} returns a Deferred of
+        the ACK's payload, or None) and answer ACK or ERROR once done,
+        counting it among the peer's requests in flight.
+        """
+        def sent(payload):
+            self._write(frames.ACK, rid, payload if payload is not None else frames.EMPTY)
 
         def bad(f):
             e = f.value
@@ -578,7 +606,7 @@ class IoTSession(BoundedOutput, Protocol):
         def done(result):
             self._inFlight -= 1
             return result
-        c.send(self.fleet, frame.address, frame.payload).addBoth(done).addCallbacks(sent, bad)
+        start().addBoth(done).addCallbacks(sent, bad)
 
     # ICentralLink, for a central session:
 
@@ -599,7 +627,7 @@ class IoTSession(BoundedOutput, Protocol):
     }
     _centralHandlers = {
         frames.REQUEST: _centralRequest, frames.RESPONSE: _response,
-        frames.MESSAGE: _centralMessage, frames.ERROR: _errorFrame,
+        frames.MESSAGE: _centralMessage, frames.ACK: _centralAck, frames.ERROR: _errorFrame,
         frames.PING: _ping, frames.PONG: _pong, frames.CLOSE: _peerClose,
     }
 
