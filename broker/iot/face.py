@@ -200,6 +200,9 @@ def buildConcentrator(context, cfg):
         context.addService(IssuedKeysLoader(store, registry))
         concentrator = Concentrator(context.reactor, context.core, registry, store, **options)
         context.addService(ConcentratorStopper(concentrator))
+    # The central queues are drained once the store is open (the service
+    # above starts after it).
+    concentrator.forwarder.paused = True
 
     def housekeeping():
         concentrator.tokens.purge()
@@ -240,12 +243,17 @@ def buildClusterConcentrator(context, registry, options):
 
 class ConcentratorStopper(service.Service):
     """
-    Stops the concentrator (its timers: central outboxes' retries and, in
+    Starts draining the central queues once the store is open, and stops
+    the concentrator (its timers: central outboxes' retries and, in
     cluster mode, the requests waiting for other nodes) with the broker.
     """
 
     def __init__(self, concentrator):
         self.concentrator = concentrator
+
+    def startService(self):
+        super().startService()
+        self.concentrator.forwarder.resume()
 
     def stopService(self):
         super().stopService()

@@ -260,6 +260,9 @@ class Forwarder:
         self.c = concentrator
         self.forwardTelemetry = forwardTelemetry
         self.maxDepth = maxDepth
+        # Until the face starts (its store may not be open yet) outboxes
+        # are made but not pumped; see L{resume}.
+        self.paused = False
         self.boxes = {}          # fleet -> SessionOutbox or WebhookOutbox
         self.pushing = {}        # fleet -> pushes under way
         self.stats = concentrator.stats
@@ -304,7 +307,8 @@ class Forwarder:
             self.boxes.pop(fleet, None)
             return
         self.boxes[fleet] = new
-        new.pump()
+        if not self.paused:
+            new.pump()
 
     def refreshAll(self):
         for fleet in set(self.boxes) | set(self.c._centrals) | set(self.c._fallbacks):
@@ -312,12 +316,21 @@ class Forwarder:
 
     def pump(self, fleet):
         box = self.boxes.get(fleet)
-        if box is not None:
+        if box is not None and not self.paused:
             box.pump()
 
     def pumpAll(self):
+        if self.paused:
+            return
         for box in list(self.boxes.values()):
             box.pump()
+
+    def resume(self):
+        """
+        The face started: drain what the queues kept across a restart.
+        """
+        self.paused = False
+        self.pumpAll()
 
     def mayDrain(self, fleet):
         """
@@ -366,7 +379,7 @@ class Forwarder:
         def stored(messageId):
             self.stats["centralQueued"] += 1
             if fleet in self.boxes:
-                self.boxes[fleet].pump()
+                self.pump(fleet)
             else:
                 self.c.centralQueued(fleet)
             return None
