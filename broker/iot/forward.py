@@ -161,6 +161,7 @@ class WebhookOutbox:
         self.again = False
         self.failures = 0
         self._retry = None
+        self._delivery = None
 
     def idle(self):
         return False
@@ -204,14 +205,19 @@ class WebhookOutbox:
                     log.failure("iot: a stored central event {id} is corrupt; dropped",
                                 id=messageId)
                 else:
+                    self._delivery = self.link.forwardEvent(
+                        self.fleet, WEBHOOK_KINDS[kind], deviceId, payload, messageId)
                     try:
-                        yield self.link.forwardEvent(self.fleet, WEBHOOK_KINDS[kind],
-                                                     deviceId, payload, messageId)
+                        yield self._delivery
+                    except defer.CancelledError:
+                        return
                     except errors.Refused as e:
                         self.fw.stats["centralRefused"] += 1
                         log.warn("iot: the webhook of {fleet} refused event {id} "
                                  "({code}); dropped", fleet=self.fleet, id=messageId,
                                  code=e.code)
+                    finally:
+                        self._delivery = None
                 yield store.ack(self.fleet, CENTRAL_QUEUE, messageId)
                 self.failures = 0
                 self.fw.stats["centralDelivered"] += 1
@@ -242,6 +248,9 @@ class WebhookOutbox:
         if self._retry is not None and self._retry.active():
             self._retry.cancel()
         self._retry = None
+        if self._delivery is not None:
+            # Unacknowledged: delivered again by whoever drains next.
+            self._delivery.cancel()
 
 
 class Forwarder:
@@ -263,6 +272,7 @@ class Forwarder:
         # Until the face starts (its store may not be open yet) outboxes
         # are made but not pumped; see L{resume}.
         self.paused = False
+        self.stopped = False
         self.boxes = {}          # fleet -> SessionOutbox or WebhookOutbox
         self.pushing = {}        # fleet -> pushes under way
         self.stats = concentrator.stats
@@ -286,6 +296,8 @@ class Forwarder:
         central session, else (when no other node has one) to its webhook,
         else not here.
         """
+        if self.stopped:
+            return
         c = self.c
         session = c._localCentral(fleet)
         box = self.boxes.get(fleet)
@@ -417,6 +429,7 @@ class Forwarder:
             what=what, fleet=fleet, device=deviceId, why=f.getErrorMessage())
 
     def stop(self):
+        self.stopped = True
         for box in self.boxes.values():
             box.stop()
         self.boxes.clear()
