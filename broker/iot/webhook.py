@@ -6,8 +6,12 @@ fallback L{ICentralLink} it is given with C{setCentralFallback}).
 
 Every call is a C{POST} of one JSON event to the fleet's URL::
 
-    {"id": "<delivery id>", "kind": "request" | "message" | "telemetry",
+    {"id": "<delivery id>", "kind": "request" | "message" | "telemetry" |
+     "device_connected" | "device_disconnected",
      "fleet": "...", "device": "...", "payload": {"type": ..., "data": ...}}
+
+(events of a fleet's central queue, L{broker.iot.forward}, also carry
+C{"messageId"}, and their delivery id is C{"q" + messageId})
 
 with these headers:
 
