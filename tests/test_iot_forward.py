@@ -304,3 +304,25 @@ class WebhookAwayTests(WebhookTestMixin, TestCase):
         self.assertEqual(got, script())
         self.assertEqual([e["id"] for e in delivered], [f"q{e['messageId']}" for e in delivered])
         self.assertEqual((yield self.h.store.depth("acme", "")), 0)
+
+
+class RateLimitedCentralTests(TestCase):
+    @defer.inlineCallbacks
+    def test_acksOverTheRateHonoured(self):
+        """
+        A central draining a backlog faster than its inbound rate: its
+        ACKs are held back, not dropped, so the whole queue drains.
+        """
+        h = yield IoTHarness(self, reactor, inboundRate=(100, 0, 0.2)).start()
+        self.addCleanup(h.stop)
+        for i in range(150):
+            yield h.concentrator.centralMessage("acme", "d1", Payload.json(i))
+        central = yield h.open(RecordingCentral())
+        yield central.authenticated
+        yield waitUntil(reactor, lambda: h.concentrator.stats["centralDelivered"] == 150,
+                        timeout=10)
+        self.assertEqual([f.payload.value() for f in central.log], list(range(150)))
+        self.assertEqual((yield h.store.depth("acme", "")), 0)
+        # The server's side may be paused (not reading): let it see the close.
+        central.transport.loseConnection()
+        yield waitUntil(reactor, lambda: not h.concentrator._centrals)

@@ -324,8 +324,16 @@ class IoTSession(BoundedOutput, Protocol):
             if limiter is not None:
                 verdict = limiter.check(_size(frame))
                 if verdict:
-                    self._overRate(verdict, frame)
-                    continue
+                    if verdict != CLOSE and getattr(frame, "kind", None) == frames.ACK:
+                        # An ACK over the rate is honoured (dropping it would
+                        # stall the peer's queue until its next session) and
+                        # is no strike towards CLOSE; reading is held back
+                        # all the same.
+                        limiter.dropped -= 1
+                        self._holdBack(frame)
+                    else:
+                        self._overRate(verdict, frame)
+                        continue
             if isinstance(frame, FrameError):
                 f.counters.badFrames += 1
                 if self.state in (self.HELLO, self.PROOF):
@@ -366,6 +374,13 @@ class IoTSession(BoundedOutput, Protocol):
         if frame.requestId:
             self._error(frame.requestId, "LIMIT",
                         "over the session's inbound rate limit; the frame was dropped")
+        self._holdBack(frame)
+
+    def _holdBack(self, frame):
+        """
+        Stop reading the socket until the session's bucket has room.
+        """
+        f = self.factory
         if not self._ratePaused:
             self._ratePaused = True
             self.transport.pauseProducing()
