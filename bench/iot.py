@@ -449,6 +449,69 @@ def printDrain(r):
           f"(CPU broker {r['brokerCpu']:.2f} s)")
 
 
+async def benchCentralDrain(run):
+    """
+    Device -> central store-and-forward after an outage: with no central
+    connected, a device sends N MESSAGEs (each ACKed once stored in the
+    fleet's central queue; 256 in flight), then the central connects and
+    ACKs each as it arrives; timed until the last arrives, and until the
+    broker has removed them all.
+    """
+    reactor, opts, broker = run.reactor, run.opts, run.broker
+    n = opts.queued
+    did = list(broker.secrets)[-2]
+    # The drain part's central (if it ran) must be gone: it would take the
+    # messages straight away.
+    await task.deferLater(reactor, 0.5, lambda: None)
+    device = IoTClient("device", FLEET, did, broker.secrets[did])
+    await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", broker.tcp), device)
+    await device.authenticated
+    delivered0 = metric(broker, "broker_iot_events_total", 'event="centralDelivered"')
+    t0 = time.perf_counter()
+    window, sent = 256, 0
+
+    def send():
+        nonlocal sent
+        sent += 1
+        device.write(frames.MESSAGE, sent, Payload.json({"n": sent, "reading": 21.5}))
+    while sent < min(window, n):
+        send()
+    for i in range(n):
+        f = await device.nextFrame()
+        if f.kind != frames.ACK:
+            raise RuntimeError(f"storing failed: {f!r}")
+        if sent < n:
+            send()
+    queueSeconds = time.perf_counter() - t0
+    central = IoTClient("central", FLEET, None, broker.centralSecret)
+    central.autoAck = True
+    cpu0 = broker.cpu()
+    t0 = time.perf_counter()
+    await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", broker.tcp), central)
+    await central.authenticated
+    got = 0
+    while got < n:
+        f = await central.nextFrame()
+        if f.kind == frames.MESSAGE and f.address == did:
+            got += 1
+    delivered = time.perf_counter() - t0
+    while metric(broker, "broker_iot_events_total",
+                 'event="centralDelivered"') - delivered0 < n:
+        await task.deferLater(reactor, 0.01, lambda: None)
+    removed = time.perf_counter() - t0
+    central.transport.loseConnection()
+    device.transport.loseConnection()
+    return [{"part": "central-drain", "messages": n, "queuePerSecond": n / queueSeconds,
+             "perSecond": n / delivered, "ackedPerSecond": n / removed,
+             "brokerCpu": broker.cpu() - cpu0}]
+
+
+def printCentralDrain(r):
+    print(f"device -> central after an outage, {r['messages']:,} messages: stored at "
+          f"{r['queuePerSecond']:,.0f}/s; drained when the central connects at "
+          f"{r['perSecond']:,.0f}/s delivered, {r['ackedPerSecond']:,.0f}/s acknowledged "
+          f"and removed (CPU broker {r['brokerCpu']:.2f} s)")
+
 
 # Every part: (name, coroutine function, printer).  Other parts of the IoT
 # benchmark (UDP telemetry, store-and-forward drain) add themselves here.
@@ -456,6 +519,7 @@ PARTS = [
     ("held", benchHeldRequests, printHeld),
     ("udp", benchUDP, printUDP),
     ("drain", benchDrain, printDrain),
+    ("central-drain", benchCentralDrain, printCentralDrain),
 ]
 
 
@@ -506,7 +570,7 @@ def parseArgs(argv):
     p.add_argument("--udp-rate", type=int, default=60000,
                    help="datagrams/s of the paced UDP run")
     p.add_argument("--queued", type=int, default=5000,
-                   help="messages queued for the drain part")
+                   help="messages queued for the drain and central-drain parts")
     p.add_argument("--keep", action="store_true", help="keep the work directory")
     p.add_argument("--cluster", action="store_true",
                    help="run the broker as one cluster node over a fresh redis-server "

@@ -78,6 +78,7 @@ class IoTHarness:
             tc.addCleanup(self.store.runner.close)
             self.concentrator = Concentrator(reactor, self.core, self.registry, self.store,
                                              **opts)
+            tc.addCleanup(self.concentrator.stop)
         self.factory = IoTFactory(reactor, self.concentrator, **factoryOptions)
         if self.tls:
             from tests.certs import makeCertificate

@@ -55,7 +55,7 @@ class RecordingLink:
 
     def __init__(self, answer=None):
         self.answer = answer
-        self.requests, self.messages, self.telemetries = [], [], []
+        self.requests, self.messages, self.telemetries, self.events = [], [], [], []
 
     def deviceRequest(self, fleet, deviceId, payload):
         self.requests.append((fleet, deviceId, payload))
@@ -68,6 +68,17 @@ class RecordingLink:
 
     def telemetry(self, fleet, deviceId, payload):
         self.telemetries.append((fleet, deviceId, payload))
+
+    def forwardEvent(self, fleet, kind, deviceId, payload, messageId):
+        """
+        An event of the central queue: a message is recorded with the
+        direct ones, presence and telemetry in C{events}.
+        """
+        if kind == "message":
+            self.messages.append((fleet, deviceId, payload))
+        else:
+            self.events.append((kind, deviceId, payload.value()))
+        return defer.succeed(None)
 
 
 class HarnessMixin:
@@ -419,8 +430,11 @@ class MessageTests(HarnessMixin, TestCase):
         self.c.setCentralFallback("acme", link)
         d = yield self.h.device("d1")
         d.write(frames.MESSAGE, 1, Payload.text("hi"))
-        yield d.nextFrame()
+        ack = yield d.nextFrame()
+        self.assertEqual((ack.kind, ack.requestId), (frames.ACK, 1))
+        yield waitUntil(reactor, lambda: link.messages)
         self.assertEqual(link.messages, [("acme", "d1", Payload.text("hi"))])
+        self.assertEqual(link.events[0][:2], ("device_connected", "d1"))
 
     @defer.inlineCallbacks
     def test_centralMessageOnline(self):

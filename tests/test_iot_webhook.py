@@ -321,10 +321,22 @@ class DeviceThroughWebhookTests(WebhookTestMixin, TestCase):
         self.webhooks.install(self.iot.concentrator)
 
     @defer.inlineCallbacks
+    def device(self, deviceId="d1"):
+        """
+        A connected device, once the webhook has had its DEVICE_CONNECTED
+        event (forgotten, so each test's script answers what it sends).
+        """
+        device = yield self.iot.device(deviceId)
+        yield waitUntil(reactor, lambda: any(
+            s["event"]["kind"] == "device_connected" for s in self.upstream.seen))
+        del self.upstream.seen[:]
+        return device
+
+    @defer.inlineCallbacks
     def test_deviceRequestAnswered(self):
+        device = yield self.device("d1")
         self.upstream.script = [(502, b""), (200, b'{"payload": {"type": "json", "data": '
                                                   b'{"firmware": "2.1"}}}')]
-        device = yield self.iot.device("d1")
         answer = yield device.request(Payload.json({"need": "firmware"}))
         self.assertEqual(answer.value(), {"firmware": "2.1"})
         self.assertEqual(len(self.upstream.seen), 2)
@@ -337,19 +349,20 @@ class DeviceThroughWebhookTests(WebhookTestMixin, TestCase):
         delivery is cancelled (no retry) and the device gets TIMEOUT.
         """
         self.iot.concentrator.requestTimeout = 0.3
+        device = yield self.device("d1")
         self.upstream.script = ["hang", "hang"]
-        device = yield self.iot.device("d1")
         e = yield self.assertFailure(device.request(frames.EMPTY), errors.Refused)
         self.assertEqual(e.code, "TIMEOUT")
         stats = self.webhooks.stats
         yield waitUntil(reactor, lambda: stats.inFlight == 0)
-        self.assertEqual(stats.outcomes, {("request", "cancelled"): 1})
+        self.assertEqual(stats.outcomes, {("device_connected", "ok"): 1,
+                                          ("request", "cancelled"): 1})
         self.assertEqual(len(self.upstream.seen), 1)
 
     @defer.inlineCallbacks
     def test_deviceRequestRefused(self):
+        device = yield self.device("d1")
         self.upstream.script = [(409, b'{"error": {"code": "BUSY", "message": "later"}}')]
-        device = yield self.iot.device("d1")
         e = yield self.assertFailure(device.request(frames.EMPTY), errors.Refused)
         self.assertEqual(e.code, "BUSY")
 
@@ -368,7 +381,7 @@ class DeviceThroughWebhookTests(WebhookTestMixin, TestCase):
 
     @defer.inlineCallbacks
     def test_telemetryForwarded(self):
-        device = yield self.iot.device("d1")
+        device = yield self.device("d1")
         device.write(frames.TELEMETRY, 0, Payload.json({"v": 3.3}))
         yield waitUntil(reactor, lambda: self.upstream.seen)
         event = self.upstream.seen[0]["event"]
@@ -377,7 +390,7 @@ class DeviceThroughWebhookTests(WebhookTestMixin, TestCase):
 
     @defer.inlineCallbacks
     def test_deviceMessageForwarded(self):
-        device = yield self.iot.device("d1")
+        device = yield self.device("d1")
         device.write(frames.MESSAGE, 7, Payload(frames.BINARY, b"\x01\x02"))
         yield waitUntil(reactor, lambda: self.upstream.seen)
         event = self.upstream.seen[0]["event"]

@@ -16,6 +16,11 @@ from broker.iot.errors import Refused
 from broker.iot.frames import FrameReader, Payload
 
 
+# What a central receives from its devices (docs/iot-protocol.md).
+FORWARDED = (frames.MESSAGE, frames.TELEMETRY, frames.DEVICE_CONNECTED,
+             frames.DEVICE_DISCONNECTED)
+
+
 class AuthFailed(Exception):
     def __init__(self, code, message):
         super().__init__(f"{code}: {message}")
@@ -30,9 +35,14 @@ class IoTClient(Protocol):
     @ivar inbox: every frame received after authentication that this
         client does not handle itself (PING is answered, TOKENS are kept
         in L{tokens}, RESPONSE/ERROR to our requests fire their Deferreds).
+    @ivar presence: a central's DEVICE_CONNECTED and DEVICE_DISCONNECTED
+        frames, each ACKed on receipt when it carries a durable id (they
+        are not put in the inbox).
     @ivar onRequest: if set, C{onRequest(frame)} returns the Payload to
         answer a REQUEST with (instead of putting it in the inbox).
-    @ivar autoAck: acknowledge MESSAGE frames as they arrive.
+    @ivar autoAck: acknowledge MESSAGE frames as they arrive (and, for a
+        central, the TELEMETRY and DEVICE_CONNECTED/DISCONNECTED frames of
+        its central queue: those with a nonzero requestId).
     @ivar udpKey: the session's UDP key, derived after WELCOME (never sent).
     @ivar udpVersion: the datagram version announced in HELLO (2; 1 plays
         a device of protocol version 1, without MACs).
@@ -46,6 +56,7 @@ class IoTClient(Protocol):
         self.key = auth.keyBytes(secret) if isinstance(secret, str) else secret
         self.authenticated = Deferred()
         self.inbox = DeferredQueue()
+        self.presence = DeferredQueue()
         self.tokens = []
         self.tokenTTL = None
         self.tokensArrived = None
@@ -165,6 +176,10 @@ class IoTClient(Protocol):
             else:
                 info = frame.payload.value()
                 d.errback(Refused(info.get("message", ""), info.get("code")))
+        elif kind in (frames.DEVICE_CONNECTED, frames.DEVICE_DISCONNECTED):
+            if frame.requestId:
+                self.write(frames.ACK, frame.requestId)
+            self.presence.put(frame)
         elif kind == frames.REQUEST and self.onRequest is not None:
             try:
                 answer = self.onRequest(frame)
@@ -174,7 +189,10 @@ class IoTClient(Protocol):
             else:
                 self.write(frames.RESPONSE, frame.requestId, answer)
         else:
-            if kind == frames.MESSAGE and self.autoAck:
+            if self.autoAck and (kind == frames.MESSAGE or (
+                    kind in FORWARDED and frame.requestId)):
+                # A device ACKs every MESSAGE; a central what the server
+                # forwards from its central queue (nonzero requestId).
                 self.write(frames.ACK, frame.requestId)
             self.inbox.put(frame)
 

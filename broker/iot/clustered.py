@@ -92,6 +92,19 @@ end
 return 0
 """
 
+# The lease of the node that drains a fleet's central queue to its webhook
+# while no node has a central session of it (broker.iot.forward): taken
+# when free, renewed by its holder.
+_LEASE = """
+local v = redis.call('GET', KEYS[1])
+if (not v) or v == ARGV[1] then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return 1
+end
+return 0
+"""
+LEASE_MS = 15000
+
 _ERRORS = {cls.code: cls for cls in (
     errors.UnknownDevice, errors.DeviceOffline, errors.RequestTimeout, errors.QueueFull,
     errors.Forbidden, errors.NoCentral, errors.Busy, errors.BadRequest, errors.Unavailable)}
@@ -178,10 +191,11 @@ class ClusterConcentrator(Concentrator):
                 ("iot.ctel", self._onCentralTelemetry), ("iot.ans", self._onAnswer),
                 ("iot.pump", self._onPump), ("iot.replaced", self._onReplaced),
                 ("iot.central", self._onCentral), ("iot.gone", self._onGone),
-                ("iot.key", self._onKey)):
+                ("iot.key", self._onKey), ("iot.cpump", self._onCentralPump)):
             cluster.onMessage(topic, handler)
         cluster.onNodeDead(self.nodeDead)
         cluster.onResync(self.resync)
+        self.forwarder.mayDrain = self._mayDrain
 
     # -- keys -------------------------------------------------------------
 
@@ -243,10 +257,10 @@ class ClusterConcentrator(Concentrator):
                 self._tell(node, "iot.replaced", {"fleet": k[0], "dev": k[1], "sid": oldSid},
                            registering=early)
 
-    def deviceOffline(self, session):
+    def deviceOffline(self, session, reason=None):
         k = (session.fleet, session.peerId)
         mine = self._devices.get(k) is session
-        super().deviceOffline(session)
+        super().deviceOffline(session, reason)
         if not mine:
             return
         value = self._sids.pop(k, None)
@@ -296,11 +310,13 @@ class ClusterConcentrator(Concentrator):
             nodes[h["node"]] = h["since"]
         else:
             nodes.pop(h["node"], None)
+        self.forwarder.refresh(h["fleet"])
 
     def _forgetNode(self, nodeId):
         for nodes in self._remoteCentrals.values():
             nodes.pop(nodeId, None)
         self._links.pop(nodeId, None)
+        self.forwarder.refreshAll()
         for rid, (d, node, timer) in list(self._waiting.items()):
             if node == nodeId:
                 self._settle(rid, errors.DeviceOffline(f"node {nodeId} is gone"))
@@ -314,7 +330,7 @@ class ClusterConcentrator(Concentrator):
         session = self._devices.get(k)
         value = self._sids.get(k)
         if session is not None and value is not None and jsonstrict.loads(value)[1] == h["sid"]:
-            self.deviceOffline(session)
+            self.deviceOffline(session, "replaced")
             self.tokens.revoke(*k)
             session.close("REPLACED", "a newer session of this device authenticated on "
                           "another node")
@@ -394,6 +410,7 @@ class ClusterConcentrator(Concentrator):
         The face stops: cancel what is scheduled and fail what waits for
         another node.
         """
+        super().stop()
         if self._sweepCall is not None and self._sweepCall.active():
             self._sweepCall.cancel()
         for rid in list(self._waiting):
@@ -422,7 +439,7 @@ class ClusterConcentrator(Concentrator):
                      "cut off from Redis; closing the older session here",
                      fleet=k[0], device=k[1])
             self._sids.pop(k, None)
-            Concentrator.deviceOffline(self, session)
+            Concentrator.deviceOffline(self, session, "replaced")
             session.close("REPLACED", "a newer session of this device authenticated on "
                           "another node")
 
@@ -448,6 +465,7 @@ class ClusterConcentrator(Concentrator):
                 if nodes:
                     fresh[fleet] = nodes
             self._remoteCentrals = fresh
+            self.forwarder.refreshAll()
         return DeferredList(ds, consumeErrors=True).addCallback(read)
 
     def sweep(self):
@@ -463,6 +481,7 @@ class ClusterConcentrator(Concentrator):
             return succeed(None)
         for box in list(self._outboxes.values()):
             box.pump()
+        self.forwarder.pumpAll()
         r = self.redis
         ds = [self.refreshCentrals()]
         unreleased, self._unreleased = self._unreleased, {}
@@ -623,9 +642,25 @@ class ClusterConcentrator(Concentrator):
             return link
         return self._fallbacks.get(fleet)
 
-    def _localCentral(self, fleet):
-        sessions = self._centrals.get(fleet)
-        return sessions[-1] if sessions else None
+    def remoteCentral(self, fleet):
+        return bool(self._remoteCentrals.get(fleet))
+
+    def centralQueued(self, fleet):
+        # The node of the newest central drains the queue; with none, the
+        # webhook lease holder (any node may be: all are told).
+        nodes = self._remoteCentrals.get(fleet)
+        if nodes:
+            self._tell(max(nodes, key=nodes.get), "iot.cpump", {"fleet": fleet})
+        elif fleet in self._fallbacks:
+            self._tell(None, "iot.cpump", {"fleet": fleet})
+
+    def _onCentralPump(self, origin, raw):
+        self.forwarder.pump(decode(raw)[0]["fleet"])
+
+    def _mayDrain(self, fleet):
+        return self.redis.eval(_LEASE, [self.cluster.key("iot", part(fleet), "cdrain")],
+                               [self.nodeId, LEASE_MS]).addCallbacks(
+            lambda taken: bool(int(taken)), unavailable)
 
     # -- node-to-node -----------------------------------------------------
 

@@ -10,14 +10,17 @@ over it.  Everything here is scoped by fleet (a fleet is a hub of the
 core): nothing takes a device id without its fleet.
 """
 
+import time
+
 from twisted.internet.defer import fail, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from broker.core.message import Target
-from broker.iot import errors
+from broker.iot import errors, frames
 from broker.iot.auth import newSecret
+from broker.iot.forward import CLOSED, REASONS, Forwarder
 from broker.iot.interfaces import ICentralLink, IConcentrator
 from broker.iot.udp import TokenBook
 
@@ -54,6 +57,12 @@ class Outbox:
         self._acks = []
         self._flush = None
         self.closed = False
+        # What a row becomes on the wire, and who hears of each read (the
+        # central queue's outbox, broker.iot.forward, sets both).
+        self.deliver = session.sendMessage
+        self.afterRead = None
+        self.ackStat = "messagesAcked"
+        self._room = 0
 
     def pump(self):
         if self.closed:
@@ -70,6 +79,7 @@ class Outbox:
             return
         self._pumping = True
         self._again = False
+        self._room = room
         s = self.session
         d = self.c.store.pending(s.fleet, s.peerId, self.lastId, room)
         d.addCallbacks(self._send, self._failed)
@@ -81,7 +91,9 @@ class Outbox:
         for messageId, payload in rows:
             self.inflight.add(messageId)
             self.lastId = max(self.lastId, messageId)
-            self.session.sendMessage(messageId, payload)
+            self.deliver(messageId, payload)
+        if self.afterRead is not None and not self._again:
+            self.afterRead(rows, self._room)
         if self._again or (rows and len(self.inflight) < self.window):
             self.pump()
 
@@ -116,7 +128,7 @@ class Outbox:
 
         def removed(_):
             self.inflight.difference_update(ids)
-            c.stats["messagesAcked"] += len(ids)
+            c.stats[self.ackStat] += len(ids)
             self.pump()
 
         def failed(f):
@@ -144,7 +156,8 @@ class Concentrator:
 
     def __init__(self, reactor, core, registry, store, requestTimeout=30.0,
                  queueTTL=86400.0, maxQueueDepth=1000, tokenTTL=300.0, tokenBatch=64,
-                 window=32, tokens=None):
+                 window=32, tokens=None, forwardTelemetry=False,
+                 maxCentralQueueDepth=100000, wallClock=time.time):
         self.reactor = reactor
         self.core = core
         self.registry = registry
@@ -154,6 +167,7 @@ class Concentrator:
         self.maxQueueDepth = maxQueueDepth
         self.tokenBatch = tokenBatch
         self.window = window
+        self.wallClock = wallClock
         # An ITokenBook: in memory on one node, in Redis in cluster mode.
         self.tokens = tokens if tokens is not None else TokenBook(tokenTTL,
                                                                   clock=reactor.seconds)
@@ -167,6 +181,9 @@ class Concentrator:
             "requestsToDevices", "requestsToCentral", "requestTimeouts", "messagesQueued",
             "messagesDirect", "messagesAcked", "queueFull", "telemetryAccepted",
             "groupMessages", "forbidden"), 0)
+        # Device -> central events: straight to the central, or through
+        # the fleet's durable central queue.
+        self.forwarder = Forwarder(self, forwardTelemetry, maxCentralQueueDepth)
 
     # -- sessions (called by broker.iot.protocol) ---------------------------
 
@@ -178,26 +195,38 @@ class Concentrator:
         k = (session.fleet, session.peerId)
         old = self._devices.get(k)
         if old is not None and old is not session:
-            self.deviceOffline(old)
+            self.deviceOffline(old, "replaced")
             old.close("REPLACED", "a newer session of this device authenticated")
         self._devices[k] = session
-        box = self._outboxes[k] = Outbox(self, session, self.window)
+        self.forwarder.presence(session.fleet, session.peerId, True)
+        box = self._outboxes[k] = self.newOutbox(session)
         # A new session gets a fresh batch; the previous session's tokens
         # die with it.
         self.tokens.revoke(session.fleet, session.peerId)
         self.refillTokens(session.fleet, session.peerId)
         box.pump()
 
-    def deviceOffline(self, session):
+    def newOutbox(self, session):
+        return Outbox(self, session, self.window)
+
+    def deviceOffline(self, session, reason=None):
+        """
+        The device's session is gone (C{reason}: a DEVICE_DISCONNECTED
+        reason; by default from the CLOSE code the session ended with).
+        """
         k = (session.fleet, session.peerId)
         if self._devices.get(k) is session:
             del self._devices[k]
             box = self._outboxes.pop(k, None)
             if box is not None:
                 box.stop()
+            if reason is None:
+                reason = REASONS.get(getattr(session, "closeCode", None), CLOSED)
+            self.forwarder.presence(session.fleet, session.peerId, False, reason)
 
     def centralOnline(self, session):
         self._centrals.setdefault(session.fleet, []).append(session)
+        self.forwarder.refresh(session.fleet)
 
     def centralOffline(self, session):
         sessions = self._centrals.get(session.fleet)
@@ -205,6 +234,30 @@ class Concentrator:
             sessions.remove(session)
             if not sessions:
                 del self._centrals[session.fleet]
+            self.forwarder.refresh(session.fleet)
+
+    def _localCentral(self, fleet):
+        sessions = self._centrals.get(fleet)
+        return sessions[-1] if sessions else None
+
+    def remoteCentral(self, fleet):
+        """
+        Whether another node holds a central session of C{fleet} (cluster
+        mode); that node drains the fleet's central queue.
+        """
+        return False
+
+    def centralQueued(self, fleet):
+        """
+        An event was stored in C{fleet}'s central queue and no outbox here
+        drains it (cluster mode: the node that does is told).
+        """
+
+    def stop(self):
+        """
+        The face stops: the central outboxes' timers are cancelled.
+        """
+        self.forwarder.stop()
 
     def storeUnavailable(self, what, f):
         """
@@ -217,6 +270,8 @@ class Concentrator:
         return (fleet, deviceId) in self._devices
 
     def acked(self, session, messageId):
+        if not session.peerId:
+            return self.forwarder.acked(session, messageId)
         box = self._outboxes.get((session.fleet, session.peerId))
         return box is not None and box.session is session and box.acked(messageId)
 
@@ -362,7 +417,7 @@ class Concentrator:
     def _dropDevice(self, fleet, deviceId, why):
         session = self._devices.get((fleet, deviceId))
         if session is not None:
-            self.deviceOffline(session)
+            self.deviceOffline(session, "key_revoked")
             session.close("KEY_REVOKED", why)
 
     # -- device -> central ---------------------------------------------------
@@ -372,6 +427,7 @@ class Concentrator:
             self._fallbacks.pop(fleet, None)
         else:
             self._fallbacks[fleet] = ICentralLink(link)
+        self.forwarder.refresh(fleet)
 
     def centralLink(self, fleet):
         """
@@ -403,10 +459,14 @@ class Concentrator:
         return d.addErrback(self._countTimeout)
 
     def centralMessage(self, fleet, deviceId, payload):
-        link = self.centralLink(fleet)
-        if link is None:
-            raise errors.NoCentral(f"fleet {fleet!r} has no central connected")
-        link.message(fleet, deviceId, payload)
+        """
+        A device's one-way message to its central.
+
+        @return: a Deferred firing once the central has it or it is stored
+            for it (see L{broker.iot.forward}); failing with NoCentral,
+            QueueFull, Unavailable.
+        """
+        return self.forwarder.forward(fleet, frames.MESSAGE, deviceId, payload)
 
     def groupMessage(self, fleet, deviceId, group, payload):
         """
@@ -436,9 +496,12 @@ class Concentrator:
                 target = self._telemetryTargets[deviceId] = Target(
                     Target.GROUP, telemetryGroup(deviceId))
             self.core.hub(fleet).send(target, payload.toMessage())
-            link = self.centralLink(fleet)
-            if link is not None:
-                link.telemetry(fleet, deviceId, payload)
+            if self.forwarder.forwardTelemetry:
+                self.forwarder.telemetry(fleet, deviceId, payload)
+            else:
+                link = self.centralLink(fleet)
+                if link is not None:
+                    link.telemetry(fleet, deviceId, payload)
         except Exception:
             log.failure("iot: publishing telemetry of {fleet}/{device}", fleet=fleet,
                         device=deviceId)

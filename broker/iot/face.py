@@ -180,7 +180,9 @@ def buildConcentrator(context, cfg):
         raise ConfigError(key, f"cannot load the IoT registry {path}: {e}")
     options = dict(requestTimeout=cfg["request_timeout"], queueTTL=cfg["queue_ttl"],
                    maxQueueDepth=cfg["max_queue_depth"], tokenTTL=cfg["token_ttl"],
-                   tokenBatch=cfg["token_batch"])
+                   tokenBatch=cfg["token_batch"],
+                   maxCentralQueueDepth=cfg["max_central_queue_depth"],
+                   forwardTelemetry=cfg["forward_telemetry"])
     if context.cluster is not None:
         concentrator = buildClusterConcentrator(context, registry, options)
         store = concentrator.store
@@ -197,6 +199,10 @@ def buildConcentrator(context, cfg):
         context.addService(store.runner)
         context.addService(IssuedKeysLoader(store, registry))
         concentrator = Concentrator(context.reactor, context.core, registry, store, **options)
+        context.addService(ConcentratorStopper(concentrator))
+    # The central queues are drained once the store is open (the service
+    # above starts after it).
+    concentrator.forwarder.paused = True
 
     def housekeeping():
         concentrator.tokens.purge()
@@ -237,12 +243,17 @@ def buildClusterConcentrator(context, registry, options):
 
 class ConcentratorStopper(service.Service):
     """
-    Stops the cluster concentrator (its timers, the requests waiting for
-    other nodes) with the broker.
+    Starts draining the central queues once the store is open, and stops
+    the concentrator (its timers: central outboxes' retries and, in
+    cluster mode, the requests waiting for other nodes) with the broker.
     """
 
     def __init__(self, concentrator):
         self.concentrator = concentrator
+
+    def startService(self):
+        super().startService()
+        self.concentrator.forwarder.resume()
 
     def stopService(self):
         super().stopService()

@@ -49,13 +49,17 @@ PING = 0x20
 PONG = 0x21
 TOKENS = 0x30
 TELEMETRY = 0x31
+# Server -> central presence events (broker.iot.forward).
+DEVICE_CONNECTED = 0x32
+DEVICE_DISCONNECTED = 0x33
 CLOSE = 0x3F
 
 KINDS = {
     HELLO: "hello", CHALLENGE: "challenge", PROOF: "proof", WELCOME: "welcome",
     REQUEST: "request", RESPONSE: "response", MESSAGE: "message", ACK: "ack",
     ERROR: "error", PING: "ping", PONG: "pong", TOKENS: "tokens",
-    TELEMETRY: "telemetry", CLOSE: "close",
+    TELEMETRY: "telemetry", DEVICE_CONNECTED: "device_connected",
+    DEVICE_DISCONNECTED: "device_disconnected", CLOSE: "close",
 }
 
 NONE = "none"

@@ -70,6 +70,9 @@ class IoTSession(BoundedOutput, Protocol):
         self.entry = None
         self.udpKey = None
         self.authenticatedOnce = False
+        # The CLOSE code the server ended the session with (a device's
+        # DEVICE_DISCONNECTED reason, broker.iot.forward).
+        self.closeCode = None
         self._gone = False
         self._abortTimer = None
         self._inFlight = 0
@@ -241,6 +244,8 @@ class IoTSession(BoundedOutput, Protocol):
     def close(self, code, reason):
         if self.state == self.CLOSED:
             return
+        if self.closeCode is None:
+            self.closeCode = code
         self._write(frames.CLOSE, 0, Payload.json({"code": code, "reason": reason}))
         self.state = self.CLOSED
         self._drop()
@@ -281,6 +286,15 @@ class IoTSession(BoundedOutput, Protocol):
     def sendMessage(self, messageId, payload, address=""):
         self._write(frames.MESSAGE, messageId, payload, address)
 
+    def forwardEvent(self, kind, messageId, deviceId, payload):
+        """
+        A device's event to this central session: a MESSAGE, TELEMETRY,
+        DEVICE_CONNECTED or DEVICE_DISCONNECTED frame from C{deviceId},
+        C{messageId} its durable id (the central ACKs it) or 0 (sent
+        straight, no ACK expected).
+        """
+        self._write(kind, messageId, payload, deviceId)
+
     def sendTokens(self, ttl, tokens):
         self._write(frames.TOKENS, 0, frames.encodeTokens(ttl, tokens))
 
@@ -312,8 +326,16 @@ class IoTSession(BoundedOutput, Protocol):
             if limiter is not None:
                 verdict = limiter.check(_size(frame))
                 if verdict:
-                    self._overRate(verdict, frame)
-                    continue
+                    if verdict != CLOSE and getattr(frame, "kind", None) == frames.ACK:
+                        # An ACK over the rate is honoured (dropping it would
+                        # stall the peer's queue until its next session) and
+                        # is no strike towards CLOSE; reading is held back
+                        # all the same.
+                        limiter.dropped -= 1
+                        self._holdBack(frame)
+                    else:
+                        self._overRate(verdict, frame)
+                        continue
             if isinstance(frame, FrameError):
                 f.counters.badFrames += 1
                 if self.state in (self.HELLO, self.PROOF):
@@ -354,6 +376,13 @@ class IoTSession(BoundedOutput, Protocol):
         if frame.requestId:
             self._error(frame.requestId, "LIMIT",
                         "over the session's inbound rate limit; the frame was dropped")
+        self._holdBack(frame)
+
+    def _holdBack(self, frame):
+        """
+        Stop reading the socket until the session's bucket has room.
+        """
+        f = self.factory
         if not self._ratePaused:
             self._ratePaused = True
             self.transport.pauseProducing()
@@ -564,7 +593,9 @@ class IoTSession(BoundedOutput, Protocol):
     def _deviceMessage(self, frame):
         c = self.factory.concentrator
         if not frame.address:
-            c.centralMessage(self.fleet, self.peerId, frame.payload)
+            # Acknowledged once the central has it or it is stored for it.
+            return self._stored(lambda: c.centralMessage(self.fleet, self.peerId,
+                                                         frame.payload), frame.requestId)
         elif frame.address.startswith(GROUP_PREFIX):
             c.groupMessage(self.fleet, self.peerId, frame.address[len(GROUP_PREFIX):],
                            frame.payload)
@@ -591,12 +622,24 @@ class IoTSession(BoundedOutput, Protocol):
 
     def _centralMessage(self, frame):
         c = self.factory.concentrator
-        rid = frame.requestId
 
         def sent(result):
             messageId, queued = result
-            self._write(frames.ACK, rid, Payload.json({"messageId": messageId,
-                                                       "queued": queued}))
+            return Payload.json({"messageId": messageId, "queued": queued})
+        self._stored(lambda: c.send(self.fleet, frame.address, frame.payload).addCallback(sent),
+                     frame.requestId)
+
+    def _centralAck(self, frame):
+        self.factory.concentrator.acked(self, frame.requestId)
+
+    def _stored(self, start, rid):
+        """
+        Start storing a peer's MESSAGE (C{start()} returns a Deferred of
+        the ACK's payload, or None) and answer ACK or ERROR once done,
+        counting it among the peer's requests in flight.
+        """
+        def sent(payload):
+            self._write(frames.ACK, rid, payload if payload is not None else frames.EMPTY)
 
         def bad(f):
             e = f.value
@@ -612,7 +655,7 @@ class IoTSession(BoundedOutput, Protocol):
         def done(result):
             self._inFlight -= 1
             return result
-        c.send(self.fleet, frame.address, frame.payload).addBoth(done).addCallbacks(sent, bad)
+        start().addBoth(done).addCallbacks(sent, bad)
 
     # ICentralLink, for a central session:
 
@@ -633,7 +676,7 @@ class IoTSession(BoundedOutput, Protocol):
     }
     _centralHandlers = {
         frames.REQUEST: _centralRequest, frames.RESPONSE: _response,
-        frames.MESSAGE: _centralMessage, frames.ERROR: _errorFrame,
+        frames.MESSAGE: _centralMessage, frames.ACK: _centralAck, frames.ERROR: _errorFrame,
         frames.PING: _ping, frames.PONG: _pong, frames.CLOSE: _peerClose,
     }
 

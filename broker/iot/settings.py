@@ -144,6 +144,11 @@ SECTION = Table({
     "max_output_buffer": Int(1 * MIB, minimum=16 * KIB),
     "queue_ttl": Float(86400.0, minimum=1, doc="Seconds a queued message is kept."),
     "max_queue_depth": Int(1000, minimum=1, doc="Queued messages per device."),
+    "max_central_queue_depth": Int(100_000, minimum=1,
+                                   doc="Device -> central events a fleet's central queue "
+                                       "holds while its central is away; beyond, QUEUE_FULL."),
+    "forward_telemetry": Bool(False, doc="Keep telemetry in the central queue too while the "
+                                         "central is away (else it is dropped then)."),
     "token_ttl": Float(300.0, minimum=1, doc="Seconds a UDP token stays valid."),
     "token_batch": Int(64, minimum=2, maximum=4096, doc="UDP tokens a device holds."),
     "max_connections": connectionLimit(10000),

@@ -6,8 +6,12 @@ fallback L{ICentralLink} it is given with C{setCentralFallback}).
 
 Every call is a C{POST} of one JSON event to the fleet's URL::
 
-    {"id": "<delivery id>", "kind": "request" | "message" | "telemetry",
+    {"id": "<delivery id>", "kind": "request" | "message" | "telemetry" |
+     "device_connected" | "device_disconnected",
      "fleet": "...", "device": "...", "payload": {"type": ..., "data": ...}}
+
+(events of a fleet's central queue, L{broker.iot.forward}, also carry
+C{"messageId"}, and their delivery id is C{"q" + messageId})
 
 with these headers:
 
@@ -211,6 +215,20 @@ class WebhookLink:
     def telemetry(self, fleet, deviceId, payload):
         self._forget("telemetry", fleet, deviceId, payload, 0)
 
+    def forwardEvent(self, fleet, kind, deviceId, payload, messageId):
+        """
+        Deliver one event of the fleet's central queue (L{broker.iot.forward}):
+        C{kind} is C{message}, C{telemetry}, C{device_connected} or
+        C{device_disconnected}; its delivery id is C{"q" + messageId} on
+        every attempt, across restarts too, and the event carries
+        C{"messageId"}.
+
+        @return: a Deferred firing on a 2xx; failing with Refused on
+            another 4xx, CentralUnavailable after the retries.
+        """
+        return self._deliver(kind, fleet, deviceId, payload, self.retries,
+                             deliveryId=f"q{messageId}", messageId=messageId)
+
     # -- delivery -----------------------------------------------------------
 
     LOG_INTERVAL = 10.0
@@ -244,9 +262,9 @@ class WebhookLink:
         self._deliver(kind, fleet, deviceId, payload, retries).addErrback(
             lambda f: None).addBoth(done)
 
-    def _deliver(self, kind, fleet, deviceId, payload, retries):
-        event = {"id": uuid.uuid4().hex, "kind": kind, "fleet": fleet, "device": deviceId,
-                 "payload": toJSON(payload)}
+    def _deliver(self, kind, fleet, deviceId, payload, retries, deliveryId=None, **extra):
+        event = {"id": deliveryId or uuid.uuid4().hex, "kind": kind, "fleet": fleet,
+                 "device": deviceId, "payload": toJSON(payload), **extra}
         body = json.dumps(event, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
         started = self.reactor.seconds()
         self.stats.inFlight += 1
