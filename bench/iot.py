@@ -431,13 +431,24 @@ async def benchDrain(run):
         f = await device.nextFrame()
         if f.kind != frames.MESSAGE:
             raise RuntimeError(f"unexpected {f!r}")
+    return await drainFigures(run, "drain", 'event="messagesAcked"', acked0, n, queueSeconds,
+                              t0, cpu0, central, device)
+
+
+async def drainFigures(run, part, event, counted0, n, queueSeconds, t0, cpu0, *clients):
+    """
+    The figures of a drain whose last message has just arrived: waits
+    until the broker has counted C{n} more C{event}s (removed), then
+    closes C{clients}.
+    """
+    reactor, broker = run.reactor, run.broker
     delivered = time.perf_counter() - t0
-    while metric(broker, "broker_iot_events_total", 'event="messagesAcked"') - acked0 < n:
+    while metric(broker, "broker_iot_events_total", event) - counted0 < n:
         await task.deferLater(reactor, 0.01, lambda: None)
     removed = time.perf_counter() - t0
-    central.transport.loseConnection()
-    device.transport.loseConnection()
-    return [{"part": "drain", "messages": n, "queuePerSecond": n / queueSeconds,
+    for client in clients:
+        client.transport.loseConnection()
+    return [{"part": part, "messages": n, "queuePerSecond": n / queueSeconds,
              "perSecond": n / delivered, "ackedPerSecond": n / removed,
              "brokerCpu": broker.cpu() - cpu0}]
 
@@ -494,16 +505,8 @@ async def benchCentralDrain(run):
         f = await central.nextFrame()
         if f.kind == frames.MESSAGE and f.address == did:
             got += 1
-    delivered = time.perf_counter() - t0
-    while metric(broker, "broker_iot_events_total",
-                 'event="centralDelivered"') - delivered0 < n:
-        await task.deferLater(reactor, 0.01, lambda: None)
-    removed = time.perf_counter() - t0
-    central.transport.loseConnection()
-    device.transport.loseConnection()
-    return [{"part": "central-drain", "messages": n, "queuePerSecond": n / queueSeconds,
-             "perSecond": n / delivered, "ackedPerSecond": n / removed,
-             "brokerCpu": broker.cpu() - cpu0}]
+    return await drainFigures(run, "central-drain", 'event="centralDelivered"', delivered0, n,
+                              queueSeconds, t0, cpu0, central, device)
 
 
 def printCentralDrain(r):
