@@ -12,7 +12,7 @@ from twisted.trial.unittest import TestCase
 
 from broker.iot import frames
 from broker.iot.feedback import OutcomeLog, statusPayload
-from broker.iot.frames import encode
+from broker.iot.frames import Payload, encode
 from broker.iot.settings import SECTION
 from broker.iot.webhook import Webhooks
 from tests.iotharness import waitUntil
@@ -97,10 +97,6 @@ class FeedbackMixin:
 
 
 class CentralFeedbackTests(FeedbackMixin, TestCase):
-    # The central queue's events expire after the queue TTL too: the
-    # central connects well within it.
-    options = dict(queueTTL=1.0)
-
     @defer.inlineCallbacks
     def test_awayCentralGetsOutcomesInOrder(self):
         """
@@ -109,8 +105,11 @@ class CentralFeedbackTests(FeedbackMixin, TestCase):
         the central gets them once it connects, in order with the
         device's presence events, and ACKs them off the queue.
         """
-        expired = yield self.queue("d2", "too late")
-        yield deferLater(reactor, 1.1, lambda: None)
+        # Queued with a short TTL of its own (the central queue's events
+        # keep the default one).
+        expired = str((yield self.h.iot.store.push("acme", "d2", Payload.json("too late"),
+                                                   0.05, 10)))
+        yield deferLater(reactor, 0.1, lambda: None)
         # What the face's housekeeping does every minute.
         self.c.feedback.expired((yield self.h.iot.store.purgeExpired()))
         purged = yield self.queue("d2", "purge me")

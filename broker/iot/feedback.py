@@ -24,13 +24,10 @@ I{unknown}.
 from collections import OrderedDict
 
 from twisted.internet.defer import fail
-from twisted.logger import Logger
 
 from broker.iot import errors, frames
 from broker.iot.forward import CENTRAL_QUEUE
 from broker.iot.frames import Payload
-
-log = Logger()
 
 QUEUED = "queued"
 DELIVERED = "delivered"
@@ -54,12 +51,12 @@ class OutcomeLog:
         self._fleets = {}
 
     def record(self, fleet, deviceId, messageId, status, at):
-        log_ = self._fleets.setdefault(fleet, OrderedDict())
+        kept = self._fleets.setdefault(fleet, OrderedDict())
         k = (deviceId, messageId)
-        log_.pop(k, None)
-        log_[k] = (status, at)
-        while len(log_) > self.perFleet:
-            log_.popitem(last=False)
+        kept.pop(k, None)
+        kept[k] = (status, at)
+        while len(kept) > self.perFleet:
+            kept.popitem(last=False)
 
     def get(self, fleet, deviceId, messageId):
         return self._fleets.get(fleet, {}).get((deviceId, messageId))
