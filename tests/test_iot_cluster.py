@@ -586,6 +586,66 @@ class CentralQueueTests(TwoNodes, TestCase):
         again.transport.loseConnection()
 
 
+class FeedbackTests(TwoNodes, TestCase):
+    """
+    Delivery feedback is cluster-wide: a message queued through A's API is
+    listed and purged through B's, delivered by B, and each outcome reaches
+    the central on A through the shared central queue.
+    """
+
+    @defer.inlineCallbacks
+    def test_outcomesAcrossNodes(self):
+        from tests.test_iot_feedback import statuses
+        from tests.test_iot_forward import RecordingCentral
+        ids = []
+        for n in range(3):
+            status, body, _ = yield self.a.call(
+                "POST", "/v1/fleets/acme/devices/d1/messages",
+                {"payload": {"type": "json", "data": n}})
+            self.assertEqual((status, body["queued"]), (202, True))
+            ids.append(body["messageId"])
+        status, body, _ = yield self.b.call("GET", "/v1/fleets/acme/devices/d1/messages")
+        self.assertEqual([(m["messageId"], m["size"]) for m in body["messages"]],
+                         [(i, 1) for i in ids])
+        status, _, _ = yield self.b.call(
+            "DELETE", f"/v1/fleets/acme/devices/d1/messages/{ids[1]}")
+        self.assertEqual(status, 204)
+        status, body, _ = yield self.a.call(
+            "GET", f"/v1/fleets/acme/devices/d1/messages/{ids[0]}")
+        self.assertEqual(body["status"], "queued")
+        central = yield self.a.iot.open(RecordingCentral())
+        yield central.authenticated
+        device = yield self.b.iot.device("d1", authenticate=False)
+        device.autoAck = True
+        yield device.authenticated
+        yield waitFor(lambda: len(statuses(central)) == 3)
+        self.assertEqual(statuses(central), [(ids[1], "d1", "purged"),
+                                             (ids[0], "d1", "delivered"),
+                                             (ids[2], "d1", "delivered")])
+        status, body, _ = yield self.a.call("GET", "/v1/fleets/acme/devices/d1/messages")
+        self.assertEqual(body["messages"], [])
+
+    @defer.inlineCallbacks
+    def test_expiredReportedOnce(self):
+        """
+        Both nodes purge; each expired message is reported by one of them.
+        """
+        from broker.iot.feedback import EXPIRED
+        c = self.a.iot.concentrator
+        for n in range(3):
+            yield c.store.push("acme", "d2", Payload.json(n), 0.05, 10)
+        yield settle(reactor, 0.1)
+        a, b = yield defer.gatherResults([self.a.iot.store.purgeExpired(),
+                                          self.b.iot.store.purgeExpired()])
+        self.assertEqual(len(a) + len(b), 3)
+        self.assertEqual(sorted(a + b), sorted(set(a + b)))
+        self.b.iot.concentrator.feedback.expired(a + b)
+        _, _, mid = (a + b)[0]
+        self.assertEqual(self.b.iot.concentrator.feedback.outcomes.get("acme", "d2", mid)[0],
+                         EXPIRED)
+        yield waitFor(lambda: self.b.iot.concentrator.stats["centralQueued"] >= 3)
+
+
 class CentralQueueWebhookTests(TwoNodes, WebhookTestMixin, TestCase):
     @defer.inlineCallbacks
     def test_oneNodeDrainsToWebhook(self):

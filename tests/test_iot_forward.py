@@ -22,7 +22,8 @@ from tests.test_iot_webhook import WebhookTestMixin
 
 KINDS = {frames.MESSAGE: "message", frames.TELEMETRY: "telemetry",
          frames.DEVICE_CONNECTED: "device_connected",
-         frames.DEVICE_DISCONNECTED: "device_disconnected"}
+         frames.DEVICE_DISCONNECTED: "device_disconnected",
+         frames.MESSAGE_STATUS: "message_status"}
 
 
 class RecordingCentral(IoTClient):

@@ -82,7 +82,10 @@ class StoreConformanceMixin:
         rows = yield self.store.pending("f", "d", 0, 10)
         self.assertEqual([p.value() for _, p in rows], ["new"])
         self.assertEqual((yield self.store.depth("f", "d")), 1)
-        self.assertEqual((yield self.store.purgeExpired()), 1)
+        purged = yield self.store.purgeExpired()
+        self.assertEqual(len(purged), 1)
+        self.assertEqual(purged[0][:2], ("f", "d"))
+        self.assertEqual((yield self.store.purgeExpired()), [])
 
     @defer.inlineCallbacks
     def test_depthLimit(self):
@@ -117,12 +120,52 @@ class StoreConformanceMixin:
                          [("f", "d", "s2"), ("f", "e", None)])
 
     @defer.inlineCallbacks
+    def test_listQueued(self):
+        """
+        The queue's ids, payload sizes, enqueue and expiry times, oldest
+        first, expired ones until purged.
+        """
+        a = yield self.store.push("f", "d", Payload(frames.BINARY, b"\x00" * 7), 10, 10)
+        self.time.now += 1
+        b = yield self.store.push("f", "d", Payload.text("\u00e9"), 100, 10)
+        yield self.store.push("f", "e", Payload.json(1), 100, 10)
+        self.assertEqual((yield self.store.listQueued("f", "d", 10)),
+                         [(a, 7, 1000.0, 1010.0), (b, 2, 1001.0, 1101.0)])
+        self.assertEqual([r[0] for r in (yield self.store.listQueued("f", "d", 1))], [a])
+        self.time.now += 20
+        self.assertEqual([r[0] for r in (yield self.store.listQueued("f", "d", 10))], [a, b])
+        self.assertEqual((yield self.store.purgeExpired()), [("f", "d", a)])
+        self.assertEqual([r[0] for r in (yield self.store.listQueued("f", "d", 10))], [b])
+        self.assertEqual((yield self.store.listQueued("f", "nobody", 10)), [])
+
+    @defer.inlineCallbacks
+    def test_remove(self):
+        """
+        remove deletes the given messages of one device (or all of them)
+        and says which were there.
+        """
+        ids = []
+        for i in range(4):
+            ids.append((yield self.store.push("f", "d", Payload.json(i), 60, 10)))
+        other = yield self.store.push("f", "e", Payload.json("e"), 60, 10)
+        self.assertEqual((yield self.store.remove("f", "d", [ids[1], other])), [ids[1]])
+        self.assertEqual((yield self.store.remove("f", "d", [ids[1]])), [])
+        self.assertEqual([p.value() for _, p in (yield self.store.pending("f", "d", 0, 10))],
+                         [0, 2, 3])
+        self.assertEqual((yield self.store.remove("f", "d")), [ids[0], ids[2], ids[3]])
+        self.assertEqual((yield self.store.depth("f", "d")), 0)
+        self.assertEqual((yield self.store.depth("f", "e")), 1)
+        self.assertEqual((yield self.store.remove("f", "d")), [])
+        self.assertFalse((yield self.store.ack("f", "d", ids[0])))
+
+    @defer.inlineCallbacks
     def test_purgeAcrossFleets(self):
         yield self.store.push("f", "d", Payload.json(1), 10, 10)
         yield self.store.push("g", "d", Payload.json(2), 10, 10)
         yield self.store.push("g", "e", Payload.json(3), 100, 10)
         self.time.now += 20
-        self.assertEqual((yield self.store.purgeExpired()), 2)
+        self.assertEqual(sorted(r[:2] for r in (yield self.store.purgeExpired())),
+                         [("f", "d"), ("g", "d")])
         self.assertEqual((yield self.store.depths("g")), {"e": 1})
         self.assertEqual((yield self.store.depths("f")), {})
 

@@ -11,6 +11,10 @@ whether that fleet or its devices exist::
     GET    /v1/fleets/{fleet}/devices/{id}                one device
     POST   /v1/fleets/{fleet}/devices/{id}/requests       held request
     POST   /v1/fleets/{fleet}/devices/{id}/messages       one-way message
+    GET    /v1/fleets/{fleet}/devices/{id}/messages       what is queued
+    DELETE /v1/fleets/{fleet}/devices/{id}/messages       purge the queue
+    GET    /v1/fleets/{fleet}/devices/{id}/messages/{mid} a message's state
+    DELETE /v1/fleets/{fleet}/devices/{id}/messages/{mid} purge one message
     GET    /v1/fleets/{fleet}/devices/{id}/queue          queue depth
     PUT    /v1/fleets/{fleet}/devices/{id}/key            issue a device key
     DELETE /v1/fleets/{fleet}/devices/{id}/key            revoke it
@@ -52,6 +56,7 @@ STATUS = {
     errors.NoCentral.code: 503,
     errors.Busy.code: 429,
     errors.Unavailable.code: 503,
+    errors.NotQueued.code: 404,
 }
 
 
@@ -295,7 +300,7 @@ class APIResource(Resource):
         if parts and parts[-1] == "":
             parts.pop()
         if len(parts) < 4 or parts[:2] != ["v1", "fleets"] or parts[3] != "devices" \
-                or len(parts) > 6:
+                or len(parts) > 7 or (len(parts) == 7 and parts[5] != "messages"):
             raise APIError(404, "NOT_FOUND", "no such API path")
         fleet = parts[2]
         if fleet != keyFleet:
@@ -309,11 +314,16 @@ class APIResource(Resource):
             if not deviceId or len(deviceId.encode("utf-8")) > 255:
                 raise APIError(400, "BAD_REQUEST", "a device id is 1 to 255 bytes of UTF-8")
             args = (fleet, deviceId)
-            sub = parts[5] if len(parts) == 6 else None
+            sub = parts[5] if len(parts) >= 6 else None
+            if len(parts) == 7:
+                sub = "message"
+                args = (fleet, deviceId, _messageId(parts[6]))
             handlers = {
                 None: {"GET": self._device},
                 "requests": {"POST": self._request},
-                "messages": {"POST": self._message},
+                "messages": {"POST": self._message, "GET": self._queued,
+                             "DELETE": self._purgeAll},
+                "message": {"GET": self._messageState, "DELETE": self._purgeOne},
                 "queue": {"GET": self._queue},
                 "key": {"PUT": self._issueKey, "DELETE": self._revokeKey},
             }.get(sub)
@@ -346,6 +356,26 @@ class APIResource(Resource):
     def _queue(self, request, fleet, deviceId):
         return self._reply(request, self.concentrator.queueDepth(fleet, deviceId), 200,
                            lambda depth: {"id": deviceId, "queueDepth": depth})
+
+    def _queued(self, request, fleet, deviceId):
+        return self._reply(request, self.concentrator.feedback.queued(fleet, deviceId), 200,
+                           lambda messages: {"id": deviceId, "messages": messages})
+
+    def _messageState(self, request, fleet, deviceId, messageId):
+        return self._reply(request, self.concentrator.feedback.state(fleet, deviceId, messageId),
+                           200, lambda state: state)
+
+    def _purgeAll(self, request, fleet, deviceId):
+        return self._reply(request, self.concentrator.feedback.purge(fleet, deviceId), 200,
+                           lambda ids: {"id": deviceId, "purged": ids})
+
+    def _purgeOne(self, request, fleet, deviceId, messageId):
+        def purged(ids):
+            if not ids:
+                raise errors.NotQueued(f"message {messageId} is not queued for {deviceId!r}")
+            return None
+        d = self.concentrator.feedback.purge(fleet, deviceId, messageId).addCallback(purged)
+        return self._reply(request, d, 204, lambda _: None)
 
     def _issueKey(self, request, fleet, deviceId):
         return self._reply(request, self.concentrator.issueKey(fleet, deviceId), 200,
@@ -436,6 +466,15 @@ class APIResource(Resource):
         d.addCallbacks(answered, failed)
         d.addErrback(lambda f: log.failure("iot.http: answering a held request", f))
         return server.NOT_DONE_YET
+
+
+def _messageId(text):
+    """
+    A queued message's id in a URL: the decimal id C{202} answered.
+    """
+    if not text.isascii() or not text.isdigit() or len(text) > 20:
+        raise APIError(400, "BAD_REQUEST", "a message id is the decimal id the broker gave")
+    return int(text)
 
 
 def _shuttingDown():

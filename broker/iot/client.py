@@ -18,7 +18,7 @@ from broker.iot.frames import FrameReader, Payload
 
 # What a central receives from its devices (docs/iot-protocol.md).
 FORWARDED = (frames.MESSAGE, frames.TELEMETRY, frames.DEVICE_CONNECTED,
-             frames.DEVICE_DISCONNECTED)
+             frames.DEVICE_DISCONNECTED, frames.MESSAGE_STATUS)
 
 
 class AuthFailed(Exception):

@@ -20,6 +20,7 @@ from zope.interface import implementer
 from broker.core.message import Target
 from broker.iot import errors, frames
 from broker.iot.auth import newSecret
+from broker.iot.feedback import DELIVERED, Feedback
 from broker.iot.forward import CLOSED, REASONS, Forwarder
 from broker.iot.interfaces import ICentralLink, IConcentrator
 from broker.iot.udp import TokenBook
@@ -62,6 +63,9 @@ class Outbox:
         self.deliver = session.sendMessage
         self.afterRead = None
         self.ackStat = "messagesAcked"
+        # Told C{(ids, allThere)} once acknowledged messages left the store
+        # (a device outbox: the concentrator's delivery feedback).
+        self.onAcked = None
         self._room = 0
 
     def pump(self):
@@ -126,9 +130,11 @@ class Outbox:
         s = self.session
         c = self.c
 
-        def removed(_):
+        def removed(allThere):
             self.inflight.difference_update(ids)
             c.stats[self.ackStat] += len(ids)
+            if self.onAcked is not None:
+                self.onAcked(ids, allThere)
             self.pump()
 
         def failed(f):
@@ -157,7 +163,7 @@ class Concentrator:
     def __init__(self, reactor, core, registry, store, requestTimeout=30.0,
                  queueTTL=86400.0, maxQueueDepth=1000, tokenTTL=300.0, tokenBatch=64,
                  window=32, tokens=None, forwardTelemetry=False,
-                 maxCentralQueueDepth=100000, wallClock=time.time):
+                 maxCentralQueueDepth=100000, wallClock=time.time, maxOutcomes=10000):
         self.reactor = reactor
         self.core = core
         self.registry = registry
@@ -184,6 +190,8 @@ class Concentrator:
         # Device -> central events: straight to the central, or through
         # the fleet's durable central queue.
         self.forwarder = Forwarder(self, forwardTelemetry, maxCentralQueueDepth)
+        # Delivery feedback of device queues (broker.iot.feedback).
+        self.feedback = Feedback(self, maxOutcomes)
 
     # -- sessions (called by broker.iot.protocol) ---------------------------
 
@@ -200,11 +208,22 @@ class Concentrator:
         self._devices[k] = session
         self.forwarder.presence(session.fleet, session.peerId, True)
         box = self._outboxes[k] = self.newOutbox(session)
+        box.onAcked = lambda ids, allThere: self._delivered(k[0], k[1], ids, allThere)
         # A new session gets a fresh batch; the previous session's tokens
         # die with it.
         self.tokens.revoke(session.fleet, session.peerId)
         self.refillTokens(session.fleet, session.peerId)
         box.pump()
+
+    def _delivered(self, fleet, deviceId, ids, allThere):
+        """
+        The device ACKed C{ids}.  When some were no longer in the store
+        (purged or expired while in flight), those that already have an
+        outcome here are not reported again.
+        """
+        if not allThere:
+            ids = [i for i in ids if self.feedback.outcomes.get(fleet, deviceId, i) is None]
+        self.feedback.outcome(fleet, deviceId, ids, DELIVERED)
 
     def newOutbox(self, session):
         return Outbox(self, session, self.window)

@@ -100,3 +100,11 @@ class Unavailable(IoTError):
     (never accepted and then lost); the caller may retry.
     """
     code = "UNAVAILABLE"
+
+
+class NotQueued(IoTError):
+    """
+    The message is not (or no longer) queued for the device: it was
+    delivered, expired, purged or never existed (API 404).
+    """
+    code = "NOT_QUEUED"

@@ -182,7 +182,8 @@ def buildConcentrator(context, cfg):
                    maxQueueDepth=cfg["max_queue_depth"], tokenTTL=cfg["token_ttl"],
                    tokenBatch=cfg["token_batch"],
                    maxCentralQueueDepth=cfg["max_central_queue_depth"],
-                   forwardTelemetry=cfg["forward_telemetry"])
+                   forwardTelemetry=cfg["forward_telemetry"],
+                   maxOutcomes=cfg["max_outcomes"])
     if context.cluster is not None:
         concentrator = buildClusterConcentrator(context, registry, options)
         store = concentrator.store
@@ -206,7 +207,8 @@ def buildConcentrator(context, cfg):
 
     def housekeeping():
         concentrator.tokens.purge()
-        return store.purgeExpired().addErrback(
+        # Each expired message is reported to its central (broker.iot.feedback).
+        return store.purgeExpired().addCallback(concentrator.feedback.expired).addErrback(
             lambda f: log.failure("iot: purging expired messages", f)
             if not f.check(Unavailable) else None)
     timer = TimerService(60, housekeeping)

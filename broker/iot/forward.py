@@ -2,7 +2,8 @@
 """
 Device -> central store-and-forward.
 
-What a device sends its central (MESSAGEs, presence events and, when
+What a device sends its central (MESSAGEs, presence events, the delivery
+feedback of its queued messages (L{broker.iot.feedback}) and, when
 C{iot.forward_telemetry} is on, telemetry) must not be lost because the
 central is away: a central that restarts, or a webhook down for a deploy,
 gets it all once it is back, in order, each event with its durable id.
@@ -60,7 +61,8 @@ CLOSED = "closed"
 # Webhook event kinds by frame kind.
 WEBHOOK_KINDS = {frames.MESSAGE: "message", frames.TELEMETRY: "telemetry",
                  DEVICE_CONNECTED: "device_connected",
-                 DEVICE_DISCONNECTED: "device_disconnected"}
+                 DEVICE_DISCONNECTED: "device_disconnected",
+                 frames.MESSAGE_STATUS: "message_status"}
 
 _ENVELOPE = struct.Struct(">BBB")
 

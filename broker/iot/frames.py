@@ -52,6 +52,9 @@ TELEMETRY = 0x31
 # Server -> central presence events (broker.iot.forward).
 DEVICE_CONNECTED = 0x32
 DEVICE_DISCONNECTED = 0x33
+# Server -> central delivery feedback of a device's queued message
+# (broker.iot.feedback).
+MESSAGE_STATUS = 0x34
 CLOSE = 0x3F
 
 KINDS = {
@@ -59,7 +62,8 @@ KINDS = {
     REQUEST: "request", RESPONSE: "response", MESSAGE: "message", ACK: "ack",
     ERROR: "error", PING: "ping", PONG: "pong", TOKENS: "tokens",
     TELEMETRY: "telemetry", DEVICE_CONNECTED: "device_connected",
-    DEVICE_DISCONNECTED: "device_disconnected", CLOSE: "close",
+    DEVICE_DISCONNECTED: "device_disconnected", MESSAGE_STATUS: "message_status",
+    CLOSE: "close",
 }
 
 NONE = "none"

@@ -148,9 +148,31 @@ class IMessageStore(Interface):
         @return: a Deferred firing with C{{deviceId: depth}} for the fleet.
         """
 
+    def listQueued(fleet, deviceId, limit):
+        """
+        @return: a Deferred firing with up to C{limit}
+            C{(messageId, size, enqueued, expires)} of the device's queue,
+            oldest first, expired ones not yet purged included (C{size}
+            in payload bytes; C{enqueued} and C{expires} wall-clock
+            seconds, C{enqueued} None for a message an older version
+            stored).
+        """
+
+    def remove(fleet, deviceId, messageIds=None):
+        """
+        Delete the given messages of the device's queue (C{None}: all of
+        them), in one transaction.
+
+        @return: a Deferred firing with the ids that were there and are
+            gone, ascending.
+        """
+
     def purgeExpired():
         """
-        Delete expired messages; a Deferred firing with how many.
+        Delete expired messages.
+
+        @return: a Deferred firing with the C{(fleet, deviceId, messageId)}
+            deleted (each by exactly one caller, cluster-wide).
         """
 
     def keys():

@@ -10,6 +10,7 @@ collide):
   - C{iot:FLEET:q:DEV}, a sorted set of message ids (score = id): the order;
   - C{iot:FLEET:qe:DEV}, the same ids scored by expiry (wall-clock seconds);
   - C{iot:FLEET:qm:DEV}, a hash id -> C{ptype "\\n" data};
+  - C{iot:FLEET:qt:DEV}, a hash id -> enqueue time (wall-clock seconds);
   - C{iot:FLEET:queued}, the set of the fleet's devices with a queue, and
     C{iot:fleets} the set of fleets that ever had one (for L{depths} and
     L{purgeExpired});
@@ -71,16 +72,18 @@ def unavailable(f):
 
 
 # Drop a queue's messages whose TTL ran out (KEYS[1] the ids by order,
-# KEYS[2] the ids by expiry, KEYS[3] the payloads); how many went.
+# KEYS[2] the ids by expiry, KEYS[3] the payloads, tkey the enqueue
+# times); the ids that went.
 _EXPIRE_FN = """
-local function expire(now)
+local function expire(now, tkey)
   local old = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now)
   for _, i in ipairs(old) do
     redis.call('ZREM', KEYS[1], i)
     redis.call('HDEL', KEYS[3], i)
+    redis.call('HDEL', tkey, i)
   end
   redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
-  return #old
+  return old
 end
 """
 
@@ -88,7 +91,7 @@ _PUSH = _EXPIRE_FN + """
 local n = redis.call('ZCARD', KEYS[1])
 local maxDepth = tonumber(ARGV[3])
 if n >= maxDepth then
-  n = n - expire(ARGV[1])
+  n = n - #expire(ARGV[1], KEYS[7])
   if n >= maxDepth then return -n end
 end
 if tonumber(redis.call('GET', KEYS[4]) or '0') < tonumber(ARGV[7]) then
@@ -99,6 +102,7 @@ local id = string.format('%d', redis.call('INCR', KEYS[4]))
 redis.call('ZADD', KEYS[1], id, id)
 redis.call('ZADD', KEYS[2], ARGV[2], id)
 redis.call('HSET', KEYS[3], id, ARGV[4])
+redis.call('HSET', KEYS[7], id, ARGV[1])
 redis.call('SADD', KEYS[5], ARGV[5])
 redis.call('SADD', KEYS[6], ARGV[6])
 return id
@@ -129,16 +133,44 @@ for _, i in ipairs(ARGV) do
   removed = removed + redis.call('ZREM', KEYS[1], i)
   redis.call('ZREM', KEYS[2], i)
   redis.call('HDEL', KEYS[3], i)
+  redis.call('HDEL', KEYS[4], i)
 end
 return removed
 """
 
+# KEYS as _ACK; ARGV the ids to delete, none for all: the ids deleted.
+_REMOVE = """
+local ids = ARGV
+if #ids == 0 then ids = redis.call('ZRANGE', KEYS[1], 0, -1) end
+local out = {}
+for _, i in ipairs(ids) do
+  if redis.call('ZREM', KEYS[1], i) == 1 then out[#out + 1] = i end
+  redis.call('ZREM', KEYS[2], i)
+  redis.call('HDEL', KEYS[3], i)
+  redis.call('HDEL', KEYS[4], i)
+end
+return out
+"""
+
+# KEYS as _ACK; ARGV[1] the limit: id, size, enqueued, expires of each.
+_LIST = """
+local out = {}
+for _, i in ipairs(redis.call('ZRANGE', KEYS[1], 0, tonumber(ARGV[1]) - 1)) do
+  out[#out + 1] = i
+  local blob = redis.call('HGET', KEYS[3], i) or '\\n'
+  out[#out + 1] = tostring(#blob - string.find(blob, '\\n', 1, true))
+  out[#out + 1] = redis.call('HGET', KEYS[4], i) or ''
+  out[#out + 1] = redis.call('ZSCORE', KEYS[2], i) or '0'
+end
+return out
+"""
+
 _PURGE = _EXPIRE_FN + """
-local n = expire(ARGV[1])
+local old = expire(ARGV[1], KEYS[5])
 if redis.call('ZCARD', KEYS[1]) == 0 then
   redis.call('SREM', KEYS[4], ARGV[2])
 end
-return n
+return old
 """
 
 
@@ -165,6 +197,9 @@ class RedisMessageStore:
         k, f, d = self.cluster.key, part(fleet), part(deviceId)
         return [k("iot", f, "q", d), k("iot", f, "qe", d), k("iot", f, "qm", d)]
 
+    def _timesKey(self, fleet, deviceId):
+        return self.cluster.key("iot", part(fleet), "qt", part(deviceId))
+
     def _eval(self, script, keys, args):
         return self.redis.eval(script, keys, args).addErrback(unavailable)
 
@@ -172,7 +207,7 @@ class RedisMessageStore:
         now = self._clock()
         keys = self._keys(fleet, deviceId) + [
             self.cluster.key("iot", "ids"), self.cluster.key("iot", part(fleet), "queued"),
-            self.cluster.key("iot", "fleets")]
+            self.cluster.key("iot", "fleets"), self._timesKey(fleet, deviceId)]
         blob = payload.type.encode("ascii") + b"\n" + payload.data
         floor = max(self.highest, int(now * 1e6))
         d = self._eval(_PUSH, keys, [repr(now), repr(now + ttl), maxDepth, blob, deviceId,
@@ -204,9 +239,26 @@ class RedisMessageStore:
     def ack(self, fleet, deviceId, *messageIds):
         if not messageIds:
             return succeed(True)
-        return self._eval(_ACK, self._keys(fleet, deviceId),
+        return self._eval(_ACK, self._keys(fleet, deviceId) + [self._timesKey(fleet, deviceId)],
                           [int(i) for i in messageIds]).addCallback(
             lambda n: int(n) == len(messageIds))
+
+    def listQueued(self, fleet, deviceId, limit):
+        def rows(flat):
+            out = []
+            for i in range(0, len(flat), 4):
+                out.append((int(flat[i]), int(flat[i + 1]),
+                            float(flat[i + 2]) if flat[i + 2] else None, float(flat[i + 3])))
+            return out
+        return self._eval(_LIST, self._keys(fleet, deviceId) + [self._timesKey(fleet, deviceId)],
+                          [int(limit)]).addCallback(rows)
+
+    def remove(self, fleet, deviceId, messageIds=None):
+        ids = [] if messageIds is None else [int(i) for i in messageIds]
+        if messageIds is not None and not ids:
+            return succeed([])
+        return self._eval(_REMOVE, self._keys(fleet, deviceId) + [self._timesKey(fleet, deviceId)],
+                          ids).addCallback(lambda out: sorted(int(i) for i in out))
 
     def depth(self, fleet, deviceId):
         return self.redis.execute(
@@ -232,13 +284,18 @@ class RedisMessageStore:
         def fleets(names):
             ds = [self.redis.execute("SMEMBERS", k("iot", part(f.decode("utf-8")), "queued"))
                   .addCallback(devices, f.decode("utf-8")) for f in names]
-            return _all(ds).addCallback(sum)
+            return _all(ds).addCallback(flat)
 
         def devices(names, fleet):
             queued = k("iot", part(fleet), "queued")
-            ds = [self._eval(_PURGE, self._keys(fleet, d.decode("utf-8")) + [queued],
-                             [now, d]) for d in names]
-            return _all(ds).addCallback(lambda ns: sum(int(n) for n in ns))
+            names = [d.decode("utf-8") for d in names]
+            ds = [self._eval(_PURGE, self._keys(fleet, d) + [queued, self._timesKey(fleet, d)],
+                             [now, d]).addCallback(
+                lambda ids, d=d: [(fleet, d, int(i)) for i in ids]) for d in names]
+            return _all(ds).addCallback(lambda lists: [r for rs in lists for r in rs])
+
+        def flat(lists):
+            return sorted((r for rs in lists for r in rs), key=lambda r: r[2])
         return self.redis.execute("SMEMBERS", k("iot", "fleets")).addCallback(
             fleets).addErrback(unavailable)
 

@@ -147,6 +147,9 @@ SECTION = Table({
     "max_central_queue_depth": Int(100_000, minimum=1,
                                    doc="Device -> central events a fleet's central queue "
                                        "holds while its central is away; beyond, QUEUE_FULL."),
+    "max_outcomes": Int(10_000, minimum=1,
+                        doc="Delivery outcomes of queued messages remembered per fleet "
+                            "(GET .../messages/{id})."),
     "forward_telemetry": Bool(False, doc="Keep telemetry in the central queue too while the "
                                          "central is away (else it is dropped then)."),
     "token_ttl": Float(300.0, minimum=1, doc="Seconds a UDP token stays valid."),

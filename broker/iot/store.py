@@ -24,7 +24,8 @@ CREATE TABLE IF NOT EXISTS iot_queue (
     device TEXT NOT NULL,
     ptype TEXT NOT NULL,
     data BLOB NOT NULL,
-    expires REAL NOT NULL
+    expires REAL NOT NULL,
+    enqueued REAL
 );
 CREATE INDEX IF NOT EXISTS iot_queue_device ON iot_queue (fleet, device, id);
 CREATE TABLE IF NOT EXISTS iot_keys (
@@ -34,6 +35,16 @@ CREATE TABLE IF NOT EXISTS iot_keys (
     PRIMARY KEY (fleet, device)
 );
 """
+
+
+def migrate(connection):
+    """
+    A queue table of an older version has no C{enqueued} column: add it
+    (its rows keep NULL: their enqueue time is unknown).
+    """
+    columns = [row[1] for row in connection.execute("PRAGMA table_info(iot_queue)")]
+    if "enqueued" not in columns:
+        connection.execute("ALTER TABLE iot_queue ADD COLUMN enqueued REAL")
 
 
 @implementer(IMessageStore)
@@ -54,7 +65,8 @@ class SQLiteMessageStore:
 
     @classmethod
     def open(cls, reactor, path, clock=time.time):
-        return cls(SQLiteRunner(reactor, path, SCHEMA, name="iot.store"), clock, reactor)
+        return cls(SQLiteRunner(reactor, path, SCHEMA, name="iot.store",
+                                migrate=migrate), clock, reactor)
 
     def push(self, fleet, deviceId, payload, ttl, maxDepth):
         """
@@ -112,8 +124,9 @@ class SQLiteMessageStore:
             if count >= maxDepth:
                 raise QueueFull(f"device {deviceId!r} already has {count} queued messages")
         cursor.execute(
-            "INSERT INTO iot_queue (fleet, device, ptype, data, expires) VALUES (?,?,?,?,?)",
-            (fleet, deviceId, payload.type, payload.data, expires))
+            "INSERT INTO iot_queue (fleet, device, ptype, data, expires, enqueued) "
+            "VALUES (?,?,?,?,?,?)",
+            (fleet, deviceId, payload.type, payload.data, expires, now))
         return cursor.lastrowid
 
     def pending(self, fleet, deviceId, afterId, limit):
@@ -155,13 +168,36 @@ class SQLiteMessageStore:
             "SELECT device, count(*) FROM iot_queue WHERE fleet=? AND expires>? "
             "GROUP BY device", (fleet, now)).fetchall())
 
+    def listQueued(self, fleet, deviceId, limit):
+        return self.runner.runInteraction(self._list, fleet, deviceId, limit)
+
+    @staticmethod
+    def _list(cursor, fleet, deviceId, limit):
+        return [tuple(r) for r in cursor.execute(
+            "SELECT id, length(data), enqueued, expires FROM iot_queue "
+            "WHERE fleet=? AND device=? ORDER BY id LIMIT ?",
+            (fleet, deviceId, limit)).fetchall()]
+
+    def remove(self, fleet, deviceId, messageIds=None):
+        return self.runner.runInteraction(self._remove, fleet, deviceId, messageIds)
+
+    @staticmethod
+    def _remove(cursor, fleet, deviceId, messageIds):
+        rows = cursor.execute("SELECT id FROM iot_queue WHERE fleet=? AND device=? ORDER BY id",
+                              (fleet, deviceId)).fetchall()
+        ids = [i for (i,) in rows if messageIds is None or i in messageIds]
+        cursor.executemany("DELETE FROM iot_queue WHERE id=?", [(i,) for i in ids])
+        return ids
+
     def purgeExpired(self):
         return self.runner.runInteraction(self._purge, self._clock())
 
     @staticmethod
     def _purge(cursor, now):
+        rows = cursor.execute("SELECT fleet, device, id FROM iot_queue WHERE expires<=? "
+                              "ORDER BY id", (now,)).fetchall()
         cursor.execute("DELETE FROM iot_queue WHERE expires<=?", (now,))
-        return cursor.rowcount
+        return [tuple(r) for r in rows]
 
     def keys(self):
         return self.runner.runInteraction(
@@ -185,6 +221,7 @@ class MemoryMessageStore:
     def __init__(self, clock=time.time):
         self._clock = clock
         self._queues = {}       # (fleet, device) -> {id: (payload, expires)}
+        self._enqueued = {}     # id -> enqueue time
         self._keys = {}
         self._lastId = 0
 
@@ -199,6 +236,7 @@ class MemoryMessageStore:
                                       "messages"))
         self._lastId += 1
         q[self._lastId] = (payload, now + ttl)
+        self._enqueued[self._lastId] = now
         return succeed(self._lastId)
 
     def pending(self, fleet, deviceId, afterId, limit):
@@ -209,6 +247,8 @@ class MemoryMessageStore:
 
     def ack(self, fleet, deviceId, *messageIds):
         q = self._queues.get((fleet, deviceId), {})
+        for i in messageIds:
+            self._enqueued.pop(i, None)
         return succeed(all([q.pop(i, None) is not None for i in messageIds]))
 
     def depth(self, fleet, deviceId):
@@ -225,14 +265,28 @@ class MemoryMessageStore:
                 out[d] = n
         return succeed(out)
 
+    def listQueued(self, fleet, deviceId, limit):
+        q = self._queues.get((fleet, deviceId), {})
+        return succeed([(i, len(p.data), self._enqueued.get(i), exp)
+                        for i, (p, exp) in sorted(q.items())][:limit])
+
+    def remove(self, fleet, deviceId, messageIds=None):
+        q = self._queues.get((fleet, deviceId), {})
+        ids = [i for i in sorted(q) if messageIds is None or i in messageIds]
+        for i in ids:
+            del q[i]
+            self._enqueued.pop(i, None)
+        return succeed(ids)
+
     def purgeExpired(self):
         now = self._clock()
-        n = 0
-        for q in self._queues.values():
+        out = []
+        for (fleet, deviceId), q in self._queues.items():
             for i in [i for i, (_, exp) in q.items() if exp <= now]:
                 del q[i]
-                n += 1
-        return succeed(n)
+                self._enqueued.pop(i, None)
+                out.append((fleet, deviceId, i))
+        return succeed(sorted(out, key=lambda r: r[2]))
 
     def keys(self):
         return succeed([(f, d, s) for (f, d), s in self._keys.items()])

@@ -7,7 +7,7 @@ fallback L{ICentralLink} it is given with C{setCentralFallback}).
 Every call is a C{POST} of one JSON event to the fleet's URL::
 
     {"id": "<delivery id>", "kind": "request" | "message" | "telemetry" |
-     "device_connected" | "device_disconnected",
+     "device_connected" | "device_disconnected" | "message_status",
      "fleet": "...", "device": "...", "payload": {"type": ..., "data": ...}}
 
 (events of a fleet's central queue, L{broker.iot.forward}, also carry
@@ -218,8 +218,8 @@ class WebhookLink:
     def forwardEvent(self, fleet, kind, deviceId, payload, messageId):
         """
         Deliver one event of the fleet's central queue (L{broker.iot.forward}):
-        C{kind} is C{message}, C{telemetry}, C{device_connected} or
-        C{device_disconnected}; its delivery id is C{"q" + messageId} on
+        C{kind} is C{message}, C{telemetry}, C{device_connected},
+        C{device_disconnected} or C{message_status}; its delivery id is C{"q" + messageId} on
         every attempt, across restarts too, and the event carries
         C{"messageId"}.
 

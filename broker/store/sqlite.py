@@ -33,12 +33,15 @@ class SQLiteRunner(service.Service):
         created 0700: L{broker.files}), or
         C{":memory:"} in unit tests.
     @param schema: SQL run once at open (C{CREATE TABLE IF NOT EXISTS ...}).
+    @param migrate: called with the connection after C{schema}, at open:
+        to upgrade a database an older version made (e.g. add a column).
     """
 
-    def __init__(self, reactor, path, schema="", name=None):
+    def __init__(self, reactor, path, schema="", name=None, migrate=None):
         self._reactor = reactor
         self.path = path
         self._schema = schema
+        self._migrate = migrate
         self._pool = ThreadPool(minthreads=1, maxthreads=1, name=f"sqlite:{path}")
         self._connection = None
         self._shutdownTrigger = None
@@ -63,6 +66,8 @@ class SQLiteRunner(service.Service):
         connection.execute("PRAGMA foreign_keys=ON")
         if self._schema:
             connection.executescript(self._schema)
+        if self._migrate is not None:
+            self._migrate(connection)
         self._connection = connection
         self._pool.start()
         # Stop the thread even if the service is never stopped (tests).
