@@ -248,3 +248,129 @@ class LastValueOnJoinTests(TestCase):
         self.device.write(frames.TELEMETRY, 0, Payload.json({"t": 3}))
         live = yield ws.nextJSON()
         self.assertEqual(live["data"], {"t": 3})
+
+
+class LastValueStoreMixin:
+    """
+    What every L{ILastValueStore} must do; C{setUp} sets C{self.store}.
+    """
+
+    @defer.inlineCallbacks
+    def test_roundTripAndIsolation(self):
+        """
+        Each payload type round-trips (binary with newlines too); fleets
+        and devices whose names contain the key separators stay apart.
+        """
+        payloads = [Payload(frames.BINARY, b"\n\x00\xff\n"), Payload.json({"a": [1]}),
+                    Payload(frames.ASCII, b"t=1"), Payload.text("caf\u00e9"), frames.EMPTY]
+        rows = [("f", f"d{i}", p, 1000.5 + i, "udp" if i % 2 else "tcp")
+                for i, p in enumerate(payloads)]
+        rows += [("f:x", "d0", Payload.json("colon fleet"), 7.0, "tcp"),
+                 ("f", "x:d0", Payload.json("colon device"), 8.0, "udp")]
+        yield self.store.saveLastValues(rows)
+        for fleet, deviceId, p, received, via in rows:
+            got = yield self.store.lastValue(fleet, deviceId)
+            self.assertEqual(got, (p, received, via))
+        self.assertIsNone((yield self.store.lastValue("g", "d0")))
+        self.assertIsNone((yield self.store.lastValue("f", "d9")))
+
+    @defer.inlineCallbacks
+    def test_olderNeverReplacesNewer(self):
+        yield self.store.saveLastValues([("f", "d", Payload.json("new"), 20.0, "udp")])
+        yield self.store.saveLastValues([("f", "d", Payload.json("old"), 10.0, "tcp")])
+        self.assertEqual((yield self.store.lastValue("f", "d")),
+                         (Payload.json("new"), 20.0, "udp"))
+        yield self.store.saveLastValues([("f", "d", Payload.json("newer"), 30.0, "tcp")])
+        self.assertEqual((yield self.store.lastValue("f", "d")),
+                         (Payload.json("newer"), 30.0, "tcp"))
+
+    @defer.inlineCallbacks
+    def test_largeBatch(self):
+        rows = [("f", f"d{i}", Payload.json(i), 1.0 + i, "udp") for i in range(1203)]
+        yield self.store.saveLastValues(rows)
+        for i in (0, 499, 500, 1202):
+            self.assertEqual((yield self.store.lastValue("f", f"d{i}")),
+                             (Payload.json(i), 1.0 + i, "udp"))
+
+
+class MemoryLastValueStoreTests(LastValueStoreMixin, TestCase):
+    def setUp(self):
+        self.store = MemoryMessageStore()
+
+
+class SQLiteLastValueStoreTests(LastValueStoreMixin, TestCase):
+    def setUp(self):
+        self.store = SQLiteMessageStore.open(reactor, self.mktemp() + "/q.sqlite")
+        self.store.runner.start()
+        self.addCleanup(self.store.runner.close)
+
+
+class RedisLastValueStoreTests(LastValueStoreMixin, TestCase):
+    """
+    The same on a real redis-server, plus the cluster's read: the newer of
+    this node's value and Redis' (another node's) wins.
+    """
+
+    @defer.inlineCallbacks
+    def setUp(self):
+        from tests.redisserver import RedisServer
+        self.server = RedisServer(self, reactor)
+        yield self.server.start()
+        self.store = yield self.makeStore("a")
+
+    @defer.inlineCallbacks
+    def makeStore(self, nodeId):
+        from broker.cluster.node import Cluster
+        from broker.cluster.redis import RedisClient
+        from broker.iot.redisstore import RedisMessageStore
+        from tests.test_cluster_redis import waitFor
+        client = RedisClient(reactor, self.server.url, maxDelay=0.3)
+        store = RedisMessageStore(Cluster(reactor, client, prefix="t", nodeId=nodeId))
+        client.startService()
+        self.addCleanup(client.stopService)
+        yield waitFor(lambda: client.connected)
+        return store
+
+    @defer.inlineCallbacks
+    def test_twoNodes(self):
+        other = yield self.makeStore("b")
+        clock = task.Clock()
+        a = LastValues(clock, self.store, shared=True)
+        b = LastValues(clock, other, shared=True)
+        a.record("f", "d", Payload.json("on a"), 10.0, "tcp")
+        yield a.flush()
+        # b has never seen the device: Redis answers.
+        self.assertEqual((yield b.get("f", "d")), (Payload.json("on a"), 10.0, "tcp"))
+        b.record("f", "d", Payload.json("on b"), 11.0, "udp")
+        # Not yet flushed: b answers its own newer value, a Redis' older...
+        self.assertEqual((yield b.get("f", "d"))[0], Payload.json("on b"))
+        self.assertEqual((yield a.get("f", "d"))[0], Payload.json("on a"))
+        yield b.flush()
+        # ...and after b's flush a answers b's newer reading; a late flush
+        # of an older reading on a does not put it back.
+        self.assertEqual((yield a.get("f", "d"))[0], Payload.json("on b"))
+        yield self.store.saveLastValues([("f", "d", Payload.json("late"), 10.5, "tcp")])
+        self.assertEqual((yield b.get("f", "d"))[0], Payload.json("on b"))
+
+    @defer.inlineCallbacks
+    def test_outage(self):
+        """
+        With Redis away a read fails with Unavailable and a flush is kept
+        and written once Redis is back.
+        """
+        from broker.iot import errors
+        from tests.test_cluster_redis import waitFor
+        client = self.store.redis
+        values = LastValues(reactor, self.store, interval=0.05, shared=True)
+        self.addCleanup(values.stop)
+        yield self.server.stop()
+        yield waitFor(lambda: not client.connected)
+        yield self.assertFailure(self.store.lastValue("f", "d"), errors.Unavailable)
+        values.record("f", "d", Payload.json("kept"), 10.0, "udp")
+        yield values.flush()
+        self.assertEqual(values.stats["lastValueWrites"], 0)
+        yield self.server.start()
+        yield waitFor(lambda: client.connected)
+        yield waitUntil(reactor, lambda: values.stats["lastValueWrites"] == 1)
+        self.assertEqual((yield self.store.lastValue("f", "d")),
+                         (Payload.json("kept"), 10.0, "udp"))

@@ -60,7 +60,7 @@ class LastValues:
 
     def __init__(self, reactor, store, interval=1.0, shared=False, quietLog=None):
         self.reactor = reactor
-        self.store = ILastValueStore(store)
+        self.store = store
         self.interval = interval
         self.shared = shared
         self.quietLog = quietLog
