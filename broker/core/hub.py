@@ -221,10 +221,13 @@ class Hub:
     def tellObservers(self, name, *args):
         """
         Call C{name} (an L{IHubObserver} method) on each observer, with this
-        hub first.
+        hub first.  An observer without the method is skipped (hooks added
+        later, such as C{groupJoined}, are optional).
         """
         for o in list(self._observers):
-            getattr(o, name)(self, *args)
+            method = getattr(o, name, None)
+            if method is not None:
+                method(self, *args)
 
     def addObserver(self, observer):
         self._observers.append(observer)

@@ -188,6 +188,14 @@ class IHubObserver(Interface):
         it, and whether or not the hub has one.
         """
 
+    def groupJoined(hub, session, group):
+        """
+        C{session} joined C{group} at its own request (a client's
+        joinGroup), after it became a member and before the join is
+        acknowledged: what is delivered to C{session.connection} now
+        arrives first.  Optional: observers without it are skipped.
+        """
+
 
 class IUpstream(Interface):
     """

@@ -73,6 +73,7 @@ class Session:
         if not self.permissions.has(JOIN_LEAVE_GROUP, group):
             raise Forbidden(f"connection may not join group {group!r}")
         self.hub._join(self, group, strict=True)
+        self.hub.tellObservers("groupJoined", self, group)
 
     def leaveGroup(self, group):
         checkName("group", group)

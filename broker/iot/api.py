@@ -16,6 +16,7 @@ whether that fleet or its devices exist::
     GET    /v1/fleets/{fleet}/devices/{id}/messages/{mid} a message's state
     DELETE /v1/fleets/{fleet}/devices/{id}/messages/{mid} purge one message
     GET    /v1/fleets/{fleet}/devices/{id}/queue          queue depth
+    GET    /v1/fleets/{fleet}/devices/{id}/telemetry/last last telemetry
     PUT    /v1/fleets/{fleet}/devices/{id}/key            issue a device key
     DELETE /v1/fleets/{fleet}/devices/{id}/key            revoke it
 
@@ -41,6 +42,7 @@ from broker.core import jsonstrict
 from broker.iot import apikeys, errors
 from broker.iot.histogram import LatencyHistogram
 from broker.iot.jsonpayload import PayloadError, fromJSON, toJSON
+from broker.iot.lastvalue import lastValueJSON
 from broker.net.http import METHOD_NOT_ALLOWED, BoundedSite, Routes, jsonBody, pathPattern
 
 log = Logger()
@@ -57,6 +59,7 @@ STATUS = {
     errors.Busy.code: 429,
     errors.Unavailable.code: 503,
     errors.NotQueued.code: 404,
+    errors.NoValue.code: 404,
 }
 
 
@@ -300,7 +303,8 @@ class APIResource(Resource):
         if parts and parts[-1] == "":
             parts.pop()
         if len(parts) < 4 or parts[:2] != ["v1", "fleets"] or parts[3] != "devices" \
-                or len(parts) > 7 or (len(parts) == 7 and parts[5] != "messages"):
+                or len(parts) > 7 or (len(parts) == 7 and parts[5] != "messages"
+                                      and parts[5:] != ["telemetry", "last"]):
             raise APIError(404, "NOT_FOUND", "no such API path")
         fleet = parts[2]
         if fleet != keyFleet:
@@ -315,7 +319,9 @@ class APIResource(Resource):
                 raise APIError(400, "BAD_REQUEST", "a device id is 1 to 255 bytes of UTF-8")
             args = (fleet, deviceId)
             sub = parts[5] if len(parts) >= 6 else None
-            if len(parts) == 7:
+            if len(parts) == 7 and sub == "telemetry":
+                sub = "last"
+            elif len(parts) == 7:
                 sub = "message"
                 args = (fleet, deviceId, _messageId(parts[6]))
             handlers = {
@@ -325,6 +331,7 @@ class APIResource(Resource):
                              "DELETE": self._purgeAll},
                 "message": {"GET": self._messageState, "DELETE": self._purgeOne},
                 "queue": {"GET": self._queue},
+                "last": {"GET": self._lastValue},
                 "key": {"PUT": self._issueKey, "DELETE": self._revokeKey},
             }.get(sub)
             if handlers is None:
@@ -356,6 +363,10 @@ class APIResource(Resource):
     def _queue(self, request, fleet, deviceId):
         return self._reply(request, self.concentrator.queueDepth(fleet, deviceId), 200,
                            lambda depth: {"id": deviceId, "queueDepth": depth})
+
+    def _lastValue(self, request, fleet, deviceId):
+        return self._reply(request, self.concentrator.lastValue(fleet, deviceId), 200,
+                           lambda value: lastValueJSON(deviceId, value, toJSON))
 
     def _queued(self, request, fleet, deviceId):
         return self._reply(request, self.concentrator.feedback.queued(fleet, deviceId), 200,

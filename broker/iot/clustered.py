@@ -169,6 +169,9 @@ class ClusterConcentrator(Concentrator):
     @param tokens: a L{broker.iot.clustertokens.ClusterTokenBook}.
     """
 
+    # The last values are in Redis, written by every node.
+    sharedStore = True
+
     def __init__(self, reactor, core, registry, store, cluster, clock=time.time, **kw):
         super().__init__(reactor, core, registry, store, **kw)
         self.cluster = cluster
@@ -408,13 +411,14 @@ class ClusterConcentrator(Concentrator):
     def stop(self):
         """
         The face stops: cancel what is scheduled and fail what waits for
-        another node.
+        another node (a Deferred: the last values written).
         """
-        super().stop()
+        flushed = super().stop()
         if self._sweepCall is not None and self._sweepCall.active():
             self._sweepCall.cancel()
         for rid in list(self._waiting):
             self._settle(rid, errors.Unavailable("this node is stopping"))
+        return flushed
 
     def _reclaim(self, k, session, value, early=False):
         """

@@ -23,6 +23,7 @@ from broker.iot.auth import newSecret
 from broker.iot.feedback import DELIVERED, Feedback
 from broker.iot.forward import CLOSED, REASONS, Forwarder
 from broker.iot.interfaces import ICentralLink, IConcentrator
+from broker.iot.lastvalue import LastValueOnJoin, LastValues
 from broker.iot.udp import TokenBook
 
 log = Logger()
@@ -163,7 +164,8 @@ class Concentrator:
     def __init__(self, reactor, core, registry, store, requestTimeout=30.0,
                  queueTTL=86400.0, maxQueueDepth=1000, tokenTTL=300.0, tokenBatch=64,
                  window=32, tokens=None, forwardTelemetry=False,
-                 maxCentralQueueDepth=100000, wallClock=time.time, maxOutcomes=10000):
+                 maxCentralQueueDepth=100000, wallClock=time.time, maxOutcomes=10000,
+                 lastValueInterval=1.0, lastValueOnJoin=False):
         self.reactor = reactor
         self.core = core
         self.registry = registry
@@ -192,6 +194,19 @@ class Concentrator:
         self.forwarder = Forwarder(self, forwardTelemetry, maxCentralQueueDepth)
         # Delivery feedback of device queues (broker.iot.feedback).
         self.feedback = Feedback(self, maxOutcomes)
+        # Each device's last telemetry (broker.iot.lastvalue), and the hub
+        # observer sending it to a connection joining telemetry.<device>.
+        self.lastValues = LastValues(reactor, store, lastValueInterval,
+                                     shared=self.sharedStore,
+                                     quietLog=getattr(core, "quietLog", None))
+        if lastValueOnJoin:
+            # Every hub: a fleet's hub may be created after this (the
+            # observer ignores groups of devices not in the registry).
+            onJoin = LastValueOnJoin(self)
+            core.onNewHub(lambda hub: hub.addObserver(onJoin))
+
+    # Whether other nodes write the store too (cluster mode).
+    sharedStore = False
 
     # -- sessions (called by broker.iot.protocol) ---------------------------
 
@@ -274,9 +289,28 @@ class Concentrator:
 
     def stop(self):
         """
-        The face stops: the central outboxes' timers are cancelled.
+        The face stops: the central outboxes' timers are cancelled, the
+        pending last values written (a Deferred).
         """
         self.forwarder.stop()
+        return self.lastValues.stop()
+
+    def lastValue(self, fleet, deviceId):
+        """
+        @return: a Deferred firing with the device's last telemetry,
+            C{(payload, received, via)}; failing with UnknownDevice, or
+            NoValue when it has reported nothing.
+        """
+        try:
+            self._device(fleet, deviceId)
+        except errors.IoTError as e:
+            return fail(e)
+
+        def found(value):
+            if value is None:
+                raise errors.NoValue(f"device {deviceId!r} has reported no telemetry")
+            return value
+        return self.lastValues.get(fleet, deviceId).addCallback(found)
 
     def storeUnavailable(self, what, f):
         """
@@ -507,6 +541,7 @@ class Concentrator:
         fleet's hub, and to the central.  Never raises.
         """
         self.stats["telemetryAccepted"] += 1
+        self.lastValues.record(fleet, deviceId, payload, self.wallClock(), via)
         try:
             target = self._telemetryTargets.get(deviceId)
             if target is None:

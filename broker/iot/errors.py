@@ -108,3 +108,10 @@ class NotQueued(IoTError):
     delivered, expired, purged or never existed (API 404).
     """
     code = "NOT_QUEUED"
+
+
+class NoValue(IoTError):
+    """
+    The device has reported no telemetry (GET .../telemetry/last).
+    """
+    code = "NO_VALUE"

@@ -183,7 +183,8 @@ def buildConcentrator(context, cfg):
                    tokenBatch=cfg["token_batch"],
                    maxCentralQueueDepth=cfg["max_central_queue_depth"],
                    forwardTelemetry=cfg["forward_telemetry"],
-                   maxOutcomes=cfg["max_outcomes"])
+                   maxOutcomes=cfg["max_outcomes"],
+                   lastValueOnJoin=cfg["last_value_on_join"])
     if context.cluster is not None:
         concentrator = buildClusterConcentrator(context, registry, options)
         store = concentrator.store
@@ -259,7 +260,8 @@ class ConcentratorStopper(service.Service):
 
     def stopService(self):
         super().stopService()
-        self.concentrator.stop()
+        # The pending last values are written before the store closes.
+        return self.concentrator.stop()
 
 
 class WebhookService(service.Service):

@@ -14,6 +14,8 @@ collide):
   - C{iot:FLEET:queued}, the set of the fleet's devices with a queue, and
     C{iot:fleets} the set of fleets that ever had one (for L{depths} and
     L{purgeExpired});
+  - C{iot:FLEET:last}, a hash device -> its last telemetry,
+    C{received "\\n" via "\\n" ptype "\\n" data} (L{broker.iot.lastvalue});
   - C{iot:ids}, the cluster-wide id counter (INCR), so ids increase across
     nodes and a device's ACK space never sees two messages with one id.
     Ids must keep increasing even when Redis loses the counter (it
@@ -48,6 +50,7 @@ from broker.core import jsonstrict
 from broker.iot import errors
 from broker.iot.frames import Payload
 from broker.iot.interfaces import IMessageStore
+from broker.iot.lastvalue import ILastValueStore
 
 _LOST = (RedisUnavailable, txredisapi.ConnectionError, txredisapi.TimeoutError,
          netError.ConnectionLost, netError.ConnectionDone)
@@ -174,7 +177,7 @@ return old
 """
 
 
-@implementer(IMessageStore)
+@implementer(IMessageStore, ILastValueStore)
 class RedisMessageStore:
     """
     @param cluster: the L{broker.cluster.node.Cluster} (its C{redis} and
@@ -317,6 +320,55 @@ class RedisMessageStore:
         return self.redis.execute(
             "HSET", self.cluster.key("iot", "keys"), json.dumps([fleet, deviceId]),
             json.dumps(secret)).addCallbacks(lambda _: None, unavailable)
+
+    def _lastKey(self, fleet):
+        return self.cluster.key("iot", part(fleet), "last")
+
+    def saveLastValues(self, rows):
+        """
+        See L{ILastValueStore.saveLastValues}: one script per
+        L{LAST_CHUNK} rows.
+        """
+        ds = []
+        for start in range(0, len(rows), LAST_CHUNK):
+            keys, args = [], []
+            for fleet, deviceId, payload, received, via in rows[start:start + LAST_CHUNK]:
+                keys.append(self._lastKey(fleet))
+                args += [deviceId, b"\n".join((repr(received).encode("ascii"),
+                                                via.encode("ascii"),
+                                                payload.type.encode("ascii"), payload.data))]
+            ds.append(self._eval(_LAST, keys, args))
+        return _all(ds).addCallback(lambda _: None)
+
+    def lastValue(self, fleet, deviceId):
+        def parsed(raw):
+            if raw is None:
+                return None
+            received, via, ptype, data = raw.split(b"\n", 3)
+            return Payload(ptype.decode("ascii"), data), float(received), via.decode("ascii")
+        return self.redis.execute("HGET", self._lastKey(fleet), deviceId).addCallbacks(
+            parsed, unavailable)
+
+
+# Record last values: KEYS[i] a fleet's hash, ARGV[2i-1] the device,
+# ARGV[2i] its value; a value replaces one only if it is not older (its
+# first line is the time it was received), so nodes flushing at different
+# moments never put an older reading back.
+_LAST = """
+for i = 1, #KEYS do
+  local dev, value = ARGV[2 * i - 1], ARGV[2 * i]
+  local old = redis.call('HGET', KEYS[i], dev)
+  if not old or tonumber(string.match(old, '^[^\\n]*'))
+      <= tonumber(string.match(value, '^[^\\n]*')) then
+    redis.call('HSET', KEYS[i], dev, value)
+  end
+end
+return #KEYS
+"""
+
+# Rows per EVAL of _LAST: a flush of many devices is split so no one
+# script holds Redis long.
+LAST_CHUNK = 500
 
 
 def _firstError(f):

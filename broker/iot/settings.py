@@ -152,6 +152,9 @@ SECTION = Table({
                             "(GET .../messages/{id})."),
     "forward_telemetry": Bool(False, doc="Keep telemetry in the central queue too while the "
                                          "central is away (else it is dropped then)."),
+    "last_value_on_join": Bool(False, doc="Send a Web PubSub connection joining "
+                                          "telemetry.<device> the device's last telemetry "
+                                          "first."),
     "token_ttl": Float(300.0, minimum=1, doc="Seconds a UDP token stays valid."),
     "token_batch": Int(64, minimum=2, maximum=4096, doc="UDP tokens a device holds."),
     "max_connections": connectionLimit(10000),

@@ -15,6 +15,7 @@ from zope.interface import implementer
 from broker.iot.errors import QueueFull
 from broker.iot.frames import Payload
 from broker.iot.interfaces import IMessageStore
+from broker.iot.lastvalue import ILastValueStore
 from broker.store.sqlite import SQLiteRunner
 
 SCHEMA = """
@@ -34,6 +35,15 @@ CREATE TABLE IF NOT EXISTS iot_keys (
     secret TEXT,
     PRIMARY KEY (fleet, device)
 );
+CREATE TABLE IF NOT EXISTS last_values (
+    fleet TEXT NOT NULL,
+    device TEXT NOT NULL,
+    ptype TEXT NOT NULL,
+    data BLOB NOT NULL,
+    received REAL NOT NULL,
+    via TEXT NOT NULL,
+    PRIMARY KEY (fleet, device)
+);
 """
 
 
@@ -47,7 +57,7 @@ def migrate(connection):
         connection.execute("ALTER TABLE iot_queue ADD COLUMN enqueued REAL")
 
 
-@implementer(IMessageStore)
+@implementer(IMessageStore, ILastValueStore)
 class SQLiteMessageStore:
     """
     @param runner: a started (or to-be-started) L{SQLiteRunner} with
@@ -210,8 +220,34 @@ class SQLiteMessageStore:
                 "ON CONFLICT (fleet, device) DO UPDATE SET secret=excluded.secret",
                 (fleet, deviceId, secret)) and None)
 
+    def saveLastValues(self, rows):
+        """
+        See L{ILastValueStore.saveLastValues}: one transaction per batch.
+        """
+        return self.runner.runInteraction(self._saveLastValues, rows)
 
-@implementer(IMessageStore)
+    @staticmethod
+    def _saveLastValues(cursor, rows):
+        cursor.executemany(
+            "INSERT INTO last_values (fleet, device, ptype, data, received, via) "
+            "VALUES (?,?,?,?,?,?) ON CONFLICT (fleet, device) DO UPDATE SET "
+            "ptype=excluded.ptype, data=excluded.data, received=excluded.received, "
+            "via=excluded.via WHERE excluded.received >= last_values.received",
+            [(f, d, p.type, p.data, r, v) for f, d, p, r, v in rows])
+
+    def lastValue(self, fleet, deviceId):
+        return self.runner.runInteraction(self._lastValue, fleet, deviceId)
+
+    @staticmethod
+    def _lastValue(cursor, fleet, deviceId):
+        row = cursor.execute("SELECT ptype, data, received, via FROM last_values "
+                             "WHERE fleet=? AND device=?", (fleet, deviceId)).fetchone()
+        if row is None:
+            return None
+        return Payload(row[0], bytes(row[1])), row[2], row[3]
+
+
+@implementer(IMessageStore, ILastValueStore)
 class MemoryMessageStore:
     """
     The same queue in memory: not durable, for unit tests of the protocol
@@ -224,6 +260,7 @@ class MemoryMessageStore:
         self._enqueued = {}     # id -> enqueue time
         self._keys = {}
         self._lastId = 0
+        self._lastValues = {}   # (fleet, device) -> (payload, received, via)
 
     def push(self, fleet, deviceId, payload, ttl, maxDepth):
         now = self._clock()
@@ -294,3 +331,13 @@ class MemoryMessageStore:
     def setKey(self, fleet, deviceId, secret):
         self._keys[(fleet, deviceId)] = secret
         return succeed(None)
+
+    def saveLastValues(self, rows):
+        for fleet, deviceId, payload, received, via in rows:
+            old = self._lastValues.get((fleet, deviceId))
+            if old is None or old[1] <= received:
+                self._lastValues[(fleet, deviceId)] = (payload, received, via)
+        return succeed(None)
+
+    def lastValue(self, fleet, deviceId):
+        return succeed(self._lastValues.get((fleet, deviceId)))
