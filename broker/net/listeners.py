@@ -11,13 +11,9 @@ endpoints of that key share its counters and its cap.
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from twisted.internet.protocol import Protocol
-from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 
-log = Logger()
-
-# Seconds between two log lines of one listener about one kind of refusal.
-LOG_INTERVAL = 60.0
+from broker.core.limits import QuietLog
 
 
 class ListenerStats:
@@ -30,33 +26,22 @@ class ListenerStats:
         refused by the site) or C{"connection"} (refused by the cap).
     """
 
-    def __init__(self, name, clock=None):
+    def __init__(self, name, clock):
         self.name = name
         self.connections = 0
         self.refused = {}
-        self._clock = clock
-        # (kind, reason) -> [time of the last line, refusals since]
-        self._logged = {}
+        self._log = QuietLog(clock.seconds)
 
     def refuse(self, kind, reason, why=""):
         """
-        Count one refusal, and log it unless this listener logged one of
-        the same reason less than L{LOG_INTERVAL} seconds ago (the line
-        then says how many were refused silently since).
+        Count one refusal, and log it at most once a minute per kind and
+        reason (the line then says how many were not logged since).
         """
         key = (kind, reason)
         self.refused[key] = self.refused.get(key, 0) + 1
-        now = self._clock.seconds() if self._clock is not None else None
-        entry = self._logged.get(key)
-        if entry is not None and now is not None and now - entry[0] < LOG_INTERVAL:
-            entry[1] += 1
-            return
-        since = entry[1] if entry is not None else 0
-        self._logged[key] = [now if now is not None else 0.0, 0]
-        log.info("{listener}: refused a {kind} ({reason}{why}); {since} more refused silently "
-                 "in the last minute; counted on /metrics", listener=self.name,
-                 kind="request" if kind == "http" else "connection", reason=reason,
-                 why=f": {why}" if why else "", since=since)
+        self._log.info(key, "{listener}: refused a {kind} ({reason}{why}); counted on /metrics",
+                       listener=self.name, kind="request" if kind == "http" else "connection",
+                       reason=reason, why=f": {why}" if why else "")
 
     def count(self, kind, reason):
         return self.refused.get((kind, reason), 0)
@@ -67,7 +52,7 @@ class Listeners:
     The L{ListenerStats} of every listener of a broker, by key.
     """
 
-    def __init__(self, clock=None):
+    def __init__(self, clock):
         self._clock = clock
         self.byName = {}
 
