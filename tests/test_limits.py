@@ -471,7 +471,7 @@ history_groups = 100
         a.sendClose()
         yield a.closed
         yield waitFor(lambda: hub.connectionCount == 0)
-        self.assertEqual((hub.groupCount, hub.userCount, len(hub._sessions)), (0, 0, 0))
+        self.assertEqual((hub.groupCount, hub.userCount, hub.connectionCount), (0, 0, 0))
         self.assertEqual(len(broker.factory.admission), 0)
         self.assertEqual(broker.core.engine.directory._userGroups, {})
         self.assertLessEqual(len(hub.history._rings), 100)

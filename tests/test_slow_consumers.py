@@ -140,9 +140,9 @@ class WebPubSubSlowConsumerTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_plainSubscriber(self):
-        before = set(self.hub._sessions)
+        before = {s.connectionId for s in self.hub.sessions()}
         slow = yield self.broker.connect(protocols=())
-        [slowId] = set(self.hub._sessions) - before
+        [slowId] = {s.connectionId for s in self.hub.sessions()} - before
         self.hub.addConnectionToGroup(slowId, "g")
         yield self._check(slow, slowId)
 
