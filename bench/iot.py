@@ -402,25 +402,9 @@ async def benchDrain(run):
     await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", broker.tcp), central)
     await central.authenticated
     acked0 = metric(broker, "broker_iot_events_total", 'event="messagesAcked"')
-    t0 = time.perf_counter()
-    # The broker takes at most 256 unanswered frames of a session (BUSY).
-    window = 256
-    sent = 0
-
-    def send():
-        nonlocal sent
-        central.write(frames.MESSAGE, sent + 1,
-                      Payload.json({"n": sent, "cmd": "set", "v": 1}), did)
-        sent += 1
-    while sent < min(window, n):
-        send()
-    for i in range(n):
-        f = await central.nextFrame()
-        if f.kind != frames.ACK:
-            raise RuntimeError(f"queueing failed: {f!r}")
-        if sent < n:
-            send()
-    queueSeconds = time.perf_counter() - t0
+    queueSeconds = await sendAcked(
+        central, n, lambda i: (frames.MESSAGE, i + 1, Payload.json({"n": i, "cmd": "set", "v": 1}),
+                               did), "queueing")
     device = IoTClient("device", FLEET, did, broker.secrets[did])
     device.autoAck = True
     cpu0 = broker.cpu()
@@ -433,6 +417,28 @@ async def benchDrain(run):
             raise RuntimeError(f"unexpected {f!r}")
     return await drainFigures(run, "drain", 'event="messagesAcked"', acked0, n, queueSeconds,
                               t0, cpu0, central, device)
+
+
+async def sendAcked(client, n, frame, what):
+    """
+    Send C{n} frames (C{frame(i)} gives C{client.write}'s arguments), 256
+    unanswered at most (the broker's BUSY bound), each answered by an ACK.
+
+    @return: the seconds it took.
+    """
+    t0 = time.perf_counter()
+    sent = 0
+    while sent < min(256, n):
+        client.write(*frame(sent))
+        sent += 1
+    for _ in range(n):
+        f = await client.nextFrame()
+        if f.kind != frames.ACK:
+            raise RuntimeError(f"{what} failed: {f!r}")
+        if sent < n:
+            client.write(*frame(sent))
+            sent += 1
+    return time.perf_counter() - t0
 
 
 async def drainFigures(run, part, event, counted0, n, queueSeconds, t0, cpu0, *clients):
@@ -478,22 +484,9 @@ async def benchCentralDrain(run):
     await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", broker.tcp), device)
     await device.authenticated
     delivered0 = metric(broker, "broker_iot_events_total", 'event="centralDelivered"')
-    t0 = time.perf_counter()
-    window, sent = 256, 0
-
-    def send():
-        nonlocal sent
-        sent += 1
-        device.write(frames.MESSAGE, sent, Payload.json({"n": sent, "reading": 21.5}))
-    while sent < min(window, n):
-        send()
-    for i in range(n):
-        f = await device.nextFrame()
-        if f.kind != frames.ACK:
-            raise RuntimeError(f"storing failed: {f!r}")
-        if sent < n:
-            send()
-    queueSeconds = time.perf_counter() - t0
+    queueSeconds = await sendAcked(
+        device, n, lambda i: (frames.MESSAGE, i + 1, Payload.json({"n": i + 1, "reading": 21.5})),
+        "storing")
     central = IoTClient("central", FLEET, None, broker.centralSecret)
     central.autoAck = True
     cpu0 = broker.cpu()
