@@ -318,18 +318,9 @@ class RedisLastValueStoreTests(LastValueStoreMixin, TestCase):
         yield self.server.start()
         self.store = yield self.makeStore("a")
 
-    @defer.inlineCallbacks
     def makeStore(self, nodeId):
-        from broker.cluster.node import Cluster
-        from broker.cluster.redis import RedisClient
-        from broker.iot.redisstore import RedisMessageStore
-        from tests.test_cluster_redis import waitFor
-        client = RedisClient(reactor, self.server.url, maxDelay=0.3)
-        store = RedisMessageStore(Cluster(reactor, client, prefix="t", nodeId=nodeId))
-        client.startService()
-        self.addCleanup(client.stopService)
-        yield waitFor(lambda: client.connected)
-        return store
+        from tests.test_iot_store import redisStore
+        return redisStore(self, self.server, nodeId)
 
     @defer.inlineCallbacks
     def test_twoNodes(self):

@@ -193,6 +193,21 @@ class SQLiteStoreTests(StoreConformanceMixin, TestCase):
         self.assertEqual((yield again.keys()), [("f", "d", "s2")])
 
 
+@defer.inlineCallbacks
+def redisStore(testCase, server, nodeId, **kw):
+    """
+    A L{RedisMessageStore} of node C{nodeId} on C{server}, connected; its
+    client stops when C{testCase} ends.
+    """
+    client = RedisClient(reactor, server.url, maxDelay=0.3)
+    # The Cluster subscribes its channels before the client connects.
+    store = RedisMessageStore(Cluster(reactor, client, prefix="t", nodeId=nodeId), **kw)
+    client.startService()
+    testCase.addCleanup(client.stopService)
+    yield waitFor(lambda: client.connected)
+    return store
+
+
 class RedisStoreTests(StoreConformanceMixin, TestCase):
     """
     The same suite on a real redis-server, plus what only a shared store
@@ -206,16 +221,8 @@ class RedisStoreTests(StoreConformanceMixin, TestCase):
         yield self.server.start()
         self.store = yield self.makeStore("a")
 
-    @defer.inlineCallbacks
     def makeStore(self, nodeId):
-        client = RedisClient(reactor, self.server.url, maxDelay=0.3)
-        # The Cluster subscribes its channels before the client connects.
-        store = RedisMessageStore(Cluster(reactor, client, prefix="t", nodeId=nodeId),
-                                  clock=self.time)
-        client.startService()
-        self.addCleanup(client.stopService)
-        yield waitFor(lambda: client.connected)
-        return store
+        return redisStore(self, self.server, nodeId, clock=self.time)
 
     @defer.inlineCallbacks
     def test_sharedAcrossNodes(self):
