@@ -498,19 +498,15 @@ class HandoverTests(ClusterTestCase):
                                  roles=("webpubsub.sendToGroup",))
         hello = yield c.nextJSON()
 
-        def publish(client, ackId):
-            client.send({"type": "sendToGroup", "group": "g", "ackId": ackId,
-                         "dataType": "text", "data": f"m{ackId}"})
-            return client.nextJSON()
-        self.assertTrue((yield publish(c, 5))["success"])
+        self.assertTrue((yield c.publish("g", 5))["success"])
         c.transport.abortConnection()
         yield c.closed
         back = yield self.b.connect(protocols=(RELIABLE,), userId="alice",
                                     roles=("webpubsub.sendToGroup",), query=self.resume(hello))
         self.assertEqual((yield back.nextJSON())["connectionId"], hello["connectionId"])
-        dup = yield publish(back, 5)
+        dup = yield back.publish("g", 5)
         self.assertEqual((dup["success"], dup["error"]["name"]), (False, "Duplicate"))
-        self.assertTrue((yield publish(back, 6))["success"])
+        self.assertTrue((yield back.publish("g", 6))["success"])
         self.assertEqual((yield rx.nextJSON())["data"], "m6")
         yield later(0.1)
         self.assertEqual(rx.frames, [])

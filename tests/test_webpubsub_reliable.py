@@ -184,11 +184,7 @@ class ReliableTests(TestCase):
                                       roles=("webpubsub.sendToGroup",))
         hello = yield c.nextJSON()
 
-        def publish(client, ackId):
-            client.send({"type": "sendToGroup", "group": "g", "ackId": ackId,
-                         "dataType": "text", "data": f"m{ackId}"})
-            return client.nextJSON()
-        ack = yield publish(c, 7)
+        ack = yield c.publish("g", 7)
         self.assertTrue(ack["success"])
         self.assertEqual((yield rx.nextJSON())["data"], "m7")
         c.transport.abortConnection()
@@ -198,14 +194,14 @@ class ReliableTests(TestCase):
             query=f"awps_connection_id={hello['connectionId']}"
                   f"&awps_reconnection_token={hello['reconnectionToken']}")
         self.assertEqual((yield back.nextJSON())["connectionId"], hello["connectionId"])
-        dup = yield publish(back, 7)
+        dup = yield back.publish("g", 7)
         self.assertEqual((dup["ackId"], dup["success"], dup["error"]["name"]),
                          (7, False, "Duplicate"))
-        self.assertTrue((yield publish(back, 8))["success"])
+        self.assertTrue((yield back.publish("g", 8))["success"])
         self.assertEqual((yield rx.nextJSON())["data"], "m8")
         # Another connection (plain JSON) has ackIds of its own.
         other = yield self.broker.connectJSON(roles=["webpubsub.sendToGroup"])
-        self.assertTrue((yield publish(other, 7))["success"])
+        self.assertTrue((yield other.publish("g", 7))["success"])
         self.assertEqual((yield rx.nextJSON())["data"], "m7")
         yield later(0.1)
         self.assertEqual(rx.frames, [])

@@ -68,6 +68,14 @@ class Client(WebSocketClientProtocol):
         assert not isBinary, "expected a text frame"
         return json.loads(payload)
 
+    def publish(self, group, ackId):
+        """
+        Send "m<ackId>" to C{group} with C{ackId}: the next frame (its ack).
+        """
+        self.send({"type": "sendToGroup", "group": group, "ackId": ackId,
+                   "dataType": "text", "data": f"m{ackId}"})
+        return self.nextJSON()
+
     def send(self, obj):
         self.sendMessage(json.dumps(obj).encode("utf-8"))
 
