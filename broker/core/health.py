@@ -26,14 +26,6 @@ class HealthNotes:
     def clear(self, key):
         self._notes.pop(key, None)
 
-    def clearAll(self, prefix):
-        """
-        Clear every note whose key is a tuple starting with C{prefix}.
-        """
-        for key in [k for k in self._notes
-                    if isinstance(k, tuple) and k[:len(prefix)] == prefix]:
-            del self._notes[key]
-
     def notes(self):
         """
         The texts in force, sorted.
