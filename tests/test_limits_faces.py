@@ -145,6 +145,39 @@ class IoTRateTests(_Metrics, unittest.TestCase):
         self.assertIn('broker_rate_limited_total{action="dropped",face="iot",hub=""}', text)
 
 
+    @defer.inlineCallbacks
+    def test_udpSourcesTrackedAreBounded(self):
+        """
+        A flood from many source addresses (as a spoofing attacker sends)
+        keeps at most C{maxSources} per-source buckets, forgetting the
+        least recently heard; a source flooding throughout is still held
+        to its rate.
+        """
+        self.h = yield IoTHarness(self, reactor, udpRate=20).start()
+        self.h.udp.maxSources = 8
+        counts = self.h.udp.counts
+        flooder = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        flooder.bind(("127.0.0.2", 0))
+        self.addCleanup(flooder.close)
+        socks = []
+        for i in range(40):
+            sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            sock.bind((f"127.0.1.{i + 1}", 0))
+            self.addCleanup(sock.close)
+            socks.append(sock)
+        sent = 0
+        for sock in socks:
+            for _ in range(5):
+                flooder.sendto(b"\x01garbage", self.h.udpAddress)
+            sock.sendto(b"\x01garbage", self.h.udpAddress)
+            sent += 6
+            yield waitUntil(reactor, lambda: counts["malformed"] + counts["rate_limited"]
+                            == sent)
+            self.assertLessEqual(len(self.h.udp._sources), 8)
+        # The flooder sent 200 at once; its bucket holds 20 (burst 1 s).
+        self.assertGreater(counts["rate_limited"], 150)
+
+
 class PeerGroupsLimitTests(_Metrics, unittest.TestCase):
     @defer.inlineCallbacks
     def start(self, toml):
