@@ -348,15 +348,15 @@ class ClientProtocol(InboundFlow, BoundedOutput, WebSocketServerProtocol):
             self.holding[delivery.group][1].append(delivery)
             return
         prepared = delivery.encode(self.kind, self._encoder)
-        frame = prepared.payloadHybi
-        if self.overLimit(len(frame), self.factory.maxOutputBuffer):
-            return
         if self._perMessageCompress is None and not self.send_queue:
             # The hot path: the prepared frame straight to the transport.
             # autobahn's sendData formats a debug log line on every call,
             # which costs a third of the broker's CPU in a fan-out.
-            self.transport.write(frame)
+            frame = prepared.payloadHybi
+            if not self.overLimit(len(frame), self.factory.maxOutputBuffer):
+                self.transport.write(frame)
         else:
+            # Counted against the bound in sendData, as autobahn writes it.
             self.sendPreparedMessage(prepared)
 
     def close(self, code, reason):
