@@ -146,7 +146,7 @@ class InboundLimiter:
     """
 
     __slots__ = ("_clock", "_mRate", "_bRate", "_mCap", "_bCap", "_m", "_b", "_last",
-                 "dropped", "_closeAfter")
+                 "dropped", "_closeAfter", "_resumeCall")
 
     def __init__(self, clock, messagesPerSecond, bytesPerSecond, burst=2.0, minBytes=0):
         self._clock = clock
@@ -161,6 +161,7 @@ class InboundLimiter:
         self._last = clock()
         self.dropped = 0
         self._closeAfter = max(int(self._mCap), 16) if messagesPerSecond else 1024
+        self._resumeCall = None
 
     @classmethod
     def build(cls, clock, messagesPerSecond, bytesPerSecond, burst, minBytes=0):
@@ -196,6 +197,28 @@ class InboundLimiter:
             return CLOSE if self.dropped > self._closeAfter else DROP
         self._m, self._b = m - 1.0, b - size
         return ALLOW
+
+    def holdReading(self, reactor, size, pause, resume):
+        """
+        What every face does with a frame over the rate, besides dropping
+        it: stop reading the connection (C{pause()}) until a frame of
+        C{size} bytes would pass, then C{resume()}, so TCP holds the peer
+        back at no cost to the broker.  One hold at a time; L{stop} cancels
+        it when the connection goes.
+        """
+        if self._resumeCall is None:
+            pause()
+            self._resumeCall = reactor.callLater(max(self.wait(size), 0.001),
+                                                 self._resumed, resume)
+
+    def _resumed(self, resume):
+        self._resumeCall = None
+        resume()
+
+    def stop(self):
+        call, self._resumeCall = self._resumeCall, None
+        if call is not None and call.active():
+            call.cancel()
 
     def wait(self, size=0):
         """

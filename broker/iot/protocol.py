@@ -86,8 +86,6 @@ class IoTSession(BoundedOutput, Protocol):
         # the fleet's.
         self._slot = None
         self._rate = None
-        self._ratePaused = False
-        self._resumeCall = None
 
     # -- connection life --------------------------------------------------
 
@@ -126,10 +124,12 @@ class IoTSession(BoundedOutput, Protocol):
         self.factory.connections.discard(self)
         self._releaseSlot()
         self.state = self.CLOSED
-        for timer in (self._timer, self._abortTimer, self._resumeCall):
+        if self._rate is not None:
+            self._rate.stop()
+        for timer in (self._timer, self._abortTimer):
             if timer is not None and timer.active():
                 timer.cancel()
-        self._timer = self._abortTimer = self._resumeCall = None
+        self._timer = self._abortTimer = None
         self._offline()
 
     def _offline(self):
@@ -382,16 +382,10 @@ class IoTSession(BoundedOutput, Protocol):
         """
         Stop reading the socket until the session's bucket has room.
         """
-        f = self.factory
-        if not self._ratePaused:
-            self._ratePaused = True
-            self.transport.pauseProducing()
-            self._resumeCall = f.reactor.callLater(max(self._rate.wait(_size(frame)), 0.001),
-                                                   self._rateResume)
+        self._rate.holdReading(self.factory.reactor, _size(frame),
+                               self.transport.pauseProducing, self._rateResume)
 
     def _rateResume(self):
-        self._resumeCall = None
-        self._ratePaused = False
         if self.state != self.CLOSED:
             self.transport.resumeProducing()
 

@@ -102,9 +102,7 @@ class _Limited:
 
     _address = None
     _rate = None
-    _ratePaused = False
     _rateClosing = False
-    _resumeCall = None
 
     @property
     def maxMessageSize(self):
@@ -133,9 +131,8 @@ class _Limited:
         return True
 
     def _releaseAddress(self):
-        call, self._resumeCall = self._resumeCall, None
-        if call is not None and call.active():
-            call.cancel()
+        if self._rate is not None:
+            self._rate.stop()
         host, self._address = self._address, None
         if host is not None:
             self.factory.peergroups.admission.release(PER_ADDRESS, host)
@@ -177,16 +174,12 @@ class _Limited:
         self.sendObject({"id": rid, "error": PeerError(
             "E_OUTOFMEMORY", "over the session's inbound rate limit; the request was "
             "dropped").toJSON()})
-        if not self._ratePaused and self.transport is not None:
-            self._ratePaused = True
-            self.transport.pauseProducing()
-            self._resumeCall = pg.reactor.callLater(max(rate.wait(len(payload)), 0.001),
-                                                    self._rateResume)
+        if self.transport is not None:
+            rate.holdReading(pg.reactor, len(payload), self.transport.pauseProducing,
+                             self._rateResume)
         return True
 
     def _rateResume(self):
-        self._resumeCall = None
-        self._ratePaused = False
         if self.transport is not None and self.session is not None:
             self.transport.resumeProducing()
 

@@ -40,7 +40,6 @@ class InboundFlow:
     # The inbound rate limiter (InboundLimiter), if any.
     _inbound = None
     _rateClosing = False
-    _resumeCall = None
 
     def _holdReading(self, why):
         if not self._readingHeld:
@@ -135,11 +134,7 @@ class InboundFlow:
             if ackId is not None:
                 self._ack(ackId, Throttled("over the connection's inbound rate limit; "
                                            "the request was dropped"))
-        if not self._readingHeld & _RATE and self.transport is not None:
-            self._holdReading(_RATE)
-            self._resumeCall = self.factory.reactor.callLater(
-                max(self._inbound.wait(len(payload)), 0.001), self._rateResume)
-
-    def _rateResume(self):
-        self._resumeCall = None
-        self._releaseReading(_RATE)
+        if self.transport is not None:
+            self._inbound.holdReading(self.factory.reactor, len(payload),
+                                      lambda: self._holdReading(_RATE),
+                                      lambda: self._releaseReading(_RATE))

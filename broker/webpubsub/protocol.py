@@ -650,9 +650,8 @@ class ClientProtocol(InboundFlow, BoundedOutput, WebSocketServerProtocol):
     def connectionLost(self, reason):
         self.factory.connections.discard(self)
         super().connectionLost(reason)
-        call, self._resumeCall = self._resumeCall, None
-        if call is not None and call.active():
-            call.cancel()
+        if self._inbound is not None:
+            self._inbound.stop()
         ticket, self._ticket = self._ticket, None
         if ticket is not None:
             ticket.release()
