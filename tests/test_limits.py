@@ -69,6 +69,27 @@ class AdmissionLimitsTests(unittest.TestCase):
 
 
 class InboundLimiterTests(unittest.TestCase):
+    def test_holdReading(self):
+        """
+        Reading is paused once per hold, resumed when a frame would pass
+        again, and a hold cancelled by stop() never resumes.
+        """
+        clock = task.Clock()
+        r = InboundLimiter(clock.seconds, 10, 0, burst=0.1)
+        self.assertEqual((r.check(1), r.check(1)), (ALLOW, DROP))
+        calls = []
+        for _ in range(3):
+            r.holdReading(clock, 1, lambda: calls.append("pause"),
+                          lambda: calls.append("resume"))
+        self.assertEqual(calls, ["pause"])
+        clock.advance(0.1)
+        self.assertEqual(calls, ["pause", "resume"])
+        r.holdReading(clock, 1, lambda: calls.append("pause"), lambda: calls.append("resume"))
+        r.stop()
+        clock.advance(1)
+        self.assertEqual(calls, ["pause", "resume", "pause"])
+        self.assertEqual(clock.getDelayedCalls(), [])
+
     def test_bucket(self):
         """
         A burst passes, the next frame is dropped, the rate refills it; a
