@@ -232,6 +232,28 @@ inbound_burst = 1.0
         self.broker = yield BrokerHarness(self, reactor, self.TOML).start()
 
     @defer.inlineCallbacks
+    def test_droppedFramesPeekedStrictly(self):
+        """
+        A dropped frame is read for its ackId with the strict decoder: one
+        nested deeper than Python's recursion limit (within the 4 KiB that
+        are peeked) or carrying NaN is dropped without an ack and without
+        an unhandled error (trial fails the test on one); the connection
+        is not cut.
+        """
+        flood = yield self.broker.connectJSON(roles=[SEND])
+        for i in range(60):
+            flood.send({"type": "sendToGroup", "group": "g", "data": "x", "ackId": i})
+        deep = b"[" * 2000 + b"]" * 2000
+        for _ in range(5):
+            flood.sendMessage(deep)
+            flood.sendMessage(b'{"type":"sendToGroup","group":"g","ackId":1,"x":NaN}')
+        yield task.deferLater(reactor, 0.3, lambda: None)
+        self.assertIsNone(flood.closeCode)
+        acks = [json.loads(p) for p, _ in flood.frames]
+        self.assertTrue([a for a in acks if not a.get("success", True)])
+        self.assertEqual(len(acks), 60)
+
+    @defer.inlineCallbacks
     def test_floodIsClosedWellBehavedUntouched(self):
         """
         A JSON client sending many small frames at once is answered

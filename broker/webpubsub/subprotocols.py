@@ -11,8 +11,8 @@ the reliable link (L{broker.webpubsub.reliable}) hold a L{Codec} and never
 test which one it is.
 """
 
-import json
 
+from broker.core import jsonstrict
 from broker.webpubsub import frames, protobuf
 
 
@@ -22,7 +22,7 @@ def _peekJSONAckId(payload):
     answer a dropped frame.
     """
     try:
-        ackId = json.loads(payload).get("ackId")
+        ackId = jsonstrict.loads(payload).get("ackId")
     except (ValueError, AttributeError):
         return None
     if isinstance(ackId, int) and not isinstance(ackId, bool) and 0 <= ackId < 1 << 64:
