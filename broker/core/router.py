@@ -15,6 +15,7 @@ from broker.core.hub import Hub
 from broker.core.session import HubStats
 from broker.core.interfaces import IEngine
 from broker.core.limits import LimitCounters, QuietLog
+from broker.core.directwrite import WriteBatch
 from broker.core.memory import MemoryReleaser
 
 log = Logger()
@@ -44,6 +45,8 @@ class Core(service.Service):
         self.health = HealthNotes()
         # Gives freed memory back to the system after a hub shrank.
         self.memory = MemoryReleaser(reactor)
+        # Deliveries kept within a reactor turn, sent at its end (directwrite).
+        self.writeBatch = WriteBatch(reactor)
         self._filterCompiler = None
         self._filters = {}
         self.engine.attach(self)
@@ -147,6 +150,7 @@ class Core(service.Service):
     def stopService(self):
         super().stopService()
         self.fanout.stop()
+        self.writeBatch.stop()
         self.memory.stop()
         self.goingAway()
 

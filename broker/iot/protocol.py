@@ -22,6 +22,7 @@ from zope.interface import implementer
 from broker.core.drain import LiveConnections
 from broker.core.limits import CLOSE, PER_ADDRESS, PER_HUB, AdmissionLimits, InboundLimiter, \
     peerHost
+from broker.core.directwrite import DirectOutput
 from broker.core.output import BoundedOutput
 from broker.iot import auth, errors, frames
 from broker.iot.frames import FrameError, FrameReader, Payload
@@ -54,7 +55,7 @@ class Counters:
 
 
 @implementer(IPeerSession, ICentralLink)
-class IoTSession(BoundedOutput, Protocol):
+class IoTSession(DirectOutput, BoundedOutput, Protocol):
     """
     One TCP session, a device or a central once authenticated.
     """
@@ -197,10 +198,13 @@ class IoTSession(BoundedOutput, Protocol):
         if self.overLimit(len(data), self.factory.maxOutputBuffer):
             return
         self.factory.counters.framesOut += 1
-        self.transport.write(data)
+        self.writeDirect(data)
 
     def memoryReleaser(self):
         return self.factory.concentrator.core.memory
+
+    def writeBatch(self):
+        return self.factory.concentrator.core.writeBatch
 
     def slowConsumer(self):
         self.factory.counters.slowConsumers += 1
@@ -234,6 +238,7 @@ class IoTSession(BoundedOutput, Protocol):
             self.transport.unregisterProducer()
         except Exception:
             pass
+        self.flushOutput()
         self.transport.loseConnection()
         # A peer that reads nothing (or is gone without a FIN) would keep
         # the connection, and what waits for it, until TCP gives up.

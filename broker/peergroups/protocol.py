@@ -8,9 +8,11 @@ L{PeerSession}; everything else is the session's business.
 
 import json
 import os
+import struct
 
 from autobahn.twisted.resource import WebSocketResource
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
+from autobahn.websocket.protocol import PreparedMessage
 from autobahn.websocket.types import ConnectionDeny
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
@@ -20,6 +22,7 @@ from zope.interface import implementer
 
 from broker.core import jsonstrict
 from broker.core.limits import ALLOW, CLOSE, PER_ADDRESS, InboundLimiter, peerHost
+from broker.core.directwrite import DirectOutput
 from broker.core.output import BoundedOutput
 from broker.net.http import NO_BODY, BoundedSite, Routes
 from broker.peergroups.constants import PROTOCOL
@@ -34,6 +37,11 @@ WS_PATH = "/peergroups/v1"
 
 def _encode(obj):
     return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+def _writeBatch(protocol):
+    core = protocol.factory.peergroups.core
+    return core.writeBatch if core is not None else None
 
 
 def _fit(protocol, obj):
@@ -195,7 +203,7 @@ def _decode(payload):
 
 
 @implementer(IPeerTransport)
-class PeerWebSocketProtocol(_Limited, BoundedOutput, WebSocketServerProtocol):
+class PeerWebSocketProtocol(_Limited, DirectOutput, BoundedOutput, WebSocketServerProtocol):
     """
     A peer over WebSocket with subprotocol C{peergroup.v1} on
     C{/peergroups/v1}.
@@ -253,7 +261,19 @@ class PeerWebSocketProtocol(_Limited, BoundedOutput, WebSocketServerProtocol):
         data = _fit(self, obj)
         if data is None or self.overLimit(len(data), self.factory.peergroups.maxOutputBuffer):
             return
-        self.sendMessage(data, False)
+        if self._perMessageCompress is None and not self.send_queue:
+            # Straight to the socket (directwrite), past autobahn's logging.
+            self.writeDirect(PreparedMessage(data, False, False, True).payloadHybi)
+        else:
+            self.sendMessage(data, False)
+
+    def sendData(self, data, sync=False, chopsize=None):
+        # Every other frame (pongs, close) after what was kept this turn.
+        self.flushOutput()
+        super().sendData(data, sync, chopsize)
+
+    def writeBatch(self):
+        return _writeBatch(self)
 
     def slowConsumer(self):
         _slowPeer(self)
@@ -337,7 +357,7 @@ def makeSite(factory, headerTimeout=10.0, idleTimeout=60.0, stats=None):
 
 
 @implementer(IPeerTransport)
-class PeerStreamProtocol(_Limited, BoundedOutput, Int32StringReceiver):
+class PeerStreamProtocol(_Limited, DirectOutput, BoundedOutput, Int32StringReceiver):
     """
     A peer over TCP or TLS: each message a 4-byte big-endian length, then
     that many bytes of UTF-8 JSON.  A length over the limit is answered
@@ -356,7 +376,7 @@ class PeerStreamProtocol(_Limited, BoundedOutput, Int32StringReceiver):
             self.sendObject({"id": None, "error": PeerError(
                 "PEER_E_CONNECTION_REFUSED",
                 "too many connections from this address (limit)").toJSON()})
-            self.transport.loseConnection()
+            self.loseConnection()
             return
         self.registerAsProducer(self.transport)
         self.session = PeerSession(self.factory.peergroups, self)
@@ -376,7 +396,7 @@ class PeerStreamProtocol(_Limited, BoundedOutput, Int32StringReceiver):
                  addr=self.address, n=length)
         self.sendObject({"id": None, "error": PeerError(
             "E_INVALIDARG", f"message of {length} bytes over {self.MAX_LENGTH}").toJSON()})
-        self.transport.loseConnection()
+        self.loseConnection()
         self.session, session = None, self.session
         if session is not None:
             session.lost("oversized message")
@@ -390,7 +410,7 @@ class PeerStreamProtocol(_Limited, BoundedOutput, Int32StringReceiver):
             session.lost("connection lost")
 
     def _rateClose(self):
-        self.transport.loseConnection()
+        self.loseConnection()
         session, self.session = self.session, None
         if session is not None:
             session.lost("inbound rate limit exceeded")
@@ -399,7 +419,17 @@ class PeerStreamProtocol(_Limited, BoundedOutput, Int32StringReceiver):
         data = _fit(self, obj)
         if data is None or self.overLimit(len(data) + 4, self.factory.peergroups.maxOutputBuffer):
             return
-        self.sendString(data)
+        self.writeDirect(struct.pack(self.structFormat, len(data)) + data)
+
+    def writeBatch(self):
+        return _writeBatch(self)
+
+    def loseConnection(self):
+        """
+        Close once what was kept this turn has been written.
+        """
+        self.flushOutput()
+        self.transport.loseConnection()
 
     def slowConsumer(self):
         _slowPeer(self)
@@ -407,7 +437,7 @@ class PeerStreamProtocol(_Limited, BoundedOutput, Int32StringReceiver):
     def abort(self, reason):
         if self.transport is not None:
             if reason in GRACEFUL:
-                self.transport.loseConnection()
+                self.loseConnection()
             else:
                 self.transport.abortConnection()
 

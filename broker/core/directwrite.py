@@ -1,0 +1,184 @@
+# -*- test-case-name: tests.test_directwrite -*-
+"""
+Writing deliveries straight to the socket.
+
+Twisted's C{transport.write} buffers: the bytes go out on a later reactor
+turn, after two C{epoll_ctl} calls register and unregister the socket for
+writing.  Under load that is a gift (a subscriber's frames from many
+publishes leave in one C{send()}), but at low load it is most of the cost of
+a delivery and all of its latency.
+
+So a connection writes its first frame of a reactor turn straight to the
+socket when nothing of its own is waiting in Twisted's buffer.  Frames
+written later in the same turn are kept and sent together at the end of the
+turn (one C{send()} per connection, however many publishes the turn read),
+and whatever the socket does not take goes to Twisted's buffer, whose
+producer pause still starts the slow-consumer count of
+L{broker.core.output.BoundedOutput}.  Bytes never overtake each other: once
+anything is waiting, in our list or in Twisted's buffer, everything after it
+waits too.
+
+Only plain TCP transports (possibly under protocol wrappers) are written
+directly; TLS and in-memory transports keep C{transport.write}.
+"""
+
+from twisted.logger import Logger
+
+log = Logger()
+
+#: A connection's frames kept within one turn are sent early past this size.
+FLUSH_AT = 64 * 1024
+
+
+class WriteBatch:
+    """
+    The connections with frames kept during this reactor turn; flushed by a
+    single C{callLater(0)}, which runs before the reactor next polls.
+    """
+
+    def __init__(self, reactor):
+        self._reactor = reactor
+        self._conns = []
+        self._call = None
+
+    def add(self, conn):
+        self._conns.append(conn)
+        if self._call is None:
+            self._call = self._reactor.callLater(0, self.flush)
+
+    def flush(self):
+        self._call = None
+        conns, self._conns = self._conns, []
+        for conn in conns:
+            try:
+                conn.flushOutput()
+            except Exception:
+                log.failure("flushing output of {conn!r} failed", conn=conn)
+
+    def stop(self):
+        if self._call is not None and self._call.active():
+            self._call.cancel()
+        self._call = None
+        self.flush()
+
+
+def socketTransport(transport):
+    """
+    The TCP transport under C{transport} (walking down through protocol
+    wrappers), or C{None} when there is none to write to directly: TLS, a
+    test's in-memory transport.
+    """
+    for _ in range(4):
+        if transport is None or hasattr(transport, "_appSendBuffer"):   # TLS
+            return None
+        if hasattr(transport, "_tempDataBuffer"):                       # a FileDescriptor
+            if getattr(transport, "TLS", False) or getattr(transport, "socket", None) is None:
+                return None
+            return transport
+        transport = getattr(transport, "transport", None)
+    return None
+
+
+def _idle(sock):
+    """
+    Whether nothing waits in C{sock}'s own buffer, so bytes sent now cannot
+    overtake any.
+    """
+    return (sock.connected and not sock.disconnecting and not sock._tempDataLen
+            and not sock.dataBuffer and not sock._writeDisconnected)
+
+
+def sendNow(transport, sock, data):
+    """
+    Send C{data} on C{sock} at once if nothing waits ahead of it, and give
+    what the socket does not take (or everything, when something waits) to
+    C{transport.write}.
+    """
+    if sock is not None and _idle(sock):
+        try:
+            sent = sock.socket.send(data)
+        except OSError:
+            # EAGAIN, or a dead socket that Twisted's next write notices.
+            sent = 0
+        if sent == len(data):
+            return
+        if sent:
+            data = data[sent:]
+    transport.write(data)
+
+
+_UNSET = object()
+
+
+class DirectOutput:
+    """
+    Mixin for a protocol that writes many small frames: C{writeDirect}
+    instead of C{transport.write}.
+
+    Subclasses give L{writeBatch}.  Any write that does not go through
+    C{writeDirect} (a close frame, an answer written by a library) must call
+    L{flushOutput} first, so that it does not overtake kept frames.
+
+    @ivar _outKept: C{None} before the connection's first frame this turn;
+        afterwards the list of frames kept for the end of the turn.
+    """
+
+    _outKept = None
+    _outKeptBytes = 0
+    _outSocket = _UNSET
+
+    def writeBatch(self):
+        """
+        The core's L{WriteBatch}, or C{None} to write through the transport.
+        """
+        return None
+
+    def writeDirect(self, data):
+        kept = self._outKept
+        if kept is not None:
+            kept.append(data)
+            self._outKeptBytes += len(data)
+            if self._outKeptBytes > FLUSH_AT:
+                self.flushOutput()
+                self._outKept = []
+            return
+        transport = self.transport
+        sock = self._outSocket
+        if sock is _UNSET:
+            sock = self._outSocket = socketTransport(transport)
+        if sock is None:
+            transport.write(data)
+            return
+        batch = self.writeBatch()
+        if batch is None:
+            transport.write(data)
+            return
+        # The first frame of the turn goes now; later ones are kept.
+        self._outKept = []
+        self._outKeptBytes = 0
+        batch.add(self)
+        sendNow(transport, sock, data)
+
+    def flushOutput(self):
+        """
+        Send the frames kept this turn (called by the batch at the end of the
+        turn, and before any other write).
+        """
+        kept = self._outKept
+        if kept is None:
+            return
+        self._outKept = None
+        if not kept:
+            return
+        transport = self.transport
+        if transport is None:
+            return
+        data = kept[0] if len(kept) == 1 else b"".join(kept)
+        sendNow(transport, self._outSocket, data)
+
+    def discardOutput(self):
+        """
+        Forget the frames kept (the connection is being dropped).
+        """
+        if self._outKept is not None:
+            self._outKept = []
