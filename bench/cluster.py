@@ -37,9 +37,10 @@ from importlib.metadata import version
 from twisted.internet import defer, task
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import fanout  # noqa: E402  (the fan-out benchmark's client and processes)
-from fanout import (GROUP, HUB, PAYLOAD_SIZE, BrokerProcess, ChildProcess,  # noqa: E402
-                    Load, ms, percentile, raiseFileLimit)
+from fanout import Load, ms  # noqa: E402  (the fan-out benchmark's load)
+from procs import (BrokerProcess, ChildProcess, cpuSeconds, freePort,  # noqa: E402
+                   percentile, raiseFileLimit)
+from wsload import GROUP, HUB, PAYLOAD_SIZE  # noqa: E402
 
 
 class RedisProcess(ChildProcess):
@@ -47,7 +48,7 @@ class RedisProcess(ChildProcess):
         super().__init__()
         self.reactor = reactor
         self.workdir = workdir
-        self.port = fanout.freePort()
+        self.port = freePort()
         self.url = f"redis://127.0.0.1:{self.port}/0"
 
     async def start(self):
@@ -67,7 +68,7 @@ class RedisProcess(ChildProcess):
         raise RuntimeError("redis-server did not start")
 
     def cpu(self):
-        return fanout.cpuSeconds(self.pid)
+        return cpuSeconds(self.pid)
 
 
 class NodeProcess(BrokerProcess):
@@ -132,7 +133,7 @@ class WorkersProcess(NodeProcess):
         return stats
 
     def cpu(self):
-        return sum(fanout.cpuSeconds(p) for p in [self.pid] + childPids(self.pid))
+        return sum(cpuSeconds(p) for p in [self.pid] + childPids(self.pid))
 
 
 class Cluster:

@@ -44,7 +44,7 @@ from twisted.internet import defer, task
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from fanout import pinCPUs, raiseFileLimit, rssKiB, workdirUntilShutdown  # noqa: E402
+from procs import pinCPUs, raiseFileLimit, rssKiB, workdirUntilShutdown  # noqa: E402
 from soaklib import RSS_LIMIT_MB, Soak, SoakBroker, churn, probes  # noqa: E402
 from soakfaces import FACES  # noqa: E402
 

@@ -22,7 +22,8 @@ import time
 from twisted.internet import defer, task
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 
-from fanout import GROUP, HUB, KEY, WebSocketClient, clientFrame, freePort, openingHandshake
+from procs import freePort
+from wsload import GROUP, HUB, KEY, WebSocketClient, clientFrame, openingHandshake
 from iot import FLEET, HTTPConnection
 from peergroups import Bench as PeerBench
 from soaklib import (MB, NeverReading, classifyHTTP, classifyWS, declaredFrame,

@@ -18,7 +18,8 @@ from twisted.internet.protocol import Protocol
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from fanout import BrokerProcess, clientFrame, rssKiB  # noqa: E402
+from procs import BrokerProcess, rssKiB  # noqa: E402
+from wsload import clientFrame  # noqa: E402
 
 MB = 1024 * 1024
 RSS_LIMIT_MB = 300
@@ -441,7 +442,7 @@ def classifyWS(data, how, text=lambda p: None):
 
 class SoakBroker(BrokerProcess):
     """
-    L{fanout.BrokerProcess} (Web PubSub on, its hub and key), plus the
+    L{procs.BrokerProcess} (Web PubSub on, its hub and key), plus the
     other faces' sections given as C{sections}, and /metrics and /healthz.
     """
 
