@@ -35,6 +35,7 @@ from broker.core.limits import (PER_ADDRESS, PER_HUB, PER_USER, AdmissionLimits,
                                 InboundLimiter, peerHost)
 from broker.core.directwrite import DirectOutput
 from broker.core.output import BoundedOutput
+from broker.net.wscompact import CompactFactory, CompactProtocol
 from broker.core.interfaces import IConnection
 from broker.core.message import BINARY, TEXT, Delivery, Message
 from broker.webpubsub import frames, history, invoke, subprotocols
@@ -52,7 +53,8 @@ JSON = "json"
 
 
 @implementer(IConnection)
-class ClientProtocol(InboundFlow, DirectOutput, BoundedOutput, WebSocketServerProtocol):
+class ClientProtocol(InboundFlow, DirectOutput, BoundedOutput, CompactProtocol,
+                     WebSocketServerProtocol):
     """
     One client connection.
     """
@@ -75,15 +77,21 @@ class ClientProtocol(InboundFlow, DirectOutput, BoundedOutput, WebSocketServerPr
     holding = None
     # Pending invokeEvent calls (invoke.py), made on the first.
     _invocations = None
-
-    def __init__(self):
-        super().__init__()
-        self._warned = False
-        self._plainGroup = None
-        self._connectionState = None
-        self.reliable = False
-        self.link = None
-        self._resuming = None
+    # The inbound rate limiter (InboundLimiter), made on the first frame: a
+    # full bucket is no limiter at all.
+    _inbound = _LAZY = object()
+    # Instance attributes that compact() drops while they hold these (their
+    # class values), as it does autobahn's (broker.net.wscompact).
+    _warned = False
+    _plainGroup = None
+    _connectionState = None
+    reliable = False
+    link = None
+    _resuming = None
+    admission = None
+    compactDefaults = {"_warned": False, "_plainGroup": None, "_connectionState": None,
+                       "reliable": False, "link": None, "_resuming": None, "admission": None,
+                       "userId": None}
 
     # -- connection life ----------------------------------------------------
 
@@ -316,9 +324,7 @@ class ClientProtocol(InboundFlow, DirectOutput, BoundedOutput, WebSocketServerPr
         self.userId = userId
         self.admission = None
         # Chosen once: deliver() runs for every receiver of every message.
-        self._encoder = (self.factory.preparePlain if self.codec is None
-                         else self.factory.preparer(self.codec))
-        self._inbound = self.factory.inboundLimiter()
+        self._encoder = self.factory.preparer(self.codec)
         self._forgetHandshake()
         self.registerAsProducer(self.transport)
         if self.link is not None:
@@ -332,13 +338,10 @@ class ClientProtocol(InboundFlow, DirectOutput, BoundedOutput, WebSocketServerPr
         Drop what autobahn keeps of the opening handshake (raw request,
         headers, query with the access token, response): about 2 KiB per
         connection that nothing reads after the open, and a secret that
-        should not linger in memory.
+        should not linger in memory; and every attribute that holds its
+        default (L{CompactProtocol.compact}).
         """
-        for name in ("http_request_data", "http_headers", "http_request_params",
-                     "http_response_data", "http_status_line", "http_request_uri",
-                     "http_request_path", "websocket_origin", "websocket_extensions"):
-            if name in self.__dict__:
-                setattr(self, name, None)
+        self.compact()
 
     # -- IConnection ------------------------------------------------------
 
@@ -446,6 +449,8 @@ class ClientProtocol(InboundFlow, DirectOutput, BoundedOutput, WebSocketServerPr
         if self.session is None:
             return
         limiter = self._inbound
+        if limiter is self._LAZY:
+            limiter = self._inbound = self.factory.inboundLimiter()
         if limiter is not None:
             verdict = limiter.check(len(payload))
             if verdict:
@@ -657,7 +662,7 @@ class ClientProtocol(InboundFlow, DirectOutput, BoundedOutput, WebSocketServerPr
     def connectionLost(self, reason):
         self.factory.connections.discard(self)
         super().connectionLost(reason)
-        if self._inbound is not None:
+        if self._inbound is not None and self._inbound is not self._LAZY:
             self._inbound.stop()
         ticket, self._ticket = self._ticket, None
         if ticket is not None:
@@ -682,7 +687,7 @@ def _first(values):
     return values[0] if values else None
 
 
-class ClientFactory(WebSocketServerFactory):
+class ClientFactory(CompactFactory, WebSocketServerFactory):
     """
     Builds L{ClientProtocol}s and holds what they share: the core, hub
     settings, limits and the prepared-frame encoders.
@@ -758,8 +763,21 @@ class ClientFactory(WebSocketServerFactory):
     def preparer(self, codec):
         """
         The encoder of deliveries to C{codec}'s clients (see L{deliver}):
-        its message frame, prepared.
+        its message frame, prepared; one object per codec, which every
+        connection of the codec shares.
         """
+        try:
+            return self._preparers[codec]
+        except KeyError:
+            pass
+        except AttributeError:
+            self._preparers = {}
+        preparer = self._preparers[codec] = self._newPreparer(codec)
+        return preparer
+
+    def _newPreparer(self, codec):
+        if codec is None:
+            return self.preparePlain
         if codec is subprotocols.JSON:
             return self.prepareJSON
         messageFrame, binary = codec.messageFrame, codec.binary
