@@ -17,11 +17,12 @@ cycle.
 """
 
 import importlib
+import os
 import re
 
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger, globalLogPublisher
-from twisted.plugin import IPlugin, getCache, getPlugins
+from twisted.plugin import IPlugin, getPlugins
 from twisted.python.modules import getModule
 from zope.interface import Attribute, Interface, implementer
 
@@ -146,6 +147,20 @@ class PackageFace:
         return list(listeners(settings)) if listeners is not None else []
 
 
+def _failedModule(failure, modules):
+    """
+    The name of the plugin module (of C{modules}: C{{path: name}}) that
+    C{failure} was raised importing: the innermost frame in one of them,
+    or the file of a C{SyntaxError}.
+    """
+    paths = [getattr(failure.value, "filename", None)]
+    paths += [frame[1] for frame in reversed(failure.frames)]
+    for path in paths:
+        if path and os.path.abspath(path) in modules:
+            return modules[os.path.abspath(path)]
+    return "a plugin module"
+
+
 class FacePluginError(Exception):
     """
     The installed face plugins cannot be used together (two of one name, a
@@ -180,13 +195,19 @@ class FacePlugins:
         return text
 
 
+# The broken plugin modules logged already: each once per process, however
+# often the configuration is loaded.
+_reported = set()
+
+
 def findFaces(package=None):
     """
     The face plugins installed (C{getPlugins(IBrokerFace, twisted.plugins)}),
     checked and in start-up order.
 
     A plugin module that fails to import does not stop the others: Twisted
-    logs its traceback, and this logs one line naming the module, which
+    logs its traceback (at every look-up: it does not cache a failure),
+    and this logs one line naming the module (once per process), which
     L{FacePlugins.describe} repeats in configuration errors.
 
     @param package: the plugin package (default C{twisted.plugins}).
@@ -197,8 +218,11 @@ def findFaces(package=None):
     failures = []
 
     def watch(event):
-        if event.get("log_failure") is not None:
-            failures.append(event["log_failure"])
+        # Twisted reports an import failure through the legacy log.err:
+        # the failure is under "failure" there, "log_failure" otherwise.
+        failure = event.get("log_failure", event.get("failure"))
+        if failure is not None:
+            failures.append(failure)
     globalLogPublisher.addObserver(watch)
     try:
         faces = list(getPlugins(IBrokerFace, package))
@@ -206,15 +230,17 @@ def findFaces(package=None):
         globalLogPublisher.removeObserver(watch)
     broken = []
     if failures:
-        # A module missing from the cache after a look-up could not be
-        # imported: Twisted does not cache it, and tries again next time.
-        cached = getCache(package)
-        problems = [f"{f.type.__name__}: {f.getErrorMessage()}" for f in failures]
-        missing = [m.name for m in getModule(package.__name__).iterModules()
-                   if m.name.rsplit(".", 1)[-1] not in cached]
-        for i, module in enumerate(missing):
-            problem = problems[i] if i < len(problems) else problems[-1]
+        # Twisted does not say which module failed: the failure's own
+        # frames (or a SyntaxError's file) do.
+        modules = {os.path.abspath(m.filePath.path): m.name
+                   for m in getModule(package.__name__).iterModules()}
+        for failure in failures:
+            module = _failedModule(failure, modules)
+            problem = f"{failure.type.__name__}: {failure.getErrorMessage()}"
             broken.append((module, problem))
+            if (module, problem) in _reported:
+                continue
+            _reported.add((module, problem))
             log.error("face plugins: {module} could not be imported ({problem}); the faces "
                       "it provides are not available", module=module, problem=problem)
     byName = {}
