@@ -151,14 +151,15 @@ def _failedModule(failure, modules):
     """
     The name of the plugin module (of C{modules}: C{{path: name}}) that
     C{failure} was raised importing: the innermost frame in one of them,
-    or the file of a C{SyntaxError}.
+    or the file of a C{SyntaxError}; C{None} for a failure of something
+    else (Twisted failing to write its cache), which Twisted logged.
     """
     paths = [getattr(failure.value, "filename", None)]
     paths += [frame[1] for frame in reversed(failure.frames)]
     for path in paths:
         if path and os.path.abspath(path) in modules:
             return modules[os.path.abspath(path)]
-    return "a plugin module"
+    return None
 
 
 class FacePluginError(Exception):
@@ -211,7 +212,7 @@ def findFaces(package=None):
     L{FacePlugins.describe} repeats in configuration errors.
 
     @param package: the plugin package (default C{twisted.plugins}).
-    @raise FacePluginError: two faces of one name, or a bad name.
+    @raise FacePluginError: two faces of one name, a bad name or order.
     """
     if package is None:
         import twisted.plugins as package
@@ -236,6 +237,8 @@ def findFaces(package=None):
                    for m in getModule(package.__name__).iterModules()}
         for failure in failures:
             module = _failedModule(failure, modules)
+            if module is None:
+                continue
             problem = f"{failure.type.__name__}: {failure.getErrorMessage()}"
             broken.append((module, problem))
             if (module, problem) in _reported:
@@ -253,6 +256,10 @@ def findFaces(package=None):
         if name in RESERVED:
             raise FacePluginError(f"face plugin {face!r} is named {name!r}, a section of the "
                                   f"broker itself ({', '.join(RESERVED)})")
+        order = getattr(face, "order", None)
+        if isinstance(order, bool) or not isinstance(order, int):
+            raise FacePluginError(f"face plugin {face!r} has an unusable order {order!r}: "
+                                  "an integer")
         if name in byName:
             raise FacePluginError(f"two face plugins are named {name!r}: {byName[name]!r} and "
                                   f"{face!r}; uninstall one of them")

@@ -162,6 +162,11 @@ class FindFacesTests(TestCase):
         e = self.assertRaises(FacePluginError, findFaces, package.module)
         self.assertIn("unusable name 'Echo-1'", str(e))
 
+    def test_badOrder(self):
+        package = PluginPackage(self, {"one": faceModule(a=("echo", "first"))})
+        e = self.assertRaises(FacePluginError, findFaces, package.module)
+        self.assertIn("unusable order 'first'", str(e))
+
     def test_brokenModule(self):
         """
         A plugin module that cannot be imported: the other modules' faces

@@ -95,7 +95,7 @@ class Adopter:
 class InheritedPorts:
     """
     The sockets a worker inherited, by listener key; handed to
-    L{broker.tap.buildService} as C{ports}.
+    L{broker.service.buildService} as C{ports}.
     """
 
     def __init__(self, reactor, specs):
