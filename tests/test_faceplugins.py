@@ -126,7 +126,7 @@ def faceModule(**faces):
     A plugin module's source defining one L{IBrokerFace} per keyword:
     C{variable=(name, order)}.
     """
-    lines = [f'{variable} = Face({name!r}, {order}, Table({{"port": Int(7)}}))'
+    lines = [f'{variable} = Face({name!r}, {order!r}, Table({{"port": Int(7)}}))'
              for variable, (name, order) in faces.items()]
     return FACE.replace("{assignments}", "\n".join(lines))
 
