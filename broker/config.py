@@ -150,13 +150,39 @@ class Table(_Field):
             raise ConfigError(key, f"expected a table, got {_typename(value)}")
         for k in value:
             if k not in self.fields:
-                known = ", ".join(sorted(self.fields))
-                raise ConfigError(_join(key, k), f"unknown key (known here: {known})")
+                raise self.unknownKey(key, k)
         out = {}
         for k, field in self.fields.items():
             sub = _join(key, k)
             out[k] = field.check(sub, value[k]) if k in value else field.defaultValue(sub)
         return out
+
+    def unknownKey(self, key, k):
+        """
+        The L{ConfigError} for the key C{k} this table does not know.
+        """
+        known = ", ".join(sorted(self.fields))
+        return ConfigError(_join(key, k), f"unknown key (known here: {known})")
+
+
+class Sections(Table):
+    """
+    The top level: the broker's own sections and one per installed face
+    plugin.  An unknown section is most often a face whose plugin is not
+    installed (or failed to import), so its error names what is.
+
+    @ivar plugins: the L{broker.plugins.FacePlugins} the faces came from.
+    """
+
+    def __init__(self, fields, plugins, doc=""):
+        super().__init__(fields, doc)
+        self.plugins = plugins
+
+    def unknownKey(self, key, k):
+        own = ", ".join(n for n in self.fields if n not in self.plugins.names())
+        return ConfigError(_join(key, k),
+                           f"unknown section (the broker's own: {own}; installed face plugins: "
+                           f"{self.plugins.describe()})")
 
 
 class MapOf(_Field):
@@ -251,14 +277,25 @@ def inboundRateLimits(bytesPerSecond, unit):
     }
 
 
-def schema():
+def schema(plugins=None):
     """
-    The whole schema: the broker's own sections, then one section per face,
-    each defined by the face's C{settings} module (C{SECTION}) so that a
-    face's keys live beside the code that reads them.
-    """
-    from broker.faces import FACES, settingsModule
+    The whole schema: the broker's own sections, then one section per face
+    plugin (L{broker.plugins.IBrokerFace}: its C{section}), so that a face's
+    keys live beside the code that reads them and an operator's face plugs
+    in its own section.
 
+    @param plugins: the L{broker.plugins.FacePlugins} to take the faces'
+        sections from; by default those installed.
+    @raise ConfigError: the face plugins cannot be used (see
+        L{broker.plugins.findFaces}), or one's section is not a table.
+    """
+    from broker.plugins import FacePluginError, findFaces
+
+    if plugins is None:
+        try:
+            plugins = findFaces()
+        except FacePluginError as e:
+            raise ConfigError("", str(e))
     sections = {
         "broker": Table({
             "state_dir": Str("var", nonEmpty=True,
@@ -290,9 +327,17 @@ def schema():
                                "(more than 1 needs redis_url)."),
         }),
     }
-    for name in FACES:
-        sections[name] = settingsModule(name).SECTION
-    return Table(sections)
+    for face in plugins.faces:
+        try:
+            section = face.section
+        except Exception as e:
+            raise ConfigError(face.name, f"face plugin {face!r} cannot give its section: "
+                                         f"{type(e).__name__}: {e}")
+        if not isinstance(section, Table):
+            raise ConfigError(face.name, f"face plugin {face!r} gives a section that is not "
+                                         "a broker.config.Table")
+        sections[face.name] = section
+    return Sections(sections, plugins)
 
 
 def parse(text, source="<string>"):

@@ -1,35 +1,19 @@
 # -*- test-case-name: tests.test_tap -*-
 """
-The faces the broker serves, and what a face is given to build itself.
+What a face is given to build itself.
 
-Each face is a package C{broker.<name>} with two modules:
-
-  - C{settings}: C{SECTION}, the L{broker.config.Table} of its
-    configuration section C{[<name>]};
-  - C{face}: C{build(context)}, which reads C{context.settings[<name>]} and
-    adds the face's listeners and services through the L{FaceContext}.
-
-So a face's keys and wiring live beside its code, and neither
-L{broker.config} nor L{broker.tap} changes when a face grows.
+The faces themselves are plugins (L{broker.plugins.IBrokerFace}, found by
+L{broker.plugins.findFaces}): each gives its configuration section and a
+C{build(context)} that reads C{context.settings[<name>]} and adds the
+face's listeners and services through the L{FaceContext}.  So a face's
+keys and wiring live beside its code, and neither L{broker.config} nor
+L{broker.service} changes when a face grows or an operator adds one.
 """
-
-import importlib
-
-# In start-up order; listeners appear in the service tree in this order.
-FACES = ("webpubsub", "ecdn", "iot", "peergroups")
-
-
-def settingsModule(name):
-    return importlib.import_module(f"broker.{name}.settings")
-
-
-def faceModule(name):
-    return importlib.import_module(f"broker.{name}.face")
 
 
 class FaceContext:
     """
-    What L{broker.tap.buildService} lends each face while building.
+    What L{broker.service.buildService} lends each face while building.
 
     @ivar reactor: the reactor every face must use (never the global one).
     @ivar core: the routing core (L{broker.core.router.Core}).

@@ -116,14 +116,20 @@ class DefaultTests(TestCase):
 
 class UnknownKeyTests(ErrorAssertions, TestCase):
     def test_topLevel(self):
-        self.assertConfigError("colour = 1\n", "colour", "unknown key", "webpubsub")
+        self.assertConfigError("colour = 1\n", "colour", "unknown section", "webpubsub")
 
     def test_inSection(self):
         self.assertConfigError("[admin]\nlisten = []\nport = 1\n", "admin.port",
                                "unknown key", "listen")
 
     def test_unknownSection(self):
-        self.assertConfigError("[mqtt]\n", "mqtt", "unknown key")
+        """
+        A section no face plugin gives: the error names the broker's own
+        sections and the installed face plugins.
+        """
+        self.assertConfigError("[nosuchface]\n", "nosuchface", "unknown section",
+                               "the broker's own: broker, admin, cluster",
+                               "installed face plugins: webpubsub, ecdn, iot, peergroups")
 
     def test_inHubTable(self):
         self.assertConfigError("[webpubsub.hubs.chat]\nplainmode = 'sendEvent'\n",

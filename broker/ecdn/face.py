@@ -14,6 +14,7 @@ from broker.ecdn.keyring import KeyFileError, loadKeyFile, newKeyLine
 from broker.ecdn.policy import Policy, RulesError, parseRules
 from broker.ecdn.resource import EcdnResource, Metrics, State, makeSite
 from broker.files import writePrivate
+from broker.plugins import streamListeners
 
 log = Logger()
 
@@ -99,3 +100,11 @@ def build(context):
     site = makeSite(resource, context.reactor, headerTimeout=cfg["header_timeout"],
                     idleTimeout=cfg["idle_timeout"], stats=context.listeners.get("ecdn.listen"))
     context.listen("ecdn.listen", cfg["listen"], site, cfg["max_connections"])
+
+
+def listeners(settings):
+    """
+    The listeners L{build} opens (L{broker.plugins.IBrokerFace.listeners}).
+    """
+    cfg = settings["ecdn"]
+    return streamListeners("ecdn.listen", cfg["listen"]) if cfg["enabled"] else []

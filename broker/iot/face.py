@@ -19,6 +19,8 @@ from twisted.logger import Logger
 from broker.config import ConfigError
 from broker.core.limits import PER_ADDRESS, PER_HUB, AdmissionLimits
 from broker.files import privateDatabase
+from broker.net.datagram import DatagramEndpoint
+from broker.plugins import ListenerSpec, streamListeners
 from broker.iot import api, apikeys, tlscert
 from broker.iot.webhook import Webhooks
 from broker.iot.auth import Registry, loadRegistryFile, writeDevelopmentRegistry
@@ -365,3 +367,24 @@ def build(context):
     # sessions close (which would fail them as DEVICE_OFFLINE).
     context.onDrain(factory.drain)
     return concentrator
+
+
+def listeners(settings):
+    """
+    The listeners L{build} opens (L{broker.plugins.IBrokerFace.listeners}),
+    the UDP telemetry socket among them.
+    """
+    cfg = settings["iot"]
+    if not cfg["enabled"]:
+        return []
+    out = streamListeners("iot.listen", cfg["listen"])
+    out += streamListeners("iot.tls.listen", cfg["tls"]["listen"])
+    udp = cfg["udp"]
+    if udp["enabled"]:
+        out.append(ListenerSpec(
+            "iot.udp", f"udp:{udp['port']}:interface={udp['interface']}",
+            lambda reactor: DatagramEndpoint(reactor, udp["port"], udp["interface"],
+                                             udp["max_datagram"] + 1)))
+    if cfg["http"]["enabled"]:
+        out += streamListeners("iot.http.listen", cfg["http"]["listen"])
+    return out

@@ -15,6 +15,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from broker.config import ConfigError
 from broker.core.limits import PER_ADDRESS, PER_HUB, PER_USER, AdmissionLimits
 from broker.files import writePrivate
+from broker.plugins import streamListeners
 from broker.peergroups.cluster import PeerGroupsCluster
 from broker.peergroups.core import PeerGroups
 from broker.peergroups.metrics import PeerGroupsCollector
@@ -120,3 +121,14 @@ def build(context):
     context.listen("peergroups.listen", cfg["listen"], site, cfg["max_connections"])
     context.listen("peergroups.tcp_listen", cfg["tcp_listen"],
                    PeerStreamFactory(pg, cfg["max_message_size"]), cfg["tcp_max_connections"])
+
+
+def listeners(settings):
+    """
+    The listeners L{build} opens (L{broker.plugins.IBrokerFace.listeners}).
+    """
+    cfg = settings["peergroups"]
+    if not cfg["enabled"]:
+        return []
+    return (streamListeners("peergroups.listen", cfg["listen"])
+            + streamListeners("peergroups.tcp_listen", cfg["tcp_listen"]))

@@ -12,6 +12,7 @@ from twisted.logger import Logger
 
 from broker.config import ConfigError
 from broker.files import writePrivate
+from broker.plugins import streamListeners
 from broker.webpubsub.listeners import EventListeners
 from broker.webpubsub.reload import WebPubSubReload
 from broker.webpubsub.upstream import CloudEventsUpstream, EventHandler, makeHTTPClient
@@ -230,3 +231,11 @@ def build(context):
     context.onDrain(factory.drain)
     context.registry.register(RestCollector(site.restAPI))
     context.listen("webpubsub.listen", wps["listen"], site, wps["max_connections"])
+
+
+def listeners(settings):
+    """
+    The listeners L{build} opens (L{broker.plugins.IBrokerFace.listeners}).
+    """
+    wps = settings["webpubsub"]
+    return streamListeners("webpubsub.listen", wps["listen"]) if wps["enabled"] else []
