@@ -23,6 +23,7 @@ from twisted.python import usage
 from prometheus_client.registry import CollectorRegistry
 
 from broker import config as brokerconfig
+from broker import configerrors, preflight
 from broker.admin.resource import makeAdminSite
 from broker.cluster.build import ClusterService, buildCluster
 from broker.core.router import Core
@@ -34,7 +35,15 @@ log = Logger()
 
 
 class Options(usage.Options):
+    """
+    C{twistd broker} options.  The configuration is read and checked here,
+    before twistd builds anything: a configuration error ends the process
+    with status 78 (EX_CONFIG) and every problem on C{stderr}.
+    """
+
     synopsis = "[--config FILE]"
+    # Where configuration errors are written (a test replaces it).
+    stderr = None
     longdesc = ("Run the broker. With no --config, the embedded default "
                 "etc/broker.toml is used (every face on loopback ports).")
     optParameters = [
@@ -46,9 +55,13 @@ class Options(usage.Options):
         if self["config"] is not None:
             self["config"] = os.path.abspath(self["config"])
         try:
-            self["settings"] = brokerconfig.load(self["config"])
+            self["settings"] = preflight.load(self["config"])
         except brokerconfig.ConfigError as e:
-            raise usage.UsageError(f"configuration error: {e}")
+            # Not a UsageError: twistd would print its usage text first
+            # and the errors on stdout.  Nothing is built yet, so nothing
+            # is written under state_dir.
+            configerrors.report(e, (self.stderr or sys.stderr).write)
+            raise SystemExit(configerrors.EX_CONFIG)
 
 
 class ListenerService(StreamServerEndpointService):
@@ -344,6 +357,9 @@ def makeService(options):
             return makeSupervisor(settings, reactor, foreground, configPath=path or "")
         return buildService(settings, reactor, foreground,
                             loadSettings=lambda: brokerconfig.load(path))
-    except (brokerconfig.ConfigError, OSError, ValueError) as e:
+    except brokerconfig.ConfigError as e:
+        sys.stderr.write(f"broker: cannot start: {e}\n")
+        raise SystemExit(configerrors.EX_CONFIG)
+    except (OSError, ValueError) as e:
         sys.stderr.write(f"broker: cannot start: {e}\n")
         raise SystemExit(1)
