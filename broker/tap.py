@@ -23,7 +23,8 @@ from twisted.python import usage
 from prometheus_client.registry import CollectorRegistry
 
 from broker import config as brokerconfig
-from broker import configerrors, preflight
+from broker import configerrors, preflight, version
+from broker.admin.collectors import registerProcessCollectors
 from broker.admin.resource import makeAdminSite
 from broker.cluster.build import ClusterService, buildCluster
 from broker.core.router import Core
@@ -49,6 +50,13 @@ class Options(usage.Options):
     optParameters = [
         ["config", "c", None, "TOML configuration file (default: the embedded etc/broker.toml)."],
     ]
+
+    def opt_version(self):
+        """
+        Display the broker's version (and Twisted's, Python's) and exit.
+        """
+        sys.stdout.write(version.versionText())
+        sys.exit(0)
 
     def postOptions(self):
         # Absolute: a daemon changes directory, and SIGHUP reads it again.
@@ -298,6 +306,7 @@ def buildService(settings, reactor, foreground=True, ports=None, loadSettings=No
     top.cluster = cluster
     top.core = core
     registry = CollectorRegistry()
+    registerProcessCollectors(registry)
     reloader = Reloader(reactor)
     top.reloader = reloader
     top.registry = registry
@@ -347,6 +356,9 @@ def makeService(options):
     foreground = twistd is None or bool(twistd.get("nodaemon"))
     settings = options["settings"]
     path = options["config"]
+    # Logged before twistd's own start-up lines: twistd replays what was
+    # logged before its observer started.
+    log.info("{line}", line=version.startupLine())
     if threading.current_thread() is threading.main_thread():
         # Until the Reloader (or a supervisor's WorkerPool) takes SIGHUP
         # over, the signal must not end the starting broker.
