@@ -338,6 +338,9 @@ def schema():
             "drain_timeout": Float(10.0, minimum=0, maximum=600,
                                    doc="Seconds a stop (SIGTERM) waits for sessions to "
                                        "close after telling them; 0 cuts them at once."),
+            "log_format": Str("text", choices=("text", "json"),
+                              doc="text: twistd's lines; json: one JSON object per line "
+                                  "and event (broker/logs.py), for log shippers."),
         }),
         "admin": Table({
             "listen": List(Endpoint(), default=["tcp:9090:interface=127.0.0.1"]),

@@ -24,11 +24,12 @@ from prometheus_client.registry import CollectorRegistry
 
 from broker import config as brokerconfig
 from broker import configerrors, preflight, version
-from broker.admin.collectors import registerProcessCollectors
+from broker.admin.collectors import registerCollectors
 from broker.admin.resource import makeAdminSite
 from broker.cluster.build import ClusterService, buildCluster
 from broker.core.router import Core
 from broker.faces import FACES, FaceContext, faceModule
+from broker.logs import jsonFileLogObserver, observeApplication, peerAddress, twistdLogFile
 from broker.net.listeners import CappedFactory, Listeners, ListenersCollector
 from broker.webpubsub.face import ACCESS_KEY_FILE, developmentKey  # noqa: F401 (re-exported)
 
@@ -150,15 +151,8 @@ class ListenError(Exception):
     """
 
 
-def _address(address):
-    """
-    C{host:port} for an IP address, the path for a UNIX socket.
-    """
-    host, port = getattr(address, "host", None), getattr(address, "port", None)
-    if host is not None and port is not None:
-        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    name = getattr(address, "name", None)
-    return os.fsdecode(name) if name is not None else str(address)
+# The broker's one address format (broker/logs.py).
+_address = peerAddress
 
 
 class Reloader(service.Service):
@@ -306,7 +300,7 @@ def buildService(settings, reactor, foreground=True, ports=None, loadSettings=No
     top.cluster = cluster
     top.core = core
     registry = CollectorRegistry()
-    registerProcessCollectors(registry)
+    registerCollectors(registry, core)
     reloader = Reloader(reactor)
     top.reloader = reloader
     top.registry = registry
@@ -366,12 +360,16 @@ def makeService(options):
     try:
         if settings["cluster"]["workers"] > 1:
             from broker.workers import makeSupervisor
-            return makeSupervisor(settings, reactor, foreground, configPath=path or "")
-        return buildService(settings, reactor, foreground,
-                            loadSettings=lambda: brokerconfig.load(path))
+            top = makeSupervisor(settings, reactor, foreground, configPath=path or "")
+        else:
+            top = buildService(settings, reactor, foreground,
+                               loadSettings=lambda: brokerconfig.load(path))
     except brokerconfig.ConfigError as e:
         sys.stderr.write(f"broker: cannot start: {e}\n")
         raise SystemExit(configerrors.EX_CONFIG)
     except (OSError, ValueError) as e:
         sys.stderr.write(f"broker: cannot start: {e}\n")
         raise SystemExit(1)
+    if settings["broker"]["log_format"] == "json":
+        observeApplication(top, lambda: jsonFileLogObserver(twistdLogFile(twistd)))
+    return top

@@ -183,4 +183,6 @@ def makeAdminSite(core, registry=None, headerTimeout=10.0, idleTimeout=60.0, sta
     site = BoundedSite(root, reactor=core.reactor, bodyLimit=routes, headerTimeout=headerTimeout,
                        idleTimeout=idleTimeout, stats=stats, name="admin.listen")
     site.registry = registry
+    # Probes and scrapes every few seconds: no access-log line each.
+    site.quietPaths = frozenset((b"/healthz", b"/metrics", b"/stats"))
     return site

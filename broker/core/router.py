@@ -16,6 +16,7 @@ from broker.core.session import HubStats
 from broker.core.interfaces import IEngine
 from broker.core.limits import LimitCounters, QuietLog
 from broker.core.memory import MemoryReleaser
+from broker.logs import RefusalLog
 
 log = Logger()
 
@@ -44,6 +45,9 @@ class Core(service.Service):
         self.limits = LimitCounters()
         self.quietLog = QuietLog(reactor.seconds)
         self.health = HealthNotes()
+        # Refused handshakes of every face: counted, logged once a minute
+        # per address (broker/logs.py).
+        self.refusals = RefusalLog(reactor.seconds)
         # Gives freed memory back to the system after a hub shrank.
         self.memory = MemoryReleaser(reactor)
         self._filterCompiler = None

@@ -23,6 +23,7 @@ from broker.core.drain import LiveConnections
 from broker.core.limits import CLOSE, PER_ADDRESS, PER_HUB, AdmissionLimits, InboundLimiter, \
     peerHost
 from broker.core.output import BoundedOutput
+from broker.logs import peerAddress
 from broker.iot import auth, errors, frames
 from broker.iot.frames import FrameError, FrameReader, Payload
 from broker.iot.interfaces import ICentralLink, IPeerSession
@@ -186,7 +187,7 @@ class IoTSession(BoundedOutput, Protocol):
             return f"device {self.fleet}/{self.peerId}"
         if self.role == auth.CENTRAL:
             return f"central of {self.fleet}"
-        return f"unauthenticated {self.transport.getPeer()}"
+        return f"unauthenticated {peerAddress(self.transport)}"
 
     # -- writing ----------------------------------------------------------
 

@@ -34,6 +34,7 @@ from broker.core.drain import LiveConnections
 from broker.core.limits import (PER_ADDRESS, PER_HUB, PER_USER, AdmissionLimits,
                                 InboundLimiter, peerHost)
 from broker.core.output import BoundedOutput
+from broker.logs import peerAddress, refuseHandshake
 from broker.core.interfaces import IConnection
 from broker.core.message import BINARY, TEXT, Delivery, Message
 from broker.webpubsub import frames, history, invoke, subprotocols
@@ -102,6 +103,15 @@ class ClientProtocol(InboundFlow, BoundedOutput, WebSocketServerProtocol):
 
     # -- handshake --------------------------------------------------------
 
+    def failHandshake(self, reason, code=400, responseHeaders=None):
+        """
+        A refused handshake: counted on /metrics and logged at most once a
+        minute per source address (a bot guessing tokens must not fill
+        the disk), rather than autobahn's line per handshake.
+        """
+        refuseHandshake(self, "webpubsub", self.factory.core.refusals, reason, code,
+                        responseHeaders, why=getattr(self, "_refusedWhy", None))
+
     def onConnect(self, request):
         factory = self.factory
         m = CLIENT_PATH.match(request.path)
@@ -125,8 +135,8 @@ class ClientProtocol(InboundFlow, BoundedOutput, WebSocketServerProtocol):
                                            factory.audiences)
             except TokenError as e:
                 factory.rejected(hubName)
-                log.info("refused client on hub {hub} from {peer}: {why}",
-                         hub=hubName, peer=request.peer, why=str(e))
+                # Logged (once a minute per address) by failHandshake.
+                self._refusedWhy = f"Unauthorized: {e}"
                 raise ConnectionDeny(401, "Unauthorized")
         offered = request.protocols
         protocol = subprotocols.choose(offered)
@@ -238,7 +248,7 @@ class ClientProtocol(InboundFlow, BoundedOutput, WebSocketServerProtocol):
         core.quietLog.info(
             (FACE, "admission", refused),
             "webpubsub: refused a connection to hub {hub} from {peer}: {kind} limit of "
-            "{limit} connections reached", hub=hubName, peer=peerHost(self.transport),
+            "{limit} connections reached", hub=hubName, peer=peerAddress(self.transport),
             kind=refused, limit=factory.admission.limit(refused, key))
         raise ConnectionDeny(429, f"Too Many Requests: {refused.replace('_', ' ')} "
                                   f"connection limit reached")
