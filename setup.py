@@ -10,6 +10,7 @@ directly.
 """
 
 import os
+import re
 import shutil
 
 from setuptools import find_packages, setup
@@ -24,9 +25,19 @@ class build_py_with_etc(build_py):
         shutil.copy(os.path.join("etc", "broker.toml"), target)
 
 
+def version():
+    """
+    C{broker.__version__}, read (not imported: the dependencies may not be
+    installed yet) from broker/__init__.py, its one source.
+    """
+    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                           "broker", "__init__.py"), encoding="utf-8") as f:
+        return re.search(r'^__version__ = "([^"]+)"', f.read(), re.M).group(1)
+
+
 setup(
     name="broker",
-    version="0.1.0",
+    version=version(),
     description="One Twisted process routing TCP, UDP, WebSocket and HTTP(S) "
                 "through one core: Web PubSub, IoT, peer groups, eCDN.",
     python_requires=">=3.11",

@@ -17,6 +17,8 @@ import tomllib
 
 from twisted.internet.endpoints import serverFromString
 
+from broker.configerrors import KeyLines
+
 
 class ConfigError(Exception):
     """
@@ -30,6 +32,63 @@ class ConfigError(Exception):
         super().__init__(f"{key}: {problem}" if key else problem)
         self.key = key
         self.problem = problem
+        # Where the key is in the file (L{broker.configerrors.KeyLines}),
+        # when it was read from one and the key could be found there.
+        self.source = None
+        self.line = None
+
+    def located(self):
+        """
+        The error as the operator reads it: C{file:line: key: problem}.
+        """
+        where = self.source or ""
+        if self.line is not None:
+            where = f"{where}:{self.line}" if where else f"line {self.line}"
+        return f"{where}: {self}" if where else str(self)
+
+
+class ConfigErrors(ConfigError):
+    """
+    Every problem of one configuration at once, so an operator fixes them
+    in one edit rather than one run per mistake.  It reads as its first
+    error (C{key}, C{problem}); C{errors} lists them all, in file order
+    where known.
+    """
+
+    def __init__(self, errors):
+        flat = []
+        for e in errors:
+            flat.extend(e.errors if isinstance(e, ConfigErrors) else [e])
+        first = flat[0]
+        super().__init__(first.key, first.problem)
+        self.errors = flat
+
+    def __str__(self):
+        return "\n".join(str(e) for e in self.errors)
+
+
+class _Errors:
+    """
+    Collects the problems of a value's parts: a schema check goes on past a
+    bad key so that every bad key is reported.
+    """
+
+    def __init__(self):
+        self.errors = []
+
+    def check(self, f, *args):
+        try:
+            return f(*args)
+        except ConfigError as e:
+            self.errors.append(e)
+            return None
+
+    def add(self, key, problem):
+        self.errors.append(ConfigError(key, problem))
+
+    def raiseAny(self):
+        if self.errors:
+            raise ConfigErrors(self.errors)
 
 
 # -- schema primitives ------------------------------------------------------
@@ -133,7 +192,10 @@ class List(_Field):
     def check(self, key, value):
         if not isinstance(value, list):
             raise ConfigError(key, f"expected a list, got {_typename(value)}")
-        return [self.item.check(f"{key}[{i}]", v) for i, v in enumerate(value)]
+        errors = _Errors()
+        out = [errors.check(self.item.check, f"{key}[{i}]", v) for i, v in enumerate(value)]
+        errors.raiseAny()
+        return out
 
 
 class Table(_Field):
@@ -148,13 +210,18 @@ class Table(_Field):
     def check(self, key, value):
         if not isinstance(value, dict):
             raise ConfigError(key, f"expected a table, got {_typename(value)}")
+        errors = _Errors()
         for k in value:
             if k not in self.fields:
-                raise self.unknownKey(key, k)
+                errors.errors.append(self.unknownKey(key, k))
         out = {}
         for k, field in self.fields.items():
             sub = _join(key, k)
-            out[k] = field.check(sub, value[k]) if k in value else field.defaultValue(sub)
+            if k in value:
+                out[k] = errors.check(field.check, sub, value[k])
+            else:
+                out[k] = errors.check(field.defaultValue, sub)
+        errors.raiseAny()
         return out
 
     def unknownKey(self, key, k):
@@ -200,10 +267,15 @@ class MapOf(_Field):
     def check(self, key, value):
         if not isinstance(value, dict):
             raise ConfigError(key, f"expected a table, got {_typename(value)}")
-        for k in value:
+        errors = _Errors()
+        out = {}
+        for k, v in value.items():
             if self.name is not None and not self.name.match(k):
-                raise ConfigError(_join(key, k), f"bad name: {self.nameRule}")
-        return {k: self.value.check(_join(key, k), v) for k, v in value.items()}
+                errors.add(_join(key, k), f"bad name: {self.nameRule}")
+            else:
+                out[k] = errors.check(self.value.check, _join(key, k), v)
+        errors.raiseAny()
+        return out
 
 
 _BARE_KEY = re.compile(r"^[A-Za-z0-9_-]+$")
@@ -303,6 +375,9 @@ def schema(plugins=None):
             "drain_timeout": Float(10.0, minimum=0, maximum=600,
                                    doc="Seconds a stop (SIGTERM) waits for sessions to "
                                        "close after telling them; 0 cuts them at once."),
+            "log_format": Str("text", choices=("text", "json"),
+                              doc="text: twistd's lines; json: one JSON object per line "
+                                  "and event (broker/logs.py), for log shippers."),
         }),
         "admin": Table({
             "listen": List(Endpoint(), default=["tcp:9090:interface=127.0.0.1"]),
@@ -344,13 +419,32 @@ def parse(text, source="<string>"):
     """
     Parse and validate TOML text.
 
-    @raise ConfigError: on a syntax error or any schema violation.
+    @raise ConfigError: on a syntax error; L{ConfigErrors} for every schema
+        violation at once, each with its line in C{text} when it is found.
     """
     try:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError("", f"{source}: not valid TOML: {e}")
-    return schema().check("", raw)
+    try:
+        return schema().check("", raw)
+    except ConfigError as e:
+        raise locate(ConfigErrors([e]), text, source)
+
+
+def locate(error, text, source):
+    """
+    Give each of C{error}'s errors (a L{ConfigErrors}) its C{source} and
+    line in C{text}, and sort them by line.
+
+    @return: C{error}.
+    """
+    lines = KeyLines(text)
+    for e in error.errors:
+        e.source = source
+        e.line = lines.line(e.key) if e.key else None
+    error.errors.sort(key=lambda e: (e.line is None, e.line or 0))
+    return error
 
 
 def load(path=None):

@@ -14,6 +14,8 @@ from twisted.internet.defer import CancelledError
 from twisted.internet.error import ReactorNotRunning
 from twisted.logger import Logger
 
+from broker.logs import peerAddress
+
 # The namespace of the former broker/tap.py, which operators filter logs by.
 log = Logger(namespace="broker.tap")
 
@@ -96,12 +98,5 @@ class ListenError(Exception):
     """
 
 
-def _address(address):
-    """
-    C{host:port} for an IP address, the path for a UNIX socket.
-    """
-    host, port = getattr(address, "host", None), getattr(address, "port", None)
-    if host is not None and port is not None:
-        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    name = getattr(address, "name", None)
-    return os.fsdecode(name) if name is not None else str(address)
+# The broker's one address format (broker/logs.py).
+_address = peerAddress

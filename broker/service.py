@@ -19,6 +19,7 @@ from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 from prometheus_client.registry import CollectorRegistry
 
+from broker.admin.collectors import registerCollectors
 from broker.admin.resource import makeAdminSite
 from broker.cluster.build import ClusterService, buildCluster
 from broker.config import ConfigError
@@ -196,6 +197,7 @@ def buildService(settings, reactor, foreground=True, ports=None, loadSettings=No
     top.cluster = cluster
     top.core = core
     registry = CollectorRegistry()
+    registerCollectors(registry, core)
     reloader = Reloader(reactor)
     top.reloader = reloader
     top.registry = registry

@@ -12,10 +12,13 @@ import signal
 import sys
 import threading
 
+from twisted.logger import Logger
 from twisted.python import usage
 
 from broker import config as brokerconfig
+from broker import configerrors, preflight, version
 from broker.listening import ListenError, ListenerService  # noqa: F401 (re-exported)
+from broker.logs import jsonFileLogObserver, observeApplication, twistdLogFile
 from broker.service import BrokerService, Reloader, buildService  # noqa: F401 (re-exported)
 from broker.webpubsub.face import ACCESS_KEY_FILE, developmentKey  # noqa: F401 (re-exported)
 from broker.workers.supervisor import makeSupervisor
@@ -23,23 +26,44 @@ from broker.workers.supervisor import makeSupervisor
 __all__ = ["Options", "makeService", "ListenError", "ListenerService", "BrokerService",
            "Reloader", "buildService", "ACCESS_KEY_FILE", "developmentKey"]
 
+log = Logger()
+
 
 class Options(usage.Options):
+    """
+    C{twistd broker} options.  The configuration is read and checked here,
+    before twistd builds anything: a configuration error ends the process
+    with status 78 (EX_CONFIG) and every problem on C{stderr}.
+    """
+
     synopsis = "[--config FILE]"
+    # Where configuration errors are written (a test replaces it).
+    stderr = None
     longdesc = ("Run the broker. With no --config, the embedded default "
                 "etc/broker.toml is used (every face on loopback ports).")
     optParameters = [
         ["config", "c", None, "TOML configuration file (default: the embedded etc/broker.toml)."],
     ]
 
+    def opt_version(self):
+        """
+        Display the broker's version (and Twisted's, Python's) and exit.
+        """
+        sys.stdout.write(version.versionText())
+        sys.exit(0)
+
     def postOptions(self):
         # Absolute: a daemon changes directory, and SIGHUP reads it again.
         if self["config"] is not None:
             self["config"] = os.path.abspath(self["config"])
         try:
-            self["settings"] = brokerconfig.load(self["config"])
+            self["settings"] = preflight.load(self["config"])
         except brokerconfig.ConfigError as e:
-            raise usage.UsageError(f"configuration error: {e}")
+            # Not a UsageError: twistd would print its usage text first
+            # and the errors on stdout.  Nothing is built yet, so nothing
+            # is written under state_dir.
+            configerrors.report(e, (self.stderr or sys.stderr).write)
+            raise SystemExit(configerrors.EX_CONFIG)
 
 
 def makeService(options):
@@ -50,15 +74,25 @@ def makeService(options):
     foreground = twistd is None or bool(twistd.get("nodaemon"))
     settings = options["settings"]
     path = options["config"]
+    # Logged before twistd's own start-up lines: twistd replays what was
+    # logged before its observer started.
+    log.info("{line}", line=version.startupLine())
     if threading.current_thread() is threading.main_thread():
         # Until the Reloader (or a supervisor's WorkerPool) takes SIGHUP
         # over, the signal must not end the starting broker.
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
     try:
         if settings["cluster"]["workers"] > 1:
-            return makeSupervisor(settings, reactor, foreground, configPath=path or "")
-        return buildService(settings, reactor, foreground,
-                            loadSettings=lambda: brokerconfig.load(path))
-    except (brokerconfig.ConfigError, OSError, ValueError) as e:
+            top = makeSupervisor(settings, reactor, foreground, configPath=path or "")
+        else:
+            top = buildService(settings, reactor, foreground,
+                               loadSettings=lambda: brokerconfig.load(path))
+    except brokerconfig.ConfigError as e:
+        sys.stderr.write(f"broker: cannot start: {e}\n")
+        raise SystemExit(configerrors.EX_CONFIG)
+    except (OSError, ValueError) as e:
         sys.stderr.write(f"broker: cannot start: {e}\n")
         raise SystemExit(1)
+    if settings["broker"]["log_format"] == "json":
+        observeApplication(top, lambda: jsonFileLogObserver(twistdLogFile(twistd)))
+    return top

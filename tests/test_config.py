@@ -57,7 +57,8 @@ class DefaultTests(TestCase):
         Every key has a default: an empty file is a complete configuration.
         """
         settings = config.parse("")
-        self.assertEqual(settings["broker"], {"state_dir": "var", "drain_timeout": 10.0})
+        self.assertEqual(settings["broker"], {"state_dir": "var", "drain_timeout": 10.0,
+                                              "log_format": "text"})
         self.assertEqual(settings["webpubsub"]["hubs"], {})
         self.assertEqual(settings["webpubsub"]["max_frame_size"], 1024 * 1024)
 

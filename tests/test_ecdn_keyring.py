@@ -4,7 +4,10 @@ Tests for L{broker.ecdn.keyring}: key files, tokens, rotation, expiry.
 """
 
 import base64
+import os
+import sys
 
+from twisted.internet import defer, utils
 from twisted.trial.unittest import TestCase
 
 from broker.ecdn.keyring import KeyFileError, TokenError, newKeyLine, parseKeyFile
@@ -114,3 +117,38 @@ class TokenTests(TestCase):
         self.assertEqual(self.ring.decrypt(token, NOW + 59, maxAge=60), b"offer")
         e = self.assertRaises(TokenError, self.ring.decrypt, token, NOW + 61, maxAge=60)
         self.assertIn("expired", str(e))
+
+
+class CommandLineTests(TestCase):
+    """
+    C{python -m broker.ecdn.keyring}, run as an operator runs it.
+    """
+
+    def keyring(self, *args):
+        return utils.getProcessOutputAndValue(
+            sys.executable, ["-m", "broker.ecdn.keyring", *args], env=os.environ)
+
+    @defer.inlineCallbacks
+    def test_help(self):
+        out, err, code = yield self.keyring("--help")
+        self.assertEqual(code, 0, err)
+        self.assertIn(b"new", out)
+
+    @defer.inlineCallbacks
+    def test_new(self):
+        """
+        C{new KID} prints a line the key file reader takes.
+        """
+        out, err, code = yield self.keyring("new", "k2026-11")
+        self.assertEqual(code, 0, err)
+        ring = parseKeyFile(out.decode("ascii"))
+        self.assertIsNotNone(ring)
+        self.assertTrue(out.startswith(b"k2026-11 "))
+
+    @defer.inlineCallbacks
+    def test_badUsage(self):
+        for args in ((), ("new",), ("new", "bad kid!"), ("old", "k1")):
+            out, err, code = yield self.keyring(*args)
+            self.assertEqual(code, 2, (args, err))
+            self.assertEqual(out, b"")
+            self.assertIn(b"usage:", err)

@@ -420,7 +420,7 @@ class OperatorFaceTests(TestCase):
         """
         proc = self.start(f'[lnes]\nlisten = ["{LOOPBACK}"]\n', expectListeners=())
         yield proc.ended
-        self.assertEqual(proc.exitCode(), 1)
+        self.assertEqual(proc.exitCode(), 78)  # EX_CONFIG
         matching = [line for line in proc.lines() if "lnes: unknown section" in line]
         self.assertEqual(len(matching), 1, proc.text())
         self.assertIn("installed face plugins: webpubsub, ecdn, iot, peergroups, lines",
@@ -436,7 +436,7 @@ class OperatorFaceTests(TestCase):
         proc = self.start(f'[lines]\nlisten = ["{LOOPBACK}"]\n', pythonPath=[],
                           expectListeners=())
         yield proc.ended
-        self.assertEqual(proc.exitCode(), 1)
+        self.assertEqual(proc.exitCode(), 78)  # EX_CONFIG
         self.assertIn("lines: unknown section (the broker's own: broker, admin, cluster; "
                       "installed face plugins: webpubsub, ecdn, iot, peergroups)", proc.text())
 
@@ -451,7 +451,7 @@ class OperatorFaceTests(TestCase):
         proc = self.start(f'[lines]\nlisten = ["{LOOPBACK}"]\n', [self.site, other],
                           expectListeners=())
         yield proc.ended
-        self.assertEqual(proc.exitCode(), 1)
+        self.assertEqual(proc.exitCode(), 78)  # EX_CONFIG
         matching = [line for line in proc.lines() if "two face plugins are named 'lines'" in line]
         self.assertEqual(len(matching), 1, proc.text())
         self.assertIn("lines_face", matching[0])

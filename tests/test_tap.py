@@ -5,6 +5,7 @@ and the real C{twistd} process started as an operator would start it.
 """
 
 import base64
+import io
 import os
 import re
 import signal
@@ -16,7 +17,6 @@ from twisted.application.service import IServiceCollection
 from twisted.internet import defer, error, protocol, reactor, task
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.logger import LogLevel, capturedLogs, formatEvent
-from twisted.python import usage
 from twisted.python.filepath import FilePath
 from twisted.trial.unittest import TestCase
 
@@ -60,21 +60,32 @@ class OptionsTests(TestCase):
         options.parseOptions(["--config", path.path])
         self.assertEqual(options["settings"]["admin"]["listen"], [LOOPBACK])
 
-    def test_badConfigIsAUsageError(self):
+    def failToParse(self, *args):
         """
-        A configuration error is a L{usage.UsageError} (twistd prints it and
-        exits 1) of one line naming the key.
+        Parse C{args}, which must fail as a configuration error: exit status
+        78 (EX_CONFIG), not a L{usage.UsageError} (twistd would print its
+        usage text).
+
+        @return: what was written on the options' C{stderr}.
+        """
+        options = tap.Options()
+        options.stderr = io.StringIO()
+        e = self.assertRaises(SystemExit, options.parseOptions, list(args))
+        self.assertEqual(e.code, 78)
+        return options.stderr.getvalue()
+
+    def test_badConfigExits78(self):
+        """
+        A configuration error names the key and its line in the file.
         """
         _, path = writeConfig(self, "plain_mode = 'loud'\n")
-        e = self.assertRaises(usage.UsageError, tap.Options().parseOptions,
-                              ["--config", path.path])
-        self.assertNotIn("\n", str(e))
-        self.assertIn("webpubsub.hubs.chat.plain_mode:", str(e))
+        text = self.failToParse("--config", path.path)
+        line = path.getContent().splitlines().index(b"plain_mode = 'loud'") + 1
+        self.assertIn(f"{path.path}:{line}: webpubsub.hubs.chat.plain_mode: expected one of", text)
 
-    def test_missingConfigIsAUsageError(self):
+    def test_missingConfigExits78(self):
         missing = FilePath(self.mktemp()).path
-        e = self.assertRaises(usage.UsageError, tap.Options().parseOptions, ["-c", missing])
-        self.assertIn(missing, str(e))
+        self.assertIn(missing, self.failToParse("-c", missing))
 
 
 class BuildServiceTests(TestCase):
@@ -465,12 +476,12 @@ class StartupFailureTests(TwistdTestsMixin, TestCase):
     @defer.inlineCallbacks
     def test_unknownKey(self):
         """
-        An unknown key: twistd exits non-zero with one line naming it.
+        An unknown key: twistd exits 78 (EX_CONFIG) with one line naming it.
         """
         _, path = writeConfig(self, "plainmode = 'sendEvent'\n")
         proc = self.spawn(["-n", "--pidfile=", "broker", "--config", path.path], self.directory)
         yield proc.ended
-        self.assertEqual(proc.exitCode(), 1)
+        self.assertEqual(proc.exitCode(), 78)
         self.assertOneLineNaming(proc, "webpubsub.hubs.chat.plainmode: unknown key")
 
     def busyPort(self):

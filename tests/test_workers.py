@@ -852,7 +852,8 @@ class StartupFailureTests(TwistdTestsMixin, TestCase):
     def test_workersNeedRedis(self):
         directory, path = writeConfig(self, "")
         proc = yield self.startBroker(path, directory)
-        self.assertEqual(proc.exitCode(), 1)
+        # A configuration error: EX_CONFIG, reported before anything starts.
+        self.assertEqual(proc.exitCode(), 78)
         self.assertOneLineNaming(proc, "cluster.workers: 2 workers need cluster.redis_url")
 
     @defer.inlineCallbacks

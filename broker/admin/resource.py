@@ -5,7 +5,8 @@ private interface:
 
   - C{/healthz}: 200 C{ok} while the engine accepts publishes, else 503;
     the faces' health notes (L{broker.core.health}) follow, one
-    C{warning:} line each;
+    C{warning:} line each; the C{X-Broker-Version} header, and with
+    C{?verbose} the versions (L{broker.version}) as C{name: value} lines;
   - C{/stats}: a JSON snapshot (totals and per hub);
   - C{/metrics}: the same figures in Prometheus text format.
 
@@ -14,12 +15,14 @@ at scrape time, so the hot path never pays for a metrics library.
 """
 
 import json
+from urllib.parse import parse_qs
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import CollectorRegistry
 from twisted.web.resource import Resource
 
+from broker import version
 from broker.net.http import NO_BODY, BoundedSite, Routes
 
 
@@ -118,6 +121,16 @@ class Healthz(_Leaf):
     def render_GET(self, request):
         request.setHeader(b"content-type", b"text/plain; charset=utf-8")
         request.setHeader(b"cache-control", b"no-store")
+        versions = version.versions()
+        request.setHeader(b"x-broker-version", versions["broker"].encode("ascii", "replace"))
+        body = self._health(request)
+        if b"verbose" in parse_qs(request.uri.partition(b"?")[2], keep_blank_values=True):
+            # Extra lines only when asked: probes and scripts compare the
+            # plain answer with b"ok\n".
+            body += "".join(f"{k}: {v}\n" for k, v in versions.items()).encode("utf-8")
+        return body
+
+    def _health(self, request):
         if self.core.draining:
             request.setResponseCode(503)
             return b"draining: the broker is stopping\n"
@@ -170,4 +183,6 @@ def makeAdminSite(core, registry=None, headerTimeout=10.0, idleTimeout=60.0, sta
     site = BoundedSite(root, reactor=core.reactor, bodyLimit=routes, headerTimeout=headerTimeout,
                        idleTimeout=idleTimeout, stats=stats, name="admin.listen")
     site.registry = registry
+    # Probes and scrapes every few seconds: no access-log line each.
+    site.quietPaths = frozenset((b"/healthz", b"/metrics", b"/stats"))
     return site

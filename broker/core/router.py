@@ -17,6 +17,7 @@ from broker.core.interfaces import IEngine
 from broker.core.limits import LimitCounters, QuietLog
 from broker.core.directwrite import WriteBatch
 from broker.core.memory import MemoryReleaser
+from broker.logs import RefusalLog
 
 log = Logger()
 
@@ -34,6 +35,8 @@ class Core(service.Service):
         self.engine = IEngine(engine) if engine is not None else MemoryEngine()
         self.fanout = Fanout(reactor, fanoutChunk)
         self.hubs = {}
+        # Hubs a face knows of before their first use (declareHubs).
+        self.declaredHubs = set()
         self._hubSetup = []
         self.rejectedElsewhere = 0
         # True once the broker is stopping: /healthz answers 503 so load
@@ -43,6 +46,9 @@ class Core(service.Service):
         self.limits = LimitCounters()
         self.quietLog = QuietLog(reactor.seconds)
         self.health = HealthNotes()
+        # Refused handshakes of every face: counted, logged once a minute
+        # per address (broker/logs.py).
+        self.refusals = RefusalLog(reactor.seconds)
         # Gives freed memory back to the system after a hub shrank.
         self.memory = MemoryReleaser(reactor)
         # Deliveries kept within a reactor turn, sent at its end (directwrite).
@@ -67,6 +73,15 @@ class Core(service.Service):
             for setup in self._hubSetup:
                 setup(hub)
         return hub
+
+    def declareHubs(self, names):
+        """
+        Name hubs a face knows of before their first use (configured hubs,
+        IoT fleets): L{stats} (and so C{/metrics}) reports them with zeros
+        from the start, so their series exist before the first connection.
+        They are not created: a hub is still made on first use.
+        """
+        self.declaredHubs.update(names)
 
     def hubLabel(self, hubName):
         """
@@ -163,7 +178,12 @@ class Core(service.Service):
         fields = ("connections", "groups", "users") + HubStats.__slots__
         total = dict.fromkeys(fields, 0)
         hubs = {}
-        for name, hub in sorted(self.hubs.items()):
+        for name in sorted(self.declaredHubs.union(self.hubs)):
+            hub = self.hubs.get(name)
+            if hub is None:
+                # Declared, not used yet: its series at zero.
+                hubs[name] = dict.fromkeys(fields, 0)
+                continue
             # Every HubStats counter is reported; a new one needs no edit here.
             h = {k: getattr(hub.stats, k) for k in HubStats.__slots__}
             h.update(connections=hub.connectionCount, groups=hub.groupCount,

@@ -179,8 +179,25 @@ class KeyRing:
         return plaintext
 
 
+def main(argv=None):
+    """
+    C{python -m broker.ecdn.keyring new KID}: print a key line for the key
+    file (docs/ecdn.md, "Rotating keys"); C{--help} says so (exit 0), a
+    wrong command line exits 2 with the usage.
+    """
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python -m broker.ecdn.keyring",
+        description="Make eCDN SDP keys: print a line to add to ecdn.key_file.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    new = commands.add_parser("new", help="print a new ACTIVE key line: KID KEY active")
+    new.add_argument("kid", metavar="KID", help="the key id: 1 to 64 letters, digits, - or _")
+    args = parser.parse_args(argv)
+    if not _KID.match(args.kid):
+        parser.error(f"bad KID {args.kid!r}: 1 to 64 letters, digits, - or _")
+    print(newKeyLine(args.kid))
+
+
 if __name__ == "__main__":
-    import sys
-    if sys.argv[1:2] != ["new"] or len(sys.argv) != 3:
-        sys.exit("usage: python -m broker.ecdn.keyring new KID")
-    print(newKeyLine(sys.argv[2]))
+    main()

@@ -43,6 +43,7 @@ from broker.iot import apikeys, errors
 from broker.iot.histogram import LatencyHistogram
 from broker.iot.jsonpayload import PayloadError, fromJSON, toJSON
 from broker.iot.lastvalue import lastValueJSON
+from broker.logs import peerAddress
 from broker.net.http import METHOD_NOT_ALLOWED, BoundedSite, Routes, jsonBody, pathPattern
 
 log = Logger()
@@ -261,7 +262,7 @@ class APIResource(Resource):
         if found is None:
             self.stats.bump(self.stats.authFailures, "invalid")
             log.info("iot.http: refused an invalid API key from {peer}",
-                     peer=request.getClientAddress())
+                     peer=peerAddress(request))
             raise APIError(401, "BAD_API_KEY", "this API key is not valid",
                            [(b"www-authenticate", b'Bearer realm="iot", error="invalid_token"')])
         return found[0]

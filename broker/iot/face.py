@@ -177,9 +177,12 @@ def buildConcentrator(context, cfg):
     path = registryPath(context, cfg)
     key = "iot.registry_file" if cfg["registry_file"] else "broker.state_dir"
     try:
-        registry = Registry(loadRegistryFile(path))
+        fleets = loadRegistryFile(path)
+        registry = Registry(fleets)
     except (OSError, ValueError) as e:
         raise ConfigError(key, f"cannot load the IoT registry {path}: {e}")
+    # Each fleet is a hub: its series on /metrics from the start.
+    context.core.declareHubs(fleets)
     options = dict(requestTimeout=cfg["request_timeout"], queueTTL=cfg["queue_ttl"],
                    maxQueueDepth=cfg["max_queue_depth"], tokenTTL=cfg["token_ttl"],
                    tokenBatch=cfg["token_batch"],
@@ -219,7 +222,9 @@ def buildConcentrator(context, cfg):
     context.addService(timer)
 
     def reload():
-        registry.replaceFile(loadRegistryFile(path))
+        fleets = loadRegistryFile(path)
+        registry.replaceFile(fleets)
+        context.core.declareHubs(fleets)
         concentrator.registryChanged()
         log.info("iot: registry {path} reloaded", path=path)
     context.onReload(reload)

@@ -24,6 +24,7 @@ from broker.core.limits import CLOSE, PER_ADDRESS, PER_HUB, AdmissionLimits, Inb
     peerHost
 from broker.core.directwrite import DirectOutput
 from broker.core.output import BoundedOutput
+from broker.logs import peerAddress
 from broker.iot import auth, errors, frames
 from broker.iot.frames import FrameError, FrameReader, Payload
 from broker.iot.interfaces import ICentralLink, IPeerSession
@@ -187,7 +188,7 @@ class IoTSession(DirectOutput, BoundedOutput, Protocol):
             return f"device {self.fleet}/{self.peerId}"
         if self.role == auth.CENTRAL:
             return f"central of {self.fleet}"
-        return f"unauthenticated {self.transport.getPeer()}"
+        return f"unauthenticated {peerAddress(self.transport)}"
 
     # -- writing ----------------------------------------------------------
 

@@ -302,6 +302,15 @@ class BoundedSite(server.Site):
         self.stats = stats if stats is not None else ListenerStats(name, self.reactor)
         self.displayTracebacks = False
 
+    # Paths whose requests write no access-log line (the admin probes,
+    # scraped every few seconds).
+    quietPaths = frozenset()
+
+    def log(self, request):
+        if request.path in self.quietPaths:
+            return
+        super().log(request)
+
 
 def jsonBody(obj):
     return json.dumps(obj, separators=(",", ":")).encode("utf-8")

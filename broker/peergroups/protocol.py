@@ -24,6 +24,7 @@ from broker.core import jsonstrict
 from broker.core.limits import ALLOW, CLOSE, PER_ADDRESS, InboundLimiter, peerHost
 from broker.core.directwrite import DirectOutput
 from broker.core.output import BoundedOutput
+from broker.logs import peerAddress, refuseHandshake
 from broker.net.http import NO_BODY, BoundedSite, Routes
 from broker.peergroups.constants import PROTOCOL
 from broker.peergroups.errors import PeerError
@@ -73,11 +74,9 @@ def _fit(protocol, obj):
 
 
 def _address(transport):
-    try:
-        peer = transport.getPeer()
-        return f"{peer.host}:{peer.port}"
-    except Exception:
-        return "?"
+    # The broker's one address format (host:port, [v6]:port): peers are
+    # shown it too.
+    return peerAddress(transport)
 
 
 # Reasons to close after what was written (WebSocket close codes): the
@@ -223,8 +222,17 @@ class PeerWebSocketProtocol(_Limited, DirectOutput, BoundedOutput, WebSocketServ
             raise ConnectionDeny(400, f"the {PROTOCOL} subprotocol is required")
         if not self._takeAddress():
             raise ConnectionDeny(429, "Too Many Requests: per address connection limit reached")
-        self.address = request.peer.split(":", 1)[-1] if request.peer else "?"
+        self.address = _address(self.transport)
         return PROTOCOL
+
+    def failHandshake(self, reason, code=400, responseHeaders=None):
+        """
+        A refused handshake: counted on /metrics, logged at most once a
+        minute per source address (broker/logs.py).
+        """
+        core = self.factory.peergroups.core
+        refuseHandshake(self, "peergroups", core.refusals if core is not None else None,
+                        reason, code, responseHeaders)
 
     def onOpen(self):
         self.address = _address(self.transport)

@@ -210,6 +210,8 @@ def build(context):
         keys = [key]
         log.warn("webpubsub.access_keys is empty: using the development key in {path}",
                  path=path)
+    # The configured hubs' series on /metrics from the start.
+    context.core.declareHubs(wps["hubs"])
     factory = makeFactory(context.core, wps, keys, context.reactor,
                           cluster=getattr(context, "cluster", None))
     stopLinks = getattr(factory.links, "stop", None)

@@ -36,6 +36,7 @@ from broker.core.limits import (PER_ADDRESS, PER_HUB, PER_USER, AdmissionLimits,
 from broker.core.directwrite import DirectOutput
 from broker.core.output import BoundedOutput
 from broker.net.wscompact import CompactFactory, CompactProtocol
+from broker.logs import peerAddress, refuseHandshake
 from broker.core.interfaces import IConnection
 from broker.core.message import BINARY, TEXT, Delivery, Message
 from broker.webpubsub import frames, history, invoke, subprotocols
@@ -111,6 +112,15 @@ class ClientProtocol(InboundFlow, DirectOutput, BoundedOutput, CompactProtocol,
 
     # -- handshake --------------------------------------------------------
 
+    def failHandshake(self, reason, code=400, responseHeaders=None):
+        """
+        A refused handshake: counted on /metrics and logged at most once a
+        minute per source address (a bot guessing tokens must not fill
+        the disk), rather than autobahn's line per handshake.
+        """
+        refuseHandshake(self, "webpubsub", self.factory.core.refusals, reason, code,
+                        responseHeaders, why=getattr(self, "_refusedWhy", None))
+
     def onConnect(self, request):
         factory = self.factory
         m = CLIENT_PATH.match(request.path)
@@ -134,8 +144,8 @@ class ClientProtocol(InboundFlow, DirectOutput, BoundedOutput, CompactProtocol,
                                            factory.audiences)
             except TokenError as e:
                 factory.rejected(hubName)
-                log.info("refused client on hub {hub} from {peer}: {why}",
-                         hub=hubName, peer=request.peer, why=str(e))
+                # Logged (once a minute per address) by failHandshake.
+                self._refusedWhy = f"Unauthorized: {e}"
                 raise ConnectionDeny(401, "Unauthorized")
         offered = request.protocols
         protocol = subprotocols.choose(offered)
@@ -247,7 +257,7 @@ class ClientProtocol(InboundFlow, DirectOutput, BoundedOutput, CompactProtocol,
         core.quietLog.info(
             (FACE, "admission", refused),
             "webpubsub: refused a connection to hub {hub} from {peer}: {kind} limit of "
-            "{limit} connections reached", hub=hubName, peer=peerHost(self.transport),
+            "{limit} connections reached", hub=hubName, peer=peerAddress(self.transport),
             kind=refused, limit=factory.admission.limit(refused, key))
         raise ConnectionDeny(429, f"Too Many Requests: {refused.replace('_', ' ')} "
                                   f"connection limit reached")

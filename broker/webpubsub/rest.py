@@ -46,6 +46,7 @@ from broker.core import jsonstrict
 from broker.core.errors import BadRequest, BrokerError, CloseCode, NotFound, Unavailable
 from broker.core.session import checkName
 from broker.core.message import BINARY, JSON, TEXT, Message, Target
+from broker.logs import peerAddress
 from broker.webpubsub.odata import compileFilter
 
 log = Logger()
@@ -682,5 +683,4 @@ def _origin(url):
 
 
 def _peer(request):
-    addr = request.getClientAddress()
-    return getattr(addr, "host", str(addr))
+    return peerAddress(request)
