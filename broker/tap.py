@@ -23,7 +23,7 @@ from twisted.python import usage
 from prometheus_client.registry import CollectorRegistry
 
 from broker import config as brokerconfig
-from broker.admin.resource import makeAdminSite
+from broker.admin import build as adminface
 from broker.cluster.build import ClusterService, buildCluster
 from broker.core.router import Core
 from broker.faces import FACES, FaceContext, faceModule
@@ -317,11 +317,7 @@ def buildService(settings, reactor, foreground=True, ports=None, loadSettings=No
                           listeningReactor, listeners, top.drainHooks, loadSettings)
     for name in FACES:
         faceModule(name).build(context)
-    admin = settings["admin"]
-    top.adminSite = makeAdminSite(core, registry, headerTimeout=admin["header_timeout"],
-                                  idleTimeout=admin["idle_timeout"],
-                                  stats=listeners.get("admin.listen"))
-    listen("admin.listen", admin["listen"], top.adminSite, admin["max_connections"])
+    top.adminSite = adminface.build(context, listen, listeners)
     reloader.setServiceParent(top)
     return top
 

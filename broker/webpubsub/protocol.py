@@ -341,6 +341,14 @@ class ClientProtocol(InboundFlow, BoundedOutput, WebSocketServerProtocol):
 
     # -- IConnection ------------------------------------------------------
 
+    def describe(self):
+        """
+        What the admin console shows of this connection beyond the core's
+        view: the client's address, its subprotocol, bytes received
+        (autobahn counts them; nothing is added to the delivery path).
+        """
+        return describeSocket(self, reliable=self.reliable)
+
     def deliver(self, delivery):
         if self.session is None or self.state != self.STATE_OPEN:
             return
@@ -673,6 +681,24 @@ class ClientProtocol(InboundFlow, BoundedOutput, WebSocketServerProtocol):
 
 def _first(values):
     return values[0] if values else None
+
+
+def describeSocket(protocol, reliable=False):
+    """
+    A WebSocket's address, subprotocol and inbound traffic (the admin
+    console's connection details).
+    """
+    info = {"subprotocol": getattr(protocol, "websocket_protocol_in_use", None) or "",
+            "reliable": reliable, "attached": True}
+    transport = getattr(protocol, "transport", None)
+    peer = transport.getPeer() if transport is not None else None
+    host, port = getattr(peer, "host", None), getattr(peer, "port", None)
+    if host is not None:
+        info["address"] = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    stats = getattr(protocol, "trafficStats", None)
+    if stats is not None:
+        info["bytesIn"] = stats.incomingOctetsWireLevel + stats.preopenIncomingOctetsWireLevel
+    return info
 
 
 class ClientFactory(WebSocketServerFactory):
