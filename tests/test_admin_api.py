@@ -19,7 +19,6 @@ from broker.admin.build import AdminCollector, coreCounters
 from broker.admin.console import CSP
 from broker.admin.rates import RateSampler
 from broker.admin.resource import makeAdminSite
-from broker.core.message import Message, Target
 from broker.core.router import Core
 from broker.iot import frames
 from broker.iot.adminview import IoTView

@@ -54,7 +54,8 @@ function el(tag, props = {}, ...children) {
   return node;
 }
 
-const fmt = (n) => (n == null ? "–" : typeof n === "number" ? n.toLocaleString("en-US") : String(n));
+const fmt = (n) => (n == null ? "–" : typeof n === "number"
+  ? n.toLocaleString("en-US", {maximumFractionDigits: 1}) : String(n));
 
 function fmtTime(seconds) {
   if (seconds == null) return "–";
