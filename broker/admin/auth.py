@@ -38,10 +38,18 @@ def loadToken(configured, stateDir):
     if configured:
         return configured, None
     path = os.path.join(stateDir, TOKEN_FILE)
-    try:
-        writePrivate(path, secrets.token_urlsafe(32) + "\n", exclusive=True)
-    except FileExistsError:
-        pass
+    if not os.path.exists(path):
+        # Written whole under another name, then linked into place: a
+        # worker starting beside this one reads either no file or the
+        # whole token, never an empty one; the first link wins.
+        scratch = f"{path}.{os.getpid()}.{secrets.token_hex(4)}"
+        writePrivate(scratch, secrets.token_urlsafe(32) + "\n", exclusive=True)
+        try:
+            os.link(scratch, path)
+        except FileExistsError:
+            pass
+        finally:
+            os.unlink(scratch)
     with open(path, encoding="utf-8") as f:
         token = f.read().strip()
     if not token:
