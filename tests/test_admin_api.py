@@ -22,6 +22,7 @@ from broker.admin.resource import makeAdminSite
 from broker.core.router import Core
 from broker.iot import frames
 from broker.iot.adminview import IoTView
+from broker.net.http import BoundedSite
 from broker.peergroups.adminview import PeerGroupsView
 from broker.webpubsub.adminview import WebPubSubView
 from tests.iotharness import IoTHarness, waitUntil
@@ -182,6 +183,31 @@ class TokenTests(unittest.TestCase):
         e = yield self.admin.get("/api/hubs/chat/connections?offset=-1", status=400)
         self.assertEqual(e["error"]["code"], "BadRequest")
         yield self.admin.get("/api/hubs/chat/connections?limit=many", status=400)
+
+
+class AccessLogTests(unittest.TestCase):
+    """
+    The console's polls write no access-log line; its actions and
+    refusals do.
+    """
+
+    @defer.inlineCallbacks
+    def test_quietReads(self):
+        core = Core(reactor)
+        core.startService()
+        self.addCleanup(core.stopService)
+        admin = yield Admin(self, core).start()
+        lines = []
+        self.patch(BoundedSite, "log", lambda site, request: lines.append(
+            f"{request.method.decode()} {request.uri.decode()} {request.code}"))
+        yield admin.get("/api/overview")
+        yield admin.get("/api/rates")
+        self.assertEqual(lines, [])
+        yield admin.request("GET", "/api/overview", token=None)
+        yield admin.json("POST", "/api/hubs/nohub/groups/g/messages", status=404)
+        self.assertEqual(len(lines), 2, lines)
+        self.assertEqual(lines, ["GET /api/overview 401",
+                                 "POST /api/hubs/nohub/groups/g/messages 404"])
 
 
 class TokenFileTests(unittest.TestCase):

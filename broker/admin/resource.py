@@ -190,6 +190,20 @@ class Metrics(_Leaf):
         return generate_latest(self.registry)
 
 
+class AdminSite(BoundedSite):
+    """
+    The admin listener's site: the console polls its API every two
+    seconds, so its successful reads write no access-log line; its actions
+    and refusals still do (the actions are also logged by the API).
+    """
+
+    def log(self, request):
+        if (request.method in (b"GET", b"HEAD") and request.path.startswith(b"/api/")
+                and request.code < 400):
+            return
+        super().log(request)
+
+
 def makeAdminSite(core, registry=None, headerTimeout=10.0, idleTimeout=60.0, stats=None,
                   guard=None, views=None, rates=None, protectProbes=False, cluster=None):
     """
@@ -223,8 +237,8 @@ def makeAdminSite(core, registry=None, headerTimeout=10.0, idleTimeout=60.0, sta
     root.putChild(b"api", AdminAPI(core, views, guard, rates, cluster=cluster))
     routes = Routes([(b"/healthz", NO_BODY), (b"/stats", NO_BODY), (b"/metrics", NO_BODY),
                      (b"/api", {b"GET": 0, b"HEAD": 0, b"POST": MAX_BODY, b"DELETE": 0})])
-    site = BoundedSite(root, reactor=core.reactor, bodyLimit=routes, headerTimeout=headerTimeout,
-                       idleTimeout=idleTimeout, stats=stats, name="admin.listen")
+    site = AdminSite(root, reactor=core.reactor, bodyLimit=routes, headerTimeout=headerTimeout,
+                     idleTimeout=idleTimeout, stats=stats, name="admin.listen")
     site.registry = registry
     site.guard = guard
     site.views = views
