@@ -70,7 +70,9 @@ setup(
         # at least that release.
         "protobuf>=7.35.1,<8",
     ],
-    package_data={"broker.peergroups": ["web/*.js", "web/*.html"]},
+    package_data={"broker.peergroups": ["web/*.js", "web/*.html"],
+                  "broker.admin": ["static/*.html", "static/*.js", "static/*.css",
+                                   "static/*.svg"]},
     cmdclass={"build_py": build_py_with_etc},
     zip_safe=False,
 )

@@ -384,6 +384,10 @@ def schema(plugins=None):
             "worker_listen": List(Endpoint(), default=[],
                                   doc="With cluster.workers > 1: each worker's own admin "
                                       "listeners, worker i on the port plus i."),
+            "token": Str("", doc="The admin credential (Authorization: Bearer); empty: a "
+                                 "random one generated in {state_dir}/admin.token (0600)."),
+            "protect_probes": Bool(False, doc="Require the admin token on /healthz, "
+                                              "/stats and /metrics too."),
             **httpLimits(100),
         }),
         "cluster": Table({

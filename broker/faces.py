@@ -43,6 +43,8 @@ class FaceContext:
         self._listen = listen
         self._reloader = reloader
         self._drainHooks = drainHooks if drainHooks is not None else []
+        # {name: IFaceView}: what the admin console and /stats show of each face.
+        self.adminViews = {}
         if listeners is None:
             from broker.net.listeners import Listeners
             listeners = Listeners(reactor)
@@ -77,6 +79,14 @@ class FaceContext:
         started after the core and stopped before it.
         """
         svc.setServiceParent(self._top)
+
+    def addAdminView(self, view):
+        """
+        Show the face in C{/stats}, the admin API (C{/api/<name>/}) and the
+        console: C{view} is a L{broker.admin.interfaces.IFaceView} over the
+        face's own objects.
+        """
+        self.adminViews[view.name] = view
 
     def onDrain(self, hook):
         """

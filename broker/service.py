@@ -20,7 +20,7 @@ from twisted.logger import Logger
 from prometheus_client.registry import CollectorRegistry
 
 from broker.admin.collectors import registerCollectors
-from broker.admin.resource import makeAdminSite
+from broker.admin import build as adminface
 from broker.cluster.build import ClusterService, buildCluster
 from broker.config import ConfigError
 from broker.core.router import Core
@@ -230,10 +230,6 @@ def buildService(settings, reactor, foreground=True, ports=None, loadSettings=No
                           listeningReactor, listeners, top.drainHooks, loadSettings)
     for face in faces:
         face.build(context)
-    admin = settings["admin"]
-    top.adminSite = makeAdminSite(core, registry, headerTimeout=admin["header_timeout"],
-                                  idleTimeout=admin["idle_timeout"],
-                                  stats=listeners.get("admin.listen"))
-    listen("admin.listen", admin["listen"], top.adminSite, admin["max_connections"])
+    top.adminSite = adminface.build(context, listen, listeners)
     reloader.setServiceParent(top)
     return top

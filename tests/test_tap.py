@@ -112,7 +112,7 @@ class BuildServiceTests(TestCase):
         self.assertIs(top.core, list(top)[0])
         self.assertEqual([s.name for s in top],
                          ["core", "webpubsub.listeners", "webpubsub.handlers",
-                          "webpubsub.listen[0]", "admin.listen[0]", "reloader"])
+                          "webpubsub.listen[0]", "admin.rates", "admin.listen[0]", "reloader"])
         listener = IServiceCollection(top).getServiceNamed("webpubsub.listen[0]")
         self.assertIsInstance(listener, tap.ListenerService)
         self.assertEqual(listener.description, LOOPBACK)
@@ -131,7 +131,8 @@ class BuildServiceTests(TestCase):
         settings["webpubsub"]["enabled"] = False
         top = tap.buildService(settings, reactor)
         # The reloader runs all the same: SIGHUP must never end the broker.
-        self.assertEqual([s.name for s in top], ["core", "admin.listen[0]", "reloader"])
+        self.assertEqual([s.name for s in top],
+                         ["core", "admin.rates", "admin.listen[0]", "reloader"])
 
     def test_developmentKey(self):
         """
@@ -165,8 +166,30 @@ class BuildServiceTests(TestCase):
         directory, path = writeConfig(self)
         settings = config.load(path.path)
         settings["webpubsub"]["access_keys"] = ["configured"]
+        settings["admin"]["token"] = "configured admin token"
         tap.buildService(settings, reactor)
         self.assertFalse(directory.child("state").exists())
+
+    def test_adminToken(self):
+        """
+        With no admin.token configured, one is generated into state_dir,
+        mode 0600, kept across restarts; the log names the file, never
+        the token.
+        """
+        directory, path = writeConfig(self)
+        settings = config.load(path.path)
+        with capturedLogs() as events:
+            top = tap.buildService(settings, reactor)
+        tokenFile = directory.child("state").child("admin.token")
+        token = tokenFile.getContent().strip().decode()
+        self.assertGreater(len(token), 30)
+        self.assertEqual(stat.S_IMODE(os.stat(tokenFile.path).st_mode), 0o600)
+        lines = [formatEvent(e) for e in events]
+        self.assertTrue(any(tokenFile.path in line for line in lines), lines)
+        self.assertFalse(any(token in line for line in lines))
+        self.assertTrue(top.adminSite.guard.allows(_Authorized(token)))
+        tap.buildService(settings, reactor)
+        self.assertEqual(tokenFile.getContent().strip().decode(), token)
 
     @defer.inlineCallbacks
     def test_listening(self):
@@ -550,3 +573,15 @@ class StartupFailureTests(TwistdTestsMixin, TestCase):
             os.kill(int(pidfile.getContent()), signal.SIGKILL)
         except (OSError, ValueError):
             pass
+
+
+class _Authorized:
+    """
+    The head of a request carrying C{Authorization: Bearer <token>}.
+    """
+
+    def __init__(self, token):
+        self.token = token
+
+    def getHeader(self, name):
+        return b"Bearer " + self.token.encode() if name == b"authorization" else None

@@ -56,13 +56,15 @@ class _Browser(protocol.ProcessProtocol):
         return self.output.decode("utf-8", "replace")[-2000:]
 
 
-def startChromium(testCase, reactor, url, profile=None):
+def startChromium(testCase, reactor, url, profile=None, extraArgs=()):
     """
     Headless Chromium on C{url} with a throwaway profile, killed when the
     test ends (skipped, or failed under scripts/test, without chromium).
 
     @param profile: a C{--user-data-dir} the caller keeps (and removes), so
         a second Chromium started on it finds the first one's IndexedDB.
+    @param extraArgs: more switches (C{--remote-debugging-port=0} for
+        L{tests.devtools}).
     @return: its process protocol: C{output} is what it printed,
         C{transport} the process (C{signalProcess("TERM")} ends it cleanly).
     """
@@ -75,7 +77,7 @@ def startChromium(testCase, reactor, url, profile=None):
     args = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
             "--no-first-run", "--disable-background-networking",
             "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage",
-            f"--user-data-dir={profile}", url]
+            f"--user-data-dir={profile}", *extraArgs, url]
     transport = reactor.spawnProcess(browser, CHROMIUM, args, env=dict(os.environ))
     killAtCleanup(testCase, transport, browser.ended)
     return browser

@@ -7,14 +7,19 @@ private interface:
     the faces' health notes (L{broker.core.health}) follow, one
     C{warning:} line each; the C{X-Broker-Version} header, and with
     C{?verbose} the versions (L{broker.version}) as C{name: value} lines;
-  - C{/stats}: a JSON snapshot (totals and per hub);
-  - C{/metrics}: the same figures in Prometheus text format.
+  - C{/stats}: a JSON snapshot (totals and per hub, and each face's
+    section);
+  - C{/metrics}: the same figures in Prometheus text format;
+  - C{/}: the console (L{broker.admin.console}) over the JSON API under
+    C{/api} (L{broker.admin.api}), both behind the admin token
+    (L{broker.admin.auth}), as the probes are with C{admin.protect_probes}.
 
 The core keeps plain integer counters; the Prometheus collector reads them
 at scrape time, so the hot path never pays for a metrics library.
 """
 
 import json
+import secrets
 from urllib.parse import parse_qs
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -23,6 +28,10 @@ from prometheus_client.registry import CollectorRegistry
 from twisted.web.resource import Resource
 
 from broker import version
+from broker.admin.api import MAX_BODY, AdminAPI
+from broker.admin.auth import Guard
+from broker.admin.console import AdminRoot, loadFiles
+from broker.admin.rates import RateSampler
 from broker.net.http import NO_BODY, BoundedSite, Routes
 
 
@@ -147,10 +156,41 @@ class Healthz(_Leaf):
 
 
 class Stats(_Leaf):
+    """
+    The core's figures (the Web PubSub keys, unchanged), plus one section
+    per face view (C{iot}, C{peergroups}, C{ecdn}, ...).
+    """
+
+    def __init__(self, core, views=None):
+        super().__init__(core)
+        self.views = views if views is not None else {}
+
     def render_GET(self, request):
         request.setHeader(b"content-type", b"application/json")
         request.setHeader(b"cache-control", b"no-store")
-        return json.dumps(self.core.stats(), sort_keys=True).encode("utf-8") + b"\n"
+        stats = self.core.stats()
+        for name, view in self.views.items():
+            stats[name] = view.summary()
+        return json.dumps(stats, sort_keys=True).encode("utf-8") + b"\n"
+
+
+class Guarded(Resource):
+    """
+    A resource answered only with the admin token (L{broker.admin.auth.Guard}).
+    """
+
+    isLeaf = True
+
+    def __init__(self, resource, guard):
+        super().__init__()
+        self.resource = resource
+        self.guard = guard
+
+    def render(self, request):
+        if not self.guard.allows(request):
+            request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+            return b"unauthorized: the admin token is required (Authorization: Bearer)\n"
+        return self.resource.render(request)
 
 
 class Metrics(_Leaf):
@@ -163,26 +203,59 @@ class Metrics(_Leaf):
         return generate_latest(self.registry)
 
 
-def makeAdminSite(core, registry=None, headerTimeout=10.0, idleTimeout=60.0, stats=None):
+class AdminSite(BoundedSite):
+    """
+    The admin listener's site: the console polls its API every two
+    seconds, so its successful reads write no access-log line; its actions
+    and refusals still do (the actions are also logged by the API).
+    """
+
+    def log(self, request):
+        if (request.method in (b"GET", b"HEAD") and request.path.startswith(b"/api/")
+                and request.code < 400):
+            return
+        super().log(request)
+
+
+def makeAdminSite(core, registry=None, headerTimeout=10.0, idleTimeout=60.0, stats=None,
+                  guard=None, views=None, rates=None, protectProbes=False, cluster=None):
     """
     @param registry: a Prometheus registry other faces add collectors to; a
         new one by default, holding the core's collector.
     @param stats: the listener's L{broker.net.listeners.ListenerStats}.
+    @param guard: the L{broker.admin.auth.Guard} of the admin token; by
+        default one over a random token nobody knows (the API is shut).
+    @param views: C{{name: IFaceView}}: the faces' sections of C{/stats}
+        and their parts of the API.
+    @param rates: the L{broker.admin.rates.RateSampler} of the charts.
+    @param protectProbes: require the token on C{/healthz}, C{/stats} and
+        C{/metrics} too.
 
-    No admin path takes a request body: one is refused (405 or 413) before
-    it is read.
+    No admin path but the API's actions takes a request body: one is
+    refused (405 or 413) before it is read.
     """
     if registry is None:
         registry = CollectorRegistry()
     registry.register(CoreCollector(core))
-    root = Resource()
-    root.putChild(b"healthz", Healthz(core))
-    root.putChild(b"stats", Stats(core))
-    root.putChild(b"metrics", Metrics(core, registry))
-    routes = Routes([(b"/healthz", NO_BODY), (b"/stats", NO_BODY), (b"/metrics", NO_BODY)])
-    site = BoundedSite(root, reactor=core.reactor, bodyLimit=routes, headerTimeout=headerTimeout,
-                       idleTimeout=idleTimeout, stats=stats, name="admin.listen")
+    if guard is None:
+        guard = Guard(secrets.token_urlsafe(32), core.quietLog)
+    views = dict(views or {})
+    if rates is None:
+        rates = RateSampler(core.reactor, [])
+    root = AdminRoot(loadFiles())
+    probes = {b"healthz": Healthz(core), b"stats": Stats(core, views),
+              b"metrics": Metrics(core, registry)}
+    for name, resource in probes.items():
+        root.putChild(name, Guarded(resource, guard) if protectProbes else resource)
+    root.putChild(b"api", AdminAPI(core, views, guard, rates, cluster=cluster))
+    routes = Routes([(b"/healthz", NO_BODY), (b"/stats", NO_BODY), (b"/metrics", NO_BODY),
+                     (b"/api", {b"GET": 0, b"HEAD": 0, b"POST": MAX_BODY, b"DELETE": 0})])
+    site = AdminSite(root, reactor=core.reactor, bodyLimit=routes, headerTimeout=headerTimeout,
+                     idleTimeout=idleTimeout, stats=stats, name="admin.listen")
     site.registry = registry
     # Probes and scrapes every few seconds: no access-log line each.
     site.quietPaths = frozenset((b"/healthz", b"/metrics", b"/stats"))
+    site.guard = guard
+    site.views = views
+    site.rates = rates
     return site

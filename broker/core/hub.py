@@ -147,6 +147,7 @@ class Hub:
             raise BadRequest(f"connection id {cid!r} already in use")
         session = Session(self, connection, userId, Permissions.fromRoles(roles))
         session.connectionState = connectionState
+        session.connectedAt = self._core.reactor.seconds()
         self._sessions[cid] = session
         self._mirror(self.directory.added(self.name, cid, userId, session.permissions.roles()))
         if userId is not None:
@@ -728,3 +729,24 @@ class Hub:
 
     def sessions(self):
         return list(self._sessions.values())
+
+    # -- listings for the admin console (no copy: one page of 100k) ------
+
+    def iterSessions(self):
+        """
+        This node's sessions in the order they were admitted: a live view
+        (with a length), to be read before the reactor runs again.
+        """
+        return self._sessions.values()
+
+    def iterGroups(self):
+        """
+        C{(group, connections here)} for each group, in creation order.
+        """
+        return ((g, len(m)) for g, m in self._groups.items())
+
+    def iterUsers(self):
+        """
+        C{(userId, connections here)} for each user, in order of arrival.
+        """
+        return ((u, len(c)) for u, c in self._users.items())

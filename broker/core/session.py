@@ -67,6 +67,10 @@ class Session:
         self.open = True
         # Opaque state an upstream attached (Web PubSub's ce-connectionState).
         self.connectionState = None
+        # For the admin console: when the hub admitted it (reactor time),
+        # and what it sent (publishes and events).
+        self.connectedAt = None
+        self.messagesIn = 0
 
     def joinGroup(self, group):
         self.hub.checkGroupName(group)
@@ -92,6 +96,7 @@ class Session:
         if not self.permissions.has(SEND_TO_GROUP, group):
             raise Forbidden(f"connection may not send to group {group!r}")
         self.hub.stats.messagesIn += 1
+        self.messagesIn += 1
         delivery = Delivery(message, FROM_GROUP, group, self.userId, self.connectionId)
         excluded = (self.connectionId,) if noEcho else ()
         return self.hub.publish(Target(Target.GROUP, group, excluded), delivery)
@@ -104,6 +109,7 @@ class Session:
             L{Message} or C{None}).
         """
         self.hub.stats.messagesIn += 1
+        self.messagesIn += 1
         self.hub.tellObservers("clientEvent", self, event, message)
         upstream = self.hub.upstream
         if upstream is None:

@@ -10,6 +10,7 @@ import stat
 from twisted.logger import Logger
 
 from broker.config import ConfigError
+from broker.ecdn.adminview import EcdnView
 from broker.ecdn.keyring import KeyFileError, loadKeyFile, newKeyLine
 from broker.ecdn.policy import Policy, RulesError, parseRules
 from broker.ecdn.resource import EcdnResource, Metrics, State, makeSite
@@ -81,6 +82,7 @@ def build(context):
     except (KeyFileError, OSError) as e:
         raise ConfigError("ecdn.key_file", e)
     resource = EcdnResource(state, cfg, context.reactor, Metrics(context.registry))
+    context.addAdminView(EcdnView(resource))
 
     def reload():
         """

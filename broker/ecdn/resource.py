@@ -61,10 +61,14 @@ class Metrics:
             "broker_ecdn_results", "eCDN API answers by result class "
             "(allowed, blocked, unmatched, redirect, ok, error).",
             ["endpoint", "result"], **kwargs)
+        self.counts = {}        # (endpoint, result) -> answers
 
     def observe(self, endpoint, result, seconds):
         self.latency.labels(endpoint).observe(seconds)
         self.results.labels(endpoint, result).inc()
+        # The same answers as plain integers, for /stats and the console.
+        key = (endpoint, result)
+        self.counts[key] = self.counts.get(key, 0) + 1
 
 
 class _Answer(Exception):

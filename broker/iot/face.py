@@ -22,6 +22,7 @@ from broker.files import privateDatabase
 from broker.net.datagram import DatagramEndpoint
 from broker.plugins import ListenerSpec, streamListeners
 from broker.iot import api, apikeys, tlscert
+from broker.iot.adminview import IoTView
 from broker.iot.webhook import Webhooks
 from broker.iot.auth import Registry, loadRegistryFile, writeDevelopmentRegistry
 from broker.iot.clustered import ClusterConcentrator
@@ -367,6 +368,7 @@ def build(context):
                                               cfg["udp"]["port"], cfg["udp"]["max_datagram"],
                                               cfg["udp"]["receive_buffer"]))
     context.registry.register(IoTCollector(concentrator, factory, udp))
+    context.addAdminView(IoTView(concentrator, factory, udp))
     buildHTTP(context, cfg, concentrator)
     # After the API's: held requests are answered 503 before their devices'
     # sessions close (which would fail them as DEVICE_OFFLINE).

@@ -217,6 +217,9 @@ class PeerGroups(service.Service):
         app = self.apps.get(name)
         if app is None:
             hub = self.core.hub(HUB_PREFIX + name) if self.core is not None else None
+            if hub is not None:
+                # Its label on /metrics and in the admin console.
+                hub.face = "peergroups"
             app = self.apps[name] = Application(name, hub)
         return app
 

@@ -15,6 +15,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from broker.config import ConfigError
 from broker.core.limits import PER_ADDRESS, PER_HUB, PER_USER, AdmissionLimits
 from broker.files import writePrivate
+from broker.peergroups.adminview import PeerGroupsView
 from broker.plugins import streamListeners
 from broker.peergroups.cluster import PeerGroupsCluster
 from broker.peergroups.core import PeerGroups
@@ -114,6 +115,7 @@ def build(context):
     context.addService(store)
     context.addService(pg)
     context.registry.register(PeerGroupsCollector(pg))
+    context.addAdminView(PeerGroupsView(pg))
     context.onDrain(pg.drain)
     ws = PeerWebSocketFactory(pg, cfg["max_message_size"], reactor=context.reactor)
     site = makeSite(ws, headerTimeout=cfg["header_timeout"], idleTimeout=cfg["idle_timeout"],

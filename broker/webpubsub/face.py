@@ -14,6 +14,7 @@ from broker.config import ConfigError
 from broker.files import writePrivate
 from broker.plugins import streamListeners
 from broker.webpubsub.listeners import EventListeners
+from broker.webpubsub.adminview import WebPubSubView
 from broker.webpubsub.reload import WebPubSubReload
 from broker.webpubsub.upstream import CloudEventsUpstream, EventHandler, makeHTTPClient
 from broker.webpubsub.validation import HandlerValidation
@@ -232,6 +233,7 @@ def build(context):
                     stats=context.listeners.get("webpubsub.listen"))
     context.onDrain(factory.drain)
     context.registry.register(RestCollector(site.restAPI))
+    context.addAdminView(WebPubSubView(context.core, site.restAPI))
     context.listen("webpubsub.listen", wps["listen"], site, wps["max_connections"])
 
 

@@ -355,6 +355,14 @@ class ClientProtocol(InboundFlow, DirectOutput, BoundedOutput, CompactProtocol,
 
     # -- IConnection ------------------------------------------------------
 
+    def describe(self):
+        """
+        What the admin console shows of this connection beyond the core's
+        view: the client's address, its subprotocol, bytes received
+        (autobahn counts them; nothing is added to the delivery path).
+        """
+        return describeSocket(self, reliable=self.reliable)
+
     def deliver(self, delivery):
         if self.session is None or self.state != self.STATE_OPEN:
             return
@@ -695,6 +703,21 @@ class ClientProtocol(InboundFlow, DirectOutput, BoundedOutput, CompactProtocol,
 
 def _first(values):
     return values[0] if values else None
+
+
+def describeSocket(protocol, reliable=False):
+    """
+    A WebSocket's address and subprotocol (the admin console's connection
+    details).  Bytes are not counted per connection: autobahn's counters
+    are shared by a factory's connections (L{broker.net.wscompact}).
+    """
+    info = {"subprotocol": getattr(protocol, "websocket_protocol_in_use", None) or "",
+            "reliable": reliable, "attached": True}
+    transport = getattr(protocol, "transport", None)
+    peer = transport.getPeer() if transport is not None else None
+    if peer is not None:
+        info["address"] = peerAddress(peer)
+    return info
 
 
 class ClientFactory(CompactFactory, WebSocketServerFactory):

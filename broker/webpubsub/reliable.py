@@ -181,6 +181,19 @@ class ReliableLink:
             protocol.linkClosed(code, reason)
         self._end(reason)
 
+    def describe(self):
+        """
+        The admin console's details: the attached WebSocket's (if any) and
+        the messages waiting for the client's acknowledgement.
+        """
+        protocol = self.protocol
+        if protocol is not None and hasattr(protocol, "describe"):
+            info = protocol.describe()
+        else:
+            info = {"reliable": True, "attached": False}
+        info["unacknowledged"] = len(self._unacked)
+        return info
+
     # -- the client's side ---------------------------------------------------
 
     @property

@@ -122,7 +122,9 @@ class GroupLimits:
     def __call__(self, hub):
         cfg = self.cfg
         own = cfg["hubs"].get(hub.name)
-        hub.face = "webpubsub"
+        if hub.face == "core":
+            # Unless another face serves it (a peer-groups application).
+            hub.face = "webpubsub"
         hub.maxGroupsPerConnection = cfg["max_groups_per_connection"]
         hub.maxGroups = cfg["max_groups_per_hub"]
         if own is not None and own["max_groups_per_hub"] is not None:
