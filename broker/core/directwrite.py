@@ -22,7 +22,10 @@ Only plain TCP transports (possibly under protocol wrappers) are written
 directly; TLS and in-memory transports keep C{transport.write}.
 """
 
+from twisted.internet.tcp import Connection
 from twisted.logger import Logger
+from twisted.protocols.policies import ProtocolWrapper
+from twisted.protocols.tls import TLSMemoryBIOProtocol
 
 log = Logger()
 
@@ -65,17 +68,20 @@ class WriteBatch:
 def socketTransport(transport):
     """
     The TCP transport under C{transport} (walking down through protocol
-    wrappers), or C{None} when there is none to write to directly: TLS, a
+    wrappers, which forward every attribute: only the class tells them
+    apart), or C{None} when there is none to write to directly: TLS, a
     test's in-memory transport.
     """
     for _ in range(4):
-        if transport is None or hasattr(transport, "_appSendBuffer"):   # TLS
+        if transport is None or isinstance(transport, TLSMemoryBIOProtocol):
             return None
-        if hasattr(transport, "_tempDataBuffer"):                       # a FileDescriptor
-            if getattr(transport, "TLS", False) or getattr(transport, "socket", None) is None:
+        if isinstance(transport, Connection):
+            if transport.TLS or getattr(transport, "socket", None) is None:
                 return None
             return transport
-        transport = getattr(transport, "transport", None)
+        if not isinstance(transport, ProtocolWrapper):
+            return None
+        transport = transport.transport
     return None
 
 
