@@ -18,10 +18,10 @@ over WebSocket, QoS 0 subscribers of one topic), and each figure is printed
 beside the broker's with their ratio, so that a figure is never compared
 across runs.  It prints figures and asserts nothing.
 
-The load (L{wsload}) must cost less than the server, or the figures measure
-the client: its subscribers are raw Twisted protocols in worker processes
-driven by the controller over stdin/stdout; the controller runs the
-publisher.  The broker's subscribers are plain WebSocket clients (bare
+The load must cost less than the server, or the figures measure the client:
+its subscribers live in worker processes (L{rawload}: one C{epoll} loop over
+raw sockets, the wire of L{wsload}) driven by the controller over
+stdin/stdout; the controller runs the publisher.  The broker's subscribers are plain WebSocket clients (bare
 payload frames); the publisher uses C{json.webpubsub.azure.v1}.  CPU seconds
 of the server and of every client process are printed for each run.
 
@@ -152,7 +152,7 @@ class Load:
 
     def start(self):
         token = self.broker.token()
-        worker = os.path.join(os.path.dirname(os.path.abspath(__file__)), "wsload.py")
+        worker = os.path.join(os.path.dirname(os.path.abspath(__file__)), "rawload.py")
         for w in self.workers:
             args = [sys.executable, worker, str(self.broker.port), token, self.broker.kind]
             self.reactor.spawnProcess(w, sys.executable, args, env=os.environ,
@@ -390,6 +390,9 @@ async def throughputRun(reactor, opts, broker, load, n, window, results):
     print(f"    after draining: {missing} deliveries missing, "
           f"{stats['slowConsumerDrops']} slow-consumer drops")
     results.window(broker.name, w)
+    if f1 > f0:
+        results.add(broker.name, f"server CPU per delivery, {n} subscribers, {window} in flight",
+                    w.server / (f1 - f0) * 1e6, "µs", False)
     target = ("150,000", lambda v: v >= 150_000) if n == 100 and window >= 64 else None
     results.add(broker.name, f"deliveries/s, {n} subscribers, {window} in flight",
                 rate, "/s", True, target)
@@ -418,6 +421,8 @@ async def latencyRun(opts, broker, load, n, results):
     lat = await load.samples()
     p50, p99 = percentile(lat, 50), percentile(lat, 99)
     rate = (pub.sent - sent0) * n / w.wall
+    results.add(broker.name, f"server CPU per delivery, {n} subscribers, 1 in flight, "
+                f"one at a time", w.server / ((pub.sent - sent0) * n) * 1e6, "µs", False)
     print(f"  one message in flight, each delivered everywhere before the next, "
           f"{opts.messages} messages: latency p50 {ms(p50)}, p99 {ms(p99)}, "
           f"max {ms(lat[-1])} ({len(lat):,} deliveries, {rate:,.0f}/s)")

@@ -358,8 +358,7 @@ class ClientProtocol(InboundFlow, DirectOutput, BoundedOutput, CompactProtocol,
     def describe(self):
         """
         What the admin console shows of this connection beyond the core's
-        view: the client's address, its subprotocol, bytes received
-        (autobahn counts them; nothing is added to the delivery path).
+        view: the client's address and its subprotocol.
         """
         return describeSocket(self, reliable=self.reliable)
 
@@ -369,15 +368,22 @@ class ClientProtocol(InboundFlow, DirectOutput, BoundedOutput, CompactProtocol,
         if self.holding and delivery.group in self.holding:
             self.holding[delivery.group][1].append(delivery)
             return
-        prepared = delivery.encode(self.kind, self._encoder)
+        try:
+            # Delivery.encode, written out: once per receiver of a fan-out.
+            prepared = delivery._encoded[self.kind]
+        except KeyError:
+            prepared = delivery.encode(self.kind, self._encoder)
         if self._perMessageCompress is None and not self.send_queue:
             # The hot path: the prepared frame straight to the socket
             # (directwrite).  autobahn's sendData formats a debug log line
             # on every call, which costs a third of the broker's CPU in a
             # fan-out.
             frame = prepared.payloadHybi
-            if not self.overLimit(len(frame), self.factory.maxOutputBuffer):
-                self.writeDirect(frame)
+            # The bound counts only once the peer stopped reading.
+            if (self._paused or self.slow) and self.overLimit(len(frame),
+                                                              self.factory.maxOutputBuffer):
+                return
+            self.writeDirect(frame)
         else:
             # Counted against the bound in sendData, as autobahn writes it.
             self.sendPreparedMessage(prepared)
