@@ -16,7 +16,7 @@ L{broker.config} nor L{broker.tap} changes when a face grows.
 import importlib
 
 # In start-up order; listeners appear in the service tree in this order.
-FACES = ("webpubsub", "ecdn", "iot", "peergroups")
+FACES = ("webpubsub", "ecdn", "iot", "peergroups", "mqtt")
 
 
 def settingsModule(name):
