@@ -64,6 +64,10 @@ class Restorer(service.Service):
         self.server.restore()
         super().startService()
 
+    def stopService(self):
+        super().stopService()
+        self.server.stop()
+
 
 def buildAuth(context, cfg):
     """

@@ -404,5 +404,15 @@ class MqttServer:
         if restored:
             log.info("mqtt: {n} persistent sessions restored", n=len(restored))
 
+    def stop(self):
+        """
+        The broker stops: session expiry and will delay timers are
+        cancelled (a restart counts expiry again from its start; a delayed
+        will still pending is lost, docs/mqtt.md).
+        """
+        for session in self.sessions.values():
+            self._cancel(session, "expiryCall")
+            self._cancel(session, "willCall")
+
     def onlineProtocols(self):
         return [s.protocol for s in self.sessions.values() if s.protocol is not None]

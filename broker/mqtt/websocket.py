@@ -123,7 +123,8 @@ class MqttWebSocketFactory(WebSocketServerFactory):
         self.reactor = reactor
         size = mqttFactory.maxPacketSize + 16
         self.setProtocolOptions(maxFramePayloadSize=size, maxMessagePayloadSize=size,
-                                autoPingInterval=0)
+                                autoPingInterval=0, openHandshakeTimeout=10,
+                                closeHandshakeTimeout=1)
 
 
 class _Hubs(Resource):
