@@ -86,7 +86,7 @@ class PahoTests(TestCase):
         yield c.subscribe("h/a", 1, retainHandling=2, retainAsPublished=True, noLocal=True)
         yield c.publish("h/a", b"own", 1)
         yield pub.publish("h/a", b"new", 1, retain=True)
-        got = yield c.waitMessages(1)
+        yield c.waitMessages(1)
         yield sleep(0.3)
         self.assertEqual([m[:4] for m in c.messages], [("h/a", b"new", 1, True)])
 
@@ -105,7 +105,7 @@ class PahoTests(TestCase):
         quiet = Paho(self, self.port, version=5)
         yield quiet.connect(will=("will/quiet", b"never", 1, False))
         yield quiet.disconnect()
-        got = yield watcher.waitMessages(2)
+        yield watcher.waitMessages(2)
         yield sleep(0.3)
         self.assertEqual(sorted(m[:2] for m in watcher.messages),
                          [("will/4", b"gone"), ("will/5", b"gone")])
