@@ -16,7 +16,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 
 from broker.core.drain import LiveConnections
-from broker.core.limits import CLOSE, PER_ADDRESS, PER_HUB, PER_USER, InboundLimiter, peerHost
+from broker.core.limits import PER_ADDRESS, PER_HUB, PER_USER, InboundLimiter, peerHost
 from broker.core.output import BoundedOutput
 from broker.mqtt import codec
 from broker.mqtt.interfaces import MqttAuthError
@@ -96,6 +96,7 @@ class MqttProtocol(BoundedOutput, Protocol):
         self._keepAlive = 0
         self.clientMaxPacket = 1 << 28
         self._inboundPending = 0
+        self._backlog = None
         self._counters = factory.server.counters
 
     # -- connection life ------------------------------------------------------
@@ -229,13 +230,45 @@ class MqttProtocol(BoundedOutput, Protocol):
         except codec.MalformedPacket as e:
             return self._bad(codec.MALFORMED_PACKET, str(e))
         self._lastSeen = self.factory.reactor.seconds()
-        for packet in packets:
+        if self._backlog is not None:
+            # Held over the inbound rate: what was read meanwhile waits
+            # (at most one socket read: reading is paused).
+            self._backlog.extend(packets)
+            return
+        self._run(packets)
+
+    def _run(self, packets):
+        """
+        Handle C{packets} in order; a PUBLISH over the inbound rate stops
+        the run: reading is paused and the rest kept until the bucket has
+        room (MQTT has no way to drop a QoS 1/2 message, so the client is
+        slowed down, never refused).
+        """
+        rate = self._rate
+        for i, packet in enumerate(packets):
             if self.state == CLOSED:
                 return
             if self.state == AUTHENTICATING:
                 self._held.append(packet)
                 continue
+            if rate is not None and packet[0] == codec.PUBLISH and self.state == CONNECTED:
+                size = len(packet[2])
+                if rate.check(size):
+                    rate.dropped = 0
+                    core = self.factory.server.core
+                    core.limits.limited(FACE, self.session.hubName, "held")
+                    self._backlog = list(packets[i:])
+                    rate.holdReading(self.factory.reactor, size, self.transport.pauseProducing,
+                                     self._unhold)
+                    return
             self._packet(packet)
+
+    def _unhold(self):
+        backlog, self._backlog = self._backlog, None
+        if self.state == CLOSED:
+            return
+        self.transport.resumeProducing()
+        self._run(backlog)
 
     def _packet(self, packet):
         type, flags, body = packet
@@ -416,19 +449,6 @@ class MqttProtocol(BoundedOutput, Protocol):
         server = self.factory.server
         session = self.session
         v5 = self.version == codec.V5
-        rate = self._rate
-        if rate is not None:
-            verdict = rate.check(len(body))
-            if verdict:
-                core = server.core
-                if verdict == CLOSE:
-                    core.limits.limited(FACE, session.hubName, "closed")
-                    self._counters["rate_closed"] += 1
-                    return self.disconnect(codec.MESSAGE_RATE_TOO_HIGH, "message rate too high")
-                core.limits.limited(FACE, session.hubName, "held")
-                rate.dropped -= 1
-                rate.holdReading(self.factory.reactor, len(body), self.transport.pauseProducing,
-                                 self._rateResume)
         topic = p.topic
         if v5:
             alias = p.properties.pop("topic_alias", None)
@@ -512,7 +532,7 @@ class MqttProtocol(BoundedOutput, Protocol):
             self.write(data)
 
     def _rateResume(self):
-        if self.state != CLOSED:
+        if self.state != CLOSED and self._backlog is None:
             self.transport.resumeProducing()
 
     def _pubrel(self, flags, body):
