@@ -1,0 +1,222 @@
+"""
+MQTT flows checked byte by byte with a hand-driven client (packet ids,
+DUP, session present, CONNACK codes) against a broker built in this
+process, where a real client library would hide them.
+"""
+
+from twisted.internet import defer, reactor, threads
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.trial.unittest import TestCase
+
+from broker.mqtt import codec
+from broker.mqtt.face import Restorer
+from broker.mqtt.interfaces import MqttAuthError
+from broker.mqtt.noauth import AllowAll
+from tests.mqttharness import ACCESS_KEY, Paho, sleep, startBroker
+from tests.test_mqtt_bounds import Raw, connectPacket, subscribePacket
+
+
+class Refusing(AllowAll):
+    """Refuses user "bad" (0x86) and "banned" (0x87); denies topic "secret"."""
+
+    def authenticate(self, clientId, username, password, hub):
+        if username == "bad":
+            return defer.fail(MqttAuthError(codec.BAD_USER_NAME_OR_PASSWORD))
+        if username == "banned":
+            return defer.fail(MqttAuthError(codec.NOT_AUTHORIZED))
+        return AllowAll.authenticate(self, clientId, username, password, hub)
+
+    def mayPublish(self, identity, topic):
+        return topic != "secret"
+
+    def maySubscribe(self, identity, topicFilter):
+        return topicFilter != "secret"
+
+
+def connectWithUser(username, version):
+    flags = 0x82
+    body = codec.utf8("MQTT") + bytes((version, flags)) + b"\x00\x3c"
+    if version == 5:
+        body += b"\x00"
+    return codec.packet(0x10, body + codec.utf8("") + codec.utf8(username))
+
+
+class FlowTests(TestCase):
+    timeout = 60
+
+    @defer.inlineCallbacks
+    def setUp(self):
+        self.top, self.ports, _ = yield startBroker(self)
+        self.port = self.ports["mqtt.listen[0]"]
+        self.server = next(s for s in self.top if isinstance(s, Restorer)).server
+        self.addCleanup(sleep, 0.3)
+
+    @defer.inlineCallbacks
+    def raw(self, data=None, wait=codec.CONNACK):
+        r = Raw()
+        yield connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", self.port), r)
+        self.addCleanup(lambda: r.transport.abortConnection() if r.transport.connected
+                        else None)
+        if data is not None:
+            r.transport.write(data)
+            if wait is not None:
+                yield r.waitFor(lambda: wait in r.types())
+        return r
+
+    def first(self, r, type):
+        return next((flags, body) for t, flags, body in r.packets if t == type)
+
+    @defer.inlineCallbacks
+    def test_redeliveryWithDup(self):
+        """
+        A QoS 1 message not acknowledged when the client went away is sent
+        again with DUP and the same packet id when it comes back with its
+        persistent session; session present is set.
+        """
+        connect = connectPacket("dup1", version=4, clean=False)
+        r = yield self.raw(connect + subscribePacket(1, ["r/t"], version=4, qos=1),
+                           codec.SUBACK)
+        pub = Paho(self, self.port, version=4)
+        yield pub.connect()
+        yield pub.publish("r/t", b"once", 1)
+        yield r.waitFor(lambda: codec.PUBLISH in r.types())
+        flags, body = self.first(r, codec.PUBLISH)
+        p = codec.decodePublish(flags, body, 4)
+        self.assertFalse(p.dup)
+        r.transport.loseConnection()
+        yield r.lost
+        again = yield self.raw(connect, codec.PUBLISH)
+        self.assertEqual(self.first(again, codec.CONNACK)[1], b"\x01\x00")
+        flags, body = self.first(again, codec.PUBLISH)
+        q = codec.decodePublish(flags, body, 4)
+        self.assertEqual((q.dup, q.packetId, q.payload), (True, p.packetId, b"once"))
+        again.transport.write(codec.encodeAck(codec.PUBACK, q.packetId, 4))
+        # Acknowledged: a third connection gets nothing again.
+        yield sleep(0.2)
+        again.transport.loseConnection()
+        yield again.lost
+        third = yield self.raw(connect)
+        yield sleep(0.3)
+        self.assertNotIn(codec.PUBLISH, third.types())
+
+    @defer.inlineCallbacks
+    def test_qos2InboundExactlyOnce(self):
+        """
+        A QoS 2 PUBLISH sent again with DUP before PUBREL is acknowledged
+        (PUBREC) but routed once; PUBREL gets PUBCOMP, an unknown one
+        PUBCOMP 0x92.
+        """
+        sub = Paho(self, self.port, version=5)
+        yield sub.connect()
+        yield sub.subscribe("x2/t", 2)
+        r = yield self.raw(connectPacket("q2", version=5))
+        pub = codec.packet(0x34, codec.utf8("x2/t") + b"\x00\x09\x00" + b"payload")
+        dup = codec.packet(0x3C, codec.utf8("x2/t") + b"\x00\x09\x00" + b"payload")
+        r.transport.write(pub + dup)
+        yield r.waitFor(lambda: r.types().count(codec.PUBREC) == 2)
+        r.transport.write(codec.encodeAck(codec.PUBREL, 9, 5) +
+                          codec.encodeAck(codec.PUBREL, 10, 5))
+        yield r.waitFor(lambda: r.types().count(codec.PUBCOMP) == 2)
+        comps = [body for t, f, body in r.packets if t == codec.PUBCOMP]
+        self.assertEqual(comps, [b"\x00\x09", b"\x00\x0a\x92"])
+        yield sub.waitMessages(1)
+        yield sleep(0.3)
+        self.assertEqual(len(sub.messages), 1)
+
+    @defer.inlineCallbacks
+    def test_sessionExpiryAndCleanStart(self):
+        """
+        A 5.0 session with a 1 s expiry is gone 1.5 s after its client
+        left; clean start discards a session at once.
+        """
+        props = codec.encodeProperties({"session_expiry_interval": 1})
+        r = yield self.raw(connectPacket("exp", clean=False, props=props))
+        r.transport.loseConnection()
+        yield r.lost
+        back = yield self.raw(connectPacket("exp", clean=False, props=props))
+        self.assertEqual(self.first(back, codec.CONNACK)[1][:2], b"\x01\x00")
+        back.transport.loseConnection()
+        yield back.lost
+        yield sleep(1.5)
+        late = yield self.raw(connectPacket("exp", clean=False, props=props))
+        self.assertEqual(self.first(late, codec.CONNACK)[1][:2], b"\x00\x00")
+        late.transport.loseConnection()
+        yield late.lost
+        clean = yield self.raw(connectPacket("exp", clean=True, props=props))
+        self.assertEqual(self.first(clean, codec.CONNACK)[1][:2], b"\x00\x00")
+
+    @defer.inlineCallbacks
+    def test_connackRefusals(self):
+        """
+        An unknown protocol level gets return code 1; a 3.1.1 empty client
+        id without clean session return code 2; both closed.
+        """
+        bad = codec.packet(0x10, codec.utf8("MQTT") + b"\x07\x02\x00\x3c" + codec.utf8("c"))
+        r = yield self.raw(bad)
+        yield r.lost
+        self.assertEqual(r.packets, [(codec.CONNACK, 0, b"\x00\x01")])
+        r = yield self.raw(connectPacket("", version=4, clean=False))
+        yield r.lost
+        self.assertEqual(r.packets, [(codec.CONNACK, 0, b"\x00\x02")])
+
+    @defer.inlineCallbacks
+    def test_secondConnectClosed(self):
+        r = yield self.raw(connectPacket("twice"))
+        r.transport.write(connectPacket("twice"))
+        yield r.lost
+        type, flags, body = r.packets[-1]
+        self.assertEqual((type, body[0]), (codec.DISCONNECT, codec.PROTOCOL_ERROR))
+        self.assertIn(b"unexpected packet type 1", body)
+
+    @defer.inlineCallbacks
+    def test_authAndAcl(self):
+        """
+        An authenticator's refusals map onto both versions' CONNACK codes;
+        the ACL refuses a subscription (0x87 / 0x80) and a publish (PUBACK
+        0x87 on 5.0; not routed on 3.1.1).
+        """
+        self.server.auth = Refusing()
+        for username, version, expected in (("bad", 5, b"\x00\x86"), ("banned", 5, b"\x00\x87"),
+                                            ("bad", 4, b"\x00\x04"), ("banned", 4, b"\x00\x05")):
+            r = yield self.raw(connectWithUser(username, version))
+            yield r.lost
+            self.assertEqual(self.first(r, codec.CONNACK)[1][:2], expected, (username, version))
+        watcher = Paho(self, self.port, version=5)
+        yield watcher.connect()
+        yield watcher.subscribe("#", 1)
+        for version, code in ((5, 0x87), (4, 0x80)):
+            c = Paho(self, self.port, version=version)
+            yield c.connect()
+            self.assertEqual((yield c.subscribe("secret", 1)), [code])
+        r = yield self.raw(connectPacket("acl", version=5))
+        r.transport.write(codec.packet(0x32, codec.utf8("secret") + b"\x00\x01\x00" + b"x"))
+        yield r.waitFor(lambda: codec.PUBACK in r.types())
+        self.assertEqual(self.first(r, codec.PUBACK)[1], b"\x00\x01\x87")
+        yield sleep(0.3)
+        self.assertEqual(watcher.messages, [])
+
+    @defer.inlineCallbacks
+    def test_serverTopic(self):
+        """
+        A REST send to the whole hub reaches MQTT sessions subscribed to
+        the server topic ($server) and no other.
+        """
+        on = Paho(self, self.port, version=5)
+        yield on.connect()
+        yield on.subscribe("$server", 1)
+        off = Paho(self, self.port, version=5)
+        yield off.connect()
+        yield off.subscribe("#", 1)
+        port = self.ports["webpubsub.listen[0]"]
+
+        def send():
+            from azure.messaging.webpubsubservice import WebPubSubServiceClient
+            client = WebPubSubServiceClient.from_connection_string(
+                f"Endpoint=http://127.0.0.1:{port};AccessKey={ACCESS_KEY};Version=1.0;",
+                hub="mqtt")
+            client.send_to_all("to everyone", content_type="text/plain")
+        yield threads.deferToThread(send)
+        got = yield on.waitMessages(1)
+        self.assertEqual(got[0][:2], ("$server", b"to everyone"))
+        yield sleep(0.3)
+        self.assertEqual(off.messages, [])
