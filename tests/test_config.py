@@ -123,7 +123,7 @@ class UnknownKeyTests(ErrorAssertions, TestCase):
                                "unknown key", "listen")
 
     def test_unknownSection(self):
-        self.assertConfigError("[mqtt]\n", "mqtt", "unknown key")
+        self.assertConfigError("[amqp]\n", "amqp", "unknown key")
 
     def test_inHubTable(self):
         self.assertConfigError("[webpubsub.hubs.chat]\nplainmode = 'sendEvent'\n",

@@ -19,6 +19,22 @@ from tests.tools import requireTool
 LISTENERS = ["mqtt.listen[0]", "mqtt.websocket.listen[0]", "admin.listen[0]"]
 
 
+class DefaultsTests(TestCase):
+
+    def test_embeddedDefault(self):
+        """
+        The embedded configuration serves MQTT on loopback: TCP 1883,
+        WebSocket 8083, TLS 8883, hub "mqtt", persistence on.
+        """
+        from broker import config
+        mqtt = config.parse(config.defaultText())["mqtt"]
+        self.assertTrue(mqtt["enabled"])
+        self.assertEqual((mqtt["listen"], mqtt["websocket"]["listen"], mqtt["tls"]["listen"]),
+                         (["tcp:1883:interface=127.0.0.1"], ["tcp:8083:interface=127.0.0.1"],
+                          ["tcp:8883:interface=127.0.0.1"]))
+        self.assertEqual((mqtt["hub"], mqtt["persistence"]), ("mqtt", True))
+
+
 def writeConfig(testCase):
     directory = FilePath(testCase.mktemp())
     directory.makedirs()
@@ -151,3 +167,21 @@ class ProcessTests(TwistdTestsMixin, TestCase):
                 self.assertEqual(sorted(e["qos"] for e in p.events("message")), [0, 1, 2],
                                  (url, version, p.lines, p.stderr))
                 self.assertEqual(p.events("subscribed"), [{"event": "subscribed", "qos": 2}])
+
+    @defer.inlineCallbacks
+    def test_drainOnSigterm(self):
+        """
+        SIGTERM: a 5.0 client is told DISCONNECT 0x8B (server shutting
+        down), a 3.1.1 client is closed, and the broker ends cleanly.
+        """
+        proc, ports = yield self.start()
+        v5 = Paho(self, ports["mqtt.listen[0]"], version=5)
+        yield v5.connect()
+        v4 = Paho(self, ports["mqtt.listen[0]"], version=4)
+        yield v4.connect()
+        proc.transport.signalProcess("TERM")
+        reason = yield v5.waitDisconnected()
+        self.assertEqual(reason, 0x8B)
+        yield v4.waitDisconnected()
+        yield proc.ended
+        self.assertNotIn("Traceback", proc.text())
