@@ -220,3 +220,22 @@ class FlowTests(TestCase):
         self.assertEqual(got[0][:2], ("$server", b"to everyone"))
         yield sleep(0.3)
         self.assertEqual(off.messages, [])
+
+    @defer.inlineCallbacks
+    def test_outboundTopicAliases(self):
+        """
+        A 5.0 client allowing 1 topic alias gets its first topic with
+        alias 1 and the topic, then alias 1 with an empty topic; a second
+        topic goes without alias (never more than the client's maximum).
+        """
+        props = codec.encodeProperties({"topic_alias_maximum": 1})
+        r = yield self.raw(connectPacket("al", props=props) +
+                           subscribePacket(1, ["al/#"]), codec.SUBACK)
+        pub = Paho(self, self.port, version=4)
+        yield pub.connect()
+        for t in ("al/a", "al/a", "al/b"):
+            yield pub.publish(t, b"x", 0)
+        yield r.waitFor(lambda: r.types().count(codec.PUBLISH) == 3)
+        seen = [codec.decodePublish(f, b, 5) for t, f, b in r.packets if t == codec.PUBLISH]
+        self.assertEqual([(p.topic, p.properties.get("topic_alias")) for p in seen],
+                         [("al/a", 1), ("", 1), ("al/b", None)])

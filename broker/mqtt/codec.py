@@ -694,7 +694,7 @@ class PublishTemplate:
     (properties and payload).  A receiver costs one concatenation.
     """
 
-    __slots__ = ("head", "tail", "qos", "size")
+    __slots__ = ("head", "tail", "qos", "size", "topic", "_args", "_aliased")
 
     def __init__(self, topic, payload, qos, retain, version, properties=None):
         topicBytes = utf8(topic)
@@ -705,6 +705,9 @@ class PublishTemplate:
         self.tail = tail
         self.qos = qos
         self.size = len(self.head) + (2 if qos else 0) + len(tail)
+        self.topic = topic
+        self._args = (payload, retain, version, properties)
+        self._aliased = None
 
     def bytes(self, packetId=None, dup=False):
         if not self.qos:
@@ -713,3 +716,22 @@ class PublishTemplate:
         if dup:
             head = bytes((head[0] | 0x08,)) + head[1:]
         return head + _H.pack(packetId) + self.tail
+
+    def aliased(self, alias, withTopic):
+        """
+        The same PUBLISH with 5.0 topic alias C{alias}, carrying the topic
+        (C{withTopic}: the alias is being set) or an empty one; cached, as
+        receivers mostly number their aliases alike.
+        """
+        key = (alias, withTopic)
+        cache = self._aliased
+        if cache is None:
+            cache = self._aliased = {}
+        t = cache.get(key)
+        if t is None:
+            payload, retain, version, properties = self._args
+            props = dict(properties or {})
+            props["topic_alias"] = alias
+            t = cache[key] = PublishTemplate(self.topic if withTopic else "", payload,
+                                             self.qos, retain, version, props)
+        return t

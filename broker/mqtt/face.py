@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_mqtt_face -*-
+# -*- test-case-name: tests.test_mqtt_process -*-
 """
 Builds the MQTT face from C{[mqtt]}: the authenticator, the store, the
 L{MqttServer}, and its TCP, TLS and WebSocket listeners.
@@ -140,6 +140,7 @@ def build(context):
         maxKeepAlive=cfg["max_keep_alive"], receiveMaximum=cfg["receive_maximum"],
         topicAliasMaximum=cfg["topic_alias_maximum"],
         maxClientIdLength=cfg["max_client_id_length"], authTimeout=cfg["auth_timeout"],
+        outboundTopicAliases=cfg["outbound_topic_aliases"],
         admission=AdmissionLimits({PER_HUB: cfg["max_connections_per_hub"],
                                    PER_USER: cfg["max_connections_per_user"],
                                    PER_ADDRESS: cfg["max_connections_per_address"]}),

@@ -40,7 +40,8 @@ class MqttFactory(Factory):
     def __init__(self, reactor, server, hub="mqtt", maxPacketSize=1024 * 1024,
                  maxOutputBuffer=4 * 1024 * 1024, connectTimeout=10.0, maxKeepAlive=0,
                  receiveMaximum=64, topicAliasMaximum=16, maxClientIdLength=256,
-                 admission=None, inboundRate=None, authTimeout=10.0):
+                 admission=None, inboundRate=None, authTimeout=10.0,
+                 outboundTopicAliases=True):
         self.reactor = reactor
         self.server = server
         self.hub = hub
@@ -54,6 +55,7 @@ class MqttFactory(Factory):
         self.admission = admission
         self.inboundRate = inboundRate
         self.authTimeout = authTimeout
+        self.outboundTopicAliases = outboundTopicAliases
         self.live = LiveConnections()
 
     def buildProtocol(self, addr):
@@ -97,6 +99,10 @@ class MqttProtocol(BoundedOutput, Protocol):
         self.clientMaxPacket = 1 << 28
         self._inboundPending = 0
         self._backlog = None
+        # 5.0 topic aliases towards the client: topic -> alias, the first
+        # topic_alias_maximum topics it is sent (MQTT-3.3.2-9: never more).
+        self._outAliasMax = 0
+        self._outAliases = {}
         self._counters = factory.server.counters
 
     # -- connection life ------------------------------------------------------
@@ -200,6 +206,13 @@ class MqttProtocol(BoundedOutput, Protocol):
         Write a PUBLISH; C{False} if it is larger than the client's
         maximum packet size (not sent, MQTT-3.1.2-24).
         """
+        if self._outAliasMax and template.topic:
+            alias = self._outAliases.get(template.topic)
+            if alias is not None:
+                template = template.aliased(alias, False)
+            elif len(self._outAliases) < self._outAliasMax:
+                alias = self._outAliases[template.topic] = len(self._outAliases) + 1
+                template = template.aliased(alias, True)
         if template.size > self.clientMaxPacket:
             self._counters["too_large_for_client"] += 1
             return False
@@ -323,6 +336,8 @@ class MqttProtocol(BoundedOutput, Protocol):
         if "authentication_method" in props:
             return self._refuse(codec.BAD_AUTHENTICATION_METHOD)
         self.clientMaxPacket = props.get("maximum_packet_size", 1 << 28)
+        if f.outboundTopicAliases:
+            self._outAliasMax = props.get("topic_alias_maximum", 0)
         if c.will is not None:
             try:
                 checkTopicName(c.will.topic, MAX_TOPIC_LENGTH)

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_mqtt_face -*-
+# -*- test-case-name: tests.test_mqtt_process -*-
 """
 The C{[mqtt]} section of the configuration (docs/configuration.md, docs/mqtt.md).
 """
@@ -70,6 +70,8 @@ SECTION = Table({
                                "DISCONNECT 0x93."),
     "topic_alias_maximum": Int(16, minimum=0, maximum=65535,
                                doc="Topic aliases a 5.0 client may set."),
+    "outbound_topic_aliases": Bool(True, doc="Use topic aliases towards 5.0 clients that "
+                                             "allow them (topic_alias_maximum > 0)."),
     "max_client_id_length": Int(256, minimum=23, maximum=65535),
     "connect_timeout": Float(10.0, minimum=0.1,
                              doc="Seconds a connection has to send CONNECT."),

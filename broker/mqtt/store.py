@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_mqtt_persistence -*-
+# -*- test-case-name: tests.test_mqtt_process -*-
 """
 The durable part of the MQTT face: persistent sessions (their
 subscriptions and their queued and in-flight QoS 1/2 messages) and

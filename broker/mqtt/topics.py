@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_mqtt_topics -*-
+# -*- test-case-name: tests.test_mqtt_codec -*-
 """
 Topic names, topic filters and the per-hub trie of wildcard and shared
 subscriptions (MQTT 5.0 section 4.7 and 4.8.2).
