@@ -239,3 +239,23 @@ class FlowTests(TestCase):
         seen = [codec.decodePublish(f, b, 5) for t, f, b in r.packets if t == codec.PUBLISH]
         self.assertEqual([(p.topic, p.properties.get("topic_alias")) for p in seen],
                          [("al/a", 1), ("", 1), ("al/b", None)])
+
+    @defer.inlineCallbacks
+    def test_clientIdOfAnotherUser(self):
+        """
+        A client id held by another user's session is refused (0x85 / 2)
+        and the holder keeps its connection.
+        """
+        def connect(username, version, clientId="owned"):
+            body = codec.utf8("MQTT") + bytes((version, 0x82)) + b"\x00\x3c"
+            if version == 5:
+                body += b"\x00"
+            return codec.packet(0x10, body + codec.utf8(clientId) + codec.utf8(username))
+        owner = yield self.raw(connect("alice", 5))
+        for version, code in ((5, b"\x00\x85"), (4, b"\x00\x02")):
+            r = yield self.raw(connect("mallory", version))
+            yield r.lost
+            self.assertEqual(self.first(r, codec.CONNACK)[1][:2], code)
+        self.assertTrue(owner.transport.connected)
+        owner.transport.write(b"\xc0\x00")
+        yield owner.waitFor(lambda: codec.PINGRESP in owner.types())

@@ -413,6 +413,13 @@ class MqttProtocol(BoundedOutput, Protocol):
                 core = server.core
                 core.limits.refused(FACE, core.hubLabel(hub), refused)
                 return self._refuse(codec.QUOTA_EXCEEDED if v5 else codec.SERVER_UNAVAILABLE)
+        held = server.sessions.get((hub, self.clientId))
+        if held is not None and held.userId is not None and held.userId != identity.userId:
+            # Another user's client id: neither its connection nor its
+            # session may be taken (a take-over would let any user cut any
+            # other off).
+            self._counters["client_id_of_other_user"] += 1
+            return self._refuse(codec.CLIENT_IDENTIFIER_NOT_VALID)
         session, present = server.connect(self, c, identity, hub, self.clientId)
         self.session = session
         keepAlive = c.keepAlive
