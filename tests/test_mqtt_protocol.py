@@ -259,3 +259,56 @@ class FlowTests(TestCase):
         self.assertTrue(owner.transport.connected)
         owner.transport.write(b"\xc0\x00")
         yield owner.waitFor(lambda: codec.PINGRESP in owner.types())
+
+    @defer.inlineCallbacks
+    def test_receiveMaximumOutboundAndSubscriptionIdentifier(self):
+        """
+        A 5.0 client with receive maximum 2 has at most two QoS 1 messages
+        in flight; each PUBACK lets the next one go; each PUBLISH carries
+        the subscription identifier it matched.
+        """
+        props = codec.encodeProperties({"receive_maximum": 2})
+        sub = codec.packet(0x82, b"\x00\x01" + codec.encodeProperties(
+            {"subscription_identifier": [42]}) + codec.utf8("rx/#") + b"\x01")
+        r = yield self.raw(connectPacket("rx", props=props) + sub, codec.SUBACK)
+        pub = Paho(self, self.port, version=4)
+        yield pub.connect()
+        for i in range(5):
+            yield pub.publish("rx/t", b"%d" % i, 1)
+        yield r.waitFor(lambda: r.types().count(codec.PUBLISH) == 2)
+        yield sleep(0.3)
+        self.assertEqual(r.types().count(codec.PUBLISH), 2)
+        seen = []
+        while len(seen) < 5:
+            publishes = [codec.decodePublish(f, b, 5, fromServer=True) for t, f, b in r.packets
+                         if t == codec.PUBLISH]
+            for p in publishes[len(seen):]:
+                seen.append(p)
+                self.assertEqual(p.properties["subscription_identifier"], [42])
+                r.transport.write(codec.encodeAck(codec.PUBACK, p.packetId, 5))
+            if len(seen) < 5:
+                n = len(seen)
+                yield r.waitFor(lambda: r.types().count(codec.PUBLISH) > n)
+        self.assertEqual([p.payload for p in seen], [b"0", b"1", b"2", b"3", b"4"])
+
+
+class ServerKeepAliveTests(TestCase):
+    timeout = 30
+
+    @defer.inlineCallbacks
+    def test_serverKeepAlive(self):
+        """
+        mqtt.max_keep_alive replaces a 5.0 client's keep alive of 0 (none)
+        and tells it in CONNACK (server keep alive).
+        """
+        top, ports, _ = yield startBroker(self, mqtt="max_keep_alive = 5\n")
+        self.addCleanup(sleep, 0.3)
+        r = Raw()
+        yield connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1",
+                                                 ports["mqtt.listen[0]"]), r)
+        self.addCleanup(r.transport.abortConnection)
+        r.transport.write(connectPacket("ka", keepAlive=0))
+        yield r.waitFor(lambda: codec.CONNACK in r.types())
+        body = r.packets[0][2]
+        props, _ = codec._properties(body, 2, set(codec.PROPERTIES))
+        self.assertEqual(props["server_keep_alive"], 5)

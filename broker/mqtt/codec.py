@@ -535,7 +535,11 @@ class UnsupportedVersion(Exception):
         self.level = level
 
 
-def decodePublish(flags, body, version):
+def decodePublish(flags, body, version, fromServer=False):
+    """
+    @param fromServer: decode as a client would (a subscription identifier
+        is then allowed): for tests and tools.
+    """
     qos = (flags >> 1) & 3
     if qos == 3:
         raise MalformedPacket("PUBLISH QoS 3")                         # MQTT-3.3.1-4
@@ -550,7 +554,7 @@ def decodePublish(flags, body, version):
             raise MalformedPacket("packet identifier 0")
     props = {}
     if version == V5:
-        props, pos = _properties(body, pos, _ALLOWED[PUBLISH])
+        props, pos = _properties(body, pos, _PUBLISH_PROPS if fromServer else _ALLOWED[PUBLISH])
     return Publish(topic, body[pos:], qos, bool(flags & 0x01), dup, packetId, props)
 
 
