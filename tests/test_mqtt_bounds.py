@@ -18,7 +18,8 @@ from tests.mqttharness import Paho, sleep, startBroker, v5props
 
 
 def connectPacket(clientId="raw", version=5, keepAlive=60, clean=True, props=b"\x00"):
-    body = codec.utf8("MQTT") + bytes((version, 0x02 if clean else 0)) + keepAlive.to_bytes(2, "big")
+    body = (codec.utf8("MQTT") + bytes((version, 0x02 if clean else 0))
+            + keepAlive.to_bytes(2, "big"))
     if version == 5:
         body += props
     return codec.packet(0x10, body + codec.utf8(clientId))
