@@ -100,6 +100,39 @@ class FlowTests(TestCase):
         self.assertNotIn(codec.PUBLISH, third.types())
 
     @defer.inlineCallbacks
+    def test_qos2OutboundPubrelResent(self):
+        """
+        Outbound QoS 2: PUBLISH, PUBREC from the client, PUBREL; a client
+        that leaves before PUBCOMP gets the PUBREL again (same packet id),
+        not the PUBLISH, when it comes back.
+        """
+        props = codec.encodeProperties({"session_expiry_interval": 60})
+        connect = connectPacket("o2", clean=False, props=props)
+        r = yield self.raw(connect + subscribePacket(1, ["o2/t"], qos=2), codec.SUBACK)
+        pub = Paho(self, self.port, version=5)
+        yield pub.connect()
+        yield pub.publish("o2/t", b"two", 2)
+        yield r.waitFor(lambda: codec.PUBLISH in r.types())
+        flags, body = self.first(r, codec.PUBLISH)
+        p = codec.decodePublish(flags, body, 5)
+        self.assertEqual((p.qos, p.payload), (2, b"two"))
+        r.transport.write(codec.encodeAck(codec.PUBREC, p.packetId, 5))
+        yield r.waitFor(lambda: codec.PUBREL in r.types())
+        r.transport.loseConnection()
+        yield r.lost
+        again = yield self.raw(connect, codec.PUBREL)
+        self.assertNotIn(codec.PUBLISH, again.types())
+        flags, body = self.first(again, codec.PUBREL)
+        self.assertEqual((flags, body[:2]), (2, p.packetId.to_bytes(2, "big")))
+        again.transport.write(codec.encodeAck(codec.PUBCOMP, p.packetId, 5))
+        yield sleep(0.2)
+        again.transport.loseConnection()
+        yield again.lost
+        third = yield self.raw(connect)
+        yield sleep(0.3)
+        self.assertEqual(third.types(), [codec.CONNACK])
+
+    @defer.inlineCallbacks
     def test_qos2InboundExactlyOnce(self):
         """
         A QoS 2 PUBLISH sent again with DUP before PUBREL is acknowledged
