@@ -537,6 +537,9 @@ class UnsupportedVersion(Exception):
 
 def decodePublish(flags, body, version, fromServer=False):
     """
+    The hot path of every inbound message: the common case (a topic, no
+    properties) is decoded inline.
+
     @param fromServer: decode as a client would (a subscription identifier
         is then allowed): for tests and tools.
     """
@@ -546,15 +549,33 @@ def decodePublish(flags, body, version, fromServer=False):
     dup = bool(flags & 0x08)
     if dup and qos == 0:
         raise MalformedPacket("DUP on a QoS 0 PUBLISH")                # MQTT-3.3.1-2
-    topic, pos = _utf8(body, 0)
+    n = len(body)
+    if n < 2:
+        raise MalformedPacket("truncated topic name")
+    pos = 2 + ((body[0] << 8) | body[1])
+    if pos > n:
+        raise MalformedPacket("truncated topic name")
+    try:
+        topic = body[2:pos].decode("utf-8")
+    except UnicodeDecodeError:
+        raise MalformedPacket("topic name is not valid UTF-8")
+    if "\x00" in topic:
+        raise MalformedPacket("topic name holds U+0000")
     packetId = None
     if qos:
-        packetId, pos = _u16(body, pos)
+        if pos + 2 > n:
+            raise MalformedPacket("truncated packet identifier")
+        packetId = (body[pos] << 8) | body[pos + 1]
+        pos += 2
         if packetId == 0:
             raise MalformedPacket("packet identifier 0")
     props = {}
     if version == V5:
-        props, pos = _properties(body, pos, _PUBLISH_PROPS if fromServer else _ALLOWED[PUBLISH])
+        if pos < n and body[pos] == 0:
+            pos += 1
+        else:
+            props, pos = _properties(body, pos, _PUBLISH_PROPS if fromServer
+                                     else _ALLOWED[PUBLISH])
     return Publish(topic, body[pos:], qos, bool(flags & 0x01), dup, packetId, props)
 
 
