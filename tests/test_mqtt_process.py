@@ -7,7 +7,8 @@ besides paho: Debian's C{mosquitto_pub}/C{mosquitto_sub} and npm C{mqtt}
 
 import shutil
 
-from twisted.internet import defer, utils
+import treq
+from twisted.internet import defer, reactor, utils
 from twisted.python.filepath import FilePath
 from twisted.trial.unittest import TestCase
 
@@ -127,9 +128,9 @@ class ProcessTests(TwistdTestsMixin, TestCase):
             received = utils.getProcessOutputAndValue(
                 sub, ["-h", "127.0.0.1", "-p", port, "-V", version, "-q", "2", "-t", topic,
                       "-C", "3", "-v", "-W", "20", "-i", f"sub-{version}"])
-            # mosquitto_sub has subscribed once its client shows up in the
-            # server: publish a retained marker and wait for it.
-            yield sleep(1.0)
+            # mosquitto_sub has subscribed once its topic is a group of
+            # the hub (/metrics).
+            yield self.waitForGroups(ports, 1)
             for qos in ("0", "1", "2"):
                 out, err, code = yield utils.getProcessOutputAndValue(
                     pub, ["-h", "127.0.0.1", "-p", port, "-V", version, "-q", qos, "-t", topic,
@@ -147,6 +148,17 @@ class ProcessTests(TwistdTestsMixin, TestCase):
             sub, ["-h", "127.0.0.1", "-p", port, "-t", "mosq/#", "-C", "1", "-v", "-W", "10",
                   "--retained-only"])
         self.assertEqual((code, out.decode().strip()), (0, "mosq/ret kept"), err)
+
+    @defer.inlineCallbacks
+    def waitForGroups(self, ports, n):
+        url = f"http://127.0.0.1:{ports['admin.listen[0]']}/metrics"
+        for _ in range(200):
+            response = yield treq.get(url, reactor=reactor, persistent=False)
+            text = (yield treq.content(response)).decode()
+            if f'broker_groups{{hub="mqtt"}} {float(n)}' in text:
+                return
+            yield sleep(0.05)
+        self.fail("the subscription never showed up")
 
     @defer.inlineCallbacks
     def test_mqttJs(self):
