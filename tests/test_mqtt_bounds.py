@@ -76,6 +76,7 @@ max_subscriptions = 3
 max_queued_messages = 5
 max_connections_per_address = 50
 receive_maximum = 4
+max_persistent_sessions = 2
 """
 
     @defer.inlineCallbacks
@@ -222,6 +223,26 @@ receive_maximum = 4
         yield back.waitMessages(5)
         yield sleep(0.3)
         self.assertEqual([m[1] for m in back.messages], [b"0", b"1", b"2", b"3", b"4"])
+
+    @defer.inlineCallbacks
+    def test_persistentSessionsBounded(self):
+        """
+        Two persistent sessions exist (one away): a third is refused (5.0
+        0x97, 3.1.1 3), its owners come back, a clean session still works.
+        """
+        expiry = codec.encodeProperties({"session_expiry_interval": 60})
+        away = yield self.raw(clientId="ps1", version=4, clean=False)
+        away.transport.loseConnection()
+        yield away.lost
+        yield self.raw(clientId="ps2", clean=False, props=expiry)
+        for version, code in ((5, b"\x00\x97"), (4, b"\x00\x03")):
+            r = yield self.raw(clientId="ps3", version=version, clean=False, props=expiry)
+            yield r.lost
+            self.assertEqual(r.packets[0][2][:2], code)
+        self.assertEqual((yield self.metric("persistent_sessions_refused")), 2)
+        back = yield self.raw(clientId="ps1", version=4, clean=False)
+        self.assertEqual(back.packets[0][2], b"\x01\x00")
+        yield self.raw(clientId="ps4", version=4)
 
     @defer.inlineCallbacks
     def test_slowConsumerDropped(self):

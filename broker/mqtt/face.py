@@ -132,7 +132,8 @@ def build(context):
                         otherFacesQos=cfg["qos_from_other_faces"],
                         serverTopic=cfg["server_topic"],
                         maxSessionExpiry=cfg["max_session_expiry"],
-                        maxSubscriptions=cfg["max_subscriptions"])
+                        maxSubscriptions=cfg["max_subscriptions"],
+                        maxPersistentSessions=cfg["max_persistent_sessions"])
     context.addService(Restorer(server))
     factory = MqttFactory(
         reactor, server, hub=cfg["hub"], maxPacketSize=cfg["max_packet_size"],

@@ -420,6 +420,12 @@ class MqttProtocol(BoundedOutput, Protocol):
             # other off).
             self._counters["client_id_of_other_user"] += 1
             return self._refuse(codec.CLIENT_IDENTIFIER_NOT_VALID)
+        if not server.mayPersist(c, hub, self.clientId):
+            self._counters["persistent_sessions_refused"] += 1
+            server.quietLog.info((FACE, "persistent sessions"),
+                                 "mqtt: a persistent session refused: {n} exist",
+                                 n=server.maxPersistentSessions)
+            return self._refuse(codec.QUOTA_EXCEEDED if v5 else codec.SERVER_UNAVAILABLE)
         session, present = server.connect(self, c, identity, hub, self.clientId)
         self.session = session
         keepAlive = c.keepAlive

@@ -61,7 +61,7 @@ class MqttServer:
 
     def __init__(self, reactor, core, auth, store, defaultHub="mqtt", maxQueued=1000,
                  otherFacesQos=1, serverTopic="$server", maxSessionExpiry=7 * 86400,
-                 maxSubscriptions=100):
+                 maxSubscriptions=100, maxPersistentSessions=100_000):
         self.reactor = reactor
         self.clock = reactor.seconds
         self.core = core
@@ -73,6 +73,8 @@ class MqttServer:
         self.serverTopic = serverTopic
         self.maxSessionExpiry = maxSessionExpiry
         self.maxSubscriptions = maxSubscriptions
+        self.maxPersistentSessions = maxPersistentSessions
+        self.persistentCount = 0
         self.sessions = {}           # (hub, clientId) -> MqttSession
         self.routings = {}           # hub -> HubRouting
         self.counters = collections.Counter()
@@ -85,6 +87,21 @@ class MqttServer:
         return r
 
     # -- sessions -------------------------------------------------------------
+
+    def mayPersist(self, c, hubName, clientId):
+        """
+        Whether a CONNECT asking for a persistent session may have one:
+        at most C{maxPersistentSessions} exist (connected or away), so
+        clients cannot fill the broker with sessions they leave behind.
+        """
+        asks = (c.properties.get("session_expiry_interval", 0) if c.version == codec.V5
+                else not c.cleanStart)
+        if not asks or not self.maxSessionExpiry:
+            return True
+        held = self.sessions.get((hubName, clientId))
+        if held is not None and held.persistent:
+            return True
+        return self.persistentCount < self.maxPersistentSessions
 
     def connect(self, protocol, c, identity, hubName, clientId):
         """
@@ -199,6 +216,7 @@ class MqttServer:
             session.core.hub.remove(session.core, "session ended")
         if session.persistent:
             self.store.deleteSession(session)
+            session.persistent = False
         key = (session.hubName, session.clientId)
         if self.sessions.get(key) is session:
             del self.sessions[key]

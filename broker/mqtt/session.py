@@ -117,7 +117,7 @@ class MqttSession:
         self.inflight = OrderedDict()   # pid -> OutMessage
         self.queue = deque()      # OutMessages waiting for the window or the client
         self.incoming = set()     # QoS 2 packet ids received, PUBREL not yet
-        self.persistent = False
+        self._persistent = False
         self.expiryInterval = 0
         self.expiryCall = None
         self.will = None
@@ -129,6 +129,18 @@ class MqttSession:
     @property
     def online(self):
         return self.protocol is not None
+
+    @property
+    def persistent(self):
+        return self._persistent
+
+    @persistent.setter
+    def persistent(self, value):
+        # Counted, so that mqtt.max_persistent_sessions costs nothing to check.
+        value = bool(value)
+        if value != self._persistent:
+            self._persistent = value
+            self.broker.persistentCount += 1 if value else -1
 
     # -- IConnection ------------------------------------------------------
 

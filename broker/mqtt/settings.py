@@ -59,6 +59,9 @@ SECTION = Table({
                                    "offline); beyond, dropped and counted."),
     "max_subscriptions": Int(100, minimum=1, maximum=100_000,
                              doc="Subscriptions per session; beyond, SUBACK 0x97 (0x80)."),
+    "max_persistent_sessions": Int(100_000, minimum=0,
+                                   doc="Persistent sessions at once, connected or away; a "
+                                       "CONNECT asking for one more: CONNACK 0x97 (3)."),
     "max_session_expiry": Int(7 * 86400, minimum=0, maximum=0xFFFFFFFF,
                               doc="Longest session expiry interval granted, seconds (also "
                                   "for 3.1.1 clean session 0)."),
