@@ -77,6 +77,8 @@ max_queued_messages = 5
 max_connections_per_address = 50
 receive_maximum = 4
 max_persistent_sessions = 2
+max_retained_messages = 3
+max_retained_bytes = 3000
 """
 
     @defer.inlineCallbacks
@@ -243,6 +245,29 @@ max_persistent_sessions = 2
         back = yield self.raw(clientId="ps1", version=4, clean=False)
         self.assertEqual(back.packets[0][2], b"\x01\x00")
         yield self.raw(clientId="ps4", version=4)
+
+    @defer.inlineCallbacks
+    def test_retainedBounded(self):
+        """
+        Past 3 retained messages (or 3000 bytes) in the hub a new one is
+        routed but not kept; replacing or deleting one still works.
+        """
+        pub = yield self.paho(5)
+        live = yield self.paho(5)
+        yield live.subscribe("rt/#", 0)     # QoS 0: max_queued_messages is 5 here
+        for i in range(5):
+            yield pub.publish(f"rt/{i}", b"v", 1, retain=True)
+        yield pub.publish("rt/0", b"w" * 2999, 1, retain=True)     # over the bytes
+        yield pub.publish("rt/1", b"", 1, retain=True)              # deletes
+        yield pub.publish("rt/5", b"v", 1, retain=True)             # fits again
+        yield live.waitMessages(8)
+        self.assertEqual((yield self.metric("retained_refused")), 3)
+        late = yield self.paho(4)
+        yield late.subscribe("rt/#", 1)
+        yield late.waitMessages(3)
+        yield sleep(0.3)
+        self.assertEqual(sorted((m[0], m[1]) for m in late.messages),
+                         [("rt/0", b"v"), ("rt/2", b"v"), ("rt/5", b"v")])
 
     @defer.inlineCallbacks
     def test_slowConsumerDropped(self):

@@ -133,7 +133,9 @@ def build(context):
                         serverTopic=cfg["server_topic"],
                         maxSessionExpiry=cfg["max_session_expiry"],
                         maxSubscriptions=cfg["max_subscriptions"],
-                        maxPersistentSessions=cfg["max_persistent_sessions"])
+                        maxPersistentSessions=cfg["max_persistent_sessions"],
+                        maxRetained=cfg["max_retained_messages"],
+                        maxRetainedBytes=cfg["max_retained_bytes"])
     context.addService(Restorer(server))
     factory = MqttFactory(
         reactor, server, hub=cfg["hub"], maxPacketSize=cfg["max_packet_size"],

@@ -44,6 +44,7 @@ class HubRouting:
         self.hub = hub
         self.trie = SubscriptionTrie()
         self.retained = {}
+        self.retainedBytes = 0
         hub.addGroupResolver(self.resolve)
 
     def resolve(self, group):
@@ -61,7 +62,8 @@ class MqttServer:
 
     def __init__(self, reactor, core, auth, store, defaultHub="mqtt", maxQueued=1000,
                  otherFacesQos=1, serverTopic="$server", maxSessionExpiry=7 * 86400,
-                 maxSubscriptions=100, maxPersistentSessions=100_000):
+                 maxSubscriptions=100, maxPersistentSessions=100_000,
+                 maxRetained=100_000, maxRetainedBytes=256 * 1024 * 1024):
         self.reactor = reactor
         self.clock = reactor.seconds
         self.core = core
@@ -75,6 +77,8 @@ class MqttServer:
         self.maxSubscriptions = maxSubscriptions
         self.maxPersistentSessions = maxPersistentSessions
         self.persistentCount = 0
+        self.maxRetained = maxRetained
+        self.maxRetainedBytes = maxRetainedBytes
         self.sessions = {}           # (hub, clientId) -> MqttSession
         self.routings = {}           # hub -> HubRouting
         self.counters = collections.Counter()
@@ -257,13 +261,31 @@ class MqttServer:
         return hub.publish(Target(Target.GROUP, topic), delivery)
 
     def retain(self, hubName, topic, message):
-        retained = self.routing(hubName).retained
+        """
+        Keep C{message} as C{topic}'s retained message (an empty one
+        deletes), within the hub's bounds: past C{maxRetained} messages or
+        C{maxRetainedBytes}, a new one is routed but not kept (counted).
+        """
+        routing = self.routing(hubName)
+        retained = routing.retained
+        old = retained.get(topic)
         if not message.data:
             # MQTT-3.3.1-10/11: an empty retained message deletes.
-            if retained.pop(topic, None) is not None:
+            if old is not None:
+                del retained[topic]
+                routing.retainedBytes -= len(old.data)
                 self.store.setRetained(hubName, topic, None)
             return
+        grows = len(message.data) - (len(old.data) if old is not None else 0)
+        if ((old is None and len(retained) >= self.maxRetained) or
+                routing.retainedBytes + grows > self.maxRetainedBytes):
+            self.counters["retained_refused"] += 1
+            self.quietLog.info((FACE, "retained", hubName),
+                               "mqtt: hub {hub}: retained messages full; not kept",
+                               hub=hubName)
+            return
         retained[topic] = message
+        routing.retainedBytes += grows
         self.store.setRetained(hubName, topic, message)
 
     # -- subscriptions --------------------------------------------------------
@@ -335,7 +357,8 @@ class MqttServer:
         subIds = (opts.subId,) if opts.subId else ()
         for topic, message in found:
             if message.expiresAt is not None and message.expiresAt <= now:
-                routing.retained.pop(topic, None)
+                if routing.retained.pop(topic, None) is not None:
+                    routing.retainedBytes -= len(message.data)
                 self.store.setRetained(session.hubName, topic, None)
                 continue
             qos = min(opts.qos, message.qos)
@@ -380,7 +403,9 @@ class MqttServer:
             if expiresAt is not None and expiresAt <= now:
                 continue
             m = MqttMessage(payload, qos, True, loadProps(props), expiresAt)
-            self.routing(hub).retained[topic] = m
+            routing = self.routing(hub)
+            routing.retained[topic] = m
+            routing.retainedBytes += len(payload)
         restored = {}
         for hub, clientId, userId, version, expiry, disconnectedAt, subs in sessions:
             identity = MqttIdentity(userId=userId)

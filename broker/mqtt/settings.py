@@ -62,6 +62,11 @@ SECTION = Table({
     "max_persistent_sessions": Int(100_000, minimum=0,
                                    doc="Persistent sessions at once, connected or away; a "
                                        "CONNECT asking for one more: CONNACK 0x97 (3)."),
+    "max_retained_messages": Int(100_000, minimum=0,
+                                 doc="Retained messages per hub; a new one beyond is routed "
+                                     "but not kept (counted)."),
+    "max_retained_bytes": Int(256 * MIB, minimum=0,
+                              doc="Bytes of retained payloads per hub; beyond, as above."),
     "max_session_expiry": Int(7 * 86400, minimum=0, maximum=0xFFFFFFFF,
                               doc="Longest session expiry interval granted, seconds (also "
                                   "for 3.1.1 clean session 0)."),
