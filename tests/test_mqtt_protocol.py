@@ -133,6 +133,28 @@ class FlowTests(TestCase):
         self.assertEqual(third.types(), [codec.CONNACK])
 
     @defer.inlineCallbacks
+    def test_clientMaximumPacketSize(self):
+        """
+        Nothing larger than a 5.0 client's maximum packet size is sent to
+        it (MQTT-3.1.2-24): a QoS 1 message too large is skipped as if
+        acknowledged (MQTT-3.1.2-25), the next one arrives, and counted.
+        """
+        props = codec.encodeProperties({"maximum_packet_size": 100})
+        r = yield self.raw(connectPacket("small", props=props) +
+                           subscribePacket(1, ["mp/t"], qos=1), codec.SUBACK)
+        pub = Paho(self, self.port, version=4)
+        yield pub.connect()
+        yield pub.publish("mp/t", b"x" * 200, 1)
+        yield pub.publish("mp/t", b"fits", 1)
+        yield r.waitFor(lambda: codec.PUBLISH in r.types())
+        yield sleep(0.2)
+        seen = [codec.decodePublish(f, b, 5) for t, f, b in r.packets if t == codec.PUBLISH]
+        self.assertEqual([p.payload for p in seen], [b"fits"])
+        self.assertTrue(all(len(b) + 2 <= 100 for t, f, b in r.packets))
+        self.assertEqual(self.server.counters["too_large_for_client"], 1)
+        self.assertEqual(len(self.server.sessions[("mqtt", "small")].inflight), 1)
+
+    @defer.inlineCallbacks
     def test_qos2InboundExactlyOnce(self):
         """
         A QoS 2 PUBLISH sent again with DUP before PUBREL is acknowledged
