@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_mqtt_paho -*-
+# -*- test-case-name: tests.test_mqtt_websocket -*-
 """
 MQTT over WebSocket (MQTT 5.0 section 6): binary frames, subprotocol
 C{mqtt}, carrying the same byte stream as TCP, so a packet may span frames
