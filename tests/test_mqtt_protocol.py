@@ -155,6 +155,29 @@ class FlowTests(TestCase):
         self.assertEqual(len(self.server.sessions[("mqtt", "small")].inflight), 1)
 
     @defer.inlineCallbacks
+    def test_disconnectWithWill(self):
+        """
+        5.0 DISCONNECT with reason 0x04 publishes the will; reason 0x00
+        discards it.
+        """
+        watcher = Paho(self, self.port, version=5)
+        yield watcher.connect()
+        yield watcher.subscribe("dw/#", 1)
+
+        def withWill(clientId, topic):
+            body = (codec.utf8("MQTT") + bytes((5, 0x02 | 0x04 | 0x08)) + b"\x00\x3c"
+                    + b"\x00" + codec.utf8(clientId) + b"\x00" + codec.utf8(topic)
+                    + codec.binary(b"will"))
+            return codec.packet(0x10, body)
+        for clientId, reason in (("dw1", 0x04), ("dw0", 0x00)):
+            r = yield self.raw(withWill(clientId, f"dw/{clientId}"))
+            r.transport.write(codec.packet(0xE0, bytes((reason,))))
+            yield r.lost
+        yield watcher.waitMessages(1)
+        yield sleep(0.3)
+        self.assertEqual([m[:2] for m in watcher.messages], [("dw/dw1", b"will")])
+
+    @defer.inlineCallbacks
     def test_qos2InboundExactlyOnce(self):
         """
         A QoS 2 PUBLISH sent again with DUP before PUBREL is acknowledged
