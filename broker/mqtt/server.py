@@ -258,7 +258,17 @@ class MqttServer:
         delivery = Delivery(message, FROM_GROUP, topic,
                             session.userId if session is not None else None,
                             session.connectionId if session is not None else None)
-        return hub.publish(Target(Target.GROUP, topic), delivery)
+        d = hub.publish(Target(Target.GROUP, topic), delivery)
+        d.addErrback(self._publishFailed, hubName)
+        return d
+
+    def _publishFailed(self, failure, hubName):
+        # A cluster engine that could not reach other nodes: this node's
+        # receivers have the message; counted, logged once a minute.
+        self.counters["publish_failures"] += 1
+        self.quietLog.info((FACE, "publish failed", hubName),
+                           "mqtt: hub {hub}: a publish reached this node only: {why}",
+                           hub=hubName, why=failure.getErrorMessage())
 
     def retain(self, hubName, topic, message):
         """
