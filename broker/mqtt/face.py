@@ -166,3 +166,18 @@ def build(context):
     if getattr(auth, "reloadable", False):
         context.onReload(auth.reload)
     return server
+
+
+def listeners(settings):
+    """
+    The stream listeners L{build} opens, for the supervisor of worker
+    processes (C{broker.plugins.IBrokerFace.listeners} once the faces are
+    plugins; C{broker.plugins} is imported only then).
+    """
+    from broker.plugins import streamListeners
+    cfg = settings["mqtt"]
+    if not cfg["enabled"]:
+        return []
+    return (streamListeners("mqtt.listen", cfg["listen"])
+            + streamListeners("mqtt.tls.listen", cfg["tls"]["listen"])
+            + streamListeners("mqtt.websocket.listen", cfg["websocket"]["listen"]))
