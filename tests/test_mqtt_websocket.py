@@ -121,3 +121,6 @@ class WebSocketTests(TestCase):
         server = next(s for s in self.top if isinstance(s, Restorer)).server
         self.assertIn(("other", "ws3"), server.sessions)
         self.assertEqual(server.core.hubs["other"].connectionCount, 1)
+        info = server.sessions[("other", "ws3")].describe()
+        self.assertEqual((info["clientId"], info["mqttVersion"], info["attached"]),
+                         ("ws3", "5.0", True))

@@ -46,6 +46,10 @@ class HubRouting:
         self.retained = {}
         self.retainedBytes = 0
         hub.addGroupResolver(self.resolve)
+        if hub.face == "core":
+            # The hub's label on /metrics and in the console, unless another
+            # face (Web PubSub) serves it too.
+            hub.face = "mqtt"
 
     def resolve(self, group):
         if not self.trie.count or "+" in group or "#" in group:

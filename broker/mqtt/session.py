@@ -142,6 +142,25 @@ class MqttSession:
             self._persistent = value
             self.broker.persistentCount += 1 if value else -1
 
+    def describe(self):
+        """
+        What the admin console shows of this connection beyond the core's
+        figures (C{broker.admin.api.describeSession} on main).
+        """
+        info = {"protocol": "mqtt", "clientId": self.clientId,
+                "mqttVersion": "5.0" if self.version == codec.V5 else "3.1.1",
+                "attached": self.protocol is not None, "persistent": self.persistent,
+                "sessionExpiry": self.expiryInterval, "subscriptions": len(self.subs),
+                "queued": len(self.queue), "inFlight": len(self.inflight)}
+        protocol = self.protocol
+        if protocol is not None:
+            try:
+                peer = protocol.transport.getPeer()
+                info["address"] = getattr(peer, "host", "?")
+            except Exception:
+                pass
+        return info
+
     # -- IConnection ------------------------------------------------------
 
     def close(self, code, reason):
