@@ -130,7 +130,7 @@ class UnknownKeyTests(ErrorAssertions, TestCase):
         """
         self.assertConfigError("[nosuchface]\n", "nosuchface", "unknown section",
                                "the broker's own: broker, admin, cluster",
-                               "installed face plugins: webpubsub, ecdn, iot, peergroups")
+                               "installed face plugins: webpubsub, ecdn, iot, peergroups, mqtt")
 
     def test_inHubTable(self):
         self.assertConfigError("[webpubsub.hubs.chat]\nplainmode = 'sendEvent'\n",

@@ -117,6 +117,22 @@ class Hub:
         # queue behind it, so they keep their order.
         self.history = None
         self._ordered = _PublishQueue(self._publishNow)
+        # Callables C{resolver(group)} giving further receivers of a group
+        # send ({connectionId: IConnection}) beyond the group's members: how
+        # a face matches patterns (MQTT wildcard and shared subscriptions)
+        # against group names without the core knowing their syntax.
+        self._groupResolvers = []
+
+    def addGroupResolver(self, resolver):
+        """
+        Ask C{resolver(group)} for further receivers of every group send
+        on this node: a dict C{{connectionId: IConnection}} (a receiver
+        already a member of the group is not delivered to twice).
+        """
+        self._groupResolvers.append(resolver)
+
+    def removeGroupResolver(self, resolver):
+        self._groupResolvers.remove(resolver)
 
     # -- admission --------------------------------------------------------
 
@@ -695,6 +711,11 @@ class Hub:
         if kind == Target.GROUP:
             conns = self._groups.get(target.name)
             receivers = list(conns.values()) if conns else []
+            for resolver in self._groupResolvers:
+                extra = resolver(target.name)
+                if extra:
+                    receivers.extend(c for cid, c in extra.items()
+                                     if conns is None or cid not in conns)
         elif kind == Target.USER:
             conns = self._users.get(target.name)
             receivers = list(conns.values()) if conns else []
