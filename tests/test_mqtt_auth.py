@@ -21,7 +21,8 @@ from twisted.python.threadpool import ThreadPool
 from twisted.trial import unittest
 
 from broker.auth.tokens import makeClientToken
-from broker.mqtt import acl, auth, passwords, topics
+from broker.mqtt import acl, auth, passwords
+from broker.mqtt import topicsets
 from broker.mqtt.interfaces import (BAD_USER_NAME_OR_PASSWORD, NOT_AUTHORIZED, IMqttAuth,
                                     MqttAuthError, MqttIdentity)
 from broker.tap import Reloader
@@ -45,12 +46,12 @@ def mosquittoPasswd(path, user, password, *options):
 class TopicTests(unittest.TestCase):
     def test_valid(self):
         for f in ["a", "a/b", "+", "#", "a/+/c", "a/#", "+/+", "/", "a//b", "$SYS/#"]:
-            self.assertTrue(topics.validTopicFilter(f), f)
+            self.assertTrue(topicsets.validTopicFilter(f), f)
         for f in ["", "a#", "a/#/b", "a+", "a/b+/c", "##", "a\x00"]:
-            self.assertFalse(topics.validTopicFilter(f), f)
-        self.assertTrue(topics.validTopicName("a/b"))
+            self.assertFalse(topicsets.validTopicFilter(f), f)
+        self.assertTrue(topicsets.validTopicName("a/b"))
         for n in ["", "a/+", "#", "a\x00b"]:
-            self.assertFalse(topics.validTopicName(n), n)
+            self.assertFalse(topicsets.validTopicName(n), n)
 
     def test_matches(self):
         yes = [("a/#", "a"), ("a/#", "a/b/c"), ("#", "a/b"), ("+", "a"), ("a/+", "a/"),
@@ -58,9 +59,9 @@ class TopicTests(unittest.TestCase):
         no = [("a/+", "a"), ("a/+", "a/b/c"), ("+", "a/b"), ("#", "$SYS/x"),
               ("+/x", "$SYS/x"), ("a/b", "a/B"), ("a", "a/b")]
         for f, t in yes:
-            self.assertTrue(topics.matches(f, t), (f, t))
+            self.assertTrue(topicsets.matches(f, t), (f, t))
         for f, t in no:
-            self.assertFalse(topics.matches(f, t), (f, t))
+            self.assertFalse(topicsets.matches(f, t), (f, t))
 
     def test_covers(self):
         yes = [("#", "a/+/c"), ("a/#", "a"), ("a/#", "a/#"), ("a/#", "a/+/#"), ("a/+", "a/b"),
@@ -68,24 +69,24 @@ class TopicTests(unittest.TestCase):
         no = [("a/+", "a/#"), ("a/b", "a/+"), ("#", "$SYS/x"), ("+/b", "$x/b"),
               ("a/+/c", "a/+"), ("a", "a/#"), ("a/+", "a")]
         for o, i in yes:
-            self.assertTrue(topics.covers(o, i), (o, i))
+            self.assertTrue(topicsets.covers(o, i), (o, i))
         for o, i in no:
-            self.assertFalse(topics.covers(o, i), (o, i))
+            self.assertFalse(topicsets.covers(o, i), (o, i))
 
     def test_overlaps(self):
         yes = [("a/secret", "a/+"), ("a/#", "a"), ("#", "x/y"), ("+/b", "a/+"),
                ("a/+/c", "a/b/#"), ("$SYS/#", "$SYS/a")]
         no = [("a/b", "a/c"), ("a/+", "a"), ("#", "$SYS/a"), ("+", "$x"), ("a/b/c", "a/+")]
         for a, b in yes:
-            self.assertTrue(topics.overlaps(a, b) and topics.overlaps(b, a), (a, b))
+            self.assertTrue(topicsets.overlaps(a, b) and topicsets.overlaps(b, a), (a, b))
         for a, b in no:
-            self.assertFalse(topics.overlaps(a, b) or topics.overlaps(b, a), (a, b))
+            self.assertFalse(topicsets.overlaps(a, b) or topicsets.overlaps(b, a), (a, b))
 
     # The relations checked against brute force over every topic of up to
     # four levels from a small alphabet ("$x" only first, as $-topics are).
     _filters = st.lists(st.sampled_from(["a", "b", "", "+", "#", "$x"]), min_size=1,
                         max_size=3).filter(lambda ls: "$x" not in ls[1:]).map(
-        "/".join).filter(topics.validTopicFilter)
+        "/".join).filter(topicsets.validTopicFilter)
     _universe = None
 
     @classmethod
@@ -103,11 +104,11 @@ class TopicTests(unittest.TestCase):
     @given(_filters, _filters)
     def test_relationsAgainstBruteForce(self, outer, inner):
         universe = self.universe()
-        innerTopics = {t for t in universe if topics.matches(inner, t)}
-        outerTopics = {t for t in universe if topics.matches(outer, t)}
-        self.assertEqual(topics.covers(outer, inner), outerTopics >= innerTopics,
+        innerTopics = {t for t in universe if topicsets.matches(inner, t)}
+        outerTopics = {t for t in universe if topicsets.matches(outer, t)}
+        self.assertEqual(topicsets.covers(outer, inner), outerTopics >= innerTopics,
                          (outer, inner))
-        self.assertEqual(topics.overlaps(outer, inner), bool(outerTopics & innerTopics),
+        self.assertEqual(topicsets.overlaps(outer, inner), bool(outerTopics & innerTopics),
                          (outer, inner))
 
 

@@ -34,7 +34,7 @@ rule silently).
 
 import os
 
-from broker.mqtt import topics
+from broker.mqtt import topicsets
 
 READ = 1
 WRITE = 2
@@ -68,14 +68,14 @@ class AclEntries:
             self.write.append(topicFilter)
 
     def mayPublish(self, topic):
-        if any(topics.matches(f, topic) for f in self.deny):
+        if any(topicsets.matches(f, topic) for f in self.deny):
             return False
-        return any(topics.matches(f, topic) for f in self.write)
+        return any(topicsets.matches(f, topic) for f in self.write)
 
     def maySubscribe(self, topicFilter):
-        if any(topics.overlaps(f, topicFilter) for f in self.deny):
+        if any(topicsets.overlaps(f, topicFilter) for f in self.deny):
             return False
-        return any(topics.covers(f, topicFilter) for f in self.read)
+        return any(topicsets.covers(f, topicFilter) for f in self.read)
 
 
 class AclTable:
@@ -151,7 +151,7 @@ def parseAclFile(data, source="ACL file"):
         else:
             raise AclFileError(f"{where}: expected {keyword} [read|write|readwrite|deny] "
                                "<filter>")
-        if not topics.validTopicFilter(topicFilter):
+        if not topicsets.validTopicFilter(topicFilter):
             raise AclFileError(f"{where}: {topicFilter!r} is not a valid topic filter")
         if keyword == "topic":
             current.append((access, topicFilter))

@@ -40,7 +40,8 @@ from zope.interface import implementer
 from broker.auth.tokens import CLIENT_PATH, MQTT_PATH, TokenError, verifyClientToken
 from broker.core.permissions import JOIN_LEAVE_GROUP, SEND_TO_GROUP, Permissions
 from broker.mqtt import acl as aclmodule
-from broker.mqtt import passwords, topics
+from broker.mqtt import passwords
+from broker.mqtt import topicsets
 from broker.mqtt.interfaces import (
     BAD_USER_NAME_OR_PASSWORD, NOT_AUTHORIZED, IMqttAcl, IMqttAuth, IMqttAuthenticator,
     MqttAuthError, MqttIdentity)
@@ -78,7 +79,7 @@ class TokenGrant:
     def maySubscribe(self, topicFilter):
         if self.permissions.has(JOIN_LEAVE_GROUP):
             return True
-        if not topics.validTopicName(topicFilter):
+        if not topicsets.validTopicName(topicFilter):
             return False
         return self.permissions.has(JOIN_LEAVE_GROUP, topicFilter)
 

@@ -1,8 +1,11 @@
 # -*- test-case-name: tests.test_mqtt_auth -*-
 """
-MQTT topic names and topic filters (MQTT 3.1.1 section 4.7, 5.0 section
-4.7): validation, matching a name against a filter, and the two relations
-between filters an ACL needs.
+Topic filters as sets of topic names, for the ACLs (MQTT 3.1.1 and 5.0
+section 4.7): validation, matching a name against a filter, and the two
+relations between filters an ACL needs.  (The face's own topic handling,
+its subscription trie, is L{broker.mqtt.topics}; L{matches} here follows
+the same rules, and the relations below are tested against L{matches} by
+brute force.)
 
 A subscription is checked once, when it is made, against the ACL's filters,
 so the ACL must answer questions about whole sets of topics:
