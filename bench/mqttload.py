@@ -96,6 +96,11 @@ class MqttClient(Protocol):
         self.deliveries = 0
         self.closed = defer.Deferred()
 
+    def connectionMade(self):
+        # As device clients do (paho sets it too): a PUBACK must not wait
+        # for Nagle's algorithm behind the broker's delayed ACK.
+        self.transport.setTcpNoDelay(True)
+
     def connectionLost(self, reason):
         for d in self._waiting.values():
             d.errback(MqttError(f"connection lost: {reason.value}"))
