@@ -271,10 +271,13 @@ class MqttAuth:
 def fromSettings(reactor, section, tokenKeys=None, resolve=None):
     """
     An L{MqttAuth} from the C{[mqtt]} section's keys C{password_file},
-    C{acl_file}, C{allow_anonymous} (absent keys: no file, anonymous allowed
-    only when neither a password file nor token keys are configured) and
-    C{token_origins}, files read (a bad file raises, so the broker does
-    not start with it).
+    C{acl_file}, C{allow_anonymous} and C{token_origins}, its files read (a
+    bad file raises, so the broker does not start with it).
+
+    Without C{allow_anonymous} (absent or C{None}), anonymous clients are
+    allowed exactly when there is no password file, as in Mosquitto; token
+    clients are taken either way when C{tokenKeys} gives the hub keys, so a
+    broker that must take tokens only sets C{allow_anonymous = false}.
 
     @param resolve: C{resolve(path)} -> the path to open (relative paths
         against the configuration's directory), or C{None} for as given.
@@ -288,7 +291,7 @@ def fromSettings(reactor, section, tokenKeys=None, resolve=None):
     passwordFile, aclFile = path("password_file"), path("acl_file")
     anonymous = section.get("allow_anonymous")
     if anonymous is None:
-        anonymous = passwordFile is None and tokenKeys is None
+        anonymous = passwordFile is None
     auth = MqttAuth(reactor, passwordFile=passwordFile, aclFile=aclFile, tokenKeys=tokenKeys,
                     allowAnonymous=anonymous, origins=section.get("token_origins") or ())
     return auth.load()
