@@ -553,3 +553,86 @@ class MqttAuthTests(unittest.TestCase):
         a = auth.fromSettings(reactor, {"allow_anonymous": False}, tokenKeys=lambda hub: (KEY,))
         yield self.refused(a.authenticate("c", None, None, "h"), NOT_AUTHORIZED)
         self.assertEqual((yield a.authenticate("c", "x", token.encode(), "h")).userId, "t")
+
+
+class BuildTests(unittest.TestCase):
+    """
+    C{build(context, cfg)}, as the face calls it: token keys from the
+    C{[webpubsub]} section of the broker's configuration, read again on
+    reload; files refused with the key named.
+    """
+
+    def setUp(self):
+        self.stateDir = self.mktemp()
+        os.makedirs(self.stateDir)
+        self.text = self.toml(KEY, "devices-key-0123456789abcdef0123456")
+
+    def toml(self, default, hub):
+        return (f'[broker]\nstate_dir = "{self.stateDir}"\n'
+                f'[webpubsub]\naccess_keys = ["{default}"]\n'
+                f'[webpubsub.hubs.devices]\naccess_keys = ["{hub}"]\n')
+
+    def context(self):
+        from broker import config
+        from broker.faces import FaceContext
+
+        reloader = Reloader(reactor)
+        context = FaceContext(reactor, None, config.parse(self.text), None, None, None,
+                              reloader, loadSettings=lambda: config.parse(self.text))
+        return context, reloader
+
+    def token(self, key, hub, user="u"):
+        return makeClientToken(key, f"http://b/clients/mqtt/hubs/{hub}", user,
+                               [f"{SEND}.t"]).encode()
+
+    @defer.inlineCallbacks
+    def test_hubKeysAndReload(self):
+        context, reloader = self.context()
+        a = auth.build(context, {"password_file": "", "acl_file": ""})
+        context.onReload(a.reload)
+        devices = "devices-key-0123456789abcdef0123456"
+        self.assertEqual((yield a.authenticate("c", "x", self.token(devices, "devices"),
+                                               "devices")).userId, "u")
+        yield self.assertFailure(a.authenticate("c", "x", self.token(KEY, "devices"), "devices"),
+                                 MqttAuthError)
+        self.assertEqual((yield a.authenticate("c", "x", self.token(KEY, "other"),
+                                               "other")).userId, "u")
+        # SIGHUP with a rotated hub key: the old one is refused from now on.
+        rotated = "rotated-key-0123456789abcdef0123456"
+        self.text = self.toml(KEY, rotated)
+        reloader.reload()
+        self.assertEqual((yield a.authenticate("c", "x", self.token(rotated, "devices"),
+                                               "devices")).userId, "u")
+        yield self.assertFailure(
+            a.authenticate("c", "x", self.token(devices, "devices"), "devices"), MqttAuthError)
+        # A configuration that no longer parses keeps the keys in force.
+        logged = _Logged(self)
+        self.text = "[webpubsub]\naccess_keys = 5\n"
+        reloader.reload()
+        self.assertEqual(len(logged.errors("token keys not reloaded")), 1)
+        self.assertEqual((yield a.authenticate("c", "x", self.token(rotated, "devices"),
+                                               "devices")).userId, "u")
+
+    @defer.inlineCallbacks
+    def test_developmentKey(self):
+        """No key configured: the Web PubSub face's development key signs tokens."""
+        from broker.webpubsub.face import developmentKey
+
+        self.text = f'[broker]\nstate_dir = "{self.stateDir}"\n'
+        context, _ = self.context()
+        a = auth.build(context, {})
+        key = developmentKey(self.stateDir)[0]
+        self.assertEqual((yield a.authenticate("c", None, self.token(key, "h"), "h")).userId,
+                         "u")
+
+    def test_badFiles(self):
+        from broker.config import ConfigError
+
+        context, _ = self.context()
+        bad = self.mktemp()
+        with open(bad, "w") as f:
+            f.write("user:plain\n")
+        e = self.assertRaises(ConfigError, auth.build, context, {"password_file": bad})
+        self.assertEqual(e.key, "mqtt.password_file")
+        e = self.assertRaises(ConfigError, auth.build, context, {"acl_file": self.mktemp()})
+        self.assertEqual(e.key, "mqtt.acl_file")

@@ -151,9 +151,13 @@ class MqttAuth:
 
     def reload(self):
         """
-        C{SIGHUP}: read both files again.  Each that fails keeps its
-        previous table; the failure is logged once (this call).
+        C{SIGHUP}: read both files again (and the hubs' token keys, when
+        they can be).  Each that fails keeps its previous table; the
+        failure is logged once (this call).
         """
+        refresh = getattr(self._tokenKeys, "reload", None)
+        if refresh is not None:
+            refresh()
         if self.passwordFile is not None:
             try:
                 table = passwords.readPasswordFile(self.passwordFile)
@@ -295,3 +299,64 @@ def fromSettings(reactor, section, tokenKeys=None, resolve=None):
     auth = MqttAuth(reactor, passwordFile=passwordFile, aclFile=aclFile, tokenKeys=tokenKeys,
                     allowAnonymous=anonymous, origins=section.get("token_origins") or ())
     return auth.load()
+
+
+class HubKeys:
+    """
+    C{keys(hub)}: the access keys that sign a hub's client tokens, from the
+    C{[webpubsub]} section (the hub's C{access_keys}, else the section's,
+    else the development key in C{state_dir}), as the Web PubSub face and
+    the REST API's C{:generateToken} use them; read again on C{reload()}.
+    """
+
+    def __init__(self, context):
+        self._context = context
+        self._settings = self._load(context.settings)
+
+    def _load(self, settings):
+        from broker.webpubsub.face import developmentKey
+        from broker.webpubsub.site import faceSettings
+
+        wps = settings["webpubsub"]
+        defaultKeys = list(wps["access_keys"])
+        if not defaultKeys:
+            defaultKeys = [developmentKey(self._context.stateDir)[0]]
+        return faceSettings(wps, defaultKeys)
+
+    def __call__(self, hub):
+        return self._settings.hub(hub).accessKeys
+
+    @property
+    def audiences(self):
+        return self._settings.audiences
+
+    def reload(self):
+        from broker.config import ConfigError
+
+        try:
+            self._settings = self._load(self._context.loadSettings())
+        except (ConfigError, OSError) as e:
+            log.error("MQTT token keys not reloaded, previous keys kept: {why}", why=e)
+
+
+def build(context, cfg):
+    """
+    The face's L{IMqttAuth} (L{broker.mqtt.face.buildAuth}): L{fromSettings}
+    of the C{[mqtt]} table, tokens checked with the Web PubSub hubs' keys
+    (L{HubKeys}), their audience origins C{[webpubsub] audiences} unless
+    C{token_origins} is set.
+
+    @raise broker.config.ConfigError: a password or ACL file the broker
+        cannot use, naming the key.
+    """
+    from broker.config import ConfigError
+
+    keys = HubKeys(context)
+    if not cfg.get("token_origins") and keys.audiences:
+        cfg = dict(cfg, token_origins=list(keys.audiences))
+    try:
+        return fromSettings(context.reactor, cfg, tokenKeys=keys)
+    except passwords.PasswordFileError as e:
+        raise ConfigError("mqtt.password_file", str(e))
+    except aclmodule.AclFileError as e:
+        raise ConfigError("mqtt.acl_file", str(e))

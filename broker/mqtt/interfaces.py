@@ -9,6 +9,14 @@ and L{broker.mqtt.noauth} is the allow-all used when neither is configured.
 Both protocol versions are served by the same objects: the adapter maps a
 5.0 reason code onto the 3.1.1 CONNACK return code itself
 (L{MqttAuthError.returnCode311}).
+
+How the face finds the implementation (L{broker.mqtt.face.buildAuth}):
+C{broker.mqtt.auth.build(context, cfg)} (C{cfg} the C{[mqtt]} table, keys
+C{password_file}, C{acl_file}) returning an L{IMqttAuth}; when it has a
+true C{reloadable} attribute, its C{reload()} is called on SIGHUP.  A
+WebSocket client of C{/clients/mqtt/hubs/{hub}?access_token=JWT} whose
+CONNECT has no password is authenticated with the token's UTF-8 bytes as
+the password (Azure Web PubSub's MQTT clients authenticate this way).
 """
 
 from zope.interface import Attribute, Interface
