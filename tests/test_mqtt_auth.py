@@ -636,3 +636,83 @@ class BuildTests(unittest.TestCase):
         self.assertEqual(e.key, "mqtt.password_file")
         e = self.assertRaises(ConfigError, auth.build, context, {"acl_file": self.mktemp()})
         self.assertEqual(e.key, "mqtt.acl_file")
+
+
+class FaceTests(unittest.TestCase):
+    """
+    The authentication through the real MQTT face (a broker built by
+    L{broker.tap.buildService} with real paho-mqtt clients, both protocol
+    versions): a password file from mosquitto_passwd and an ACL file in
+    C{[mqtt]}, a clientType=MQTT token as the password, and a user added
+    by SIGHUP through the broker's own Reloader.
+    """
+
+    def setUp(self):
+        import importlib.util
+        if importlib.util.find_spec("broker.mqtt.face") is None:
+            raise unittest.SkipTest("the MQTT face (broker.mqtt.face) is not in this tree")
+        self.pw = os.path.abspath(self.mktemp())
+        mosquittoPasswd(self.pw, "alice", "s3cret")
+        self.aclPath = os.path.abspath(self.mktemp())
+        with open(self.aclPath, "wb") as f:
+            f.write(ACL)
+
+    @defer.inlineCallbacks
+    def broker(self):
+        from tests import mqttharness
+        self.harness = mqttharness
+        top, ports, _ = yield mqttharness.startBroker(
+            self, mqtt=f'password_file = "{self.pw}"\nacl_file = "{self.aclPath}"\n',
+            listeners=("mqtt.listen[0]",))
+        self.top = top
+        self.port = ports["mqtt.listen[0]"]
+
+    def client(self, version, username=None, password=None, clientId="c1"):
+        c = self.harness.Paho(self, self.port, clientId=clientId, version=version)
+        if username is not None or password is not None:
+            c.client.username_pw_set(username, password)
+        return c
+
+    @defer.inlineCallbacks
+    def test_passwordsAndAcl(self):
+        yield self.broker()
+        # paho reports 3.1.1's CONNACK return codes 4 and 5 as 0x86 and 0x87.
+        for version, denied in [(5, 0x87), (4, 0x80)]:
+            bad = self.client(version, "alice", "wrong")
+            _, code, _ = yield bad.connect()
+            self.assertEqual(code, BAD_USER_NAME_OR_PASSWORD)
+            anonymous = self.client(version, clientId="anon")
+            _, code, _ = yield anonymous.connect()
+            self.assertEqual(code, NOT_AUTHORIZED)
+            alice = self.client(version, "alice", "s3cret", clientId=f"alice{version}")
+            _, code, _ = yield alice.connect()
+            self.assertEqual(code, 0)
+            self.assertEqual((yield alice.subscribe("alice/+/y", 1)), [1])
+            self.assertEqual((yield alice.subscribe("alice/#", 1)), [denied])
+            yield alice.publish("alice/x/y", b"mine", 1)
+            messages = yield alice.waitMessages(1)
+            self.assertEqual([(m[0], m[1]) for m in messages], [("alice/x/y", b"mine")])
+            yield alice.disconnect()
+
+    @defer.inlineCallbacks
+    def test_tokenAndSighup(self):
+        from tests.mqttharness import ACCESS_KEY
+        yield self.broker()
+        token = makeClientToken(ACCESS_KEY, "http://h/clients/mqtt/hubs/mqtt", "dev-1",
+                                [f"{SEND}.up/dev-1", f"{JOIN}.up/dev-1"])
+        dev = self.client(4, "any", token, clientId="dev1")
+        _, code, _ = yield dev.connect()
+        self.assertEqual(code, 0)
+        self.assertEqual((yield dev.subscribe("up/dev-1", 0)), [0])
+        self.assertEqual((yield dev.subscribe("up/+", 0)), [0x80])
+
+        mosquittoPasswd(self.pw, "carol", "fresh")
+        before = self.client(5, "carol", "fresh", clientId="carol0")
+        _, code, _ = yield before.connect()
+        self.assertEqual(code, BAD_USER_NAME_OR_PASSWORD)
+        self.top.getServiceNamed("reloader").reload()
+        carol = self.client(5, "carol", "fresh", clientId="carol1")
+        _, code, _ = yield carol.connect()
+        self.assertEqual(code, 0)
+        yield carol.disconnect()
+        yield dev.disconnect()
