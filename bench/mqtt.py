@@ -50,8 +50,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from fanout import (ChildProcess, cpuSeconds, freePort, percentile, pinCPUs,  # noqa: E402
                     raiseFileLimit, workdirUntilShutdown)
-from mqttload import (Tally, closeAll, connectClient, stampedPayload,  # noqa: E402
-                      subscribers)
+from mqttload import (MqttError, Tally, closeAll, connectClient,  # noqa: E402
+                      stampedPayload, subscribers)
 
 TOPIC = "bench/fanout"
 AMQTT_CACHE = os.path.expanduser("~/.cache/broker-bench/amqtt")
@@ -266,11 +266,15 @@ class Publisher:
             d = self.client.publish(TOPIC, stampedPayload(self.sent, self.size), self.qos)
             if d is not None:
                 self.unacked += 1
-                d.addCallback(self._acked)
+                d.addCallbacks(self._acked, self._lost)
 
     def _acked(self, _):
         self.unacked -= 1
         self.pump()
+
+    def _lost(self, failure):
+        # The run ended with publishes unacknowledged: the connection closed.
+        failure.trap(MqttError)
 
 
 async def throughput(reactor, target, n, qos, opts):
