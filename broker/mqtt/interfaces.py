@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_mqtt_auth -*-
+# -*- test-case-name: tests.test_mqtt_protocol -*-
 """
 The interfaces of the MQTT face that another module may implement: who a
 client is (L{IMqttAuthenticator}) and what it may touch (L{IMqttAcl}).
