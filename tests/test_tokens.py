@@ -6,8 +6,8 @@ Client access tokens.
 import jwt
 from twisted.trial import unittest
 
-from broker.auth.tokens import (TokenError, audienceMatches, decodeToken, makeClientToken,
-                                verifyClientToken)
+from broker.auth.tokens import (CLIENT_PATH, MQTT_PATH, TokenError, audienceMatches,
+                                decodeToken, makeClientToken, verifyClientToken)
 from tests.wsharness import rawToken
 
 KEY = "k" * 32
@@ -30,6 +30,20 @@ class TokenTests(unittest.TestCase):
                          KEY, algorithm="HS256")
         c = self.verify(tok)
         self.assertEqual((c.userId, c.roles, c.groups), (None, ("r",), ("g",)))
+
+    def test_mqttAudience(self):
+        """
+        A clientType=MQTT token names /clients/mqtt/hubs/<hub>: refused where
+        only the Web PubSub endpoint is accepted (the default), accepted
+        where the MQTT face asks for its path.
+        """
+        tok = makeClientToken(KEY, "https://b.example/clients/mqtt/hubs/Chat", "m", now=NOW)
+        self.assertRaises(TokenError, self.verify, tok)
+        c = verifyClientToken(tok, (KEY,), "chat", now=NOW, paths=(MQTT_PATH, CLIENT_PATH))
+        self.assertEqual(c.userId, "m")
+        self.assertTrue(audienceMatches("wss://b/clients/mqtt/hubs/chat/", "chat",
+                                        ("https://b",), (MQTT_PATH,)))
+        self.assertFalse(audienceMatches("wss://b/client/hubs/chat", "chat", (), (MQTT_PATH,)))
 
     def test_keyRotation(self):
         tok = makeClientToken("old-key-0123456789abcdef0123456789", AUD, now=NOW)

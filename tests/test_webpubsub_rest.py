@@ -106,6 +106,10 @@ class _Base(unittest.TestCase):
     def hub(self, name="chat"):
         return self.broker.core.hub(name)
 
+    def hubKeys(self, name):
+        """The hub's access keys, as the broker's REST API holds them."""
+        return self.broker.site.restAPI.hubSettings(name).accessKeys
+
     @defer.inlineCallbacks
     def nextMessage(self, client):
         """
@@ -604,6 +608,57 @@ class TokenAndHealthTests(_Base):
         self.assertTrue((yield c.nextJSON())["success"])
 
     @defer.inlineCallbacks
+    def test_generateTokenMqtt(self):
+        """
+        C{clientType=MQTT} (the SDK's C{client_protocol="MQTT"}): the
+        audience is the MQTT client endpoint C{/clients/mqtt/hubs/<hub>},
+        and the MQTT face's authenticator takes the token (as CONNECT's
+        password or the WebSocket URL's access_token) with its roles.
+        """
+        from broker.mqtt.auth import MqttAuth
+        sdk = self.sdk()
+        answer = yield self.call(GeneratedOperations.get_client_access_token, sdk,
+                                 user_id="dev-1", roles=[f"{SEND}.telemetry/dev-1"],
+                                 minutes_to_expire=5, client_protocol="MQTT")
+        claims = jwt.decode(answer["token"], KEY, algorithms=["HS256"],
+                            options={"verify_aud": False})
+        self.assertEqual(claims["aud"], f"{self.endpoint}/clients/mqtt/hubs/chat")
+        self.assertEqual((claims["sub"], claims["role"]), ("dev-1", [f"{SEND}.telemetry/dev-1"]))
+        # Case-insensitive, as in Azure.
+        lower = yield self.call(GeneratedOperations.get_client_access_token, sdk,
+                                client_protocol="mqtt")
+        self.assertEqual(jwt.decode(lower["token"], KEY, algorithms=["HS256"],
+                                    options={"verify_aud": False})["aud"],
+                         f"{self.endpoint}/clients/mqtt/hubs/chat")
+
+        mqtt = MqttAuth(reactor, tokenKeys=self.hubKeys)
+        who = yield mqtt.authenticate("c1", "any", answer["token"].encode(), "chat")
+        self.assertEqual(who.userId, "dev-1")
+        self.assertTrue(mqtt.mayPublish(who, "telemetry/dev-1"))
+        self.assertFalse(mqtt.mayPublish(who, "telemetry/dev-2"))
+        # The token is refused by the Web PubSub client endpoint: it names
+        # the MQTT one.
+        refusal = yield self.broker.refused(token=answer["token"])
+        self.assertIn("401", refusal)
+
+    @defer.inlineCallbacks
+    def test_sdkSignsMqttToken(self):
+        """
+        With the key in hand the SDK signs the MQTT token itself; its URL is
+        Azure's MQTT client endpoint, and the MQTT authenticator takes it.
+        """
+        from broker.mqtt.auth import MqttAuth
+        sdk = self.sdk()
+        answer = yield self.call(sdk.get_client_access_token, user_id="m", roles=[JOIN],
+                                 client_protocol="MQTT")
+        self.assertEqual(answer["baseUrl"], f"ws://127.0.0.1:{self.port}/clients/mqtt/hubs/chat")
+        self.assertEqual(answer["url"], answer["baseUrl"] + "?access_token=" + answer["token"])
+        mqtt = MqttAuth(reactor, tokenKeys=self.hubKeys)
+        who = yield mqtt.authenticateToken(answer["token"], "chat")
+        self.assertEqual(who.userId, "m")
+        self.assertTrue(mqtt.maySubscribe(who, "rooms/+/news"))
+
+    @defer.inlineCallbacks
     def test_generateTokenPerHubKey(self):
         sdk = self.sdk("other", OTHER_KEY)
         answer = yield self.call(GeneratedOperations.get_client_access_token, sdk,
@@ -853,8 +908,8 @@ class RawHTTPTests(_Base):
             "&continuationToken=%21%21")
         self.assertEqual((code, error["message"]), (400, "invalid continuationToken"))
         code, error = yield self.request(
-            "POST", "/api/hubs/chat/:generateToken?api-version=2024-12-01&clientType=MQTT")
-        self.assertEqual(code, 400)
+            "POST", "/api/hubs/chat/:generateToken?api-version=2024-12-01&clientType=SocketIO")
+        self.assertEqual((code, error["code"]), (400, "BadRequest"))
         code, error = yield self.request(
             "POST", "/api/hubs/chat/:generateToken?api-version=2024-12-01&minutesToExpire=0")
         self.assertEqual(code, 400)

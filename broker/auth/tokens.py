@@ -56,19 +56,26 @@ def _strings(claims, name):
     raise TokenError(f"claim {name!r} must be a string or a list of strings")
 
 
-def audienceMatches(aud, hub, origins=()):
+# The client endpoints' paths, by Azure's clientType: Web PubSub clients and
+# MQTT clients (``clientType=MQTT`` tokens are for the second).
+CLIENT_PATH = "/client/hubs/"
+MQTT_PATH = "/clients/mqtt/hubs/"
+
+
+def audienceMatches(aud, hub, origins=(), paths=(CLIENT_PATH,)):
     """
     Whether C{aud} names the client endpoint of C{hub}.
 
-    The path must be C{/client/hubs/<hub>} (hub names compare without case, as
-    in Azure).  When C{origins} is not empty the scheme and host must be one
-    of them (C{ws}/C{wss} are treated as C{http}/C{https}).
+    The path must be one of C{paths} followed by the hub (C{/client/hubs/
+    <hub>} by default; hub names compare without case, as in Azure).  When
+    C{origins} is not empty the scheme and host must be one of them
+    (C{ws}/C{wss} are treated as C{http}/C{https}).
     """
     if not isinstance(aud, str):
         return False
     parts = urlsplit(aud)
-    path = parts.path.rstrip("/")
-    if path.lower() != f"/client/hubs/{hub}".lower():
+    path = parts.path.rstrip("/").lower()
+    if not any(path == f"{p}{hub}".lower() for p in paths):
         return False
     if not origins:
         return True
@@ -83,12 +90,14 @@ def _normaliseOrigin(o):
     return f"{scheme}://{parts.netloc}".lower()
 
 
-def verifyClientToken(token, keys, hub, origins=(), now=None):
+def verifyClientToken(token, keys, hub, origins=(), now=None, paths=(CLIENT_PATH,)):
     """
     Verify a client access token for C{hub}.
 
     @param keys: the access keys (str) that may have signed it.
     @param origins: accepted audience origins; empty accepts any.
+    @param paths: the endpoint paths its audience may name (L{CLIENT_PATH},
+        L{MQTT_PATH}).
     @param now: the current POSIX time, for tests; the wall clock if None.
     @return: L{ClientClaims}.
     @raise TokenError: why the token is refused.
@@ -100,7 +109,7 @@ def verifyClientToken(token, keys, hub, origins=(), now=None):
     claims = decodeToken(token, keys, now)
     aud = claims.get("aud")
     auds = aud if isinstance(aud, list) else [aud]
-    if not any(audienceMatches(a, hub, origins) for a in auds):
+    if not any(audienceMatches(a, hub, origins, paths) for a in auds):
         raise TokenError(f"token audience {aud!r} is not this hub's client endpoint")
     sub = claims.get("sub")
     if sub is not None and (not isinstance(sub, str) or not sub):

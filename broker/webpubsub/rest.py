@@ -40,7 +40,8 @@ from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
-from broker.auth.tokens import TokenError, decodeToken, makeClientToken
+from broker.auth.tokens import (CLIENT_PATH, MQTT_PATH, TokenError, decodeToken,
+                                makeClientToken)
 from broker.config import HUB_NAME
 from broker.core import jsonstrict
 from broker.core.errors import BadRequest, BrokerError, CloseCode, NotFound, Unavailable
@@ -66,6 +67,10 @@ MAX_BULK_GROUPS = 1000
 PAGE_SIZE = 200
 MAX_PAGE_SIZE = 200
 MAX_TOKEN_MINUTES = 60 * 24 * 365
+# :generateToken's clientType (case-insensitive, as in Azure) -> the client
+# endpoint the token's audience names.  Azure's SocketIO type belongs to
+# Web PubSub for Socket.IO, which the broker does not serve.
+CLIENT_TYPES = {"default": CLIENT_PATH, "mqtt": MQTT_PATH}
 
 _CONTENT_TYPES = {"application/json": JSON, "text/plain": TEXT,
                   "application/octet-stream": BINARY}
@@ -580,9 +585,10 @@ class RestAPI(Resource):
 
     def generateToken(self, request, hub, params, args):
         clientType = (args.one("clientType") or "Default")
-        if clientType.lower() != "default":
+        path = CLIENT_TYPES.get(clientType.lower())
+        if path is None:
             raise RestError(400, "BadRequest",
-                            f"clientType {clientType!r} is not supported; use Default")
+                            f"clientType {clientType!r} is not supported; use Default or MQTT")
         userId = args.one("userId")
         if userId is not None:
             checkName("userId", userId)
@@ -594,7 +600,7 @@ class RestAPI(Resource):
         host = (request.getHeader(b"host") or b"").decode("latin-1")
         if not host:
             raise RestError(400, "BadRequest", "a Host header is required")
-        audience = f"{scheme}://{host}/client/hubs/{hub.name}"
+        audience = f"{scheme}://{host}{path}{hub.name}"
         key = self.hubSettings(hub.name).accessKeys[0]
         token = makeClientToken(key, audience, userId=userId, roles=args.list("role"),
                                 groups=groups, lifetime=minutes * 60, now=self.clock())
