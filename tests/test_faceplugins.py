@@ -423,7 +423,7 @@ class OperatorFaceTests(TestCase):
         self.assertEqual(proc.exitCode(), 78)  # EX_CONFIG
         matching = [line for line in proc.lines() if "lnes: unknown section" in line]
         self.assertEqual(len(matching), 1, proc.text())
-        self.assertIn("installed face plugins: webpubsub, ecdn, iot, peergroups, lines",
+        self.assertIn("installed face plugins: webpubsub, ecdn, iot, peergroups, mqtt, lines",
                       matching[0])
         self.assertNotIn("Traceback", proc.text())
 
@@ -438,7 +438,7 @@ class OperatorFaceTests(TestCase):
         yield proc.ended
         self.assertEqual(proc.exitCode(), 78)  # EX_CONFIG
         self.assertIn("lines: unknown section (the broker's own: broker, admin, cluster; "
-                      "installed face plugins: webpubsub, ecdn, iot, peergroups)", proc.text())
+                      "installed face plugins: webpubsub, ecdn, iot, peergroups, mqtt)", proc.text())
 
     @defer.inlineCallbacks
     def test_duplicateName(self):
