@@ -17,6 +17,7 @@ from twisted.logger import Logger
 
 from broker.core.drain import LiveConnections
 from broker.core.limits import PER_ADDRESS, PER_HUB, PER_USER, InboundLimiter, peerHost
+from broker.core.directwrite import DirectOutput
 from broker.core.output import BoundedOutput
 from broker.mqtt import codec
 from broker.mqtt.interfaces import MqttAuthError
@@ -70,7 +71,7 @@ class MqttFactory(Factory):
         return self.live.whenEmpty()
 
 
-class MqttProtocol(BoundedOutput, Protocol):
+class MqttProtocol(DirectOutput, BoundedOutput, Protocol):
     """
     @ivar hub: the hub this connection's listener (or WebSocket path) chose.
     @ivar token: an access token from the WebSocket URL (C{access_token}),
@@ -164,8 +165,9 @@ class MqttProtocol(BoundedOutput, Protocol):
             return
         if self.state == CONNECTED and self.version == codec.V5:
             props = {"reason_string": reason} if reason else None
-            self.transport.write(codec.encodeDisconnect(reasonCode, props))
+            self.writeDirect(codec.encodeDisconnect(reasonCode, props))
         self.state = CLOSED
+        self.flushOutput()
         self.transport.loseConnection()
 
     def takenOver(self):
@@ -199,7 +201,10 @@ class MqttProtocol(BoundedOutput, Protocol):
     def write(self, data):
         if self.state == CLOSED or self.overLimit(len(data), self.factory.maxOutputBuffer):
             return
-        self.transport.write(data)
+        self.writeDirect(data)
+
+    def writeBatch(self):
+        return self.factory.server.core.writeBatch
 
     def sendTemplate(self, template, packetId, dup=False):
         """
@@ -311,8 +316,9 @@ class MqttProtocol(BoundedOutput, Protocol):
             self._counters["bad_version"] += 1
             # MQTT-3.1.2-2: CONNACK return code 1 (the 3.1.1 format every
             # version reads), then close.
-            self.transport.write(b"\x20\x02\x00\x01")
+            self.writeDirect(b"\x20\x02\x00\x01")
             self.state = CLOSED
+            self.flushOutput()
             self.transport.loseConnection()
             return
         self.version = c.version
@@ -360,8 +366,9 @@ class MqttProtocol(BoundedOutput, Protocol):
     def _refuse(self, reasonCode, properties=None):
         """CONNACK with a failure code, then close (MQTT-3.2.2-5)."""
         self._counters["connect_refused"] += 1
-        self.transport.write(codec.encodeConnack(self.version, False, reasonCode, properties))
+        self.writeDirect(codec.encodeConnack(self.version, False, reasonCode, properties))
         self.state = CLOSED
+        self.flushOutput()
         self.transport.loseConnection()
 
     def _stopAuthTimer(self):
@@ -445,7 +452,7 @@ class MqttProtocol(BoundedOutput, Protocol):
         self._keepAlive = keepAlive
         self.state = CONNECTED
         self._counters["connections"] += 1
-        self.transport.write(codec.encodeConnack(
+        self.writeDirect(codec.encodeConnack(
             c.version, present and not c.cleanStart, codec.SUCCESS, props))
         if keepAlive:
             self._timer = f.reactor.callLater(keepAlive * 1.5, self._keepAliveCheck)
@@ -610,6 +617,7 @@ class MqttProtocol(BoundedOutput, Protocol):
                 session.persistent = False
         self._graceful = d.reasonCode != codec.DISCONNECT_WITH_WILL
         self.state = CLOSED
+        self.flushOutput()
         self.transport.loseConnection()
 
     def _auth(self, flags, body):
