@@ -13,12 +13,15 @@ password when CONNECT carries none.
 
 from autobahn.twisted.resource import WebSocketResource
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
+from autobahn.websocket.protocol import PreparedMessage
 from autobahn.websocket.types import ConnectionDeny
 from twisted.web.resource import NoResource, Resource
 
 from broker.config import HUB_NAME
+from broker.core.directwrite import DirectOutput
 from broker.mqtt.protocol import MqttProtocol
 from broker.net.http import BoundedSite, Routes
+from broker.net.wscompact import CompactFactory, CompactProtocol
 
 SUBPROTOCOLS = ("mqtt", "mqttv3.1")
 
@@ -35,8 +38,13 @@ class _Transport:
         self.transport = ws.transport
 
     def write(self, data):
-        if self.ws.state == WebSocketServerProtocol.STATE_OPEN:
-            self.ws.sendMessage(data, isBinary=True)
+        ws = self.ws
+        if ws.state == WebSocketServerProtocol.STATE_OPEN:
+            if ws._perMessageCompress is None and not ws.send_queue:
+                # Straight to the socket (directwrite), past autobahn's logging.
+                ws.writeDirect(PreparedMessage(data, True, False, True).payloadHybi)
+            else:
+                ws.sendMessage(data, isBinary=True)
 
     def writeSequence(self, seq):
         self.write(b"".join(seq))
@@ -70,8 +78,19 @@ class _Transport:
         return self.transport.getHost()
 
 
-class MqttWebSocketProtocol(WebSocketServerProtocol):
+class MqttWebSocketProtocol(DirectOutput, CompactProtocol, WebSocketServerProtocol):
     mqtt = None
+    # The hub and access token, between the handshake and the open.
+    _mqttArgs = None
+    compactDefaults = {"_mqttArgs": None}
+
+    def writeBatch(self):
+        return self.factory.mqtt.server.core.writeBatch
+
+    def sendData(self, data, sync=False, chopsize=None):
+        # Every other frame (pongs, close) after what was kept this turn.
+        self.flushOutput()
+        super().sendData(data, sync, chopsize)
 
     def onConnect(self, request):
         path = request.path.rstrip("/")
@@ -94,6 +113,9 @@ class MqttWebSocketProtocol(WebSocketServerProtocol):
 
     def onOpen(self):
         hub, token = self._mqttArgs
+        self._mqttArgs = None
+        # An idle WebSocket keeps little of its own (broker.net.wscompact).
+        self.compact()
         self.mqtt = MqttProtocol(self.factory.mqtt, hub, token)
         self.mqtt.makeConnection(_Transport(self))
 
@@ -114,7 +136,7 @@ class MqttWebSocketProtocol(WebSocketServerProtocol):
             mqtt.connectionLost(reason)
 
 
-class MqttWebSocketFactory(WebSocketServerFactory):
+class MqttWebSocketFactory(CompactFactory, WebSocketServerFactory):
     protocol = MqttWebSocketProtocol
 
     def __init__(self, mqttFactory, reactor):
