@@ -48,7 +48,7 @@ from twisted.internet import defer, task
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from fanout import (ChildProcess, cpuSeconds, freePort, percentile, pinCPUs,  # noqa: E402
+from procs import (ChildProcess, cpuSeconds, freePort, percentile, pinCPUs,  # noqa: E402
                     raiseFileLimit, workdirUntilShutdown)
 from mqttload import (MqttError, Tally, closeAll, connectClient,  # noqa: E402
                       stampedPayload, subscribers)

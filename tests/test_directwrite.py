@@ -7,6 +7,8 @@ peer that stopped reading; TLS and in-memory transports keep the buffered
 path.
 """
 
+import socket
+
 from twisted.internet import defer, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import Factory, Protocol
@@ -16,7 +18,9 @@ from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.test.proto_helpers import StringTransport
 from twisted.trial import unittest
 
-from broker.core.directwrite import FLUSH_AT, DirectOutput, WriteBatch, socketTransport
+from broker.core.directwrite import (FLUSH_AT, DirectOutput, WriteBatch, noDelay,
+                                     socketTransport)
+from tests.iotharness import IoTHarness
 from tests.wsharness import BrokerHarness
 
 
@@ -92,6 +96,18 @@ class DirectWriteTests(unittest.TestCase):
         wrapper = ProtocolWrapper(WrappingFactory(Factory()), Protocol())
         wrapper.makeConnection(self.sock)
         self.assertIs(socketTransport(wrapper), self.sock)
+
+    def test_noDelay(self):
+        """
+        Nagle's algorithm goes off on a TCP transport (frames kept for the
+        end of a turn would wait for the first one's ACK), and an in-memory
+        transport is left alone.
+        """
+        sock = self.sock.getHandle()
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 0)
+        noDelay(self.writer.transport)
+        self.assertEqual(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY), 1)
+        noDelay(StringTransport())
 
     @defer.inlineCallbacks
     def test_firstFrameGoesAtOnce(self):
@@ -189,8 +205,16 @@ class DirectWriteTests(unittest.TestCase):
 class FacesTests(unittest.TestCase):
     """
     The Web PubSub face writes deliveries directly over TCP, and keeps the
-    buffered path over TLS.
+    buffered path over TLS; the raw TCP faces turn Nagle's algorithm off.
     """
+
+    @defer.inlineCallbacks
+    def test_iotNoDelay(self):
+        h = yield IoTHarness(self, reactor).start()
+        yield h.device("d1")
+        server = h.concentrator._device("acme", "d1").transport
+        self.assertEqual(server.getHandle().getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY),
+                         1)
 
     @defer.inlineCallbacks
     def _server(self, tls):

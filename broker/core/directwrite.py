@@ -117,12 +117,29 @@ def sendNow(transport, sock, data):
 _UNSET = object()
 
 
+def noDelay(transport):
+    """
+    Turn Nagle's algorithm off on C{transport}'s socket, as the WebSocket
+    faces' autobahn does: with it, the frames a turn kept for its end would
+    wait behind the unacknowledged first one, up to the peer's delayed ACK
+    (40 ms).  Transports without a socket option (in-memory ones) are left
+    alone.
+    """
+    setter = getattr(transport, "setTcpNoDelay", None)
+    if setter is not None:
+        try:
+            setter(True)
+        except (OSError, NotImplementedError, AttributeError):
+            pass
+
+
 class DirectOutput:
     """
     Mixin for a protocol that writes many small frames: C{writeDirect}
     instead of C{transport.write}.
 
-    Subclasses give L{writeBatch}.  Any write that does not go through
+    Subclasses give L{writeBatch}, and turn Nagle's algorithm off
+    (L{noDelay}) on a TCP transport.  Any write that does not go through
     C{writeDirect} (a close frame, an answer written by a library) must call
     L{flushOutput} first, so that it does not overtake kept frames.
 

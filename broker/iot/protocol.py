@@ -22,7 +22,7 @@ from zope.interface import implementer
 from broker.core.drain import LiveConnections
 from broker.core.limits import CLOSE, PER_ADDRESS, PER_HUB, AdmissionLimits, InboundLimiter, \
     peerHost
-from broker.core.directwrite import DirectOutput
+from broker.core.directwrite import DirectOutput, noDelay
 from broker.core.output import BoundedOutput
 from broker.logs import peerAddress
 from broker.iot import auth, errors, frames
@@ -94,6 +94,7 @@ class IoTSession(DirectOutput, BoundedOutput, Protocol):
     def connectionMade(self):
         f = self.factory
         f.connections.add(self)
+        noDelay(self.transport)
         reactor = f.reactor
         self._lastSeen = reactor.seconds()
         self._timer = reactor.callLater(f.authTimeout, self._authExpired)

@@ -17,7 +17,7 @@ from twisted.logger import Logger
 
 from broker.core.drain import LiveConnections
 from broker.core.limits import PER_ADDRESS, PER_HUB, PER_USER, InboundLimiter, peerHost
-from broker.core.directwrite import DirectOutput
+from broker.core.directwrite import DirectOutput, noDelay
 from broker.core.output import BoundedOutput
 from broker.mqtt import codec
 from broker.mqtt.interfaces import MqttAuthError
@@ -111,6 +111,7 @@ class MqttProtocol(DirectOutput, BoundedOutput, Protocol):
     def connectionMade(self):
         f = self.factory
         f.live.add(self)
+        noDelay(self.transport)
         self.registerAsProducer(self.transport)
         if f.admission is not None:
             ticket, refused = f.admission.admit([(PER_ADDRESS, peerHost(self.transport))])

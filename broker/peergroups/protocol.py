@@ -22,7 +22,7 @@ from zope.interface import implementer
 
 from broker.core import jsonstrict
 from broker.core.limits import ALLOW, CLOSE, PER_ADDRESS, InboundLimiter, peerHost
-from broker.core.directwrite import DirectOutput
+from broker.core.directwrite import DirectOutput, noDelay
 from broker.core.output import BoundedOutput
 from broker.logs import peerAddress, refuseHandshake
 from broker.net.http import NO_BODY, BoundedSite, Routes
@@ -378,6 +378,7 @@ class PeerStreamProtocol(_Limited, DirectOutput, BoundedOutput, Int32StringRecei
 
     def connectionMade(self):
         self.factory.peergroups.connections.add(self)
+        noDelay(self.transport)
         self.MAX_LENGTH = self.factory.maxMessageSize
         self.address = _address(self.transport)
         if not self._takeAddress():
