@@ -390,7 +390,7 @@ async def throughputRun(reactor, opts, broker, load, n, window, results):
     print(f"    after draining: {missing} deliveries missing, "
           f"{stats['slowConsumerDrops']} slow-consumer drops")
     results.window(broker.name, w)
-    if f1 > f0:
+    if f1 > f0 and w.server:
         results.add(broker.name, f"server CPU per delivery, {n} subscribers, {window} in flight",
                     w.server / (f1 - f0) * 1e6, "µs", False)
     target = ("150,000", lambda v: v >= 150_000) if n == 100 and window >= 64 else None
@@ -421,8 +421,9 @@ async def latencyRun(opts, broker, load, n, results):
     lat = await load.samples()
     p50, p99 = percentile(lat, 50), percentile(lat, 99)
     rate = (pub.sent - sent0) * n / w.wall
-    results.add(broker.name, f"server CPU per delivery, {n} subscribers, 1 in flight, "
-                f"one at a time", w.server / ((pub.sent - sent0) * n) * 1e6, "µs", False)
+    if w.server:
+        results.add(broker.name, f"server CPU per delivery, {n} subscribers, 1 in flight, "
+                    f"one at a time", w.server / ((pub.sent - sent0) * n) * 1e6, "µs", False)
     print(f"  one message in flight, each delivered everywhere before the next, "
           f"{opts.messages} messages: latency p50 {ms(p50)}, p99 {ms(p99)}, "
           f"max {ms(lat[-1])} ({len(lat):,} deliveries, {rate:,.0f}/s)")

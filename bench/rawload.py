@@ -23,7 +23,7 @@ from array import array
 from collections import deque
 
 from wsload import (_STAMP, GROUP, MqttStream, clientFrame, mqttConnect, mqttSubscribe,
-                    openingHandshake, publishPayload)
+                    openingHandshake, publishPayload, readFrames)
 
 CONCURRENCY = 64    # handshakes in flight, so the server's listen backlog never overflows
 
@@ -203,45 +203,16 @@ class Worker:
         self.frames_(conn, data)
 
     def frames_(self, conn, data):
-        n = len(data)
-        i = 0
-        count = 0
-        first = None
         mqtt = conn.mqtt
-        payloads = [] if mqtt is not None else None
-        while n - i >= 2:
-            length = data[i + 1] & 0x7F
-            start = i + 2
-            if length == 126:
-                start = i + 4
-                if start > n:
-                    break
-                length = int.from_bytes(data[i + 2:start], "big")
-            elif length == 127:
-                start = i + 10
-                if start > n:
-                    break
-                length = int.from_bytes(data[i + 2:start], "big")
-            end = start + length
-            if end > n:
-                break
-            opcode = data[i] & 0x0F
-            if opcode == 0x1 or opcode == 0x2:
-                if payloads is not None:
-                    payloads.append(data[start:end])
-                else:
-                    count += 1
-                    if first is None:
-                        first = data[start:end]
-            elif opcode == 0x9:
-                conn.sock.send(clientFrame(data[start:end], 0xA))
-            elif opcode == 0x8:
+        count, first, payloads, controls, conn.buf = readFrames(data, mqtt is not None)
+        for opcode, payload in controls:
+            if opcode == 0x9:
+                conn.sock.send(clientFrame(payload, 0xA))
+            else:
                 self.drop(conn, "closed by the server")
                 return
-            i = end
-        if i < n:
-            conn.buf = data[i:]
         if payloads:
+            count = 0
             for kind, body in mqtt.packets(payloads):
                 if kind == 3:
                     count += 1

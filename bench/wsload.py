@@ -75,6 +75,50 @@ def stampedPayload(seq):
     return b"%020d %020d " % (seq, time.monotonic_ns()) + _PAD
 
 
+def readFrames(data, collect=False):
+    """
+    Walk the server's (unmasked, unfragmented) frames in C{data}.
+
+    @return: C{(count, first, payloads, controls, rest)}: the number of
+        data frames, the first one's payload, every data payload when
+        C{collect} (else C{None}), the C{(opcode, payload)} of pings and
+        closes, and the bytes of an incomplete frame at the end.
+    """
+    n = len(data)
+    i = 0
+    count = 0
+    first = None
+    payloads = [] if collect else None
+    controls = []
+    while n - i >= 2:
+        length = data[i + 1] & 0x7F
+        start = i + 2
+        if length == 126:
+            start = i + 4
+            if start > n:
+                break
+            length = int.from_bytes(data[i + 2:start], "big")
+        elif length == 127:
+            start = i + 10
+            if start > n:
+                break
+            length = int.from_bytes(data[i + 2:start], "big")
+        end = start + length
+        if end > n:
+            break
+        opcode = data[i] & 0x0F
+        if opcode == 0x1 or opcode == 0x2:
+            count += 1
+            if payloads is not None:
+                payloads.append(data[start:end])
+            elif first is None:
+                first = data[start:end]
+        elif opcode == 0x9 or opcode == 0x8:
+            controls.append((opcode, data[start:end]))
+        i = end
+    return count, first, payloads, controls, data[i:] if i < n else b""
+
+
 class HandshakeFailed(Exception):
     pass
 
@@ -123,42 +167,14 @@ class WebSocketClient(Protocol):
             self.open = True
             data = data[end + 4:]
             self.ready.callback(self)
-        n = len(data)
-        i = 0
-        count = 0
-        first = None
-        payloads = [] if self.collect else None
-        while n - i >= 2:
-            length = data[i + 1] & 0x7F
-            start = i + 2
-            if length == 126:
-                start = i + 4
-                if start > n:
-                    break
-                length = int.from_bytes(data[i + 2:start], "big")
-            elif length == 127:
-                start = i + 10
-                if start > n:
-                    break
-                length = int.from_bytes(data[i + 2:start], "big")
-            end = start + length
-            if end > n:
-                break
-            opcode = data[i] & 0x0F
-            if opcode == 0x1 or opcode == 0x2:
-                count += 1
-                if payloads is not None:
-                    payloads.append(data[start:end])
-                elif first is None:
-                    first = data[start:end]
-            elif opcode == 0x9:
-                self.transport.write(clientFrame(data[start:end], 0xA))
-            elif opcode == 0x8:
-                self.transport.write(clientFrame(data[start:start + 2], 0x8))
+        count, first, payloads, controls, rest = readFrames(data, self.collect)
+        self._buf = rest
+        for opcode, payload in controls:
+            if opcode == 0x9:
+                self.transport.write(clientFrame(payload, 0xA))
+            else:
+                self.transport.write(clientFrame(payload[:2], 0x8))
                 self.transport.loseConnection()
-            i = end
-        if i < n:
-            self._buf = data[i:]
         if count:
             self.dataFrames(count, payloads if payloads is not None else first)
 
