@@ -12,6 +12,8 @@ So:
   - L{CompactFactory} gives its protocol class the factory's options as
     class attributes (autobahn only copies an option onto a connection that
     does not already have it);
+  - L{CompactProtocol.dataReceived} skips the debug-log arguments autobahn
+    formats on every read;
   - L{CompactProtocol.compact}, called once the connection is open, deletes
     every instance attribute that holds its class default: reads fall
     through to the class (same value), and a later write simply recreates
@@ -118,6 +120,11 @@ class CompactProtocol:
 
     compactDefaults = {}
     _transport_details = None
+
+    def dataReceived(self, data):
+        # autobahn's formats a debug log line's arguments (hltype, hlval)
+        # on every read, logged or not.
+        self._dataReceived(data)
 
     def compact(self):
         d = self.__dict__

@@ -26,6 +26,7 @@ from broker.core.directwrite import DirectOutput, noDelay
 from broker.core.output import BoundedOutput
 from broker.logs import peerAddress, refuseHandshake
 from broker.net.http import NO_BODY, BoundedSite, Routes
+from broker.net.wscompact import CompactFactory, CompactProtocol
 from broker.peergroups.constants import PROTOCOL
 from broker.peergroups.errors import PeerError
 from broker.peergroups.interfaces import IPeerTransport
@@ -202,7 +203,8 @@ def _decode(payload):
 
 
 @implementer(IPeerTransport)
-class PeerWebSocketProtocol(_Limited, DirectOutput, BoundedOutput, WebSocketServerProtocol):
+class PeerWebSocketProtocol(_Limited, DirectOutput, BoundedOutput, CompactProtocol,
+                            WebSocketServerProtocol):
     """
     A peer over WebSocket with subprotocol C{peergroup.v1} on
     C{/peergroups/v1}.
@@ -235,6 +237,8 @@ class PeerWebSocketProtocol(_Limited, DirectOutput, BoundedOutput, WebSocketServ
                         reason, code, responseHeaders)
 
     def onOpen(self):
+        # An idle peer keeps little of its own (broker.net.wscompact).
+        self.compact()
         self.address = _address(self.transport)
         self.registerAsProducer(self.transport)
         self.session = PeerSession(self.factory.peergroups, self)
@@ -295,7 +299,7 @@ class PeerWebSocketProtocol(_Limited, DirectOutput, BoundedOutput, WebSocketServ
                 self.transport.abortConnection()
 
 
-class PeerWebSocketFactory(WebSocketServerFactory):
+class PeerWebSocketFactory(CompactFactory, WebSocketServerFactory):
     protocol = PeerWebSocketProtocol
 
     def __init__(self, peergroups, maxMessageSize, reactor=None):
