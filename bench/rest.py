@@ -17,7 +17,10 @@ calls its REST API:
 The group has one WebSocket subscriber that drains everything, so every
 send is a real delivery.  Prints figures and asserts nothing.
 
-Usage: python bench/rest.py [--quick] [--procs P] [--seconds S]
+Usage: python bench/rest.py [--quick] [--procs P] [--seconds S] [--only PART ...]
+
+C{BENCH_TWISTD_ARGS="--profile=FILE --profiler=cprofile --savestats"}
+profiles the broker during a run (each broker started overwrites FILE).
 """
 
 import argparse
@@ -71,8 +74,10 @@ history_messages = {history}
 """)
         twistd = os.path.join(os.path.dirname(sys.executable), "twistd")
         self.log = open(os.path.join(self.dir, "twistd.log"), "w")
-        self.proc = subprocess.Popen([twistd, "-n", "--pidfile=", "broker", "--config", config],
-                                     stdout=self.log, stderr=subprocess.STDOUT, cwd=self.dir)
+        self.proc = subprocess.Popen(
+            [twistd, "-n", "--pidfile=", *os.environ.get("BENCH_TWISTD_ARGS", "").split(),
+             "broker", "--config", config],
+            stdout=self.log, stderr=subprocess.STDOUT, cwd=self.dir)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             try:
@@ -193,24 +198,31 @@ def main():
     ap.add_argument("--quick", action="store_true", help="2-second runs")
     ap.add_argument("--procs", type=int, default=2, help="raw client processes (default 2)")
     ap.add_argument("--seconds", type=float, default=10.0)
+    ap.add_argument("--only", action="append", choices=("sdk", "raw", "history"),
+                    help="run only this part (repeatable): the SDK run, the raw run "
+                         "without history, the raw run with history")
     opts = ap.parse_args()
     seconds = 2.0 if opts.quick else opts.seconds
     print(f"python {sys.version.split()[0]}, {os.cpu_count()} CPUs, {seconds:.0f} s per run, "
           f"64-byte text messages to a group with one subscriber")
+    parts = set(opts.only or ("sdk", "raw", "history"))
     for history in (0, 1000):
+        if history == 0 and not parts & {"sdk", "raw"} or history and "history" not in parts:
+            continue
         broker = Broker(history)
         stop = threading.Event()
         try:
             t, received = subscriber(broker, stop)
             label = f"history_messages={history}"
-            if history == 0:
+            if history == 0 and "sdk" in parts:
                 c0 = cpuSeconds(broker.proc.pid)
                 lat = sdkRun(broker, seconds)
                 report(f"sdk, 1 thread, {label}", lat, seconds, cpuSeconds(broker.proc.pid) - c0)
-            c0 = cpuSeconds(broker.proc.pid)
-            lat = rawRun(broker, opts.procs, seconds)
-            report(f"raw keep-alive, {opts.procs} procs, {label}", lat, seconds,
-                   cpuSeconds(broker.proc.pid) - c0)
+            if history or "raw" in parts:
+                c0 = cpuSeconds(broker.proc.pid)
+                lat = rawRun(broker, opts.procs, seconds)
+                report(f"raw keep-alive, {opts.procs} procs, {label}", lat, seconds,
+                       cpuSeconds(broker.proc.pid) - c0)
             time.sleep(0.5)
             stop.set()
             t.join(5)
