@@ -227,6 +227,8 @@ def build(context):
     site = makeSite(factory, headerTimeout=wps["header_timeout"],
                     idleTimeout=wps["idle_timeout"],
                     stats=context.listeners.get("webpubsub.listen"))
+    # After the settings swap above: the REST API's verified tokens go.
+    context.onReload(site.restAPI.reloaded)
     context.onDrain(factory.drain)
     context.registry.register(RestCollector(site.restAPI))
     context.listen("webpubsub.listen", wps["listen"], site, wps["max_connections"])

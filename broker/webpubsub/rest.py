@@ -40,7 +40,7 @@ from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
-from broker.auth.tokens import TokenError, decodeToken, makeClientToken
+from broker.auth.tokens import TokenCache, TokenError, decodeToken, makeClientToken
 from broker.config import HUB_NAME
 from broker.core import jsonstrict
 from broker.core.errors import BadRequest, BrokerError, CloseCode, NotFound, Unavailable
@@ -110,6 +110,8 @@ class RestAPI(Resource):
         self.audiences = audiences
         self.maxBodySize = maxBodySize
         self.clock = clock
+        # Verified tokens: a backend signs one per URL and reuses it.
+        self.tokens = TokenCache()
         # (operation, status) -> requests, for /metrics (RestCollector).
         self.requestCounts = {}
         # path shape -> {method: handler}; "{x}" segments are parameters.
@@ -281,13 +283,28 @@ class RestAPI(Resource):
         if not keys:
             self._unauthorized(request, f"hub {hubName!r} has no access key")
         try:
-            claims = decodeToken(token, keys, self.clock())
+            claims = decodeToken(token, keys, self.clock(), self.tokens)
         except TokenError as e:
             self._unauthorized(request, str(e))
+        # The audience depends on the token, the URL and the configured
+        # origins only: the URL it last matched is kept with the token.
+        audiences = self.audiences
+        matched = self.tokens.extra(token)
+        if matched is not None and matched[0] == request.uri and matched[1] is audiences:
+            return
         aud = claims.get("aud")
         auds = aud if isinstance(aud, list) else [aud]
         if not any(self._audienceMatches(a, request) for a in auds):
             self._unauthorized(request, f"token audience {aud!r} is not this request's URL")
+        self.tokens.setExtra(token, (request.uri, audiences))
+
+    def reloaded(self):
+        """
+        The configuration was read again (C{SIGHUP}): tokens verified with
+        the old keys and audiences are verified again on their next use.
+        """
+        self.tokens.clear()
+        return True
 
     def _audienceMatches(self, aud, request):
         if not isinstance(aud, str):
