@@ -35,9 +35,11 @@ import re
 from io import BytesIO
 
 from twisted.internet.interfaces import ISSLTransport
+from twisted.python import log as legacyLog
 from twisted.web import server
 from twisted.web.http import RESPONSES, HTTPChannel, _GenericHTTPChannelProtocol
 
+from broker.net.accesslog import AccessLog
 from broker.net.listeners import ListenerStats
 
 # How long, and how many more bytes, a refused connection may linger
@@ -301,6 +303,22 @@ class BoundedSite(server.Site):
         self.headerTimeout = headerTimeout
         self.stats = stats if stats is not None else ListenerStats(name, self.reactor)
         self.displayTracebacks = False
+        self.accessLog = AccessLog(self.reactor)
+
+    def log(self, request):
+        # Twisted's line, batched (broker.net.accesslog) when it would go
+        # to the broker's log; a log file of the site's own is written as
+        # Twisted does.
+        logFile = self._logFile
+        if logFile is None:
+            return
+        if logFile is not legacyLog.logfile:
+            return super().log(request)
+        self.accessLog.write(self._logFormatter(self._logDateTime, request))
+
+    def stopFactory(self):
+        self.accessLog.flush()
+        super().stopFactory()
 
 
 def jsonBody(obj):
