@@ -13,12 +13,44 @@ others are the event's continuation lines.  Nothing is held longer than a
 second, and never more than L{MAX_LINES} lines.
 """
 
+from twisted.internet import address
 from twisted.logger import Logger
+from twisted.web.http import _escape
 
 # The most lines one event carries (and so the most held at once).
 MAX_LINES = 256
 # Seconds a line may wait for the others of its event.
 INTERVAL = 1.0
+
+# Bytes that _escape leaves as they are: printable ASCII but " and \.
+_PLAIN = bytes(b for b in range(0x20, 0x7f) if b not in b'"\\')
+_ADDRESSES = (address.IPv4Address, address.IPv6Address)
+
+
+def _text(value):
+    """
+    Twisted's C{_escape(value)}, at the cost of one C{translate} when
+    there is nothing to escape.
+    """
+    if isinstance(value, str):
+        value = value.encode("ascii")
+    if not value.translate(None, _PLAIN):
+        return value.decode("ascii")
+    return _escape(value)
+
+
+def combinedLine(timestamp, request):
+    """
+    The combined log format line of C{request}, as Twisted's
+    C{combinedLogFormatter} writes it (an L{IAccessLogFormatter}).
+    """
+    addr = request.getClientAddress()
+    ip = _text(addr.host) if isinstance(addr, _ADDRESSES) else "-"
+    referrer = request.getHeader(b"referer")
+    agent = request.getHeader(b"user-agent")
+    return (f'"{ip}" - - {timestamp} "{_text(request.method)} {_text(request.uri)} '
+            f'{_text(request.clientproto)}" {request.code:d} {request.sentLength or "-"} '
+            f'"{_text(referrer) if referrer else "-"}" "{_text(agent) if agent else "-"}"')
 
 
 class AccessLog:

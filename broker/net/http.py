@@ -39,7 +39,7 @@ from twisted.python import log as legacyLog
 from twisted.web import server
 from twisted.web.http import RESPONSES, HTTPChannel, _GenericHTTPChannelProtocol
 
-from broker.net.accesslog import AccessLog
+from broker.net.accesslog import AccessLog, combinedLine
 from broker.net.bounds import (BODY_TOO_LARGE, HEADER_TIMEOUT, IDLE_TIMEOUT, LINGER,  # noqa: F401
                                LINGER_BYTES, METHOD_NOT_ALLOWED)
 from broker.net.fasthttp import FastChannel, fastRoutes
@@ -296,6 +296,7 @@ class BoundedSite(server.Site):
                  headerTimeout=10.0, idleTimeout=60.0, stats=None, name="http", fast=(),
                  **kwargs):
         kwargs.setdefault("parsePOSTFormSubmission", False)
+        kwargs.setdefault("logFormatter", combinedLine)
         super().__init__(resource, reactor=reactor, timeout=idleTimeout, **kwargs)
         self.bodyLimit = bodyLimit if bodyLimit is not None else Routes()
         self.refusal = refusal
