@@ -39,7 +39,7 @@ from twisted.web.resource import Resource
 
 from broker.config import ConfigError
 from broker.core import jsonstrict
-from broker.iot import apikeys, errors
+from broker.iot import apikeys, errors, frames
 from broker.iot.histogram import LatencyHistogram
 from broker.iot.jsonpayload import PayloadError, fromJSON, toJSON
 from broker.iot.lastvalue import lastValueJSON
@@ -221,7 +221,11 @@ class APIResource(Resource):
                         path=request.path)
             return self._error(request, APIError(500, "INTERNAL", "internal error"))
 
-    def _send(self, request, status, obj=None, headers=()):
+    def _send(self, request, status, obj=None, headers=(), data=None):
+        """
+        Answer C{request}: C{obj} as JSON, or C{data}, JSON text already
+        encoded.
+        """
         if request._disconnected or request.finished:
             return
         self.stats.bump(self.stats.responses, status)
@@ -231,6 +235,7 @@ class APIResource(Resource):
             request.setHeader(k, v)
         if obj is not None:
             data = json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+        if data is not None:
             request.setHeader(b"content-type", b"application/json")
             request.setHeader(b"content-length", b"%d" % len(data))
             request.write(data)
@@ -458,8 +463,14 @@ class APIResource(Resource):
         def answered(answer):
             self._held.discard(d)
             settle("answered")
-            self._send(request, 200, {"payload": toJSON(answer),
-                                      "elapsed": round(self.reactor.seconds() - started, 6)})
+            elapsed = round(self.reactor.seconds() - started, 6)
+            if answer.type == frames.JSON:
+                # The device's JSON was validated (strict) when its frame
+                # was read: spliced in, not parsed and serialised again.
+                self._send(request, 200, data=b'{"payload":{"type":"json","data":%s},'
+                           b'"elapsed":%r}' % (answer.data.strip(), elapsed))
+            else:
+                self._send(request, 200, {"payload": toJSON(answer), "elapsed": elapsed})
 
         def failed(f):
             self._held.discard(d)

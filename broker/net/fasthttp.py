@@ -39,9 +39,11 @@ write: the head built from a list, the body with a C{Content-Length}.
 from io import BytesIO
 from urllib.parse import unquote_to_bytes
 
+from twisted.internet import tcp
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import ISSLTransport
 from twisted.internet.protocol import Protocol
+from twisted.protocols.policies import ProtocolWrapper
 from twisted.logger import Logger
 from twisted.web.http import RESPONSES, datetimeToString, parse_qs
 from twisted.web.http_headers import Headers
@@ -207,6 +209,7 @@ class FastChannel(Protocol):
     _lingerCall = None
     _dateSecond = None
     _date = b""
+    _socketTransport = None
 
     def __init__(self, site, addr):
         self.site = site
@@ -218,6 +221,14 @@ class FastChannel(Protocol):
 
     def connectionMade(self):
         self.secure = ISSLTransport.providedBy(self.transport)
+        if not self.secure:
+            # The TCP transport under the listener's counting wrapper: an
+            # answer goes straight to its socket when nothing is queued.
+            t = self.transport
+            while isinstance(t, ProtocolWrapper):
+                t = t.transport
+            if type(t) is tcp.Server:
+                self._socketTransport = t
         self._lastData = self.reactor.seconds()
         self._startHeaderTimer()
         if self.site.timeOut:
@@ -384,7 +395,7 @@ class FastChannel(Protocol):
         if noBody:
             body = b""
         request.sentLength = len(body)
-        self.transport.write(_CRLF.join(head) + body)
+        self._write(_CRLF.join(head) + body)
         self.site.log(request)
         self.current = None
         self._lastData = now
@@ -400,6 +411,27 @@ class FastChannel(Protocol):
             # Answered from a later reactor turn (a held request): go on
             # with what was pipelined behind it.
             self._serve()
+
+    def _write(self, data):
+        """
+        Write C{data} straight to the socket when nothing is queued before
+        it: the answer leaves now, not on the reactor's next turn, and the
+        socket is not registered for writing and unregistered again.
+        Whatever the socket does not take now (or any error) goes through
+        Twisted's buffered write, which keeps the order and reports the
+        error as it always does.
+        """
+        t = self._socketTransport
+        if t is not None and t.connected and not t.disconnecting \
+                and not t._tempDataLen and t.offset == len(t.dataBuffer):
+            try:
+                sent = t.socket.send(data)
+            except OSError:
+                sent = 0
+            if sent == len(data):
+                return
+            data = data[sent:]
+        self.transport.write(data)
 
     # -- handing over to twisted.web ---------------------------------------
 
