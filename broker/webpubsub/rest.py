@@ -57,6 +57,8 @@ API_VERSIONS = ("2021-08-01-preview", "2021-10-01", "2022-11-01", "2023-07-01",
                 "2024-01-01", "2024-01-01-preview", "2024-09-01-preview", "2024-12-01")
 _API_VERSION = re.compile(r"(\d{4})-(\d{2})-(\d{2})(-preview)?", re.ASCII)
 OLDEST_API_DATE = date(2021, 8, 1)
+# Versions checkApiVersion accepted already (a few: one per SDK release).
+_ACCEPTED_VERSIONS = set()
 
 # The most groups one :addToGroups / :removeFromGroups request may name.
 MAX_BULK_GROUPS = 1000
@@ -157,14 +159,28 @@ class RestAPI(Resource):
             body = self._dispatch(request)
         except Exception as e:
             body = self._failed(request, e)
-        if not isinstance(body, Deferred):
-            self._count(request)
-            return body
-        # An operation on another node's connection waits for the directory.
+        if isinstance(body, Deferred):
+            outcome = []
+            body.addBoth(outcome.append)
+            if not outcome:
+                return self._later(request, body, outcome)
+            # Already fired (the memory engine): answered now, as bytes.
+            body = outcome[0]
+            if isinstance(body, Failure):
+                body = self._failed(request, body.value, body)
+        self._count(request)
+        return body
+
+    def _later(self, request, d, outcome):
+        """
+        Answer C{request} when C{d} (whose result goes to C{outcome}) fires:
+        an operation on another node's connection waits for the directory.
+        """
         finished = []
         request.notifyFinish().addBoth(finished.append)
 
-        def answer(result):
+        def answer(_):
+            result = outcome[0]
             if finished:
                 return
             if isinstance(result, Failure):
@@ -173,7 +189,7 @@ class RestAPI(Resource):
             if result:
                 request.write(result)
             request.finish()
-        body.addBoth(answer).addErrback(log.failure, "REST answer failed")
+        d.addCallback(answer).addErrback(log.failure, "REST answer failed")
         return NOT_DONE_YET
 
     def _count(self, request):
@@ -626,6 +642,8 @@ def checkApiVersion(version):
 
     @raise RestError: 400 C{UnsupportedApiVersion}, malformed or too old.
     """
+    if version in _ACCEPTED_VERSIONS:
+        return
     m = _API_VERSION.fullmatch(version)
     try:
         day = date(*map(int, m.group(1, 2, 3))) if m else None
@@ -639,6 +657,8 @@ def checkApiVersion(version):
         raise RestError(400, "UnsupportedApiVersion",
                         f"api-version {version!r} is older than the oldest supported, "
                         f"{API_VERSIONS[0]}")
+    if len(_ACCEPTED_VERSIONS) < 256:
+        _ACCEPTED_VERSIONS.add(version)
 
 
 class RestCollector:
