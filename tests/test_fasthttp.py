@@ -255,6 +255,8 @@ class LeanPathTests(TestCase):
              b"3\r\nabc\r\n0\r\n\r\n", 200),
             (b"GET /api/old HTTP/1.0\r\nHost: h\r\n\r\n", 200),
             (b"GET /api/lf HTTP/1.1\nHost: h\r\n\r\n", 400),
+            (b"GET /api/nocolon HTTP/1.1\r\nHost: h\r\nHost\r\n\r\n", 400),
+            (b"GET /api/cr HTTP/1.1\r\nHost: h\rX\r\n\r\n", 400),
         ]
         answers = []
         for raw, code in cases:

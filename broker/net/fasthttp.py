@@ -64,6 +64,8 @@ _HEAD_END = b"\r\n\r\n"
 # Request headers that send a request to twisted.web.
 _HANDED_OVER = frozenset((b"transfer-encoding", b"expect", b"upgrade", b"http2-settings"))
 _CANONICAL = {}
+# Header names as sent -> lower case, for names already found to be tokens.
+_NAMES = {}
 
 
 def _canonical(name):
@@ -119,6 +121,9 @@ class FastRequest:
     # -- reading ------------------------------------------------------------
 
     def getHeader(self, name):
+        if isinstance(name, str):
+            value = self._requestHeaders.get(name.lower().encode("latin-1"))
+            return None if value is None else value.decode("latin-1")
         return self._requestHeaders.get(name.lower())
 
     def getAllHeaders(self):
@@ -306,7 +311,9 @@ class FastChannel(Protocol):
             return None
         head = buffer[:end]
         lines = head.split(_CRLF)
-        if head.count(b"\n") != len(lines) - 1 or b"\r" in head.replace(_CRLF, b""):
+        # Every CR and LF is part of a CRLF line end.
+        ends = len(lines) - 1
+        if head.count(b"\n") != ends or head.count(b"\r") != ends:
             return None
         requestLine = lines[0].split(b" ")
         if len(requestLine) != 3 or requestLine[2] != b"HTTP/1.1":
@@ -317,11 +324,18 @@ class FastChannel(Protocol):
         headers = {}
         length = None
         close = False
+        names = _NAMES
         for line in lines[1:]:
-            name, sep, value = line.partition(b":")
-            if not sep or not name.replace(b"-", b"").isalnum():
+            raw, sep, value = line.partition(b":")
+            if not sep:
                 return None
-            name = name.lower()
+            name = names.get(raw)
+            if name is None:
+                if not raw.replace(b"-", b"").isalnum():
+                    return None
+                name = raw.lower()
+                if len(names) < 1024:
+                    names[raw] = name
             value = value.strip(b" \t")
             if name in _HANDED_OVER:
                 return None
@@ -536,7 +550,9 @@ def fastRoutes(routes):
     routes = [(list(prefix), len(prefix), resource) for prefix, resource in routes]
 
     def fastRoute(path):
-        segments = [unquote_to_bytes(s) for s in path[1:].split(b"/")]
+        segments = path[1:].split(b"/")
+        if b"%" in path:
+            segments = [unquote_to_bytes(s) for s in segments]
         for prefix, n, resource in routes:
             if segments[:n] == prefix:
                 return resource, segments[:n], segments[n:]
