@@ -101,6 +101,9 @@ class RestAPI(Resource):
     """
 
     isLeaf = True
+    # (routes, {length: [(shape, handlers)]}): the routes by path length,
+    # built from self.routes on first use.
+    _routesByLength = None
 
     def __init__(self, core, hubSettings, audiences=(), maxBodySize=1024 * 1024,
                  clock=time.time):
@@ -249,9 +252,13 @@ class RestAPI(Resource):
         return handler(request, self.core.hub(hubName), params, args)
 
     def _match(self, segments):
-        for shape, handlers in self.routes:
-            if len(shape) != len(segments):
-                continue
+        byLength = self._routesByLength
+        if byLength is None or byLength[0] is not self.routes:
+            table = {}
+            for shape, handlers in self.routes:
+                table.setdefault(len(shape), []).append((shape, handlers))
+            byLength = self._routesByLength = (self.routes, table)
+        for shape, handlers in byLength[1].get(len(segments), ()):
             params = {}
             for want, got in zip(shape, segments):
                 if want.startswith("{"):
