@@ -43,6 +43,9 @@ class Echo(Resource):
         if request.postpath[:1] == [b"hold"]:
             self.held.append(request)
             return NOT_DONE_YET
+        if request.postpath[:1] == [b"big"]:
+            n = int(request.args[b"n"][0])
+            return b"".join(b"%09d\n" % i for i in range(n))
         if request.postpath[:1] == [b"gone"]:
             request.setResponseCode(204)
             return b""
@@ -195,6 +198,33 @@ class LeanPathTests(TestCase):
         yield withTimeout(c.until(lambda d: d.count(b"HTTP/1.1 200") >= n + 1), 10,
                           "the pipelined requests were not all answered")
         self.assertFalse(channel._paused)
+
+    @defer.inlineCallbacks
+    def test_answerLargerThanTheSocketTakes(self):
+        """
+        An answer written straight to the socket that the socket does not
+        take whole (the client is not reading) is finished by Twisted's
+        buffered write, in order: the answers that follow come after it,
+        every byte intact.
+        """
+        c = yield self.connect()
+        c.transport.pauseProducing()
+        n = 1200000  # 12 MB: more than loopback socket buffers hold
+        c.send(b"GET /api/big?n=%d HTTP/1.1\r\nHost: h\r\n\r\n" % n
+               + b"GET /api/after HTTP/1.1\r\nHost: h\r\n\r\n"
+               + b"GET /api/big?n=10 HTTP/1.1\r\nHost: h\r\n\r\n")
+        yield sleep(0.3)
+        server = self.channels[0]._socketTransport
+        self.assertIsNotNone(server)
+        self.assertGreater(len(server.dataBuffer) + server._tempDataLen, 0)
+        c.transport.resumeProducing()
+        data = yield withTimeout(c.until(lambda d: d.count(b"HTTP/1.1 200") >= 3
+                                         and d.endswith(b"000000009\n")), 10, "not all answers")
+        first, second, third = data.split(b"HTTP/1.1 200 OK\r\n")[1:]
+        body = first.split(b"\r\n\r\n", 1)[1]
+        self.assertEqual(body, b"".join(b"%09d\n" % i for i in range(n)))
+        self.assertIn(b'"postpath": ["after"]', second)
+        self.assertTrue(third.endswith(b"\r\n\r\n" + b"".join(b"%09d\n" % i for i in range(10))))
 
     @defer.inlineCallbacks
     def test_clientGoneWhileHeld(self):
