@@ -40,6 +40,15 @@ class AccessLogTests(TestCase):
         self.clock.advance(5)
         self.assertEqual(len(self.events), 1)
 
+    def test_asTwistedWrites(self):
+        """
+        Site.log writes each line with its newline: one line each.
+        """
+        self.log.write("a\n")
+        self.log.write("b\n")
+        self.clock.advance(1)
+        self.assertEqual(self.lines(), [["a", "b"]])
+
     def test_boundedLines(self):
         """
         At most maxLines are held: the one that fills the batch flushes it
@@ -54,10 +63,10 @@ class AccessLogTests(TestCase):
 
     def test_flush(self):
         """
-        flush (the site stopping) emits what is held and cancels the timer.
+        close (the site stopping) emits what is held and cancels the timer.
         """
         self.log.write("a")
-        self.log.flush()
+        self.log.close()
         self.log.flush()
         self.assertEqual(self.lines(), [["a"]])
         self.assertEqual(self.clock.getDelayedCalls(), [])

@@ -137,6 +137,11 @@ class LeanPathTests(TestCase):
         self.assertTrue(all(isinstance(r, FastRequest) for r in self.echo.requests))
         self.assertIsInstance(self.channels[0], FastChannel)
         self.assertTrue(c.open)
+        # Each request has its access-log line, held for the batch.
+        self.assertIs(self.site._logFile, self.site.accessLog)
+        lines = self.site.accessLog._lines
+        self.assertEqual(len(lines), 2)
+        self.assertIn('"POST /api/a/b%2Fc?x=1&x=2&y=%C3%BC HTTP/1.1" 200 ', lines[0])
 
     @defer.inlineCallbacks
     def test_bodyInPieces(self):

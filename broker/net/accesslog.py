@@ -55,7 +55,9 @@ def combinedLine(timestamp, request):
 
 class AccessLog:
     """
-    Access-log lines gathered into one event per L{INTERVAL} seconds.
+    Access-log lines gathered into one event per L{INTERVAL} seconds: the
+    log file of a L{broker.net.http.BoundedSite} that would write to
+    Twisted's C{log.logfile}.
 
     @param reactor: an L{IReactorTime}, for the flush timer.
     @param logger: the L{Logger} the events are emitted on.
@@ -69,16 +71,25 @@ class AccessLog:
         self._lines = []
         self._call = None
 
-    def write(self, line):
+    def write(self, text):
         """
-        Add one line (without its newline).
+        Add the lines of C{text} (what Twisted's C{Site.log} writes to its
+        log file: one line and its newline).
         """
         lines = self._lines
-        lines.append(line)
-        if len(lines) >= self.maxLines:
-            self.flush()
-        elif self._call is None:
+        for line in text.rstrip("\n").split("\n"):
+            lines.append(line)
+            if len(lines) >= self.maxLines:
+                self.flush()
+                lines = self._lines
+        if lines and self._call is None:
             self._call = self.reactor.callLater(self.interval, self.flush)
+
+    def close(self):
+        """
+        The site stopped: emit what is held (a later write starts again).
+        """
+        self.flush()
 
     def flush(self):
         """

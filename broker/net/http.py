@@ -317,19 +317,16 @@ class BoundedSite(server.Site):
         """
         return super().buildProtocol(addr)
 
-    def log(self, request):
-        # Twisted's line, batched (broker.net.accesslog) when it would go
-        # to the broker's log; a log file of the site's own is written as
-        # Twisted does.
-        logFile = self._logFile
-        if logFile is None:
-            return
-        if logFile is not legacyLog.logfile:
-            return super().log(request)
-        self.accessLog.write(self._logFormatter(self._logDateTime, request))
+    def startFactory(self):
+        super().startFactory()
+        # Twisted's lines go to the broker's log batched (broker.net.accesslog);
+        # a log file of the site's own (logPath) is written as Twisted does.
+        if self._logFile is legacyLog.logfile:
+            self._logFile = self.accessLog
 
     def stopFactory(self):
-        self.accessLog.flush()
+        # Twisted closes a log file that is not log.logfile: the AccessLog's
+        # close flushes it.
         super().stopFactory()
 
 
