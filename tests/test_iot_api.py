@@ -17,6 +17,7 @@ from twisted.trial.unittest import TestCase
 from twisted.web.client import FileBodyProducer
 from twisted.web.iweb import UNKNOWN_LENGTH
 
+from broker.core import jsonstrict
 from broker.iot import apikeys, frames
 from broker.iot.api import APICollector, loadKeys, makeSite
 from broker.iot.errors import Refused
@@ -104,6 +105,20 @@ class PayloadJSONTests(TestCase):
         self.assertEqual(toJSON(Payload(frames.BINARY, b"\x00\xff")),
                          {"type": "binary", "data": "AP8="})
 
+    def test_jsonChecked(self):
+        """
+        JSON data is serialised strictly; short data is not parsed again
+        (it cannot nest too deep), long data is, so nesting past
+        jsonstrict's depth is refused.
+        """
+        p = fromJSON({"type": "json", "data": {"a": ["\u00e9", 1.5, None]}})
+        self.assertEqual((p.type, p.value()), ("json", {"a": ["\u00e9", 1.5, None]}))
+        self.assertRaises(PayloadError, fromJSON, {"type": "json", "data": float("nan")})
+        deep = 1
+        for _ in range(jsonstrict.MAX_DEPTH + 1):
+            deep = [deep]
+        self.assertRaises(PayloadError, fromJSON, {"type": "json", "data": deep})
+
     def test_refused(self):
         for bad in [[], {"type": "xml", "data": ""}, {"type": "ascii", "data": "\u00e9"},
                     {"type": "binary", "data": "not base64!"}, {"type": "utf8", "data": 3},
@@ -133,6 +148,21 @@ class HeldRequestTests(TestCase):
         self.assertGreaterEqual(body["elapsed"], 0)
         self.assertEqual(self.h.site.api.stats.heldOutcomes, {"answered": 1})
         self.assertEqual(self.h.site.api.stats.held, 0)
+
+    @defer.inlineCallbacks
+    def test_deviceJSONAsSent(self):
+        """
+        A device's JSON answer, however it is spaced, is the response's
+        payload data, unchanged in value.
+        """
+        device = yield self.h.iot.device("d1")
+        text = b' { "t" : [ 21.5 , "\\u00e9\xc3\xa9" , null ] }\n'
+        device.onRequest = lambda f: Payload(frames.JSON, text)
+        status, body, _ = yield self.h.call(
+            "POST", "/v1/fleets/acme/devices/d1/requests",
+            {"payload": {"type": "json", "data": 1}, "timeout": 5})
+        self.assertEqual(status, 200)
+        self.assertEqual(body["payload"], {"type": "json", "data": {"t": [21.5, "\u00e9\u00e9", None]}})
 
     @defer.inlineCallbacks
     def test_everyPayloadType(self):

@@ -3,6 +3,7 @@ Tests for L{broker.iot.apikeys}: key format, hashed storage, per-fleet
 lookup, and the operator's command line.
 """
 
+import hashlib
 import io
 
 from twisted.trial.unittest import TestCase
@@ -44,6 +45,40 @@ class APIKeysTests(TestCase):
         entry = apikeys.parseLine(apikeys.hashLine("fa", a))
         self.assertRaises(apikeys.APIKeyError, keys.replace, [entry, entry])
         self.assertEqual(len(keys), 0)
+
+    def test_verifiedKeysRemembered(self):
+        """
+        A key that passed is not hashed again; wrong keys always are and
+        are never remembered; at most cacheSize keys are remembered; a
+        replace forgets them, so a removed key is refused at once.
+        """
+        hashed = []
+        real = hashlib.sha256
+
+        class Counting:
+            @staticmethod
+            def sha256(data):
+                hashed.append(data)
+                return real(data)
+        self.patch(apikeys, "hashlib", Counting)
+        made = [apikeys.newKey() for _ in range(3)]
+        keys = apikeys.APIKeys([apikeys.parseLine(apikeys.hashLine("fa", k)) for k, _ in made],
+                               cacheSize=2)
+        a, aId = made[0]
+        hashed.clear()
+        for _ in range(3):
+            self.assertEqual(keys.fleetOf(a), ("fa", aId))
+        self.assertEqual(len(hashed), 1)
+        forged = a[:-1] + ("A" if a[-1] != "A" else "B")
+        for _ in range(3):
+            self.assertIsNone(keys.fleetOf(forged))
+        self.assertEqual(len(hashed), 4)
+        for k, kId in made:
+            self.assertEqual(keys.fleetOf(k), ("fa", kId))
+        self.assertEqual(len(keys._verified), 2)
+        keys.replace([apikeys.parseLine(apikeys.hashLine("fa", made[1][0]))])
+        self.assertIsNone(keys.fleetOf(made[2][0]))
+        self.assertEqual(keys.fleetOf(made[1][0]), ("fa", made[1][1]))
 
     def test_badLines(self):
         for line in ["", "fa:1234abcd", "fa:1234abcd:" + "0" * 63, "9fleet:1234abcd:" + "0" * 64,

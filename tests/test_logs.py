@@ -17,6 +17,7 @@ from twisted.trial.unittest import TestCase
 
 from broker import config, logs, tap
 from broker.auth.tokens import makeClientToken
+from broker.net.accesslog import INTERVAL as ACCESS_LOG_INTERVAL
 from tests.test_collectors import sample
 from tests.test_tap import LOOPBACK, TwistdTestsMixin, handshake
 
@@ -124,11 +125,14 @@ class BrokerLogTests(TestCase):
             for path in ("/healthz", "/metrics", "/stats", "/healthz?verbose"):
                 code, _ = yield self.get(path)
                 self.assertEqual(code, 200)
+            # Access-log lines are emitted in batches (broker.net.accesslog).
+            yield task.deferLater(reactor, ACCESS_LOG_INTERVAL + 0.2, lambda: None)
         texts = [formatEvent(e) for e in events]
         self.assertFalse([t for t in texts if '"GET /' in t], texts)
         with capturedLogs() as events:
             code, _ = yield self.get("/nothing-here")
             self.assertEqual(code, 404)
+            yield task.deferLater(reactor, ACCESS_LOG_INTERVAL + 0.2, lambda: None)
         self.assertTrue([e for e in events if '"GET /nothing-here' in formatEvent(e)])
 
 

@@ -6,8 +6,9 @@ Client access tokens.
 import jwt
 from twisted.trial import unittest
 
-from broker.auth.tokens import (CLIENT_PATH, MQTT_PATH, TokenError, audienceMatches,
-                                decodeToken, makeClientToken, verifyClientToken)
+from broker.auth.tokens import (CLIENT_PATH, MQTT_PATH, TokenCache, TokenError,
+                                audienceMatches, decodeToken, makeClientToken,
+                                verifyClientToken)
 from tests.wsharness import rawToken
 
 KEY = "k" * 32
@@ -108,3 +109,80 @@ class TokenTests(unittest.TestCase):
         self.assertTrue(audienceMatches("wss://b.example/client/hubs/chat", "chat",
                                         ["https://b.example"]))
         self.assertFalse(audienceMatches(AUD, "chat", ["http://elsewhere:8080"]))
+
+
+class TokenCacheTests(unittest.TestCase):
+    """
+    L{TokenCache}: verified tokens remembered, still checked on every use.
+    """
+
+    def token(self, lifetime=60, **extra):
+        claims = {"aud": AUD, "exp": NOW + lifetime}
+        claims.update(extra)
+        return jwt.encode(claims, KEY, algorithm="HS256")
+
+    def test_hitSkipsVerification(self):
+        cache = TokenCache()
+        tok = self.token()
+        calls = []
+        real = jwt.decode
+        self.patch(jwt, "decode", lambda *a, **kw: calls.append(a) or real(*a, **kw))
+        first = decodeToken(tok, [KEY], NOW, cache)
+        again = decodeToken(tok, [KEY], NOW + 10, cache)
+        self.assertIs(again, first)
+        self.assertEqual((len(calls), cache.hits, cache.misses), (1, 1, 1))
+
+    def test_expiresWithItsToken(self):
+        """
+        exp is checked on every use: an expired entry is refused and
+        dropped; nbf too (a token not yet valid is never stored).
+        """
+        cache = TokenCache()
+        tok = self.token(lifetime=60)
+        decodeToken(tok, [KEY], NOW, cache)
+        e = self.assertRaises(TokenError, decodeToken, tok, [KEY], NOW + 120, cache)
+        self.assertEqual(str(e), "token expired")
+        self.assertEqual(len(cache), 0)
+        early = self.token(nbf=NOW + 600)
+        self.assertRaises(TokenError, decodeToken, early, [KEY], NOW, cache)
+        self.assertEqual(len(cache), 0)
+
+    def test_onlyWhileItsKeyIsConfigured(self):
+        """
+        An entry counts only while the key that signed it is one of the
+        keys asked for: a key removed (a reload) refuses its tokens.
+        """
+        cache = TokenCache()
+        tok = self.token()
+        decodeToken(tok, [KEY, "other-key-0123456789abcdef0123"], NOW, cache)
+        e = self.assertRaises(TokenError, decodeToken, tok,
+                              ["other-key-0123456789abcdef0123"], NOW, cache)
+        self.assertEqual(str(e), "token not signed by any access key of this hub")
+        self.assertIsNotNone(decodeToken(tok, [KEY], NOW, cache))
+        cache.clear()
+        self.assertEqual(len(cache), 0)
+
+    def test_bounded(self):
+        """
+        At most C{size} tokens, the least recently used out first; none
+        longer than C{maxLength}; refused tokens never stored.
+        """
+        cache = TokenCache(size=3, maxLength=400)
+        toks = [self.token(sub=f"u{i}") for i in range(5)]
+        for tok in toks[:3]:
+            decodeToken(tok, [KEY], NOW, cache)
+        decodeToken(toks[0], [KEY], NOW, cache)
+        for tok in toks[3:]:
+            decodeToken(tok, [KEY], NOW, cache)
+        self.assertEqual(len(cache), 3)
+        self.assertIsNotNone(cache.get(toks[0], [KEY]))
+        self.assertIsNone(cache.get(toks[1], [KEY]))
+        long = self.token(sub="x" * 400)
+        decodeToken(long, [KEY], NOW, cache)
+        self.assertIsNone(cache.get(long, [KEY]))
+        forged = jwt.encode({"aud": AUD, "exp": NOW + 60}, "not-the-key-not-the-key-not",
+                            algorithm="HS256")
+        cache.clear()
+        for _ in range(3):
+            self.assertRaises(TokenError, decodeToken, forged, [KEY], NOW, cache)
+        self.assertEqual(len(cache), 0)

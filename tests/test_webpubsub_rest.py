@@ -24,6 +24,7 @@ from twisted.internet import defer, reactor, task, threads
 from twisted.trial import unittest
 
 from broker.core.errors import CloseCode
+from broker.webpubsub.hubsettings import HubSettings
 from broker.webpubsub.rest import API_VERSIONS
 from tests.recorder import RecordingConnection
 from tests.wsharness import KEY, BrokerHarness
@@ -775,6 +776,43 @@ class RawHTTPTests(_Base):
         url = self.endpoint + self.SEND
         token = jwt.encode({"aud": url}, KEY, algorithm="HS256")
         yield self.assertUnauthorized(token=token)
+
+    @defer.inlineCallbacks
+    def test_cachedToken(self):
+        """
+        A token used again is taken from the cache of verified tokens, and
+        still checked: on another URL it is refused; once its signing key
+        is no longer the hub's, or once it has expired, it is refused (and
+        an expired one dropped); a reload empties the cache.
+        """
+        rest = self.broker.site.restAPI
+        token = self.token(self.endpoint + self.SEND)
+        for _ in range(3):
+            code, _ = yield self.request("POST", self.SEND, token=token, body=b"x",
+                                         headers={"Content-Type": "text/plain"})
+            self.assertEqual(code, 202)
+        self.assertEqual((len(rest.tokens), rest.tokens.hits), (1, 2))
+        code, _ = yield self.request(
+            "POST", "/api/hubs/chat/:closeConnections?api-version=2024-12-01", token=token)
+        self.assertEqual(code, 401)
+
+        settings = rest.hubSettings
+        self.patch(rest, "hubSettings", lambda hub: HubSettings(accessKeys=(OTHER_KEY,)))
+        yield self.assertUnauthorized(token=token)
+        self.patch(rest, "hubSettings", settings)
+        code, _ = yield self.request("POST", self.SEND, token=token, body=b"x",
+                                     headers={"Content-Type": "text/plain"})
+        self.assertEqual(code, 202)
+
+        self.patch(rest, "clock", lambda: time.time() + 3600)
+        yield self.assertUnauthorized(token=token)
+        self.assertEqual(len(rest.tokens), 0)
+        self.patch(rest, "clock", time.time)
+        code, _ = yield self.request("POST", self.SEND, token=token, body=b"x",
+                                     headers={"Content-Type": "text/plain"})
+        self.assertEqual((code, len(rest.tokens)), (202, 1))
+        self.assertTrue(rest.reloaded())
+        self.assertEqual(len(rest.tokens), 0)
 
     @defer.inlineCallbacks
     def test_rightTokenAccepted(self):

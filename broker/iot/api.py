@@ -39,12 +39,12 @@ from twisted.web.resource import Resource
 
 from broker.config import ConfigError
 from broker.core import jsonstrict
-from broker.iot import apikeys, errors
+from broker.iot import apikeys, errors, frames
 from broker.iot.histogram import LatencyHistogram
 from broker.iot.jsonpayload import PayloadError, fromJSON, toJSON
 from broker.iot.lastvalue import lastValueJSON
 from broker.logs import peerAddress
-from broker.net.http import METHOD_NOT_ALLOWED, BoundedSite, Routes, jsonBody, pathPattern
+from broker.net.http import METHOD_NOT_ALLOWED, BoundedSite, Routes, jsonBody
 
 log = Logger()
 
@@ -120,8 +120,19 @@ class APICollector:
         yield c
 
 
-# Only the two POSTs take a body (at most iot.http.max_body bytes).
-_BODY_PATH = pathPattern(rb"/v1/fleets/[^/]+/devices/[^/]+/(requests|messages)/?")
+def _takesBody(path):
+    """
+    Whether C{path} is C{/v1/fleets/{fleet}/devices/{id}/requests} or
+    C{.../messages} (a trailing slash allowed): only those two POSTs take a
+    body (at most iot.http.max_body bytes).  Split, not a regular
+    expression, on every request.
+    """
+    parts = path.split(b"/")
+    if len(parts) == 8 and parts[7] == b"":
+        parts.pop()
+    return (len(parts) == 7 and parts[0] == b"" and parts[1] == b"v1"
+            and parts[2] == b"fleets" and parts[3] != b"" and parts[4] == b"devices"
+            and parts[5] != b"" and parts[6] in (b"requests", b"messages"))
 
 
 class APISite(BoundedSite):
@@ -135,10 +146,13 @@ class APISite(BoundedSite):
                  stats=None):
         # The API takes JSON only: no form parsing.  Twisted stops the idle
         # timer while a request is processed, so it never cuts a held one.
+        # Every path is the API's: its plain requests take the lean path
+        # (broker.net.fasthttp).
         super().__init__(resource, reactor=reactor,
-                         bodyLimit=Routes([(_BODY_PATH, {b"POST": maxBody})]),
+                         bodyLimit=Routes([(_takesBody, {b"POST": maxBody})]),
                          refusal=self._refusal, headerTimeout=headerTimeout,
-                         idleTimeout=idleTimeout, stats=stats, name="iot.http.listen")
+                         idleTimeout=idleTimeout, stats=stats, name="iot.http.listen",
+                         fast=[((), resource)])
         self.maxBody = maxBody
 
     def _refusal(self, request, status, reason, message):
@@ -208,7 +222,11 @@ class APIResource(Resource):
                         path=request.path)
             return self._error(request, APIError(500, "INTERNAL", "internal error"))
 
-    def _send(self, request, status, obj=None, headers=()):
+    def _send(self, request, status, obj=None, headers=(), data=None):
+        """
+        Answer C{request}: C{obj} as JSON, or C{data}, JSON text already
+        encoded.
+        """
         if request._disconnected or request.finished:
             return
         self.stats.bump(self.stats.responses, status)
@@ -218,6 +236,7 @@ class APIResource(Resource):
             request.setHeader(k, v)
         if obj is not None:
             data = json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+        if data is not None:
             request.setHeader(b"content-type", b"application/json")
             request.setHeader(b"content-length", b"%d" % len(data))
             request.write(data)
@@ -445,8 +464,14 @@ class APIResource(Resource):
         def answered(answer):
             self._held.discard(d)
             settle("answered")
-            self._send(request, 200, {"payload": toJSON(answer),
-                                      "elapsed": round(self.reactor.seconds() - started, 6)})
+            elapsed = round(self.reactor.seconds() - started, 6)
+            if answer.type == frames.JSON:
+                # The device's JSON was validated (strict) when its frame
+                # was read: spliced in, not parsed and serialised again.
+                self._send(request, 200, data=b'{"payload":{"type":"json","data":%s},'
+                           b'"elapsed":%r}' % (answer.data.strip(), elapsed))
+            else:
+                self._send(request, 200, {"payload": toJSON(answer), "elapsed": elapsed})
 
         def failed(f):
             self._held.discard(d)

@@ -103,10 +103,18 @@ class APIKeys:
     """
     The accepted keys, by id.  L{replace} swaps the whole set at once (on
     SIGHUP), so a check never sees half of an old and half of a new set.
+
+    A central sends the same key with every call: the keys that passed
+    are remembered (at most C{cacheSize}, oldest out first), so a repeated
+    one costs a dictionary look-up, not a hash.  Only valid keys are
+    remembered, so wrong guesses cannot fill it; L{replace} forgets them
+    all, so a key removed by a reload is refused at once.
     """
 
-    def __init__(self, entries=()):
+    def __init__(self, entries=(), cacheSize=1024):
         self._byId = {}
+        self._verified = {}
+        self.cacheSize = cacheSize
         self.replace(entries)
 
     def replace(self, entries):
@@ -121,6 +129,7 @@ class APIKeys:
                 raise APIKeyError(f"key id {keyId} appears twice")
             byId[keyId] = (fleet, bytes.fromhex(hexdigest))
         self._byId = byId
+        self._verified = {}
 
     def __len__(self):
         return len(self._byId)
@@ -131,6 +140,9 @@ class APIKeys:
         """
         if not isinstance(key, str):
             return None
+        found = self._verified.get(key)
+        if found is not None:
+            return found
         m = _KEY.match(key)
         if m is None:
             return None
@@ -142,7 +154,13 @@ class APIKeys:
             return None
         if not hmac.compare_digest(candidate, entry[1]):
             return None
-        return entry[0], m.group(1)
+        found = entry[0], m.group(1)
+        verified = self._verified
+        if len(verified) >= self.cacheSize:
+            # Dictionaries keep insertion order: the oldest goes.
+            del verified[next(iter(verified))]
+        verified[key] = found
+        return found
 
 
 def developmentKey(stateDir, fleet):

@@ -134,6 +134,17 @@ class Payload:
         self.data = data
 
     @classmethod
+    def trusted(cls, type, data):
+        """
+        A payload whose C{data} this process has just made well-formed
+        (e.g. C{jsonstrict.dumps} of a parsed value): not validated again.
+        """
+        payload = cls.__new__(cls)
+        payload.type = type
+        payload.data = data
+        return payload
+
+    @classmethod
     def json(cls, value):
         return cls(JSON, jsonstrict.dumps(value).encode("utf-8"))
 

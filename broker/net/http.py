@@ -35,33 +35,26 @@ import re
 from io import BytesIO
 
 from twisted.internet.interfaces import ISSLTransport
+from twisted.python import log as legacyLog
 from twisted.web import server
 from twisted.web.http import RESPONSES, HTTPChannel, _GenericHTTPChannelProtocol
 
+from broker.net.accesslog import AccessLog, combinedLine
+from broker.net.bounds import (BODY_TOO_LARGE, HEADER_TIMEOUT, IDLE_TIMEOUT, LINGER,  # noqa: F401
+                               LINGER_BYTES, METHOD_NOT_ALLOWED)
+from broker.net.fasthttp import FastChannel, fastRoutes
 from broker.net.listeners import ListenerStats
 
-# How long, and how many more bytes, a refused connection may linger
-# half-closed (what it sends is dropped unparsed), so that the client reads
-# the answer before the reset.
-LINGER = 2.0
-LINGER_BYTES = 64 * 1024
-
 NO_BODY = {b"GET": 0, b"HEAD": 0}
-
-# Refusal reasons (the C{reason} label of broker_http_refused_total).
-BODY_TOO_LARGE = "body_too_large"
-METHOD_NOT_ALLOWED = "method_not_allowed"
-HEADER_TIMEOUT = "header_timeout"
-IDLE_TIMEOUT = "idle_timeout"
 
 
 class Routes:
     """
     How large a body each method may send to each path, declared as a list
     of C{(pattern, {method: maxBody})}, first match wins.  A pattern is a
-    path (C{b"/api"}: that path and everything under it) or a compiled
-    C{re} pattern of bytes matched against the whole path.  Methods are
-    upper-case bytes.
+    path (C{b"/api"}: that path and everything under it), a
+    C{callable(path) -> bool}, or a compiled C{re} pattern of bytes matched
+    against the whole path.  Methods are upper-case bytes.
 
     A matching route's other methods are refused with 405 when they carry
     a body; a path no route matches takes no body at all.
@@ -75,6 +68,8 @@ class Routes:
                 base = pattern.rstrip(b"/")
                 match = (lambda base: lambda path: path == base
                          or path.startswith(base + b"/"))(base)
+            elif callable(pattern):
+                match = pattern
             else:
                 match = pattern.fullmatch
             self.routes.append((match, methods))
@@ -287,20 +282,52 @@ class BoundedSite(server.Site):
     @param idleTimeout: seconds a connection may sit silent between
         requests; C{None}: no limit.
     @param stats: the listener's L{ListenerStats}, where refusals count.
+    @param fast: C{[(prefix, resource)]}: the paths (C{prefix} a tuple of
+        decoded path segments, C{()} for all) whose plain requests are
+        served by the lean path (L{broker.net.fasthttp}), the resource
+        rendering them as twisted.web would; everything else, and every
+        connection when C{fast} is empty, by twisted.web.
     """
 
     protocol = _channel
     requestFactory = BoundedRequest
 
     def __init__(self, resource, reactor=None, bodyLimit=None, refusal=plainRefusal,
-                 headerTimeout=10.0, idleTimeout=60.0, stats=None, name="http", **kwargs):
+                 headerTimeout=10.0, idleTimeout=60.0, stats=None, name="http", fast=(),
+                 **kwargs):
         kwargs.setdefault("parsePOSTFormSubmission", False)
+        kwargs.setdefault("logFormatter", combinedLine)
         super().__init__(resource, reactor=reactor, timeout=idleTimeout, **kwargs)
         self.bodyLimit = bodyLimit if bodyLimit is not None else Routes()
         self.refusal = refusal
         self.headerTimeout = headerTimeout
         self.stats = stats if stats is not None else ListenerStats(name, self.reactor)
         self.displayTracebacks = False
+        self.accessLog = AccessLog(self.reactor)
+        self.fastRoute = fastRoutes(fast) if fast else None
+
+    def buildProtocol(self, addr):
+        if self.fastRoute is not None:
+            return FastChannel(self, addr)
+        return super().buildProtocol(addr)
+
+    def twistedChannel(self, addr):
+        """
+        The twisted.web channel a L{FastChannel} hands a connection to.
+        """
+        return super().buildProtocol(addr)
+
+    def startFactory(self):
+        super().startFactory()
+        # Twisted's lines go to the broker's log batched (broker.net.accesslog);
+        # a log file of the site's own (logPath) is written as Twisted does.
+        if self._logFile is legacyLog.logfile:
+            self._logFile = self.accessLog
+
+    def stopFactory(self):
+        # Twisted closes a log file that is not log.logfile: the AccessLog's
+        # close flushes it.
+        super().stopFactory()
 
     # Paths whose requests write no access-log line (the admin probes,
     # scraped every few seconds).

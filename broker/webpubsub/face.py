@@ -231,6 +231,8 @@ def build(context):
     site = makeSite(factory, headerTimeout=wps["header_timeout"],
                     idleTimeout=wps["idle_timeout"],
                     stats=context.listeners.get("webpubsub.listen"))
+    # After the settings swap above: the REST API's verified tokens go.
+    context.onReload(site.restAPI.reloaded)
     context.onDrain(factory.drain)
     context.registry.register(RestCollector(site.restAPI))
     context.addAdminView(WebPubSubView(context.core, site.restAPI))

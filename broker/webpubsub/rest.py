@@ -40,7 +40,7 @@ from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
-from broker.auth.tokens import (CLIENT_PATH, MQTT_PATH, TokenError, decodeToken,
+from broker.auth.tokens import (CLIENT_PATH, MQTT_PATH, TokenCache, TokenError, decodeToken,
                                 makeClientToken)
 from broker.config import HUB_NAME
 from broker.core import jsonstrict
@@ -59,6 +59,8 @@ API_VERSIONS = ("2021-08-01-preview", "2021-10-01", "2022-11-01", "2023-07-01",
                 "2024-01-01", "2024-01-01-preview", "2024-09-01-preview", "2024-12-01")
 _API_VERSION = re.compile(r"(\d{4})-(\d{2})-(\d{2})(-preview)?", re.ASCII)
 OLDEST_API_DATE = date(2021, 8, 1)
+# Versions checkApiVersion accepted already (a few: one per SDK release).
+_ACCEPTED_VERSIONS = set()
 
 # The most groups one :addToGroups / :removeFromGroups request may name.
 MAX_BULK_GROUPS = 1000
@@ -105,6 +107,9 @@ class RestAPI(Resource):
     """
 
     isLeaf = True
+    # (routes, {length: [(shape, handlers)]}): the routes by path length,
+    # built from self.routes on first use.
+    _routesByLength = None
 
     def __init__(self, core, hubSettings, audiences=(), maxBodySize=1024 * 1024,
                  clock=time.time):
@@ -116,6 +121,8 @@ class RestAPI(Resource):
         self.audiences = audiences
         self.maxBodySize = maxBodySize
         self.clock = clock
+        # Verified tokens: a backend signs one per URL and reuses it.
+        self.tokens = TokenCache()
         # (operation, status) -> requests, for /metrics (RestCollector).
         self.requestCounts = {}
         # path shape -> {method: handler}; "{x}" segments are parameters.
@@ -161,14 +168,28 @@ class RestAPI(Resource):
             body = self._dispatch(request)
         except Exception as e:
             body = self._failed(request, e)
-        if not isinstance(body, Deferred):
-            self._count(request)
-            return body
-        # An operation on another node's connection waits for the directory.
+        if isinstance(body, Deferred):
+            outcome = []
+            body.addBoth(outcome.append)
+            if not outcome:
+                return self._later(request, body, outcome)
+            # Already fired (the memory engine): answered now, as bytes.
+            body = outcome[0]
+            if isinstance(body, Failure):
+                body = self._failed(request, body.value, body)
+        self._count(request)
+        return body
+
+    def _later(self, request, d, outcome):
+        """
+        Answer C{request} when C{d} (whose result goes to C{outcome}) fires:
+        an operation on another node's connection waits for the directory.
+        """
         finished = []
         request.notifyFinish().addBoth(finished.append)
 
-        def answer(result):
+        def answer(_):
+            result = outcome[0]
             if finished:
                 return
             if isinstance(result, Failure):
@@ -177,7 +198,7 @@ class RestAPI(Resource):
             if result:
                 request.write(result)
             request.finish()
-        body.addBoth(answer).addErrback(log.failure, "REST answer failed")
+        d.addCallback(answer).addErrback(log.failure, "REST answer failed")
         return NOT_DONE_YET
 
     def _count(self, request):
@@ -237,9 +258,13 @@ class RestAPI(Resource):
         return handler(request, self.core.hub(hubName), params, args)
 
     def _match(self, segments):
-        for shape, handlers in self.routes:
-            if len(shape) != len(segments):
-                continue
+        byLength = self._routesByLength
+        if byLength is None or byLength[0] is not self.routes:
+            table = {}
+            for shape, handlers in self.routes:
+                table.setdefault(len(shape), []).append((shape, handlers))
+            byLength = self._routesByLength = (self.routes, table)
+        for shape, handlers in byLength[1].get(len(segments), ()):
             params = {}
             for want, got in zip(shape, segments):
                 if want.startswith("{"):
@@ -287,13 +312,28 @@ class RestAPI(Resource):
         if not keys:
             self._unauthorized(request, f"hub {hubName!r} has no access key")
         try:
-            claims = decodeToken(token, keys, self.clock())
+            claims = decodeToken(token, keys, self.clock(), self.tokens)
         except TokenError as e:
             self._unauthorized(request, str(e))
+        # The audience depends on the token, the URL and the configured
+        # origins only: the URL it last matched is kept with the token.
+        audiences = self.audiences
+        matched = self.tokens.extra(token)
+        if matched is not None and matched[0] == request.uri and matched[1] is audiences:
+            return
         aud = claims.get("aud")
         auds = aud if isinstance(aud, list) else [aud]
         if not any(self._audienceMatches(a, request) for a in auds):
             self._unauthorized(request, f"token audience {aud!r} is not this request's URL")
+        self.tokens.setExtra(token, (request.uri, audiences))
+
+    def reloaded(self):
+        """
+        The configuration was read again (C{SIGHUP}): tokens verified with
+        the old keys and audiences are verified again on their next use.
+        """
+        self.tokens.clear()
+        return True
 
     def _audienceMatches(self, aud, request):
         if not isinstance(aud, str):
@@ -616,6 +656,8 @@ def checkApiVersion(version):
 
     @raise RestError: 400 C{UnsupportedApiVersion}, malformed or too old.
     """
+    if version in _ACCEPTED_VERSIONS:
+        return
     m = _API_VERSION.fullmatch(version)
     try:
         day = date(*map(int, m.group(1, 2, 3))) if m else None
@@ -629,6 +671,8 @@ def checkApiVersion(version):
         raise RestError(400, "UnsupportedApiVersion",
                         f"api-version {version!r} is older than the oldest supported, "
                         f"{API_VERSIONS[0]}")
+    if len(_ACCEPTED_VERSIONS) < 256:
+        _ACCEPTED_VERSIONS.add(version)
 
 
 class RestCollector:

@@ -177,8 +177,10 @@ def makeSite(factory, headerTimeout=10.0, idleTimeout=60.0, stats=None):
         (b"/api", {b"POST": factory.maxMessagePayloadSize, b"PUT": 0, b"DELETE": 0,
                    b"GET": 0, b"HEAD": 0}),
     ])
+    # The REST API's plain requests take the lean path (broker.net.fasthttp);
+    # WebSocket upgrades and the rest, twisted.web.
     site = BoundedSite(root, reactor=factory.reactor, bodyLimit=routes, refusal=refusal,
                        headerTimeout=headerTimeout, idleTimeout=idleTimeout, stats=stats,
-                       name="webpubsub.listen")
+                       name="webpubsub.listen", fast=[((b"api",), rest)])
     site.restAPI = rest
     return site
