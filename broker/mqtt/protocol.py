@@ -31,6 +31,13 @@ MAX_TOPIC_LENGTH = 1024      # the core's longest group name
 AWAIT_CONNECT, AUTHENTICATING, CONNECTED, CLOSED = range(4)
 
 
+def _checkResponseTopic(properties):
+    """A response topic is a topic name: no wildcards (MQTT-3.3.2-14)."""
+    topic = properties.get("response_topic")
+    if topic is not None and ("+" in topic or "#" in topic):
+        raise codec.ProtocolError("wildcard in the response topic")
+
+
 class MqttFactory(Factory):
     """
     Everything the connections of the face share: the server, the
@@ -164,8 +171,14 @@ class MqttProtocol(DirectOutput, BoundedOutput, Protocol):
         if self.state == CLOSED:
             return
         if self.state == CONNECTED and self.version == codec.V5:
-            props = {"reason_string": reason} if reason else None
-            self.writeDirect(codec.encodeDisconnect(reasonCode, props))
+            data = codec.encodeDisconnect(reasonCode)
+            if reason:
+                # The reason string only if the client's maximum packet
+                # size allows it (MQTT-3.14.2-3).
+                withReason = codec.encodeDisconnect(reasonCode, {"reason_string": reason})
+                if len(withReason) <= self.clientMaxPacket:
+                    data = withReason
+            self.writeDirect(data)
         self.state = CLOSED
         self.flushOutput()
         self.transport.loseConnection()
@@ -345,6 +358,7 @@ class MqttProtocol(DirectOutput, BoundedOutput, Protocol):
         if f.outboundTopicAliases:
             self._outAliasMax = props.get("topic_alias_maximum", 0)
         if c.will is not None:
+            _checkResponseTopic(c.will.properties)
             try:
                 checkTopicName(c.will.topic, MAX_TOPIC_LENGTH)
             except TopicError:
@@ -364,7 +378,7 @@ class MqttProtocol(DirectOutput, BoundedOutput, Protocol):
         d.addErrback(self._internal)
 
     def _refuse(self, reasonCode, properties=None):
-        """CONNACK with a failure code, then close (MQTT-3.2.2-5)."""
+        """CONNACK with a failure code, then close (MQTT-3.2.2-7)."""
         self._counters["connect_refused"] += 1
         self.writeDirect(codec.encodeConnack(self.version, False, reasonCode, properties))
         self.state = CLOSED
@@ -465,7 +479,7 @@ class MqttProtocol(DirectOutput, BoundedOutput, Protocol):
             self._packet(packet)
 
     def _keepAliveCheck(self):
-        """MQTT-3.1.2-24: nothing for 1.5 times the keep alive: closed."""
+        """MQTT-3.1.2-22: nothing for 1.5 times the keep alive: closed."""
         self._timer = None
         if self.state != CONNECTED:
             return
@@ -486,6 +500,7 @@ class MqttProtocol(DirectOutput, BoundedOutput, Protocol):
         v5 = self.version == codec.V5
         topic = p.topic
         if v5:
+            _checkResponseTopic(p.properties)
             alias = p.properties.pop("topic_alias", None)
             if alias is not None:
                 if alias == 0 or alias > self.factory.topicAliasMaximum:

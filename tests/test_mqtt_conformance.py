@@ -1,0 +1,855 @@
+"""
+MQTT 5.0 conformance, sections 1 to 3.3 of the specification: the
+normative statements (C{[MQTT-x.y.z-n]}) the face's other tests do not
+already cover, checked byte by byte with a hand-driven client against a
+broker built in this process.  Each test's docstring names the statements
+it covers; docs/mqtt-conformance.md points each statement at its test.
+Sections 3.4 to 4 are in L{tests.test_mqtt_conformance_flows}.
+"""
+
+from twisted.internet import defer, reactor
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.trial.unittest import TestCase
+
+from broker.mqtt import codec
+from broker.mqtt.face import Restorer
+from broker.mqtt.noauth import AllowAll
+from tests.mqttharness import sleep, startBroker
+from tests.test_mqtt_bounds import Raw
+from tests.test_mqtt_protocol import Refusing
+
+
+# -- packets built by hand ----------------------------------------------------
+
+def connect(clientId="c", version=5, clean=True, keepAlive=60, props=None, will=None,
+            username=None, password=None, flags=0):
+    """
+    A CONNECT; C{will} is C{(topic, payload, qos, retain, properties)};
+    C{flags} is or-ed into the connect flags (to break them).
+    """
+    cflags = (0x02 if clean else 0) | flags
+    payload = codec.utf8(clientId)
+    if will is not None:
+        topic, message, qos, retain, wprops = will
+        cflags |= 0x04 | (qos << 3) | (0x20 if retain else 0)
+        if version == 5:
+            payload += codec.encodeProperties(wprops)
+        payload += codec.utf8(topic) + codec.binary(message)
+    if username is not None:
+        cflags |= 0x80
+        payload += codec.utf8(username)
+    if password is not None:
+        cflags |= 0x40
+        payload += codec.binary(password)
+    body = codec.utf8("MQTT") + bytes((version, cflags)) + keepAlive.to_bytes(2, "big")
+    if version == 5:
+        body += codec.encodeProperties(props)
+    return codec.packet(0x10, body + payload)
+
+
+def publish(topic, payload=b"x", qos=0, pid=None, retain=False, dup=False, props=None,
+            version=5):
+    return codec.encodePublish(topic, payload, qos, retain, pid, version, props, dup)
+
+
+def subscribe(pid, *subs, props=None, version=5):
+    """C{subs}: C{(filter, options byte)} pairs."""
+    body = pid.to_bytes(2, "big")
+    if version == 5:
+        body += codec.encodeProperties(props)
+    for f, options in subs:
+        body += codec.utf8(f) + bytes((options,))
+    return codec.packet(0x82, body)
+
+
+def unsubscribe(pid, *filters, version=5):
+    body = pid.to_bytes(2, "big") + (b"\x00" if version == 5 else b"")
+    for f in filters:
+        body += codec.utf8(f)
+    return codec.packet(0xA2, body)
+
+
+def rawString(data):
+    """A length-prefixed string of raw bytes (to send ill-formed UTF-8)."""
+    return len(data).to_bytes(2, "big") + data
+
+
+def ack(type, pid, reason=None):
+    body = pid.to_bytes(2, "big") + (bytes((reason,)) if reason is not None else b"")
+    return codec.packet((type << 4) | (0x02 if type == codec.PUBREL else 0), body)
+
+
+# Options bytes of a 5.0 subscription.
+NO_LOCAL, RAP = 0x04, 0x08
+
+
+def rh(n):
+    return n << 4
+
+
+# -- reading what the broker sent ----------------------------------------------
+
+def publishes(r, version=5):
+    return [codec.decodePublish(f, b, version, fromServer=True)
+            for t, f, b in r.packets if t == codec.PUBLISH]
+
+
+def connack(r):
+    """C{(flags, code, properties)} of the first CONNACK (5.0)."""
+    flags, body = next((f, b) for t, f, b in r.packets if t == codec.CONNACK)
+    props = codec._properties(body, 2, set(codec.PROPERTIES))[0] if len(body) > 2 else {}
+    return body[0], body[1], props
+
+
+def disconnectOf(r):
+    """C{(reason, properties)} of the DISCONNECT received, or C{None}."""
+    for t, f, body in r.packets:
+        if t == codec.DISCONNECT:
+            props = codec._properties(body, 1, set(codec.PROPERTIES))[0] if len(body) > 1 else {}
+            return body[0], props
+    return None
+
+
+def bodies(r, type):
+    return [b for t, f, b in r.packets if t == type]
+
+
+class Recording(AllowAll):
+    """Allows everyone; records what each CONNECT gave the authenticator."""
+
+    def __init__(self):
+        self.seen = []
+
+    def authenticate(self, clientId, username, password, hub):
+        self.seen.append((clientId, username, password))
+        return AllowAll.authenticate(self, clientId, username, password, hub)
+
+
+class ConformanceCase(TestCase):
+    """A broker in this process and hand-driven clients of its TCP listener."""
+
+    timeout = 60
+    MQTT = ""
+
+    @defer.inlineCallbacks
+    def setUp(self):
+        self.top, self.ports, _ = yield startBroker(self, mqtt=self.MQTT)
+        self.port = self.ports["mqtt.listen[0]"]
+        self.server = next(s for s in self.top if isinstance(s, Restorer)).server
+        self.addCleanup(sleep, 0.3)
+
+    @defer.inlineCallbacks
+    def raw(self, data=None, wait=codec.CONNACK):
+        """A connection that wrote C{data}, once C{wait} (a packet type) came."""
+        r = Raw()
+        yield connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", self.port), r)
+        self.addCleanup(lambda: r.transport.abortConnection() if r.transport.connected
+                        else None)
+        if data is not None:
+            r.transport.write(data)
+            if wait is not None:
+                yield r.waitFor(lambda: wait in r.types())
+        return r
+
+    @defer.inlineCallbacks
+    def watcher(self, *subs, clientId="watcher", version=5, props=None):
+        """A connected client subscribed to C{subs} (filter, options)."""
+        r = yield self.raw(connect(clientId, version=version, props=props)
+                           + subscribe(1, *subs, version=version), codec.SUBACK)
+        return r
+
+    def waitPublishes(self, r, n, version=5):
+        return r.waitFor(lambda: len(publishes(r, version)) >= n)
+
+    @defer.inlineCallbacks
+    def closedWith(self, r, reason):
+        """C{r} is closed by the broker after a DISCONNECT with C{reason}."""
+        yield r.lost
+        got = disconnectOf(r)
+        self.assertIsNotNone(got, r.packets)
+        self.assertEqual(got[0], reason, r.packets)
+        self.assertEqual(r.packets[-1][0], codec.DISCONNECT)
+
+    @defer.inlineCallbacks
+    def refusedAfterConnect(self, data, reason):
+        """A fresh connected client sends C{data}: DISCONNECT C{reason}, closed."""
+        r = yield self.raw(connect("bad"))
+        r.transport.write(data)
+        yield self.closedWith(r, reason)
+        return r
+
+    @defer.inlineCallbacks
+    def closedSilently(self, data):
+        """C{data} before any CONNACK: closed with nothing sent back."""
+        r = yield self.raw(data, wait=None)
+        yield r.lost
+        self.assertEqual(r.packets, [])
+
+
+class DataRepresentationTests(ConformanceCase):
+    """Section 1.5: UTF-8 strings, variable byte integers, string pairs."""
+
+    @defer.inlineCallbacks
+    def test_illFormedUtf8IsMalformed(self):
+        """
+        MQTT-1.5.4-1, MQTT-1.5.7-1, MQTT-3.3.2-1, MQTT-3.3.2-13, MQTT-3.3.2-19,
+        MQTT-3.8.3-1, MQTT-3.10.3-1, MQTT-3.1.3-4, MQTT-3.1.3-11, MQTT-3.1.3-12:
+        a UTF-8 string that is ill-formed (here a UTF-16 surrogate, U+D800,
+        encoded as UTF-8) is a Malformed Packet wherever it appears: topic
+        name, content type, response topic, either string of a user
+        property, topic filters, client identifier, will topic, user name.
+        """
+        surrogate = b"\xed\xa0\x80"
+        topic = codec.utf8("t")
+        connected = [
+            codec.packet(0x30, rawString(b"a" + surrogate) + b"\x00x"),
+            codec.packet(0x30, topic + bytes((3 + len(surrogate),)) + b"\x03"
+                         + rawString(surrogate) + b"x"),
+            codec.packet(0x30, topic + bytes((3 + len(surrogate),)) + b"\x08"
+                         + rawString(surrogate) + b"x"),
+            codec.packet(0x30, topic + bytes((6 + len(surrogate),)) + b"\x26"
+                         + codec.utf8("k") + rawString(surrogate) + b"x"),
+            codec.packet(0x30, topic + bytes((6 + len(surrogate),)) + b"\x26"
+                         + rawString(surrogate) + codec.utf8("v") + b"x"),
+            codec.packet(0x82, b"\x00\x01\x00" + rawString(surrogate) + b"\x00"),
+            codec.packet(0xA2, b"\x00\x01\x00" + rawString(surrogate)),
+        ]
+        for data in connected:
+            yield self.refusedAfterConnect(data, codec.MALFORMED_PACKET)
+        head = codec.utf8("MQTT") + b"\x05"
+        for cflags, payload in (
+                (0x02, rawString(surrogate)),
+                (0x06, codec.utf8("c") + b"\x00" + rawString(surrogate) + codec.binary(b"w")),
+                (0x82, codec.utf8("c") + rawString(surrogate))):
+            yield self.closedSilently(codec.packet(
+                0x10, head + bytes((cflags,)) + b"\x00\x3c\x00" + payload))
+        self.assertGreaterEqual(self.server.counters["malformed"], len(connected) + 3)
+
+    @defer.inlineCallbacks
+    def test_nullCharacterIsMalformed(self):
+        """
+        MQTT-1.5.4-2, MQTT-4.7.3-2: U+0000 in a topic name or a topic filter
+        is a Malformed Packet.
+        """
+        yield self.refusedAfterConnect(publish("a\x00b"), codec.MALFORMED_PACKET)
+        yield self.refusedAfterConnect(subscribe(1, ("a\x00b", 0)), codec.MALFORMED_PACKET)
+
+    @defer.inlineCallbacks
+    def test_byteOrderMarkKept(self):
+        """
+        MQTT-1.5.4-3: 0xEF 0xBB 0xBF is U+FEFF, not stripped: a topic
+        starting with it is a topic of its own, delivered with it.
+        """
+        w = yield self.watcher(("\ufeffbom/t", 0), ("bom/t", 0))
+        p = yield self.raw(connect("p"))
+        p.transport.write(publish("\ufeffbom/t", b"1") + publish("bom/t", b"2"))
+        yield self.waitPublishes(w, 2)
+        yield sleep(0.2)
+        self.assertEqual([(m.topic, m.payload) for m in publishes(w)],
+                         [("\ufeffbom/t", b"1"), ("bom/t", b"2")])
+
+    def test_variableByteIntegerMinimal(self):
+        """
+        MQTT-1.5.5-1: the broker encodes every Variable Byte Integer (the
+        remaining length, property lengths, subscription identifiers) in
+        the fewest bytes.
+        """
+        for value, size in ((0, 1), (127, 1), (128, 2), (16383, 2), (16384, 3),
+                            (2097151, 3), (2097152, 4), (268435455, 4)):
+            self.assertEqual(len(codec.encodeVarint(value)), size, value)
+        t = codec.PublishTemplate("t", b"x" * 200, 1, False, codec.V5,
+                                  {"subscription_identifier": [200]})
+        data = t.bytes(1)
+        self.assertEqual(data[1:3], codec.encodeVarint(len(data) - 3))
+
+
+class PacketFormatTests(ConformanceCase):
+    """Section 2: fixed header flags, packet identifiers, property length."""
+
+    @defer.inlineCallbacks
+    def test_reservedFlagsMalformed(self):
+        """
+        MQTT-2.1.3-1, MQTT-3.6.1-1, MQTT-3.8.1-1, MQTT-3.10.1-1, MQTT-3.14.1-1,
+        MQTT-3.3.1-4, MQTT-4.13.1-1: a fixed header whose reserved flags are
+        not the listed values (PUBREL, SUBSCRIBE, UNSUBSCRIBE not 0010;
+        PUBACK, PINGREQ, DISCONNECT not 0000; PUBLISH with both QoS bits)
+        is malformed: DISCONNECT 0x81, closed.
+        """
+        for data in (b"\x60\x02\x00\x01",                          # PUBREL flags 0
+                     codec.packet(0x80, b"\x00\x01\x00" + codec.utf8("t") + b"\x00"),
+                     codec.packet(0xA0, b"\x00\x01\x00" + codec.utf8("t")),
+                     b"\x42\x02\x00\x01",                          # PUBACK flags 2
+                     b"\xc1\x00",                                  # PINGREQ flags 1
+                     b"\xe1\x00",                                  # DISCONNECT flags 1
+                     codec.packet(0x36, codec.utf8("t") + b"\x00\x01\x00x")):
+            yield self.refusedAfterConnect(data, codec.MALFORMED_PACKET)
+
+    @defer.inlineCallbacks
+    def test_packetIdentifiers(self):
+        """
+        MQTT-2.2.1-2, MQTT-2.2.1-4, MQTT-2.2.1-5, MQTT-2.2.1-6, MQTT-3.3.1-2,
+        MQTT-4.3.1-1, MQTT-4.3.2-1, MQTT-4.3.2-2, MQTT-4.3.3-1, MQTT-4.3.3-2:
+        a QoS 0 PUBLISH from the broker has no packet identifier and DUP 0;
+        each new QoS 1 / 2 PUBLISH it sends has a non-zero identifier no
+        other unacknowledged one holds, DUP 0; PUBACK, PUBREC and PUBCOMP
+        carry the PUBLISH's (PUBREL's) identifier, SUBACK and UNSUBACK the
+        SUBSCRIBE's and UNSUBSCRIBE's.
+        """
+        w = yield self.raw(connect("w") + subscribe(0x1234, ("pi/#", 2)), codec.SUBACK)
+        self.assertEqual(bodies(w, codec.SUBACK)[0][:2], b"\x12\x34")
+        p = yield self.raw(connect("p"))
+        p.transport.write(publish("pi/0", b"zero", 0) + publish("pi/1", b"one", 1, 0x0701)
+                          + publish("pi/2", b"two", 2, 0x0802))
+        yield p.waitFor(lambda: codec.PUBREC in p.types())
+        p.transport.write(ack(codec.PUBREL, 0x0802))
+        yield p.waitFor(lambda: codec.PUBCOMP in p.types())
+        self.assertEqual(bodies(p, codec.PUBACK), [b"\x07\x01"])
+        self.assertEqual(bodies(p, codec.PUBREC), [b"\x08\x02"])
+        self.assertEqual(bodies(p, codec.PUBCOMP), [b"\x08\x02"])
+        for i in range(6):
+            p.transport.write(publish("pi/more", b"%d" % i, 1 + i % 2, 100 + i))
+        yield self.waitPublishes(w, 9)
+        seen = publishes(w)
+        self.assertEqual((seen[0].qos, seen[0].packetId, seen[0].dup), (0, None, False))
+        raw0 = next(b for t, f, b in w.packets if t == codec.PUBLISH)
+        # Topic, property length 0, payload: no identifier between them.
+        self.assertEqual(raw0, codec.utf8("pi/0") + b"\x00zero")
+        ids = [m.packetId for m in seen[1:]]
+        self.assertNotIn(0, ids)
+        self.assertEqual(len(set(ids)), len(ids))
+        self.assertFalse(any(m.dup for m in seen))
+        w.transport.write(unsubscribe(0x4321, "pi/#"))
+        yield w.waitFor(lambda: codec.UNSUBACK in w.types())
+        self.assertEqual(bodies(w, codec.UNSUBACK)[0][:2], b"\x43\x21")
+
+    @defer.inlineCallbacks
+    def test_noPropertiesIsZeroLength(self):
+        """
+        MQTT-2.2.2-1: a packet with no properties has a Property Length of
+        zero (SUBACK, UNSUBACK, a PUBLISH without properties).
+        """
+        w = yield self.raw(connect("w") + subscribe(5, ("np/t", 1)), codec.SUBACK)
+        self.assertEqual(bodies(w, codec.SUBACK), [b"\x00\x05\x00\x01"])
+        p = yield self.raw(connect("p"))
+        p.transport.write(publish("np/t", b"data", 1, 3))
+        yield self.waitPublishes(w, 1)
+        m = publishes(w)[0]
+        self.assertEqual(bodies(w, codec.PUBLISH)[0],
+                         codec.utf8("np/t") + m.packetId.to_bytes(2, "big") + b"\x00data")
+        w.transport.write(unsubscribe(6, "np/t"))
+        yield w.waitFor(lambda: codec.UNSUBACK in w.types())
+        self.assertEqual(bodies(w, codec.UNSUBACK), [b"\x00\x06\x00\x00"])
+
+
+class ConnectTests(ConformanceCase):
+    """Section 3.1: CONNECT."""
+
+    @defer.inlineCallbacks
+    def test_protocolNameAndVersion(self):
+        """
+        MQTT-3.1.2-1, MQTT-3.1.2-2: a protocol name other than "MQTT" or a
+        level the broker does not speak gets a CONNACK refusal (the 3.1.1
+        "unacceptable protocol version" every version reads) and is closed.
+        """
+        for name, level in (("MQIsdp", 3), ("MQTX", 5), ("MQTT", 6)):
+            r = yield self.raw(codec.packet(0x10, codec.utf8(name) + bytes((level,))
+                                            + b"\x02\x00\x3c" + codec.utf8("c")), wait=None)
+            yield r.lost
+            self.assertEqual(r.packets, [(codec.CONNACK, 0, b"\x00\x01")], name)
+
+    @defer.inlineCallbacks
+    def test_malformedConnectClosedSilently(self):
+        """
+        MQTT-3.1.2-3, MQTT-3.1.2-11, MQTT-3.1.2-12, MQTT-3.1.2-13,
+        MQTT-3.1.2-16, MQTT-3.1.2-17, MQTT-3.1.2-19, MQTT-3.1.3-1,
+        MQTT-3.1.3-3, MQTT-3.1.4-1, MQTT-3.14.0-1: a CONNECT not in the
+        format of 3.1 (reserved flag set, will QoS or will retain without
+        the will flag, will QoS 3, a user name flag without the user name,
+        a password flag without the password, a user name without its
+        flag, no client identifier, reserved fixed-header flags) closes the
+        connection with nothing sent: no DISCONNECT before a CONNACK.
+        """
+        head = codec.utf8("MQTT") + b"\x05"
+
+        def bad(cflags, payload, first=0x10):
+            return codec.packet(first, head + bytes((cflags,)) + b"\x00\x3c\x00" + payload)
+        cid = codec.utf8("c")
+        for data in (bad(0x03, cid),                    # reserved flag
+                     bad(0x0A, cid),                    # will QoS 1 without will
+                     bad(0x22, cid),                    # will retain without will
+                     bad(0x1E, cid + b"\x00" + codec.utf8("w") + codec.binary(b"x")),
+                     bad(0x82, cid),                    # user name flag, no user name
+                     bad(0x42, cid),                    # password flag, no password
+                     bad(0x02, cid + codec.utf8("u")),  # user name, no flag
+                     bad(0x02, b""),                    # no client identifier
+                     bad(0x02, cid, first=0x11)):       # fixed header flags
+            yield self.closedSilently(data)
+        self.assertEqual(self.server.counters["connections"], 0)
+
+    @defer.inlineCallbacks
+    def test_userNameAndPassword(self):
+        """
+        MQTT-3.1.2-16, MQTT-3.1.2-17, MQTT-3.1.2-18, MQTT-3.1.2-19,
+        MQTT-3.1.3-1: the user name and password are read from the payload
+        exactly when their flags say so, in their order after the client
+        identifier and the will (5.0 allows a password without a user name).
+        """
+        auth = self.server.auth = Recording()
+        will = ("w/t", b"bye", 0, False, None)
+        for kw in ({"username": "u", "password": b"p", "will": will}, {"password": b"p"},
+                   {"username": "u"}, {}):
+            r = yield self.raw(connect("up", **kw))
+            self.assertEqual(connack(r)[1], codec.SUCCESS)
+            r.transport.write(b"\xe0\x00")
+            yield r.lost
+        self.assertEqual(auth.seen, [("up", "u", b"p"), ("up", None, b"p"),
+                                     ("up", "u", None), ("up", None, None)])
+
+    @defer.inlineCallbacks
+    def test_willRetainFlag(self):
+        """
+        MQTT-3.1.2-7, MQTT-3.1.2-8, MQTT-3.1.2-14, MQTT-3.1.2-15: a will is
+        kept with the session and published when the connection is lost:
+        retain 0 as a non-retained message, retain 1 as a retained one (a
+        later subscriber gets it).
+        """
+        w = yield self.watcher(("wr/#", 1 | RAP))
+        for clientId, retain in (("w0", False), ("w1", True)):
+            r = yield self.raw(connect(clientId, will=(f"wr/{clientId}", b"gone", 1, retain,
+                                                       None)))
+            r.transport.abortConnection()
+            yield r.lost
+        yield self.waitPublishes(w, 2)
+        self.assertEqual(sorted((m.topic, m.retain) for m in publishes(w)),
+                         [("wr/w0", False), ("wr/w1", True)])
+        late = yield self.watcher(("wr/#", 1), clientId="late")
+        yield self.waitPublishes(late, 1)
+        yield sleep(0.2)
+        self.assertEqual([(m.topic, m.retain) for m in publishes(late)], [("wr/w1", True)])
+
+    @defer.inlineCallbacks
+    def test_willUserPropertiesOrder(self):
+        """
+        MQTT-3.1.3-10: the will's user properties are published in the
+        order they were given.
+        """
+        pairs = [("z", "1"), ("a", "2"), ("z", "0")]
+        w = yield self.watcher(("wo/#", 0))
+        r = yield self.raw(connect("wo", will=("wo/t", b"w", 0, False,
+                                               {"user_property": pairs})))
+        r.transport.abortConnection()
+        yield self.waitPublishes(w, 1)
+        self.assertEqual(publishes(w)[0].properties["user_property"], pairs)
+
+    @defer.inlineCallbacks
+    def test_clientIdentifiers(self):
+        """
+        MQTT-3.1.3-2, MQTT-3.1.3-3, MQTT-3.1.3-5, MQTT-3.1.3-6, MQTT-3.1.3-7,
+        MQTT-3.2.2-16: a 23-byte client identifier of 0-9a-zA-Z is accepted
+        and names its session; an empty one is given a unique identifier,
+        returned as the Assigned Client Identifier, under which the session
+        is kept.
+        """
+        long = "aZ09" * 5 + "xyz"
+        self.assertEqual(len(long), 23)
+        r = yield self.raw(connect(long))
+        self.assertEqual(connack(r)[1], codec.SUCCESS)
+        self.assertNotIn("assigned_client_identifier", connack(r)[2])
+        self.assertIsNotNone(self.server.sessions[("mqtt", long)].protocol)
+        assigned = []
+        for i in range(2):
+            r = yield self.raw(connect(""))
+            flags, code, props = connack(r)
+            self.assertEqual(code, codec.SUCCESS)
+            assigned.append(props["assigned_client_identifier"])
+            self.assertIn(("mqtt", assigned[-1]), self.server.sessions)
+        self.assertNotEqual(assigned[0], assigned[1])
+
+    @defer.inlineCallbacks
+    def test_refusedConnectProcessesNothing(self):
+        """
+        MQTT-3.1.4-6, MQTT-3.2.2-6, MQTT-3.2.2-7, MQTT-4.13.2-1: a refused
+        CONNECT (0x87 here, for a client identifier with a session) gets
+        Session Present 0, the connection is closed, and what the client
+        sent after it (a SUBSCRIBE, a PUBLISH) is not processed.
+        """
+        expiry = {"session_expiry_interval": 60}
+        first = yield self.raw(connect("rc", clean=False, props=expiry))
+        first.transport.write(b"\xe0\x00")
+        yield first.lost
+        self.server.auth = Refusing()
+        w = yield self.watcher(("rc/#", 0))
+        r = yield self.raw(connect("rc", clean=False, props=expiry, username="banned")
+                           + subscribe(1, ("rc/#", 0)) + publish("rc/t", b"no"), wait=None)
+        yield r.lost
+        self.assertEqual(r.packets, [(codec.CONNACK, 0, b"\x00\x87\x00")])
+        yield sleep(0.2)
+        self.assertEqual(publishes(w), [])
+
+    @defer.inlineCallbacks
+    def test_authenticationMethodRefused(self):
+        """
+        MQTT-4.12.0-1: a CONNECT with an Authentication Method (enhanced
+        authentication, not supported) gets CONNACK 0x8C and is closed.
+        """
+        r = yield self.raw(connect("am", props={"authentication_method": "SCRAM-SHA-1"}),
+                           wait=None)
+        yield r.lost
+        self.assertEqual(r.packets, [(codec.CONNACK, 0, b"\x00\x8c\x00")])
+
+
+class ConnackTests(ConformanceCase):
+    """Section 3.2: CONNACK."""
+
+    @defer.inlineCallbacks
+    def test_connackFirstAndOnce(self):
+        """
+        MQTT-3.1.4-5, MQTT-3.2.0-1, MQTT-3.2.0-2, MQTT-3.2.2-1, MQTT-3.12.4-1,
+        MQTT-4.12.0-6: packets sent with the CONNECT are answered after
+        CONNACK 0x00, whose flag bits 7-1 are 0 and which carries no
+        Authentication Method; PINGREQ gets PINGRESP; a second CONNECT
+        gets no second CONNACK (DISCONNECT 0x82).
+        """
+        r = yield self.raw(connect("cf") + subscribe(1, ("cf/t", 0)) + b"\xc0\x00",
+                           codec.PINGRESP)
+        self.assertEqual(r.types(), [codec.CONNACK, codec.SUBACK, codec.PINGRESP])
+        flags, code, props = connack(r)
+        self.assertEqual((flags & 0xFE, code), (0, codec.SUCCESS))
+        self.assertNotIn("authentication_method", props)
+        r.transport.write(connect("cf"))
+        yield self.closedWith(r, codec.PROTOCOL_ERROR)
+        self.assertEqual(r.types().count(codec.CONNACK), 1)
+        self.assertNotIn(codec.AUTH, r.types())
+
+    @defer.inlineCallbacks
+    def test_fullQosAndRetainAvailable(self):
+        """
+        MQTT-3.2.2-9, MQTT-3.2.2-10, MQTT-3.2.2-12, MQTT-3.2.2-13: the broker
+        supports QoS 1 and 2 and retained messages, so CONNACK carries
+        neither Maximum QoS nor Retain Available (both then mean
+        "supported"); SUBSCRIBE with QoS 0, 1, 2 is granted as asked, and a
+        retained QoS 2 will is accepted and published as such.
+        """
+        r = yield self.raw(connect("fq", will=("fq/w", b"w", 2, True, None)))
+        flags, code, props = connack(r)
+        self.assertEqual(code, codec.SUCCESS)
+        self.assertNotIn("maximum_qos", props)
+        self.assertNotIn("retain_available", props)
+        w = yield self.raw(connect("fw") + subscribe(2, ("fq/0", 0), ("fq/1", 1), ("fq/w", 2)),
+                           codec.SUBACK)
+        self.assertEqual(bodies(w, codec.SUBACK)[0][3:], b"\x00\x01\x02")
+        r.transport.abortConnection()
+        yield self.waitPublishes(w, 1)
+        m = publishes(w)[0]
+        self.assertEqual((m.topic, m.qos), ("fq/w", 2))
+        self.assertIn("fq/w", self.server.routings["mqtt"].retained)
+
+    @defer.inlineCallbacks
+    def test_requestInformation(self):
+        """
+        MQTT-3.1.2-28, MQTT-3.1.2-29: no Response Information in CONNACK
+        (the broker never sends it); with Request Problem Information 0, a
+        refused PUBLISH's PUBACK, a refused SUBSCRIBE's SUBACK and an
+        UNSUBACK carry no Reason String and no User Property.
+        """
+        self.server.auth = Refusing()
+        for asked in (0, 1):
+            r = yield self.raw(connect(f"ri{asked}", props={
+                "request_response_information": 1, "request_problem_information": asked}))
+            self.assertNotIn("response_information", connack(r)[2])
+            r.transport.write(publish("secret", b"x", 1, 7) + subscribe(8, ("secret", 1))
+                              + unsubscribe(9, "none"))
+            yield r.waitFor(lambda: codec.UNSUBACK in r.types())
+            self.assertEqual(bodies(r, codec.PUBACK), [b"\x00\x07\x87"])
+            self.assertEqual(bodies(r, codec.SUBACK), [b"\x00\x08\x00\x87"])
+            self.assertEqual(bodies(r, codec.UNSUBACK), [b"\x00\x09\x00\x11"])
+
+
+class PublishTests(ConformanceCase):
+    """Section 3.3: PUBLISH."""
+
+    @defer.inlineCallbacks
+    def test_outgoingDupIndependent(self):
+        """
+        MQTT-3.3.1-3: a PUBLISH received with DUP 1 is forwarded with DUP 0
+        (DUP says only whether the broker itself is retransmitting).
+        """
+        w = yield self.watcher(("dp/t", 1))
+        p = yield self.raw(connect("p"))
+        p.transport.write(publish("dp/t", b"again", 1, 4, dup=True))
+        yield self.waitPublishes(w, 1)
+        self.assertEqual((publishes(w)[0].dup, publishes(w)[0].payload), (False, b"again"))
+
+    @defer.inlineCallbacks
+    def test_retainedReplacedDeletedKept(self):
+        """
+        MQTT-3.3.1-5, MQTT-3.3.1-6, MQTT-3.3.1-7, MQTT-3.3.1-8: RETAIN 1
+        replaces the topic's retained message; RETAIN 0 leaves it alone;
+        a zero-byte retained message is delivered to live subscribers as
+        any other and removes the retained message without being kept.
+        """
+        live = yield self.watcher(("rk/t", 0))
+        p = yield self.raw(connect("p"))
+        p.transport.write(publish("rk/t", b"a", retain=True) + publish("rk/t", b"b", retain=True)
+                          + publish("rk/t", b"c"))
+        yield self.waitPublishes(live, 3)
+        late = yield self.watcher(("rk/t", 0), clientId="late")
+        yield self.waitPublishes(late, 1)
+        self.assertEqual([(m.payload, m.retain) for m in publishes(late)], [(b"b", True)])
+        p.transport.write(publish("rk/t", b"", retain=True))
+        yield self.waitPublishes(live, 4)
+        self.assertEqual([m.payload for m in publishes(live)], [b"a", b"b", b"c", b""])
+        self.assertNotIn("rk/t", self.server.routings["mqtt"].retained)
+        later = yield self.watcher(("rk/t", 0), clientId="later")
+        yield sleep(0.3)
+        self.assertEqual(publishes(later), [])
+
+    @defer.inlineCallbacks
+    def test_retainHandlingAndReplacement(self):
+        """
+        MQTT-3.3.1-9, MQTT-3.3.1-10, MQTT-3.3.1-11, MQTT-3.8.4-3,
+        MQTT-3.8.4-4: Retain Handling 1 sends the retained message only for
+        a new subscription; subscribing again to the same filter replaces
+        the subscription (one, with the new options), Retain Handling 0
+        then sends the retained message again; Retain Handling 2 sends
+        none; no message is lost by the replacement.
+        """
+        p = yield self.raw(connect("p"))
+        p.transport.write(publish("rh/t", b"kept", 1, 1, retain=True))
+        yield p.waitFor(lambda: codec.PUBACK in p.types())
+        r = yield self.raw(connect("rh") + subscribe(1, ("rh/t", 0 | rh(1))), codec.SUBACK)
+        yield self.waitPublishes(r, 1)
+        r.transport.write(subscribe(2, ("rh/t", 1 | rh(1))))
+        yield r.waitFor(lambda: r.types().count(codec.SUBACK) == 2)
+        yield sleep(0.2)
+        self.assertEqual(len(publishes(r)), 1)
+        r.transport.write(subscribe(3, ("rh/t", 1 | rh(0))) + subscribe(4, ("rh/+", 1 | rh(2))))
+        yield r.waitFor(lambda: r.types().count(codec.SUBACK) == 4)
+        yield self.waitPublishes(r, 2)
+        session = self.server.sessions[("mqtt", "rh")]
+        self.assertEqual((sorted(session.subs), session.subs["rh/t"].qos), (["rh/+", "rh/t"], 1))
+        p.transport.write(publish("rh/t", b"live", 1, 2))
+        yield self.waitPublishes(r, 3)
+        yield sleep(0.3)
+        self.assertEqual([(m.payload, m.retain) for m in publishes(r)],
+                         [(b"kept", True), (b"kept", True), (b"live", False)])
+
+    @defer.inlineCallbacks
+    def test_retainAsPublished(self):
+        """
+        MQTT-3.3.1-12, MQTT-3.3.1-13: a live retained message is forwarded
+        with RETAIN 0, or with RETAIN as published when the subscription
+        asked for Retain As Published.
+        """
+        r = yield self.raw(connect("rap") + subscribe(1, ("ra/0", 0), ("ra/1", RAP)),
+                           codec.SUBACK)
+        p = yield self.raw(connect("p"))
+        p.transport.write(publish("ra/0", b"x", retain=True) + publish("ra/1", b"x", retain=True))
+        yield self.waitPublishes(r, 2)
+        self.assertEqual(sorted((m.topic, m.retain) for m in publishes(r)),
+                         [("ra/0", False), ("ra/1", True)])
+
+    @defer.inlineCallbacks
+    def test_topicNamesAndAliases(self):
+        """
+        MQTT-3.3.2-2, MQTT-4.7.0-1, MQTT-4.7.3-1, MQTT-3.3.2-8,
+        MQTT-3.3.2-12: a topic name with a wildcard, or empty without a
+        topic alias, closes the connection (0x90); Topic Alias 0 or one
+        above the broker's Topic Alias Maximum closes it (0x94); every
+        alias from 1 to that maximum is accepted.
+        """
+        for topic in ("a/+", "#", "a/#", ""):
+            yield self.refusedAfterConnect(publish(topic), codec.TOPIC_NAME_INVALID)
+        w = yield self.watcher(("ta/#", 0))
+        p = yield self.raw(connect("p"))
+        maximum = connack(p)[2]["topic_alias_maximum"]
+        for alias in range(1, maximum + 1):
+            p.transport.write(publish(f"ta/{alias}", b"set", props={"topic_alias": alias}))
+        for alias in range(1, maximum + 1):
+            p.transport.write(publish("", b"use", props={"topic_alias": alias}))
+        yield self.waitPublishes(w, 2 * maximum)
+        self.assertEqual([m.topic for m in publishes(w)][maximum:],
+                         [f"ta/{a}" for a in range(1, maximum + 1)])
+        for alias in (0, maximum + 1):
+            yield self.refusedAfterConnect(publish("ta/x", props={"topic_alias": alias}),
+                                           codec.TOPIC_ALIAS_INVALID)
+
+    @defer.inlineCallbacks
+    def test_topicAliasesPerConnection(self):
+        """
+        MQTT-3.3.2-7: topic aliases do not carry over to a new connection
+        of the same session, in either direction: an alias set on the
+        first connection is unknown on the second (a protocol error), and
+        the broker sets its own aliases again.
+        """
+        props = {"topic_alias_maximum": 4, "session_expiry_interval": 60}
+        r = yield self.raw(connect("tc", clean=False, props=props)
+                           + subscribe(1, ("tc/t", 0)), codec.SUBACK)
+        r.transport.write(publish("tc/t", b"1", props={"topic_alias": 1}))
+        yield self.waitPublishes(r, 1)
+        self.assertEqual((publishes(r)[0].topic, publishes(r)[0].properties["topic_alias"]),
+                         ("tc/t", 1))
+        r.transport.write(b"\xe0\x00")
+        yield r.lost
+        again = yield self.raw(connect("tc", clean=False, props=props))
+        self.assertEqual(connack(again)[0], 1)
+        p = yield self.raw(connect("p"))
+        p.transport.write(publish("tc/t", b"2"))
+        yield self.waitPublishes(again, 1)
+        m = publishes(again)[0]
+        self.assertEqual((m.topic, m.properties["topic_alias"], m.payload), ("tc/t", 1, b"2"))
+        again.transport.write(publish("", b"3", props={"topic_alias": 1}))
+        yield self.closedWith(again, codec.PROTOCOL_ERROR)
+
+    @defer.inlineCallbacks
+    def test_noTopicAliasWithoutMaximum(self):
+        """
+        MQTT-3.1.2-27, MQTT-3.3.2-11: a client that gave no Topic Alias
+        Maximum (or 0) gets no Topic Alias.
+        """
+        none = yield self.watcher(("na/t", 0), clientId="none")
+        zero = yield self.watcher(("na/t", 0), clientId="zero",
+                                  props={"topic_alias_maximum": 0})
+        p = yield self.raw(connect("p"))
+        p.transport.write(publish("na/t", b"1") + publish("na/t", b"2"))
+        for r in (none, zero):
+            yield self.waitPublishes(r, 2)
+            self.assertEqual([(m.topic, "topic_alias" in m.properties) for m in publishes(r)],
+                             [("na/t", False), ("na/t", False)])
+
+    @defer.inlineCallbacks
+    def test_propertiesForwardedUnaltered(self):
+        """
+        MQTT-3.3.2-4, MQTT-3.3.2-15, MQTT-3.3.2-16, MQTT-3.3.2-17,
+        MQTT-3.3.2-18, MQTT-3.3.2-20: Payload Format Indicator, Response
+        Topic, Correlation Data, every User Property (in order, repeated
+        names kept) and Content Type reach the subscriber unaltered.
+        """
+        props = {"payload_format_indicator": 1, "response_topic": "reply/to/me",
+                 "correlation_data": b"\x00\xff\x01", "content_type": "text/x; charset=utf-8",
+                 "user_property": [("b", "2"), ("a", "1"), ("b", "0"), ("", "")]}
+        w = yield self.watcher(("pf/t", 1))
+        p = yield self.raw(connect("p"))
+        p.transport.write(publish("pf/t", "é".encode(), 1, 1, props=props))
+        yield self.waitPublishes(w, 1)
+        self.assertEqual(publishes(w)[0].properties, props)
+
+    @defer.inlineCallbacks
+    def test_responseTopicWithoutWildcards(self):
+        """
+        MQTT-3.3.2-14: a Response Topic holding a wildcard is a protocol
+        error (0x82); the message is not routed; in a will, the CONNECT is
+        refused (closed).
+        """
+        w = yield self.watcher(("rt/#", 0))
+        for wild in ("reply/+", "reply/#"):
+            yield self.refusedAfterConnect(
+                publish("rt/t", props={"response_topic": wild}), codec.PROTOCOL_ERROR)
+        yield self.closedSilently(connect("rw", will=("rt/w", b"w", 0, False,
+                                                      {"response_topic": "reply/#"})))
+        yield sleep(0.2)
+        self.assertEqual(publishes(w), [])
+
+    @defer.inlineCallbacks
+    def test_messageExpiry(self):
+        """
+        MQTT-3.3.2-5, MQTT-3.3.2-6: a queued message whose Message Expiry
+        Interval passed before delivery began is not delivered; the one
+        still valid is forwarded with its interval less the time it waited.
+        """
+        props = {"session_expiry_interval": 60}
+        r = yield self.raw(connect("me", clean=False, props=props)
+                           + subscribe(1, ("me/t", 1)), codec.SUBACK)
+        r.transport.write(b"\xe0\x00")
+        yield r.lost
+        p = yield self.raw(connect("p"))
+        p.transport.write(publish("me/t", b"short", 1, 1, props={"message_expiry_interval": 1})
+                          + publish("me/t", b"long", 1, 2, props={"message_expiry_interval": 30}))
+        yield p.waitFor(lambda: p.types().count(codec.PUBACK) == 2)
+        yield sleep(2.2)
+        back = yield self.raw(connect("me", clean=False, props=props))
+        yield self.waitPublishes(back, 1)
+        yield sleep(0.2)
+        got = publishes(back)
+        self.assertEqual([m.payload for m in got], [b"long"])
+        self.assertLessEqual(got[0].properties["message_expiry_interval"], 28)
+        self.assertGreaterEqual(self.server.counters["expired"], 1)
+
+    @defer.inlineCallbacks
+    def test_overlappingSubscriptions(self):
+        """
+        MQTT-3.3.4-2, MQTT-3.3.4-3, MQTT-3.3.4-4, MQTT-3.3.4-5: a message
+        matching several subscriptions of one client is sent once, at the
+        highest QoS among them, with the Subscription Identifiers of all
+        of them.
+        """
+        r = yield self.raw(
+            connect("ov") + subscribe(1, ("ov/#", 0), props={"subscription_identifier": [7]})
+            + subscribe(2, ("ov/t", 2), props={"subscription_identifier": [9]})
+            + subscribe(3, ("+/t", 1)), codec.SUBACK)
+        yield r.waitFor(lambda: r.types().count(codec.SUBACK) == 3)
+        p = yield self.raw(connect("p"))
+        p.transport.write(publish("ov/t", b"once", 2, 1))
+        yield self.waitPublishes(r, 1)
+        yield sleep(0.3)
+        got = publishes(r)
+        self.assertEqual(len(got), 1)
+        self.assertEqual((got[0].qos, sorted(got[0].properties["subscription_identifier"])),
+                         (2, [7, 9]))
+
+    @defer.inlineCallbacks
+    def test_receiveMaximumDelaysOnlyPublish(self):
+        """
+        MQTT-3.3.4-10, MQTT-4.9.0-1, MQTT-4.9.0-2, MQTT-4.9.0-3: with the
+        client's Receive Maximum (1) used up, further QoS 1 PUBLISHes wait
+        while PINGRESP, SUBACK, UNSUBACK and QoS 0 PUBLISHes still go out;
+        the PUBACK releases the next.
+        """
+        r = yield self.raw(connect("rq", props={"receive_maximum": 1})
+                           + subscribe(1, ("rq/1", 1), ("rq/0", 0)), codec.SUBACK)
+        p = yield self.raw(connect("p"))
+        p.transport.write(publish("rq/1", b"a", 1, 1) + publish("rq/1", b"b", 1, 2))
+        yield self.waitPublishes(r, 1)
+        p.transport.write(publish("rq/0", b"q0"))
+        r.transport.write(b"\xc0\x00" + subscribe(2, ("rq/x", 1)) + unsubscribe(3, "rq/x"))
+        yield r.waitFor(lambda: codec.UNSUBACK in r.types())
+        yield self.waitPublishes(r, 2)
+        yield sleep(0.2)
+        got = publishes(r)
+        self.assertEqual([m.payload for m in got], [b"a", b"q0"])
+        self.assertIn(codec.PINGRESP, r.types())
+        r.transport.write(ack(codec.PUBACK, got[0].packetId))
+        yield self.waitPublishes(r, 3)
+        self.assertEqual(publishes(r)[2].payload, b"b")
+
+    @defer.inlineCallbacks
+    def test_noNormalisation(self):
+        """
+        MQTT-4.7.3-4, MQTT-3.3.2-3: names and filters match character for
+        character: no case folding, no collapsing of empty levels, no
+        trimming; a forwarded topic name matches its subscription.
+        """
+        w = yield self.watcher(("nn/A", 0), ("nn//b", 0), ("nn/c ", 0), ("nn/+/d", 0))
+        p = yield self.raw(connect("p"))
+        for t in ("nn/a", "nn/b", "nn/c", "nn/A", "nn//b", "nn/c ", "nn/x/d", "nn//d"):
+            p.transport.write(publish(t, t.encode()))
+        yield self.waitPublishes(w, 5)
+        yield sleep(0.2)
+        self.assertEqual([m.topic for m in publishes(w)],
+                         ["nn/A", "nn//b", "nn/c ", "nn/x/d", "nn//d"])
+
+    @defer.inlineCallbacks
+    def test_topicLength(self):
+        """
+        MQTT-4.7.3-3: a topic name is a length-prefixed string (at most
+        65,535 bytes); the broker serves names up to its documented bound
+        (1024 characters, the core's longest group name) and closes the
+        connection (0x90) past it.
+        """
+        name = "l/" + "x" * 1022
+        w = yield self.watcher((name, 0))
+        p = yield self.raw(connect("p"))
+        p.transport.write(publish(name, b"long"))
+        yield self.waitPublishes(w, 1)
+        self.assertEqual(publishes(w)[0].topic, name)
+        yield self.refusedAfterConnect(publish(name + "y"), codec.TOPIC_NAME_INVALID)
