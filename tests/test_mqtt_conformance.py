@@ -545,6 +545,32 @@ class ConnackTests(ConformanceCase):
         self.assertIn("fq/w", self.server.routings["mqtt"].retained)
 
     @defer.inlineCallbacks
+    def test_connackWithinMaximumPacketSize(self):
+        """
+        MQTT-3.1.2-24: a client whose Maximum Packet Size (10 or 5 bytes)
+        cannot hold the full CONNACK gets one without the broker's optional
+        limits; one that cannot hold even the Assigned Client Identifier
+        (6 bytes, empty client identifier) is closed unanswered, with no
+        will published.
+        """
+        for size in (10, 5):
+            r = yield self.raw(connect(f"tiny{size}", props={"maximum_packet_size": size}))
+            flags, code, props = connack(r)
+            self.assertEqual(code, codec.SUCCESS)
+            self.assertLessEqual(len(r.packets[0][2]) + 2, size)
+            self.assertNotIn("topic_alias_maximum", props)
+        r.transport.write(b"\xc0\x00")
+        yield r.waitFor(lambda: codec.PINGRESP in r.types())
+        w = yield self.watcher(("tw/#", 0))
+        r = yield self.raw(connect("", props={"maximum_packet_size": 6},
+                                   will=("tw/t", b"w", 0, False, None)), wait=None)
+        yield r.lost
+        self.assertEqual(r.packets, [])
+        self.assertEqual(self.server.counters["too_large_for_client"], 1)
+        yield sleep(0.2)
+        self.assertEqual(publishes(w), [])
+
+    @defer.inlineCallbacks
     def test_requestInformation(self):
         """
         MQTT-3.1.2-28, MQTT-3.1.2-29: no Response Information in CONNACK

@@ -108,7 +108,7 @@ class MqttProtocol(DirectOutput, BoundedOutput, Protocol):
         self._inboundPending = 0
         self._backlog = None
         # 5.0 topic aliases towards the client: topic -> alias, the first
-        # topic_alias_maximum topics it is sent (MQTT-3.3.2-9: never more).
+        # topic_alias_maximum topics it is sent (MQTT-3.3.2-11: never more).
         self._outAliasMax = 0
         self._outAliases = {}
         self._counters = factory.server.counters
@@ -463,11 +463,19 @@ class MqttProtocol(DirectOutput, BoundedOutput, Protocol):
             asked = c.properties.get("session_expiry_interval", 0)
             if asked != session.expiryInterval:
                 props["session_expiry_interval"] = session.expiryInterval
+        connack = self._fitConnack(c.version, present and not c.cleanStart, props)
+        if connack is None:
+            # Not even the CONNACK fits the client's maximum packet size
+            # (MQTT-3.1.2-24): closed unanswered, as a failed CONNECT.
+            self._counters["too_large_for_client"] += 1
+            session.will = None
+            self._graceful = True
+            self.abort()
+            return
         self._keepAlive = keepAlive
         self.state = CONNECTED
         self._counters["connections"] += 1
-        self.writeDirect(codec.encodeConnack(
-            c.version, present and not c.cleanStart, codec.SUCCESS, props))
+        self.writeDirect(connack)
         if keepAlive:
             self._timer = f.reactor.callLater(keepAlive * 1.5, self._keepAliveCheck)
         self.transport.resumeProducing()
@@ -477,6 +485,26 @@ class MqttProtocol(DirectOutput, BoundedOutput, Protocol):
             if self.state != CONNECTED:
                 break
             self._packet(packet)
+
+    # What a CONNACK may leave out for a client with a tiny maximum packet
+    # size: the broker's own bounds, which it enforces anyway (0x93, 0x95;
+    # a client not told the topic alias maximum sends no alias).
+    _OPTIONAL_CONNACK = ("topic_alias_maximum", "receive_maximum", "maximum_packet_size")
+
+    def _fitConnack(self, version, sessionPresent, props):
+        """
+        The CONNACK, within the client's maximum packet size
+        (MQTT-3.1.2-24): without the optional properties if need be;
+        C{None} if it cannot fit.
+        """
+        props = dict(props)
+        data = codec.encodeConnack(version, sessionPresent, codec.SUCCESS, props)
+        for name in self._OPTIONAL_CONNACK:
+            if len(data) <= self.clientMaxPacket:
+                return data
+            props.pop(name, None)
+            data = codec.encodeConnack(version, sessionPresent, codec.SUCCESS, props)
+        return data if len(data) <= self.clientMaxPacket else None
 
     def _keepAliveCheck(self):
         """MQTT-3.1.2-22: nothing for 1.5 times the keep alive: closed."""
