@@ -336,7 +336,7 @@ class SessionTests(ConformanceCase):
     @defer.inlineCallbacks
     def test_serverDisconnect(self):
         """
-        MQTT-3.14.2-2, MQTT-3.14.4-1, MQTT-3.14.4-2: the broker's DISCONNECT
+        MQTT-3.1.4-3, MQTT-3.14.2-2, MQTT-3.14.4-1, MQTT-3.14.4-2: the broker's DISCONNECT
         (a take-over of a persistent session here, 0x8E) carries no
         Session Expiry Interval, is the last packet, and the broker closes
         the connection.
@@ -348,6 +348,44 @@ class SessionTests(ConformanceCase):
         reason, props = disconnectOf(first)
         self.assertNotIn("session_expiry_interval", props)
         self.assertEqual(first.types(), [codec.CONNACK, codec.SUBACK, codec.DISCONNECT])
+
+    @defer.inlineCallbacks
+    def test_cleanStartAndResume(self):
+        """
+        MQTT-3.1.2-4, MQTT-3.1.2-5, MQTT-3.1.2-6, MQTT-3.1.2-23, MQTT-3.1.3-2,
+        MQTT-3.1.4-4, MQTT-3.2.2-2, MQTT-3.2.2-3: Clean Start 0 without a
+        session starts one (Session Present 0); kept after the connection
+        closes, it is resumed by its Client Identifier (Session Present 1:
+        its subscription and the message queued meanwhile); Clean Start 1
+        discards it (Session Present 0: neither the queued message nor the
+        subscription is left).
+        """
+        def c(clean):
+            return connect("cs", clean=clean, props=PERSISTENT)
+        p = yield self.raw(connect("p"))
+        r = yield self.raw(c(False) + subscribe(1, ("cs/t", 1)), codec.SUBACK)
+        self.assertEqual(connack(r)[:2], (0, codec.SUCCESS))
+        r.transport.write(b"\xe0\x00")
+        yield r.lost
+        p.transport.write(publish("cs/t", b"away", 1, 1))
+        yield p.waitFor(lambda: codec.PUBACK in p.types())
+        back = yield self.raw(c(False), codec.PUBLISH)
+        self.assertEqual(connack(back)[:2], (1, codec.SUCCESS))
+        p.transport.write(publish("cs/t", b"live", 1, 2))
+        yield self.waitPublishes(back, 2)
+        self.assertEqual([m.payload for m in publishes(back)], [b"away", b"live"])
+        for m in publishes(back):
+            back.transport.write(ack(codec.PUBACK, m.packetId))
+        back.transport.write(b"\xe0\x00")
+        yield back.lost
+        p.transport.write(publish("cs/t", b"queued", 1, 3))
+        yield p.waitFor(lambda: p.types().count(codec.PUBACK) == 3)
+        clean = yield self.raw(c(True))
+        self.assertEqual(connack(clean)[:2], (0, codec.SUCCESS))
+        self.assertEqual(self.server.sessions[("mqtt", "cs")].subs, {})
+        p.transport.write(publish("cs/t", b"after", 1, 4))
+        yield sleep(0.3)
+        self.assertEqual(publishes(clean), [])
 
     @defer.inlineCallbacks
     def test_sessionKeptWhileConnected(self):
@@ -368,9 +406,10 @@ class SessionTests(ConformanceCase):
     @defer.inlineCallbacks
     def test_orderedTopic(self):
         """
-        MQTT-4.6.0-5, MQTT-4.6.0-6: messages one client publishes to one
-        topic with one QoS reach every non-shared subscriber (exact or
-        wildcard filter) in the order they were received.
+        MQTT-4.5.0-1, MQTT-4.6.0-5, MQTT-4.6.0-6: messages one client
+        publishes to one topic with one QoS reach every non-shared
+        subscriber (exact or wildcard filter), in the order they were
+        received.
         """
         exact = yield self.watcher(("ot/t", 2), clientId="exact")
         wild = yield self.watcher(("ot/#", 2), clientId="wild")
