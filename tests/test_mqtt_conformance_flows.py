@@ -271,6 +271,35 @@ class SubscriptionTests(ConformanceCase):
         self.assertEqual(publishes(r0)[1].qos, 1)
 
     @defer.inlineCallbacks
+    def test_sharedAndOwnSubscriptions(self):
+        """
+        MQTT-4.8.2-3, MQTT-3.8.4-8, MQTT-3.3.4-4: a client with a shared
+        subscription (QoS 2, identifier 5) and its own subscription (QoS
+        0) to one topic gets every message through its own; those its
+        group gave to the other member come at its own subscription's QoS
+        without the shared one's identifier, those its group gave it at
+        the higher QoS with the identifier, once.
+        """
+        x = yield self.raw(connect("x") + subscribe(1, ("$share/g/ow/t", 0)), codec.SUBACK)
+        y = yield self.raw(connect("y") + subscribe(1, ("$share/g/ow/t", 2),
+                                                    props={"subscription_identifier": [5]})
+                           + subscribe(2, ("ow/t", 0)), codec.SUBACK)
+        yield y.waitFor(lambda: y.types().count(codec.SUBACK) == 2)
+        p = yield self.raw(connect("p"))
+        for i in range(4):
+            p.transport.write(publish("ow/t", b"%d" % i, 2, i + 1))
+        yield self.waitPublishes(y, 4)
+        yield self.waitPublishes(x, 2)
+        yield sleep(0.2)
+        toX = {m.payload for m in publishes(x)}
+        self.assertEqual(len(toX), 2)
+        self.assertEqual(len(publishes(x)), 2)
+        got = [(m.payload, m.qos, m.properties.get("subscription_identifier"))
+               for m in publishes(y)]
+        self.assertEqual(got, [(b"%d" % i, 0, None) if b"%d" % i in toX else
+                               (b"%d" % i, 2, [5]) for i in range(4)])
+
+    @defer.inlineCallbacks
     def sharedPair(self, name, expiry, qos):
         """Members A (persistent, C{expiry}) then B of C{$share/g/{name}}."""
         c = connect(f"{name}A", clean=False, props={"session_expiry_interval": expiry})
