@@ -207,6 +207,24 @@ class GroupResolverTests(TestCase):
         hub.send(_group("a/b"), Message.text("again"))
         self.assertEqual((len(member.deliveries), len(extra.deliveries)), (2, 1))
 
+    def test_resolverReceiverStandsInForMember(self):
+        """
+        A resolver's receiver for a connection already in the group is
+        delivered to in its place (how the MQTT face says which shared
+        groups chose a session), once.
+        """
+        core = Core(Clock())
+        hub = core.hub("h")
+        member = RecordingConnection("m")
+        other = RecordingConnection("o")
+        hub.admit(member, groups=["a/b"])
+        hub.admit(other, groups=["a/b"])
+        standIn = RecordingConnection("m")
+        hub.addGroupResolver(lambda group: {"m": standIn})
+        hub.send(_group("a/b"), Message.text("hi"))
+        self.assertEqual((len(member.deliveries), len(standIn.deliveries),
+                          len(other.deliveries)), (0, 1, 1))
+
 
 def _group(name):
     from broker.core.message import Target

@@ -127,7 +127,8 @@ class Hub:
         """
         Ask C{resolver(group)} for further receivers of every group send
         on this node: a dict C{{connectionId: IConnection}} (a receiver
-        already a member of the group is not delivered to twice).
+        already a member of the group is not delivered to twice: the
+        resolver's stands in for the member's own).
         """
         self._groupResolvers.append(resolver)
 
@@ -713,9 +714,15 @@ class Hub:
             receivers = list(conns.values()) if conns else []
             for resolver in self._groupResolvers:
                 extra = resolver(target.name)
-                if extra:
-                    receivers.extend(c for cid, c in extra.items()
-                                     if conns is None or cid not in conns)
+                if not extra:
+                    continue
+                if conns and any(cid in conns for cid in extra):
+                    # A resolver's receiver for a member stands in for it
+                    # (it may know more: the MQTT face's shared picks).
+                    receivers = [extra.get(c.connectionId, c) for c in receivers]
+                    receivers.extend(c for cid, c in extra.items() if cid not in conns)
+                else:
+                    receivers.extend(extra.values())
         elif kind == Target.USER:
             conns = self._users.get(target.name)
             receivers = list(conns.values()) if conns else []

@@ -522,7 +522,7 @@ def decodeConnect(flags, body):
         c.username, pos = _utf8(body, pos)
     if cflags & 0x40:
         if level == V311 and not cflags & 0x80:
-            raise MalformedPacket("password without user name")        # MQTT-3.1.2-22
+            raise MalformedPacket("password without user name")        # 3.1.1: MQTT-3.1.2-22
         c.password, pos = _binary(body, pos)
     if pos != len(body):
         raise MalformedPacket("bytes after the CONNECT payload")
@@ -601,10 +601,10 @@ def decodeSubscribe(flags, body, version):
             subs.append(Subscription(f, o & 3, bool(o & 0x04), bool(o & 0x08), (o >> 4) & 3))
         else:
             if o & 0xFC or o == 3:
-                raise MalformedPacket("bad requested QoS")             # MQTT-3.8.3-4
+                raise MalformedPacket("bad requested QoS")             # 3.1.1: MQTT-3.8.3-4
             subs.append(Subscription(f, o))
     if not subs:
-        raise ProtocolError("SUBSCRIBE without a topic filter")        # MQTT-3.8.3-3
+        raise ProtocolError("SUBSCRIBE without a topic filter")        # MQTT-3.8.3-2
     return Subscribe(packetId, subs, props)
 
 

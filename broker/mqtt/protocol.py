@@ -31,6 +31,13 @@ MAX_TOPIC_LENGTH = 1024      # the core's longest group name
 AWAIT_CONNECT, AUTHENTICATING, CONNECTED, CLOSED = range(4)
 
 
+def _checkResponseTopic(properties):
+    """A response topic is a topic name: no wildcards (MQTT-3.3.2-14)."""
+    topic = properties.get("response_topic")
+    if topic is not None and ("+" in topic or "#" in topic):
+        raise codec.ProtocolError("wildcard in the response topic")
+
+
 class MqttFactory(Factory):
     """
     Everything the connections of the face share: the server, the
@@ -101,7 +108,7 @@ class MqttProtocol(DirectOutput, BoundedOutput, Protocol):
         self._inboundPending = 0
         self._backlog = None
         # 5.0 topic aliases towards the client: topic -> alias, the first
-        # topic_alias_maximum topics it is sent (MQTT-3.3.2-9: never more).
+        # topic_alias_maximum topics it is sent (MQTT-3.3.2-11: never more).
         self._outAliasMax = 0
         self._outAliases = {}
         self._counters = factory.server.counters
@@ -165,8 +172,14 @@ class MqttProtocol(DirectOutput, BoundedOutput, Protocol):
         if self.state == CLOSED:
             return
         if self.state == CONNECTED and self.version == codec.V5:
-            props = {"reason_string": reason} if reason else None
-            self.writeDirect(codec.encodeDisconnect(reasonCode, props))
+            data = codec.encodeDisconnect(reasonCode)
+            if reason:
+                # The reason string only if the client's maximum packet
+                # size allows it (MQTT-3.14.2-3).
+                withReason = codec.encodeDisconnect(reasonCode, {"reason_string": reason})
+                if len(withReason) <= self.clientMaxPacket:
+                    data = withReason
+            self.writeDirect(data)
         self.state = CLOSED
         self.flushOutput()
         self.transport.loseConnection()
@@ -346,6 +359,7 @@ class MqttProtocol(DirectOutput, BoundedOutput, Protocol):
         if f.outboundTopicAliases:
             self._outAliasMax = props.get("topic_alias_maximum", 0)
         if c.will is not None:
+            _checkResponseTopic(c.will.properties)
             try:
                 checkTopicName(c.will.topic, MAX_TOPIC_LENGTH)
             except TopicError:
@@ -365,7 +379,7 @@ class MqttProtocol(DirectOutput, BoundedOutput, Protocol):
         d.addErrback(self._internal)
 
     def _refuse(self, reasonCode, properties=None):
-        """CONNACK with a failure code, then close (MQTT-3.2.2-5)."""
+        """CONNACK with a failure code, then close (MQTT-3.2.2-7)."""
         self._counters["connect_refused"] += 1
         self.writeDirect(codec.encodeConnack(self.version, False, reasonCode, properties))
         self.state = CLOSED
@@ -450,11 +464,19 @@ class MqttProtocol(DirectOutput, BoundedOutput, Protocol):
             asked = c.properties.get("session_expiry_interval", 0)
             if asked != session.expiryInterval:
                 props["session_expiry_interval"] = session.expiryInterval
+        connack = self._fitConnack(c.version, present and not c.cleanStart, props)
+        if connack is None:
+            # Not even the CONNACK fits the client's maximum packet size
+            # (MQTT-3.1.2-24): closed unanswered, as a failed CONNECT.
+            self._counters["too_large_for_client"] += 1
+            session.will = None
+            self._graceful = True
+            self.abort()
+            return
         self._keepAlive = keepAlive
         self.state = CONNECTED
         self._counters["connections"] += 1
-        self.writeDirect(codec.encodeConnack(
-            c.version, present and not c.cleanStart, codec.SUCCESS, props))
+        self.writeDirect(connack)
         if keepAlive:
             self._timer = f.reactor.callLater(keepAlive * 1.5, self._keepAliveCheck)
         self.transport.resumeProducing()
@@ -465,8 +487,28 @@ class MqttProtocol(DirectOutput, BoundedOutput, Protocol):
                 break
             self._packet(packet)
 
+    # What a CONNACK may leave out for a client with a tiny maximum packet
+    # size: the broker's own bounds, which it enforces anyway (0x93, 0x95;
+    # a client not told the topic alias maximum sends no alias).
+    _OPTIONAL_CONNACK = ("topic_alias_maximum", "receive_maximum", "maximum_packet_size")
+
+    def _fitConnack(self, version, sessionPresent, props):
+        """
+        The CONNACK, within the client's maximum packet size
+        (MQTT-3.1.2-24): without the optional properties if need be;
+        C{None} if it cannot fit.
+        """
+        props = dict(props)
+        data = codec.encodeConnack(version, sessionPresent, codec.SUCCESS, props)
+        for name in self._OPTIONAL_CONNACK:
+            if len(data) <= self.clientMaxPacket:
+                return data
+            props.pop(name, None)
+            data = codec.encodeConnack(version, sessionPresent, codec.SUCCESS, props)
+        return data if len(data) <= self.clientMaxPacket else None
+
     def _keepAliveCheck(self):
-        """MQTT-3.1.2-24: nothing for 1.5 times the keep alive: closed."""
+        """MQTT-3.1.2-22: nothing for 1.5 times the keep alive: closed."""
         self._timer = None
         if self.state != CONNECTED:
             return
@@ -487,6 +529,7 @@ class MqttProtocol(DirectOutput, BoundedOutput, Protocol):
         v5 = self.version == codec.V5
         topic = p.topic
         if v5:
+            _checkResponseTopic(p.properties)
             alias = p.properties.pop("topic_alias", None)
             if alias is not None:
                 if alias == 0 or alias > self.factory.topicAliasMaximum:

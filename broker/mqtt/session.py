@@ -173,12 +173,17 @@ class MqttSession:
                                      if code != 1001 else codec.SERVER_SHUTTING_DOWN,
                                      str(reason))
 
-    def deliver(self, delivery):
+    def deliver(self, delivery, shares=()):
         """
         A core delivery to this session: matched against its subscriptions
         (QoS, no local, retain as published, subscription identifiers),
         written at once (QoS 0, or within the receive maximum), queued, or
         dropped (QoS 0 while away, expired, over the queue bound).
+
+        @param shares: the C{(share name, filter)} of the shared
+            subscriptions whose group chose this session for the message
+            (L{broker.mqtt.topics.SharedPick}); its other shared
+            subscriptions do not count.
         """
         broker = self.broker
         topic = delivery.group
@@ -195,7 +200,10 @@ class MqttSession:
             if opts.subId:
                 subIds = [opts.subId]
         for opts in self.patterns.values():
-            if (own and opts.noLocal) or not matches(opts.filter, topic):
+            if opts.share is not None:
+                if (opts.share, opts.filter) not in shares:
+                    continue
+            elif (own and opts.noLocal) or not matches(opts.filter, topic):
                 continue
             if opts.qos > qosMax:
                 qosMax = opts.qos

@@ -105,9 +105,10 @@ class _Node:
 class SharedGroup:
     """The members of one C{$share/{name}/{filter}}: one gets each message."""
 
-    __slots__ = ("sessions", "_next")
+    __slots__ = ("key", "sessions", "_next")
 
-    def __init__(self):
+    def __init__(self, share, topicFilter):
+        self.key = (share, topicFilter)
         self.sessions = {}      # connectionId -> session
         self._next = 0
 
@@ -126,6 +127,28 @@ class SharedGroup:
         s = members[self._next % n]
         self._next = (self._next + 1) % n
         return s
+
+
+class SharedPick:
+    """
+    A session as the receiver of one message some of its shared
+    subscriptions were chosen for: its other shared subscriptions (those
+    whose group chose another member) take no part in the delivery
+    (MQTT-4.8.2-3, MQTT-3.8.4-8, MQTT-3.3.4-4).
+    """
+
+    __slots__ = ("session", "shares", "connectionId")
+
+    def __init__(self, session):
+        self.session = session
+        self.shares = []        # (share name, filter) of the groups that chose it
+        self.connectionId = session.connectionId
+
+    def deliver(self, delivery):
+        self.session.deliver(delivery, self.shares)
+
+    def close(self, code, reason):
+        self.session.close(code, reason)
 
 
 class SubscriptionTrie:
@@ -159,7 +182,7 @@ class SubscriptionTrie:
             return
         group = node.members.get(("share", share))
         if group is None:
-            group = node.members[("share", share)] = SharedGroup()
+            group = node.members[("share", share)] = SharedGroup(share, topicFilter)
         if session.connectionId not in group.sessions:
             self.count += 1
         group.sessions[session.connectionId] = session
@@ -188,7 +211,8 @@ class SubscriptionTrie:
     def match(self, topic):
         """
         The sessions whose filters match C{topic}: every plain subscriber
-        once, and one member of each matching shared group.
+        once, and one member of each matching shared group, as a
+        L{SharedPick} naming the groups that chose it.
         """
         found = {}
         shared = []
@@ -198,7 +222,10 @@ class SubscriptionTrie:
         for group in shared:
             s = group.pick()
             if s is not None:
-                found[s.connectionId] = s
+                pick = found.get(s.connectionId)
+                if type(pick) is not SharedPick:
+                    pick = found[s.connectionId] = SharedPick(s)
+                pick.shares.append(group.key)
         return found
 
     def _walk(self, node, levels, i, found, shared, dollar):
