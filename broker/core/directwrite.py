@@ -35,23 +35,35 @@ FLUSH_AT = 64 * 1024
 
 class WriteBatch:
     """
-    The connections with frames kept during this reactor turn; flushed by a
-    single C{callLater(0)}, which runs before the reactor next polls.
+    The turns of the reactor, as the direct write path sees them: C{turn}
+    counts them, and the connections with frames kept during this one are
+    flushed when it ends, by a single C{callLater(0)} (which runs before the
+    reactor next polls).  A connection that only sent directly is not
+    listed: the turn number it noted tells it, next time, whether a new
+    turn has begun.
     """
 
     def __init__(self, reactor):
         self._reactor = reactor
         self._conns = []
         self._call = None
+        self.turn = 0
 
     def add(self, conn):
         # DirectOutput.writeDirect does the same inline.
         self._conns.append(conn)
+        self.endOfTurn()
+
+    def endOfTurn(self):
+        """
+        Make sure this turn ends with a flush (and a new turn number).
+        """
         if self._call is None:
             self._call = self._reactor.callLater(0, self.flush)
 
     def flush(self):
         self._call = None
+        self.turn += 1
         conns, self._conns = self._conns, []
         for conn in conns:
             try:
@@ -143,10 +155,13 @@ class DirectOutput:
     C{writeDirect} (a close frame, an answer written by a library) must call
     L{flushOutput} first, so that it does not overtake kept frames.
 
-    @ivar _outKept: C{None} before the connection's first frame this turn;
-        afterwards the list of frames kept for the end of the turn.
+    @ivar _outTurn: the L{WriteBatch.turn} of the connection's last direct
+        write: a frame in the same turn is kept.
+    @ivar _outKept: the frames kept for the end of the turn, or C{None}.
     """
 
+    _outTurn = -1
+    _outBatch = None
     _outKept = None
     _outKeptBytes = 0
     _outSocket = _UNSET
@@ -160,29 +175,40 @@ class DirectOutput:
     def writeDirect(self, data):
         # On every delivery of every fan-out: sendNow and WriteBatch.add
         # are written out here, which halves its cost in Python.
-        kept = self._outKept
-        if kept is not None:
+        sock = self._outSocket
+        if sock is _UNSET:
+            sock = self._outSocket = socketTransport(self.transport)
+            self._outBatch = self.writeBatch() if sock is not None else None
+            if self._outBatch is None:
+                sock = self._outSocket = None
+        if sock is None:
+            self.transport.write(data)
+            return
+        batch = self._outBatch
+        if self._outTurn == batch.turn:
+            # Not the first frame of this turn: kept for its end.
+            kept = self._outKept
+            if kept is None:
+                self._outKept = [data]
+                self._outKeptBytes = len(data)
+                batch._conns.append(self)
+                batch.endOfTurn()
+                return
             kept.append(data)
             self._outKeptBytes += len(data)
             if self._outKeptBytes > FLUSH_AT:
                 self.flushOutput()
-                self._outKept = []
             return
-        sock = self._outSocket
-        if sock is _UNSET:
-            sock = self._outSocket = socketTransport(self.transport)
-        batch = self.writeBatch() if sock is not None else None
-        if batch is None:
-            self.transport.write(data)
-            return
-        # The first frame of the turn goes now; later ones are kept.
-        self._outKept = []
-        self._outKeptBytes = 0
-        batch._conns.append(self)
+        # The first frame of the turn goes now.  Nothing is allocated for
+        # it: a list per receiver of every fan-out, alive until the end of
+        # the turn, made the garbage collector run once per message.
+        self._outTurn = batch.turn
         if batch._call is None:
             batch._call = batch._reactor.callLater(0, batch.flush)
-        if (sock.connected and not sock.disconnecting and not sock._tempDataLen
-                and not sock.dataBuffer and not sock._writeDisconnected):
+        # Nothing of ours waits in Twisted's buffer (after loseConnection or
+        # a half-close the socket takes what it still can, or refuses it
+        # and Twisted's write below drops it, as it would have).
+        if sock.connected and not sock._tempDataLen and not sock.dataBuffer:
             try:
                 sent = sock.socket.send(data)
             except OSError:
@@ -202,8 +228,6 @@ class DirectOutput:
         if kept is None:
             return
         self._outKept = None
-        if not kept:
-            return
         transport = self.transport
         if transport is None:
             return
@@ -214,5 +238,4 @@ class DirectOutput:
         """
         Forget the frames kept (the connection is being dropped).
         """
-        if self._outKept is not None:
-            self._outKept = []
+        self._outKept = None

@@ -133,9 +133,13 @@ class Fanout:
 
 
 def _write(receivers, start, end, delivery):
-    for i in range(start, end):
+    if start == 0 and end == len(receivers):
+        part = receivers
+    else:
+        part = receivers[start:end]
+    for receiver in part:
         try:
-            receivers[i].deliver(delivery)
+            receiver.deliver(delivery)
         except Exception:
             # A broken adapter must not stop the fan-out to everyone else.
-            log.failure("delivery to {conn!r} failed", conn=receivers[i])
+            log.failure("delivery to {conn!r} failed", conn=receiver)
