@@ -25,6 +25,8 @@ from types import FunctionType
 
 from autobahn.websocket.protocol import TrafficStats
 
+from broker.net import wsmask
+
 _MISSING = object()
 
 #: autobahn's per-connection state, at the value it keeps on a connection
@@ -168,7 +170,8 @@ class CompactFactory:
     """
     Mixin for an autobahn server factory: its protocol is a subclass of
     C{protocol} holding the factory's options as class attributes, rebuilt
-    whenever they change, so connections do not each copy them.
+    whenever they change, so connections do not each copy them.  Small
+    client frames are unmasked without a C object each (L{wsmask}).
     """
 
     sharedTrafficStats = None
@@ -178,6 +181,7 @@ class CompactFactory:
         self._compactProtocol()
 
     def _compactProtocol(self):
+        wsmask.install()
         base = self.protocol
         base = getattr(base, "_compactBase", base)
         options = {}
