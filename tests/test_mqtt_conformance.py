@@ -8,16 +8,12 @@ Section 3.3 is in L{tests.test_mqtt_conformance_publish}, sections 3.4
 to 4 in L{tests.test_mqtt_conformance_flows}.
 """
 
-from twisted.internet import defer, reactor
-from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
-from twisted.trial.unittest import TestCase
+from twisted.internet import defer
 
 from broker.mqtt import codec
-from broker.mqtt.face import Restorer
 from broker.mqtt.noauth import AllowAll
-from tests.mqttharness import sleep, startBroker
-from tests.test_mqtt_bounds import Raw
-from tests.test_mqtt_protocol import Refusing
+from tests.mqttharness import sleep
+from tests.test_mqtt_protocol import RawBrokerCase, Refusing
 
 
 # -- packets built by hand ----------------------------------------------------
@@ -126,31 +122,8 @@ class Recording(AllowAll):
         return AllowAll.authenticate(self, clientId, username, password, hub)
 
 
-class ConformanceCase(TestCase):
+class ConformanceCase(RawBrokerCase):
     """A broker in this process and hand-driven clients of its TCP listener."""
-
-    timeout = 60
-    MQTT = ""
-
-    @defer.inlineCallbacks
-    def setUp(self):
-        self.top, self.ports, _ = yield startBroker(self, mqtt=self.MQTT)
-        self.port = self.ports["mqtt.listen[0]"]
-        self.server = next(s for s in self.top if isinstance(s, Restorer)).server
-        self.addCleanup(sleep, 0.3)
-
-    @defer.inlineCallbacks
-    def raw(self, data=None, wait=codec.CONNACK):
-        """A connection that wrote C{data}, once C{wait} (a packet type) came."""
-        r = Raw()
-        yield connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", self.port), r)
-        self.addCleanup(lambda: r.transport.abortConnection() if r.transport.connected
-                        else None)
-        if data is not None:
-            r.transport.write(data)
-            if wait is not None:
-                yield r.waitFor(lambda: wait in r.types())
-        return r
 
     @defer.inlineCallbacks
     def watcher(self, *subs, clientId="watcher", version=5, props=None):

@@ -41,18 +41,25 @@ def connectWithUser(username, version):
     return codec.packet(0x10, body + codec.utf8("") + codec.utf8(username))
 
 
-class FlowTests(TestCase):
+class RawBrokerCase(TestCase):
+    """
+    A broker in this process (its C{[mqtt]} section C{MQTT}) and
+    hand-driven clients of its TCP listener.
+    """
+
     timeout = 60
+    MQTT = ""
 
     @defer.inlineCallbacks
     def setUp(self):
-        self.top, self.ports, _ = yield startBroker(self)
+        self.top, self.ports, _ = yield startBroker(self, mqtt=self.MQTT)
         self.port = self.ports["mqtt.listen[0]"]
         self.server = next(s for s in self.top if isinstance(s, Restorer)).server
         self.addCleanup(sleep, 0.3)
 
     @defer.inlineCallbacks
     def raw(self, data=None, wait=codec.CONNACK):
+        """A connection that wrote C{data}, once C{wait} (a packet type) came."""
         r = Raw()
         yield connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", self.port), r)
         self.addCleanup(lambda: r.transport.abortConnection() if r.transport.connected
@@ -62,6 +69,9 @@ class FlowTests(TestCase):
             if wait is not None:
                 yield r.waitFor(lambda: wait in r.types())
         return r
+
+
+class FlowTests(RawBrokerCase):
 
     def first(self, r, type):
         return next((flags, body) for t, flags, body in r.packets if t == type)
