@@ -13,7 +13,8 @@ So:
     class attributes (autobahn only copies an option onto a connection that
     does not already have it);
   - L{CompactProtocol.dataReceived} skips the debug-log arguments autobahn
-    formats on every read;
+    formats on every read, and C{onMessageEnd} the event it fires for
+    observers nobody adds;
   - L{CompactProtocol.compact}, called once the connection is open, deletes
     every instance attribute that holds its class default: reads fall
     through to the class (same value), and a later write simply recreates
@@ -127,6 +128,23 @@ class CompactProtocol:
         # autobahn's formats a debug log line's arguments (hltype, hlval)
         # on every read, logged or not.
         self._dataReceived(data)
+
+    def onMessageEnd(self):
+        """
+        A whole message in: to C{onMessage}.  autobahn's own also fires its
+        C{message} event for observers the broker never adds, a Deferred
+        and a callback pair per message; with an observer it still does.
+        """
+        if self._listeners is not None:
+            super().onMessageEnd()
+            return
+        if not self.failedByMe:
+            data = self.message_data
+            payload = data[0] if len(data) == 1 else b"".join(data)
+            if self.trackedTimings:
+                self.trackedTimings.track("onMessage")
+            self._onMessage(payload, self.message_is_binary)
+        self.message_data = None
 
     def compact(self):
         d = self.__dict__

@@ -24,6 +24,7 @@ import re
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.types import ConnectionDeny
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from broker.auth.tokens import TokenError, verifyClientToken
@@ -561,8 +562,11 @@ class ClientProtocol(InboundFlow, DirectOutput, BoundedOutput, CompactProtocol,
             elif kind == "sendToGroup":
                 d = session.sendToGroup(request.group, request.message, request.noEcho)
                 self._remember(ackId)
-                d.addCallbacks(lambda _: self._ack(ackId),
-                               lambda f: self._ackFailure(ackId, f))
+                if ackId is not None or not d.called or isinstance(d.result, Failure):
+                    d.addCallbacks(lambda _: self._ack(ackId),
+                                   lambda f: self._ackFailure(ackId, f))
+                # else: published already (the memory engine) and nothing to
+                # acknowledge: no callbacks to build and run per message.
                 self._throttle()
                 return
             else:
