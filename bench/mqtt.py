@@ -86,27 +86,12 @@ class Target(ChildProcess):
         return "?"
 
     async def start(self):
-        argv = self.command()
-        with open(self.logPath, "wb") as log:
-            self.reactor.spawnProcess(self, argv[0], argv, env=os.environ, path=self.workdir,
-                                      childFDs={0: "w", 1: log.fileno(), 2: log.fileno()})
-        if self.cpus:
-            os.sched_setaffinity(self.pid, self.cpus)
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                client = await connectClient(self.reactor, self.port, "probe")
-                await closeAll([client])
-                return
-            except Exception:
-                if not self.running or time.monotonic() > deadline:
-                    raise RuntimeError(f"{self.name} did not start; see {self.logPath}:\n"
-                                       + self.logTail())
-                await task.deferLater(self.reactor, 0.2)
+        self.spawn(self.reactor, self.command(), self.workdir, self.cpus)
 
-    def logTail(self, lines=20):
-        with open(self.logPath, errors="replace") as f:
-            return "".join(f.readlines()[-lines:])
+        async def answering():
+            client = await connectClient(self.reactor, self.port, "probe")
+            await closeAll([client])
+        await self.ready(self.reactor, answering, self.name, interval=0.2)
 
     def cpu(self):
         return cpuSeconds(self.pid)

@@ -69,12 +69,45 @@ class ChildProcess(ProcessProtocol):
     pid = None
     exitReason = None
 
+    logPath = None
+
     def __init__(self):
         self._endWaiters = []
 
     def connectionMade(self):
         self.pid = self.transport.pid
         self.live.add(self)
+
+    def spawn(self, reactor, argv, cwd, cpus=None):
+        """
+        Run C{argv} in C{cwd}, its output in C{self.logPath}, pinned to
+        C{cpus} when given.
+        """
+        with open(self.logPath, "wb") as log:
+            reactor.spawnProcess(self, argv[0], argv, env=os.environ, path=cwd,
+                                 childFDs={0: "w", 1: log.fileno(), 2: log.fileno()})
+        if cpus:
+            os.sched_setaffinity(self.pid, cpus)
+
+    async def ready(self, reactor, probe, what, timeout=30, interval=0.1):
+        """
+        Call C{probe()} (a coroutine function) until it succeeds; its
+        result.  Raise with the log's tail if the process ends or
+        C{timeout} passes first.
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                return await probe()
+            except Exception:
+                if not self.running or time.monotonic() > deadline:
+                    raise RuntimeError(f"{what} did not start; see {self.logPath}:\n"
+                                       + self.logTail())
+                await task.deferLater(reactor, interval)
+
+    def logTail(self, lines=20):
+        with open(self.logPath, errors="replace") as f:
+            return "".join(f.readlines()[-lines:])
 
     def processEnded(self, reason):
         self.live.discard(self)
@@ -185,28 +218,10 @@ access_keys = ["{key}"]
                                        port=self.port, key=KEY, hub=HUB,
                                        extra="\n".join(self.settings)))
         twistd = os.path.join(os.path.dirname(sys.executable), "twistd")
-        with open(self.logPath, "wb") as log:
-            self.reactor.spawnProcess(
-                self, twistd, [twistd, "-n", "--pidfile=",
-                               *os.environ.get("BENCH_TWISTD_ARGS", "").split(),
-                               "broker", "--config", config],
-                env=os.environ, path=self.workdir,
-                childFDs={0: "w", 1: log.fileno(), 2: log.fileno()})
-        if self.cpus:
-            os.sched_setaffinity(self.pid, self.cpus)
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                return await self.stats()
-            except Exception:
-                if not self.running or time.monotonic() > deadline:
-                    raise RuntimeError(f"the broker did not start; see {self.logPath}:\n"
-                                       + self.logTail())
-                await task.deferLater(self.reactor, 0.1)
-
-    def logTail(self, lines=20):
-        with open(self.logPath, errors="replace") as f:
-            return "".join(f.readlines()[-lines:])
+        self.spawn(self.reactor, [twistd, "-n", "--pidfile=",
+                                  *os.environ.get("BENCH_TWISTD_ARGS", "").split(),
+                                  "broker", "--config", config], self.workdir, self.cpus)
+        return await self.ready(self.reactor, self.stats, "the broker")
 
     async def stats(self):
         from twisted.web.client import Agent, readBody
@@ -275,23 +290,13 @@ protocol websockets
         config = os.path.join(self.workdir, f"mosquitto-{self.port}.conf")
         with open(config, "w") as f:
             f.write(self.CONFIG.format(port=self.port, mqttPort=freePort()))
-        out = os.path.join(self.workdir, f"mosquitto-{self.port}.out")
-        with open(out, "wb") as log:
-            self.reactor.spawnProcess(self, self.BINARY, [self.BINARY, "-c", config],
-                                      env=os.environ, path=self.workdir,
-                                      childFDs={0: "w", 1: log.fileno(), 2: log.fileno()})
-        if self.cpus:
-            os.sched_setaffinity(self.pid, self.cpus)
-        deadline = time.monotonic() + 15
-        while True:
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=1):
-                    return
-            except OSError:
-                if not self.running or time.monotonic() > deadline:
-                    with open(out, errors="replace") as f:
-                        raise RuntimeError(f"mosquitto did not start:\n{f.read()}")
-                await task.deferLater(self.reactor, 0.1)
+        self.logPath = os.path.join(self.workdir, f"mosquitto-{self.port}.out")
+        self.spawn(self.reactor, [self.BINARY, "-c", config], self.workdir, self.cpus)
+
+        async def listening():
+            with socket.create_connection(("127.0.0.1", self.port), timeout=1):
+                pass
+        await self.ready(self.reactor, listening, "mosquitto", timeout=15)
 
     async def stats(self):
         return {"slowConsumerDrops": "n/a"}
