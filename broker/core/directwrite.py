@@ -50,7 +50,9 @@ class WriteBatch:
         self.turn = 0
 
     def add(self, conn):
-        # DirectOutput.writeDirect does the same inline.
+        """
+        C{conn} has frames kept: flush them when this turn ends.
+        """
         self._conns.append(conn)
         self.endOfTurn()
 
@@ -98,22 +100,15 @@ def socketTransport(transport):
     return None
 
 
-def _idle(sock):
-    """
-    Whether nothing waits in C{sock}'s own buffer, so bytes sent now cannot
-    overtake any.
-    """
-    return (sock.connected and not sock.disconnecting and not sock._tempDataLen
-            and not sock.dataBuffer and not sock._writeDisconnected)
-
-
 def sendNow(transport, sock, data):
     """
-    Send C{data} on C{sock} at once if nothing waits ahead of it, and give
-    what the socket does not take (or everything, when something waits) to
-    C{transport.write}.
+    Send C{data} on C{sock} at once if nothing waits ahead of it in Twisted's
+    buffer, and give what the socket does not take (or everything, when
+    something waits) to C{transport.write}.  After C{loseConnection} or a
+    half-close the socket takes what it still can, or refuses it and
+    Twisted's write drops it, as it would have.
     """
-    if sock is not None and _idle(sock):
+    if sock is not None and sock.connected and not sock._tempDataLen and not sock.dataBuffer:
         try:
             sent = sock.socket.send(data)
         except OSError:
@@ -173,8 +168,13 @@ class DirectOutput:
         return None
 
     def writeDirect(self, data):
-        # On every delivery of every fan-out: sendNow and WriteBatch.add
-        # are written out here, which halves its cost in Python.
+        """
+        Write C{data}: at once if it is this connection's first frame of the
+        reactor turn, else kept for the turn's end (on every delivery of
+        every fan-out: nothing is allocated for the first frame, as a list
+        per receiver alive until the end of the turn made the garbage
+        collector run once per message).
+        """
         sock = self._outSocket
         if sock is _UNSET:
             sock = self._outSocket = socketTransport(self.transport)
@@ -185,39 +185,22 @@ class DirectOutput:
             self.transport.write(data)
             return
         batch = self._outBatch
-        if self._outTurn == batch.turn:
-            # Not the first frame of this turn: kept for its end.
-            kept = self._outKept
-            if kept is None:
-                self._outKept = [data]
-                self._outKeptBytes = len(data)
-                batch._conns.append(self)
-                batch.endOfTurn()
-                return
-            kept.append(data)
-            self._outKeptBytes += len(data)
-            if self._outKeptBytes > FLUSH_AT:
-                self.flushOutput()
+        if self._outTurn != batch.turn:
+            self._outTurn = batch.turn
+            if batch._call is None:     # batch.endOfTurn(), written out
+                batch._call = batch._reactor.callLater(0, batch.flush)
+            sendNow(self.transport, sock, data)
             return
-        # The first frame of the turn goes now.  Nothing is allocated for
-        # it: a list per receiver of every fan-out, alive until the end of
-        # the turn, made the garbage collector run once per message.
-        self._outTurn = batch.turn
-        if batch._call is None:
-            batch._call = batch._reactor.callLater(0, batch.flush)
-        # Nothing of ours waits in Twisted's buffer (after loseConnection or
-        # a half-close the socket takes what it still can, or refuses it
-        # and Twisted's write below drops it, as it would have).
-        if sock.connected and not sock._tempDataLen and not sock.dataBuffer:
-            try:
-                sent = sock.socket.send(data)
-            except OSError:
-                sent = 0
-            if sent == len(data):
-                return
-            if sent:
-                data = data[sent:]
-        self.transport.write(data)
+        kept = self._outKept
+        if kept is None:
+            self._outKept = [data]
+            self._outKeptBytes = len(data)
+            batch.add(self)
+            return
+        kept.append(data)
+        self._outKeptBytes += len(data)
+        if self._outKeptBytes > FLUSH_AT:
+            self.flushOutput()
 
     def flushOutput(self):
         """
