@@ -16,6 +16,7 @@ from twisted.internet import defer, reactor, threads
 from twisted.python.filepath import FilePath
 
 from broker import config, tap
+from broker.mqtt import codec
 from tests.test_iot_face import listeningPort
 
 ACCESS_KEY = "mqtt-tests-access-key-0123456789abcdef"
@@ -238,3 +239,41 @@ def sleep(seconds):
     d = defer.Deferred()
     reactor.callLater(seconds, d.callback, None)
     return d
+
+
+class PacketWaiter:
+    """
+    What a hand-driven test client received, parsed into packets, and
+    predicates waited on: shared by the raw TCP client and the WebSocket
+    one.  C{reader} is the client's L{broker.mqtt.codec.PacketReader}.
+    """
+
+    def __init__(self, maxPacket):
+        self.reader = codec.PacketReader(maxPacket)
+        self.packets = []
+        self._waiting = []
+
+    def received(self, data):
+        self.packets.extend(self.reader.feed(data))
+        waiting, self._waiting = self._waiting, []
+        for predicate, d in waiting:
+            if predicate():
+                d.callback(None)
+            else:
+                self._waiting.append((predicate, d))
+
+    def releaseWaiters(self):
+        """The connection is gone: every wait ends."""
+        waiting, self._waiting = self._waiting, []
+        for _, d in waiting:
+            d.callback(None)
+
+    def waitFor(self, predicate):
+        if predicate():
+            return defer.succeed(None)
+        d = defer.Deferred()
+        self._waiting.append((predicate, d))
+        return d
+
+    def types(self):
+        return [p[0] for p in self.packets]

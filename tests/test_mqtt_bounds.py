@@ -14,7 +14,7 @@ from twisted.internet.protocol import Protocol
 from twisted.trial.unittest import TestCase
 
 from broker.mqtt import codec
-from tests.mqttharness import Paho, sleep, startBroker, v5props
+from tests.mqttharness import PacketWaiter, Paho, sleep, startBroker, v5props
 
 
 def connectPacket(clientId="raw", version=5, keepAlive=60, clean=True, props=b"\x00"):
@@ -32,39 +32,19 @@ def subscribePacket(pid, filters, version=5, qos=0):
     return codec.packet(0x82, body)
 
 
-class Raw(Protocol):
+class Raw(PacketWaiter, Protocol):
     """A hand-driven MQTT client: what it receives, parsed into packets."""
 
     def __init__(self):
-        self.reader = codec.PacketReader(1 << 28)
-        self.packets = []
+        super().__init__(1 << 28)
         self.lost = defer.Deferred()
-        self._waiting = []
 
     def dataReceived(self, data):
-        self.packets.extend(self.reader.feed(data))
-        waiting, self._waiting = self._waiting, []
-        for predicate, d in waiting:
-            if predicate():
-                d.callback(None)
-            else:
-                self._waiting.append((predicate, d))
+        self.received(data)
 
     def connectionLost(self, reason):
         self.lost.callback(None)
-        for _, d in self._waiting:
-            d.callback(None)
-        self._waiting = []
-
-    def waitFor(self, predicate):
-        if predicate():
-            return defer.succeed(None)
-        d = defer.Deferred()
-        self._waiting.append((predicate, d))
-        return d
-
-    def types(self):
-        return [p[0] for p in self.packets]
+        self.releaseWaiters()
 
 
 class BoundsTests(TestCase):

@@ -11,46 +11,28 @@ from twisted.trial.unittest import TestCase
 
 from broker.mqtt import codec
 from broker.mqtt.face import Restorer
-from tests.mqttharness import sleep, startBroker
+from tests.mqttharness import PacketWaiter, sleep, startBroker
 from tests.test_mqtt_bounds import connectPacket, subscribePacket
 
 
-class WSClient(WebSocketClientProtocol):
+class WSClient(PacketWaiter, WebSocketClientProtocol):
 
     def __init__(self):
-        super().__init__()
-        self.reader = codec.PacketReader(1 << 20)
-        self.packets = []
+        PacketWaiter.__init__(self, 1 << 20)
+        WebSocketClientProtocol.__init__(self)
         self.opened = defer.Deferred()
         self.closed = defer.Deferred()
-        self._waiting = []
 
     def onOpen(self):
         self.opened.callback(self)
 
     def onMessage(self, payload, isBinary):
-        self.packets.extend(self.reader.feed(payload))
-        waiting, self._waiting = self._waiting, []
-        for predicate, d in waiting:
-            if predicate():
-                d.callback(None)
-            else:
-                self._waiting.append((predicate, d))
+        self.received(payload)
 
     def onClose(self, wasClean, code, reason):
         if not self.opened.called:
             self.opened.errback(Exception(f"refused: {reason}"))
         self.closed.callback(code)
-
-    def waitFor(self, predicate):
-        if predicate():
-            return defer.succeed(None)
-        d = defer.Deferred()
-        self._waiting.append((predicate, d))
-        return d
-
-    def types(self):
-        return [p[0] for p in self.packets]
 
 
 class WebSocketTests(TestCase):

@@ -572,7 +572,7 @@ class MqttProtocol(DirectOutput, BoundedOutput, Protocol):
             server.counters["published"] += 1
             message = server.makeMessage(p.payload, qos, p.retain, p.properties)
             server.publish(session, topic, message)
-            backpressure = server.core.hubs[session.hubName].backpressure()
+            backpressure = server.core.hub(session.hubName).backpressure()
             if backpressure is not None:
                 self.transport.pauseProducing()
                 backpressure.addCallback(lambda _: self._rateResume())
