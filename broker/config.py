@@ -315,6 +315,36 @@ def connectionLimit(default):
                    "one more is accepted and reset at once, and counted.")
 
 
+class TLSEndpoint(Endpoint):
+    """
+    A plain C{tcp:} endpoint the face serves with TLS itself.
+    """
+
+    def check(self, key, value):
+        value = super().check(key, value)
+        if not value.startswith(("tcp:", "tcp6:")):
+            raise ConfigError(key, f"expected a tcp:... endpoint (the face adds TLS), got "
+                                   f"{value!r}")
+        return value
+
+
+def tlsListeners(endpoint, listenDoc, certificateFile):
+    """
+    A face's TLS listener table: C{listen} (a list of C{endpoint}, plain
+    C{tcp:} descriptions the face wraps in TLS), C{certificate} and
+    C{private_key}; an empty certificate means a self-signed development
+    one generated as C{{state_dir}}/C{certificateFile}.
+    """
+    return Table({
+        "listen": List(endpoint, default=[], doc=listenDoc),
+        "certificate": Str("", doc=f"PEM certificate (then its chain); empty: a self-signed "
+                                   f"development certificate generated in "
+                                   f"{{state_dir}}/{certificateFile}."),
+        "private_key": Str("", doc="PEM private key of the certificate; empty: in the "
+                                   "certificate file."),
+    })
+
+
 def httpLimits(maxConnections, idleTimeout=60.0):
     """
     The keys every HTTP listener's section has (docs/configuration.md,

@@ -123,6 +123,15 @@ class UnknownKeyTests(ErrorAssertions, TestCase):
         self.assertConfigError("[admin]\nlisten = []\nport = 1\n", "admin.port",
                                "unknown key", "listen")
 
+    def test_tlsListenersArePlainTCP(self):
+        """
+        The IoT and MQTT faces add TLS themselves: their TLS listeners take
+        plain tcp: descriptions, and anything else is refused by key.
+        """
+        for face in ("iot", "mqtt"):
+            self.assertConfigError(f'[{face}.tls]\nlisten = ["unix:/tmp/face.sock"]\n',
+                                   f"{face}.tls.listen[0]", "expected a tcp:... endpoint")
+
     def test_unknownSection(self):
         """
         A section no face plugin gives: the error names the broker's own

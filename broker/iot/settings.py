@@ -5,7 +5,7 @@ The C{[iot]} section of the configuration (docs/configuration.md).
 
 from broker.config import (HUB_NAME, HUB_NAME_RULE, KIB, MIB, Bool, ConfigError, Endpoint,
                            Float, Int, List, MapOf, Str, Table, connectionLimit, httpLimits,
-                           inboundRateLimits)
+                           inboundRateLimits, tlsListeners, TLSEndpoint)
 from broker.iot.apikeys import APIKeyError, parseLine
 
 
@@ -99,29 +99,10 @@ UDP = Table({
                                           "beyond, dropped (0: no limit)."),
 })
 
-class TLSEndpoint(Endpoint):
-    """
-    A plain C{tcp:} endpoint the face serves with TLS itself.
-    """
 
-    def check(self, key, value):
-        value = super().check(key, value)
-        if not value.startswith(("tcp:", "tcp6:")):
-            raise ConfigError(key, f"expected a tcp:... endpoint (the face adds TLS), got "
-                                   f"{value!r}")
-        return value
+TLS = tlsListeners(TLSEndpoint(), "Device and central endpoints served with TLS "
+                   "(tcp:PORT:...), with the certificate below.", "iot-tls-cert.pem")
 
-
-TLS = Table({
-    "listen": List(TLSEndpoint(), default=[],
-                   doc="Device and central endpoints served with TLS (tcp:PORT:...), with "
-                       "the certificate below."),
-    "certificate": Str("", doc="PEM certificate (then its chain) of iot.tls.listen; empty: a "
-                               "self-signed development certificate generated in "
-                               "{state_dir}/iot-tls-cert.pem."),
-    "private_key": Str("", doc="PEM private key of the certificate; empty: in the "
-                               "certificate file."),
-})
 
 SECTION = Table({
     "enabled": Bool(False),

@@ -5,7 +5,7 @@ The C{[mqtt]} section of the configuration (docs/configuration.md, docs/mqtt.md)
 
 from broker.config import (HUB_NAME, HUB_NAME_RULE, KIB, MIB, Bool, ConfigError, Endpoint,
                            Float, Int, List, Str, Table, connectionLimit, httpLimits,
-                           inboundRateLimits)
+                           inboundRateLimits, tlsListeners, TLSEndpoint)
 
 
 class HubName(Str):
@@ -16,16 +16,8 @@ class HubName(Str):
         return value
 
 
-TLS = Table({
-    "listen": List(Endpoint(), default=[],
-                   doc="MQTT over TLS endpoints (plain tcp:... descriptions: the broker adds "
-                       "TLS), e.g. tcp:8883:interface=127.0.0.1."),
-    "certificate": Str("", doc="PEM certificate (then its chain); empty: a self-signed "
-                               "development certificate generated in "
-                               "{state_dir}/mqtt-tls-cert.pem."),
-    "private_key": Str("", doc="PEM private key of the certificate; empty: in the "
-                               "certificate file."),
-})
+TLS = tlsListeners(TLSEndpoint(), "MQTT over TLS endpoints (plain tcp:... descriptions: the "
+                   "broker adds TLS), e.g. tcp:8883:interface=127.0.0.1.", "mqtt-tls-cert.pem")
 
 WEBSOCKET = Table({
     "listen": List(Endpoint(), default=[],
