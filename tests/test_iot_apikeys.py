@@ -22,7 +22,10 @@ class APIKeysTests(TestCase):
         key, keyId = apikeys.newKey()
         line = apikeys.hashLine("plant1", key)
         self.assertEqual(line.split(":")[:2], ["plant1", keyId])
-        self.assertNotIn(key.split("_")[-1], line)
+        # The secret is everything after "iotk_<id>_"; it may itself hold "_".
+        secret = key[len(apikeys.PREFIX) + len(keyId) + 1:]
+        self.assertEqual(len(secret), 43)
+        self.assertNotIn(secret, line)
         self.assertEqual(apikeys.parseLine(line), ("plant1", keyId, apikeys.digest(key)))
 
     def test_lookup(self):
