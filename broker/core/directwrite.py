@@ -175,21 +175,31 @@ class DirectOutput:
         per receiver alive until the end of the turn made the garbage
         collector run once per message).
         """
-        sock = self._outSocket
-        if sock is _UNSET:
-            sock = self._outSocket = socketTransport(self.transport)
-            self._outBatch = self.writeBatch() if sock is not None else None
-            if self._outBatch is None:
-                sock = self._outSocket = None
-        if sock is None:
-            self.transport.write(data)
-            return
         batch = self._outBatch
+        if batch is None:
+            if self._outSocket is _UNSET:
+                sock = self._outSocket = socketTransport(self.transport)
+                batch = self._outBatch = self.writeBatch() if sock is not None else None
+            if batch is None:
+                self._outSocket = None
+                self.transport.write(data)
+                return
         if self._outTurn != batch.turn:
             self._outTurn = batch.turn
             if batch._call is None:     # batch.endOfTurn(), written out
                 batch._call = batch._reactor.callLater(0, batch.flush)
-            sendNow(self.transport, sock, data)
+            # sendNow(), written out: this runs once per receiver of a fan-out.
+            sock = self._outSocket
+            if sock.connected and not sock._tempDataLen and not sock.dataBuffer:
+                try:
+                    sent = sock.socket.send(data)
+                except OSError:
+                    sent = 0
+                if sent == len(data):
+                    return
+                if sent:
+                    data = data[sent:]
+            self.transport.write(data)
             return
         kept = self._outKept
         if kept is None:

@@ -13,13 +13,13 @@ password when CONNECT carries none.
 
 from autobahn.twisted.resource import WebSocketResource
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
-from autobahn.websocket.protocol import PreparedMessage
 from autobahn.websocket.types import ConnectionDeny
 from twisted.web.resource import NoResource, Resource
 
 from broker.config import HUB_NAME
 from broker.core.directwrite import DirectOutput
 from broker.mqtt.protocol import MqttProtocol
+from broker.net.wsframe import serverFrame
 from broker.net.http import BoundedSite, Routes
 from broker.net.wscompact import CompactFactory, CompactProtocol
 
@@ -42,7 +42,7 @@ class _Transport:
         if ws.state == WebSocketServerProtocol.STATE_OPEN:
             if ws._perMessageCompress is None and not ws.send_queue:
                 # Straight to the socket (directwrite), past autobahn's logging.
-                ws.writeDirect(PreparedMessage(data, True, False, True).payloadHybi)
+                ws.writeDirect(serverFrame(data, True))
             else:
                 ws.sendMessage(data, isBinary=True)
 

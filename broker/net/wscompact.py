@@ -12,9 +12,10 @@ So:
   - L{CompactFactory} gives its protocol class the factory's options as
     class attributes (autobahn only copies an option onto a connection that
     does not already have it);
-  - L{CompactProtocol.dataReceived} skips the debug-log arguments autobahn
-    formats on every read, and C{onMessageEnd} the event it fires for
-    observers nobody adds;
+  - L{CompactProtocol.dataReceived} reads whole small data frames itself
+    (L{broker.net.wsread}) and skips the debug-log arguments autobahn
+    formats on every read; C{onMessageEnd} skips the event autobahn fires
+    for observers nobody adds;
   - L{CompactProtocol.compact}, called once the connection is open, deletes
     every instance attribute that holds its class default: reads fall
     through to the class (same value), and a later write simply recreates
@@ -27,6 +28,7 @@ from types import FunctionType
 from autobahn.websocket.protocol import TrafficStats
 
 from broker.net import wsmask
+from broker.net.wsread import canReadFast, readWholeFrames
 
 _MISSING = object()
 
@@ -125,6 +127,10 @@ class CompactProtocol:
     _transport_details = None
 
     def dataReceived(self, data):
+        if canReadFast(self):
+            data = readWholeFrames(self, data)
+            if not data:
+                return
         # autobahn's formats a debug log line's arguments (hltype, hlval)
         # on every read, logged or not.
         self._dataReceived(data)

@@ -22,6 +22,17 @@ SMALL = 4096
 _original = _protocol.create_xor_masker
 
 
+def unmask(mask, data):
+    """
+    C{data} XORed with the 4-byte C{mask} repeated, as one integer
+    operation.
+    """
+    n = len(data)
+    key = (mask * ((n >> 2) + 1))[:n]
+    return (int.from_bytes(data, "little") ^ int.from_bytes(key, "little")).to_bytes(
+        n, "little")
+
+
 class SmallMasker:
     """
     autobahn's masker interface (C{pointer}, C{reset}, C{process}) for one
@@ -46,11 +57,8 @@ class SmallMasker:
         if not n:
             return b""
         off = self._ptr & 3
-        mask = self._mask[off:] + self._mask[:off] if off else self._mask
-        key = (mask * (n // 4 + 1))[:n]
         self._ptr += n
-        return (int.from_bytes(data, "little") ^ int.from_bytes(key, "little")).to_bytes(
-            n, "little")
+        return unmask(self._mask[off:] + self._mask[:off] if off else self._mask, data)
 
 
 def createMasker(mask, length=None):

@@ -12,7 +12,6 @@ import struct
 
 from autobahn.twisted.resource import WebSocketResource
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
-from autobahn.websocket.protocol import PreparedMessage
 from autobahn.websocket.types import ConnectionDeny
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
@@ -23,6 +22,7 @@ from zope.interface import implementer
 from broker.core import jsonstrict
 from broker.core.limits import ALLOW, CLOSE, PER_ADDRESS, InboundLimiter, peerHost
 from broker.core.directwrite import DirectOutput, noDelay
+from broker.net.wsframe import serverFrame
 from broker.core.output import BoundedOutput
 from broker.logs import peerAddress, refuseHandshake
 from broker.net.http import NO_BODY, BoundedSite, Routes
@@ -275,7 +275,7 @@ class PeerWebSocketProtocol(_Limited, DirectOutput, BoundedOutput, CompactProtoc
             return
         if self._perMessageCompress is None and not self.send_queue:
             # Straight to the socket (directwrite), past autobahn's logging.
-            self.writeDirect(PreparedMessage(data, False, False, True).payloadHybi)
+            self.writeDirect(serverFrame(data))
         else:
             self.sendMessage(data, False)
 
