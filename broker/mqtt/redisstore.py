@@ -132,10 +132,13 @@ class RedisStore:
     """
     @param cluster: the node's L{broker.cluster.node.Cluster} (its Redis
         link, key prefix and node id).
+    @param durable: whether sessions, their queues and retained messages
+        are written (C{mqtt.persistence}); who holds a session, wills and
+        share groups are, in any case.
     @ivar failures: writes Redis refused or could not take.
     """
 
-    def __init__(self, reactor, cluster):
+    def __init__(self, reactor, cluster, durable=True):
         self._reactor = reactor
         self.cluster = cluster
         self.redis = cluster.redis
@@ -148,6 +151,7 @@ class RedisStore:
         # Ids unique to this run of this node: messages queued on several
         # nodes for one session (before and after a take-over) never share one.
         self._run = cluster.run
+        self.durable = durable
         self.failures = 0
         self._quiet = QuietLog(reactor.seconds)
 
@@ -209,6 +213,8 @@ class RedisStore:
     # -- the store interface (as SQLiteStore) ---------------------------------
 
     def addMessage(self, session, out):
+        if not self.durable:
+            return
         self._ids += 1
         out.seq = f"{self._run}.{self._ids}"
         order, messages, _ = self._sessionKeys(session.hubName, session.clientId)
@@ -220,11 +226,15 @@ class RedisStore:
             self.updateMessage(session, out)
 
     def updateMessage(self, session, out):
+        if not self.durable:
+            return
         if out.seq is not None and out.pid is not None:
             _, _, pids = self._sessionKeys(session.hubName, session.clientId)
             self._execute("HSET", pids, out.seq, f"{out.pid} {out.state}")
 
     def removeMessage(self, session, out):
+        if not self.durable:
+            return
         if out.seq is not None:
             order, messages, pids = self._sessionKeys(session.hubName, session.clientId)
             self._execute("ZREM", order, out.seq)
@@ -233,6 +243,8 @@ class RedisStore:
             out.seq = None
 
     def saveSession(self, session):
+        if not self.durable:
+            return
         record = _dumps([session.userId, session.version, session.expiryInterval,
                          None if session.online else self._reactor.seconds(),
                          [o.toJSON() for o in session.subs.values()]])
@@ -240,11 +252,15 @@ class RedisStore:
         self._execute("HSET", self.hubKey(session.hubName) + ":s", session.clientId, record)
 
     def deleteSession(self, session):
+        if not self.durable:
+            return
         hub, clientId = session.hubName, session.clientId
         self._execute("HDEL", self.hubKey(hub) + ":s", clientId)
         self._execute("DEL", *self._sessionKeys(hub, clientId))
 
     def setRetained(self, hub, topic, message):
+        if not self.durable:
+            return
         key = self.hubKey(hub) + ":r"
         if message is None:
             self._execute("HDEL", key, topic)
