@@ -307,3 +307,31 @@ class MqttClusterTests(ClusterNodesMixin, TestCase):
         self.assertEqual(got[0][:2], ("k2/y", b"while adopted"))
         yield self.quiet(k1, k2, watcher)
         self.assertNoTraceback("b", "c")
+
+    @defer.inlineCallbacks
+    def test_cleanStopHandsSessionsOver(self):
+        """
+        a stopped with SIGTERM hands its away persistent sessions to a live
+        node, where they keep receiving: a client reconnecting on c finds
+        its session and what was published after a stopped.
+        """
+        c = yield self.client("a", 5, "h1", expiry=300)
+        yield c.subscribe("h1/#", 1)
+        yield c.disconnect()
+        proc = self.nodes["a"]
+        proc.transport.signalProcess("TERM")
+        yield proc.ended
+
+        @defer.inlineCallbacks
+        def adopted():
+            while not sum((yield self.metrics("sessions_adopted", "bc"))):
+                yield sleep(0.1)
+        yield adopted()
+        pub = yield self.client("b", 4)
+        yield pub.publish("h1/x", b"after stop", 1)
+        yield sleep(0.2)
+        back = yield self.client("c", 5, "h1", expiry=300, present=True)
+        got = yield back.waitMessages(1)
+        self.assertEqual(got[0][:2], ("h1/x", b"after stop"))
+        yield self.quiet(back)
+        self.assertNoTraceback("a", "b", "c")

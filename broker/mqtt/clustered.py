@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_mqtt_cluster -*-
+# -*- test-case-name: tests.test_mqtt_cluster_process -*-
 """
 The MQTT face in cluster mode: the MQTT face of every node of a cluster
 behaves as one MQTT broker.
@@ -310,8 +310,13 @@ class ClusteredMqtt:
                 view.setdefault(key, set()).add(self.nodeId)
                 self.store.setShare(*key, True)
             self.shareNodes = view
-            for hub, clientId in list(self.server.sessions):
-                yield self.store.claim(hub, clientId)
+            for (hub, clientId), session in list(self.server.sessions.items()):
+                if not (yield self.store.reclaim(hub, clientId)):
+                    # Taken by another node while this one was out of
+                    # touch: that node has it now.
+                    log.warn("mqtt: session {hub}/{client} was taken by another node while "
+                             "Redis was unreachable; letting it go", hub=hub, client=clientId)
+                    self.server.handOver(session, False)
             live = set((yield self.cluster.liveNodes()))
             for node in (yield self.store.holders()):
                 if node not in live and node != self.nodeId:
@@ -331,6 +336,10 @@ class ClusteredMqtt:
         is asked to adopt them instead.
         """
         if node == self.nodeId and self.stopping:
+            # The sessions leave this node first, so that nothing it still
+            # hears from the bus is queued behind the adopter's back.
+            for session in list(self.server.sessions.values()):
+                self.server.handOver(session, False)
             yield self.store.whenFlushed()
             live = yield self.cluster.liveNodes()
             others = sorted(n for n in live if n != self.nodeId)

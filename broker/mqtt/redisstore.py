@@ -96,6 +96,17 @@ redis.call('SADD', ARGV[1] .. ':owners', ARGV[4])
 return 1
 """
 
+# Hold a session again after an outage unless another node took it
+# meanwhile; ARGV: P, entry, node -> 1 (held) / 0 (another node's).
+_RECLAIM = """
+local old = redis.call('HGET', ARGV[1] .. ':own', ARGV[2])
+if old and old ~= ARGV[3] then return 0 end
+redis.call('HSET', ARGV[1] .. ':own', ARGV[2], ARGV[3])
+redis.call('SADD', ARGV[1] .. ':n:' .. ARGV[3], ARGV[2])
+redis.call('SADD', ARGV[1] .. ':owners', ARGV[3])
+return 1
+"""
+
 # Let a session go if this node (ARGV[3]) still holds it; ARGV: P, entry, node.
 _DISOWN = """
 redis.call('SREM', ARGV[1] .. ':n:' .. ARGV[3], ARGV[2])
@@ -329,6 +340,16 @@ class RedisStore:
         """
         return self.redis.eval(_CLAIM, (), (self.prefix, self.entry(hub, clientId),
                                             self.nodeId)).addCallback(_text)
+
+    def reclaim(self, hub, clientId):
+        """
+        After reconnecting to Redis: hold this node's session again (Redis
+        may have lost the claim) unless another node took it.
+
+        @return: a Deferred firing with whether this node still holds it.
+        """
+        return self.redis.eval(_RECLAIM, (), (self.prefix, self.entry(hub, clientId),
+                                              self.nodeId), registering=True).addCallback(bool)
 
     def disown(self, hub, clientId):
         """The session ended here: nobody holds it (unless another node took it)."""
