@@ -17,8 +17,10 @@ from broker.core.router import Core
 from broker.mqtt.clustered import ClusteredMqtt
 from broker.mqtt.message import MqttMessage
 from broker.mqtt.noauth import AllowAll
+from broker.mqtt.protocol import MqttFactory
 from broker.mqtt.redisstore import RedisStore
 from broker.mqtt.server import MqttServer
+from tests.mqttharness import Paho
 from tests.redisserver import RedisServer
 from tests.test_cluster_redis import waitFor
 
@@ -32,6 +34,20 @@ class TwoNodesTests(TestCase):
         self.a = self.node("a", maxRetained=100, maxRetainedBytes=10_000)
         self.b = self.node("b", maxRetained=2, maxRetainedBytes=10)
         yield defer.gatherResults([n.clustered.ready for n in (self.a, self.b)])
+        for n in (self.a, self.b):
+            yield self.subscribed(n.clustered.cluster)
+
+    @defer.inlineCallbacks
+    def subscribed(self, cluster):
+        """
+        Fire once the node hears the bus: a message to its own channel
+        (subscribed after the bus, on the same connection) came back.
+        """
+        heard = []
+        cluster.onMessage("hello", lambda origin, payload: heard.append(payload))
+        yield waitFor(lambda: cluster.healthy)
+        yield cluster.send(cluster.nodeId, "hello", b"1")
+        yield waitFor(lambda: heard)
 
     def node(self, name, **bounds):
         client = RedisClient(reactor, self.redis.url, maxDelay=0.2)
@@ -54,6 +70,27 @@ class TwoNodesTests(TestCase):
             yield client.stopService()
         self.addCleanup(stop)
         return server
+
+    @defer.inlineCallbacks
+    def test_connectRefusedWithoutRedis(self):
+        """
+        With Redis unreachable, a CONNECT whose session may be on another
+        node is refused with CONNACK 0x88 (3.1.1: 3) and counted; the node
+        goes on.
+        """
+        port = reactor.listenTCP(0, MqttFactory(reactor, self.a), interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        yield self.redis.kill()
+        yield waitFor(lambda: not self.a.clustered.cluster.redis.connected)
+        # paho reports the 3.1.1 return code 3 as 0x88 too.
+        for version in (5, 4):
+            c = Paho(self, port.getHost().port, clientId=f"c{version}", version=version,
+                     reconnect=False)
+            connack = yield c.connect()
+            self.assertEqual(connack[1], 0x88)
+            yield c.stop()
+        self.assertEqual(self.a.counters["cluster_unavailable"], 2)
+        self.assertEqual(self.a.sessions, {})
 
     @defer.inlineCallbacks
     def test_retainedBoundsOnEveryNode(self):
