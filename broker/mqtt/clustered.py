@@ -176,6 +176,15 @@ class ClusteredMqtt:
     def _releaseAsked(self, origin, payload):
         """Another node took a session this node held: let it go, then say so."""
         hub, clientId, cleanStart = json.loads(payload)
+        under = self._preparing.get((hub, clientId))
+        if under is not None:
+            # Its client is connecting here too: once that connection has
+            # the session (or not), the later claim takes it.
+            under.addBoth(lambda r: (self._release(origin, hub, clientId, cleanStart), r)[1])
+            return
+        self._release(origin, hub, clientId, cleanStart)
+
+    def _release(self, origin, hub, clientId, cleanStart):
         session = self.server.sessions.get((hub, clientId))
         if session is not None:
             self.server.handOver(session, cleanStart)
