@@ -79,14 +79,15 @@ class Paho:
     """
 
     def __init__(self, testCase, port, clientId="", version=5, transport="tcp",
-                 clean=True, path="/mqtt", tls=None):
+                 clean=True, path="/mqtt", tls=None, reconnect=True):
         self.version = version
         protocol = paho.MQTTv5 if version == 5 else paho.MQTTv311
         kwargs = {}
         if version != 5:
             kwargs["clean_session"] = clean
         self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id=clientId,
-                                  protocol=protocol, transport=transport, **kwargs)
+                                  protocol=protocol, transport=transport,
+                                  reconnect_on_failure=reconnect, **kwargs)
         if transport == "websockets":
             self.client.ws_set_options(path=path)
         if tls is not None:

@@ -105,6 +105,28 @@ class BusFormatTests(unittest.TestCase):
     def test_malformed(self):
         self.assertRaises(ValueError, decodeDelivery, b"no newline")
 
+    def test_faceMessageKind(self):
+        """
+        A face's message (an MQTT publish) crosses with its own fields
+        once its kind is registered, and as a plain message of its data
+        type where it is not.
+        """
+        from broker.cluster import engine
+        from broker.mqtt.message import MqttMessage
+        m = MqttMessage(b"\x00p", 2, True, {"correlation_data": b"\xff",
+                                            "user_property": [("k", "v")]}, 1234.5)
+        payload = encodeDelivery("hub", Target(Target.GROUP, "t"), Delivery(m, "group", "t"))
+        self.patch(engine, "_kinds", {})
+        _, _, plain = decodeDelivery(payload)
+        self.assertEqual((type(plain.message), plain.message.dataType, plain.message.data),
+                         (Message, m.dataType, b"\x00p"))
+        engine.registerMessageKind("mqtt", MqttMessage.fromBus)
+        _, _, got = decodeDelivery(payload)
+        self.assertIsInstance(got.message, MqttMessage)
+        self.assertEqual((got.message.data, got.message.qos, got.message.retain,
+                          got.message.properties, got.message.expiresAt),
+                         (b"\x00p", 2, True, m.properties, 1234.5))
+
 
 class ClusterLifeTests(unittest.TestCase):
     @defer.inlineCallbacks

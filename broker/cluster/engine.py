@@ -18,7 +18,11 @@ registers its connections again.
 
 A bus message is C{header LF payload}: the header a compact JSON list
 C{[hub, target, source, group, fromUserId, fromConnectionId, dataType,
-history]}, the payload the message's bytes as they are (no base64).
+history]}, the payload the message's bytes as they are (no base64).  A
+message of a face's own kind (an MQTT publish with its QoS, retain flag and
+properties) adds C{[kind, state]} as a ninth element: the face registers how
+to rebuild it (L{registerMessageKind}); a node without that face delivers
+it as a plain message.
 """
 
 import json
@@ -44,6 +48,21 @@ _CMD = "cmd"
 _encode = json.JSONEncoder(separators=(",", ":")).encode
 
 
+# Message kinds a face carries over the bus beyond the core's fields: kind
+# -> fromBus(dataType, data, state) giving the message back.  A message
+# tells its kind and state by a C{busState()} method returning
+# C{(kind, JSON-able state)}.
+_kinds = {}
+
+
+def registerMessageKind(kind, fromBus):
+    """
+    Rebuild messages of C{kind} (a face's L{Message} subclass) on the nodes
+    receiving them with C{fromBus(dataType, data, state)}.
+    """
+    _kinds[kind] = fromBus
+
+
 # Encoded headers by their fields: a device's telemetry or a chat member's
 # messages repeat one header, so it is encoded once.
 _headers = {}
@@ -51,6 +70,11 @@ _headers = {}
 
 def encodeDelivery(hubName, target, delivery):
     m = delivery.message
+    busState = getattr(m, "busState", None)
+    if busState is not None:
+        return _encode([hubName, target.toJSON(), delivery.source, delivery.group,
+                        delivery.fromUserId, delivery.fromConnectionId, m.dataType,
+                        delivery.history, busState()]).encode("utf-8") + b"\n" + m.data
     key = (hubName, target.kind, target.name, target.excluded, target.filter, delivery.source,
            delivery.group, delivery.fromUserId, delivery.fromConnectionId, m.dataType,
            delivery.history)
@@ -73,9 +97,17 @@ def decodeDelivery(payload):
     """
     try:
         header, data = payload.split(b"\n", 1)
-        hubName, target, source, group, fromUser, fromConn, dataType, history = \
-            jsonstrict.loads(header)
-        delivery = Delivery(Message(dataType, data), source, group, fromUser, fromConn)
+        fields = jsonstrict.loads(header)
+        hubName, target, source, group, fromUser, fromConn, dataType, history = fields[:8]
+        message = None
+        if len(fields) > 8:
+            kind, state = fields[8]
+            fromBus = _kinds.get(kind)
+            if fromBus is not None:
+                message = fromBus(dataType, data, state)
+        if message is None:
+            message = Message(dataType, data)
+        delivery = Delivery(message, source, group, fromUser, fromConn)
         if history is not None:
             delivery.history = tuple(history)
         return hubName, Target.fromJSON(target), delivery
@@ -101,6 +133,10 @@ class RedisEngine:
         self.publishesReceived = 0
         self.badMessages = 0
         self.reapedConnections = 0
+        # (origin node, delivery) while a publish is being delivered on
+        # this node: what a group resolver may ask to choose consistently
+        # with the other nodes (the MQTT face's shared subscriptions).
+        self.delivering = None
         cluster.onMessage(_PUB, self._published)
         cluster.onMessage(_CMD, self._commanded)
         cluster.onResync(self._register)
@@ -123,8 +159,15 @@ class RedisEngine:
 
     # -- publishing -------------------------------------------------------
 
+    def _deliverLocal(self, origin, hubName, target, delivery):
+        outer, self.delivering = self.delivering, (origin, delivery)
+        try:
+            self._core.deliverLocal(hubName, target, delivery)
+        finally:
+            self.delivering = outer
+
     def publish(self, hubName, target, delivery):
-        self._core.deliverLocal(hubName, target, delivery)
+        self._deliverLocal(self.nodeId, hubName, target, delivery)
         if target.kind == Target.CONNECTION:
             hub = self._core.hubs.get(hubName)
             if hub is not None and hub.connectionExists(target.name):
@@ -151,7 +194,7 @@ class RedisEngine:
             log.warn("cluster: malformed publish from {origin} dropped: {e}", origin=origin, e=e)
             return
         self.publishesReceived += 1
-        self._core.deliverLocal(hubName, target, delivery)
+        self._deliverLocal(origin, hubName, target, delivery)
 
     # -- commands ---------------------------------------------------------
 

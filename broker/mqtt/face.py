@@ -14,8 +14,10 @@ from broker.config import ConfigError
 from broker.core.limits import PER_ADDRESS, PER_HUB, PER_USER, AdmissionLimits
 from broker.files import privateDatabase
 from broker.iot import tlscert
+from broker.mqtt.clustered import ClusteredMqtt
 from broker.mqtt.noauth import AllowAll
 from broker.mqtt.protocol import MqttFactory
+from broker.mqtt.redisstore import RedisStore
 from broker.mqtt.server import MqttServer
 from broker.mqtt.store import NullStore, SQLiteStore
 from broker.mqtt.websocket import makeSite
@@ -87,11 +89,17 @@ def buildAuth(context, cfg):
 
 
 def buildStore(context, cfg):
+    """
+    The session store: in cluster mode Redis (L{RedisStore}); it also
+    says which node holds each session, so a cluster has one even without
+    C{persistence}, which then keeps sessions, queues and retained
+    messages out of it (a session taken over on another node starts
+    empty); else SQLite, or none.
+    """
+    if context.cluster is not None:
+        return RedisStore(context.reactor, context.cluster, durable=cfg["persistence"])
     if not cfg["persistence"]:
         return NullStore()
-    if context.cluster is not None:
-        log.warn("mqtt: cluster mode keeps MQTT sessions in this node's SQLite store "
-                 "(a Redis store is not built yet; see docs/mqtt.md)")
     path = cfg["store_path"] or os.path.join(context.stateDir, STORE_FILE)
     key = "mqtt.store_path" if cfg["store_path"] else "broker.state_dir"
     try:
@@ -136,6 +144,8 @@ def build(context):
                         maxPersistentSessions=cfg["max_persistent_sessions"],
                         maxRetained=cfg["max_retained_messages"],
                         maxRetainedBytes=cfg["max_retained_bytes"])
+    if context.cluster is not None:
+        ClusteredMqtt(reactor, server, context.cluster, store, context.core.engine)
     context.addService(Restorer(server))
     factory = MqttFactory(
         reactor, server, hub=cfg["hub"], maxPacketSize=cfg["max_packet_size"],

@@ -15,6 +15,8 @@ payload format indicator 1 (and C{json} the content type
 C{application/json}) on 5.0.
 """
 
+import base64
+
 from broker.core.message import BINARY, JSON, TEXT, Message
 
 # The properties a PUBLISH carries from its publisher to its subscribers.
@@ -41,6 +43,19 @@ class MqttMessage(Message):
         self.properties = props
         self.expiresAt = expiresAt
 
+    def busState(self):
+        """
+        What the cluster bus carries beyond the payload
+        (L{broker.cluster.engine.registerMessageKind}), so a subscriber on
+        another node gets the publisher's QoS, retain flag and properties.
+        """
+        return "mqtt", [self.qos, self.retain, propsToJSON(self.properties), self.expiresAt]
+
+    @classmethod
+    def fromBus(cls, dataType, data, state):
+        qos, retain, props, expiresAt = state
+        return cls(data, qos, retain, propsFromJSON(props), expiresAt)
+
     def __repr__(self):
         return f"<MqttMessage qos={self.qos} retain={self.retain} {len(self.data)} bytes>"
 
@@ -61,3 +76,22 @@ def mqttView(message, defaultQos):
     if message.dataType == JSON:
         return defaultQos, False, _JSON_PROPS, None
     return defaultQos, False, {}, None
+
+
+def propsToJSON(props):
+    """Properties as JSON-able values (correlation data is binary: base64)."""
+    if not props:
+        return {}
+    value = dict(props)
+    if "correlation_data" in value:
+        value["correlation_data"] = base64.b64encode(value["correlation_data"]).decode()
+    return value
+
+
+def propsFromJSON(value):
+    value = dict(value)
+    if "correlation_data" in value:
+        value["correlation_data"] = base64.b64decode(value["correlation_data"])
+    if "user_property" in value:
+        value["user_property"] = [tuple(p) for p in value["user_property"]]
+    return value

@@ -435,6 +435,32 @@ class MqttProtocol(DirectOutput, BoundedOutput, Protocol):
                 core = server.core
                 core.limits.refused(FACE, core.hubLabel(hub), refused)
                 return self._refuse(codec.QUOTA_EXCEEDED if v5 else codec.SERVER_UNAVAILABLE)
+        if server.clustered is not None and (hub, self.clientId) not in server.sessions:
+            # Cluster mode: the session may be held by another node, which
+            # lets it go first (L{broker.mqtt.clustered}); packets that
+            # come meanwhile wait, as during authentication.
+            d = server.clustered.prepare(hub, self.clientId, c.cleanStart)
+            d.addCallbacks(lambda _: self._attach(identity, hub), self._prepareFailed)
+            d.addErrback(self._internal)
+            return
+        self._attach(identity, hub)
+
+    def _prepareFailed(self, failure):
+        """The cluster could not say who holds the session: refused, 0x88 / 3."""
+        self._counters["cluster_unavailable"] += 1
+        self.factory.server.quietLog.info(
+            (FACE, "cluster connect"), "mqtt: a CONNECT refused: the cluster could not "
+            "hand the session over: {why}", why=failure.getErrorMessage())
+        if self.state != CLOSED:
+            self._refuse(codec.SERVER_UNAVAILABLE)
+
+    def _attach(self, identity, hub):
+        if self.state == CLOSED:
+            return
+        f = self.factory
+        server = f.server
+        c = self._connectPacket
+        v5 = c.version == codec.V5
         held = server.sessions.get((hub, self.clientId))
         if held is not None and held.userId is not None and held.userId != identity.userId:
             # Another user's client id: neither its connection nor its

@@ -45,6 +45,10 @@ class HubRouting:
         self.trie = SubscriptionTrie()
         self.retained = {}
         self.retainedBytes = 0
+        # Cluster mode: accept(topic, (share, filter)) says whether this
+        # node delivers a message to that shared subscription
+        # (L{broker.mqtt.clustered.ClusteredMqtt.accept}).
+        self.accept = None
         hub.addGroupResolver(self.resolve)
         if hub.face == "core":
             # The hub's label on /metrics and in the console, unless another
@@ -54,7 +58,7 @@ class HubRouting:
     def resolve(self, group):
         if not self.trie.count or "+" in group or "#" in group:
             return None
-        return self.trie.match(group)
+        return self.trie.match(group, self.accept)
 
 
 class MqttServer:
@@ -87,11 +91,16 @@ class MqttServer:
         self.routings = {}           # hub -> HubRouting
         self.counters = collections.Counter()
         self.quietLog = core.quietLog
+        # Cluster mode: the L{broker.mqtt.clustered.ClusteredMqtt} told of
+        # what the other nodes must know; None on one node.
+        self.clustered = None
 
     def routing(self, hubName):
         r = self.routings.get(hubName)
         if r is None:
             r = self.routings[hubName] = HubRouting(self.core.hub(hubName))
+            if self.clustered is not None:
+                self.clustered.routingMade(hubName, r)
         return r
 
     # -- sessions -------------------------------------------------------------
@@ -167,6 +176,8 @@ class MqttServer:
             if not wasPersistent:
                 for out in list(session.inflight.values()) + list(session.queue):
                     self.store.addMessage(session, out)
+        if self.clustered is not None:
+            self.clustered.attached(session)
         return session, present
 
     def detach(self, session, protocol, graceful, willDelay=True):
@@ -180,6 +191,8 @@ class MqttServer:
         will = session.will
         if graceful:
             will = session.will = None
+        if self.clustered is not None:
+            self.clustered.detached(session)
         if not session.persistent:
             if will is not None:
                 self.publishWill(session)
@@ -217,17 +230,54 @@ class MqttServer:
             self.publishWill(session)
         self._cancel(session, "expiryCall")
         session.ended = True
-        routing = self.routing(session.hubName)
-        for opts in list(session.patterns.values()):
-            routing.trie.remove(opts.filter, session, opts.share)
-        if session.core is not None:
-            session.core.hub.remove(session.core, "session ended")
+        self._forget(session, "session ended")
         if session.persistent:
             self.store.deleteSession(session)
             session.persistent = False
+        if self.clustered is not None:
+            self.clustered.ended(session)
+
+    def _forget(self, session, why):
+        """The session leaves this node's trie, hub and session table."""
+        routing = self.routing(session.hubName)
+        for opts in list(session.patterns.values()):
+            routing.trie.remove(opts.filter, session, opts.share)
+            if opts.share is not None:
+                self.shareChanged(session.hubName, opts.share, opts.filter)
+        if session.core is not None:
+            session.core.hub.remove(session.core, why)
         key = (session.hubName, session.clientId)
         if self.sessions.get(key) is session:
             del self.sessions[key]
+
+    def handOver(self, session, cleanStart):
+        """
+        Cluster mode: another node takes the session (its client connected
+        there).  Its client here is told (MQTT-3.1.4-3, 5.0: 0x8E); the
+        session leaves this node with its state in the store, a delayed
+        will going out now if the new connection starts clean.
+        """
+        self.counters["sessions_handed_over"] += 1
+        protocol = session.protocol
+        if protocol is not None:
+            protocol.takenOver()
+            self.detach(session, protocol, graceful=False)
+        if session.ended:
+            return
+        self._cancel(session, "expiryCall")
+        if cleanStart:
+            if session.willCall is not None:
+                self._cancel(session, "willCall")
+                self.publishWill(session)
+        else:
+            self._cancel(session, "willCall")
+        session.ended = True
+        self._forget(session, "session taken over by another node")
+        session.persistent = False
+
+    def shareChanged(self, hubName, share, topicFilter):
+        if self.clustered is not None:
+            self.clustered.shareChanged(hubName, share, topicFilter)
 
     def publishWill(self, session):
         session.willCall = None
@@ -240,6 +290,8 @@ class MqttServer:
         self.counters["wills_published"] += 1
         self.publish(session, will.topic, self.makeMessage(
             will.payload, will.qos, will.retain, will.properties))
+        if self.clustered is not None:
+            self.clustered.willGone(session)
 
     # -- publishing -------------------------------------------------------------
 
@@ -289,6 +341,8 @@ class MqttServer:
                 del retained[topic]
                 routing.retainedBytes -= len(old.data)
                 self.store.setRetained(hubName, topic, None)
+            if self.clustered is not None:
+                self.clustered.retained(hubName, topic, None)
             return
         grows = len(message.data) - (len(old.data) if old is not None else 0)
         if ((old is None and len(retained) >= self.maxRetained) or
@@ -301,6 +355,8 @@ class MqttServer:
         retained[topic] = message
         routing.retainedBytes += grows
         self.store.setRetained(hubName, topic, message)
+        if self.clustered is not None:
+            self.clustered.retained(hubName, topic, message)
 
     # -- subscriptions --------------------------------------------------------
 
@@ -341,6 +397,8 @@ class MqttServer:
             existed = session.addSubscription(opts)
             if wild or share is not None:
                 routing.trie.add(f, session, share)
+                if share is not None:
+                    self.shareChanged(session.hubName, share, f)
             else:
                 try:
                     session.core.joinGroup(f)
@@ -396,6 +454,8 @@ class MqttServer:
                 continue
             if opts.wild or opts.share is not None:
                 routing.trie.remove(opts.filter, session, opts.share)
+                if opts.share is not None:
+                    self.shareChanged(session.hubName, opts.share, opts.filter)
             else:
                 session.core.leaveGroup(opts.filter)
             codes.append(codec.SUCCESS)
@@ -412,44 +472,87 @@ class MqttServer:
         its hub offline, its expiry counted from now.
         """
         sessions, messages, retained = self.store.load()
+        self.restoreRetained(retained)
+        byKey = collections.defaultdict(list)
+        for m in messages:
+            byKey[(m[1], m[2])].append(m)
+        restored = 0
+        for row in sessions:
+            if self.restoreSession(row, byKey.get((row[0], row[1]), ())) is not None:
+                restored += 1
+        self.counters["sessions_restored"] += restored
+        if restored:
+            log.info("mqtt: {n} persistent sessions restored", n=restored)
+
+    def restoreRetained(self, rows, replace=False):
+        """
+        Retained messages from C{(hub, topic, payload, qos, props JSON,
+        expiresAt)} rows (C{replace}: instead of those held now).
+        """
+        if replace:
+            for routing in self.routings.values():
+                routing.retained.clear()
+                routing.retainedBytes = 0
         now = self.clock()
-        for hub, topic, payload, qos, props, expiresAt in retained:
+        for hub, topic, payload, qos, props, expiresAt in rows:
             if expiresAt is not None and expiresAt <= now:
                 continue
-            m = MqttMessage(payload, qos, True, loadProps(props), expiresAt)
-            routing = self.routing(hub)
-            routing.retained[topic] = m
-            routing.retainedBytes += len(payload)
-        restored = {}
-        for hub, clientId, userId, version, expiry, disconnectedAt, subs in sessions:
-            identity = MqttIdentity(userId=userId)
-            session = MqttSession(self, hub, clientId, None, userId, identity, version)
-            h = self.core.hub(hub)
-            session.connectionId = h.newConnectionId()
-            session.core = h.admit(session, userId=userId, roles=ROLES)
-            session.persistent = True
-            session.expiryInterval = expiry
-            self.sessions[(hub, clientId)] = session
-            routing = self.routing(hub)
-            for value in json.loads(subs):
-                opts = SubOptions.fromJSON(value)
-                session.addSubscription(opts)
-                if opts.wild or opts.share is not None:
-                    routing.trie.add(opts.filter, session, opts.share)
-                else:
-                    try:
-                        session.core.joinGroup(opts.filter)
-                    except BrokerError as e:
-                        log.warn("mqtt: {session} cannot rejoin {topic}: {e}", session=session,
-                                 topic=opts.filter, e=e)
-            if expiry != NEVER_EXPIRES:
-                session.expiryCall = self.reactor.callLater(expiry, self._expire, session)
-            restored[(hub, clientId)] = session
-        for (seq, hub, clientId, topic, payload, qos, retain, props, expiresAt, subIds, pid,
+            self.keepRetained(hub, topic, MqttMessage(payload, qos, True, loadProps(props),
+                                                      expiresAt))
+
+    def keepRetained(self, hubName, topic, message):
+        """
+        Keep (C{None}: drop) a retained message another node accepted or
+        the store holds, within this node's bounds, without writing it.
+        """
+        routing = self.routing(hubName)
+        old = routing.retained.pop(topic, None)
+        if old is not None:
+            routing.retainedBytes -= len(old.data)
+        if message is None:
+            return
+        if (len(routing.retained) >= self.maxRetained or
+                routing.retainedBytes + len(message.data) > self.maxRetainedBytes):
+            self.counters["retained_refused"] += 1
+            return
+        routing.retained[topic] = message
+        routing.retainedBytes += len(message.data)
+
+    def restoreSession(self, row, messages, since=None):
+        """
+        Admit a stored session offline with its subscriptions and queue:
+        C{row} and C{messages} in L{broker.mqtt.store.SQLiteStore.load}'s
+        shapes.  Its expiry runs from now, or from C{since} (when its
+        client left, for a session another node held): one already past
+        ends at once.
+
+        @return: the L{MqttSession}, or C{None} if it had expired.
+        """
+        hub, clientId, userId, version, expiry, disconnectedAt, subs = row
+        identity = MqttIdentity(userId=userId)
+        session = MqttSession(self, hub, clientId, None, userId, identity, version)
+        h = self.core.hub(hub)
+        session.connectionId = h.newConnectionId()
+        session.core = h.admit(session, userId=userId, roles=ROLES)
+        session.persistent = True
+        session.expiryInterval = expiry
+        self.sessions[(hub, clientId)] = session
+        routing = self.routing(hub)
+        for value in json.loads(subs):
+            opts = SubOptions.fromJSON(value)
+            session.addSubscription(opts)
+            if opts.wild or opts.share is not None:
+                routing.trie.add(opts.filter, session, opts.share)
+                if opts.share is not None:
+                    self.shareChanged(hub, opts.share, opts.filter)
+            else:
+                try:
+                    session.core.joinGroup(opts.filter)
+                except BrokerError as e:
+                    log.warn("mqtt: {session} cannot rejoin {topic}: {e}", session=session,
+                             topic=opts.filter, e=e)
+        for (seq, _, _, topic, payload, qos, retain, props, expiresAt, subIds, pid,
              state) in messages:
-            session = restored.get((hub, clientId))
-            if session is None:
-                continue
             out = OutMessage(topic, payload, qos, bool(retain), loadProps(props), expiresAt,
                              json.loads(subIds), pid, state, seq)
             if pid is not None and pid not in session.inflight:
@@ -457,9 +560,15 @@ class MqttServer:
             else:
                 out.pid = None
                 session.queue.append(out)
-        self.counters["sessions_restored"] += len(restored)
-        if restored:
-            log.info("mqtt: {n} persistent sessions restored", n=len(restored))
+        if expiry != NEVER_EXPIRES:
+            left = expiry
+            if since is not None:
+                left = expiry - max(0.0, self.clock() - since)
+            if left <= 0:
+                self._expire(session)
+                return None
+            session.expiryCall = self.reactor.callLater(left, self._expire, session)
+        return session
 
     def stop(self):
         """
@@ -467,6 +576,9 @@ class MqttServer:
         cancelled (a restart counts expiry again from its start; a delayed
         will still pending is lost, docs/mqtt.md).
         """
+        if self.clustered is not None:
+            # Its away sessions go to another node (ClusteredMqtt.nodeDead).
+            self.clustered.stopping = True
         for session in self.sessions.values():
             self._cancel(session, "expiryCall")
             self._cancel(session, "willCall")

@@ -11,13 +11,13 @@ message acknowledged to its publisher survives a SIGKILL of the broker.
 Reading happens once, at start-up, synchronously (L{load}).
 """
 
-import base64
 import json
 import sqlite3
 
 from twisted.internet import defer
 from twisted.logger import Logger
 
+from broker.mqtt.message import propsFromJSON, propsToJSON
 from broker.store.sqlite import SQLiteRunner
 
 log = Logger()
@@ -41,21 +41,11 @@ CREATE TABLE IF NOT EXISTS mqtt_retained (
 
 def dumpProps(props):
     """Properties as JSON (correlation data is binary: base64)."""
-    if not props:
-        return "{}"
-    value = dict(props)
-    if "correlation_data" in value:
-        value["correlation_data"] = base64.b64encode(value["correlation_data"]).decode()
-    return json.dumps(value)
+    return json.dumps(propsToJSON(props))
 
 
 def loadProps(text):
-    value = json.loads(text)
-    if "correlation_data" in value:
-        value["correlation_data"] = base64.b64decode(value["correlation_data"])
-    if "user_property" in value:
-        value["user_property"] = [tuple(p) for p in value["user_property"]]
-    return value
+    return propsFromJSON(json.loads(text))
 
 
 class NullStore:

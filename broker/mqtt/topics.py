@@ -208,11 +208,20 @@ class SubscriptionTrie:
                 break
             del path[i - 1].children[levels[i - 1]]
 
-    def match(self, topic):
+    def hasShared(self, topicFilter, share):
+        """Whether the shared group C{$share/share/topicFilter} has members."""
+        node, _ = self._node(topicFilter, False)
+        return node is not None and ("share", share) in node.members
+
+    def match(self, topic, accept=None):
         """
         The sessions whose filters match C{topic}: every plain subscriber
         once, and one member of each matching shared group, as a
         L{SharedPick} naming the groups that chose it.
+
+        @param accept: C{accept(topic, (share, filter))} says whether this
+            node delivers to that shared group (cluster mode: another
+            node's member may be the one); C{None}: always.
         """
         found = {}
         shared = []
@@ -220,6 +229,8 @@ class SubscriptionTrie:
         dollar = topic.startswith("$")
         self._walk(self._root, levels, 0, found, shared, dollar)
         for group in shared:
+            if accept is not None and not accept(topic, group.key):
+                continue
             s = group.pick()
             if s is not None:
                 pick = found.get(s.connectionId)
