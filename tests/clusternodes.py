@@ -119,3 +119,15 @@ class ClusterNodesMixin(TwistdTestsMixin):
             if reactor.seconds() > deadline:
                 self.fail(f"node {name} never answered /healthz {code} (last: {got} {body!r})")
             yield settle(reactor, 0.05)
+
+    def kill(self, name):
+        """
+        SIGKILL node C{name}; fires once it has ended.
+        """
+        proc = self.nodes[name]
+        proc.transport.signalProcess("KILL")
+        return proc.ended
+
+    def assertNoTraceback(self, *names):
+        for name in names:
+            self.assertNotIn("Traceback", self.nodes[name].text(), self.nodes[name].text())

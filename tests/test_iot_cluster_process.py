@@ -60,7 +60,6 @@ api_keys = ["{apiKeyLine}"]
 """
 
 
-
 def echo(frame):
     return Payload.json({"echo": frame.payload.value()})
 
@@ -221,15 +220,6 @@ class IoTClusterProcessMixin(ClusterNodesMixin):
             device = next(c for c in self.clients if c.udpKey is not None)
         self.sender.transport.write(device.datagram(Payload.json(data), token),
                                     ("127.0.0.1", self.nodes[name].udp))
-
-    def kill(self, name):
-        proc = self.nodes[name]
-        proc.transport.signalProcess("KILL")
-        return proc.ended
-
-    def assertNoTraceback(self, *names):
-        for name in names:
-            self.assertNotIn("Traceback", self.nodes[name].text(), self.nodes[name].text())
 
 
 class ThreeNodesTests(IoTClusterProcessMixin, TestCase):

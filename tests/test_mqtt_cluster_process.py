@@ -83,15 +83,6 @@ class MqttClusterTests(ClusterNodesMixin, TestCase):
             values.append((yield self.metric(name, event)))
         return values
 
-    def kill(self, name):
-        proc = self.nodes[name]
-        proc.transport.signalProcess("KILL")
-        return proc.ended
-
-    def assertNoTraceback(self, *names):
-        for name in names:
-            self.assertNotIn("Traceback", self.nodes[name].text(), self.nodes[name].text())
-
     @defer.inlineCallbacks
     def quiet(self, *clients):
         """Nothing more arrives at C{clients} for a while (duplicates would)."""

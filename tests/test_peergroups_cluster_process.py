@@ -37,7 +37,6 @@ tcp_listen = ["tcp:0:interface=127.0.0.1"]
 """
 
 
-
 class PeerGroupsProcessMixin(ClusterNodesMixin):
     """
     Broker nodes as real twistd processes on one test redis-server, and
@@ -140,10 +139,6 @@ class PeerGroupsProcessMixin(ClusterNodesMixin):
             self.assertEqual(e.name, name, e.message)
             return e
         self.fail(f"expected {name}")
-
-    def assertNoTraceback(self, *names):
-        for name in names:
-            self.assertNotIn("Traceback", self.nodes[name].text(), self.nodes[name].text())
 
 
 class AcrossNodesTests(PeerGroupsProcessMixin, TestCase):
