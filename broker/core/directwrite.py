@@ -188,18 +188,7 @@ class DirectOutput:
             self._outTurn = batch.turn
             if batch._call is None:     # batch.endOfTurn(), written out
                 batch._call = batch._reactor.callLater(0, batch.flush)
-            # sendNow(), written out: this runs once per receiver of a fan-out.
-            sock = self._outSocket
-            if sock.connected and not sock._tempDataLen and not sock.dataBuffer:
-                try:
-                    sent = sock.socket.send(data)
-                except OSError:
-                    sent = 0
-                if sent == len(data):
-                    return
-                if sent:
-                    data = data[sent:]
-            self.transport.write(data)
+            sendNow(self.transport, self._outSocket, data)
             return
         kept = self._outKept
         if kept is None:
