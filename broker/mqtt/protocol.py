@@ -651,7 +651,18 @@ class MqttProtocol(DirectOutput, BoundedOutput, Protocol):
         self._ack(codec.encodeAck(codec.PUBCOMP, ack.packetId, self.version, code), None)
 
     def _acked(self, flags, body, type):
-        self.session.acked(codec.decodeAck(type, flags, body, self.version))
+        ack = codec.decodeAck(type, flags, body, self.version)
+        self.session.acked(type, ack.packetId, ack.reasonCode)
+
+    def _puback(self, flags, body):
+        # The common PUBACK, one per QoS 1 delivery: a packet identifier
+        # and nothing else (5.0 may add a success reason code), read here
+        # without building an Ack.
+        n = len(body)
+        if not flags and (n == 2 or n == 3 and not body[2] and self.version == codec.V5):
+            self.session.acked(codec.PUBACK, (body[0] << 8) | body[1])
+        else:
+            self._acked(flags, body, codec.PUBACK)
 
     # -- the rest -------------------------------------------------------------
 
@@ -697,7 +708,7 @@ class MqttProtocol(DirectOutput, BoundedOutput, Protocol):
 
     _handlers = {
         codec.PUBLISH: _publish,
-        codec.PUBACK: lambda self, f, b: self._acked(f, b, codec.PUBACK),
+        codec.PUBACK: _puback,
         codec.PUBREC: lambda self, f, b: self._acked(f, b, codec.PUBREC),
         codec.PUBREL: _pubrel,
         codec.PUBCOMP: lambda self, f, b: self._acked(f, b, codec.PUBCOMP),

@@ -58,6 +58,9 @@ class OutMessage:
     """
     A QoS 1 or 2 message on its way to one session: queued, or in flight
     under packet identifier C{pid}.
+
+    @ivar _template: C{(protocol version, PublishTemplate)} shared with the
+        delivery's other receivers, or C{None} (made when sent).
     """
 
     __slots__ = ("topic", "payload", "qos", "retain", "props", "expiresAt", "subIds", "pid",
@@ -78,6 +81,9 @@ class OutMessage:
         self._template = None
 
     def template(self, version, now):
+        cached = self._template
+        if cached is not None and cached[0] == version:
+            return cached[1]
         return makeTemplate(self.topic, self.payload, self.qos, self.retain, self.props,
                             self.expiresAt, self.subIds, version, now)
 
@@ -221,18 +227,23 @@ class MqttSession:
             broker.counters["expired"] += 1
             return
         protocol = self.protocol
+        if qos == 0 and protocol is None:
+            broker.counters["dropped_offline_qos0"] += 1
+            return
+        # One template per delivery for the subscribers who get it alike
+        # (the packet identifier is patched in per subscriber).
+        version = self.version
+        remaining = None if expiresAt is None else math.ceil(expiresAt - now)
+        key = ("mqtt", version, qos, retain, remaining, tuple(subIds) if subIds else None)
+        template = delivery.encode(key, lambda d: makeTemplate(
+            topic, message.data, qos, retain, props, expiresAt, subIds, version, now))
         if qos == 0:
-            if protocol is None:
-                broker.counters["dropped_offline_qos0"] += 1
-                return
-            version = self.version
-            remaining = None if expiresAt is None else math.ceil(expiresAt - now)
-            key = ("mqtt", version, 0, retain, remaining, tuple(subIds) if subIds else None)
-            template = delivery.encode(key, lambda d: makeTemplate(
-                topic, message.data, 0, retain, props, expiresAt, subIds, version, now))
             protocol.sendTemplate(template, None)
             return
         out = OutMessage(topic, message.data, qos, retain, props, expiresAt, subIds or ())
+        if expiresAt is None:
+            # Its remaining lifetime would change while it waits.
+            out._template = (version, template)
         self.push(out)
 
     # -- outgoing QoS 1 / 2 -------------------------------------------------
@@ -302,32 +313,33 @@ class MqttSession:
                 protocol.sendTemplate(out.template(self.version, now), pid, dup=True)
         self.pump()
 
-    def acked(self, ack):
-        """A PUBACK, PUBREC or PUBCOMP from the client."""
-        out = self.inflight.get(ack.packetId)
-        kind = ack.type
+    def acked(self, kind, packetId, reasonCode=codec.SUCCESS):
+        """A PUBACK, PUBREC or PUBCOMP (C{kind}) from the client."""
+        out = self.inflight.get(packetId)
         if out is None:
             if kind == codec.PUBREC and self.protocol is not None:
                 self.protocol.write(codec.encodeAck(
-                    codec.PUBREL, ack.packetId, self.version,
+                    codec.PUBREL, packetId, self.version,
                     codec.PACKET_IDENTIFIER_NOT_FOUND))
             return
         if kind == codec.PUBACK and out.qos == 1 or kind == codec.PUBCOMP and out.qos == 2:
-            del self.inflight[ack.packetId]
-            self._forget(out)
-            self.pump()
+            del self.inflight[packetId]
+            if self.persistent and out.seq is not None:     # _forget, written out
+                self.broker.store.removeMessage(self, out)
+            if self.queue:
+                self.pump()
         elif kind == codec.PUBREC and out.qos == 2 and out.state == SENT:
-            if ack.reasonCode >= 0x80:
-                del self.inflight[ack.packetId]
+            if reasonCode >= 0x80:
+                del self.inflight[packetId]
                 self._forget(out)
                 self.pump()
                 return
             out.state = RELEASED
             if self.persistent:
                 self.broker.store.updateMessage(self, out)
-            self.protocol.write(codec.encodeAck(codec.PUBREL, ack.packetId, self.version))
+            self.protocol.write(codec.encodeAck(codec.PUBREL, packetId, self.version))
         else:
-            self.protocol.protocolError(f"unexpected acknowledgement for packet {ack.packetId}")
+            self.protocol.protocolError(f"unexpected acknowledgement for packet {packetId}")
 
     # -- subscriptions ------------------------------------------------------
 
