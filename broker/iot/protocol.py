@@ -277,11 +277,14 @@ class IoTSession(DirectOutput, BoundedOutput, Protocol):
             if entry is not None and entry[1] is not None and entry[1].active():
                 entry[1].cancel()
         d = Deferred(cancel)
-        timer = None
-        if timeout is not None:
-            timer = self.factory.reactor.callLater(timeout, self._expired, rid, timeout)
-        self._pending[rid] = (d, timer)
+        # Pending before the write (a slow consumer's close fails it), the
+        # timer after: the frame leaves first.
+        pending = self._pending
+        pending[rid] = (d, None)
         self._write(frames.REQUEST, rid, payload, address)
+        if timeout is not None and rid in pending:
+            pending[rid] = (d, self.factory.reactor.callLater(timeout, self._expired, rid,
+                                                              timeout))
         return d
 
     def _expired(self, rid, timeout):
@@ -525,11 +528,15 @@ class IoTSession(DirectOutput, BoundedOutput, Protocol):
         if entry is None:
             raise errors.BadRequest(f"no request {frame.requestId} is waiting for an answer")
         d, timer = entry
-        if timer is not None and timer.active():
-            timer.cancel()
         if frame.kind == frames.RESPONSE:
+            # The answer first (it is the held request's HTTP response),
+            # the timer after.
             d.callback(frame.payload)
+            if timer is not None and timer.active():
+                timer.cancel()
         else:
+            if timer is not None and timer.active():
+                timer.cancel()
             try:
                 info = frame.payload.value()
                 code, message = str(info["code"]), str(info.get("message", ""))

@@ -67,6 +67,22 @@ _CANONICAL = {}
 _NAMES = {}
 
 
+_STATUS_LINES = {}
+
+
+def _statusLine(code):
+    """
+    C{HTTP/1.1 200 OK\r\nServer: ...\r\nDate: }, built once per status.
+    """
+    line = _STATUS_LINES.get(code)
+    if line is None:
+        line = b"HTTP/1.1 %d %s\r\nServer: %s\r\nDate: " % (
+            code, RESPONSES.get(code, b"Unknown Status"), SERVER_VERSION)
+        if len(_STATUS_LINES) < 1024:
+            _STATUS_LINES[code] = line
+    return line
+
+
 def _canonical(name):
     """
     C{content-type} -> C{Content-Type}, as twisted.web writes header names.
@@ -143,6 +159,9 @@ class FastRequest:
         self.code = code
 
     def setHeader(self, name, value):
+        if type(name) is bytes and type(value) is bytes:
+            self._headers[name.lower()] = value
+            return
         if isinstance(name, str):
             name = name.encode("latin-1")
         if isinstance(value, str):
@@ -172,7 +191,8 @@ class FastRequest:
         notify, self._notify = self._notify, None
         if notify:
             for d in notify:
-                d.callback(None)
+                if isinstance(d, Deferred):
+                    d.callback(None)
 
     def notifyFinish(self):
         d = Deferred()
@@ -186,13 +206,31 @@ class FastRequest:
             self._notify.append(d)
         return d
 
+    def notifyLost(self, f):
+        """
+        Call C{f(reason)} if the connection is lost before the answer is
+        sent (at once if it already was): what C{notifyFinish().addErrback(f)}
+        does, without a Deferred per request.
+        """
+        if self.finished:
+            return
+        if self._disconnected:
+            f(self._lostReason)
+            return
+        if self._notify is None:
+            self._notify = []
+        self._notify.append(f)
+
     def _connectionLost(self, reason):
         self._disconnected = True
         self._lostReason = reason
         notify, self._notify = self._notify, None
         if notify:
             for d in notify:
-                d.errback(reason)
+                if isinstance(d, Deferred):
+                    d.errback(reason)
+                else:
+                    d(reason)
 
 
 class FastChannel(Protocol):
@@ -394,16 +432,20 @@ class FastChannel(Protocol):
         if second != self._dateSecond:
             self._dateSecond = second
             self._date = datetimeToString(now)
-        head = [b"HTTP/1.1 %d %s" % (code, RESPONSES.get(code, b"Unknown Status")),
-                b"Server: " + SERVER_VERSION, b"Date: " + self._date]
+        head = [_statusLine(code), self._date]
+        canonical = _CANONICAL
         for name, value in headers.items():
-            head.append(_canonical(name) + b": " + value)
-        head.append(b"")
-        head.append(b"")
+            head.append(b"\r\n")
+            head.append(canonical.get(name) or _canonical(name))
+            head.append(b": ")
+            head.append(value)
+        head.append(b"\r\n\r\n")
         if noBody:
             body = b""
         request.sentLength = len(body)
-        self._write(_CRLF.join(head) + body)
+        if body:
+            head.append(body)
+        self._write(b"".join(head))
         self.site.log(request)
         self.current = None
         self._lastData = now
