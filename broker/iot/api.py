@@ -299,9 +299,10 @@ class APIResource(Resource):
             raise APIError(400, "BAD_JSON", f"the body is not JSON: {e}")
         if not isinstance(body, dict):
             raise APIError(400, "BAD_REQUEST", "the body must be a JSON object")
-        unknown = set(body) - set(fields)
-        if unknown:
-            raise APIError(400, "BAD_REQUEST", f"unknown field {sorted(unknown)[0]!r}")
+        for name in body:
+            if name not in fields:
+                unknown = sorted(set(body) - set(fields))
+                raise APIError(400, "BAD_REQUEST", f"unknown field {unknown[0]!r}")
         return body
 
     def _payload(self, body):
