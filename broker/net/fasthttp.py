@@ -65,6 +65,11 @@ _HANDED_OVER = frozenset((b"transfer-encoding", b"expect", b"upgrade", b"http2-s
 _CANONICAL = {}
 # Header names as sent -> lower case, for names already found to be tokens.
 _NAMES = {}
+# Header lines already parsed (a client sends the same Host, Authorization,
+# Content-Type on every request) -> (lower-case name, value); short lines
+# only, at most 1024 of them (under half a MiB).
+_LINES = {}
+_LINE_KEPT = 256
 
 
 _STATUS_LINES = {}
@@ -357,18 +362,25 @@ class FastChannel(Protocol):
         length = None
         close = False
         names = _NAMES
+        known = _LINES
         for line in lines[1:]:
-            raw, sep, value = line.partition(b":")
-            if not sep:
-                return None
-            name = names.get(raw)
-            if name is None:
-                if not raw.replace(b"-", b"").isalnum():
+            parsed = known.get(line)
+            if parsed is not None:
+                name, value = parsed
+            else:
+                raw, sep, value = line.partition(b":")
+                if not sep:
                     return None
-                name = raw.lower()
-                if len(names) < 1024:
-                    names[raw] = name
-            value = value.strip(b" \t")
+                name = names.get(raw)
+                if name is None:
+                    if not raw.replace(b"-", b"").isalnum():
+                        return None
+                    name = raw.lower()
+                    if len(names) < 1024:
+                        names[raw] = name
+                value = value.strip(b" \t")
+                if len(line) <= _LINE_KEPT and len(known) < 1024:
+                    known[line] = (name, value)
             if name in _HANDED_OVER:
                 return None
             if name == b"content-length":
