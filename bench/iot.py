@@ -8,9 +8,11 @@ Held requests (HTTP -> device -> HTTP): D devices are connected over TCP
 by this process and answer every request at once (echo); C keep-alive HTTP
 connections each hold one request at a time, round-robin over the devices;
 each round trip is timed from writing the HTTP request to reading the
-whole response.  The load is raw HTTP/1.1 and raw frames (the reference
-client), so that it costs less than the broker; CPU seconds of both are
-printed.
+whole response.  The load is raw sockets in one C{epoll} loop
+(L{iotload}: pre-built HTTP/1.1 requests, devices that answer a REQUEST
+by changing its kind byte), so that it costs far less than the broker;
+C{--load twisted} uses the reference device client and a Twisted HTTP
+client instead.  CPU seconds of both are printed.
 
 Usage: python bench/iot.py [--quick] [PART ...] (see bench/README.md).
 """
@@ -32,6 +34,7 @@ from twisted.internet import defer, task
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import Protocol
 
+import iotload
 from broker.iot import apikeys, frames
 from broker.iot.auth import newSecret, tokenKey
 from broker.iot.client import IoTClient
@@ -53,14 +56,26 @@ def percentile(ordered, p):
 
 
 def cpuSeconds(pid):
+    return sum(cpuSplit(pid))
+
+
+def cpuSplit(pid):
+    """
+    C{(user, system)} CPU seconds of process C{pid}.
+    """
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
 
 
 def ownCpu():
+    return sum(ownSplit())
+
+
+def ownSplit():
     r = resource.getrusage(resource.RUSAGE_SELF)
-    return r.ru_utime + r.ru_stime
+    return r.ru_utime, r.ru_stime
 
 
 class Broker:
@@ -69,8 +84,10 @@ class Broker:
     registry of C{devices} devices in fleet C{bench} and one API key.
     """
 
-    def __init__(self, workdir, devices=64, extra="", like=None):
+    def __init__(self, workdir, devices=64, extra="", like=None, twistd=None, cpus=None):
         os.makedirs(workdir, exist_ok=True)
+        self.twistd = twistd or os.path.join(os.path.dirname(sys.executable), "twistd")
+        self.cpus = cpus
         self.workdir = workdir
         self.tcp, self.udp, self.http, self.admin = (freePort() for _ in range(4))
         if like is not None:
@@ -113,12 +130,13 @@ api_keys = ["{apikeys.hashLine(FLEET, self.apiKey)}"]
         self.process = None
 
     def start(self):
-        twistd = os.path.join(os.path.dirname(sys.executable), "twistd")
         self._log = open(self.logPath, "wb")
+        cpus = self.cpus
         self.process = subprocess.Popen(
-            [twistd, "-n", "--pidfile=", *os.environ.get("BENCH_TWISTD_ARGS", "").split(),
+            [self.twistd, "-n", "--pidfile=", *os.environ.get("BENCH_TWISTD_ARGS", "").split(),
              "broker", "--config", self.config],
-            cwd=self.workdir, stdout=self._log, stderr=self._log)
+            cwd=self.workdir, stdout=self._log, stderr=self._log,
+            preexec_fn=None if cpus is None else lambda: os.sched_setaffinity(0, cpus))
         deadline = time.monotonic() + 30
         while True:
             try:
@@ -191,9 +209,86 @@ class HTTPConnection(Protocol):
             d.errback(reason)
 
 
+def heldRequestBytes(broker, devices):
+    """
+    The HTTP request of a held round trip to each of C{devices}, as bytes.
+    """
+    body = json.dumps({"payload": {"type": "json", "data": {"read": "temperature"}},
+                       "timeout": 10}).encode()
+
+    def raw(did):
+        return (f"POST /v1/fleets/{FLEET}/devices/{did}/requests HTTP/1.1\r\n"
+                f"Host: 127.0.0.1\r\nAuthorization: Bearer {broker.apiKey}\r\n"
+                f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+                ).encode() + body
+    return [raw(d) for d in devices]
+
+
+def heldRuns(opts):
+    """
+    The runs of the held part: C{(concurrency, requests)}, one in flight
+    first (a tenth of the requests, at least 200).
+    """
+    return [(c, opts.requests if c > 1 else max(200, opts.requests // 10))
+            for c in sorted({1, opts.concurrency})]
+
+
 async def benchHeldRequests(run):
     """
     Held request round trips/s and latency, HTTP -> device -> HTTP.
+    """
+    if run.opts.load == "raw":
+        return benchHeldRaw(run)
+    return await benchHeldTwisted(run)
+
+
+def benchHeldRaw(run):
+    """
+    L{benchHeldRequests} with the load of L{iotload}: raw sockets in one
+    C{epoll} loop, which blocks this process's reactor while it runs.
+    """
+    opts, broker = run.opts, run.broker
+    ids = list(broker.secrets)[:opts.devices]
+    devices = [iotload.connectDevice(run.deviceBroker.tcp, FLEET, did, broker.secrets[did])
+               for did in ids]
+    https = [iotload.connectHTTP(broker.http) for _ in range(opts.concurrency)]
+    load = iotload.HeldLoad(devices, https, heldRequestBytes(broker, ids))
+    results = []
+    try:
+        for concurrency, total in heldRuns(opts):
+            # Warm up (connections, caches), then measure from zero.
+            load.run(min(total, 200), concurrency)
+            cpu0, own0, t0 = run.cpuSplit(), ownSplit(), time.perf_counter()
+            latencies, errors = load.run(total, concurrency)
+            elapsed = time.perf_counter() - t0
+            results.append(heldFigures(run, concurrency, len(devices), total, errors, elapsed,
+                                       sorted(latencies), cpu0, own0))
+    finally:
+        load.close()
+    return results
+
+
+def heldFigures(run, concurrency, devices, total, errors, elapsed, latencies, cpu0, own0):
+    """
+    The figures of one held run; C{cpu0} and C{own0} are the C{(user,
+    system)} CPU seconds of the brokers and of this process at its start.
+    """
+    cpu1, own1 = run.cpuSplit(), ownSplit()
+    brokerUser, brokerSys = cpu1[0] - cpu0[0], cpu1[1] - cpu0[1]
+    loadUser, loadSys = own1[0] - own0[0], own1[1] - own0[1]
+    return {
+        "part": "held requests", "concurrency": concurrency, "devices": devices,
+        "requests": total, "errors": errors, "perSecond": total / elapsed,
+        "p50ms": percentile(latencies, 50) * 1000, "p99ms": percentile(latencies, 99) * 1000,
+        "brokerCpu": brokerUser + brokerSys, "brokerSys": brokerSys,
+        "loadCpu": loadUser + loadSys, "loadSys": loadSys, "seconds": elapsed,
+        "nodes": len(run.brokers), "load": run.opts.load}
+
+
+async def benchHeldTwisted(run):
+    """
+    L{benchHeldRequests} with the load on Twisted: the reference device
+    client and L{HTTPConnection}.
     """
     reactor, opts = run.reactor, run.opts
     broker = run.broker
@@ -211,22 +306,13 @@ async def benchHeldRequests(run):
     for _ in range(opts.concurrency):
         conns.append(await connectProtocol(
             TCP4ClientEndpoint(reactor, "127.0.0.1", broker.http), HTTPConnection()))
-    body = json.dumps({"payload": {"type": "json", "data": {"read": "temperature"}},
-                       "timeout": 10}).encode()
-
-    def raw(did):
-        return (f"POST /v1/fleets/{FLEET}/devices/{did}/requests HTTP/1.1\r\n"
-                f"Host: 127.0.0.1\r\nAuthorization: Bearer {broker.apiKey}\r\n"
-                f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
-                ).encode() + body
-    requests = [raw(d) for d in devices]
+    requests = heldRequestBytes(broker, devices)
     results = []
-    for concurrency in sorted({1, opts.concurrency}):
+    for concurrency, total in heldRuns(opts):
         latencies, errors = [], 0
-        total = opts.requests if concurrency > 1 else max(200, opts.requests // 10)
         issued = [0]
 
-        async def worker(conn, k):
+        async def worker(conn):
             nonlocal errors
             while issued[0] < total:
                 n = issued[0]
@@ -237,24 +323,19 @@ async def benchHeldRequests(run):
                 if status != 200:
                     errors += 1
         # Warm up (connections, caches), then measure from zero.
-        total = min(total, 200) if not latencies else total
-        await defer.gatherResults([defer.Deferred.fromCoroutine(worker(c, i))
-                                   for i, c in enumerate(conns[:concurrency])])
+        measured, total = total, min(total, 200)
+        await defer.gatherResults([defer.Deferred.fromCoroutine(worker(c))
+                                   for c in conns[:concurrency]])
         latencies.clear()
         errors = 0
         issued[0] = 0
-        total = opts.requests if concurrency > 1 else max(200, opts.requests // 10)
-        cpu0, own0, t0 = run.cpu(), ownCpu(), time.perf_counter()
-        await defer.gatherResults([defer.Deferred.fromCoroutine(worker(c, i))
-                                   for i, c in enumerate(conns[:concurrency])])
+        total = measured
+        cpu0, own0, t0 = run.cpuSplit(), ownSplit(), time.perf_counter()
+        await defer.gatherResults([defer.Deferred.fromCoroutine(worker(c))
+                                   for c in conns[:concurrency]])
         elapsed = time.perf_counter() - t0
-        latencies.sort()
-        results.append({
-            "part": "held requests", "concurrency": concurrency, "devices": len(devices),
-            "requests": total, "errors": errors, "perSecond": total / elapsed,
-            "p50ms": percentile(latencies, 50) * 1000, "p99ms": percentile(latencies, 99) * 1000,
-            "brokerCpu": run.cpu() - cpu0, "loadCpu": ownCpu() - own0, "seconds": elapsed,
-            "nodes": len(run.brokers)})
+        results.append(heldFigures(run, concurrency, len(devices), total, errors, elapsed,
+                                   sorted(latencies), cpu0, own0))
     for c in conns:
         c.transport.loseConnection()
     return results
@@ -265,7 +346,11 @@ def printHeld(r):
     print(f"held requests, {r['concurrency']} in flight over {r['devices']} devices{where}: "
           f"{r['perSecond']:,.0f} round trips/s, p50 {r['p50ms']:.2f} ms, "
           f"p99 {r['p99ms']:.2f} ms ({r['requests']} requests, {r['errors']} errors; "
-          f"CPU broker {r['brokerCpu']:.2f} s, load {r['loadCpu']:.2f} s)")
+          f"CPU broker {r['brokerCpu']:.2f} s, load {r['loadCpu']:.2f} s ({r['load']}); "
+          f"CPU per round trip: broker {r['brokerCpu'] / r['requests'] * 1e6:.0f} µs "
+          f"({r['brokerSys'] / r['requests'] * 1e6:.0f} in the kernel), "
+          f"load {r['loadCpu'] / r['requests'] * 1e6:.0f} µs "
+          f"({r['loadSys'] / r['requests'] * 1e6:.0f} in the kernel))")
 
 
 # -- UDP telemetry (IoT core) ----------------------------------------------------
@@ -551,6 +636,13 @@ class Run:
     def cpu(self):
         return sum(b.cpu() for b in self.brokers)
 
+    def cpuSplit(self):
+        """
+        C{(user, system)} CPU seconds of the brokers.
+        """
+        splits = [cpuSplit(b.process.pid) for b in self.brokers]
+        return sum(u for u, _ in splits), sum(s for _, s in splits)
+
 
 def parseArgs(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -568,6 +660,14 @@ def parseArgs(argv):
     p.add_argument("--queued", type=int, default=5000,
                    help="messages queued for the drain and central-drain parts")
     p.add_argument("--keep", action="store_true", help="keep the work directory")
+    p.add_argument("--load", choices=("raw", "twisted"), default="raw",
+                   help="the held part's load: raw sockets in one epoll loop (bench/iotload.py) "
+                        "or the reference device client and an HTTP client on Twisted")
+    p.add_argument("--twistd", default=None,
+                   help="the twistd of the broker to measure (default: this Python's), "
+                        "e.g. another checkout's venv, to compare two brokers with one load")
+    p.add_argument("--pin", action="store_true",
+                   help="pin the broker(s) to CPU 0 and this process to CPU 1")
     p.add_argument("--cluster", action="store_true",
                    help="run the broker as one cluster node over a fresh redis-server "
                         "(Redis store, tokens and presence)")
@@ -597,8 +697,14 @@ def main(argv=None):
     if opts.cluster:
         redis, url = startRedis(workdir)
         extra = f'[cluster]\nredis_url = "{url}"\nprefix = "bench"\n'
-    broker = Broker(workdir, devices=max(64, opts.devices), extra=extra)
-    brokers = [broker] + [Broker(os.path.join(workdir, f"node{i}"), extra=extra, like=broker)
+    cpus = None
+    if opts.pin:
+        cpus = {0}
+        os.sched_setaffinity(0, {1})
+    broker = Broker(workdir, devices=max(64, opts.devices), extra=extra, twistd=opts.twistd,
+                    cpus=cpus)
+    brokers = [broker] + [Broker(os.path.join(workdir, f"node{i}"), extra=extra, like=broker,
+                                 twistd=opts.twistd, cpus=cpus)
                           for i in range(1, opts.nodes)]
     try:
         for b in brokers:

@@ -250,6 +250,38 @@ class LeanPathTests(TestCase):
         self.assertFalse(held.finished)
 
     @defer.inlineCallbacks
+    def test_notifyLost(self):
+        """
+        C{notifyLost(f)} calls C{f(reason)} once when the client goes away
+        before the answer (at once when it already has), and never once
+        the answer was sent; C{notifyFinish} Deferreds of the same request
+        still fire.
+        """
+        c = yield self.connect()
+        c.send(b"GET /api/hold HTTP/1.1\r\nHost: h\r\n\r\n")
+        c.send(b"GET /api/hold HTTP/1.1\r\nHost: h\r\n\r\n")
+        yield sleep(0.1)
+        answered = self.echo.held[0]
+        calls = []
+        answered.notifyLost(calls.append)
+        finished = answered.notifyFinish()
+        answered.finish()
+        yield finished
+        yield self.answers(c, 1)
+        yield sleep(0.1)
+        held = self.echo.held[1]
+        held.notifyLost(calls.append)
+        gone = held.notifyFinish()
+        c.transport.loseConnection()
+        yield withTimeout(self.assertFailure(gone, Exception), 5, "notifyFinish never failed")
+        self.assertEqual(len(calls), 1)
+        held.notifyLost(calls.append)
+        self.assertEqual(len(calls), 2)
+        self.assertIs(calls[0], calls[1])
+        answered.notifyLost(calls.append)
+        self.assertEqual(len(calls), 2)
+
+    @defer.inlineCallbacks
     def test_connectionClose(self):
         """
         C{Connection: close} is answered with it, and the server closes.

@@ -268,6 +268,17 @@ class FrameReader:
             stream cannot be followed any further: close the session).
         """
         buf = self._buffer
+        if not buf and len(data) >= 4:
+            (length,) = LENGTH.unpack_from(data)
+            if len(data) == 4 + length and HEADER.size <= length <= self.maxFrame:
+                # The common case, one whole frame in one read: decoded
+                # straight from it, without the buffer.
+                body = bytes(data[4:])
+                try:
+                    return [decodeBody(body)]
+                except FrameError as e:
+                    e.requestId = HEADER.unpack_from(body)[2]
+                    return [e]
         buf += data
         frames = []
         pos = 0

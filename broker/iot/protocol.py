@@ -26,6 +26,7 @@ from broker.core.directwrite import DirectOutput, noDelay
 from broker.core.output import BoundedOutput
 from broker.logs import peerAddress
 from broker.iot import auth, errors, frames
+from broker.iot.deadlines import Deadlines
 from broker.iot.frames import FrameError, FrameReader, Payload
 from broker.iot.interfaces import ICentralLink, IPeerSession
 
@@ -79,7 +80,8 @@ class IoTSession(DirectOutput, BoundedOutput, Protocol):
         self._abortTimer = None
         self._inFlight = 0
         self._reader = FrameReader(factory.maxFrame)
-        self._pending = {}          # our request id -> (Deferred, timer or None)
+        # our request id -> (Deferred, its Deadlines entry or None)
+        self._pending = {}
         self._nextId = SERVER_REQUEST_BASE
         self._timer = None
         self._lastSeen = 0.0
@@ -124,7 +126,11 @@ class IoTSession(DirectOutput, BoundedOutput, Protocol):
 
     def connectionLost(self, reason):
         super().connectionLost(reason)
-        self.factory.connections.discard(self)
+        f = self.factory
+        f.connections.discard(self)
+        if not f.connections:
+            # Nothing is left that may wait for a peer's answer.
+            f.deadlines.stop()
         self._releaseSlot()
         self.state = self.CLOSED
         if self._rate is not None:
@@ -152,9 +158,10 @@ class IoTSession(DirectOutput, BoundedOutput, Protocol):
                 c.centralOffline(self)
                 gone = errors.NoCentral("the central disconnected")
             pending, self._pending = self._pending, {}
-            for d, timer in pending.values():
-                if timer is not None and timer.active():
-                    timer.cancel()
+            deadlines = self.factory.deadlines
+            for d, deadline in pending.values():
+                if deadline is not None:
+                    deadlines.cancel(deadline)
                 d.errback(gone)
 
     def _authExpired(self):
@@ -274,14 +281,16 @@ class IoTSession(DirectOutput, BoundedOutput, Protocol):
 
         def cancel(d):
             entry = self._pending.pop(rid, None)
-            if entry is not None and entry[1] is not None and entry[1].active():
-                entry[1].cancel()
+            if entry is not None and entry[1] is not None:
+                self.factory.deadlines.cancel(entry[1])
         d = Deferred(cancel)
-        timer = None
-        if timeout is not None:
-            timer = self.factory.reactor.callLater(timeout, self._expired, rid, timeout)
-        self._pending[rid] = (d, timer)
+        # Pending before the write (a slow consumer's close fails it), the
+        # deadline after: the frame leaves first.
+        pending = self._pending
+        pending[rid] = (d, None)
         self._write(frames.REQUEST, rid, payload, address)
+        if timeout is not None and rid in pending:
+            pending[rid] = (d, self.factory.deadlines.add(timeout, self._expired, rid, timeout))
         return d
 
     def _expired(self, rid, timeout):
@@ -524,12 +533,16 @@ class IoTSession(DirectOutput, BoundedOutput, Protocol):
         entry = self._pending.pop(frame.requestId, None)
         if entry is None:
             raise errors.BadRequest(f"no request {frame.requestId} is waiting for an answer")
-        d, timer = entry
-        if timer is not None and timer.active():
-            timer.cancel()
+        d, deadline = entry
         if frame.kind == frames.RESPONSE:
+            # The answer first (it is the held request's HTTP response),
+            # the deadline after.
             d.callback(frame.payload)
+            if deadline is not None:
+                self.factory.deadlines.cancel(deadline)
         else:
+            if deadline is not None:
+                self.factory.deadlines.cancel(deadline)
             try:
                 info = frame.payload.value()
                 code, message = str(info["code"]), str(info.get("message", ""))
@@ -719,6 +732,8 @@ class IoTFactory(Factory):
         self.closeGrace = closeGrace
         self.counters = Counters()
         self.connections = LiveConnections()
+        # The timeouts of the requests the sessions send their peers.
+        self.deadlines = Deadlines(reactor)
         self.nonces = nonces if nonces is not None else auth.NonceBook(
             clock=reactor.seconds)
 

@@ -65,6 +65,27 @@ _HANDED_OVER = frozenset((b"transfer-encoding", b"expect", b"upgrade", b"http2-s
 _CANONICAL = {}
 # Header names as sent -> lower case, for names already found to be tokens.
 _NAMES = {}
+# Header lines already parsed (a client sends the same Host, Authorization,
+# Content-Type on every request) -> (lower-case name, value); short lines
+# only, at most 1024 of them (under half a MiB).
+_LINES = {}
+_LINE_KEPT = 256
+
+
+_STATUS_LINES = {}
+
+
+def _statusLine(code):
+    """
+    C{HTTP/1.1 200 OK\r\nServer: ...\r\nDate: }, built once per status.
+    """
+    line = _STATUS_LINES.get(code)
+    if line is None:
+        line = b"HTTP/1.1 %d %s\r\nServer: %s\r\nDate: " % (
+            code, RESPONSES.get(code, b"Unknown Status"), SERVER_VERSION)
+        if len(_STATUS_LINES) < 1024:
+            _STATUS_LINES[code] = line
+    return line
 
 
 def _canonical(name):
@@ -143,6 +164,9 @@ class FastRequest:
         self.code = code
 
     def setHeader(self, name, value):
+        if type(name) is bytes and type(value) is bytes:
+            self._headers[name.lower()] = value
+            return
         if isinstance(name, str):
             name = name.encode("latin-1")
         if isinstance(value, str):
@@ -172,7 +196,8 @@ class FastRequest:
         notify, self._notify = self._notify, None
         if notify:
             for d in notify:
-                d.callback(None)
+                if isinstance(d, Deferred):
+                    d.callback(None)
 
     def notifyFinish(self):
         d = Deferred()
@@ -186,13 +211,31 @@ class FastRequest:
             self._notify.append(d)
         return d
 
+    def notifyLost(self, f):
+        """
+        Call C{f(reason)} if the connection is lost before the answer is
+        sent (at once if it already was): what C{notifyFinish().addErrback(f)}
+        does, without a Deferred per request.
+        """
+        if self.finished:
+            return
+        if self._disconnected:
+            f(self._lostReason)
+            return
+        if self._notify is None:
+            self._notify = []
+        self._notify.append(f)
+
     def _connectionLost(self, reason):
         self._disconnected = True
         self._lostReason = reason
         notify, self._notify = self._notify, None
         if notify:
             for d in notify:
-                d.errback(reason)
+                if isinstance(d, Deferred):
+                    d.errback(reason)
+                else:
+                    d(reason)
 
 
 class FastChannel(Protocol):
@@ -319,18 +362,25 @@ class FastChannel(Protocol):
         length = None
         close = False
         names = _NAMES
+        known = _LINES
         for line in lines[1:]:
-            raw, sep, value = line.partition(b":")
-            if not sep:
-                return None
-            name = names.get(raw)
-            if name is None:
-                if not raw.replace(b"-", b"").isalnum():
+            parsed = known.get(line)
+            if parsed is not None:
+                name, value = parsed
+            else:
+                raw, sep, value = line.partition(b":")
+                if not sep:
                     return None
-                name = raw.lower()
-                if len(names) < 1024:
-                    names[raw] = name
-            value = value.strip(b" \t")
+                name = names.get(raw)
+                if name is None:
+                    if not raw.replace(b"-", b"").isalnum():
+                        return None
+                    name = raw.lower()
+                    if len(names) < 1024:
+                        names[raw] = name
+                value = value.strip(b" \t")
+                if len(line) <= _LINE_KEPT and len(known) < 1024:
+                    known[line] = (name, value)
             if name in _HANDED_OVER:
                 return None
             if name == b"content-length":
@@ -394,16 +444,20 @@ class FastChannel(Protocol):
         if second != self._dateSecond:
             self._dateSecond = second
             self._date = datetimeToString(now)
-        head = [b"HTTP/1.1 %d %s" % (code, RESPONSES.get(code, b"Unknown Status")),
-                b"Server: " + SERVER_VERSION, b"Date: " + self._date]
+        head = [_statusLine(code), self._date]
+        canonical = _CANONICAL
         for name, value in headers.items():
-            head.append(_canonical(name) + b": " + value)
-        head.append(b"")
-        head.append(b"")
+            head.append(b"\r\n")
+            head.append(canonical.get(name) or _canonical(name))
+            head.append(b": ")
+            head.append(value)
+        head.append(b"\r\n\r\n")
         if noBody:
             body = b""
         request.sentLength = len(body)
-        self._write(_CRLF.join(head) + body)
+        if body:
+            head.append(body)
+        self._write(b"".join(head))
         self.site.log(request)
         self.current = None
         self._lastData = now
