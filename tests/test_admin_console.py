@@ -211,9 +211,9 @@ class ConsoleTests(TestCase):
             "fetch('/api/hubs/chat/connections/x/close', {method: 'POST', "
             "headers: {Authorization: 'Bearer wrong'}}).then(r => r.status)")
         self.assertEqual(status, 401)
-        yield page.evaluate(f"""(() => {{
+        yield page.evaluate("""(() => {
             document.getElementById('token').value = 'not-the-token';
-            document.getElementById('login-form').requestSubmit(); return true; }})()""")
+            document.getElementById('login-form').requestSubmit(); return true; })()""")
         error = yield page.waitFor("document.getElementById('login-error').textContent")
         self.assertEqual(error, "that token was refused")
         self.assertGreaterEqual(self.top.adminSite.guard.refused["wrong"], 2)
