@@ -494,15 +494,29 @@ class OperatorFaceTests(TestCase):
         proc = self.start(f'[cluster]\nredis_url = "{redis.url}"\nworkers = 2\n'
                           f'[lines]\nlisten = ["{LOOPBACK}"]\n')
         ports = yield proc.listening
-        ready = re.compile(r"\[(w\d) broker\.workers#info\] ready: node")
-        yield waitFor(lambda: len({m.group(1) for m in map(ready.search, proc.lines())
-                                   if m}) == 2, timeout=30)
-        member = yield groupMember(self, ports["webpubsub.listen[0]"], "lines")
+        # Ready to serve across workers means linked to Redis too: a line
+        # published before its worker's link is up stays on that worker.
+        ready = re.compile(r"\[(w\d) broker\.(workers#info\] ready: node|cluster\.redis"
+                           r"#info\] redis .*: connected)")
+        yield waitFor(lambda: len({m.group(0) for m in map(ready.search, proc.lines())
+                                   if m}) == 4, timeout=60)
+
+        def step(d, what):
+            # A step that hangs fails with the broker's log, not the test's
+            # timeout.
+            d.addTimeout(20, reactor)
+            d.addErrback(lambda f: self.fail(f"{what}: {f.getErrorMessage()}\n"
+                                             f"{proc.text()[-6000:]}"))
+            return d
+
+        member = yield step(groupMember(self, ports["webpubsub.listen[0]"], "lines"),
+                            "the group member")
         for i in range(4):
-            sender = yield lineClient(self, ports["lines.listen[0]"])
+            sender = yield step(lineClient(self, ports["lines.listen[0]"]), "a line client")
             sender.sendLine(f"line {i}".encode("ascii"))
-            self.assertEqual((yield sender.nextLine()), b"ok")
-            self.assertEqual((yield member.nextJSON()), groupMessage("lines", f"line {i}"))
+            self.assertEqual((yield step(sender.nextLine(), f"ok {i}")), b"ok")
+            self.assertEqual((yield step(member.nextJSON(), f"line {i}")),
+                             groupMessage("lines", f"line {i}"))
             sender.transport.loseConnection()
             yield sender.lost
         adopted = [line for line in proc.lines()
