@@ -236,6 +236,19 @@ def v5props(kind, **values):
     return props
 
 
+def restSendToGroup(port, group, text):
+    """
+    Send C{text} to C{group} of hub C{mqtt} through the REST API on C{port}
+    with Microsoft's service SDK, in a thread (the SDK blocks).
+    """
+    def send():
+        from azure.messaging.webpubsubservice import WebPubSubServiceClient
+        client = WebPubSubServiceClient.from_connection_string(
+            f"Endpoint=http://127.0.0.1:{port};AccessKey={ACCESS_KEY};Version=1.0;", hub="mqtt")
+        client.send_to_group(group, text, content_type="text/plain")
+    return threads.deferToThread(send)
+
+
 def sleep(seconds):
     d = defer.Deferred()
     reactor.callLater(seconds, d.callback, None)

@@ -8,7 +8,7 @@ from twisted.internet import defer, threads
 from twisted.trial.unittest import TestCase
 
 from tests.clusternodes import ClusterNodesMixin
-from tests.mqttharness import ACCESS_KEY, Paho, sleep, v5props
+from tests.mqttharness import ACCESS_KEY, restSendToGroup, Paho, sleep, v5props
 
 FACES = """\
 [webpubsub]
@@ -133,14 +133,7 @@ class MqttClusterTests(ClusterNodesMixin, TestCase):
         wild = yield self.client("b", 4)
         yield wild.subscribe("r/#", 1)
         port = self.nodes["a"].rest
-
-        def send():
-            from azure.messaging.webpubsubservice import WebPubSubServiceClient
-            client = WebPubSubServiceClient.from_connection_string(
-                f"Endpoint=http://127.0.0.1:{port};AccessKey={ACCESS_KEY};Version=1.0;",
-                hub="mqtt")
-            client.send_to_group("r/s", "from rest", content_type="text/plain")
-        yield threads.deferToThread(send)
+        yield restSendToGroup(port, "r/s", "from rest")
         for sub in (exact, wild):
             got = yield sub.waitMessages(1)
             self.assertEqual(got[0][:3], ("r/s", b"from rest", 1))

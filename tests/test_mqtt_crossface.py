@@ -9,7 +9,7 @@ subprotocol, the IoT reference client).
 import base64
 
 from autobahn.twisted.websocket import WebSocketClientFactory
-from twisted.internet import defer, reactor, threads
+from twisted.internet import defer, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.python.filepath import FilePath
 from twisted.trial.unittest import TestCase
@@ -20,7 +20,7 @@ from broker.auth.tokens import makeClientToken
 from broker.iot import frames
 from broker.iot.client import IoTClient
 from broker.iot.frames import Payload
-from tests.mqttharness import ACCESS_KEY, LISTENERS, Paho, sleep, writeConfig
+from tests.mqttharness import ACCESS_KEY, restSendToGroup, LISTENERS, Paho, sleep, writeConfig
 from tests.test_iot_face import listeningPort
 from tests.wsharness import Client
 
@@ -100,14 +100,7 @@ class CrossFaceTests(TestCase):
         wild = yield self.mqtt(4)
         yield wild.subscribe("a/+", 0)
         port = self.ports["webpubsub.listen[0]"]
-
-        def send():
-            from azure.messaging.webpubsubservice import WebPubSubServiceClient
-            client = WebPubSubServiceClient.from_connection_string(
-                f"Endpoint=http://127.0.0.1:{port};AccessKey={ACCESS_KEY};Version=1.0;",
-                hub="mqtt")
-            client.send_to_group("a/b", "from rest", content_type="text/plain")
-        yield threads.deferToThread(send)
+        yield restSendToGroup(port, "a/b", "from rest")
         got = yield exact.waitMessages(1)
         self.assertEqual(got[0][:3], ("a/b", b"from rest", 1))
         self.assertEqual(got[0][4].PayloadFormatIndicator, 1)
