@@ -144,6 +144,32 @@ class LeanPathTests(TestCase):
         self.assertIn('"POST /api/a/b%2Fc?x=1&x=2&y=%C3%BC HTTP/1.1" 200 ', lines[0])
 
     @defer.inlineCallbacks
+    def test_headerCachesBounded(self):
+        """
+        The parsed header lines and names the lean path remembers stay
+        bounded when a client sends a new header on every request (3,000
+        requests, each with its own name and value): a repeated line is
+        still parsed the same, and every request is answered.
+        """
+        from broker.net import fasthttp
+
+        self.patch(fasthttp, "_LINES", {})
+        self.patch(fasthttp, "_NAMES", {})
+        c = yield self.connect()
+        n = 3000
+        for i in range(0, n, 100):
+            c.send(b"".join(b"GET /api/ HTTP/1.1\r\nHost: h\r\nX-Junk-%d: %d\r\n\r\n" % (j, j)
+                            for j in range(i, i + 100)))
+            yield self.answers(c, i + 100)
+        self.assertLessEqual(len(fasthttp._LINES), 1024)
+        self.assertLessEqual(len(fasthttp._NAMES), 1024)
+        self.assertTrue(all(len(line) <= fasthttp._LINE_KEPT for line in fasthttp._LINES))
+        c.send(b"POST /api/ HTTP/1.1\r\nHost: h\r\nContent-Type: text/x-late\r\n"
+               b"Content-Length: 2\r\n\r\nok")
+        data = yield self.answers(c, n + 1)
+        self.assertEqual(json.loads(data.rsplit(b"\r\n\r\n", 1)[1])["type"], "text/x-late")
+
+    @defer.inlineCallbacks
     def test_bodyInPieces(self):
         """
         A head and body arriving in several pieces are put together.
