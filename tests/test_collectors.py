@@ -12,8 +12,7 @@ from twisted.internet import defer, reactor
 from twisted.python.filepath import FilePath
 from twisted.trial.unittest import TestCase
 
-from broker import config, tap
-from tests.test_tap import LOOPBACK
+from tests.test_tap import LOOPBACK, servicePort, startInProcess, writeConfig
 
 
 def sample(text, name, **labels):
@@ -38,26 +37,16 @@ class CollectorTests(TestCase):
 
     @defer.inlineCallbacks
     def setUp(self):
-        directory = FilePath(self.mktemp())
-        directory.makedirs()
-        registry = directory.child("registry.toml")
+        registry = FilePath(self.mktemp())
         registry.setContent(b'[fleets.plant]\ncentral_key = "k"\n'
                             b'[fleets.plant.devices.d1]\nkey = "x"\n')
-        path = directory.child("broker.toml")
-        path.setContent(
-            f'[broker]\nstate_dir = "{directory.child("state").path}"\n'
-            f'[admin]\nlisten = ["{LOOPBACK}"]\n'
-            f'[webpubsub]\nlisten = ["{LOOPBACK}"]\n'
-            f'[webpubsub.hubs.chat]\n[webpubsub.hubs.quiet]\n'
-            f'[iot]\nenabled = true\nlisten = ["{LOOPBACK}"]\n'
-            f'registry_file = "{registry.path}"\n'
-            f'[iot.udp]\nenabled = false\n[iot.tls]\nlisten = []\n'
-            f'[iot.http]\nenabled = false\n'.encode("utf-8"))
-        self.top = tap.buildService(config.load(path.path), reactor)
-        self.top.privilegedStartService()
-        self.top.startService()
-        self.addCleanup(self.top.stopService)
-        port = self.top.getServiceNamed("admin.listen[0]")._waitingForPort.result.getHost().port
+        _, path = writeConfig(self, f'[webpubsub.hubs.quiet]\n'
+                                    f'[iot]\nenabled = true\nlisten = ["{LOOPBACK}"]\n'
+                                    f'registry_file = "{registry.path}"\n'
+                                    f'[iot.udp]\nenabled = false\n[iot.tls]\nlisten = []\n'
+                                    f'[iot.http]\nenabled = false\n')
+        self.top = startInProcess(self, path)
+        port = servicePort(self.top, "admin.listen[0]")
         response = yield treq.get(f"http://127.0.0.1:{port}/metrics", reactor=reactor,
                                   persistent=False)
         self.metrics = (yield treq.content(response)).decode("utf-8")

@@ -15,11 +15,12 @@ from twisted.logger import capturedLogs, formatEvent
 from twisted.python.filepath import FilePath
 from twisted.trial.unittest import TestCase
 
-from broker import config, logs, tap
+from broker import logs
 from broker.auth.tokens import makeClientToken
 from broker.net.accesslog import INTERVAL as ACCESS_LOG_INTERVAL
 from tests.test_collectors import sample
-from tests.test_tap import LOOPBACK, TwistdTestsMixin, handshake
+from tests.test_tap import (LOOPBACK, TwistdTestsMixin, handshake, servicePort, startInProcess,
+                            writeConfig)
 
 KEY = "a-test-access-key-of-some-length"
 
@@ -90,23 +91,10 @@ class BrokerLogTests(TestCase):
     """
 
     def setUp(self):
-        directory = FilePath(self.mktemp())
-        directory.makedirs()
-        path = directory.child("broker.toml")
-        path.setContent(
-            f'[broker]\nstate_dir = "{directory.child("state").path}"\n'
-            f'[admin]\nlisten = ["{LOOPBACK}"]\n'
-            f'[webpubsub]\nlisten = ["{LOOPBACK}"]\naccess_keys = ["{KEY}"]\n'
-            f'[webpubsub.hubs.chat]\n'.encode("utf-8"))
-        self.top = tap.buildService(config.load(path.path), reactor)
-        self.top.privilegedStartService()
-        self.top.startService()
-        self.addCleanup(self.top.stopService)
-        self.admin = self.port("admin.listen[0]")
-        self.wps = self.port("webpubsub.listen[0]")
-
-    def port(self, key):
-        return self.top.getServiceNamed(key)._waitingForPort.result.getHost().port
+        _, path = writeConfig(self, webpubsubText=f'access_keys = ["{KEY}"]\n')
+        self.top = startInProcess(self, path)
+        self.admin = servicePort(self.top, "admin.listen[0]")
+        self.wps = servicePort(self.top, "webpubsub.listen[0]")
 
     @defer.inlineCallbacks
     def get(self, path):
@@ -148,14 +136,7 @@ class RefusedHandshakeTests(TwistdTestsMixin, TestCase):
         (401), all counted on /metrics, one log line (not autobahn's line
         each); a client with a token from the same address still gets in.
         """
-        directory = FilePath(self.mktemp())
-        directory.makedirs()
-        path = directory.child("broker.toml")
-        path.setContent(
-            f'[broker]\nstate_dir = "{directory.child("state").path}"\n'
-            f'[admin]\nlisten = ["{LOOPBACK}"]\n'
-            f'[webpubsub]\nlisten = ["{LOOPBACK}"]\naccess_keys = ["{KEY}"]\n'
-            f'[webpubsub.hubs.chat]\n'.encode("utf-8"))
+        directory, path = writeConfig(self, webpubsubText=f'access_keys = ["{KEY}"]\n')
         proc = self.spawn(["-n", "--pidfile=", "broker", "--config", path.path], directory,
                           ["webpubsub.listen[0]", "admin.listen[0]"])
         ports = yield proc.listening

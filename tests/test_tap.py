@@ -27,11 +27,13 @@ from tests.tools import killAtCleanup
 LOOPBACK = "tcp:0:interface=127.0.0.1"
 
 
-def writeConfig(testCase, text="", webpubsub=LOOPBACK, admin=LOOPBACK):
+def writeConfig(testCase, text="", webpubsub=LOOPBACK, admin=LOOPBACK, webpubsubText=""):
     """
     Write a configuration into a fresh temporary directory whose C{state}
     child is the broker's state_dir, so no test writes into the checkout.
 
+    @param webpubsubText: more keys of C{[webpubsub]}; C{text} follows the
+        C{chat} hub's table.
     @return: the directory and the configuration file, as L{FilePath}s.
     """
     directory = FilePath(testCase.mktemp())
@@ -40,9 +42,26 @@ def writeConfig(testCase, text="", webpubsub=LOOPBACK, admin=LOOPBACK):
     path.setContent(
         f'[broker]\nstate_dir = "{directory.child("state").path}"\n'
         f'[admin]\nlisten = ["{admin}"]\n'
-        f'[webpubsub]\nlisten = ["{webpubsub}"]\n'
+        f'[webpubsub]\nlisten = ["{webpubsub}"]\n{webpubsubText}'
         f'[webpubsub.hubs.chat]\n{text}'.encode("utf-8"))
     return directory, path
+
+
+def startInProcess(testCase, path):
+    """
+    The broker's service tree for the configuration file C{path}, started in
+    this process and stopped at the test's cleanup.
+    """
+    top = tap.buildService(config.load(path.path), reactor)
+    top.privilegedStartService()
+    top.startService()
+    testCase.addCleanup(top.stopService)
+    return top
+
+
+def servicePort(top, key):
+    """The port the listener C{key} of a started service tree listens on."""
+    return top.getServiceNamed(key)._waitingForPort.result.getHost().port
 
 
 class OptionsTests(TestCase):
