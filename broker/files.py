@@ -96,3 +96,15 @@ def writePrivate(path, data, exclusive=False):
         data = data.encode("utf-8")
     with os.fdopen(fd, "wb") as f:
         f.write(data)
+
+
+def readOperatorFile(path, error, what):
+    """
+    The bytes of an operator's file (a password or ACL file), or
+    C{error("cannot read <what> <path>: <reason>")} raised.
+    """
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise error(f"cannot read {what} {path}: {e.strerror}")

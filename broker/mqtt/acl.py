@@ -34,6 +34,7 @@ rule silently).
 
 import os
 
+from broker.files import readOperatorFile
 from broker.mqtt import topicsets
 
 READ = 1
@@ -166,9 +167,4 @@ def readAclFile(path):
 
     @raise AclFileError: unreadable or malformed.
     """
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except OSError as e:
-        raise AclFileError(f"cannot read ACL file {path}: {e.strerror}")
-    return parseAclFile(data, os.fspath(path))
+    return parseAclFile(readOperatorFile(path, AclFileError, "ACL file"), os.fspath(path))

@@ -34,6 +34,8 @@ import secrets
 from twisted.internet import defer, threads
 from twisted.logger import Logger
 
+from broker.files import readOperatorFile
+
 log = Logger()
 
 PBKDF2 = "7"
@@ -158,12 +160,8 @@ def readPasswordFile(path):
 
     @raise PasswordFileError: unreadable or malformed.
     """
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except OSError as e:
-        raise PasswordFileError(f"cannot read password file {path}: {e.strerror}")
-    return parsePasswordFile(data, os.fspath(path))
+    return parsePasswordFile(readOperatorFile(path, PasswordFileError, "password file"),
+                             os.fspath(path))
 
 
 class PasswordCheckBusy(Exception):
