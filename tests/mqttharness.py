@@ -13,11 +13,11 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.properties import Properties
 from paho.mqtt.packettypes import PacketTypes
 from twisted.internet import defer, reactor, threads
-from twisted.python.filepath import FilePath
 
 from broker import config, tap
 from broker.mqtt import codec
 from tests.test_iot_face import listeningPort
+from tests.test_tap import configFile
 
 ACCESS_KEY = "mqtt-tests-access-key-0123456789abcdef"
 
@@ -34,18 +34,13 @@ listen = ["tcp:0:interface=127.0.0.1"]
 
 
 def writeConfig(testCase, mqtt="", extra=""):
-    directory = FilePath(testCase.mktemp())
-    directory.makedirs()
-    path = directory.child("broker.toml")
-    path.setContent((
-        f'[broker]\nstate_dir = "{directory.child("state").path}"\n'
-        '[admin]\nlisten = ["tcp:0:interface=127.0.0.1"]\n'
-        '[webpubsub]\nlisten = ["tcp:0:interface=127.0.0.1"]\n'
-        f'access_keys = ["{ACCESS_KEY}"]\n'
-        '[webpubsub.hubs.mqtt]\n'
-        '[iot]\nenabled = false\n'
-        + MQTT_SECTION.format(mqtt=mqtt) + extra).encode("utf-8"))
-    return directory, path
+    return configFile(testCase,
+                      '[admin]\nlisten = ["tcp:0:interface=127.0.0.1"]\n'
+                      '[webpubsub]\nlisten = ["tcp:0:interface=127.0.0.1"]\n'
+                      f'access_keys = ["{ACCESS_KEY}"]\n'
+                      '[webpubsub.hubs.mqtt]\n'
+                      '[iot]\nenabled = false\n'
+                      + MQTT_SECTION.format(mqtt=mqtt) + extra)
 
 
 LISTENERS = ("mqtt.listen[0]", "mqtt.websocket.listen[0]", "mqtt.tls.listen[0]",

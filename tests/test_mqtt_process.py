@@ -9,12 +9,11 @@ import shutil
 
 import treq
 from twisted.internet import defer, reactor, utils
-from twisted.python.filepath import FilePath
 from twisted.trial.unittest import TestCase
 
 from tests.mqttharness import MQTT_SECTION, Paho, sleep, v5props
 from tests.nodejs import JSONLines, requireNode, spawnNode
-from tests.test_tap import TwistdTestsMixin
+from tests.test_tap import TwistdTestsMixin, configFile
 from tests.tools import requireTool
 
 LISTENERS = ["mqtt.listen[0]", "mqtt.websocket.listen[0]", "admin.listen[0]"]
@@ -37,16 +36,11 @@ class DefaultsTests(TestCase):
 
 
 def writeConfig(testCase):
-    directory = FilePath(testCase.mktemp())
-    directory.makedirs()
-    path = directory.child("broker.toml")
-    path.setContent((
-        f'[broker]\nstate_dir = "{directory.child("state").path}"\n'
-        '[admin]\nlisten = ["tcp:0:interface=127.0.0.1"]\n'
-        '[webpubsub]\nenabled = false\n[iot]\nenabled = false\n'
-        + MQTT_SECTION.format(mqtt="").replace(
-            '[mqtt.tls]\nlisten = ["tcp:0:interface=127.0.0.1"]\n', "")).encode())
-    return directory, path
+    return configFile(testCase,
+                      '[admin]\nlisten = ["tcp:0:interface=127.0.0.1"]\n'
+                      '[webpubsub]\nenabled = false\n[iot]\nenabled = false\n'
+                      + MQTT_SECTION.format(mqtt="").replace(
+                          '[mqtt.tls]\nlisten = ["tcp:0:interface=127.0.0.1"]\n', ""))
 
 
 class ProcessTests(TwistdTestsMixin, TestCase):

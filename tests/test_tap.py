@@ -36,14 +36,23 @@ def writeConfig(testCase, text="", webpubsub=LOOPBACK, admin=LOOPBACK, webpubsub
         C{chat} hub's table.
     @return: the directory and the configuration file, as L{FilePath}s.
     """
+    return configFile(testCase, f'[admin]\nlisten = ["{admin}"]\n'
+                                f'[webpubsub]\nlisten = ["{webpubsub}"]\n{webpubsubText}'
+                                f'[webpubsub.hubs.chat]\n{text}')
+
+
+def configFile(testCase, text):
+    """
+    Write C{text} after a C{[broker]} table whose state_dir is the C{state}
+    child of a fresh temporary directory.
+
+    @return: the directory and the configuration file, as L{FilePath}s.
+    """
     directory = FilePath(testCase.mktemp())
     directory.makedirs()
     path = directory.child("broker.toml")
     path.setContent(
-        f'[broker]\nstate_dir = "{directory.child("state").path}"\n'
-        f'[admin]\nlisten = ["{admin}"]\n'
-        f'[webpubsub]\nlisten = ["{webpubsub}"]\n{webpubsubText}'
-        f'[webpubsub.hubs.chat]\n{text}'.encode("utf-8"))
+        (f'[broker]\nstate_dir = "{directory.child("state").path}"\n' + text).encode("utf-8"))
     return directory, path
 
 
