@@ -14,10 +14,9 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.packettypes import PacketTypes
 from twisted.internet import defer, reactor, threads
 
-from broker import config, tap
 from broker.mqtt import codec
 from tests.test_iot_face import listeningPort
-from tests.test_tap import configFile
+from tests.test_tap import configFile, startInProcess
 
 ACCESS_KEY = "mqtt-tests-access-key-0123456789abcdef"
 
@@ -55,10 +54,7 @@ def startBroker(testCase, mqtt="", extra="", listeners=LISTENERS):
     @return: C{(top service, {listener key: port}, directory)}.
     """
     directory, path = writeConfig(testCase, mqtt, extra)
-    top = tap.buildService(config.load(path.path), reactor)
-    top.privilegedStartService()
-    top.startService()
-    testCase.addCleanup(top.stopService)
+    top = startInProcess(testCase, path)
     ports = {}
     for key in listeners:
         port = yield listeningPort(top.getServiceNamed(key))

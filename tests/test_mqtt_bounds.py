@@ -86,10 +86,14 @@ max_retained_bytes = 3000
         return c
 
     @defer.inlineCallbacks
-    def metric(self, event):
+    def metricsText(self):
         response = yield treq.get(f"http://127.0.0.1:{self.ports['admin.listen[0]']}/metrics",
                                   reactor=reactor, persistent=False)
-        text = (yield treq.content(response)).decode()
+        return (yield treq.content(response)).decode()
+
+    @defer.inlineCallbacks
+    def metric(self, event):
+        text = yield self.metricsText()
         m = re.search(r'^broker_mqtt_events_total\{event="%s"\} (\S+)$' % event, text, re.M)
         return float(m.group(1)) if m else 0.0
 
@@ -271,6 +275,9 @@ max_retained_bytes = 3000
         yield good.waitMessages(n, timeout=40)
         self.assertEqual([m[1][:4] for m in good.messages], [b"%04d" % i for i in range(n)])
         self.assertEqual((yield self.metric("slow_consumers")), 1)
+        # Counted on the hub too, as every face counts its slow consumers.
+        text = yield self.metricsText()
+        self.assertRegex(text, r'(?m)^broker_slow_consumer_drops_total\{[^}]*hub="mqtt"[^}]*\} 1\.0$')
         slow.transport.resumeProducing()
         yield slow.lost
 

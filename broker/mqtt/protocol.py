@@ -241,10 +241,10 @@ class MqttProtocol(DirectOutput, BoundedOutput, Protocol):
     def slowConsumer(self):
         server = self.factory.server
         self._counters["slow_consumers"] += 1
-        if self.session is not None:
-            hub = server.core.hubs.get(self.session.hubName)
-            if hub is not None:
-                hub.stats.slowConsumerDrops += 1
+        core = self.session.core if self.session is not None else None
+        if core is not None:
+            # Counted on the hub the session is in, as Web PubSub counts it.
+            core.hub.stats.slowConsumerDrops += 1
         server.quietLog.info((FACE, "slow consumer"),
                              "mqtt: dropping {peer}: more than {n} bytes waited for it",
                              peer=peerHost(self.transport), n=self.factory.maxOutputBuffer)
