@@ -244,7 +244,7 @@ class AdminAPI(Resource):
     # -- hubs ---------------------------------------------------------------
 
     def _hub(self, name):
-        hub = self.core.hubs.get(name)
+        hub = self.core.existingHub(name)
         if hub is None:
             raise APIError(404, "NotFound", f"hub {name!r} not found")
         return hub
@@ -395,7 +395,7 @@ def _faceTotals(core, hubs):
     """
     faces = {}
     for name, h in hubs.items():
-        hub = core.hubs.get(name)
+        hub = core.existingHub(name)
         face = hub.face if hub is not None else "core"
         t = faces.setdefault(face, {"hubs": 0, "connections": 0, "users": 0, "groups": 0,
                                     "messagesIn": 0, "messagesOut": 0})

@@ -169,7 +169,7 @@ class RedisEngine:
     def publish(self, hubName, target, delivery):
         self._deliverLocal(self.nodeId, hubName, target, delivery)
         if target.kind == Target.CONNECTION:
-            hub = self._core.hubs.get(hubName)
+            hub = self._core.existingHub(hubName)
             if hub is not None and hub.connectionExists(target.name):
                 # Its one receiver is here: nothing to tell the others.
                 return succeed(None)

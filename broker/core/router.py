@@ -74,6 +74,13 @@ class Core(service.Service):
                 setup(hub)
         return hub
 
+    def existingHub(self, name):
+        """
+        The hub called C{name} if it exists, else C{None}: for readers (the
+        admin API, the faces' views) that must not create hubs.
+        """
+        return self.hubs.get(name)
+
     def declareHubs(self, names):
         """
         Name hubs a face knows of before their first use (configured hubs,

@@ -125,13 +125,13 @@ class EventHandlers(service.Service):
                     self._update(upstream)
                     continue
                 del self._upstreams[name]
-                hub = self.core.hubs.get(name)
+                hub = self.core.existingHub(name)
                 if hub is not None:
                     hub.removeObserver(upstream)
                     if hub.upstream is upstream:
                         hub.upstream = None
             for name in self._configured:
-                hub = self.core.hubs.get(name)
+                hub = self.core.existingHub(name)
                 if hub is not None and name not in self._upstreams:
                     self._setup(hub)
         return self.validation.reload(self._handlers)

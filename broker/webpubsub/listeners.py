@@ -335,7 +335,7 @@ class EventListeners(service.Service):
             attached = [e for e in self._events if e.hubName == name]
             for events in attached:
                 events.listeners = listeners or []
-            hub = self.core.hubs.get(name) if self.core is not None else None
+            hub = self.core.existingHub(name) if self.core is not None else None
             if not attached and hub is not None:
                 self._setup(hub)
             _close(old)
