@@ -337,7 +337,7 @@ async def fanoutRuns(reactor, opts, workdir, n, results, Server):
     Throughput, then one-in-flight latency, with C{n} subscribers on one
     fresh server.
     """
-    broker = Server(reactor, workdir, opts.set, opts.serverCPUs)
+    broker = Server(reactor, workdir, opts.set, opts.serverCPUs, opts.brokerSettings)
     print(f"\n{Server.name}: {n} subscribers in group {GROUP!r}")
     await broker.start()
     load = Load(reactor, broker, opts.workers, workdir)
@@ -443,7 +443,7 @@ async def memoryRuns(reactor, opts, workdir, results, Server):
     warm = 10
     steps = [s for s in opts.idle if s > warm]
     print(f"\n{Server.name}: idle connections: {', '.join(f'{s:,}' for s in steps)}")
-    broker = Server(reactor, workdir, opts.set, opts.serverCPUs)
+    broker = Server(reactor, workdir, opts.set, opts.serverCPUs, opts.brokerSettings)
     await broker.start()
     load = Load(reactor, broker, opts.workers, workdir)
     try:
@@ -571,6 +571,9 @@ def parseArgs(argv):
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="an extra [webpubsub] setting for the broker, in TOML, "
                         "e.g. --set fanout_chunk=4096 (repeatable)")
+    p.add_argument("--poll-spin", type=int, default=0, metavar="US",
+                   help="the broker's broker.poll_spin_us (default 0: it sleeps when idle, "
+                        "as Mosquitto does)")
     p.add_argument("--no-pin", dest="pin", action="store_false",
                    help="do not pin the servers and the load to separate CPUs")
     p.add_argument("--keep", action="store_true", help="keep the servers' logs")
@@ -591,6 +594,7 @@ def parseArgs(argv):
     keys = {line.split("=")[0].strip() for line in opts.set}
     opts.set += [f"{key} = 0" for key in ("max_inbound_messages_per_second",
                                           "max_inbound_bytes_per_second") if key not in keys]
+    opts.brokerSettings = [f"poll_spin_us = {opts.poll_spin}"] if opts.poll_spin else []
     opts.windows = opts.window if opts.window is not None else [1, 64]
     return opts
 

@@ -84,7 +84,8 @@ class Broker:
     registry of C{devices} devices in fleet C{bench} and one API key.
     """
 
-    def __init__(self, workdir, devices=64, extra="", like=None, twistd=None, cpus=None):
+    def __init__(self, workdir, devices=64, extra="", like=None, twistd=None, cpus=None,
+                 pollSpin=0):
         os.makedirs(workdir, exist_ok=True)
         self.twistd = twistd or os.path.join(os.path.dirname(sys.executable), "twistd")
         self.cpus = cpus
@@ -108,6 +109,7 @@ class Broker:
             f.write(f"""\
 [broker]
 state_dir = "{workdir}/var"
+{f"poll_spin_us = {pollSpin}" if pollSpin else ""}
 [admin]
 listen = ["tcp:{self.admin}:interface=127.0.0.1"]
 [webpubsub]
@@ -668,6 +670,8 @@ def parseArgs(argv):
                         "e.g. another checkout's venv, to compare two brokers with one load")
     p.add_argument("--pin", action="store_true",
                    help="pin the broker(s) to CPU 0 and this process to CPU 1")
+    p.add_argument("--poll-spin", type=int, default=0, metavar="US",
+                   help="the broker's broker.poll_spin_us (default 0: sleep when idle)")
     p.add_argument("--cluster", action="store_true",
                    help="run the broker as one cluster node over a fresh redis-server "
                         "(Redis store, tokens and presence)")
@@ -702,9 +706,9 @@ def main(argv=None):
         cpus = {0}
         os.sched_setaffinity(0, {1})
     broker = Broker(workdir, devices=max(64, opts.devices), extra=extra, twistd=opts.twistd,
-                    cpus=cpus)
+                    cpus=cpus, pollSpin=opts.poll_spin)
     brokers = [broker] + [Broker(os.path.join(workdir, f"node{i}"), extra=extra, like=broker,
-                                 twistd=opts.twistd, cpus=cpus)
+                                 twistd=opts.twistd, cpus=cpus, pollSpin=opts.poll_spin)
                           for i in range(1, opts.nodes)]
     try:
         for b in brokers:

@@ -191,6 +191,7 @@ class BrokerProcess(ChildProcess):
     CONFIG = """\
 [broker]
 state_dir = "{workdir}/var"
+{brokerExtra}
 [admin]
 listen = ["tcp:{admin}:interface=127.0.0.1"]
 [webpubsub]
@@ -201,12 +202,13 @@ access_keys = ["{key}"]
 [webpubsub.hubs.{hub}]
 """
 
-    def __init__(self, reactor, workdir, settings=(), cpus=None):
+    def __init__(self, reactor, workdir, settings=(), cpus=None, brokerSettings=()):
         super().__init__()
         self.cpus = cpus
         self.reactor = reactor
         self.workdir = workdir
         self.settings = settings
+        self.brokerSettings = brokerSettings
         self.port = freePort()
         self.adminPort = freePort()
         self.logPath = os.path.join(workdir, f"broker-{self.port}.log")
@@ -216,7 +218,8 @@ access_keys = ["{key}"]
         with open(config, "w") as f:
             f.write(self.CONFIG.format(workdir=self.workdir, admin=self.adminPort,
                                        port=self.port, key=KEY, hub=HUB,
-                                       extra="\n".join(self.settings)))
+                                       extra="\n".join(self.settings),
+                                       brokerExtra="\n".join(self.brokerSettings)))
         twistd = os.path.join(os.path.dirname(sys.executable), "twistd")
         self.spawn(self.reactor, [twistd, "-n", "--pidfile=",
                                   *os.environ.get("BENCH_TWISTD_ARGS", "").split(),
@@ -275,7 +278,7 @@ listener {port} 127.0.0.1
 protocol websockets
 """
 
-    def __init__(self, reactor, workdir, settings=(), cpus=None):
+    def __init__(self, reactor, workdir, settings=(), cpus=None, brokerSettings=()):
         super().__init__()
         self.cpus = cpus
         self.reactor = reactor

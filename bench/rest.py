@@ -56,7 +56,7 @@ def cpuSeconds(pid):
 
 
 class Broker:
-    def __init__(self, history):
+    def __init__(self, history, twistd=None, pollSpin=0):
         self.dir = tempfile.mkdtemp(prefix="bench-rest-")
         self.port = freePort()
         admin = freePort()
@@ -65,6 +65,7 @@ class Broker:
             f.write(f"""
 [broker]
 state_dir = "{self.dir}/var"
+{f"poll_spin_us = {pollSpin}" if pollSpin else ""}
 [admin]
 listen = ["tcp:{admin}:interface=127.0.0.1"]
 [webpubsub]
@@ -73,7 +74,7 @@ access_keys = ["{KEY}"]
 [webpubsub.hubs.{HUB}]
 history_messages = {history}
 """)
-        twistd = os.path.join(os.path.dirname(sys.executable), "twistd")
+        twistd = twistd or os.path.join(os.path.dirname(sys.executable), "twistd")
         self.log = open(os.path.join(self.dir, "twistd.log"), "w")
         self.proc = subprocess.Popen(
             [twistd, "-n", "--pidfile=", *os.environ.get("BENCH_TWISTD_ARGS", "").split(),
@@ -253,6 +254,10 @@ def main():
     ap.add_argument("--only", action="append", choices=("sdk", "raw", "history"),
                     help="run only this part (repeatable): the SDK run, the raw run "
                          "without history, the raw run with history")
+    ap.add_argument("--twistd", default=None,
+                    help="another checkout's twistd (its venv's), to compare brokers")
+    ap.add_argument("--poll-spin", type=int, default=0, metavar="US",
+                    help="the broker's broker.poll_spin_us (default 0: sleep when idle)")
     opts = ap.parse_args()
     seconds = 2.0 if opts.quick else opts.seconds
     print(f"python {sys.version.split()[0]}, {os.cpu_count()} CPUs, {seconds:.0f} s per run, "
@@ -261,7 +266,7 @@ def main():
     for history in (0, 1000):
         if history == 0 and not parts & {"sdk", "raw"} or history and "history" not in parts:
             continue
-        broker = Broker(history)
+        broker = Broker(history, opts.twistd, opts.poll_spin)
         stop = threading.Event()
         try:
             t, received = subscriber(broker, stop)

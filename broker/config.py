@@ -408,6 +408,11 @@ def schema(plugins=None):
             "log_format": Str("text", choices=("text", "json"),
                               doc="text: twistd's lines; json: one JSON object per line "
                                   "and event (broker/logs.py), for log shippers."),
+            "poll_spin_us": Int(0, minimum=0, maximum=10000,
+                                doc="Microseconds an idle reactor polls its sockets before "
+                                    "it sleeps (adaptive; broker/pollspin.py): lower "
+                                    "latency at low load for CPU that would be idle; 0: "
+                                    "never."),
         }),
         "admin": Table({
             "listen": List(Endpoint(), default=["tcp:9090:interface=127.0.0.1"]),

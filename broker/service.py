@@ -28,6 +28,7 @@ from broker.faces import FaceContext
 from broker.listening import ListenerService
 from broker.net.listeners import CappedFactory, Listeners, ListenersCollector
 from broker.plugins import FacePluginError, findFaces
+from broker.pollspin import PollSpinService
 
 # The namespace of the former broker/tap.py, which operators filter logs by.
 log = Logger(namespace="broker.tap")
@@ -181,6 +182,8 @@ def buildService(settings, reactor, foreground=True, ports=None, loadSettings=No
     top = BrokerService()
     top.reactor = reactor
     top.drainTimeout = settings["broker"]["drain_timeout"]
+    if settings["broker"]["poll_spin_us"]:
+        PollSpinService(reactor, settings["broker"]["poll_spin_us"] / 1e6).setServiceParent(top)
     cluster = buildCluster(reactor, settings)
     engine = None
     if cluster is not None:

@@ -58,7 +58,7 @@ class DefaultTests(TestCase):
         """
         settings = config.parse("")
         self.assertEqual(settings["broker"], {"state_dir": "var", "drain_timeout": 10.0,
-                                              "log_format": "text"})
+                                              "log_format": "text", "poll_spin_us": 0})
         self.assertEqual(settings["webpubsub"]["hubs"], {})
         self.assertEqual(settings["webpubsub"]["max_frame_size"], 1024 * 1024)
 
