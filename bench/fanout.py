@@ -523,6 +523,12 @@ async def main(reactor, opts):
         opts.idle = [s for s in opts.idle if s + 100 <= limit] or [limit - 100]
         print(f"note: RLIMIT_NOFILE hard limit is {limit}; idle steps cut to {opts.idle}")
     opts.serverCPUs = pinCPUs() if opts.pin else None
+    if opts.workers is None:
+        # One worker per CPU the load has: two on one CPU take turns with
+        # each other and with the publisher, and the load, not the server,
+        # sets the pace at one message in flight.
+        opts.workers = len(os.sched_getaffinity(0)) if opts.serverCPUs else max(
+            1, (os.cpu_count() or 2) - 1)
     servers = [BrokerProcess]
     if opts.peer == "mosquitto":
         if not MosquittoProcess.available():
@@ -559,8 +565,8 @@ def parseArgs(argv):
                         "and print the figures side by side")
     p.add_argument("--rounds", type=int, default=1,
                    help="repeat everything, interleaved; medians are reported (default 1)")
-    p.add_argument("--workers", type=int, default=2,
-                   help="subscriber worker processes (default 2)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="subscriber worker processes (default: one per CPU of the load)")
     p.add_argument("--window", type=int, nargs="*", default=None, metavar="W",
                    help="messages in flight in the throughput runs "
                         "(default: 1 and 64; 0 is max(2, 8192 / subscribers))")

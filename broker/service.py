@@ -28,7 +28,7 @@ from broker.faces import FaceContext
 from broker.listening import ListenerService
 from broker.net.listeners import CappedFactory, Listeners, ListenersCollector
 from broker.plugins import FacePluginError, findFaces
-from broker.pollspin import PollSpinService
+from broker.pollspin import PollSpinCollector, PollSpinService
 
 # The namespace of the former broker/tap.py, which operators filter logs by.
 log = Logger(namespace="broker.tap")
@@ -182,8 +182,10 @@ def buildService(settings, reactor, foreground=True, ports=None, loadSettings=No
     top = BrokerService()
     top.reactor = reactor
     top.drainTimeout = settings["broker"]["drain_timeout"]
+    spin = None
     if settings["broker"]["poll_spin_us"]:
-        PollSpinService(reactor, settings["broker"]["poll_spin_us"] / 1e6).setServiceParent(top)
+        spin = PollSpinService(reactor, settings["broker"]["poll_spin_us"] / 1e6)
+        spin.setServiceParent(top)
     cluster = buildCluster(reactor, settings)
     engine = None
     if cluster is not None:
@@ -201,6 +203,8 @@ def buildService(settings, reactor, foreground=True, ports=None, loadSettings=No
     top.core = core
     registry = CollectorRegistry()
     registerCollectors(registry, core)
+    if spin is not None:
+        registry.register(PollSpinCollector(spin.pollSpin))
     reloader = Reloader(reactor)
     top.reloader = reloader
     top.registry = registry

@@ -5,6 +5,7 @@ over a real socket pair, and on a real C{twistd broker}.
 """
 
 import os
+import re
 import socket
 import threading
 import time
@@ -196,7 +197,7 @@ class SpinningBrokerTests(TwistdTestsMixin, TestCase):
 
     @defer.inlineCallbacks
     def test_servesAndIdles(self):
-        directory, path = configFile(self, f'poll_spin_us = 2000\n[admin]\nlisten = ["{LOOPBACK}"]\n'
+        directory, path = configFile(self, f'poll_spin_us = 10000\n[admin]\nlisten = ["{LOOPBACK}"]\n'
                                            f'[webpubsub]\nlisten = ["{LOOPBACK}"]\n'
                                            f'[webpubsub.hubs.chat]\n')
         proc = self.spawn(["-n", "--pidfile=", "broker", "--config", path.path],
@@ -216,5 +217,13 @@ class SpinningBrokerTests(TwistdTestsMixin, TestCase):
         yield deferLater(reactor, 2.0, lambda: None)
         idle = cpuSeconds(pid) - before
         self.assertLess(idle, 0.2, f"{idle:.2f} s of CPU in 2 s idle")
+        metrics = yield treq.get(url.replace("/healthz", "/metrics"), reactor=reactor,
+                                 pool=pool)
+        text = (yield treq.content(metrics)).decode("utf-8")
+        caught = re.search(r'^broker_poll_spin_idles_total\{outcome="caught"\} (\S+)$', text, re.M)
+        slept = re.search(r'^broker_poll_spin_idles_total\{outcome="slept"\} (\S+)$', text, re.M)
+        self.assertTrue(caught and slept, text)
+        self.assertGreater(float(caught.group(1)), 0)
+        self.assertGreater(float(slept.group(1)), 0)
         self.assertNotIn("Traceback", proc.text())
         self.assertNotIn("poll_spin_us ignored", proc.text())
