@@ -7,6 +7,7 @@ peer that stopped reading; TLS and in-memory transports keep the buffered
 path.
 """
 
+import json
 import socket
 
 from twisted.internet import defer, reactor
@@ -20,6 +21,7 @@ from twisted.trial import unittest
 
 from broker.core.directwrite import (FLUSH_AT, DirectOutput, WriteBatch, noDelay,
                                      socketTransport)
+from broker.core.message import FROM_GROUP, Delivery, Message, Target
 from tests.iotharness import IoTHarness
 from tests.wsharness import BrokerHarness
 
@@ -237,6 +239,86 @@ class FacesTests(unittest.TestCase):
         self.assertEqual(got, [str(i) for i in range(200)])
         # The socket's own transport, under the listener's connection cap.
         self.assertIsInstance(conn._outSocket, Connection)
+
+    @defer.inlineCallbacks
+    def test_webPubSubLaneKeepsOrder(self):
+        """
+        A Web PubSub connection's deliveries take its lane (the socket, after
+        only the checks that change between deliveries) while nothing of its
+        own waits.  Once the socket blocks they wait in Twisted's buffer
+        behind what is there, as do autobahn's own frames, and the peer
+        reads every one in order when it reads again.
+        """
+        broker, client, conn = yield self._server(False)
+        hub = broker.core.hub("chat")
+        target = Target(Target.GROUP, "g")
+        sent = []
+
+        def publish(data):
+            sent.append(data)
+            hub.publish(target, Delivery(Message("text", data.encode()), FROM_GROUP, "g",
+                                         "u", None))
+
+        publish("first")
+        yield client.nextJSON()
+        sent.clear()
+        self.assertIs(conn._lane, conn._outSocket.socket)
+        client.transport.pauseProducing()
+        pad = "." * 16384
+        n = 0
+        # One delivery a turn, each the connection's first: the lane's case.
+        while pending(conn._outSocket) == 0 and n < 2000:
+            n += 1
+            publish(f"{n:06d}{pad}")
+            yield _turn()
+        self.assertGreater(pending(conn._outSocket), 0, "the socket never blocked")
+        for _ in range(20):
+            n += 1
+            publish(f"{n:06d}")
+            yield _turn()
+        conn.sendMessage(json.dumps({"type": "message", "from": "server", "dataType": "text",
+                                     "data": "marker"}).encode())
+        sent.append("marker")
+        for _ in range(20):
+            n += 1
+            publish(f"{n:06d}")
+            yield _turn()
+        self.assertFalse(conn.slow)
+        client.transport.resumeProducing()
+        got = []
+        for _ in range(len(sent)):
+            frame = yield client.nextJSON()
+            got.append(frame["data"])
+        self.assertEqual(got, sent)
+
+    @defer.inlineCallbacks
+    def test_webPubSubLaneBehindTwistedsBuffer(self):
+        """
+        A frame autobahn wrote waits in Twisted's buffer until the reactor
+        next polls; a delivery of a new turn before that goes behind it,
+        not down the lane, though the socket has room.
+        """
+        broker, client, conn = yield self._server(False)
+        hub = broker.core.hub("chat")
+        target = Target(Target.GROUP, "g")
+
+        def publish(data):
+            hub.publish(target, Delivery(Message("text", data.encode()), FROM_GROUP, "g",
+                                         "u", None))
+
+        publish("first")
+        yield client.nextJSON()
+        self.assertIsNotNone(conn._lane)
+        conn.sendMessage(json.dumps({"type": "message", "from": "server", "dataType": "text",
+                                     "data": "marker"}).encode())
+        self.assertGreater(pending(conn._outSocket), 0)
+        conn._outBatch.flush()      # the turn ends; the reactor has not polled
+        publish("after")
+        got = []
+        for _ in range(2):
+            frame = yield client.nextJSON()
+            got.append(frame["data"])
+        self.assertEqual(got, ["marker", "after"])
 
     @defer.inlineCallbacks
     def test_webPubSubOverTLS(self):

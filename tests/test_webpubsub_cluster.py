@@ -203,6 +203,12 @@ class HistoryTests(ClusterTestCase):
         yield self.a.hub.send(Target(Target.GROUP, "g"), Message(TEXT, b"missed"))
         history.sinceAsync = slowSince
         y = yield self.b.connectJSON(userId="y", roles=["webpubsub.joinLeaveGroup"])
+        # A delivery first: y's connection has found its lane (protocol.py),
+        # which the recovery's hold must close.
+        yield hub.send(Target(Target.USER, "y"), Message(TEXT, b"warm"))
+        warm = yield y.nextJSON()
+        self.assertEqual(warm["data"], "warm")
+        self.assertIsNotNone(hub.localSession(y.connectionId).connection._lane)
         frame = yield self.join(y, "g", {"epoch": start["epoch"], "offset": 0}, 2)
         self.assertEqual((frame["recovered"], frame["offset"]), (True, 2))
         got = yield frames(y, 4)

@@ -807,20 +807,30 @@ class IoTWorkersTests(RunningWorkersMixin, TestCase):
         for i, token in enumerate(tokens[:12]):
             sender.write(device.datagram(Payload.json({"n": i}), token), ("127.0.0.1", udpPort))
             yield settle(reactor, 0.01)
-        # One replay, whichever worker reads it this time.
-        sender.write(device.datagram(Payload.json({"n": 0}), tokens[0]), ("127.0.0.1", udpPort))
 
         def total(counts, outcome):
             return sum(c.get(outcome, 0) for c in counts.values())
-        # Up to 15 s: on a loaded machine a worker's Redis round trip for
-        # the replayed token can take seconds.
-        for _ in range(300):
-            counts = yield self.udpCounts()
-            if total(counts, "accepted") + total(counts, "replayed") >= 13:
+
+        # A replay, whichever worker reads it this time.  UDP may drop a
+        # datagram on a loaded machine, so the replay is sent again (at
+        # most three times) until one is counted; none is ever accepted.
+        for attempt in range(3):
+            sender.write(device.datagram(Payload.json({"n": 0}), tokens[0]),
+                         ("127.0.0.1", udpPort))
+            # Up to 10 s: on a loaded machine a worker's Redis round trip
+            # for the replayed token can take seconds.
+            for _ in range(200):
+                counts = yield self.udpCounts()
+                if total(counts, "accepted") >= 12 and total(counts, "replayed") >= 1:
+                    break
+                yield settle(reactor, 0.05)
+            if total(counts, "replayed") >= 1:
                 break
-            yield settle(reactor, 0.05)
-        self.assertEqual((total(counts, "accepted"), total(counts, "replayed")), (12, 1),
-                         (counts, self.proc.text()[-6000:]))
+        self.assertEqual(total(counts, "accepted"), 12, (counts, self.proc.text()[-6000:]))
+        self.assertGreaterEqual(total(counts, "replayed"), 1, (counts, self.proc.text()[-6000:]))
+        self.assertEqual(sum(total(counts, outcome) for outcome in
+                             ("unknown", "expired", "malformed", "rate_limited", "bad_mac")), 0,
+                         counts)
 
 
 class HTTPSClient(protocol.Protocol):

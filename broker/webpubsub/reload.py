@@ -59,7 +59,7 @@ class WebPubSubReload:
 
     @param loadSettings: C{callable()} returning the validated configuration
         read again, or raising L{ConfigError}.
-    @param factory: the face's L{broker.webpubsub.protocol.ClientFactory}.
+    @param factory: the face's L{broker.webpubsub.factory.ClientFactory}.
     @param handlers: its L{broker.webpubsub.face.EventHandlers}.
     @param listeners: its L{broker.webpubsub.listeners.EventListeners}.
     @param cfg: the C{[webpubsub]} table it started with.

@@ -97,7 +97,7 @@ class RestAPI(Resource):
     C{/api}: the REST API of every hub.
 
     @param hubSettings: C{callable(hubName)} returning the hub's settings
-        (its C{accessKeys}), as L{broker.webpubsub.protocol.ClientFactory}
+        (its C{accessKeys}), as L{broker.webpubsub.factory.ClientFactory}
         resolves them.
     @param audiences: accepted token audience origins; empty accepts any.
         Or a C{callable()} returning them: the face's current ones, which a

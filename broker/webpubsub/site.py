@@ -14,7 +14,7 @@ from broker.net.http import METHOD_NOT_ALLOWED, BoundedSite, Routes
 from broker.webpubsub import redishistory
 from broker.webpubsub.history import installHistory
 from broker.webpubsub.hubsettings import FaceSettings, HubSettings
-from broker.webpubsub.protocol import ClientFactory
+from broker.webpubsub.factory import ClientFactory
 from broker.webpubsub.rest import RestAPI
 
 
