@@ -83,8 +83,6 @@ def main():
         if getattr(conn, "_outSocket", None) is None:
             raise SystemExit(f"{conn!r} writes through its transport: nothing to measure")
         conn._outSocket.socket = NowhereSocket()
-        # The lane (protocol.py) caches the socket: it is found again.
-        conn.__dict__.pop("_lane", None)
         batch = conn._outBatch
 
     def endOfTurn():

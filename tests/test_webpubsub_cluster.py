@@ -208,7 +208,7 @@ class HistoryTests(ClusterTestCase):
         yield hub.send(Target(Target.USER, "y"), Message(TEXT, b"warm"))
         warm = yield y.nextJSON()
         self.assertEqual(warm["data"], "warm")
-        self.assertIsNotNone(hub.localSession(y.connectionId).connection._lane)
+        self.assertTrue(hub.localSession(y.connectionId).connection._lane)
         frame = yield self.join(y, "g", {"epoch": start["epoch"], "offset": 0}, 2)
         self.assertEqual((frame["recovered"], frame["offset"]), (True, 2))
         got = yield frames(y, 4)

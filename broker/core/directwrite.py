@@ -184,11 +184,23 @@ class DirectOutput:
                 self._outSocket = None
                 self.transport.write(data)
                 return
-        if self._outTurn != batch.turn:
-            self._outTurn = batch.turn
+        turn = batch.turn
+        if self._outTurn != turn:
+            self._outTurn = turn
             if batch._call is None:     # batch.endOfTurn(), written out
                 batch._call = batch._reactor.callLater(0, batch.flush)
-            sendNow(self.transport, self._outSocket, data)
+            # sendNow, written out: this is every fan-out's per-receiver call.
+            sock = self._outSocket
+            if sock.connected and not sock._tempDataLen and not sock.dataBuffer:
+                try:
+                    sent = sock.socket.send(data)
+                except OSError:
+                    sent = 0
+                if sent == len(data):
+                    return
+                if sent:
+                    data = data[sent:]
+            self.transport.write(data)
             return
         kept = self._outKept
         if kept is None:

@@ -362,40 +362,24 @@ class ClientProtocol(InboundFlow, DirectOutput, BoundedOutput, CompactProtocol,
         """
         return describeSocket(self, reliable=self.reliable)
 
-    # The socket a delivery may be sent on after only the checks that can
-    # change between two deliveries (see deliver); set by the first
-    # delivery that passes every check, cleared by what makes one fail for
-    # longer (a held group, a slow consumer).
-    _lane = None
+    # Whether this connection's deliveries may skip the checks that hold
+    # from one delivery to the next (see deliver): set by a delivery that
+    # passed them all and was written directly, cleared by what makes them
+    # fail for longer (a held group, a slow consumer, autobahn's queue).
+    _lane = False
 
     def deliver(self, delivery):
-        lane = self._lane
-        if lane is not None and self.session is not None and self.state == _OPEN:
-            # The lane: this connection's first frame of the reactor turn,
-            # nothing of its own waiting in Twisted's buffer.  writeDirect
-            # and sendNow, written out, without the checks that do not
-            # change from one delivery to the next: it halves the Python of
-            # a delivery (bench/wps_deliver.py).
-            batch = self._outBatch
-            turn = batch.turn
-            if self._outTurn != turn:
-                sock = self._outSocket
-                if not sock._tempDataLen and not sock.dataBuffer:
-                    self._outTurn = turn
-                    if batch._call is None:
-                        batch._call = batch._reactor.callLater(0, batch.flush)
-                    try:
-                        prepared = delivery._encoded[self.kind]
-                    except KeyError:
-                        prepared = delivery.encode(self.kind, self._encoder)
-                    frame = prepared.payloadHybi
-                    try:
-                        sent = lane.send(frame)
-                    except OSError:
-                        sent = 0
-                    if sent != len(frame):
-                        self.transport.write(frame[sent:] if sent else frame)
-                    return
+        if self._lane and self.session is not None and self.state == _OPEN and not self._paused:
+            # Straight to the direct write, whose turn and Twisted's-buffer
+            # rules keep the order: it halves the Python of a delivery
+            # (bench/wps_deliver.py).  While paused, the full path counts
+            # the bound.
+            try:
+                prepared = delivery._encoded[self.kind]
+            except KeyError:
+                prepared = delivery.encode(self.kind, self._encoder)
+            self.writeDirect(prepared.payloadHybi)
+            return
         if self.session is None or self.state != self.STATE_OPEN:
             return
         if self.holding and delivery.group in self.holding:
@@ -417,8 +401,8 @@ class ClientProtocol(InboundFlow, DirectOutput, BoundedOutput, CompactProtocol,
                                                               self.factory.maxOutputBuffer):
                 return
             self.writeDirect(frame)
-            if lane is None and self._outBatch is not None and not self.holding:
-                self._lane = self._outSocket.socket
+            if self._outBatch is not None and not self.holding:
+                self._lane = True
         else:
             # Counted against the bound in sendData, as autobahn writes it.
             self.sendPreparedMessage(prepared)
@@ -474,7 +458,7 @@ class ClientProtocol(InboundFlow, DirectOutput, BoundedOutput, CompactProtocol,
         """
         if sync or chopsize:
             # autobahn keeps these in its own queue: no lane past them.
-            self._lane = None
+            self._lane = False
         self.flushOutput()
         if self.slow:
             if self.state == self.STATE_OPEN:
@@ -497,7 +481,7 @@ class ClientProtocol(InboundFlow, DirectOutput, BoundedOutput, CompactProtocol,
             self.link.slowConsumer()
             return
         hub.stats.slowConsumerDrops += 1
-        self._lane = None
+        self._lane = False
         self.discardOutput()
         session, self.session = self.session, None
         if session is not None:
@@ -636,7 +620,7 @@ class ClientProtocol(InboundFlow, DirectOutput, BoundedOutput, CompactProtocol,
         are dropped, so each is sent once and in order.
         """
         target = self.link or self
-        self._lane = None
+        self._lane = False
         if target.holding is None:
             target.holding = {}
         hold = target.holding.setdefault(group, [0, []])
