@@ -30,7 +30,6 @@ from time import monotonic
 from prometheus_client.core import CounterMetricFamily
 from twisted.application.service import Service
 from twisted.logger import Logger
-from twisted.python.log import callWithLogger
 
 log = Logger()
 
@@ -45,7 +44,7 @@ class PollSpin:
     @ivar limit: the longest spin, in seconds.
     @ivar spin: the next spin, in seconds (adapted between 0 and C{limit}).
     @ivar caught: idles whose event arrived while spinning (a wake-up saved).
-    @ivar missed: idles that spun and then blocked anyway.
+    @ivar slept: idles that spun and then blocked anyway.
     """
 
     def __init__(self, reactor, limit, clock=monotonic):
@@ -53,7 +52,7 @@ class PollSpin:
         self.limit = limit
         self.spin = limit
         self.caught = 0
-        self.missed = 0
+        self.slept = 0
         self._clock = clock
         self._installed = False
 
@@ -93,21 +92,21 @@ class PollSpin:
         idleSince = clock()
         if spin >= MIN_SPIN:
             end = idleSince + spin
-            maxEvents = len(reactor._selectables)
             try:
-                while True:
-                    events = poll(0, maxEvents)
-                    if events:
-                        self.caught += 1
-                        self._dispatch(events)
-                        return
+                while not poll(0, 1):
                     if clock() >= end:
                         break
+                else:
+                    # Something is ready (epoll is level-triggered here):
+                    # the reactor's own poll hands it on.
+                    self.caught += 1
+                    reactor.doPoll(0)
+                    return
             except OSError as e:
                 if e.errno == errno.EINTR:
                     return
                 raise
-            self.missed += 1
+            self.slept += 1
             if timeout is not None:
                 timeout = max(0.0, timeout - (clock() - idleSince))
         reactor.doPoll(timeout)
@@ -118,21 +117,6 @@ class PollSpin:
         else:
             half = self.spin / 2
             self.spin = half if half >= MIN_SPIN else 0.0
-
-    def _dispatch(self, events):
-        """
-        Hand C{events} to their selectables, as the epoll reactor does.
-        """
-        reactor = self.reactor
-        selectables = reactor._selectables
-        doReadOrWrite = reactor._doReadOrWrite
-        for fd, event in events:
-            try:
-                selectable = selectables[fd]
-            except KeyError:
-                pass
-            else:
-                callWithLogger(selectable, doReadOrWrite, selectable, fd, event)
 
 
 class PollSpinService(Service):
@@ -170,5 +154,5 @@ class PollSpinCollector:
                                     "whether the spin caught the next event or ended in a sleep.",
                                     labels=["outcome"])
         idles.add_metric(["caught"], self.pollSpin.caught)
-        idles.add_metric(["slept"], self.pollSpin.missed)
+        idles.add_metric(["slept"], self.pollSpin.slept)
         yield idles
