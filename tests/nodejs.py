@@ -58,13 +58,15 @@ class JSONLines(protocol.ProcessProtocol):
         return [e for e in self.lines if e["event"] == kind]
 
 
-def spawnNode(testCase, processProtocol, script, *args):
+def spawnNode(testCase, processProtocol, script, *args, env=None):
     """
     Run C{tests/js/script} under node with C{processProtocol}; it is killed,
     and waited for, when the test ends.
+
+    @param env: variables for the script beyond C{PATH}.
     """
     process = reactor.spawnProcess(
         processProtocol, NODE, [NODE, os.path.join(JS_DIR, script), *args],
-        env={"PATH": os.environ.get("PATH", "")}, path=JS_DIR)
+        env={"PATH": os.environ.get("PATH", ""), **(env or {})}, path=JS_DIR)
     killAtCleanup(testCase, process, processProtocol.ended)
     return process

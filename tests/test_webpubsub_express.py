@@ -29,11 +29,21 @@ def until(predicate, timeout=20.0):
 
 
 class ExpressEventHandlerTests(TestCase):
+    """
+    The middleware on express 4 (the module C{express}, as its samples
+    use); L{ExpressFiveEventHandlerTests} runs the same on express 5.
+    """
+
     timeout = 60
+    # The npm module express_handler.js loads (tests/js/package.json), and
+    # the major version it must be.
+    expressModule = "express"
+    expressMajor = "4"
 
     def spawn(self, script, *args):
         node = JSONLines()
-        return node, spawnNode(self, node, script, *args)
+        return node, spawnNode(self, node, script, *args,
+                               env={"EXPRESS": self.expressModule})
 
     @defer.inlineCallbacks
     def startExpress(self):
@@ -41,7 +51,9 @@ class ExpressEventHandlerTests(TestCase):
         self.addCleanup(process.closeStdin)
         yield until(lambda: node.events("listening") or node.ended.called)
         self.assertTrue(node.events("listening"), node.stderr.decode()[-2000:])
-        return node, node.events("listening")[0]["port"]
+        listening = node.events("listening")[0]
+        self.assertEqual(listening["express"].split(".")[0], self.expressMajor)
+        return node, listening["port"]
 
     @defer.inlineCallbacks
     def startBroker(self, port):
@@ -68,7 +80,7 @@ class ExpressEventHandlerTests(TestCase):
         accepted (its userId and groups applied) and refused (401),
         connected, a user event answered, disconnected.
         """
-        requireNode("express", "@azure/web-pubsub-express")
+        requireNode(self.expressModule, "@azure/web-pubsub-express")
         express, port = yield self.startExpress()
         harness, handlers = yield self.startBroker(port)
         yield until(lambda: express.events("options"))
@@ -108,7 +120,8 @@ class ExpressEventHandlerTests(TestCase):
         a failing handler, an event nobody takes and a handler that never
         answers come back as the documented errors.
         """
-        requireNode("express", "@azure/web-pubsub-express", "@azure/web-pubsub-client")
+        requireNode(self.expressModule, "@azure/web-pubsub-express",
+                    "@azure/web-pubsub-client")
         express, port = yield self.startExpress()
         harness, handlers = yield self.startBroker(port)
         url = f"{harness.url}/client/hubs/chat?access_token=" + harness.token(userId="js")
@@ -136,15 +149,20 @@ class ExpressWithTwistdTests(TwistdTestsMixin, TestCase):
     """
 
     timeout = 60
+    expressModule = "express"
+    expressMajor = "4"
 
     @defer.inlineCallbacks
     def test_realBroker(self):
-        requireNode("express", "@azure/web-pubsub-express")
+        requireNode(self.expressModule, "@azure/web-pubsub-express")
         express = JSONLines()
-        process = spawnNode(self, express, "express_handler.js", "chat")
+        process = spawnNode(self, express, "express_handler.js", "chat",
+                            env={"EXPRESS": self.expressModule})
         self.addCleanup(process.closeStdin)
         yield until(lambda: express.events("listening") or express.ended.called)
-        port = express.events("listening")[0]["port"]
+        listening = express.events("listening")[0]
+        self.assertEqual(listening["express"].split(".")[0], self.expressMajor)
+        port = listening["port"]
         directory, path = writeConfig(self, (
             f'access_keys = ["{KEY}"]\n'
             '[[webpubsub.hubs.chat.event_handlers]]\n'
@@ -182,3 +200,22 @@ class ExpressWithTwistdTests(TwistdTestsMixin, TestCase):
         self.assertEqual(express.events("disconnected")[0]["connectionId"],
                          hello["connectionId"])
         self.assertNotIn("not validated", proc.text())
+
+
+class ExpressFiveEventHandlerTests(ExpressEventHandlerTests):
+    """
+    The same on express 5, what C{npm install express} gives a new
+    project (its routing and request objects changed from 4).
+    """
+
+    expressModule = "express5"
+    expressMajor = "5"
+
+
+class ExpressFiveWithTwistdTests(ExpressWithTwistdTests):
+    """
+    L{ExpressWithTwistdTests} on express 5.
+    """
+
+    expressModule = "express5"
+    expressMajor = "5"

@@ -7,8 +7,12 @@
 //            with userId from the query's user;
 //   user events: "echo" answers "echo:<data>" as text; "fail" answers 500;
 //                "slow" never answers.
+// EXPRESS names the express module: "express" (4.x, what the middleware's
+// samples use) or "express5" (package.json's alias for express 5.x, what
+// `npm install express` gives a new project).
 "use strict";
-const express = require("express");
+const expressModule = process.env.EXPRESS || "express";
+const express = require(expressModule);
 const { WebPubSubEventHandler } = require("@azure/web-pubsub-express");
 
 const out = (obj) => process.stdout.write(JSON.stringify(obj) + "\n");
@@ -54,7 +58,8 @@ app.use((req, _res, next) => {
 });
 app.use(handler.getMiddleware());
 const server = app.listen(0, "127.0.0.1", () => {
-  out({ event: "listening", port: server.address().port, path: handler.path });
+  out({ event: "listening", port: server.address().port, path: handler.path,
+        express: require(expressModule + "/package.json").version });
 });
 process.stdin.on("end", () => server.close(() => process.exit(0)));
 process.stdin.resume();
