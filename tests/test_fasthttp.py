@@ -49,6 +49,8 @@ class Echo(Resource):
         if request.postpath[:1] == [b"gone"]:
             request.setResponseCode(204)
             return b""
+        if request.postpath[:1] == [b"empty"]:
+            return b""
         request.setHeader(b"content-type", b"application/json")
         return json.dumps({
             "method": request.method.decode(), "postpath": [p.decode() for p in request.postpath],
@@ -207,6 +209,23 @@ class LeanPathTests(TestCase):
         # HEAD: the head of the answer, no body.
         self.assertTrue(answers[2].endswith(b"\r\n\r\n"), answers[2])
         self.assertIn(b"Content-Length: ", answers[2])
+
+    @defer.inlineCallbacks
+    def test_emptyHeadAnswerSaysItsLength(self):
+        """
+        A HEAD answered with nothing says C{Content-Length: 0}: a client on
+        llhttp (aiohttp) would otherwise read it as ending at the close
+        and not reuse the connection.  A 204 says no length at all.
+        """
+        c = yield self.connect()
+        c.send(b"HEAD /api/empty HTTP/1.1\r\nHost: h\r\n\r\n"
+               b"HEAD /api/gone HTTP/1.1\r\nHost: h\r\n\r\n")
+        data = yield self.answers(c, 2)
+        empty, gone = data.split(b"HTTP/1.1 ")[1:]
+        self.assertTrue(empty.startswith(b"200 "), empty)
+        self.assertIn(b"\r\nContent-Length: 0\r\n", empty)
+        self.assertTrue(gone.startswith(b"204 "), gone)
+        self.assertNotIn(b"Content-Length", gone)
 
     @defer.inlineCallbacks
     def test_readAheadBounded(self):

@@ -434,7 +434,11 @@ class FastChannel(Protocol):
             if body and b"content-type" not in headers:
                 headers[b"content-type"] = request.defaultContentType
             headers[b"content-length"] = b"%d" % len(body)
-        elif body and request.method == b"HEAD" and b"content-length" not in headers:
+        elif code not in _NO_BODY_CODES and b"content-length" not in headers:
+            # The length a GET would have had, 0 for the REST API's
+            # HEAD-only queries (as Azure answers them): without it,
+            # aiohttp reads the answer as delimited by the connection's
+            # close and opens a new connection for the next request.
             headers[b"content-length"] = b"%d" % len(body)
         close = request._close or headers.get(b"connection", b"").lower() == b"close"
         if close:
