@@ -7,20 +7,18 @@ than the synchronous SDK's C{requests}, with its own headers, keep-alive
 pool and streamed bodies.
 
 The SDK runs on an asyncio loop in a thread of its own for the whole test
-(one client, one connection pool, as an application keeps them); each
-call is handed to that loop and waited for from the reactor's thread
-pool, so the reactor keeps serving it.
+(L{tests.asyncioloop}: one client, one connection pool, as an application
+keeps them).
 """
 
-import asyncio
 import base64
-import threading
 
 from azure.core.exceptions import HttpResponseError
 from azure.messaging.webpubsubservice.aio import WebPubSubServiceClient
-from twisted.internet import defer, reactor, threads
+from twisted.internet import defer, reactor
 from twisted.trial import unittest
 
+from tests.asyncioloop import LoopThread
 from tests.test_webpubsub_rest import JOIN, SEND, _ServerConnections
 from tests.wsharness import KEY, BrokerHarness
 
@@ -40,33 +38,24 @@ class AsyncSDK:
     """
 
     def __init__(self, endpoint, hub="chat", key=KEY):
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
+        self.loop = LoopThread()
 
         async def make():
             return WebPubSubServiceClient.from_connection_string(
                 f"Endpoint={endpoint};AccessKey={key};Version=1.0;", hub=hub)
-        self.client = asyncio.run_coroutine_threadsafe(make(), self.loop).result(10)
+        self.client = self.loop.wait(make(), 10)
 
     def call(self, name, *args, **kw):
         """
         Call the client's coroutine method C{name}; a Deferred of its result.
         """
-        method = getattr(self.client, name)
-        future = asyncio.run_coroutine_threadsafe(method(*args, **kw), self.loop)
-        return threads.deferToThread(future.result, 30)
+        return self.loop.run(getattr(self.client, name)(*args, **kw))
 
     def close(self):
         """
         Close the client (its aiohttp session), then stop the loop.
         """
-        def closing():
-            asyncio.run_coroutine_threadsafe(self.client.close(), self.loop).result(10)
-            self.loop.call_soon_threadsafe(self.loop.stop)
-            self.thread.join(10)
-            self.loop.close()
-        return threads.deferToThread(closing)
+        return self.loop.close(self.client.close())
 
 
 class AsyncSDKTests(unittest.TestCase):
