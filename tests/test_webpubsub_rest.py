@@ -705,6 +705,46 @@ class TokenAndHealthTests(_Base):
         yield r.content()
 
 
+class PublicEndpointTests(_Base):
+    """
+    The SDK built as its README shows for a service behind a gateway:
+    C{WebPubSubServiceClient(endpoint, hub, AzureKeyCredential(key),
+    reverse_proxy_endpoint=...)}.  Requests go to the proxy's address (the
+    broker's), tokens name the public endpoint, which the broker accepts
+    because it is in C{webpubsub.audiences}; client URLs name the public
+    endpoint too.
+    """
+
+    PUBLIC = "https://pubsub.example.com"
+
+    @defer.inlineCallbacks
+    def setUp(self):
+        yield _Base.setUp(self)
+        self.broker.site.resource.children[b"api"].audiences = (self.PUBLIC,)
+
+    def publicSDK(self):
+        from azure.core.credentials import AzureKeyCredential
+        c = WebPubSubServiceClient(self.PUBLIC, "chat", AzureKeyCredential(KEY),
+                                   reverse_proxy_endpoint=self.endpoint)
+        self.sdks.append(c)
+        return c
+
+    @defer.inlineCallbacks
+    def test_throughTheProxyAddress(self):
+        a = yield self.broker.connectJSON(userId="a", groups=["g"])
+        sdk = self.publicSDK()
+        yield self.call(sdk.send_to_group, "g", {"via": "proxy"})
+        self.assertTrue((yield self.call(sdk.connection_exists, a.connectionId)))
+        self.assertEqual((yield self.nextMessage(a))["data"], {"via": "proxy"})
+        answer = yield self.call(sdk.get_client_access_token, user_id="b")
+        self.assertEqual(answer["baseUrl"], "wss://pubsub.example.com/client/hubs/chat")
+        # The direct address is not an accepted audience any more.
+        e = yield self.assertFailure(self.call(self.sdk().send_to_all, "x",
+                                               content_type="text/plain"),
+                                     HttpResponseError)
+        self.assertEqual(e.status_code, 401)
+
+
 class RawHTTPTests(_Base):
     """
     What the SDK never sends: missing, forged, misdirected and expired
