@@ -8,11 +8,12 @@ sends, server messages, and the connected/disconnected/stopped callbacks.
 The client runs on an asyncio loop of its own (L{tests.asyncioloop}).
 """
 
-from azure.messaging.webpubsubclient.aio import WebPubSubClient
+from azure.messaging.webpubsubclient.aio import WebPubSubClient, WebPubSubClientCredential
 from azure.messaging.webpubsubclient.models import WebPubSubProtocolType
 from twisted.internet import defer, reactor, task
 from twisted.trial.unittest import TestCase
 
+from broker.core.errors import CloseCode
 from broker.core.message import TEXT, Message, Target
 from tests.asyncioloop import LoopThread
 from tests.wsharness import BrokerHarness
@@ -38,18 +39,21 @@ class AsyncClientTests(TestCase):
         self.loop = LoopThread()
         self.events = []
 
-    def client(self, userId, **kw):
-        """
-        A client of C{userId}, made on the loop, that records its group
-        and server messages and its lifecycle callbacks in C{self.events};
-        closed (and the loop stopped) when the test ends.
-        """
-        url = f"{self.broker.url}/client/hubs/chat?access_token=" + self.broker.token(
+    def url(self, userId):
+        return f"{self.broker.url}/client/hubs/chat?access_token=" + self.broker.token(
             userId=userId, roles=ROLES)
+
+    def client(self, userId, credential=None, **kw):
+        """
+        A client of C{userId} (or of C{credential}), made on the loop, that
+        records its group and server messages and its lifecycle callbacks
+        in C{self.events}; closed (and the loop stopped) when the test ends.
+        """
+        url = self.url(userId)
         events = self.events
 
         async def make():
-            client = WebPubSubClient(url, **kw)
+            client = WebPubSubClient(credential or url, **kw)
 
             async def onGroup(e):
                 events.append(("group", e.group, e.data))
@@ -60,8 +64,8 @@ class AsyncClientTests(TestCase):
             async def onConnected(e):
                 events.append(("connected", e.connection_id, e.user_id))
 
-            async def onDisconnected(*args):
-                events.append(("disconnected",))
+            async def onDisconnected(e):
+                events.append(("disconnected", e.connection_id))
 
             async def onStopped(*args):
                 events.append(("stopped",))
@@ -118,6 +122,36 @@ class AsyncClientTests(TestCase):
         self.assertEqual(after.connectionId, cid)
         # Recovered, not reconnected: no second connected event.
         self.assertEqual(len([e for e in self.events if e[0] == "connected"]), 1)
+
+    @defer.inlineCallbacks
+    def test_reconnectAndRejoin(self):
+        """
+        Closed by the service (as a REST C{closeConnection} closes it),
+        the connection cannot be recovered: the client asks its credential
+        for a fresh URL, connects again as a new connection, joins its
+        groups again itself, and goes on receiving.
+        """
+        minted = []
+
+        async def provide():
+            minted.append(1)
+            return self.url("again")
+        client = self.client(None, WebPubSubClientCredential(provide),
+                             reconnect_retry_backoff_factor=0.1)
+        yield self.loop.run(client.open())
+        (first,) = self.hub.sessions()
+        yield self.loop.run(client.join_group("g"))
+        yield self.hub.close(Target(Target.CONNECTION, first.connectionId),
+                             CloseCode.POLICY_VIOLATION, "closed by the server")
+        yield self.until(lambda: len([e for e in self.events if e[0] == "connected"]) == 2)
+        yield self.until(lambda: [s.groups for s in self.hub.sessions()] == [{"g"}])
+        (second,) = self.hub.sessions()
+        self.assertNotEqual(second.connectionId, first.connectionId)
+        self.assertEqual(len(minted), 2)
+        self.assertIn(("disconnected", first.connectionId), self.events)
+        self.hub.send(Target(Target.GROUP, "g"), Message(TEXT, b"after"))
+        yield self.until(lambda: self.messages())
+        self.assertEqual(self.messages(), [("group", "g", "after")])
 
     @defer.inlineCallbacks
     def test_jsonProtocol(self):
