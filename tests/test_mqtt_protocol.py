@@ -12,6 +12,7 @@ from broker.mqtt import codec
 from broker.mqtt.face import Restorer
 from broker.mqtt.interfaces import MqttAuthError
 from broker.mqtt.noauth import AllowAll
+from broker.mqtt.protocol import CONNECTED
 from tests.mqttharness import ACCESS_KEY, Paho, sleep, startBroker
 from tests.test_mqtt_bounds import Raw, connectPacket, subscribePacket
 
@@ -347,6 +348,45 @@ class FlowTests(RawBrokerCase):
         self.assertTrue(owner.transport.connected)
         owner.transport.write(b"\xc0\x00")
         yield owner.waitFor(lambda: codec.PINGRESP in owner.types())
+
+    @defer.inlineCallbacks
+    def test_pubacksHoweverTheyArrive(self):
+        """
+        PUBACKs read together (the subscriber's common read, taken without
+        the packet reader), with another packet between them, and one
+        split over two reads, each end its message's flight; one for an
+        identifier not in flight is ignored.
+        """
+        r = yield self.raw(connectPacket("acks", version=4)
+                           + subscribePacket(1, ["acks/t"], version=4, qos=1), codec.SUBACK)
+        session = self.server.sessions[("mqtt", "acks")]
+        pub = Paho(self, self.port, version=4)
+        yield pub.connect()
+        for i in range(7):
+            yield pub.publish("acks/t", b"%d" % i, 1)
+        yield r.waitFor(lambda: r.types().count(codec.PUBLISH) == 7)
+        pids = [codec.decodePublish(f, b, 4).packetId for t, f, b in r.packets
+                if t == codec.PUBLISH]
+        self.assertEqual(list(session.inflight), pids)
+        ack = [codec.encodeAck(codec.PUBACK, pid, 4) for pid in pids]
+
+        @defer.inlineCallbacks
+        def inFlight(expected):
+            for _ in range(100):
+                if list(session.inflight) == expected:
+                    return
+                yield sleep(0.02)
+            self.assertEqual(list(session.inflight), expected)
+        r.transport.write(ack[0] + ack[1] + ack[2] + codec.encodeAck(codec.PUBACK, 999, 4))
+        yield inFlight(pids[3:])
+        r.transport.write(ack[3] + b"\xc0\x00" + ack[4])      # a PINGREQ between
+        yield r.waitFor(lambda: codec.PINGRESP in r.types())
+        yield inFlight(pids[5:])
+        r.transport.write(ack[5][:2])
+        yield sleep(0.1)
+        r.transport.write(ack[5][2:] + ack[6])
+        yield inFlight([])
+        self.assertEqual(session.protocol.state, CONNECTED)
 
     @defer.inlineCallbacks
     def test_receiveMaximumOutboundAndSubscriptionIdentifier(self):

@@ -222,10 +222,12 @@ class MqttSession:
         pubQos, retain, props, expiresAt = mqttView(message, broker.otherFacesQos)
         qos = pubQos if pubQos < qosMax else qosMax
         retain = retain and rap
-        now = broker.clock()
-        if expiresAt is not None and expiresAt <= now:
-            broker.counters["expired"] += 1
-            return
+        now = None
+        if expiresAt is not None:
+            now = broker.clock()
+            if expiresAt <= now:
+                broker.counters["expired"] += 1
+                return
         protocol = self.protocol
         if qos == 0 and protocol is None:
             broker.counters["dropped_offline_qos0"] += 1
@@ -244,6 +246,17 @@ class MqttSession:
         if expiresAt is None:
             # Its remaining lifetime would change while it waits.
             out._template = (version, template)
+        inflight = self.inflight
+        if (protocol is not None and not self.queue and not self._persistent
+                and len(inflight) < self.receiveMaximum and len(inflight) < broker.maxQueued):
+            # push() and pump() for the common case, written out: nothing
+            # waits, the window has room, nothing is stored.
+            pid = self._allocatePid()
+            out.pid = pid
+            inflight[pid] = out
+            if not protocol.sendTemplate(template, pid):
+                del inflight[pid]       # too large for the client (MQTT-3.1.2-25)
+            return
         self.push(out)
 
     # -- outgoing QoS 1 / 2 -------------------------------------------------
