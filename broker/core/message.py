@@ -38,6 +38,8 @@ class Message:
     """
 
     __slots__ = ("dataType", "data")
+    # A group stream's fragment says which (broker.webpubsub.streams).
+    stream = None
 
     def __init__(self, dataType, data):
         if dataType not in DATA_TYPES:

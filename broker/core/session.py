@@ -85,6 +85,18 @@ class Session:
             raise Forbidden(f"connection may not leave group {group!r}")
         self.hub._leave(self, group)
 
+    def checkSendToGroup(self, group):
+        """
+        Whether this connection may send to C{group}, as L{sendToGroup}
+        checks it.
+
+        @raise BadRequest: for an invalid group name.
+        @raise Forbidden: without the C{sendToGroup} permission.
+        """
+        checkName("group", group)
+        if not self.permissions.has(SEND_TO_GROUP, group):
+            raise Forbidden(f"connection may not send to group {group!r}")
+
     def sendToGroup(self, group, message, noEcho=False):
         """
         Publish C{message} to C{group} as this connection.

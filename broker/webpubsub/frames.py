@@ -19,8 +19,10 @@ from broker.webpubsub.history import parsePosition
 JSON_V1 = "json.webpubsub.azure.v1"
 JSON_RELIABLE_V1 = "json.reliable.webpubsub.azure.v1"
 PONG = b'{"type":"pong"}'
-# Request types parsed elsewhere: type -> parse(type, obj) (invoke.py).
+# Request types parsed elsewhere: type -> parse(type, obj) (invoke.py,
+# streams.py; a sendToGroup frame with "stream" under STREAM_START).
 EXTENSIONS = {}
+STREAM_START = "streamStart"
 
 # ackId is a uint64.
 MAX_ACK_ID = 2 ** 64 - 1
@@ -97,6 +99,8 @@ def parseRequest(payload):
                 raise InvalidRequest(e.message, ackId)
         return Request(kind, ackId, group=_group(obj, ackId), history=history)
     if kind == "sendToGroup":
+        if obj.get("stream") is not None and STREAM_START in EXTENSIONS:
+            return EXTENSIONS[STREAM_START](STREAM_START, obj)
         noEcho = obj.get("noEcho", False)
         if not isinstance(noEcho, bool):
             raise InvalidRequest("noEcho must be a boolean", ackId)
@@ -182,5 +186,7 @@ def messageFrame(delivery, sequenceId=None):
         parts.append(b',"history":{"epoch":%s,"offset":%d}' % (_s(epoch), offset))
     parts.append(b',"dataType":"' + msg.dataType.encode("ascii") + b'","data":')
     parts.append(msg.jsonField())
+    if msg.stream is not None:
+        parts.append(b',"stream":' + msg.streamField())
     parts.append(b"}")
     return b"".join(parts)

@@ -38,7 +38,7 @@ from broker.net.wscompact import CompactProtocol
 from broker.logs import peerAddress, refuseHandshake
 from broker.core.interfaces import IConnection
 from broker.core.message import BINARY, TEXT, Delivery, Message
-from broker.webpubsub import frames, history, invoke, subprotocols
+from broker.webpubsub import frames, history, invoke, streams, subprotocols
 from broker.webpubsub.inbound import FACE, InboundFlow
 from broker.webpubsub.reliable import RecentAckIds
 from broker.webpubsub.upstream import ConnectDenied
@@ -78,6 +78,9 @@ class ClientProtocol(InboundFlow, DirectOutput, BoundedOutput, CompactProtocol,
     holding = None
     # Pending invokeEvent calls (invoke.py), made on the first.
     _invocations = None
+    # Open group streams (streams.py) of a connection without a reliable
+    # link (a link holds its own), made on the first.
+    streams = None
     # The inbound rate limiter (InboundLimiter), made on the first frame: a
     # full bucket is no limiter at all.
     _inbound = _LAZY = object()
@@ -543,6 +546,10 @@ class ClientProtocol(InboundFlow, DirectOutput, BoundedOutput, CompactProtocol,
             self._badRequest(e, None)
             self._invocationsOf().invalid(e)
             return
+        except streams.InvalidStreamFrame as e:
+            self._warnOnce(f"bad request: {e.message}")
+            self._streamsOf().invalid(self, e)
+            return
         except frames.InvalidRequest as e:
             self._badRequest(e, e.ackId)
             return
@@ -559,6 +566,9 @@ class ClientProtocol(InboundFlow, DirectOutput, BoundedOutput, CompactProtocol,
             return
         if kind in invoke.KINDS:
             self._invocationsOf().received(request)
+            return
+        if kind in streams.KINDS:
+            self._streamsOf().received(self, request)
             return
         ackId = request.ackId
         if ackId is not None and ackId in (self._ackOwner().recentAcks or ()):
@@ -605,6 +615,13 @@ class ClientProtocol(InboundFlow, DirectOutput, BoundedOutput, CompactProtocol,
             return
         self._remember(ackId)
         self._ack(ackId)
+
+    def _streamsOf(self):
+        owner = self.link if self.link is not None else self
+        if owner.streams is None:
+            owner.streams = streams.OpenStreams(owner, self.factory.reactor,
+                                                isLink=owner is not self)
+        return owner.streams
 
     def _invocationsOf(self):
         if self._invocations is None:
@@ -729,6 +746,8 @@ class ClientProtocol(InboundFlow, DirectOutput, BoundedOutput, CompactProtocol,
             self.session = None
             link.detach(self, normal=wasClean and code == CloseCode.NORMAL)
             return
+        if self.streams is not None:
+            self.streams.closeAll("ConnectionClosed", "the sender's connection closed")
         session, self.session = self.session, None
         if session is not None:
             session.hub.remove(session, reason or "")

@@ -40,7 +40,12 @@ from twisted.logger import Logger
 
 from broker.cluster.engine import decodeDelivery as _decodeBus
 from broker.cluster.engine import encodeDelivery as _encodeBus
+from broker.cluster.engine import registerMessageKind
 from broker.core.message import Target
+from broker.webpubsub.streams import BUS_KIND, StreamMessage
+
+# Group stream fragments keep their stream on the bus and in the history.
+registerMessageKind(BUS_KIND, StreamMessage.fromBus)
 
 log = Logger()
 

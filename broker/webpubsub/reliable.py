@@ -107,6 +107,8 @@ class ReliableLink:
     # recovery is asynchronous (cluster mode; see protocol.py).
     holding = None
     recentAcks = None
+    # Open group streams (broker.webpubsub.streams), made on the first.
+    streams = None
 
     def __init__(self, registry, hubName, connectionId, userId, reactor, window, maxBuffered,
                  token=None, sequence=0, unacked=(), ackIds=()):
@@ -268,6 +270,8 @@ class ReliableLink:
         self._unacked.clear()
         self._bufferedBytes = 0
         self.registry.forget(self)
+        if self.streams is not None:
+            self.streams.closeAll("ConnectionClosed", "the sender's connection closed")
         session, self.session = self.session, None
         if session is not None:
             session.hub.remove(session, reason)
