@@ -31,7 +31,7 @@ from twisted.internet import reactor                                    # noqa: 
 from broker import config, tap                                          # noqa: E402
 from broker.core.message import FROM_GROUP, Delivery, Target            # noqa: E402
 from broker.mqtt.message import MqttMessage                             # noqa: E402
-from wps_deliver import NowhereSocket                                   # noqa: E402
+from wps_deliver import writeNowhere                                    # noqa: E402
 from wps_publish import spin                                            # noqa: E402
 
 TOPIC = "bench/deliver"
@@ -132,18 +132,7 @@ def main():
     if opts.qos:
         for proto in protocols:
             proto.dataReceived(pubacks[1])
-    batch = None
-    for proto in protocols:
-        if getattr(proto, "_outSocket", None) is None:
-            raise SystemExit(f"{proto!r} writes through its transport: nothing to measure")
-        proto._outSocket.socket = NowhereSocket()
-        batch = proto._outBatch
-
-    def endOfTurn():
-        if batch._call is not None:
-            batch._call.cancel()
-            batch._call = None
-        batch.flush()
+    endOfTurn = writeNowhere(protocols)
 
     fanOuts = max(1, opts.deliveries // opts.subscribers)
     print(f"MQTT QoS {opts.qos} delivery{' and PUBACK' if opts.qos else ''}, Python only: "

@@ -44,6 +44,28 @@ class NowhereSocket:
     send = staticmethod(len)
 
 
+def writeNowhere(connections):
+    """
+    Swap the socket of each of C{connections} (direct writers,
+    L{broker.core.directwrite}, that have found their socket) for a
+    L{NowhereSocket}; return the function that ends a reactor turn as
+    their L{WriteBatch} would (its scheduled flush run now).
+    """
+    batch = None
+    for conn in connections:
+        if getattr(conn, "_outSocket", None) is None:
+            raise SystemExit(f"{conn!r} writes through its transport: nothing to measure")
+        conn._outSocket.socket = NowhereSocket()
+        batch = conn._outBatch
+
+    def endOfTurn():
+        if batch._call is not None:
+            batch._call.cancel()
+            batch._call = None
+        batch.flush()
+    return endOfTurn
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--subscribers", type=int, default=100)
@@ -77,19 +99,7 @@ def main():
     for _ in range(20):
         reactor.iterate(0)
     drain(subs)
-    connections = list(hub._groups[GROUP].values())
-    batch = None
-    for conn in connections:
-        if getattr(conn, "_outSocket", None) is None:
-            raise SystemExit(f"{conn!r} writes through its transport: nothing to measure")
-        conn._outSocket.socket = NowhereSocket()
-        batch = conn._outBatch
-
-    def endOfTurn():
-        if batch._call is not None:
-            batch._call.cancel()
-            batch._call = None
-        batch.flush()
+    endOfTurn = writeNowhere(list(hub._groups[GROUP].values()))
 
     fanOuts = max(1, opts.deliveries // opts.subscribers)
     print(f"Web PubSub delivery, Python only: {opts.subscribers} subscribers, {fanOuts:,} "

@@ -13,15 +13,13 @@ import os
 
 from twisted.internet import defer, reactor, task
 from twisted.trial.unittest import TestCase
-from twisted.web.resource import Resource
 from twisted.web.server import Site
 from twisted.web.static import File
 
 from broker.auth.tokens import makeClientToken
 from tests.mqttharness import ACCESS_KEY, startBroker
 from tests.nodejs import JS_DIR, requireNode
-from tests.test_webpubsub_browser import _Events
-from tests.tools import startChromium
+from tests.tools import Page, PageReports, startChromium
 
 PAGE = """<!doctype html>
 <html><body><script src="/mqtt.min.js"></script><script>
@@ -56,16 +54,6 @@ for (const [name, url, version] of %(clients)s) run(name, url, version);
 """
 
 
-class _Page(Resource):
-    def __init__(self, clients):
-        super().__init__()
-        self.clients = clients
-
-    def render_GET(self, request):
-        request.setHeader(b"content-type", b"text/html; charset=utf-8")
-        return (PAGE % {"clients": json.dumps(self.clients)}).encode()
-
-
 class BrowserMqttTests(TestCase):
     timeout = 90
 
@@ -79,8 +67,8 @@ class BrowserMqttTests(TestCase):
                                 ["webpubsub.joinLeaveGroup", "webpubsub.sendToGroup"])
         clients = [["v4", f"{ws}/mqtt", 4], ["v5", f"{ws}/mqtt", 5],
                    ["azure", f"{azure}?access_token={token}", 5]]
-        root = _Page(clients)
-        events = _Events()
+        root = Page(PAGE % {"clients": json.dumps(clients)})
+        events = PageReports()
         root.putChild(b"event", events)
         root.putChild(b"mqtt.min.js", File(os.path.join(JS_DIR, "node_modules", "mqtt", "dist",
                                                         "mqtt.min.js"),

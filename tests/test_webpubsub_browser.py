@@ -15,13 +15,12 @@ import tempfile
 from twisted.internet import defer, reactor, task
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial.unittest import TestCase
-from twisted.web.resource import Resource
 from twisted.web.server import Site
 from twisted.web.static import File
 
 from broker.core.message import TEXT, Message, Target
 from tests.nodejs import JS_DIR, requireNode
-from tests.tools import startChromium
+from tests.tools import Page, PageReports, startChromium
 from tests.wsharness import BrokerHarness
 
 TOML = """
@@ -49,37 +48,6 @@ client.on("server-message", (e) => report({event: "server", data: e.message.data
 })().catch((e) => report({event: "error", message: String(e)}));
 </script></body></html>
 """
-
-
-class _Events(Resource):
-    """
-    C{POST /event}: the page's reports, kept in the order it numbered them
-    (its fetches may arrive out of order).
-    """
-
-    isLeaf = True
-
-    def __init__(self):
-        super().__init__()
-        self.received = []
-
-    def render_POST(self, request):
-        self.received.append(json.loads(request.content.read()))
-        return b"ok"
-
-    def events(self, kind=None):
-        ordered = sorted(self.received, key=lambda e: e["seq"])
-        return [e for e in ordered if kind is None or e["event"] == kind]
-
-
-class _Page(Resource):
-    def __init__(self, url):
-        super().__init__()
-        self.url = url
-
-    def render_GET(self, request):
-        request.setHeader(b"content-type", b"text/html; charset=utf-8")
-        return (PAGE % {"url": json.dumps(self.url)}).encode()
 
 
 @defer.inlineCallbacks
@@ -125,8 +93,8 @@ class BrowserClientTests(TestCase):
         url = f"{broker.url}/client/hubs/chat?access_token=" + broker.token(
             userId="browser", roles=("webpubsub.joinLeaveGroup", "webpubsub.sendToGroup"))
 
-        root = _Page(url)
-        self.page = _Events()
+        root = Page(PAGE % {"url": json.dumps(url)})
+        self.page = PageReports()
         root.putChild(b"event", self.page)
         root.putChild(b"wps.js", File(script, defaultType="text/javascript"))
         root.putChild(b"", root)

@@ -4,12 +4,14 @@ where they are missing, unless C{BROKER_TEST_REQUIRE_TOOLS} is set, as
 scripts/test sets it after installing them, so CI never passes by skipping.
 """
 
+import json
 import os
 import shutil
 import tempfile
 
 from twisted.internet import defer, error, protocol
 from twisted.trial.unittest import FailTest, SkipTest
+from twisted.web.resource import Resource
 
 
 def requireTool(present, why):
@@ -81,3 +83,40 @@ def startChromium(testCase, reactor, url, profile=None, extraArgs=()):
     transport = reactor.spawnProcess(browser, CHROMIUM, args, env=dict(os.environ))
     killAtCleanup(testCase, transport, browser.ended)
     return browser
+
+
+class PageReports(Resource):
+    """
+    C{POST} here: the reports of a page under test, each a JSON object the
+    page numbered with C{seq} (its fetches may arrive out of order).
+    """
+
+    isLeaf = True
+
+    def __init__(self):
+        super().__init__()
+        self.received = []
+
+    def render_POST(self, request):
+        self.received.append(json.loads(request.content.read()))
+        return b"ok"
+
+    def events(self, kind=None):
+        """The reports in the page's order, those of C{event} C{kind}."""
+        ordered = sorted(self.received, key=lambda e: e["seq"])
+        return [e for e in ordered if kind is None or e["event"] == kind]
+
+
+class Page(Resource):
+    """
+    A page under test: C{html} on C{GET}, its children (scripts, the
+    reports) beside it.
+    """
+
+    def __init__(self, html):
+        super().__init__()
+        self.html = html.encode("utf-8")
+
+    def render_GET(self, request):
+        request.setHeader(b"content-type", b"text/html; charset=utf-8")
+        return self.html
