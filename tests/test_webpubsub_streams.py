@@ -169,6 +169,26 @@ class StreamFrameTests(TestCase):
                          ("one-too-many", "LimitExceeded"))
 
     @defer.inlineCallbacks
+    def test_churnLeavesNothing(self):
+        """
+        A client opening and ending streams without pause (500 of them,
+        a fragment each): every one is closed, and neither a stream nor
+        an idle timer is left behind.
+        """
+        calls = len(reactor.getDelayedCalls())
+        for i in range(500):
+            self.start(streamId=f"c{i}")
+            self.data(1, "x", streamId=f"c{i}")
+            self.sender.send({"type": "streamEnd", "streamId": f"c{i}"})
+        answers = yield nextFrames(self.sender, 1500)
+        self.assertEqual([a["type"] for a in answers[-3:]],
+                         ["streamAck", "streamAck", "streamClosed"])
+        self.assertEqual(len(self.broker.core.hub("chat").session(
+            self.sender.connectionId).connection.streams), 0)
+        self.assertLessEqual(len(reactor.getDelayedCalls()), calls + 2)
+        yield nextFrames(self.receiver, 1000)
+
+    @defer.inlineCallbacks
     def test_idleTimeout(self):
         """
         Nothing within the stream's idle timeout (1 s, the least): it is
