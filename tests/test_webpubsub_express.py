@@ -56,13 +56,14 @@ class ExpressEventHandlerTests(TestCase):
         return node, listening["port"]
 
     @defer.inlineCallbacks
-    def startBroker(self, port):
+    def startBroker(self, port, presence=False):
         toml = (f'[webpubsub]\nevent_timeout = 2.0\n[webpubsub.hubs.chat]\n'
                 f'access_keys = ["{KEY}"]\n'
                 '[[webpubsub.hubs.chat.event_handlers]]\n'
                 f'url_template = "http://127.0.0.1:{port}/api/webpubsub/hubs/{{hub}}/{{event}}"\n'
                 'user_events = "*"\n'
-                'system_events = ["connect", "connected", "disconnected"]\n')
+                'system_events = ["connect", "connected", "disconnected"]\n'
+                + ('group_presence_events = ["joined", "left"]\n' if presence else ''))
         harness = BrokerHarness(self, reactor, toml)
         handlers = attachEventHandlers(reactor, harness.core, harness.settings["webpubsub"],
                                        [KEY])
@@ -112,6 +113,52 @@ class ExpressEventHandlerTests(TestCase):
         c.transport.abortConnection()
         yield until(lambda: express.events("disconnected"))
         self.assertEqual(express.events("disconnected")[0]["connectionId"], c.connectionId)
+
+    @defer.inlineCallbacks
+    def test_groupPresenceEvents(self):
+        """
+        A handler configured for group presence events gets joined and
+        left (the middleware's onGroupJoined / onGroupLeft) for the
+        connection's token groups, its own joinGroup and leaveGroup and a
+        REST addition; the groups it leaves as it disconnects are not
+        told one by one.
+        """
+        requireNode(self.expressModule, "@azure/web-pubsub-express")
+        express, port = yield self.startExpress()
+        harness, handlers = yield self.startBroker(port, presence=True)
+        c = yield harness.connectJSON(query="user=ann", userId=None,
+                                      roles=("webpubsub.joinLeaveGroup",))
+        c.send({"type": "joinGroup", "group": "mine", "ackId": 1})
+        yield c.nextJSON()
+        c.send({"type": "leaveGroup", "group": "mine", "ackId": 2})
+        yield c.nextJSON()
+        yield harness.core.hub("chat").addConnectionToGroup(c.connectionId, "added")
+        yield until(lambda: len(express.events("groupJoined")) == 3
+                    and express.events("groupLeft"))
+        self.assertEqual(sorted(e["group"] for e in express.events("groupJoined")),
+                         ["added", "express", "mine"])
+        self.assertEqual([e["group"] for e in express.events("groupLeft")], ["mine"])
+        self.assertEqual({e["connectionId"] for e in express.events("groupJoined")},
+                         {c.connectionId})
+        c.transport.abortConnection()
+        yield until(lambda: express.events("disconnected"))
+        yield task.deferLater(reactor, 0.3, lambda: None)
+        self.assertEqual(len(express.events("groupLeft")), 1)
+
+    @defer.inlineCallbacks
+    def test_noPresenceUnlessAsked(self):
+        """
+        Without group_presence_events, a join is not told.
+        """
+        requireNode(self.expressModule, "@azure/web-pubsub-express")
+        express, port = yield self.startExpress()
+        harness, handlers = yield self.startBroker(port)
+        c = yield harness.connectJSON(query="user=bob", userId=None)
+        yield until(lambda: express.events("connected"))
+        yield task.deferLater(reactor, 0.3, lambda: None)
+        self.assertEqual(express.events("groupJoined"), [])
+        c.sendClose()
+        yield c.closed
 
     @defer.inlineCallbacks
     def test_invokeEventThroughExpress(self):

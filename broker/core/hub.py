@@ -310,6 +310,8 @@ class Hub:
         session.groups.add(group)
         if mirror:
             self._mirror(self.directory.joined(self.name, session.connectionId, group))
+        if session.open:
+            self.tellObservers("membershipChanged", session, group, True)
 
     def _leave(self, session, group, mirror=True):
         members = self._groups.get(group)
@@ -323,6 +325,10 @@ class Hub:
         session.groups.discard(group)
         if mirror:
             self._mirror(self.directory.left(self.name, session.connectionId, group))
+        if session.open:
+            # Not while the connection is removed: its end is told once,
+            # as connectionRemoved.
+            self.tellObservers("membershipChanged", session, group, False)
 
     def _shrink(self):
         """

@@ -188,6 +188,14 @@ class IHubObserver(Interface):
         it, and whether or not the hub has one.
         """
 
+    def membershipChanged(hub, session, group, joined):
+        """
+        C{session} joined (C{joined} true) or left C{group}, for whatever
+        reason (its own request, the REST API, its token's or its user's
+        groups, another node's command); not told for the groups a
+        connection leaves as it is removed.  Optional.
+        """
+
     def groupJoined(hub, session, group):
         """
         C{session} joined C{group} at its own request (a client's

@@ -74,7 +74,7 @@ class EventHandlers(service.Service):
         self.defaultKeys = defaultKeys
         self._configured = {name: h for name, h in wps["hubs"].items() if h["event_handlers"]}
         self._handlers = {name: [EventHandler(e["url_template"], e["user_events"],
-                                              e["system_events"])
+                                              e["system_events"], e["group_presence_events"])
                                  for e in h["event_handlers"]]
                           for name, h in self._configured.items()}
 

@@ -11,6 +11,9 @@ EVENT_HANDLER = Table({
                         doc="Handler URL; {event} and {hub} are replaced."),
     "user_events": Str("", doc='"*", or comma-separated user event names; empty: none.'),
     "system_events": List(Str(choices=("connect", "connected", "disconnected")), default=[]),
+    "group_presence_events": List(Str(choices=("joined", "left")), default=[],
+                                  doc="Group presence events it takes (Azure's preview "
+                                      "groupPresenceEvents)."),
 })
 
 # One event listener (listeners.py): a file or a plugin, and the events it

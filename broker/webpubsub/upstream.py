@@ -43,6 +43,11 @@ from broker.webpubsub.validation import HandlerValidation
 log = Logger()
 
 SYSTEM_EVENTS = ("connect", "connected", "disconnected")
+# Group presence events (a preview in Azure): CloudEvents of type
+# azure.webpubsub.gp.joined / .left, body {"group": ...}, to handlers that
+# list them in group_presence_events.
+PRESENCE = "gp"
+PRESENCE_EVENTS = ("joined", "left")
 CONTENT_TYPES = {TEXT: b"text/plain; charset=utf-8", JSON: b"application/json",
                  BINARY: b"application/octet-stream", PROTOBUF: b"application/x-protobuf"}
 
@@ -75,16 +80,25 @@ class EventHandler:
         syntax); empty takes none.
     @param systemEvents: names among C{connect}, C{connected},
         C{disconnected}.
+    @param presenceEvents: names among L{PRESENCE_EVENTS}.
     """
 
-    def __init__(self, urlTemplate, userEvents="*", systemEvents=()):
+    def __init__(self, urlTemplate, userEvents="*", systemEvents=(), presenceEvents=()):
         self.urlTemplate = urlTemplate
         names = [e.strip() for e in userEvents.split(",") if e.strip()]
         self.allUserEvents = "*" in names
         self.userEvents = frozenset(names)
         self.systemEvents = frozenset(systemEvents)
+        self.presenceEvents = frozenset(presenceEvents)
 
     def takes(self, event, system):
+        """
+        Whether this handler takes C{event}: a system event (C{system}
+        true), a group presence event (C{system} is L{PRESENCE}) or a user
+        event.
+        """
+        if system == PRESENCE:
+            return event in self.presenceEvents
         if system:
             return event in self.systemEvents
         return self.allUserEvents or event in self.userEvents
@@ -142,7 +156,7 @@ class CloudEventsUpstream:
     # -- sending -------------------------------------------------------------
 
     def _headers(self, event, system, connectionId, userId, state, contentType):
-        kind = "sys" if system else "user"
+        kind = PRESENCE if system == PRESENCE else "sys" if system else "user"
         headers = {
             "ce-specversion": "1.0",
             "ce-type": f"azure.webpubsub.{kind}.{event}",
@@ -303,13 +317,19 @@ class CloudEventsUpstream:
         body = json.dumps({"reason": reason} if reason else {}).encode("utf-8")
         self._notify("disconnected", session, body)
 
-    def _notify(self, event, session, body):
-        handler = self.handlerFor(event, True)
+    def membershipChanged(self, hub, session, group, joined):
+        if getattr(session.connection, "moving", False):
+            return
+        self._notify("joined" if joined else "left", session,
+                     json.dumps({"group": group}).encode("utf-8"), PRESENCE)
+
+    def _notify(self, event, session, body, system=True):
+        handler = self.handlerFor(event, system)
         if handler is None:
             return None
         state = getattr(session, "connectionState", None)
-        d = self._notifyAttempt(handler, event, session.connectionId, session.userId,
-                                state, body, 0)
+        d = self._notifyAttempt(handler, event, system, session.connectionId,
+                                session.userId, state, body, 0)
         if not d.called:
             self._pending.add(d)
             d.addBoth(lambda r: (self._pending.discard(d), r)[1])
@@ -322,10 +342,11 @@ class CloudEventsUpstream:
         return defer.DeferredList(list(self._pending))
 
     @defer.inlineCallbacks
-    def _notifyAttempt(self, handler, event, connectionId, userId, state, body, attempt):
+    def _notifyAttempt(self, handler, event, system, connectionId, userId, state, body,
+                       attempt):
         try:
-            response, _ = yield self._post(handler, event, True, connectionId, userId, state,
-                                           body, "application/json")
+            response, _ = yield self._post(handler, event, system, connectionId, userId,
+                                           state, body, "application/json")
             if 200 <= response.code < 300:
                 return
             why, retry = f"answered {response.code}", response.code >= 500
@@ -335,8 +356,8 @@ class CloudEventsUpstream:
             why, retry = str(e) or type(e).__name__, True
         if retry and attempt < self.retries:
             yield task.deferLater(self.reactor, self.backoff * 2 ** attempt, lambda: None)
-            yield self._notifyAttempt(handler, event, connectionId, userId, state, body,
-                                      attempt + 1)
+            yield self._notifyAttempt(handler, event, system, connectionId, userId, state,
+                                      body, attempt + 1)
             return
         self.stats["failed"] += 1
         self.stats["notificationsDropped"] += 1

@@ -32,6 +32,12 @@ const handler = new WebPubSubEventHandler(hub, {
     out({ event: "connected", connectionId: req.context.connectionId,
           userId: req.context.userId });
   },
+  onGroupJoined: (req) => {
+    out({ event: "groupJoined", connectionId: req.context.connectionId, group: req.group });
+  },
+  onGroupLeft: (req) => {
+    out({ event: "groupLeft", connectionId: req.context.connectionId, group: req.group });
+  },
   onDisconnected: (req) => {
     out({ event: "disconnected", connectionId: req.context.connectionId,
           reason: req.reason });
