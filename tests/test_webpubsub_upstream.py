@@ -73,10 +73,12 @@ class UpstreamTests(TestCase):
         self.addCleanup(port.stopListening)
         base = f"http://127.0.0.1:{port.getHost().port}"
         lines = []
-        for url, user, system in handlers:
+        for url, user, system, *presence in handlers:
             lines.append("[[webpubsub.hubs.chat.event_handlers]]\n"
                          f'url_template = "{base}{url}"\nuser_events = "{user}"\n'
-                         f"system_events = {json.dumps(system)}\n")
+                         f"system_events = {json.dumps(system)}\n"
+                         + (f"group_presence_events = {json.dumps(presence[0])}\n"
+                            if presence else ""))
         toml = (f"[webpubsub]\nevent_retries = 2\n{extra}\n[webpubsub.hubs.chat]\n"
                 f'access_keys = ["{KEY}"]\n' + "".join(lines))
         harness = BrokerHarness(self, reactor, toml)
@@ -269,15 +271,17 @@ class UpstreamTests(TestCase):
 
 class _HoldingUpstream(Upstream):
     """
-    Holds every user event unanswered, keeping the requests to answer.
+    Holds every user event (or every event whose C{ce-type} starts with
+    C{holding}) unanswered, keeping the requests to answer.
     """
 
-    def __init__(self):
+    def __init__(self, holding=b"azure.webpubsub.user."):
         super().__init__()
+        self.holding = holding
         self.held = []
 
     def render_POST(self, request):
-        if request.getHeader(b"ce-type").startswith(b"azure.webpubsub.user."):
+        if request.getHeader(b"ce-type").startswith(self.holding):
             self.requests.append(request.content.read())
             self.held.append(request)
             return NOT_DONE_YET
@@ -336,3 +340,54 @@ class EventsInFlightTests(TestCase):
         bodies = yield self._flood(c, lambda c, i: c.send(
             {"type": "event", "event": "e", "dataType": "text", "data": f"m{i}"}))
         self.assertEqual(sorted(bodies), sorted(b"m%d" % i for i in range(500)))
+
+
+class NotificationsBoundTests(TestCase):
+    """
+    A client joining and leaving groups as fast as it can, each a group
+    presence notification, at a handler that does not answer: at most
+    C{MAX_NOTIFYING} are in flight and C{MAX_WAITING} wait (made 4 and 20
+    here); the rest are dropped and counted, the client is served all
+    along, and those kept all go out once the handler answers.
+    """
+
+    broker = UpstreamTests.broker
+
+    @defer.inlineCallbacks
+    def test_presenceFlood(self):
+        from broker.webpubsub import upstream as upstreamModule
+        self.patch(upstreamModule, "MAX_NOTIFYING", 4)
+        self.patch(upstreamModule, "MAX_WAITING", 20)
+        handler = _HoldingUpstream(holding=b"azure.webpubsub.gp.")
+        self.addCleanup(handler.answerAll)
+        harness = yield self.broker([("/h/{event}", "", [], ["joined", "left"])], handler,
+                                    extra="event_timeout = 30.0")
+        c = yield harness.connectJSON(userId="j", roles=("webpubsub.joinLeaveGroup",))
+        for i in range(30):
+            c.send({"type": "joinGroup", "group": f"g{i}", "ackId": 2 * i + 1})
+            c.send({"type": "leaveGroup", "group": f"g{i}", "ackId": 2 * i + 2})
+        acks = []
+        for _ in range(60):
+            acks.append((yield c.nextJSON()))
+        self.assertEqual([(a["ackId"], a["success"]) for a in acks],
+                         [(i + 1, True) for i in range(60)])
+        upstream = harness.core.hub("chat").upstream
+        for _ in range(100):
+            if len(handler.held) == 4:
+                break
+            yield task.deferLater(reactor, 0.01, lambda: None)
+        yield task.deferLater(reactor, 0.1, lambda: None)
+        self.assertEqual((len(handler.held), len(upstream._pending), len(upstream._waiting)),
+                         (4, 4, 20))
+        self.assertEqual(upstream.stats["notificationsOverflowed"], 60 - 24)
+        # The handler answers: what waited goes out, four at a time.
+        for _ in range(200):
+            handler.answerAll()
+            if len(handler.requests) == 24 and not handler.held:
+                break
+            self.assertLessEqual(len(handler.held), 4)
+            yield task.deferLater(reactor, 0.01, lambda: None)
+        yield upstream.whenIdle()
+        bodies = [json.loads(b) for b in handler.requests]
+        self.assertEqual(len(bodies), 24)
+        self.assertEqual(bodies[:2], [{"group": "g0"}, {"group": "g0"}])

@@ -25,6 +25,7 @@ import hashlib
 import hmac
 import json
 import secrets
+from collections import deque
 from datetime import datetime, timezone
 from urllib.parse import quote
 
@@ -48,6 +49,13 @@ SYSTEM_EVENTS = ("connect", "connected", "disconnected")
 # list them in group_presence_events.
 PRESENCE = "gp"
 PRESENCE_EVENTS = ("joined", "left")
+# Notifications (connected, disconnected, presence) in flight to one hub's
+# handlers at once, and waiting beyond those; more are dropped and counted.
+# A client that joins and leaves groups as fast as it may, or a burst of
+# connections, cannot open sockets to the handler or queue requests
+# without bound.
+MAX_NOTIFYING = 64
+MAX_WAITING = 10000
 CONTENT_TYPES = {TEXT: b"text/plain; charset=utf-8", JSON: b"application/json",
                  BINARY: b"application/octet-stream", PROTOBUF: b"application/x-protobuf"}
 
@@ -145,7 +153,11 @@ class CloudEventsUpstream:
             validation = HandlerValidation(reactor, http, origin, timeout=timeout)
         self.validation = validation
         self._pending = set()
-        self.stats = {"sent": 0, "failed": 0, "notificationsDropped": 0, "unvalidated": 0}
+        self._waiting = deque()
+        self._idle = []
+        self._droppedLoggedAt = None
+        self.stats = {"sent": 0, "failed": 0, "notificationsDropped": 0, "unvalidated": 0,
+                      "notificationsOverflowed": 0}
 
     def handlerFor(self, event, system):
         for handler in self.handlers:
@@ -324,22 +336,60 @@ class CloudEventsUpstream:
                      json.dumps({"group": group}).encode("utf-8"), PRESENCE)
 
     def _notify(self, event, session, body, system=True):
+        """
+        Send a notification to the handler that takes C{event}: at once
+        while fewer than L{MAX_NOTIFYING} are in flight, else after those
+        ahead of it; dropped (counted, logged at most once a minute) when
+        L{MAX_WAITING} already wait.
+        """
         handler = self.handlerFor(event, system)
         if handler is None:
-            return None
-        state = getattr(session, "connectionState", None)
-        d = self._notifyAttempt(handler, event, system, session.connectionId,
-                                session.userId, state, body, 0)
-        if not d.called:
-            self._pending.add(d)
-            d.addBoth(lambda r: (self._pending.discard(d), r)[1])
-        return d
+            return
+        args = (handler, event, system, session.connectionId, session.userId,
+                getattr(session, "connectionState", None), body, 0)
+        if len(self._pending) < MAX_NOTIFYING:
+            self._start(args)
+        elif len(self._waiting) < MAX_WAITING:
+            self._waiting.append(args)
+        else:
+            self.stats["notificationsOverflowed"] += 1
+            self.stats["notificationsDropped"] += 1
+            now = self.reactor.seconds()
+            if self._droppedLoggedAt is None or now - self._droppedLoggedAt >= 60:
+                self._droppedLoggedAt = now
+                log.warn("hub {hub}: {n} notifications already wait for the event "
+                         "handlers; dropping more ({event} for {cid}; "
+                         "{dropped} dropped so far)", hub=self.hubName, n=MAX_WAITING,
+                         event=event, cid=session.connectionId,
+                         dropped=self.stats["notificationsOverflowed"])
+
+    def _start(self, args):
+        d = self._notifyAttempt(*args)
+        if d.called:
+            return
+        self._pending.add(d)
+        d.addBoth(self._finished, d)
+
+    def _finished(self, result, d):
+        self._pending.discard(d)
+        while self._waiting and len(self._pending) < MAX_NOTIFYING:
+            self._start(self._waiting.popleft())
+        if not self._pending and not self._waiting:
+            idle, self._idle = self._idle, []
+            for waiter in idle:
+                waiter.callback(None)
+        return result
 
     def whenIdle(self):
         """
-        A Deferred firing once the notifications under way have finished.
+        A Deferred firing once the notifications under way and those
+        waiting have finished.
         """
-        return defer.DeferredList(list(self._pending))
+        if not self._pending and not self._waiting:
+            return defer.succeed(None)
+        d = defer.Deferred()
+        self._idle.append(d)
+        return d
 
     @defer.inlineCallbacks
     def _notifyAttempt(self, handler, event, system, connectionId, userId, state, body,
