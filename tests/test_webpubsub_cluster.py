@@ -77,6 +77,9 @@ class Events:
     def clientEvent(self, hub, session, event, message):
         pass
 
+    def membershipChanged(self, hub, session, group, joined):
+        self.seen.append(("joined" if joined else "left", session.connectionId, group))
+
 
 try:
     from broker.cluster.engine import RedisEngine
@@ -703,6 +706,40 @@ class WithEngineTests(ClusterTestCase):
         self.assertEqual(back.frames, [])
         info = yield self.a.core.engine.directory.connection("chat", cid)
         self.assertEqual(info["node"], "b")
+
+    @defer.inlineCallbacks
+    def test_groupStreamAcrossNodes(self):
+        """
+        A group stream sent on A reaches a member on B with its stream
+        field, the end marker included: fragments cross the bus whole.
+        """
+        y = yield self.b.connectJSON(userId="y", groups=["g"])
+        x = yield self.a.connectJSON(userId="x", roles=["webpubsub.sendToGroup"])
+        x.send({"type": "sendToGroup", "group": "g", "stream": {"streamId": "s"}})
+        self.assertEqual((yield x.nextJSON())["expectedSequenceId"], 1)
+        x.send({"type": "streamData", "streamId": "s", "streamSequenceId": 1,
+                "dataType": "json", "data": {"part": 1}})
+        x.send({"type": "streamEnd", "streamId": "s",
+                "error": {"message": "cut", "userErrorCode": "E"}})
+        got = yield frames(y, 2)
+        self.assertEqual([(f["data"], f["stream"]) for f in got], [
+            ({"part": 1}, {"streamId": "s", "streamSequenceId": 1}),
+            ("", {"streamId": "s", "streamSequenceId": 2, "endOfStream": True,
+                  "error": {"name": "Aborted", "message": "cut", "userErrorCode": "E"}})])
+
+    @defer.inlineCallbacks
+    def test_membershipToldOnceWhereTheConnectionIs(self):
+        """
+        A connection on B added to a group through A (the REST API's
+        addConnectionToGroup) is told as joined on B, where the group
+        presence events of its upstream go out, and not on A.
+        """
+        y = yield self.b.connectJSON(userId="y")
+        yield self.a.hub.addConnectionToGroup(y.connectionId, "g")
+        yield waitFor(lambda: ("joined", y.connectionId, "g") in self.b.events.seen)
+        yield self.a.hub.removeConnectionFromGroup(y.connectionId, "g")
+        yield waitFor(lambda: ("left", y.connectionId, "g") in self.b.events.seen)
+        self.assertEqual([e for e in self.a.events.seen if e[0] in ("joined", "left")], [])
 
     @defer.inlineCallbacks
     def test_filteredGroupsReachEveryNode(self):
