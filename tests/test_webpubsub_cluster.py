@@ -65,6 +65,8 @@ class Events:
 
     def __init__(self):
         self.seen = []
+        # Group joins and leaves, as group presence events report them.
+        self.membership = []
 
     def connectionAdded(self, hub, session):
         if not getattr(session.connection, "moving", False):
@@ -78,7 +80,9 @@ class Events:
         pass
 
     def membershipChanged(self, hub, session, group, joined):
-        self.seen.append(("joined" if joined else "left", session.connectionId, group))
+        if not getattr(session.connection, "moving", False):
+            self.membership.append(("joined" if joined else "left", session.connectionId,
+                                    group))
 
 
 try:
@@ -410,6 +414,9 @@ class HandoverTests(ClusterTestCase):
                          [(4, "four"), (5, "five")])
         self.assertEqual(self.a.events.seen, [("connected", cid)])
         self.assertEqual(self.b.events.seen, [])
+        # Nor group presence: the move joins B's group, which is no join.
+        self.assertEqual(self.a.events.membership, [("joined", cid, "g")])
+        self.assertEqual(self.b.events.membership, [])
         self.assertEqual(back.frames, [])
         # Its owner is now B: it can move back to A the same way.
         self.assertEqual((yield self.a.client.execute("GET", f"t:wps:link:chat:{cid}")), b"b")
@@ -736,10 +743,12 @@ class WithEngineTests(ClusterTestCase):
         """
         y = yield self.b.connectJSON(userId="y")
         yield self.a.hub.addConnectionToGroup(y.connectionId, "g")
-        yield waitFor(lambda: ("joined", y.connectionId, "g") in self.b.events.seen)
+        yield waitFor(lambda: ("joined", y.connectionId, "g") in self.b.events.membership)
         yield self.a.hub.removeConnectionFromGroup(y.connectionId, "g")
-        yield waitFor(lambda: ("left", y.connectionId, "g") in self.b.events.seen)
-        self.assertEqual([e for e in self.a.events.seen if e[0] in ("joined", "left")], [])
+        yield waitFor(lambda: ("left", y.connectionId, "g") in self.b.events.membership)
+        self.assertEqual(self.b.events.membership,
+                         [("joined", y.connectionId, "g"), ("left", y.connectionId, "g")])
+        self.assertEqual(self.a.events.membership, [])
 
     @defer.inlineCallbacks
     def test_filteredGroupsReachEveryNode(self):
