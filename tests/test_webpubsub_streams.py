@@ -191,16 +191,17 @@ class StreamFrameTests(TestCase):
     @defer.inlineCallbacks
     def test_idleTimeout(self):
         """
-        Nothing within the stream's idle timeout (1 s, the least): it is
-        closed, for the sender (IdleTimeout) and the group (its end).
+        Nothing within the stream's idle timeout (2 s here): it is closed,
+        for the sender (IdleTimeout) and the group (its end); a keep-alive
+        put it off.
         """
-        self.start(idleTimeoutMs=1000)
+        self.start(idleTimeoutMs=2000)
         yield self.sender.nextJSON()
         self.data(1, "only")
         yield self.sender.nextJSON()
-        yield later(0.6)
+        yield later(1.2)
         self.sender.send({"type": "streamData", "streamId": "s1"})     # a keep-alive
-        yield later(0.6)
+        yield later(1.2)
         self.assertIn("s1", self.broker.core.hub("chat").session(
             self.sender.connectionId).connection.streams.streams)
         closed = yield self.sender.nextJSON()
