@@ -380,6 +380,16 @@ class NotificationsBoundTests(TestCase):
         self.assertEqual((len(handler.held), len(upstream._pending), len(upstream._waiting)),
                          (4, 4, 20))
         self.assertEqual(upstream.stats["notificationsOverflowed"], 60 - 24)
+        from prometheus_client import generate_latest
+        from prometheus_client.registry import CollectorRegistry
+        from broker.webpubsub.upstream import UpstreamCollector
+        registry = CollectorRegistry()
+        registry.register(UpstreamCollector(lambda: {"chat": upstream}))
+        text = generate_latest(registry).decode()
+        self.assertIn('broker_webpubsub_event_handler_notifications_dropped_total'
+                      '{hub="chat",reason="overflow"} 36.0', text)
+        self.assertIn('broker_webpubsub_event_handler_notifications_waiting{hub="chat"} 20.0',
+                      text)
         # The handler answers: what waited goes out, four at a time.
         for _ in range(200):
             handler.answerAll()

@@ -16,7 +16,8 @@ from broker.plugins import streamListeners
 from broker.webpubsub.listeners import EventListeners
 from broker.webpubsub.adminview import WebPubSubView
 from broker.webpubsub.reload import WebPubSubReload
-from broker.webpubsub.upstream import CloudEventsUpstream, EventHandler, makeHTTPClient
+from broker.webpubsub.upstream import (CloudEventsUpstream, EventHandler, UpstreamCollector,
+                                      makeHTTPClient)
 from broker.webpubsub.validation import HandlerValidation
 from broker.webpubsub.rest import RestCollector
 from broker.webpubsub.site import makeFactory, makeSite
@@ -85,6 +86,13 @@ class EventHandlers(service.Service):
             L{checkHandlerURLs}).
         """
         checkHandlerURLs(wps)
+
+    def upstreams(self):
+        """
+        C{{hub name: CloudEventsUpstream}} of the hubs that have handlers
+        and exist (the metrics' view).
+        """
+        return dict(self._upstreams)
 
     @property
     def configured(self):
@@ -235,6 +243,7 @@ def build(context):
     context.onReload(site.restAPI.reloaded)
     context.onDrain(factory.drain)
     context.registry.register(RestCollector(site.restAPI))
+    context.registry.register(UpstreamCollector(handlers.upstreams))
     context.addAdminView(WebPubSubView(context.core, site.restAPI))
     context.listen("webpubsub.listen", wps["listen"], site, wps["max_connections"])
 

@@ -29,6 +29,7 @@ from collections import deque
 from datetime import datetime, timezone
 from urllib.parse import quote
 
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from twisted.internet import defer, task
 from twisted.logger import Logger
 from zope.interface import implementer
@@ -423,3 +424,45 @@ def makeHTTPClient(reactor):
     client = HandlerHTTP(reactor)
     return client, client
 
+
+
+class UpstreamCollector:
+    """
+    Prometheus collector of the hubs' event handler traffic:
+    C{broker_webpubsub_event_handler_requests_total{hub,outcome}} (C{sent}
+    answered requests, C{failed} failures after their retries,
+    C{unvalidated} events not sent to a handler that failed validation) and
+    C{broker_webpubsub_event_handler_notifications_dropped_total{hub,reason}}
+    (C{failed} after their retries, C{overflow} over the waiting bound),
+    with the gauge C{broker_webpubsub_event_handler_notifications_waiting{hub}}.
+    Hubs are those with handlers (the configuration's), so labels are
+    bounded.
+
+    @param upstreams: a callable returning C{{hub name: CloudEventsUpstream}}.
+    """
+
+    def __init__(self, upstreams):
+        self.upstreams = upstreams
+
+    def collect(self):
+        requests = CounterMetricFamily(
+            "broker_webpubsub_event_handler_requests",
+            "Requests to Web PubSub event handlers, by outcome.", labels=["hub", "outcome"])
+        dropped = CounterMetricFamily(
+            "broker_webpubsub_event_handler_notifications_dropped",
+            "Notifications (connected, disconnected, group presence) not delivered.",
+            labels=["hub", "reason"])
+        waiting = GaugeMetricFamily(
+            "broker_webpubsub_event_handler_notifications_waiting",
+            "Notifications waiting for a slot to their event handler.", labels=["hub"])
+        for name, upstream in sorted(self.upstreams().items()):
+            stats = upstream.stats
+            for outcome in ("sent", "failed", "unvalidated"):
+                requests.add_metric([name, outcome], stats[outcome])
+            overflow = stats["notificationsOverflowed"]
+            dropped.add_metric([name, "failed"], stats["notificationsDropped"] - overflow)
+            dropped.add_metric([name, "overflow"], overflow)
+            waiting.add_metric([name], len(upstream._waiting))
+        yield requests
+        yield dropped
+        yield waiting
