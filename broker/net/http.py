@@ -37,7 +37,8 @@ from io import BytesIO
 from twisted.internet.interfaces import ISSLTransport
 from twisted.python import log as legacyLog
 from twisted.web import server
-from twisted.web.http import RESPONSES, HTTPChannel, _GenericHTTPChannelProtocol
+from twisted.web.http import (NO_BODY_CODES, RESPONSES, HTTPChannel,
+                              _GenericHTTPChannelProtocol)
 
 from broker.net.accesslog import AccessLog, combinedLine
 from broker.net.bounds import (BODY_TOO_LARGE, HEADER_TIMEOUT, IDLE_TIMEOUT, LINGER,  # noqa: F401
@@ -116,6 +117,17 @@ class BoundedRequest(server.Request):
                                 f"the request body is over {self.maxBody} bytes")
             return
         self.content.write(data)
+
+    def write(self, data):
+        # twisted.web answers a HEAD whose resource rendered nothing without
+        # a Content-Length; clients on llhttp (aiohttp) then read the answer
+        # as ending at the close and drop the connection.  Say 0, as the
+        # lean path (fasthttp) does.
+        if (not self.startedWriting and self.method == b"HEAD"
+                and self.code not in NO_BODY_CODES
+                and not self.responseHeaders.hasHeader(b"content-length")):
+            self.setHeader(b"content-length", b"0")
+        super().write(data)
 
     def requestReceived(self, command, path, version):
         # A refused request's end may still be in the buffer being parsed:

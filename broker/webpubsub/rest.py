@@ -368,7 +368,6 @@ class RestAPI(Resource):
         request.setResponseCode(error.status)
         request.setHeader(b"x-ms-error-code", error.code.encode("ascii"))
         if request.method == b"HEAD":
-            request.setHeader(b"content-length", b"0")
             return b""
         request.setHeader(b"content-type", b"application/json")
         return json.dumps({"code": error.code, "message": error.message}).encode("utf-8")
@@ -376,12 +375,6 @@ class RestAPI(Resource):
     @staticmethod
     def _status(request, code):
         request.setResponseCode(code)
-        if code != 204:
-            # Said, not left to the channel: twisted.web (the channel of a
-            # connection that once sent a chunked body) answers a HEAD
-            # without it, and clients on llhttp (aiohttp) then read the
-            # answer as ending at the close, and drop the connection.
-            request.setHeader(b"content-length", b"0")
         return b""
 
     @staticmethod
