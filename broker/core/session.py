@@ -104,9 +104,7 @@ class Session:
         @return: the engine's L{Deferred}.
         @raise Forbidden: without the C{sendToGroup} permission.
         """
-        checkName("group", group)
-        if not self.permissions.has(SEND_TO_GROUP, group):
-            raise Forbidden(f"connection may not send to group {group!r}")
+        self.checkSendToGroup(group)
         self.hub.stats.messagesIn += 1
         self.messagesIn += 1
         delivery = Delivery(message, FROM_GROUP, group, self.userId, self.connectionId)

@@ -246,23 +246,16 @@ class MqttSession:
         if expiresAt is None:
             # Its remaining lifetime would change while it waits.
             out._template = (version, template)
-        inflight = self.inflight
-        if (protocol is not None and not self.queue and not self._persistent
-                and len(inflight) < self.receiveMaximum and len(inflight) < broker.maxQueued):
-            # push() and pump() for the common case, written out: nothing
-            # waits, the window has room, nothing is stored.
-            pid = self._allocatePid()
-            out.pid = pid
-            inflight[pid] = out
-            if not protocol.sendTemplate(template, pid):
-                del inflight[pid]       # too large for the client (MQTT-3.1.2-25)
-            return
-        self.push(out)
+        self.push(out, template)
 
     # -- outgoing QoS 1 / 2 -------------------------------------------------
 
-    def push(self, out):
-        """Queue C{out} (persisted for a persistent session) and pump."""
+    def push(self, out, template=None):
+        """
+        Queue C{out} (persisted for a persistent session) and pump; with
+        its C{template} (built now, so not expired), sent at once when
+        nothing waits before it and the window has room, the common case.
+        """
         broker = self.broker
         if len(self.queue) + len(self.inflight) >= broker.maxQueued:
             broker.counters["queue_full"] += 1
@@ -273,6 +266,11 @@ class MqttSession:
             return
         if self.persistent:
             broker.store.addMessage(self, out)
+        protocol = self.protocol
+        if (template is not None and protocol is not None and not self.queue
+                and len(self.inflight) < self.receiveMaximum):
+            self._send(out, protocol, template)
+            return
         self.queue.append(out)
         self.pump()
 
@@ -289,16 +287,22 @@ class MqttSession:
                 self.broker.counters["expired"] += 1
                 self._forget(out)
                 continue
-            out.pid = self._allocatePid()
-            out.state = SENT
-            self.inflight[out.pid] = out
-            if self.persistent:
-                self.broker.store.updateMessage(self, out)
-            if not protocol.sendTemplate(out.template(self.version, now), out.pid):
-                # Over the client's maximum packet size: as if acknowledged
-                # (MQTT-3.1.2-25).
-                self.inflight.pop(out.pid, None)
-                self._forget(out)
+            self._send(out, protocol, out.template(self.version, now))
+
+    def _send(self, out, protocol, template):
+        """
+        Put C{out} in flight under a new packet identifier and write it.
+        """
+        out.pid = self._allocatePid()
+        out.state = SENT
+        self.inflight[out.pid] = out
+        if self._persistent:
+            self.broker.store.updateMessage(self, out)
+        if not protocol.sendTemplate(template, out.pid):
+            # Over the client's maximum packet size: as if acknowledged
+            # (MQTT-3.1.2-25).
+            self.inflight.pop(out.pid, None)
+            self._forget(out)
 
     def _allocatePid(self):
         pid = self._nextPid
