@@ -14,6 +14,7 @@ from twisted.trial.unittest import TestCase
 
 from broker.webpubsub import streams
 from tests.nodejs import JSONLines, requireNode, spawnNode
+from tests.test_webpubsub_cluster import frames as nextFrames
 from tests.wsharness import BrokerHarness
 
 SEND = "webpubsub.sendToGroup"
@@ -26,15 +27,6 @@ recovery_window = 10.0
 
 def later(seconds=0.05):
     return task.deferLater(reactor, seconds, lambda: None)
-
-
-@defer.inlineCallbacks
-def nextFrames(client, n):
-    """The next C{n} JSON frames C{client} receives."""
-    frames = []
-    for _ in range(n):
-        frames.append((yield client.nextJSON()))
-    return frames
 
 
 class StreamFrameTests(TestCase):
